@@ -1,0 +1,1 @@
+"""revacnn-dash: the Plotly Dash dashboard. Never imports torch."""

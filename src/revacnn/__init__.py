@@ -1,0 +1,29 @@
+"""revacnn: watch and steer the training of convolutional networks while it runs.
+
+The torch-free parts (``revacnn.protocol``, ``revacnn.client``, ``revacnn.recording.reader``) import without torch, so a
+laptop with ``revacnn[dash]`` can use them. The training side (``ReVACNNCallback``, ``revacnn.steering``) is loaded
+on first use.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ReVACNNCallback": ("revacnn.callback", "ReVACNNCallback"),
+    "TelemetryConfig": ("revacnn.callback", "TelemetryConfig"),
+    "RunClient": ("revacnn.client", "RunClient"),
+    "load_steered": ("revacnn.steering.changelog", "load_steered"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module_name), attribute)
+    raise AttributeError(f"module 'revacnn' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]
