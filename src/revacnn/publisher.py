@@ -1,0 +1,339 @@
+"""The trainer's I/O thread: owns the telemetry PUB and control ROUTER sockets. No torch.
+
+The training thread only appends to an in-memory queue (``publish``, ``send_ack``) and drains validated commands
+(``poll_commands``); it never touches a socket and never waits. Telemetry items may still be in flight on the
+device (``PendingMessage``): the I/O thread resolves them once their copy to host has finished, in order.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import zmq
+
+from revacnn import __version__
+from revacnn.protocol import (
+    SUPPORTED_VERSIONS,
+    TOPIC_PREFIX,
+    Codec,
+    Message,
+    ProtocolError,
+    error_body,
+    validate_request,
+)
+
+log = logging.getLogger(__name__)
+
+#: Message types whose latest instance a late joiner receives, in this order (docs/protocol.md §3).
+STATE_ORDER = ("structure", "hparams", "status", "step", "step_filters", "snapshot", "val")
+#: Types that are never dropped when the queue is full (low volume, and a client cannot do without them).
+ESSENTIAL_TYPES = frozenset({"structure", "hparams", "status", "ack"})
+CONTROL_MAX_BYTES = 1 << 20
+MAX_PENDING_COMMANDS = 1000
+MAX_REMEMBERED_ACKS = 10_000
+
+
+class Pending(Protocol):
+    """A telemetry message whose arrays are still being copied from the device."""
+
+    type: str
+
+    def ready(self) -> bool: ...
+
+    def resolve(self) -> Message: ...
+
+
+class Sink(Protocol):
+    """Receives every resolved message (the run recorder). ``submit`` must not block."""
+
+    def submit(self, message: Message) -> bool: ...
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Publisher:
+    """Background thread owning every socket of a run.
+
+    ``queue_size`` bounds the telemetry items waiting for the thread; when it is full, new telemetry is dropped and
+    counted (``drops``). Structure, hyper-parameter, status and ack messages are never dropped.
+    """
+
+    def __init__(self, run_id: str, host: str = "127.0.0.1", telemetry_port: int = 0, control_port: int = 0,
+                 key: bytes | None = None, send_hwm: int = 100, queue_size: int = 64, heartbeat_s: float = 1.0,
+                 sinks: Iterable[Sink] = (), insecure_bind: bool = False) -> None:
+        if not is_loopback(host) and not insecure_bind:
+            raise ValueError(
+                f"refusing to bind the telemetry and steering sockets on {host!r}: anyone who can reach it could "
+                "read and steer this run. Keep the default 127.0.0.1 and use an SSH tunnel (docs/remote.md), or "
+                "pass insecure_bind=True if this network is trusted.")
+        self.run_id = run_id
+        self.host = host
+        self.codec = Codec(run_id, key)
+        self.inbound_codec = Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES)
+        self.send_hwm = send_hwm
+        self.queue_size = queue_size
+        self.heartbeat_s = heartbeat_s
+        self.sinks = list(sinks)
+        self.telemetry_endpoint = ""
+        self.control_endpoint = ""
+        self.drops = {"telemetry": 0}
+        self.sent = 0
+        self._requested_ports = (telemetry_port, control_port)
+        self._outbox: collections.deque = collections.deque()
+        self._telemetry_waiting = 0
+        self._lock = threading.Lock()
+        self._commands: collections.deque = collections.deque()
+        self._acks: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._identities: dict[str, bytes] = {}
+        self._state: dict[str, list] = {}
+        self._status: dict[str, Any] = {"state": "starting", "step": 0, "epoch": 0, "world_size": 1, "message": ""}
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._bind_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"revacnn-io-{run_id}", daemon=True)
+
+    # -- training-thread API (never blocks) ------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> Publisher:
+        self._thread.start()
+        if not self._bound.wait(timeout):
+            raise TimeoutError("the revacnn I/O thread did not bind its sockets in time")
+        if self._bind_error is not None:
+            raise OSError(f"revacnn could not bind its sockets on {self.host}: {self._bind_error}")
+        return self
+
+    def publish(self, item: Message | Pending) -> bool:
+        """Queue a telemetry item; returns False (and counts a drop) when the queue is full."""
+        with self._lock:
+            essential = item.type in ESSENTIAL_TYPES
+            if not essential and self._telemetry_waiting >= self.queue_size:
+                self.drops["telemetry"] += 1
+                return False
+            if not essential:
+                self._telemetry_waiting += 1
+            self._outbox.append(item)
+        return True
+
+    def poll_commands(self) -> list[dict[str, Any]]:
+        """Every command received and validated since the last call: dicts with id, op, args."""
+        commands = []
+        while self._commands:
+            commands.append(self._commands.popleft())
+        return commands
+
+    def send_ack(self, command: dict[str, Any], status: str, step: int | None = None, error: str | None = None,
+                 result: dict[str, Any] | None = None) -> None:
+        """Queue the final ack of a command: sent to its requester and published to every subscriber."""
+        body = {"req": command.get("req", ""), "id": command["id"], "op": command.get("op", ""), "status": status,
+                "step": step, "error": error, "result": result or {}}
+        self.publish(Message("ack", body))
+
+    def set_status(self, **fields: Any) -> None:
+        """Update the heartbeat's fields; a change of ``state`` is published at once."""
+        changed = "state" in fields and fields["state"] != self._status.get("state")
+        self._status = {**self._status, **fields}
+        if changed:
+            self.publish(self._status_message())
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._outbox)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (waiting at most ``timeout`` s for in-flight copies), then close the sockets."""
+        if not self._thread.is_alive():
+            return
+        self._stop.set()
+        self._thread.join(timeout + 1.0)
+
+    # -- I/O thread ----------------------------------------------------------------------------------------------
+    def _status_message(self) -> Message:
+        body = {**self._status, "drops": self._drop_counts(),
+                "queue": {"telemetry": self._telemetry_waiting, "recording": self._sink_queue()}}
+        return Message("status", body)
+
+    def _drop_counts(self) -> dict[str, int]:
+        drops = dict(self.drops)
+        drops["recording"] = sum(int(getattr(sink, "drops", 0)) for sink in self.sinks)
+        return drops
+
+    def _sink_queue(self) -> int:
+        return sum(int(getattr(sink, "queue_length", 0)) for sink in self.sinks)
+
+    def _bind(self, context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+        pub = context.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, self.send_hwm)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
+        router.setsockopt(zmq.SNDHWM, 1000)
+        router.setsockopt(zmq.RCVHWM, 1000)
+        endpoints = []
+        for sock, port in zip((pub, router), self._requested_ports):
+            if port:
+                sock.bind(f"tcp://{self.host}:{port}")
+                endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            else:
+                chosen = sock.bind_to_random_port(f"tcp://{self.host}")
+                endpoints.append(f"tcp://{self.host}:{chosen}")
+        self.telemetry_endpoint, self.control_endpoint = endpoints
+        return pub, router
+
+    def _run(self) -> None:
+        context = zmq.Context()
+        try:
+            pub, router = self._bind(context)
+        except BaseException as error:  # reported to start() in the training thread
+            self._bind_error = error
+            self._bound.set()
+            context.term()
+            return
+        self._bound.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        next_heartbeat = time.monotonic()
+        deadline: float | None = None
+        try:
+            while True:
+                if self._stop.is_set() and deadline is None:
+                    deadline = time.monotonic() + 5.0
+                    self.set_status(state=self._status["state"] if self._status["state"] in
+                                    ("finished", "stopped", "failed") else "finished")
+                for _ in range(100):
+                    if not router.poll(0):
+                        break
+                    self._handle_request(router, router.recv_multipart(copy=False))
+                idle = self._drain_outbox(pub, router, force=deadline is not None and time.monotonic() > deadline)
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + self.heartbeat_s
+                    self._send(pub, router, self._status_message())
+                if deadline is not None and (not self._outbox or time.monotonic() > deadline):
+                    break
+                if idle:
+                    poller.poll(10)
+        except Exception:  # the I/O thread must never take training down; say what happened
+            log.exception("revacnn I/O thread failed; telemetry and steering are off for this run")
+        finally:
+            pub.close(linger=200)
+            router.close(linger=200)
+            context.term()
+
+    def _drain_outbox(self, pub: zmq.Socket, router: zmq.Socket, force: bool = False) -> bool:
+        """Send every ready item at the head of the queue; True when nothing was sent."""
+        sent = 0
+        while self._outbox and sent < 256:
+            item = self._outbox[0]
+            if not isinstance(item, Message) and not item.ready() and not force:
+                break
+            self._outbox.popleft()
+            if item.type not in ESSENTIAL_TYPES:
+                with self._lock:
+                    self._telemetry_waiting -= 1
+            try:
+                message = item if isinstance(item, Message) else item.resolve()
+            except Exception:
+                log.exception("revacnn could not resolve a %s message; dropped", item.type)
+                self.drops["telemetry"] += 1
+                continue
+            self._send(pub, router, message)
+            sent += 1
+        return sent == 0
+
+    def _send(self, pub: zmq.Socket, router: zmq.Socket, message: Message) -> None:
+        frames = self.codec.encode(message)
+        pub.send_multipart([TOPIC_PREFIX + message.type.encode(), *frames], copy=False)
+        self.sent += 1
+        key = "step_filters" if message.type == "step" and message.body.get("per_filter") else message.type
+        if key in STATE_ORDER:
+            self._state[key] = frames
+            if key == "step_filters":
+                self._state["step"] = frames
+        if message.type == "ack":
+            self._remember_ack(message.body)
+            identity = self._identities.pop(message.body["id"], None)
+            if identity is not None:
+                router.send_multipart([identity, *self.codec.encode(Message("ack", dict(message.body)))])
+        for sink in self.sinks:
+            sink.submit(message)
+
+    def _remember_ack(self, body: dict[str, Any]) -> None:
+        self._acks[body["id"]] = body
+        self._acks.move_to_end(body["id"])
+        while len(self._acks) > MAX_REMEMBERED_ACKS:
+            self._acks.popitem(last=False)
+
+    def _reply(self, router: zmq.Socket, identity: bytes, message: Message) -> None:
+        router.send_multipart([identity, *self.codec.encode(message)])
+
+    def _handle_request(self, router: zmq.Socket, frames: list) -> None:
+        identity = bytes(frames[0].buffer)
+        try:
+            request = self.inbound_codec.decode(frames[1:])
+            validate_request(request)
+        except ProtocolError as error:
+            self._reply(router, identity, Message("error", error_body("", error.code, error.detail)))
+            return
+        body = request.body
+        req = body.get("req", "")
+        if request.type == "hello":
+            common = sorted(set(body["versions"]) & set(SUPPORTED_VERSIONS))
+            if not common:
+                detail = (f"client speaks versions {body['versions']}, this trainer speaks "
+                          f"{list(SUPPORTED_VERSIONS)}; upgrade the older side")
+                self._reply(router, identity, Message("error", error_body(req, "unsupported_version", detail)))
+                return
+            welcome = {"req": req, "version": common[-1], "run": self.run_id, "server": f"revacnn {__version__}",
+                       "telemetry": self.telemetry_endpoint, "rank": 0,
+                       "world_size": self._status.get("world_size", 1), "state_count": self._state_count()}
+            self._reply(router, identity, Message("welcome", welcome))
+            self._send_state(router, identity)
+        elif request.type == "state":
+            self._send_state(router, identity)
+        else:
+            self._accept_command(router, identity, body)
+
+    def _state_count(self) -> int:
+        keys = [key for key in STATE_ORDER if key in self._state]
+        # "step" and "step_filters" can be the same message; it is sent once
+        if "step" in keys and "step_filters" in keys and self._state["step"] is self._state["step_filters"]:
+            keys.remove("step")
+        return len(keys)
+
+    def _send_state(self, router: zmq.Socket, identity: bytes) -> None:
+        sent: list = []
+        for key in STATE_ORDER:
+            frames = self._state.get(key)
+            if frames is not None and not any(frames is other for other in sent):
+                router.send_multipart([identity, *frames], copy=False)
+                sent.append(frames)
+
+    def _accept_command(self, router: zmq.Socket, identity: bytes, body: dict[str, Any]) -> None:
+        command = {"req": body.get("req", ""), "id": body["id"], "op": body["op"], "args": body.get("args", {})}
+        previous = self._acks.get(command["id"])
+        if previous is not None:  # a resend: answer again, never apply twice
+            self._reply(router, identity, Message("ack", {**previous, "req": command["req"]}))
+            return
+        if len(self._commands) >= MAX_PENDING_COMMANDS:
+            self._reply(router, identity, Message("ack", {
+                **command, "status": "error", "step": None, "result": {},
+                "error": f"{MAX_PENDING_COMMANDS} commands are already waiting; try again later"}))
+            return
+        queued = {"req": command["req"], "id": command["id"], "op": command["op"], "status": "queued",
+                  "step": None, "error": None, "result": {}}
+        self._remember_ack(queued)
+        self._identities[command["id"]] = identity
+        self._commands.append(command)
+        self._reply(router, identity, Message("ack", queued))
