@@ -1,0 +1,11 @@
+"""Steering engine: change a running model and its optimizer safely (pure torch).
+
+>>> engine = SteeringEngine(module, optimizers, schedulers, example_input=x)
+>>> ack = engine.apply({"id": "1", "op": "widen", "args": {"layer": "net.conv3", "count": 1}})
+"""
+
+from .changelog import load_steered, replay_changelog
+from .engine import SteeringEngine
+from .errors import SteeringError
+
+__all__ = ["SteeringEngine", "SteeringError", "replay_changelog", "load_steered"]

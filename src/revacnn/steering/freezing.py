@@ -1,0 +1,126 @@
+"""Freezing whole layers or single conv filters without touching the training loop.
+
+- Whole layer, single device: ``requires_grad=False`` (no backward compute for it) and ``grad=None``; SGD, Adam,
+  AdamW and RMSprop skip a parameter whose ``.grad is None``, so weight and optimizer state stay bitwise unchanged.
+- Whole layer, distributed: ``requires_grad`` is never touched (DDP registered its hooks at wrap time); an optimizer
+  step pre-hook sets ``grad=None`` instead.
+- Single filters: a step pre-hook saves the filter rows of the parameter and of every per-parameter state tensor; the
+  post-hook writes them back (zero when the state did not exist yet), so those rows are bitwise unchanged.
+
+Frozen layers are keyed by module object, so they follow renames (insert_layer) and parameter replacement (widen).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FreezeManager:
+    def __init__(self, module: nn.Module, optimizers, distributed: bool) -> None:
+        self.module = module
+        self.optimizers = list(optimizers)
+        self.distributed = distributed
+        self.layers: dict[nn.Module, dict[str, bool]] = {}   # module -> {param attr: original requires_grad}
+        self.filters: dict[nn.Module, set[int]] = {}
+        self._saved: list = []
+        self._handles = []
+        for opt in self.optimizers:
+            self._handles.append(opt.register_step_pre_hook(self._pre))
+            self._handles.append(opt.register_step_post_hook(self._post))
+
+    # ------------------------------------------------------------------ state
+    def frozen(self) -> dict:
+        names = {m: n for n, m in self.module.named_modules()}
+        out: dict = {}
+        for mod, idx in self.filters.items():
+            if mod in names and idx:
+                out[names[mod]] = sorted(idx)
+        for mod in self.layers:
+            if mod in names:
+                out[names[mod]] = "all"
+        return out
+
+    def freeze_layer(self, mod: nn.Module) -> None:
+        if mod in self.layers:
+            return
+        self.layers[mod] = {n: p.requires_grad for n, p in mod.named_parameters()}
+        for p in mod.parameters():
+            p.grad = None
+            if not self.distributed:
+                p.requires_grad_(False)
+
+    def unfreeze_layer(self, mod: nn.Module) -> bool:
+        flags = self.layers.pop(mod, None)
+        if flags is None:
+            return False
+        for n, p in mod.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        return True
+
+    def freeze_filters(self, mod: nn.Module, filters) -> None:
+        self.filters.setdefault(mod, set()).update(filters)
+
+    def unfreeze_filters(self, mod: nn.Module, filters) -> list[int]:
+        current = self.filters.get(mod, set())
+        removed = sorted(current & set(filters))
+        current -= set(filters)
+        if not current:
+            self.filters.pop(mod, None)
+        return removed
+
+    def remap(self, mod: nn.Module, kept: list[int]) -> None:
+        """After a change of ``mod``'s output channels (``kept`` = old indices in new order), move filter freezes."""
+        if mod not in self.filters:
+            return
+        old = self.filters.pop(mod)
+        new = {j for j, i in enumerate(kept) if i in old}
+        if new:
+            self.filters[mod] = new
+
+    def forget(self, mod: nn.Module) -> None:
+        self.layers.pop(mod, None)
+        self.filters.pop(mod, None)
+
+    # ------------------------------------------------------------------ hooks
+    def _params_of(self, mod: nn.Module):
+        for attr in ("weight", "bias"):
+            p = getattr(mod, attr, None)
+            if isinstance(p, nn.Parameter):
+                yield p
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        for mod in self.layers:
+            for p in mod.parameters():
+                p.grad = None
+        self._saved = []
+        for mod, idx in self.filters.items():
+            rows = torch.as_tensor(sorted(idx), dtype=torch.long)
+            for p in self._params_of(mod):
+                if p.grad is None:
+                    continue
+                r = rows.to(p.device)
+                state = optimizer.state.get(p)
+                saved_state = None
+                if state is not None:
+                    saved_state = {k: v.index_select(0, r).clone() for k, v in state.items()
+                                   if isinstance(v, torch.Tensor) and v.shape == p.shape}
+                self._saved.append((p, r, p.detach().index_select(0, r).clone(), saved_state))
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            for p, r, rows, saved_state in self._saved:
+                p.index_copy_(0, r, rows)
+                state = optimizer.state.get(p, {})
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                        if saved_state is not None and k in saved_state:
+                            v.index_copy_(0, r, saved_state[k])
+                        else:
+                            v.index_fill_(0, r, 0)
+        self._saved = []
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

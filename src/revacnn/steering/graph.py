@@ -1,0 +1,268 @@
+"""Coupling analysis: which layers must change together when a conv layer's output channels change.
+
+A forward pass on the example input (eval mode, no state changes) is recorded with forward hooks on every leaf
+module; from each *reader* (a Conv2d or Linear) the autograd graph is walked back through ``grad_fn.next_functions``
+to the *producers* (Conv2d/Linear outputs) whose channels it sees. Channel-preserving nodes (activations, pooling,
+dropout, scalar arithmetic) are passed through, BatchNorm modules are collected and passed through, additions
+couple their operands (a residual stream), and a view/flatten feeding a Linear gives the HW factor (NCHW: channel c
+owns columns c·HW…(c+1)·HW−1). Anything else (concat, permute, products of two tensors, functional batch norm, an
+unknown module with parameters, a module called twice) makes the groups it touches *unsupported*, with the reason.
+Works with functional ops in ``forward`` and needs no change to the user's model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+PRESERVING = {
+    "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1", "LeakyReluBackward0",
+    "LeakyReluBackward1", "GeluBackward0", "SigmoidBackward0", "TanhBackward0", "HardtanhBackward0",
+    "HardtanhBackward1", "EluBackward0", "EluBackward1", "SiluBackward0", "HardswishBackward0", "MishBackward0",
+    "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
+    "AdaptiveMaxPool2DBackward0", "NativeDropoutBackward0", "CloneBackward0", "DivBackward1", "MulBackward1",
+    "AddBackward1", "SubBackward1", "NegBackward0", "ToCopyBackward0",
+}
+COUPLING = {"AddBackward0", "SubBackward0"}
+SCALAR_BINARY = {"MulBackward0", "DivBackward0"}  # preserving only when the second operand is a constant
+VIEWS = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "FlattenBackward0"}
+
+
+@dataclass
+class Group:
+    """Layers that share one channel space: producers write it, BNs normalise it, readers read it."""
+
+    channels: int
+    producers: list[str] = field(default_factory=list)
+    batchnorms: list[str] = field(default_factory=list)
+    readers: list[tuple[str, int]] = field(default_factory=list)  # (name, HW factor; 0 for a conv reader)
+    problems: list[str] = field(default_factory=list)
+
+    def check(self, action: str) -> None:
+        from .errors import SteeringError
+        if self.problems:
+            raise SteeringError(f"cannot {action}: coupled layers {sorted(self.producers)} — "
+                                + "; ".join(sorted(set(self.problems))))
+
+
+@dataclass
+class Trace:
+    names: dict[int, str]                    # id(module) -> name
+    calls: dict[str, int]                    # name -> number of calls
+    in_shape: dict[str, tuple]
+    out_shape: dict[str, tuple]
+    groups: dict[str, Group]                 # producer name -> its group (shared objects)
+    followers: dict[str, list[str]]          # module name -> type names of autograd nodes that use its output
+    follower_modules: dict[str, list[str]]   # module name -> names of hooked modules that use its output directly
+    output_problems: list[str]
+
+
+def _walk(start, out_of: dict[int, str], bn_in: dict[str, object], kinds: dict[str, str], input_node):
+    """Walk back from ``start``; return producers, BNs, problems, whether a view was crossed, and input reached."""
+    producers, bns, problems = set(), set(), []
+    views = []
+    reached_input = False
+    stack, seen = [start], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = out_of.get(id(node))
+        if name is not None:
+            kind = kinds[name]
+            if kind in ("conv", "linear"):
+                producers.add(name)
+            elif kind == "bn":
+                bns.add(name)
+                stack.append(bn_in[name])
+            else:
+                problems.append(f"unsupported layer {name} ({kind}) in the channel path")
+                stack.extend(n for n, _ in node.next_functions)
+            continue
+        if node is input_node:
+            reached_input = True
+            continue
+        tname = type(node).__name__
+        nexts = [n for n, _ in node.next_functions]
+        if tname in PRESERVING:
+            stack.extend(nexts[:1])
+        elif tname in COUPLING:
+            stack.extend(nexts)
+        elif tname in SCALAR_BINARY and len(nexts) == 2 and nexts[1] is None:
+            stack.append(nexts[0])
+        elif tname in VIEWS:
+            views.append(node)
+            stack.extend(nexts[:1])
+        elif tname == "MeanBackward1" and 1 not in tuple(getattr(node, "_saved_dim", (1,))):
+            stack.extend(nexts[:1])
+        elif tname == "AccumulateGrad":
+            problems.append("a parameter used directly in forward")
+        else:
+            problems.append(f"unsupported operation {tname}")
+            stack.extend(nexts)
+    return producers, bns, problems, views, reached_input
+
+
+def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
+    """Run one eval-mode forward on ``example_input`` and derive every channel group (see module docstring)."""
+    names = {id(m): n for n, m in module.named_modules()}
+    kinds, calls, in_node, out_node, in_shape, out_shape = {}, {}, {}, {}, {}, {}
+    keep = []  # keep graph nodes alive so ids stay unique
+
+    def hook(mod, inputs, output):
+        name = names[id(mod)]
+        calls[name] = calls.get(name, 0) + 1
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            out_node[name] = output.grad_fn
+            out_shape[name] = tuple(output.shape)
+            keep.append(output.grad_fn)
+        if x is not None:
+            in_node[name] = x.grad_fn if x.grad_fn is not None else ("input", x)
+            in_shape[name] = tuple(x.shape)
+
+    handles = []
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            kinds[name] = "conv"
+        elif isinstance(mod, nn.Linear):
+            kinds[name] = "linear"
+        elif isinstance(mod, _BatchNorm):
+            kinds[name] = "bn"
+        elif any(True for _ in mod.parameters(recurse=False)):
+            kinds[name] = type(mod).__name__
+        else:
+            continue
+        handles.append(mod.register_forward_hook(hook))
+    modes = {m: m.training for m in module.modules()}
+    param = next(module.parameters(), None)
+    x = example_input.detach()
+    if param is not None:
+        x = x.to(param.device)
+    x = x.clone().requires_grad_(x.is_floating_point())
+    try:
+        module.eval()
+        with torch.enable_grad():
+            output = module(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    outputs = [output] if isinstance(output, torch.Tensor) else (
+        list(output.values()) if isinstance(output, dict) else list(output))
+    input_node = None  # the AccumulateGrad of the example input, found while indexing the graph below
+    out_of = {id(node): name for name, node in out_node.items()}
+    bn_in = {n: (in_node[n] if not isinstance(in_node.get(n), tuple) else None) for n in kinds if kinds[n] == "bn"}
+    # find the input's AccumulateGrad node
+    stack, seen = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None], set()
+    users: dict[int, list] = {}
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        if type(node).__name__ == "AccumulateGrad" and getattr(node, "variable", None) is x:
+            input_node = node
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                users.setdefault(id(nxt), []).append(node)
+                stack.append(nxt)
+
+    parent: dict[str, str] = {}
+
+    def find(a):
+        while parent.setdefault(a, a) != a:
+            a = parent[a]
+        return a
+
+    walks = []
+    for name, kind in kinds.items():
+        if kind not in ("conv", "linear") or name not in in_node:
+            continue
+        start = in_node[name]
+        if isinstance(start, tuple):  # reads the raw example input
+            continue
+        producers, bns, problems, views, reached_input = _walk(start, out_of, bn_in, kinds, input_node)
+        walks.append((name, producers, bns, problems, views, reached_input))
+        plist = sorted(producers)
+        for p in plist[1:]:
+            parent[find(p)] = find(plist[0])
+    output_problems = []
+    out_walks = []
+    for o in outputs:
+        if isinstance(o, torch.Tensor) and o.grad_fn is not None:
+            out_walks.append(_walk(o.grad_fn, out_of, bn_in, kinds, input_node))
+
+    groups: dict[str, Group] = {}
+    for name, kind in kinds.items():
+        if kind in ("conv", "linear") and name in out_node:
+            root = find(name)
+            if root not in groups:
+                groups[root] = Group(channels=out_shape[name][1])
+            g = groups[root]
+            g.producers.append(name)
+            groups[name] = g
+            mod = module.get_submodule(name)
+            if kind == "linear":
+                g.problems.append(f"{name} is a Linear layer (only conv channels are steered)")
+            elif mod.groups != 1:
+                g.problems.append(f"{name} is a grouped/depthwise conv (groups={mod.groups})")
+            if calls.get(name, 0) > 1:
+                g.problems.append(f"{name} is called {calls[name]} times in forward (shared weights)")
+    for name, producers, bns, problems, views, reached_input in walks:
+        if not producers:
+            continue
+        g = groups[next(iter(producers))]
+        g.batchnorms.extend(b for b in bns if b not in g.batchnorms)
+        g.problems.extend(problems)
+        if reached_input:
+            g.problems.append(f"the model input is added into the channels read by {name}")
+        mod = module.get_submodule(name)
+        if kinds[name] == "conv":
+            if views:
+                g.problems.append(f"{name} reads the channels through a reshape")
+            if mod.groups != 1:
+                g.problems.append(f"reader {name} is a grouped/depthwise conv (groups={mod.groups})")
+            g.readers.append((name, 0))
+        else:
+            ok = len(views) <= 1
+            if views:
+                sizes = tuple(getattr(views[0], "_saved_self_sym_sizes", ()))
+                ok = ok and len(sizes) >= 2 and sizes[1] == g.channels and len(in_shape[name]) == 2
+                hw = 1
+                for s in sizes[2:]:
+                    hw *= int(s)
+            else:
+                ok = ok and len(in_shape[name]) == 2
+                hw = 1
+            if not ok or mod.in_features != g.channels * hw:
+                g.problems.append(f"{name} reads the channels through an unsupported reshape")
+            g.readers.append((name, hw))
+        if calls.get(name, 0) > 1:
+            g.problems.append(f"reader {name} is called {calls[name]} times in forward")
+    for producers, bns, problems, views, reached_input in out_walks:
+        for p in producers:
+            if kinds[p] == "conv":
+                groups[p].problems.append(f"{p}'s channels reach the model output directly")
+                groups[p].batchnorms.extend(b for b in bns if b not in groups[p].batchnorms)
+    for name, kind in kinds.items():
+        if kind == "bn" and name not in {b for g in groups.values() for b in g.batchnorms}:
+            node = bn_in.get(name)
+            # a BN reading the raw input or not found on any path: attach to whatever produced it, if any
+            if node is not None and id(node) in out_of and out_of[id(node)] in groups:
+                groups[out_of[id(node)]].batchnorms.append(name)
+
+    followers, follower_modules = {}, {}
+    for name, node in out_node.items():
+        us = users.get(id(node), [])
+        followers[name] = [type(u).__name__ for u in us]
+        follower_modules[name] = [out_of[id(u)] for u in us if id(u) in out_of]
+    del keep
+    return Trace(names=names, calls=calls, in_shape=in_shape, out_shape=out_shape, groups=groups,
+                 followers=followers, follower_modules=follower_modules, output_problems=output_problems)

@@ -1,0 +1,176 @@
+"""Tensor and module surgery. Pure functions on tensors plus in-place edits of modules; no optimizer here.
+
+Every function says what it preserves. Module edits replace ``nn.Parameter`` objects (never resize in place) and
+return ``(old, new, dim, index, state_scale)`` records so that :mod:`.optimizer` can carry the optimizer state over.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def select(t: torch.Tensor, dim: int, index: list[int], scale: list[float] | None = None) -> torch.Tensor:
+    """New tensor whose slice ``j`` along ``dim`` is ``t``'s slice ``index[j]`` times ``scale[j]``.
+
+    Preserves: every selected slice bitwise when ``scale`` is None (or 1 at that position); dtype and device.
+    Never modifies ``t``.
+    """
+    idx = torch.as_tensor(index, dtype=torch.long, device=t.device)
+    out = t.index_select(dim, idx)
+    if scale is not None:
+        shape = [1] * t.dim()
+        shape[dim] = len(index)
+        factor = torch.as_tensor(scale, dtype=t.dtype, device=t.device).view(shape)
+        ones = factor == 1
+        out = torch.where(ones, out, out * factor)  # slices with factor 1 stay bitwise equal
+    return out.contiguous()
+
+
+def flatten_index(index: list[int], hw: int, scale: list[float] | None = None):
+    """Channel index (and per-channel scale) → column index of a Linear after an NCHW flatten.
+
+    Preserves the layout rule: channel c owns columns c·hw … (c+1)·hw−1, in order.
+    """
+    cols = [c * hw + k for c in index for k in range(hw)]
+    return cols, (None if scale is None else [s for s in scale for _ in range(hw)])
+
+
+def identity_conv(like: nn.Conv2d) -> nn.Conv2d:
+    """A C→C conv with ``like``'s kernel size: 1 at the kernel centre k//2 of the diagonal, zero elsewhere,
+    padding k//2, stride 1, zero bias when ``like`` has a bias.
+
+    Preserves: its input exactly (it is the identity map) for any input, on ``like``'s device and dtype.
+    """
+    c = like.out_channels
+    kh, kw = like.kernel_size
+    conv = nn.Conv2d(c, c, (kh, kw), padding=(kh // 2, kw // 2), bias=like.bias is not None,
+                     device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        conv.weight.zero_()
+        for i in range(c):
+            conv.weight[i, i, kh // 2, kw // 2] = 1.0
+        if conv.bias is not None:
+            conv.bias.zero_()
+    return conv
+
+
+def identity_bn(channels: int, like: nn.Parameter) -> nn.BatchNorm2d:
+    """BatchNorm2d that is the identity in eval mode: running mean 0, var 1, gamma √(1+eps), beta 0.
+
+    Preserves: its input exactly in eval mode (up to one rounding of √(1+eps)); in train mode it normalises by
+    batch statistics and is therefore not function-preserving.
+    """
+    bn = nn.BatchNorm2d(channels, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        bn.weight.fill_(math.sqrt(1.0 + bn.eps))
+        bn.bias.zero_()
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+    return bn
+
+
+def _replace(mod: nn.Module, attr: str, new: torch.Tensor, dim: int, index: list[int], state_scale, records):
+    old = getattr(mod, attr)
+    if old is None:
+        return
+    if isinstance(old, nn.Parameter):
+        param = nn.Parameter(new, requires_grad=old.requires_grad)
+        setattr(mod, attr, param)
+        records.append((old, param, dim, index, state_scale))
+    else:  # buffer
+        setattr(mod, attr, new)
+
+
+def fix_attributes(mod: nn.Module) -> None:
+    """Update a layer's size attributes (out/in channels, features) from its current weight shapes."""
+    if isinstance(mod, nn.Conv2d):
+        mod.out_channels = mod.weight.shape[0]
+        mod.in_channels = mod.weight.shape[1] * mod.groups
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, _BatchNorm):
+        mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else mod.weight.shape[0]
+
+
+def resize_channels(module: nn.Module, plan: dict) -> list:
+    """Re-index one channel group: ``plan["index"][j]`` is the old channel that new channel j comes from.
+
+    - producers (Conv2d): weight rows and bias entries re-indexed (copies are exact duplicates);
+    - batchnorms: gamma, beta, running_mean, running_var re-indexed (num_batches_tracked kept);
+    - readers: input slices re-indexed and multiplied by ``plan["in_scale"][j]`` (Conv2d: dim 1; Linear after
+      flatten: the hw columns of each channel).
+
+    Preserves: every kept slice bitwise (except reader slices whose scale is not 1); with index = a Net2Net
+    mapping and scales summing to 1 over the copies of each source, the network function exactly (up to float
+    rounding of the split). Returns optimizer records ``(old_param, new_param, dim, index, state_scale)``;
+    ``state_scale`` (producer side only) says how the source's optimizer state is scaled for each new slice.
+    """
+    index = list(plan["index"])
+    in_scale = plan.get("in_scale")
+    state_scale = plan.get("state_scale")
+    records: list = []
+    for name in plan["producers"]:
+        mod = module.get_submodule(name)
+        _replace(mod, "weight", select(mod.weight.detach(), 0, index), 0, index, state_scale, records)
+        if mod.bias is not None:
+            _replace(mod, "bias", select(mod.bias.detach(), 0, index), 0, index, state_scale, records)
+        fix_attributes(mod)
+    for name in plan["batchnorms"]:
+        mod = module.get_submodule(name)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(mod, attr, None)
+            if t is not None:
+                _replace(mod, attr, select(t.detach(), 0, index), 0, index, state_scale, records)
+        fix_attributes(mod)
+    for name, hw in plan["readers"]:
+        mod = module.get_submodule(name)
+        if hw:
+            cols, scale = flatten_index(index, hw, in_scale)
+        else:
+            cols, scale = index, in_scale
+        _replace(mod, "weight", select(mod.weight.detach(), 1, cols, scale), 1, cols, None, records)
+        fix_attributes(mod)
+    return records
+
+
+def parent_of(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (module.get_submodule(parent_name) if parent_name else module), child
+
+
+def splice_insert(module: nn.Module, entry: dict) -> nn.Sequential:
+    """Replace the module at ``entry["anchor"]`` by ``Sequential(anchor, [ReLU], identity conv, [identity BN])``.
+
+    ``entry["like"]`` names the conv whose kernel size, channels and bias the new conv copies. Preserves: the anchor
+    module object itself (its parameters keep their values; their names gain a ``.0``), and the function exactly
+    when the ReLU is omitted, or when the anchor's output is immediately passed through a ReLU in forward (ReLU is
+    idempotent); BN exact in eval mode only.
+    """
+    parent, child = parent_of(module, entry["anchor"])
+    anchor = getattr(parent, child)
+    like = module.get_submodule(entry["like"]) if entry["like"] != entry["anchor"] else anchor
+    layers: list[nn.Module] = [anchor]
+    if entry["relu"]:
+        layers.append(nn.ReLU())
+    conv = identity_conv(like)
+    layers.append(conv)
+    if entry["batchnorm"]:
+        layers.append(identity_bn(conv.out_channels, conv.weight))
+    seq = nn.Sequential(*layers)
+    setattr(parent, child, seq)
+    return seq
+
+
+def splice_remove(module: nn.Module, name: str) -> nn.Module:
+    """Replace the module at ``name`` by ``nn.Identity()``; returns the removed module.
+
+    Preserves the function only if the removed layer computed the identity; callers measure the change.
+    """
+    parent, child = parent_of(module, name)
+    old = getattr(parent, child)
+    setattr(parent, child, nn.Identity())
+    return old
