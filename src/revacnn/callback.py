@@ -1,0 +1,640 @@
+"""``ReVACNNCallback``: watch and steer a Lightning run while it trains.
+
+Hooks stay thin: they decide what is due (``Schedule``), ask ``revacnn.probes`` for device tensors, hand one packed
+host copy to the I/O thread (``revacnn.publisher``), and apply steering commands at the safe point before each
+batch (``revacnn.steering``). Only global rank 0 measures, publishes and records; every rank takes part in the
+command broadcast so that all of them steer identically at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo
+from revacnn.probes import FilterProbe, discover_layers, eval_mode, filter_change, probe_pass, tensor_stats
+from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS, Message
+from revacnn.publisher import Publisher
+from revacnn.structure import layer_description, trace
+from revacnn.transfer import HostCopy, PendingMessage
+
+log = logging.getLogger(__name__)
+
+#: Commands the training loop applies itself; everything else goes to the steering engine.
+LOOP_OPS = frozenset({"pause", "resume", "stop", "snapshot", "set_batch_size"})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When each quantity is measured, in optimizer steps (0 turns a quantity off)."""
+
+    scalars_every: int = 1
+    filters_every: int = 10
+    snapshot_every: int = 100
+
+    def due(self, step: int, every: int) -> bool:
+        """Step 1 (the first optimizer step) and every ``every``-th step after it."""
+        return every > 0 and (step == 1 or step % every == 0)
+
+
+def _first_batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(images, labels) of a batch given as a tuple/list or a dict with image/label-like keys."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], labels
+    if isinstance(batch, dict):
+        images = next((batch[k] for k in ("image", "images", "x", "input", "inputs") if k in batch), None)
+        labels = next((batch[k] for k in ("label", "labels", "y", "target", "targets") if k in batch), None)
+        if isinstance(images, torch.Tensor):
+            return images, labels if isinstance(labels, torch.Tensor) else None
+    return None
+
+
+def _momentum(group: dict[str, Any]) -> float | None:
+    if "momentum" in group:
+        return _plain_float(group["momentum"])
+    if "betas" in group:
+        return _plain_float(group["betas"][0])
+    return None
+
+
+def _plain_float(value: Any) -> float | None:
+    """A float from a Python number or a CPU tensor (CUDA tensors are not read: that would sync)."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.device.type == "cpu" and value.numel() == 1 else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+class ReVACNNCallback(Callback):
+    """Publish per-filter telemetry over ZeroMQ, record the run, and apply steering commands between batches.
+
+    Args:
+        layers: monitored layers, as module names or types (default: every Conv2d and Linear).
+        scalars_every / filters_every / snapshot_every: the schedule, in optimizer steps (0 = off).
+        probe_images: validation images kept for activation maps; val_subset: images whose predictions are
+            published after each validation (DeepTracker's image × iteration view).
+        host, telemetry_port, control_port: where the sockets bind (127.0.0.1 and free ports by default).
+        run_dir: where the recording and the connection file go (default: ``<trainer.log_dir>/revacnn``).
+        record: write the run to ``run_dir`` (see revacnn.recording).
+        sign: sign every message with a per-run HMAC key kept in the connection file (mode 0600).
+        steering: accept steering commands.
+        command_every: under DDP, how often (in batches) rank 0 broadcasts received commands to the other ranks.
+        queue_size / send_hwm: bounds of the telemetry queue and of ZeroMQ's per-subscriber queue.
+    """
+
+    def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, scalars_every: int = 1,
+                 filters_every: int = 10, snapshot_every: int = 100, probe_images: int = 8, val_subset: int = 1000,
+                 max_activation_bytes: int = 64 << 20, host: str = "127.0.0.1", telemetry_port: int = 0,
+                 control_port: int = 0, run_dir: str | os.PathLike | None = None, record: bool = True,
+                 sign: bool = False, steering: bool = True, command_every: int = 1, queue_size: int = 64,
+                 send_hwm: int = 100, insecure_bind: bool = False) -> None:
+        super().__init__()
+        for name, value in (("scalars_every", scalars_every), ("filters_every", filters_every),
+                            ("snapshot_every", snapshot_every), ("probe_images", probe_images),
+                            ("val_subset", val_subset)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if command_every < 1:
+            raise ValueError(f"command_every must be ≥ 1, got {command_every!r}")
+        self.layer_selectors = list(layers) if layers is not None else None
+        self.schedule = Schedule(scalars_every, filters_every, snapshot_every)
+        self.probe_images = probe_images
+        self.val_subset = val_subset
+        self.max_activation_bytes = max_activation_bytes
+        self.host, self.telemetry_port, self.control_port = host, telemetry_port, control_port
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.record = record
+        self.sign = sign
+        self.steering = steering
+        self.command_every = command_every
+        self.queue_size, self.send_hwm = queue_size, send_hwm
+        self.insecure_bind = insecure_bind
+
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.publisher: Publisher | None = None
+        self.recorder = None
+        self.connection_file: Path | None = None
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.filter_ids: dict[str, list[int]] = {}
+        self.next_filter_id = 0
+        self.revision = 0
+        self.probe: FilterProbe | None = None
+        self.engine = None
+        self.changelog: list[dict[str, Any]] = []
+        self.paused = False
+        self._state = "starting"
+        self._probe_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._probe_error: str | None = None
+        self._val_subset: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._output_shapes: dict[str, list[int]] = {}
+        self._trace: dict[str, Any] = {}
+        self._filter_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._snapshot_previous: dict[str, torch.Tensor] = {}
+        self._snapshot_requested = False
+        self._pending_batch_size: tuple[dict[str, Any], int] | None = None
+        self._batch_size_applied: tuple[dict[str, Any], int] | None = None
+        self._val_metric_names: set[str] = set()
+        self._metrics_before_validation: dict[str, Any] = {}
+        self._held_commands: list[dict[str, Any]] = []
+        self._last_batch_end: float | None = None
+        self._samples_per_s = 0.0
+        self._batch_size = 0
+
+    # -- Lightning state ----------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layer_selectors and [str(s) for s in self.layer_selectors])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"changelog": self.changelog, "filter_ids": self.filter_ids, "next_filter_id": self.next_filter_id,
+                "run_id": self.run_id, "revision": self.revision}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The change log itself was replayed in ``setup`` (shapes must change before the weights load).
+        self.filter_ids = {name: list(ids) for name, ids in state_dict.get("filter_ids", {}).items()}
+        self.next_filter_id = int(state_dict.get("next_filter_id", 0))
+        self.revision = int(state_dict.get("revision", 0))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Plain types only, at a fixed key, so ``revacnn.load_steered`` can rebuild the shapes offline.
+        checkpoint["revacnn"] = {"changelog": list(self.changelog), "run_id": self.run_id}
+
+    # -- set-up and tear-down -----------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.ckpt_path:
+            self._replay_changelog(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._open_transport(trainer)
+
+    def _replay_changelog(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-apply a steered run's structural changes before Lightning loads its weights into the model."""
+        checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
+        changelog = checkpoint.get("revacnn", {}).get("changelog", [])
+        if changelog:
+            from revacnn.steering import replay_changelog
+
+            replay_changelog(pl_module, changelog)
+            self.changelog = list(changelog)
+            rank_zero_info(f"revacnn: replayed {len(changelog)} structural change(s) from {trainer.ckpt_path}")
+
+    def _open_transport(self, trainer: pl.Trainer) -> None:
+        if self.run_dir is None:
+            self.run_dir = Path(trainer.log_dir or trainer.default_root_dir) / "revacnn"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        sinks = []
+        if self.record:
+            from revacnn.recording import RunRecorder
+
+            self.recorder = RunRecorder(self.run_dir)
+            sinks.append(self.recorder)
+        key = secrets.token_bytes(32) if self.sign else None
+        self.publisher = Publisher(self.run_id, host=self.host, telemetry_port=self.telemetry_port,
+                                   control_port=self.control_port, key=key, send_hwm=self.send_hwm,
+                                   queue_size=self.queue_size, sinks=sinks, insecure_bind=self.insecure_bind).start()
+        self.publisher.set_status(world_size=trainer.world_size)
+        info = ConnectionInfo(self.run_id, self.publisher.telemetry_endpoint, self.publisher.control_endpoint,
+                              key=key.hex() if key else "")
+        self.connection_file = info.write(self.run_dir / CONNECTION_FILE_NAME)
+        rank_zero_info(f"revacnn: run {self.run_id} — watch it with: revacnn-dash --connect {self.connection_file}")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.layers = discover_layers(pl_module, self.layer_selectors)
+        if trainer.is_global_zero:
+            self._collect_validation_images(trainer, pl_module)
+            self.probe = FilterProbe(self.layers)
+            self.probe.attach()
+            self._publish_structure(pl_module)
+            self._publish_hparams(trainer)
+            self._set_state("running", trainer)
+
+    def _collect_validation_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep ``probe_images`` and ``val_subset`` validation images (the same ones for the whole run)."""
+        wanted = max(self.probe_images, self.val_subset)
+        if not wanted:
+            return
+        images, labels = [], []
+        try:
+            loader = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+            loaders = loader if isinstance(loader, (list, tuple)) else [loader]
+            count = 0
+            for batch in loaders[0] if loaders and loaders[0] is not None else []:
+                tensors = _first_batch_tensors(batch)
+                if tensors is None or tensors[1] is None:
+                    break
+                images.append(tensors[0][: wanted - count])
+                labels.append(tensors[1][: wanted - count])
+                count += len(images[-1])
+                if count >= wanted:
+                    break
+        except Exception as error:  # a model without validation data still trains and publishes
+            self._probe_error = f"validation images unavailable ({type(error).__name__}: {error})"
+        if not images:
+            self._probe_error = self._probe_error or "no (images, labels) validation batches to probe with"
+            return
+        device = pl_module.device
+        all_images, all_labels = torch.cat(images).to(device), torch.cat(labels).to(device)
+        if self.probe_images:
+            self._probe_batch = (all_images[: self.probe_images], all_labels[: self.probe_images])
+        if self.val_subset:
+            self._val_subset = (all_images[: self.val_subset], all_labels[: self.val_subset])
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_state("stopped" if trainer.should_stop and self._state == "stopping" else "finished", trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._set_state("failed", trainer, message=f"{type(exception).__name__}: {exception}")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.probe is not None:
+            self.probe.detach()
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        if self.recorder is not None:
+            self.recorder.close()
+
+    # -- every batch --------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.steering:
+            self._steer(trainer, pl_module, batch)
+        if self.probe is not None and self.schedule.due(trainer.global_step + 1, self.schedule.filters_every):
+            self.probe.arm()
+        tensors = _first_batch_tensors(batch)
+        if tensors is not None:
+            self._batch_size = int(tensors[0].shape[0])
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self.probe is not None and self.probe.armed:
+            self._filter_stats = self.probe.measure()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.publisher is None:
+            return
+        now = time.perf_counter()
+        if self._last_batch_end is not None and now > self._last_batch_end:
+            rate = self._batch_size / (now - self._last_batch_end)
+            self._samples_per_s = rate if not self._samples_per_s else 0.9 * self._samples_per_s + 0.1 * rate
+        self._last_batch_end = now
+        step = trainer.global_step
+        if self._filter_stats is not None or self.schedule.due(step, self.schedule.scalars_every):
+            self._publish_step(trainer, outputs, step)
+        if self._snapshot_requested or self.schedule.due(step, self.schedule.snapshot_every):
+            self._snapshot_requested = False
+            self._publish_snapshot(trainer, pl_module, step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_batch_size is not None:
+            # The train iterator is made once per epoch: drop the loader so the next epoch builds one anew.
+            trainer.fit_loop._combined_loader = None
+            self._batch_size_applied, self._pending_batch_size = self._pending_batch_size, None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._batch_size_applied is not None:
+            command, size = self._batch_size_applied
+            self._batch_size_applied = None
+            self._ack(command, "done", trainer, result={"batch_size": size, "epoch": trainer.current_epoch})
+            self._publish_hparams(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics_before_validation = dict(trainer.callback_metrics)
+        if not trainer.sanity_checking and self._state == "running":
+            self._set_state("validating", trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.publisher is None:
+            return
+        if self._state == "validating":
+            self._set_state("running", trainer)
+        # Metrics logged during this validation are the values that changed since it started.
+        metrics = {name: value for name, value in trainer.callback_metrics.items()
+                   if value is not self._metrics_before_validation.get(name)}
+        self._val_metric_names.update(metrics)
+        copy = HostCopy()
+        scalar_names = self._add_scalars(copy, metrics)
+        if self._val_subset is not None:
+            images, labels = self._val_subset
+            with torch.no_grad(), eval_mode(pl_module):
+                predictions = torch.cat([pl_module(chunk).argmax(dim=1) for chunk in images.split(256)])
+            copy.add("pred", predictions)
+            copy.add("label", labels)
+        body = {"step": trainer.global_step, "epoch": trainer.current_epoch,
+                "count": 0 if self._val_subset is None else int(self._val_subset[1].shape[0])}
+
+        def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            body["metrics"] = _scalar_values(scalar_names, arrays.pop("scalars", None))
+            return {name: array.astype(np.int16) for name, array in arrays.items()}
+
+        self.publisher.publish(PendingMessage("val", body, copy.launch(), finalize))
+
+    # -- telemetry ----------------------------------------------------------------------------------------------
+    def _add_scalars(self, copy: HostCopy, values: dict[str, Any]) -> list[str]:
+        names, tensors = [], []
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                names.append(name)
+                tensors.append(value.detach().reshape(1).float())
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                names.append(name)
+                tensors.append(torch.tensor([float(value)]))
+        if tensors:
+            device = tensors[0].device
+            copy.add("scalars", torch.cat([t.to(device) for t in tensors]))
+        return names
+
+    def _publish_step(self, trainer: pl.Trainer, outputs: Any, step: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        values: dict[str, Any] = {}
+        if isinstance(loss, torch.Tensor):
+            values["loss"] = loss
+        values.update((name, value) for name, value in trainer.callback_metrics.items()
+                      if name not in self._val_metric_names)
+        copy = HostCopy()
+        scalar_names = self._add_scalars(copy, values)
+        per_filter = self._filter_stats is not None
+        if per_filter:
+            filters, layer_ratios = self._filter_stats
+            self._filter_stats = None
+            copy.add("filters", filters)
+            copy.add("layers", layer_ratios)
+        body = {"step": step, "epoch": trainer.current_epoch, "batch": trainer.fit_loop.epoch_loop.batch_idx,
+                "revision": self.revision, "groups": self._groups(trainer), "batch_size": self._batch_size,
+                "samples_per_s": round(self._samples_per_s, 3), "per_filter": per_filter}
+        if per_filter:
+            body["filter_fields"] = list(FILTER_FIELDS)
+            body["layer_names"] = [name for name, _ in self.layers]
+        publisher = self.publisher
+
+        def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            scalars = _scalar_values(scalar_names, arrays.pop("scalars", None))
+            body["loss"] = scalars.pop("loss", None)
+            body["metrics"] = scalars
+            body["drops"] = publisher._drop_counts()
+            return arrays
+
+        publisher.publish(PendingMessage("step", body, copy.launch(), finalize))
+
+    def _groups(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
+        return [{"lr": _plain_float(group.get("lr")), "momentum": _momentum(group),
+                 "weight_decay": _plain_float(group.get("weight_decay", 0.0))}
+                for optimizer in trainer.optimizers for group in optimizer.param_groups]
+
+    @torch.no_grad()
+    def _publish_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        copy = HostCopy()
+        weight_stats, grad_stats = [], []
+        for name, module in self.layers:
+            weight = module.weight.detach()
+            grad = module.weight.grad
+            grad = torch.zeros_like(weight) if grad is None else grad.detach()
+            copy.add(f"weight/{name}", weight)
+            copy.add(f"grad/{name}", grad)
+            flat = weight.reshape(weight.shape[0], -1).float()
+            cosine, delta = filter_change(flat, self._snapshot_previous.get(name))
+            self._snapshot_previous[name] = flat.clone()
+            copy.add(f"cosine/{name}", cosine)
+            copy.add(f"delta_ratio/{name}", delta)
+            weight_stats.append(tensor_stats(weight))
+            grad_stats.append(tensor_stats(grad))
+        copy.add("weight_stats", torch.stack(weight_stats))
+        copy.add("grad_stats", torch.stack(grad_stats))
+        body = {"step": step, "epoch": trainer.current_epoch, "revision": self.revision,
+                "layer_names": [name for name, _ in self.layers], "stat_fields": list(STAT_FIELDS)}
+        if self._probe_batch is not None:
+            self._add_probe_maps(copy, pl_module, body)
+        elif self._probe_error:
+            body["probe_error"] = self._probe_error
+        self.publisher.publish(PendingMessage("snapshot", body, copy.launch()))
+
+    def _add_probe_maps(self, copy: HostCopy, pl_module: pl.LightningModule, body: dict[str, Any]) -> None:
+        images, labels = self._probe_batch
+        try:
+            activations, activation_grads = probe_pass(pl_module, self.layers, images, labels)
+        except Exception as error:  # a forward that does not map images to logits: no maps, say why
+            body["probe_error"] = f"probe pass failed ({type(error).__name__}: {error})"
+            return
+        budget = self.max_activation_bytes
+        skipped = []
+        for name, _ in self.layers:
+            if name not in activations:
+                continue
+            size = activations[name].numel() * 8  # activation + its gradient, float32
+            if size > budget:
+                skipped.append(name)
+                continue
+            budget -= size
+            copy.add(f"act/{name}", activations[name])
+            copy.add(f"actgrad/{name}", activation_grads.get(name, torch.zeros_like(activations[name])))
+        copy.add("probe_images", images)
+        body["probe_labels"] = [] if labels is None else labels.tolist()
+        if skipped:
+            body["probe_skipped"] = skipped
+
+    def _publish_structure(self, pl_module: pl.LightningModule) -> None:
+        """Trace the model (on the probe images when there are any) and publish ``structure``."""
+        for name, module in self.layers:
+            if name not in self.filter_ids or len(self.filter_ids[name]) != module.weight.shape[0]:
+                count = module.weight.shape[0]
+                self.filter_ids[name] = list(range(self.next_filter_id, self.next_filter_id + count))
+                self.next_filter_id += count
+        images = self._probe_batch[0] if self._probe_batch is not None else None
+        traced: dict[str, Any] = {"order": [name for name, _ in self.layers], "output_shapes": {}, "modules": [],
+                                  "edges": [], "layer_edges": []}
+        if images is not None:
+            try:
+                traced = trace(pl_module, images, [name for name, _ in self.layers])
+            except Exception as error:
+                rank_zero_warn(f"revacnn: could not trace the model's graph ({type(error).__name__}: {error})")
+        by_name = dict(self.layers)
+        ordered = [name for name in traced["order"] if name in by_name]
+        ordered += [name for name, _ in self.layers if name not in ordered]  # layers the forward never called
+        self.layers = [(name, by_name[name]) for name in ordered]
+        if self.probe is not None:
+            self.probe.layers = list(self.layers)
+        frozen = self.engine.frozen() if self.engine is not None else {}
+        layers = [layer_description(name, by_name[name], traced["output_shapes"].get(name, []),
+                                    self.filter_ids[name], frozen.get(name)) for name in ordered]
+        params = list(pl_module.parameters())
+        body = {"revision": self.revision, "model": type(pl_module).__name__,
+                "total_params": sum(p.numel() for p in params),
+                "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                "layers": layers, "modules": traced["modules"], "edges": traced["edges"],
+                "layer_edges": traced["layer_edges"]}
+        self.publisher.publish(Message("structure", body))
+
+    def _publish_hparams(self, trainer: pl.Trainer) -> None:
+        if self.publisher is None:
+            return
+        optimizers = trainer.optimizers
+        body = {"step": trainer.global_step, "groups": self._groups(trainer),
+                "optimizer": type(optimizers[0]).__name__ if optimizers else "",
+                "batch_size": self._batch_size or _loader_batch_size(trainer), "max_epochs": trainer.max_epochs,
+                "schedulers": [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs]}
+        self.publisher.publish(Message("hparams", body))
+
+    def _set_state(self, state: str, trainer: pl.Trainer, message: str = "") -> None:
+        self._state = state
+        if self.publisher is not None:
+            self.publisher.set_status(state=state, step=trainer.global_step, epoch=trainer.current_epoch,
+                                      message=message)
+
+    # -- steering -----------------------------------------------------------------------------------------------
+    def _receive_commands(self, trainer: pl.Trainer, batch_idx_due: bool = True) -> list[dict[str, Any]]:
+        """Commands to apply now, the same list on every rank (rank 0 broadcasts what it received)."""
+        commands = self.publisher.poll_commands() if self.publisher is not None else []
+        if trainer.world_size > 1:
+            if not batch_idx_due:
+                # Nothing is applied between broadcasts: keep rank 0's commands for the next one.
+                self._held_commands += commands
+                return []
+            commands, self._held_commands = self._held_commands + commands, []
+            commands = trainer.strategy.broadcast(commands, src=0)
+        return commands
+
+    def _steer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        due = trainer.world_size == 1 or trainer.global_step % self.command_every == 0
+        for command in self._receive_commands(trainer, due):
+            self._apply(trainer, pl_module, batch, command)
+        while self.paused and not trainer.should_stop:
+            time.sleep(0.05)
+            for command in self._receive_commands(trainer):
+                self._apply(trainer, pl_module, batch, command)
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+               command: dict[str, Any]) -> None:
+        op, args = command.get("op"), command.get("args", {})
+        if op in LOOP_OPS:
+            self._apply_loop_op(trainer, pl_module, command, op, args)
+            return
+        engine = self._steering_engine(trainer, pl_module, batch)
+        ack = engine.apply({"id": command["id"], "op": op, "args": args})
+        if not ack.get("ok"):
+            self._ack(command, "error", trainer, error=ack.get("error") or "the steering engine refused it")
+            return
+        if ack.get("structural"):
+            self._after_structural_change(trainer, pl_module, ack)
+        elif op in ("freeze", "unfreeze"):
+            self._publish_structure(pl_module)  # the frozen marks changed
+        if op == "set_hparams":
+            self._publish_hparams(trainer)
+        result = {key: value for key, value in ack.items() if key not in ("id", "op", "ok", "error")}
+        result["revision"] = self.revision
+        self._ack(command, "done", trainer, result=result)
+
+    def _apply_loop_op(self, trainer: pl.Trainer, pl_module: pl.LightningModule, command: dict[str, Any], op: str,
+                       args: dict[str, Any]) -> None:
+        unexpected = sorted(set(args) - ({"batch_size"} if op == "set_batch_size" else set()))
+        if unexpected:
+            self._ack(command, "error", trainer, error=f"{op} takes no argument(s) {', '.join(unexpected)}")
+            return
+        if op == "pause":
+            self.paused = True
+            self._set_state("paused", trainer)
+        elif op == "resume":
+            self.paused = False
+            self._set_state("running", trainer)
+        elif op == "stop":
+            self.paused = False
+            trainer.should_stop = True
+            self._set_state("stopping", trainer)
+        elif op == "snapshot":
+            self._snapshot_requested = True
+        elif op == "set_batch_size":
+            self._set_batch_size(trainer, pl_module, command, args)
+            return
+        self._ack(command, "done", trainer)
+
+    def _set_batch_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule, command: dict[str, Any],
+                        args: dict[str, Any]) -> None:
+        from pytorch_lightning.utilities.parsing import lightning_hasattr, lightning_setattr
+
+        size = args.get("batch_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            self._ack(command, "error", trainer, error=f"batch_size must be an integer ≥ 1, got {size!r}")
+            return
+        if not lightning_hasattr(pl_module, "batch_size"):
+            self._ack(command, "error", trainer, error="neither the LightningModule, its hparams nor the datamodule "
+                                                       "has a 'batch_size' attribute to change")
+            return
+        lightning_setattr(pl_module, "batch_size", size)
+        self._pending_batch_size = (command, size)  # acknowledged when the next epoch starts with it
+
+    def _steering_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any):
+        if self.engine is None:
+            from revacnn.steering import SteeringEngine
+
+            tensors = _first_batch_tensors(batch)
+            example = (self._probe_batch[0] if self._probe_batch is not None
+                       else tensors[0][:2] if tensors is not None else None)
+            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+            self.engine = SteeringEngine(pl_module, list(trainer.optimizers), schedulers, example_input=example,
+                                         distributed=trainer.world_size > 1)
+            self.engine.changelog = self.changelog
+        return self.engine
+
+    def _after_structural_change(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 ack: dict[str, Any]) -> None:
+        """Follow a change of shapes: filter ids, hooks, DDP wrapper, compiled graphs, and a new structure."""
+        for name, mapping in (ack.get("filter_maps") or {}).items():
+            old = self.filter_ids.get(name, [])
+            kept = [old[index] for index in mapping.get("kept", []) if index < len(old)]
+            added = int(mapping.get("added", 0))
+            self.filter_ids[name] = kept + list(range(self.next_filter_id, self.next_filter_id + added))
+            self.next_filter_id += added
+        self.revision += 1
+        self.layers = discover_layers(pl_module, self.layer_selectors)
+        self._snapshot_previous = {name: value for name, value in self._snapshot_previous.items()
+                                   if name in dict(self.layers)}
+        if trainer.world_size > 1:
+            _rewrap_ddp(trainer)
+        if hasattr(torch, "compiler"):
+            torch.compiler.reset()
+        if self.probe is not None:
+            self.probe.reset(self.layers)
+        if self.publisher is not None:
+            self._publish_structure(pl_module)
+            self._publish_hparams(trainer)
+
+    def _ack(self, command: dict[str, Any], status: str, trainer: pl.Trainer, error: str | None = None,
+             result: dict[str, Any] | None = None) -> None:
+        if self.publisher is not None:
+            self.publisher.send_ack(command, status, step=trainer.global_step, error=error, result=result)
+
+
+def _scalar_values(names: list[str], values: np.ndarray | None) -> dict[str, float | None]:
+    if values is None:
+        return {}
+    return {name: (float(value) if np.isfinite(value) else None) for name, value in zip(names, values.tolist())}
+
+
+def _loader_batch_size(trainer: pl.Trainer) -> int:
+    loader = getattr(trainer, "train_dataloader", None)
+    return int(getattr(loader, "batch_size", 0) or 0)
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Re-register parameters with DDP after shapes changed (resizing without it lets ranks silently diverge)."""
+    for parameter in trainer.lightning_module.parameters():
+        parameter.grad = None
+    trainer.strategy.model = trainer.lightning_module
+    trainer.strategy.configure_ddp()
