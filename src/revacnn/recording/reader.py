@@ -1,0 +1,513 @@
+"""Torch-free reader of run recordings: ``list_runs`` finds them, ``open_run`` reads one (also while it is written).
+
+Every call re-scans the run directory: segments that did not change since the last call come from a cache (keyed by
+size and mtime), the segment being appended is re-read, and a truncated last batch (a writer mid-append or killed)
+is ignored. Layout and policies: docs/design.md, "Recording".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, quote_layer, read_segment
+
+__all__ = ["list_runs", "open_run", "RunReader"]
+
+LIVE_SECONDS = 30.0
+
+
+class _Segments:
+    """The readable segments of one stream, cached by (size, mtime); ``parse`` turns (schema, batches) into data."""
+
+    def __init__(self, directory: Path, parse: Callable[[pa.Schema, list[pa.RecordBatch]], Any] | None = None):
+        self.directory = directory
+        self.parse = parse
+        self.cache: dict[Path, tuple] = {}
+
+    def read(self) -> list[tuple[Path, Any]]:
+        out = []
+        paths = list_segments(self.directory)
+        for path in paths:
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:       # retired between listing and reading
+                continue
+            key = (stat.st_size, stat.st_mtime_ns)
+            cached = self.cache.get(path)
+            if cached is None or cached[0] != key:
+                schema, batches, _ = read_segment(path)
+                data = None
+                if schema is not None and batches:
+                    data = self.parse(schema, batches) if self.parse else pa.Table.from_batches(batches, schema)
+                cached = (key, data)
+                self.cache[path] = cached
+            if cached[1] is not None:
+                out.append((path, cached[1]))
+        for path in set(self.cache) - set(paths):
+            del self.cache[path]
+        return out
+
+    def table(self) -> pa.Table | None:
+        tables = [data for _, data in self.read()]
+        if not tables:
+            return None
+        if len(tables) == 1:
+            return tables[0]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+class _FilterSegment:
+    """One segment of one pyramid level of one layer's per-filter series."""
+
+    def __init__(self, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
+        self.table = pa.Table.from_batches(batches, schema)
+        meta = schema.metadata or {}
+        self.ids = np.asarray(json.loads(meta.get(b"filter_ids", b"[]")), np.int64)
+        self.level = int(meta.get(b"level", b"0"))
+        self.starts = self.table.column("step").to_numpy()
+        if self.level:
+            self.ends = self.table.column("step_end").to_numpy()
+            self.counts = self.table.column("count").to_numpy()
+        else:
+            self.ends = self.starts
+            self.counts = np.ones(len(self.starts), np.int64)
+
+    def column(self, name: str) -> np.ndarray:
+        """[rows, F] float array of one list column."""
+        width = len(self.ids)
+        parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+                 for chunk in self.table.column(name).chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    if column.null_count == 0:
+        return column.to_numpy()
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
+        return column.cast(pa.float64()).to_numpy(zero_copy_only=False)     # nulls → NaN
+    return np.asarray(column.to_pylist(), dtype=object)
+
+
+def _range_mask(steps: np.ndarray, start: int | None, stop: int | None, ends: np.ndarray | None = None):
+    ends = steps if ends is None else ends
+    mask = np.ones(len(steps), bool)
+    if start is not None:
+        mask &= ends >= start
+    if stop is not None:
+        mask &= steps < stop
+    return mask
+
+
+class RunReader:
+    """Reads one run directory (see module docstring). Every accessor sees what has been appended so far."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+        if not (self.path / MARKER).is_file():
+            raise FileNotFoundError(f"{self.path} is not a revacnn run directory (no {MARKER})")
+        self._streams = {name: _Segments(self.path / name) for name in ("events", "scalars", "layers", "val")}
+        self._filters: dict[tuple[str, int], _Segments] = {}
+        self.info: dict[str, Any] = {}
+        self.refresh()
+
+    def refresh(self) -> "RunReader":
+        """Re-read run.json (accessors re-scan the data files on every call anyway)."""
+        try:
+            with open(self.path / MARKER) as handle:
+                self.info = json.load(handle)
+        except (OSError, ValueError):
+            pass
+        return self
+
+    def __repr__(self) -> str:
+        return f"RunReader({str(self.path)!r})"
+
+    # -- raw tables (pandas / duckdb) ---------------------------------------------------------------------------
+    def table(self, name: str) -> pa.Table | None:
+        """The whole ``events``, ``scalars``, ``layers`` or ``val`` stream as one pyarrow Table (None if empty)."""
+        return self._streams[name].table()
+
+    def filter_table(self, layer: str, level: int = 0) -> pa.Table | None:
+        """One layer's per-filter rows at one pyramid level as a pyarrow Table (list columns; ``filter_ids`` of each
+        segment in its schema metadata, also added here as a list column)."""
+        tables = []
+        for _, segment in self._filter_segments(layer, level):
+            ids = pa.array([segment.ids.tolist()] * segment.table.num_rows, pa.list_(pa.int64()))
+            tables.append(segment.table.append_column("filter_ids", ids).replace_schema_metadata(None))
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    # -- events ---------------------------------------------------------------------------------------------------
+    def _events(self, kind: str) -> list[dict]:
+        table = self.table("events")
+        if table is None:
+            return []
+        types = table.column("type").to_pylist()
+        wanted = [i for i, t in enumerate(types) if t == kind]
+        if not wanted:
+            return []
+        rows = table.take(pa.array(wanted, pa.int64())).to_pylist()
+        for row in rows:
+            row["body"] = json.loads(row["body"])
+        return rows
+
+    def structures(self) -> list[tuple[int | None, dict]]:
+        """Structure history: ``[(step, structure body), …]`` in order."""
+        return [(row["step"], row["body"]) for row in self._events("structure")]
+
+    def hparams(self) -> list[tuple[int | None, dict]]:
+        return [(row["step"], row["body"]) for row in self._events("hparams")]
+
+    def layer_names(self) -> list[str]:
+        """Monitored layers of the latest structure, plus any layer that has per-filter data on disk."""
+        names = []
+        for _, body in self.structures():
+            for layer in body.get("layers", []):
+                if layer["name"] not in names:
+                    names.append(layer["name"])
+        return names
+
+    def steering_log(self) -> list[dict]:
+        """Final acks of every command, in order: seq, time, step, id, op, status, error, result, req."""
+        out = []
+        for row in self._events("ack"):
+            body = row["body"]
+            out.append({"seq": row["seq"], "time": row["time"], "step": body.get("step"), "id": body.get("id"),
+                        "op": body.get("op"), "status": body.get("status"), "error": body.get("error"),
+                        "result": body.get("result"), "req": body.get("req")})
+        return out
+
+    def status(self) -> dict | None:
+        """The last recorded status body (plus its ``time``), or None. Heartbeats are recorded at most every few
+        seconds, state changes always."""
+        rows = self._events("status")
+        if not rows:
+            return None
+        body = dict(rows[-1]["body"])
+        body["time"] = rows[-1]["time"]
+        return body
+
+    # -- scalars ----------------------------------------------------------------------------------------------
+    def scalars(self, start: int | None = None, stop: int | None = None, every: int = 1) -> dict[str, np.ndarray]:
+        """Step scalars as numpy columns (``start <= step < stop``, every ``every``-th row): step, time, seq, epoch,
+        batch, loss, samples_per_s, batch_size, per_filter, drops_*, ``lr/<group>``, ``momentum/<group>``,
+        ``weight_decay/<group>`` and one column per logged metric. Missing values are NaN."""
+        table = self.table("scalars")
+        if table is None:
+            return {"step": np.zeros(0, np.int64)}
+        steps = table.column("step").to_numpy(zero_copy_only=False)
+        index = np.nonzero(_range_mask(steps, start, stop))[0][::max(1, int(every))]
+        table = table.take(pa.array(index, pa.int64()))
+        return {name: _column_numpy(table.column(name)) for name in table.column_names}
+
+    def scalars_frame(self, start: int | None = None, stop: int | None = None, every: int = 1):
+        import pandas as pd
+
+        return pd.DataFrame(self.scalars(start, stop, every))
+
+    def layer_series(self, field: str = "grad_weight_ratio", start: int | None = None,
+                     stop: int | None = None) -> dict[str, Any]:
+        """Per-layer ‖g‖₂/‖w‖₂ (the step message's ``layers`` buffer) of every per-filter step: ``{"step": [T],
+        "layers": [L names], "values": [T, L] float32}`` (NaN where a layer did not exist)."""
+        if field not in ("grad_weight_ratio", "layers"):
+            raise KeyError(f"unknown per-layer field {field!r} (recorded: 'grad_weight_ratio')")
+        table = self.table("layers")
+        if table is None:
+            return {"step": np.zeros(0, np.int64), "layers": [], "values": np.zeros((0, 0), np.float32)}
+        steps = table.column("step").to_numpy()
+        mask = _range_mask(steps, start, stop)
+        names = [name for name in table.column_names if name not in ("step", "time")]
+        values = np.stack([_column_numpy(table.column(name)).astype(np.float32) for name in names], axis=1) \
+            if names else np.zeros((len(steps), 0), np.float32)
+        return {"step": steps[mask], "layers": names, "values": values[mask]}
+
+    # -- per-filter series ------------------------------------------------------------------------------------
+    def _filter_segments(self, layer: str, level: int) -> list[tuple[Path, _FilterSegment]]:
+        key = (layer, level)
+        if key not in self._filters:
+            self._filters[key] = _Segments(self.path / "filters" / quote_layer(layer) / f"L{level}", _FilterSegment)
+        return self._filters[key].read()
+
+    def _levels(self, layer: str) -> list[list[_FilterSegment]]:
+        levels = [[segment for _, segment in self._filter_segments(layer, level)]
+                  for level in range(int(self.info.get("levels") or 1))]
+        while levels and not levels[-1]:
+            levels.pop()
+        return levels
+
+    def _resolve_layer(self, layer) -> str:
+        if isinstance(layer, (int, np.integer)):
+            structures = self.structures()
+            if not structures:
+                raise KeyError("no structure recorded yet")
+            return structures[-1][1]["layers"][int(layer)]["name"]
+        return str(layer)
+
+    def filter_series(self, layer, field: str, start: int | None = None, stop: int | None = None,
+                      resolution: int | None = None) -> dict[str, np.ndarray]:
+        """Per-filter series of one layer (name, or index into the latest structure) for ``start <= step < stop``.
+
+        Returns ``{"step": [T], "filter_ids": [F], "values": [T, F] float32}``; columns are filter ids in order of
+        first appearance, NaN where a filter did not exist. With ``resolution=None`` every recorded row is returned at
+        the finest resolution still on disk (full resolution for recent records, coarser buckets for older ones, see
+        the retention policy). With ``resolution=R`` at most ``R`` rows are returned, taken from the finest pyramid
+        level that fits (re-bucketed on the fly if even the coarsest does not). Whenever any row is a bucket,
+        ``values`` holds bucket means and ``min``, ``max`` [T, F], ``step_end`` and ``count`` [T] are added
+        (``step`` is then the bucket's first step).
+        """
+        name = self._resolve_layer(layer)
+        levels = self._levels(name)
+        empty = {"step": np.zeros(0, np.int64), "filter_ids": np.zeros(0, np.int64),
+                 "values": np.zeros((0, 0), np.float32)}
+        if not levels:
+            return empty
+        rows = []   # per level: (starts, ends, segment index, row index)
+        for segments in levels:
+            if segments:
+                starts = np.concatenate([s.starts for s in segments])
+                ends = np.concatenate([s.ends for s in segments])
+                seg = np.concatenate([np.full(len(s.starts), i) for i, s in enumerate(segments)])
+                row = np.concatenate([np.arange(len(s.starts)) for s in segments])
+            else:
+                starts = ends = seg = row = np.zeros(0, np.int64)
+            rows.append((starts, ends, seg, row))
+        choice = None
+        for level in range(len(levels)):
+            selection = self._merge(rows, level)
+            count = sum(int(np.count_nonzero(mask & _range_mask(rows[k][0], start, stop, rows[k][1])))
+                        for k, mask in selection.items())
+            selection = {k: mask & _range_mask(rows[k][0], start, stop, rows[k][1]) for k, mask in selection.items()}
+            if resolution is None or count <= resolution or level == len(levels) - 1:
+                choice = selection
+                break
+        picked = [(rows[k][0][i], k, int(rows[k][2][i]), int(rows[k][3][i]))
+                  for k, mask in choice.items() for i in np.nonzero(mask)[0]]
+        if not picked:
+            return empty
+        picked.sort()
+        order_levels = np.asarray([p[1] for p in picked])
+        downsampled = bool(np.any(order_levels > 0))
+        # filter ids in order of first appearance among the picked segments
+        ids: dict[int, int] = {}
+        for _, k, s, _ in picked:
+            for fid in levels[k][s].ids.tolist():
+                if fid not in ids:
+                    ids[fid] = len(ids)
+        n, width = len(picked), len(ids)
+        values = np.full((n, width), np.nan, np.float32)
+        low = np.full((n, width), np.nan, np.float32) if downsampled else None
+        high = np.full((n, width), np.nan, np.float32) if downsampled else None
+        steps = np.asarray([p[0] for p in picked], np.int64)
+        ends = np.empty(n, np.int64)
+        counts = np.empty(n, np.int64)
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for out_row, (_, k, s, r) in enumerate(picked):
+            groups.setdefault((k, s), []).append((out_row, r))
+        for (k, s), members in groups.items():
+            segment = levels[k][s]
+            out_rows = np.asarray([m[0] for m in members])
+            seg_rows = np.asarray([m[1] for m in members])
+            cols = np.asarray([ids[int(fid)] for fid in segment.ids], np.int64)
+            contiguous = len(cols) and cols[-1] - cols[0] + 1 == len(cols) and np.all(np.diff(cols) == 1)
+            col_index = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
+            row_block = (slice(int(out_rows[0]), int(out_rows[-1]) + 1)
+                         if out_rows[-1] - out_rows[0] + 1 == len(out_rows) else out_rows)
+            seg_block = (slice(int(seg_rows[0]), int(seg_rows[-1]) + 1)
+                         if seg_rows[-1] - seg_rows[0] + 1 == len(seg_rows) else seg_rows)
+
+            def put(target, column):
+                data = segment.column(column)[seg_block]
+                if isinstance(row_block, slice) and isinstance(col_index, slice):
+                    target[row_block, col_index] = data
+                else:
+                    target[np.ix_(np.arange(n)[row_block], np.arange(width)[col_index])] = data
+
+            put(values, field)
+            if downsampled:
+                put(low, field if k == 0 else field + "/min")
+                put(high, field if k == 0 else field + "/max")
+            ends[out_rows] = segment.ends[seg_rows]
+            counts[out_rows] = segment.counts[seg_rows]
+        out = {"step": steps, "filter_ids": np.fromiter(ids, np.int64, width), "values": values}
+        if resolution is not None and n > resolution:
+            return self._rebucket(out, low, high, ends, counts, resolution)
+        if downsampled:
+            out.update({"min": low, "max": high, "step_end": ends, "count": counts})
+        return out
+
+    @staticmethod
+    def _merge(rows, level: int) -> dict[int, np.ndarray]:
+        """Rows of every level that together cover the run once: level ``level`` where it has data, coarser
+        levels before it, finer levels after its last complete bucket."""
+        selection = {k: np.zeros(len(rows[k][0]), bool) for k in range(len(rows))}
+        starts, ends = rows[level][0], rows[level][1]
+        selection[level][:] = True
+        first = starts[0] if len(starts) else math.inf
+        last = ends[-1] if len(ends) else -math.inf
+        for k in range(level + 1, len(rows)):
+            older = rows[k][0] < first
+            if not older.any():
+                continue
+            boundary = rows[k][1][older][-1]
+            for j in selection:          # finer rows the last older bucket already covers
+                if j < k:
+                    selection[j] &= rows[j][0] > boundary
+            selection[k] = older
+            first = rows[k][0][older][0]
+        for k in range(level - 1, -1, -1):
+            newer = rows[k][0] > last
+            selection[k] |= newer
+            if newer.any():
+                last = rows[k][1][newer][-1]
+        return selection
+
+    @staticmethod
+    def _rebucket(out, low, high, ends, counts, resolution: int) -> dict[str, np.ndarray]:
+        values = out["values"]
+        if low is None:
+            low, high = values, values
+        n = len(values)
+        size = math.ceil(n / resolution)
+        groups = np.arange(n) // size
+        bounds = np.r_[0, np.nonzero(np.diff(groups))[0] + 1]
+        weights = np.where(np.isnan(values), 0.0, counts[:, None].astype(np.float64))
+        total = np.add.reduceat(weights, bounds, axis=0)
+        summed = np.add.reduceat(np.nan_to_num(values.astype(np.float64)) * weights, bounds, axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (summed / total).astype(np.float32)
+        mean[total == 0] = np.nan
+        new_low = np.fmin.reduceat(low, bounds, axis=0)
+        new_high = np.fmax.reduceat(high, bounds, axis=0)
+        last = np.r_[bounds[1:] - 1, n - 1]
+        return {"step": out["step"][bounds], "filter_ids": out["filter_ids"], "values": mean, "min": new_low,
+                "max": new_high, "step_end": ends[last], "count": np.add.reduceat(counts, bounds)}
+
+    # -- snapshots --------------------------------------------------------------------------------------------
+    def _snapshot_files(self) -> list[tuple[int, int, Path]]:
+        directory = self.path / "snapshots"
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.startswith("snapshot-") and name.endswith(".safetensors"):
+                try:
+                    _, step, seq = name[:-len(".safetensors")].split("-")
+                    out.append((int(step), int(seq), directory / name))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    def snapshot_steps(self) -> list[int]:
+        return sorted({step for step, _, _ in self._snapshot_files()})
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """The (last) snapshot taken at ``step``: ``{"body", "arrays", "step", "seq", "time"}``."""
+        from safetensors import safe_open
+
+        files = [f for f in self._snapshot_files() if f[0] == int(step)]
+        if not files:
+            raise KeyError(f"no snapshot at step {step}")
+        path = files[-1][2]
+        arrays = {}
+        with safe_open(str(path), framework="numpy") as handle:
+            meta = handle.metadata() or {}
+            for key in handle.keys():
+                arrays[key] = handle.get_tensor(key)
+        return {"body": json.loads(meta.get("body", "{}")), "arrays": arrays, "step": int(meta.get("step", step)),
+                "seq": int(meta.get("seq", 0)), "time": float(meta.get("time", "nan"))}
+
+    # -- validation -------------------------------------------------------------------------------------------
+    def val_predictions(self) -> dict[str, Any]:
+        """``{"steps": [T], "epochs": [T], "pred": [T, N] int16 (-1 pads a shorter row), "label": [N],
+        "metrics": {name: [T] float64}}``."""
+        table = self.table("val")
+        if table is None:
+            return {"steps": np.zeros(0, np.int64), "epochs": np.zeros(0), "pred": np.zeros((0, 0), np.int16),
+                    "label": np.zeros(0, np.int16), "metrics": {}}
+        steps = _column_numpy(table.column("step"))
+        preds = table.column("pred").to_pylist()
+        labels = [label for label in table.column("label").to_pylist() if label is not None]
+        width = max((len(p) for p in preds if p is not None), default=0)
+        pred = np.full((len(preds), width), -1, np.int16)
+        for i, p in enumerate(preds):
+            if p is not None:
+                pred[i, :len(p)] = p
+        bodies = [json.loads(b) for b in table.column("body").to_pylist()]
+        names = []
+        for body in bodies:
+            for key in (body.get("metrics") or {}):
+                if key not in names:
+                    names.append(key)
+        metrics = {key: np.asarray([(b.get("metrics") or {}).get(key, np.nan) for b in bodies], np.float64)
+                   for key in names}
+        return {"steps": steps, "epochs": _column_numpy(table.column("epoch")), "pred": pred,
+                "label": np.asarray(labels[-1] if labels else [], np.int16), "metrics": metrics}
+
+    # -- summary ----------------------------------------------------------------------------------------------
+    def last_step(self) -> int | None:
+        table = self.table("scalars")
+        steps = [] if table is None else table.column("step").to_numpy(zero_copy_only=False)
+        if len(steps):
+            return int(np.nanmax(steps))
+        events = self.table("events")
+        if events is not None and events.column("step").null_count < events.num_rows:
+            return int(pc.max(events.column("step")).as_py())
+        return None
+
+    def last_write(self) -> float:
+        latest = (self.path / MARKER).stat().st_mtime
+        for name in ("events", "scalars"):
+            segments = list_segments(self.path / name)
+            if segments:
+                try:
+                    latest = max(latest, segments[-1].stat().st_mtime)
+                except FileNotFoundError:
+                    pass
+        return latest
+
+    def summary(self) -> dict[str, Any]:
+        status = self.status()
+        state = status.get("state") if status else None
+        closed = self.info.get("closed")
+        last_write = self.last_write()
+        finished = state in TERMINAL_STATES or closed is not None
+        return {"path": str(self.path), "run_id": self.info.get("run_id") or self.path.name,
+                "created": self.info.get("created"), "last_step": self.last_step(), "state": state,
+                "closed": closed, "last_write": last_write, "finished": finished,
+                "live": not finished and time.time() - last_write < LIVE_SECONDS}
+
+
+def open_run(path) -> RunReader:
+    """Open a run directory (a directory holding ``run.json``), finished or still being written."""
+    return RunReader(path)
+
+
+def list_runs(log_dir) -> list[dict[str, Any]]:
+    """Every run directory under ``log_dir`` (recursively, e.g. ``lightning_logs/version_0/revacnn``), oldest first:
+    dicts with path, run_id, created, last_step, state, closed, last_write, finished, live."""
+    runs = []
+    for root, dirs, files in os.walk(log_dir):
+        if MARKER in files:
+            try:
+                with open(Path(root) / MARKER) as handle:
+                    info = json.load(handle)
+                if info.get("format") != FORMAT_NAME:
+                    continue
+                runs.append(RunReader(root).summary())
+            except (OSError, ValueError):
+                continue
+            dirs[:] = []          # a run directory's subfolders hold no further runs
+    runs.sort(key=lambda r: (r["created"] or 0, r["path"]))
+    return runs

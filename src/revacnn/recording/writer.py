@@ -1,0 +1,620 @@
+"""``RunRecorder``: writes every published message into a run directory from a background thread. No torch.
+
+The training thread only calls ``submit`` (a non-blocking ``queue.put_nowait``). A daemon thread turns messages into
+rows, appends them as Arrow IPC record batches to segment files every ``flush_interval`` seconds (0.25 s by
+default), writes snapshots as safetensors files (temp name, then rename) and retires old full-resolution segments
+once coarser pyramid levels cover them. Errors never reach the caller: the first one is stored in ``error``, warned
+about once, and the recorder stops writing (everything submitted afterwards counts as a drop). Layout and policy:
+docs/design.md, "Recording".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..protocol import FILTER_FIELDS, Message
+from .format import FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, segment_name
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+_FLUSH = object()
+_INT_SCALARS = ("step", "epoch", "batch", "batch_size", "seq", "drops_telemetry", "drops_recording")
+_FIXED_SCALARS = ("step", "time", "seq", "epoch", "batch", "loss", "samples_per_s", "batch_size", "per_filter",
+                  "drops_telemetry", "drops_recording")
+_GROUP_KEYS = ("lr", "momentum", "weight_decay")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class _Stream:
+    """Append-only segmented Arrow IPC stream. Rolls to a new segment on a schema change or after ``segment_rows``."""
+
+    def __init__(self, directory: Path, segment_rows: int) -> None:
+        self.directory = directory
+        self.segment_rows = segment_rows
+        self.schema: pa.Schema | None = None
+        self.sink = None
+        self.writer = None
+        self.path: Path | None = None
+        self.index = 0
+        self.rows_in_segment = 0
+        self.rows_total = 0
+        self.segment_first_row = 0
+        self.closed: list[tuple[Path, int]] = []    # (path, index of its last row) of finished segments
+
+    def append(self, batch: pa.RecordBatch) -> None:
+        offset = 0
+        while offset < batch.num_rows:
+            if (self.writer is None or self.rows_in_segment >= self.segment_rows
+                    or not batch.schema.equals(self.schema, check_metadata=True)):
+                self._roll(batch.schema)
+            part = batch.slice(offset, self.segment_rows - self.rows_in_segment)
+            self.writer.write_batch(part)
+            self.rows_in_segment += part.num_rows
+            self.rows_total += part.num_rows
+            offset += part.num_rows
+
+    def _roll(self, schema: pa.Schema) -> None:
+        self.close()
+        if self.index == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            existing = list_segments(self.directory)
+            self.index = int(existing[-1].name[4:10]) if existing else 0
+        self.index += 1
+        self.path = self.directory / segment_name(self.index)
+        self.sink = pa.OSFile(str(self.path), "wb")   # unbuffered: every write is a write(2) into the page cache
+        self.writer = pa.ipc.new_stream(self.sink, schema)
+        self.schema = schema
+        self.rows_in_segment = 0
+        self.segment_first_row = self.rows_total
+
+    def close(self) -> None:
+        if self.writer is not None:
+            writer, sink, self.writer, self.sink = self.writer, self.sink, None, None
+            try:
+                writer.close()       # end-of-stream marker
+            finally:
+                sink.close()
+            if self.rows_in_segment:
+                self.closed.append((self.path, self.rows_total - 1))
+
+    def abandon(self) -> None:
+        """After a write error: drop the file handles without writing anything more."""
+        sink, self.writer, self.sink = self.sink, None, None
+        if sink is not None:
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001 - the disk already failed; nothing more to do
+                pass
+
+
+class _Accumulator:
+    """Per-filter min/max/sum/count of one pyramid bucket, keyed by filter id (columns grow as ids appear)."""
+
+    def __init__(self, n_fields: int) -> None:
+        self.n_fields = n_fields
+        self.ids = np.zeros(0, np.int64)
+        self.pos: dict[int, int] = {}
+        self.sum = np.zeros((n_fields, 0))
+        self.cnt = np.zeros((n_fields, 0), np.int64)
+        self.min = np.zeros((n_fields, 0), np.float32)
+        self.max = np.zeros((n_fields, 0), np.float32)
+        self.records = 0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+
+    def _columns(self, ids: np.ndarray):
+        if len(ids) == len(self.ids) and np.array_equal(ids, self.ids):
+            return slice(None)
+        new = [int(i) for i in ids if int(i) not in self.pos]
+        if new:
+            for i in new:
+                self.pos[i] = len(self.pos)
+            extra = len(new)
+            self.ids = np.concatenate([self.ids, np.asarray(new, np.int64)])
+            self.sum = np.concatenate([self.sum, np.zeros((self.n_fields, extra))], axis=1)
+            self.cnt = np.concatenate([self.cnt, np.zeros((self.n_fields, extra), np.int64)], axis=1)
+            self.min = np.concatenate([self.min, np.full((self.n_fields, extra), np.inf, np.float32)], axis=1)
+            self.max = np.concatenate([self.max, np.full((self.n_fields, extra), -np.inf, np.float32)], axis=1)
+        if len(ids) == len(self.ids) and np.array_equal(ids, self.ids):
+            return slice(None)
+        return np.fromiter((self.pos[int(i)] for i in ids), np.int64, len(ids))
+
+    def _steps(self, first: int, last: int, records: int) -> None:
+        self.first_step = first if self.first_step is None else self.first_step
+        self.last_step = last
+        self.records += records
+
+    def add_record(self, step: int, ids: np.ndarray, values: np.ndarray) -> None:
+        cols = self._columns(ids)
+        present = ~np.isnan(values)
+        self.sum[:, cols] += np.where(present, values, 0.0)
+        self.cnt[:, cols] += present
+        self.min[:, cols] = np.fmin(self.min[:, cols], values)
+        self.max[:, cols] = np.fmax(self.max[:, cols], values)
+        self._steps(step, step, 1)
+
+    def merge(self, other: "_Accumulator") -> None:
+        cols = self._columns(other.ids)
+        self.sum[:, cols] += other.sum
+        self.cnt[:, cols] += other.cnt
+        self.min[:, cols] = np.fmin(self.min[:, cols], other.min)
+        self.max[:, cols] = np.fmax(self.max[:, cols], other.max)
+        self._steps(other.first_step, other.last_step, other.records)
+
+    def row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        empty = self.cnt == 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (self.sum / np.maximum(self.cnt, 1)).astype(np.float32)
+        mean[empty] = np.nan
+        low = self.min.copy()
+        high = self.max.copy()
+        low[empty] = np.nan
+        high[empty] = np.nan
+        return self.ids.copy(), mean, low, high
+
+
+class _LayerSeries:
+    """Per-filter series of one layer: level 0 = every record; level k = min/max/mean buckets of 10**k records."""
+
+    def __init__(self, root: Path, name: str, fields: tuple[str, ...], value_type: pa.DataType,
+                 levels: int, keep: tuple[int, ...]) -> None:
+        self.name = name
+        self.fields = fields
+        self.value_type = value_type
+        self.np_type = np.float16 if value_type == pa.float16() else np.float32
+        self.levels = levels
+        self.keep = keep
+        base = root / "filters" / quote_layer(name)
+        self.streams = [_Stream(base / f"L{k}", max(1, keep[k] // 4) if k < levels - 1 else 1000)
+                        for k in range(levels)]
+        self.pending: list[list[tuple]] = [[] for _ in range(levels)]
+        self.acc: list[_Accumulator | None] = [None] * levels    # acc[k] for k ≥ 1
+        self.pending_bytes = 0
+
+    def add(self, step: int, stamp: float, ids: np.ndarray, values: np.ndarray) -> None:
+        self.pending[0].append((step, step, 1, stamp, ids, values))
+        self.pending_bytes += values.nbytes
+        if self.levels < 2:
+            return
+        if self.acc[1] is None:
+            self.acc[1] = _Accumulator(len(self.fields))
+        self.acc[1].add_record(step, ids, values)
+        for k in range(1, self.levels):
+            acc = self.acc[k]
+            if acc is None or acc.records < LEVEL_FACTOR ** k:
+                break
+            ids_k, mean, low, high = acc.row()
+            self.pending[k].append((acc.first_step, acc.last_step, acc.records, stamp, ids_k, (mean, low, high)))
+            self.pending_bytes += 3 * mean.nbytes
+            if k + 1 < self.levels:
+                if self.acc[k + 1] is None:
+                    self.acc[k + 1] = _Accumulator(len(self.fields))
+                self.acc[k + 1].merge(acc)
+            self.acc[k] = None
+
+    def _batch(self, level: int, rows: list[tuple]) -> pa.RecordBatch:
+        ids = rows[0][4]
+        width = len(ids)
+        meta = {"layer": self.name, "level": str(level), "filter_ids": _json([int(i) for i in ids]),
+                "fields": _json(list(self.fields))}
+        columns = {"step": pa.array([r[0] for r in rows], pa.int64())}
+        if level == 0:
+            columns["time"] = pa.array([r[3] for r in rows], pa.float64())
+            stacked = np.stack([r[5] for r in rows], axis=1).astype(self.np_type)   # [fields, n, F]
+            for f, field in enumerate(self.fields):
+                columns[field] = pa.FixedSizeListArray.from_arrays(pa.array(stacked[f].reshape(-1)), width)
+        else:
+            columns["step_end"] = pa.array([r[1] for r in rows], pa.int64())
+            columns["count"] = pa.array([r[2] for r in rows], pa.int64())
+            parts = [np.stack([r[5][j] for r in rows], axis=1).astype(self.np_type) for j in range(3)]
+            for f, field in enumerate(self.fields):
+                for part, suffix in zip(parts, ("", "/min", "/max")):
+                    columns[field + suffix] = pa.FixedSizeListArray.from_arrays(pa.array(part[f].reshape(-1)), width)
+        schema = pa.schema([pa.field(key, value.type) for key, value in columns.items()], metadata=meta)
+        return pa.record_batch(list(columns.values()), schema=schema)
+
+    def write(self) -> None:
+        for level in range(self.levels):
+            rows = self.pending[level]
+            start = 0
+            for i in range(1, len(rows) + 1):       # one batch per run of rows with the same filter ids
+                if i == len(rows) or not np.array_equal(rows[i][4], rows[start][4]):
+                    self.streams[level].append(self._batch(level, rows[start:i]))
+                    start = i
+            self.pending[level] = []
+        self.pending_bytes = 0
+
+    def retire(self) -> list[Path]:
+        """Delete finished segments of level k older than its last ``keep[k]`` rows once level k+1 covers them."""
+        removed = []
+        for k in range(self.levels - 1):
+            stream, coarser = self.streams[k], self.streams[k + 1]
+            while stream.closed:
+                path, last_row = stream.closed[0]
+                old_enough = stream.rows_total - (last_row + 1) >= self.keep[k]
+                covered = coarser.rows_total * LEVEL_FACTOR >= last_row + 1
+                if not (old_enough and covered):
+                    break
+                os.unlink(path)
+                stream.closed.pop(0)
+                removed.append(path)
+        return removed
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def abandon(self) -> None:
+        for stream in self.streams:
+            stream.abandon()
+
+
+class RunRecorder:
+    """Records every message submitted to it into ``run_dir`` (created), from its own background thread.
+
+    ``float16_filters`` stores per-filter series as float16 (the reader returns float32). ``full_records``: how many
+    of the most recent per-filter records each layer keeps at full resolution; ``keep_buckets``: how many of the
+    most recent buckets each coarser level keeps; the coarsest level (buckets of ``10**(levels-1)`` records) keeps
+    everything. ``flush_interval``: seconds between appends to disk (bounds what a SIGKILL can lose).
+    """
+
+    def __init__(self, run_dir, float16_filters: bool = False, queue_size: int = 10000, *,
+                 full_records: int = 2000, keep_buckets: int = 1000, levels: int = 5,
+                 flush_interval: float = 0.25, status_every: float = 5.0) -> None:
+        self.run_dir = Path(run_dir)
+        self.float16_filters = float16_filters
+        self.flush_interval = flush_interval
+        self.status_every = status_every
+        self.levels = max(1, int(levels))
+        self.keep = tuple([max(LEVEL_FACTOR * 2, int(full_records))]
+                          + [max(LEVEL_FACTOR * 2, int(keep_buckets))] * (self.levels - 1))
+        self.drops = 0
+        self.error: str | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Condition()
+        self._submitted = 0
+        self._done = 0
+        self._closed = False
+        self._dead = False
+        self._warned = False
+        # writer-thread state
+        self._info: dict[str, Any] = {}
+        self._structure: dict | None = None
+        self._layer_ids: dict[str, np.ndarray] = {}
+        self._series: dict[str, _LayerSeries] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._pending: dict[str, list] = {"events": [], "scalars": [], "layers": [], "val": []}
+        self._scalar_columns: list[str] = []
+        self._last_status: tuple[str | None, float] = (None, -math.inf)
+        self._mismatch_warned = False
+        self._inode = None
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._inode = os.stat(self.run_dir).st_ino
+            self._info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "run_id": None, "created": time.time(),
+                          "pid": os.getpid(), "host": socket.gethostname(), "float16_filters": float16_filters,
+                          "full_records": self.keep[0], "keep_buckets": self.keep[1] if self.levels > 1 else None,
+                          "levels": self.levels, "level_factor": LEVEL_FACTOR, "closed": None}
+            _write_json_atomic(self.run_dir / MARKER, self._info)
+            for name in self._pending:
+                self._streams[name] = _Stream(self.run_dir / name, 50000)
+        except Exception as error:  # noqa: BLE001 - never raise into training
+            self._fail(error)
+        self._thread = threading.Thread(target=self._run, name="revacnn-recorder", daemon=True)
+        self._thread.start()
+
+    # -- training side ----------------------------------------------------------------------------------------
+    def submit(self, message: Message) -> bool:
+        """Queue ``message`` for writing; never blocks. False (and ``drops`` + 1) when full, closed or failed."""
+        if self._dead or self._closed:
+            self._count_drop()
+            return False
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            self._count_drop()
+            return False
+        with self._lock:
+            self._submitted += 1
+        return True
+
+    def _count_drop(self) -> None:
+        with self._lock:
+            self.drops += 1
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue.qsize()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until everything submitted so far is on disk (or dropped after an error). False on timeout."""
+        with self._lock:
+            target = self._submitted
+        if not self._thread.is_alive():
+            return self._done >= target
+        try:
+            self._queue.put(_FLUSH, timeout=timeout)
+        except queue.Full:
+            return False
+        with self._lock:
+            return self._lock.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and close every file; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "RunRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writer thread ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        processed = 0
+        next_flush = time.monotonic() + self.flush_interval
+        stop = False
+        while not stop:
+            try:
+                item = self._queue.get(timeout=max(0.0, next_flush - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                stop = True
+            elif item is not None and item is not _FLUSH:
+                if self._dead:
+                    self._count_drop()
+                else:
+                    try:
+                        self._handle(item)
+                    except Exception as error:  # noqa: BLE001
+                        self._fail(error)
+                        self._count_drop()
+                processed += 1
+            pending = sum(series.pending_bytes for series in self._series.values())
+            due = time.monotonic() >= next_flush or pending > (32 << 20)
+            if stop or due or item is _FLUSH:
+                if not self._dead:
+                    try:
+                        self._write_out()
+                        if stop:
+                            self._finish()
+                    except Exception as error:  # noqa: BLE001
+                        self._fail(error)
+                next_flush = time.monotonic() + self.flush_interval
+                with self._lock:
+                    self._done = processed
+                    self._lock.notify_all()
+        with self._lock:
+            self._done = processed
+            self._lock.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        self._dead = True
+        self.error = f"{type(error).__name__}: {error}"
+        for series in self._series.values():
+            series.abandon()
+        for stream in self._streams.values():
+            stream.abandon()
+        if not self._warned:
+            self._warned = True
+            text = f"revacnn: run recording into {self.run_dir} stopped: {self.error}"
+            log.warning(text)
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
+
+    def _event(self, message: Message, step: Any = None) -> None:
+        step = message.body.get("step") if step is None else step
+        self._pending["events"].append((message.seq, message.time, message.type,
+                                        step if isinstance(step, int) else None, _json(message.body)))
+
+    def _handle(self, message: Message) -> None:
+        kind, body = message.type, message.body
+        if message.run and self._info.get("run_id") is None:
+            self._info["run_id"] = message.run
+            _write_json_atomic(self.run_dir / MARKER, self._info)
+        if kind == "step":
+            self._handle_step(message)
+        elif kind == "structure":
+            self._structure = body
+            self._layer_ids = {}
+            for layer in body.get("layers", []):
+                ids = layer.get("filter_ids")
+                if ids is None:
+                    ids = list(range(int(layer.get("out", 0))))
+                self._layer_ids[layer["name"]] = np.asarray(ids, np.int64)
+            self._event(message)
+        elif kind == "snapshot":
+            self._write_snapshot(message)
+            self._event(message)
+        elif kind == "val":
+            pred = message.arrays.get("pred")
+            label = message.arrays.get("label")
+            self._pending["val"].append((body.get("step"), body.get("epoch"), message.time, message.seq,
+                                         _json(body), pred, label))
+            self._event(message)
+        elif kind == "status":
+            state = body.get("state")
+            last_state, last_time = self._last_status
+            if state != last_state or time.monotonic() - last_time >= self.status_every:
+                self._last_status = (state, time.monotonic())
+                self._event(message)
+        else:
+            self._event(message)
+
+    def _handle_step(self, message: Message) -> None:
+        body = message.body
+        step = body.get("step")
+        row: dict[str, Any] = {"step": step, "time": message.time, "seq": message.seq}
+        for key in ("epoch", "batch", "loss", "samples_per_s", "batch_size", "per_filter"):
+            row[key] = body.get(key)
+        drops = body.get("drops") or {}
+        row["drops_telemetry"] = drops.get("telemetry")
+        row["drops_recording"] = drops.get("recording")
+        for g, group in enumerate(body.get("groups") or []):
+            for key in _GROUP_KEYS:
+                row[f"{key}/{g}"] = group.get(key)
+        for name, value in (body.get("metrics") or {}).items():
+            row[name if name not in row else f"metrics/{name}"] = value
+        self._pending["scalars"].append(row)
+        filters = message.arrays.get("filters")
+        names = body.get("layer_names")
+        if names is None and self._structure is not None:
+            names = [layer["name"] for layer in self._structure.get("layers", [])]
+        if filters is not None and names:
+            filters = np.asarray(filters, np.float32)
+            fields = tuple(body.get("filter_fields") or FILTER_FIELDS)
+            widths = [len(self._layer_ids.get(name, ())) for name in names]
+            if filters.ndim != 2 or filters.shape[0] != len(fields) or sum(widths) != filters.shape[1] \
+                    or any(name not in self._layer_ids for name in names):
+                if not self._mismatch_warned:
+                    self._mismatch_warned = True
+                    log.warning("revacnn recording: step %s per-filter buffer %s does not match the structure; "
+                                "per-filter data of such steps is not recorded", step, filters.shape)
+            else:
+                start = 0
+                for name, width in zip(names, widths):
+                    series = self._series.get(name)
+                    if series is None or series.fields != fields:
+                        if series is not None:
+                            series.write()
+                            series.close()
+                        series = self._series[name] = _LayerSeries(
+                            self.run_dir, name, fields, pa.float16() if self.float16_filters else pa.float32(),
+                            self.levels, self.keep)
+                    series.add(step, message.time, self._layer_ids[name], filters[:, start:start + width].copy())
+                    start += width
+        layers = message.arrays.get("layers")
+        if layers is not None and names and len(layers) == len(names):
+            self._pending["layers"].append((step, message.time, tuple(names), np.asarray(layers, np.float32)))
+
+    def _write_snapshot(self, message: Message) -> None:
+        from safetensors.numpy import save_file
+
+        body = message.body
+        step = int(body.get("step") or 0)
+        directory = self.run_dir / "snapshots"
+        directory.mkdir(exist_ok=True)
+        name = f"snapshot-{step:010d}-{int(message.seq):010d}.safetensors"
+        tmp = directory / f".{name}.tmp"
+        arrays = {key: np.ascontiguousarray(value) for key, value in message.arrays.items()}
+        metadata = {"type": "snapshot", "step": str(step), "seq": str(message.seq), "time": repr(message.time),
+                    "run": message.run, "body": _json(body)}
+        save_file(arrays, str(tmp), metadata=metadata)
+        os.replace(tmp, directory / name)
+
+    # -- batches ----------------------------------------------------------------------------------------------
+    def _write_out(self) -> None:
+        if self._inode is not None:
+            try:
+                same = os.stat(self.run_dir).st_ino == self._inode
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise FileNotFoundError(f"run directory {self.run_dir} vanished")
+        for series in self._series.values():
+            series.write()
+        pending = self._pending
+        if pending["layers"]:
+            rows = pending["layers"]
+            start = 0
+            for i in range(1, len(rows) + 1):
+                if i == len(rows) or rows[i][2] != rows[start][2]:
+                    chunk = rows[start:i]
+                    names = chunk[0][2]
+                    values = np.stack([r[3] for r in chunk])
+                    arrays = [pa.array([r[0] for r in chunk], pa.int64()), pa.array([r[1] for r in chunk])]
+                    arrays += [pa.array(values[:, j]) for j in range(len(names))]
+                    self._streams["layers"].append(pa.record_batch(arrays, names=["step", "time", *names]))
+                    start = i
+        if pending["scalars"]:
+            rows = pending["scalars"]
+            for row in rows:
+                for key in row:
+                    if key not in self._scalar_columns:
+                        self._scalar_columns.append(key)
+            arrays = []
+            for key in self._scalar_columns:
+                values = [row.get(key) for row in rows]
+                if key in _INT_SCALARS:
+                    kind = pa.int64()
+                elif key == "per_filter":
+                    kind = pa.bool_()
+                else:
+                    kind = pa.float64()
+                    values = [None if v is None else float(v) for v in values]
+                arrays.append(pa.array(values, kind))
+            self._streams["scalars"].append(pa.record_batch(arrays, names=list(self._scalar_columns)))
+        if pending["val"]:
+            rows = pending["val"]
+            arrays = [pa.array([r[0] for r in rows], pa.int64()), pa.array([r[1] for r in rows], pa.int64()),
+                      pa.array([r[2] for r in rows], pa.float64()), pa.array([r[3] for r in rows], pa.int64()),
+                      pa.array([r[4] for r in rows], pa.string()),
+                      pa.array([None if r[5] is None else np.asarray(r[5], np.int16) for r in rows],
+                               pa.list_(pa.int16())),
+                      pa.array([None if r[6] is None else np.asarray(r[6], np.int16) for r in rows],
+                               pa.list_(pa.int16()))]
+            self._streams["val"].append(pa.record_batch(
+                arrays, names=["step", "epoch", "time", "seq", "body", "pred", "label"]))
+        if pending["events"]:
+            rows = pending["events"]
+            arrays = [pa.array([r[0] for r in rows], pa.int64()), pa.array([r[1] for r in rows], pa.float64()),
+                      pa.array([r[2] for r in rows], pa.string()), pa.array([r[3] for r in rows], pa.int64()),
+                      pa.array([r[4] for r in rows], pa.string())]
+            self._streams["events"].append(pa.record_batch(arrays, names=["seq", "time", "type", "step", "body"]))
+        for key in pending:
+            pending[key] = []
+        for series in self._series.values():
+            series.retire()
+
+    def _finish(self) -> None:
+        for series in self._series.values():
+            series.close()
+        for stream in self._streams.values():
+            stream.close()
+        self._info["closed"] = time.time()
+        _write_json_atomic(self.run_dir / MARKER, self._info)
+
+    def __del__(self) -> None:  # best effort; close() is the real API
+        try:
+            if not self._closed and self._thread.is_alive():
+                self.close(timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
