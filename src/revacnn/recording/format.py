@@ -30,6 +30,11 @@ MARKER = "run.json"
 SEGMENT_SUFFIX = ".arrows"
 LEVEL_FACTOR = 10          # a level-k bucket aggregates 10**k per-filter records
 TERMINAL_STATES = ("finished", "stopped", "failed")
+# Every record batch ends with this int64 column, one value per row. Arrow lays a batch's buffers out in column
+# order, so this is the last thing in the batch body: a body whose tail is missing or zero-filled (a torn write
+# after a machine crash) fails the check instead of being read as data.
+COMMIT_COLUMN = "_commit"
+COMMIT_MAGIC = 0x52455641434E4E31   # "REVACNN1"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -74,16 +79,27 @@ def read_segment(path: Path) -> tuple[pa.Schema | None, list[pa.RecordBatch], bo
     # The batches returned point into the memory map, which stays alive as long as they do.
     try:
         reader = pa.ipc.open_stream(source)
-    except (pa.ArrowInvalid, OSError, ValueError):
+    except (pa.ArrowException, OSError, ValueError):
         return None, [], False
+    schema = reader.schema
+    commit = schema.get_field_index(COMMIT_COLUMN)
+    if commit >= 0:
+        schema = schema.remove(commit)
     batches: list[pa.RecordBatch] = []
     clean = True
     while True:
         try:
-            batches.append(reader.read_next_batch())
+            batch = reader.read_next_batch()
         except StopIteration:
             break
-        except (pa.ArrowInvalid, OSError, ValueError):
+        except (pa.ArrowException, OSError, ValueError):
             clean = False
             break
-    return reader.schema, batches, clean
+        if commit >= 0:
+            marks = batch.column(commit).to_numpy(zero_copy_only=False)
+            if batch.column(commit).null_count or not (marks == COMMIT_MAGIC).all():
+                clean = False
+                break
+            batch = batch.remove_column(commit)
+        batches.append(batch)
+    return schema, batches, clean

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..protocol import FILTER_FIELDS, Message
-from .format import FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, segment_name
+from .format import COMMIT_COLUMN, COMMIT_MAGIC, FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, segment_name
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class _Stream:
         self.closed: list[tuple[Path, int]] = []    # (path, index of its last row) of finished segments
 
     def append(self, batch: pa.RecordBatch) -> None:
+        marks = pa.array(np.full(batch.num_rows, COMMIT_MAGIC, np.int64))
+        batch = pa.RecordBatch.from_arrays([*batch.columns, marks],
+                                           schema=batch.schema.append(pa.field(COMMIT_COLUMN, pa.int64())))
         offset = 0
         while offset < batch.num_rows:
             if (self.writer is None or self.rows_in_segment >= self.segment_rows
