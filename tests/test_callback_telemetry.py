@@ -1,0 +1,233 @@
+"""A real Lightning Trainer on CPU with ReVACNNCallback: published numbers equal ones computed independently.
+
+A ``Witness`` callback runs after ReVACNNCallback and records the model's own tensors at the same moments with
+numpy and plain autograd; the test then compares them with what a RunClient received over loopback.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from revacnn import ReVACNNCallback
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS
+
+LAYERS = ["net.conv1", "net.conv2", "net.conv3", "net.fc"]
+FILTERS_EVERY, SNAPSHOT_EVERY = 5, 20
+
+
+class Witness(pl.Callback):
+    """Records weights, gradients, activations, losses and predictions with independent code."""
+
+    def __init__(self, data: DigitsDataModule) -> None:
+        self.data = data
+        self.pre_step: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.activations: dict[int, dict[str, np.ndarray]] = {}
+        self.losses: dict[int, float] = {}
+        self.post_step: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.probe: dict[int, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        self.predictions: dict[int, np.ndarray] = {}
+        self._current: dict[str, np.ndarray] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        for name in LAYERS:
+            module = pl_module.get_submodule(name)
+            module.register_forward_hook(self._activation_hook(name))
+
+    def _activation_hook(self, name):
+        def hook(module, inputs, output):
+            if module.training:
+                out = output.detach().numpy().astype(np.float64)
+                axes = (0, 2, 3) if out.ndim == 4 else (0,)
+                self._current[name] = np.abs(out).mean(axis=axes)
+        return hook
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            self.losses[trainer.global_step + 1] = F.cross_entropy(pl_module(x), y).item()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step + 1
+        self.pre_step[step] = {name: (pl_module.get_submodule(name).weight.detach().numpy().copy(),
+                                      pl_module.get_submodule(name).weight.grad.numpy().copy()) for name in LAYERS}
+        self.activations[step] = dict(self._current)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in (1, SNAPSHOT_EVERY):
+            self.post_step[step] = {name: (pl_module.get_submodule(name).weight.detach().numpy().copy(),
+                                           pl_module.get_submodule(name).weight.grad.numpy().copy())
+                                    for name in LAYERS}
+        if step == SNAPSHOT_EVERY:
+            self.probe[step] = self._probe(pl_module)
+
+    def _probe(self, pl_module):
+        """Activations and their loss gradients on the first 8 validation images, via retain_grad on a copy."""
+        model = copy.deepcopy(pl_module).eval()
+        images, labels = self.data.val_set.tensors[0][:8], self.data.val_set.tensors[1][:8]
+        outputs = {}
+        def keep(name):
+            def hook(module, inputs, output):
+                output.retain_grad()
+                outputs[name] = output
+            return hook
+
+        for name in LAYERS:
+            model.get_submodule(name).register_forward_hook(keep(name))
+        F.cross_entropy(model(images), labels).backward()
+        return ({n: o.detach().numpy() for n, o in outputs.items()},
+                {n: o.grad.numpy() for n, o in outputs.items()})
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        with torch.no_grad():
+            self.predictions[trainer.global_step] = pl_module(self.data.val_set.tensors[0]).argmax(1).numpy()
+
+
+def deeptracker_stats(values: np.ndarray) -> np.ndarray:
+    flat = values.astype(np.float64).ravel()
+    return np.array([flat.min(), flat.max(), flat.mean(), np.median(flat), np.percentile(flat, 25),
+                     np.percentile(flat, 75), flat.std(), np.abs(flat).sum(), np.sqrt((flat ** 2).sum()),
+                     np.count_nonzero(flat), flat.size])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import Listener
+
+    root = tmp_path_factory.mktemp("telemetry")
+    torch.manual_seed(0)
+    data = DigitsDataModule(batch_size=32)
+    data.setup()
+    witness = Witness(data)
+    callback = ReVACNNCallback(filters_every=FILTERS_EVERY, snapshot_every=SNAPSHOT_EVERY, record=False)
+    listener = Listener(lambda: callback.connection_file).start()
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=15, callbacks=[callback, witness], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=root, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), data)
+    messages = listener.join()
+    return {"callback": callback, "witness": witness, "listener": listener, "messages": messages, "root": root}
+
+
+def by_step(messages, kind):
+    return {m.body["step"]: m for m in messages if m.type == kind}
+
+
+def test_connection_file_lands_in_the_trainers_log_dir(run):
+    assert run["callback"].connection_file == run["root"] / "revacnn" / "connection.json"
+
+
+def test_structure_lists_the_layers_in_forward_order_with_shapes_and_graph(run):
+    structure = [m for m in run["messages"] if m.type == "structure"][0].body
+    layers = structure["layers"]
+    assert [layer["name"] for layer in layers] == LAYERS
+    assert [layer["out"] for layer in layers] == [16, 20, 20, 10]
+    assert [layer["output_shape"] for layer in layers] == [[16, 32, 32], [20, 16, 16], [20, 8, 8], [10]]
+    assert layers[1]["weight_shape"] == [20, 16, 5, 5] and layers[1]["params"] == 20 * 16 * 25 + 20
+    ids = [i for layer in layers for i in layer["filter_ids"]]
+    assert len(ids) == len(set(ids)) == 66
+    assert structure["layer_edges"] == [["input", "net.conv1"], ["net.conv1", "net.conv2"],
+                                        ["net.conv2", "net.conv3"], ["net.conv3", "net.fc"]]
+    assert structure["total_params"] == sum(p.numel() for p in ReVACNNNet().parameters())
+
+
+def test_every_step_is_published_with_the_loss_of_that_step(run):
+    steps = by_step(run["messages"], "step")
+    assert sorted(steps) == list(range(1, 31))
+    for step, loss in run["witness"].losses.items():
+        assert steps[step].body["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        assert steps[step].body["metrics"]["train_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    group = steps[3].body["groups"][0]
+    assert group == {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    assert steps[3].body["batch_size"] == 32
+
+
+def test_per_filter_statistics_equal_independent_values(run):
+    steps = by_step(run["messages"], "step")
+    per_filter = sorted(step for step, m in steps.items() if m.body["per_filter"])
+    assert per_filter == [1, 5, 10, 15, 20, 25, 30]
+    witness = run["witness"]
+    for step, previous in ((1, None), (5, 1), (10, 5)):
+        message = steps[step]
+        assert message.body["filter_fields"] == list(FILTER_FIELDS)
+        filters = message.arrays["filters"]
+        assert filters.shape == (5, 66)
+        column = 0
+        for name in LAYERS:
+            weight, grad = witness.pre_step[step][name]
+            n = weight.shape[0]
+            flat_w = weight.reshape(n, -1).astype(np.float64)
+            flat_g = grad.reshape(n, -1).astype(np.float64)
+            expected = {
+                "grad_abs_mean": np.abs(flat_g).mean(1),
+                "grad_sq_mean": (flat_g ** 2).mean(1),
+                "weight_norm": np.sqrt((flat_w ** 2).sum(1)),
+                "act_abs_mean": witness.activations[step][name],
+            }
+            if previous is None:
+                expected["update_ratio"] = np.zeros(n)
+            else:
+                before = witness.pre_step[previous][name][0].reshape(n, -1).astype(np.float64)
+                expected["update_ratio"] = np.linalg.norm(flat_w - before, axis=1) / np.linalg.norm(before, axis=1)
+            for row, field in enumerate(FILTER_FIELDS):
+                np.testing.assert_allclose(filters[row, column:column + n], expected[field], rtol=2e-4, atol=1e-9,
+                                           err_msg=f"{field} of {name} at step {step}")
+            ratio = np.sqrt((flat_g ** 2).sum()) / np.sqrt((flat_w ** 2).sum())
+            assert message.arrays["layers"][LAYERS.index(name)] == pytest.approx(ratio, rel=2e-4)
+            column += n
+
+
+def test_snapshot_holds_weights_grads_stats_changes_and_probe_maps(run):
+    snapshots = by_step(run["messages"], "snapshot")
+    assert sorted(snapshots) == [1, 20]
+    snapshot = snapshots[20]
+    witness = run["witness"]
+    assert snapshot.body["stat_fields"] == list(STAT_FIELDS)
+    for index, name in enumerate(LAYERS):
+        weight, grad = witness.post_step[20][name]
+        np.testing.assert_array_equal(snapshot.arrays[f"weight/{name}"], weight)
+        np.testing.assert_array_equal(snapshot.arrays[f"grad/{name}"], grad)
+        np.testing.assert_allclose(snapshot.arrays["weight_stats"][index], deeptracker_stats(weight), rtol=1e-4,
+                                   atol=1e-7)
+        np.testing.assert_allclose(snapshot.arrays["grad_stats"][index], deeptracker_stats(grad), rtol=1e-4,
+                                   atol=1e-9)
+        before = witness.post_step[1][name][0].reshape(weight.shape[0], -1).astype(np.float64)
+        now = weight.reshape(weight.shape[0], -1).astype(np.float64)
+        cosine = (before * now).sum(1) / np.linalg.norm(before, axis=1) / np.linalg.norm(now, axis=1)
+        np.testing.assert_allclose(snapshot.arrays[f"cosine/{name}"], cosine, rtol=1e-5)
+        np.testing.assert_allclose(snapshot.arrays[f"delta_ratio/{name}"],
+                                   np.linalg.norm(now - before, axis=1) / np.linalg.norm(before, axis=1), rtol=1e-4)
+        activations, activation_grads = witness.probe[20]
+        np.testing.assert_allclose(snapshot.arrays[f"act/{name}"], activations[name], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(snapshot.arrays[f"actgrad/{name}"], activation_grads[name], rtol=1e-3,
+                                   atol=1e-7)
+    np.testing.assert_array_equal(snapshot.body["probe_labels"], run["witness"].data.val_set.tensors[1][:8].numpy())
+
+
+def test_validation_publishes_metrics_and_the_prediction_of_every_subset_image(run):
+    vals = by_step(run["messages"], "val")
+    assert sorted(vals) == [15, 30]
+    labels = run["witness"].data.val_set.tensors[1].numpy()
+    for step, message in vals.items():
+        assert message.body["count"] == 300
+        np.testing.assert_array_equal(message.arrays["pred"], run["witness"].predictions[step])
+        np.testing.assert_array_equal(message.arrays["label"], labels)
+        accuracy = (run["witness"].predictions[step] == labels).mean()
+        assert message.body["metrics"]["val_acc"] == pytest.approx(accuracy, abs=1e-6)
+        assert "train_loss" not in message.body["metrics"]
+
+
+def test_run_ends_with_a_finished_status_and_no_drops(run):
+    statuses = [m.body for m in run["messages"] if m.type == "status"]
+    assert statuses[-1]["state"] == "finished"
+    assert statuses[-1]["drops"]["telemetry"] == 0
+    assert run["listener"].client.gaps == 0
