@@ -1,0 +1,113 @@
+"""Embeddings off the request path: one worker thread, results cached per snapshot, layouts kept stable.
+
+Callbacks call ``request(...)``: it returns the cached result at once, or queues the job and returns None (the page
+shows "computing…" and polls). UMAP's first call in a process is slow (numba compilation), so ``warm_umap`` runs it
+once in the background at start and ``umap_status`` reports progress.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .viewmodel import align_to_previous, compute_embedding, embedding_features, kmeans_labels
+
+
+class EmbeddingService:
+    def __init__(self, cache_size: int = 64) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self.cache_size = cache_size
+        self.pending: set[tuple] = set()
+        self.previous: dict[tuple, dict[int, tuple[float, float]]] = {}   # (run, layer, source, method) → layout
+        self.lock = threading.Lock()
+        self.umap_state = "not started"
+        self.umap_started = 0.0
+        self.umap_seconds: float | None = None
+        self.thread = threading.Thread(target=self._run, name="revacnn-embedding", daemon=True)
+        self.thread.start()
+
+    # -- UMAP warm-up ------------------------------------------------------------------------------------------------
+    def warm_umap(self) -> None:
+        def warm() -> None:
+            self.umap_state, self.umap_started = "warming", time.monotonic()
+            try:
+                import umap
+                umap.UMAP(n_neighbors=5, random_state=0).fit_transform(np.random.default_rng(0).normal(size=(40, 8)))
+                self.umap_state = "ready"
+            except Exception as error:  # an optional speed-up: report, never crash
+                self.umap_state = f"unavailable ({type(error).__name__}: {error})"
+            self.umap_seconds = time.monotonic() - self.umap_started
+
+        threading.Thread(target=warm, name="revacnn-umap-warm", daemon=True).start()
+
+    def umap_status(self) -> str:
+        if self.umap_state == "warming":
+            return f"UMAP warming up in the background ({time.monotonic() - self.umap_started:.0f} s so far; " \
+                   "the first run compiles numba code)"
+        if self.umap_state == "ready":
+            return f"UMAP ready (warm-up took {self.umap_seconds:.1f} s)"
+        return f"UMAP {self.umap_state}"
+
+    # -- jobs ----------------------------------------------------------------------------------------------------------
+    def request(self, run: str, snap_key: Any, arrays: dict[str, np.ndarray], ids: list[int], layer: str,
+                source: str, method: str, probe: int, colour: str) -> dict[str, Any] | None:
+        key = (run, snap_key, layer, source, method, probe, colour)
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
+            if key not in self.pending:
+                self.pending.add(key)
+                self.jobs.put((key, arrays, list(ids)))
+        return None
+
+    def is_pending(self, key_parts: tuple) -> bool:
+        with self.lock:
+            return key_parts in self.pending
+
+    def _run(self) -> None:
+        while True:
+            key, arrays, ids = self.jobs.get()
+            run, _, layer, source, method, probe, colour = key
+            started = time.monotonic()
+            try:
+                result = self._compute(run, arrays, ids, layer, source, method, probe, colour)
+            except Exception as error:
+                result = {"error": f"{type(error).__name__}: {error}"}
+            result["seconds"] = time.monotonic() - started
+            with self.lock:
+                self.pending.discard(key)
+                self.cache[key] = result
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+
+    def _compute(self, run: str, arrays: dict[str, np.ndarray], ids: list[int], layer: str, source: str,
+                 method: str, probe: int, colour: str) -> dict[str, Any]:
+        x = embedding_features(arrays, layer, source, probe)
+        if x is None:
+            return {"error": f"the latest snapshot has no {source} data for {layer}"}
+        n = x.shape[0]
+        if len(ids) != n:
+            ids = list(range(n))
+        layout_key = (run, layer, source, method)
+        previous = self.previous.get(layout_key)
+        init = None
+        if method == "tsne" and previous and all(i in previous for i in ids):
+            init = np.array([previous[i] for i in ids])
+        coords = compute_embedding(x, method, init=init)
+        coords = align_to_previous(coords, ids, previous)
+        self.previous[layout_key] = {fid: (float(a), float(b)) for fid, (a, b) in zip(ids, coords)}
+        grad = arrays.get("grad/" + layer)
+        magnitude = (np.abs(np.asarray(grad, float)).reshape(n, -1).mean(1) if grad is not None and len(grad) == n
+                     else np.zeros(n))
+        result = {"coords": coords.tolist(), "ids": ids, "grad": magnitude.tolist(), "n": n,
+                  "aligned": previous is not None}
+        if colour == "cluster":
+            result["cluster"] = kmeans_labels(x, k=min(4, n)).tolist()
+        return result

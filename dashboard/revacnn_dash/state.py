@@ -1,0 +1,327 @@
+"""The bounded, thread-safe state of one run as the dashboard sees it.
+
+An I/O thread (``revacnn_dash.worker``) applies protocol messages here; Dash callbacks read copies. Nothing grows
+without bound: step scalars and per-filter arrays live in ring buffers, the event log is capped, and only the latest
+snapshot is kept (plus its step list for the replay of recorded runs).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from revacnn.protocol import Message
+
+#: Connection states shown in the banner.
+CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (
+    "connecting", "live", "unreachable", "finished", "incompatible", "replay")
+TERMINAL_STATES = ("finished", "stopped", "failed")
+FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
+SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s")
+
+
+@dataclass
+class Event:
+    """One steering command and what became of it: pending → queued → done | error."""
+
+    id: str
+    op: str
+    args: dict[str, Any]
+    status: str = "pending"
+    error: str | None = None
+    step: int | None = None
+    sent: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    result: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def label(self) -> str:
+        """Short text for a chart marker, e.g. ``widen net.conv2 +1``."""
+        return command_label(self.op, self.args)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "op": self.op, "args": self.args, "status": self.status, "error": self.error,
+                "step": self.step, "sent": self.sent, "updated": self.updated, "label": self.label(),
+                "note": self.note}
+
+
+def command_label(op: str, args: dict[str, Any]) -> str:
+    args = args or {}
+    if op == "set_hparams":
+        return "set " + ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                  for k, v in args.items())
+    if op == "set_batch_size":
+        return f"batch_size={args.get('batch_size')}"
+    if op == "widen":
+        return f"widen {args.get('layer')} +{args.get('count')}"
+    if op in ("freeze", "unfreeze"):
+        if "layers" in args:
+            return f"{op} {', '.join(map(str, args['layers']))}"
+        return f"{op} {args.get('layer')}[{', '.join(map(str, args.get('filters', [])))}]"
+    if op in ("remove_filters", "reinit_filters"):
+        return f"{op.split('_')[0]} {args.get('layer')}[{', '.join(map(str, args.get('filters', [])))}]"
+    if op == "insert_layer":
+        return f"insert after {args.get('after')}"
+    if op == "remove_layer":
+        return f"remove {args.get('layer')}"
+    return op
+
+
+class Ring:
+    """Fixed-capacity columns of floats; ``total`` counts every row ever appended (a cursor for clients)."""
+
+    def __init__(self, keys: tuple[str, ...], capacity: int) -> None:
+        self.keys = keys
+        self.capacity = capacity
+        self.data = np.full((capacity, len(keys)), np.nan)
+        self.total = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        values = [row.get(k) for k in self.keys]
+        self.data[self.total % self.capacity] = [np.nan if v is None else float(v) for v in values]
+        self.total += 1
+
+    def since(self, cursor: int) -> tuple[dict[str, np.ndarray], int]:
+        """Rows appended after ``cursor`` (or all kept rows when the cursor fell out of the ring)."""
+        start = max(cursor, self.total - self.capacity, 0)
+        idx = np.arange(start, self.total) % self.capacity
+        block = self.data[idx]
+        return {k: block[:, i] for i, k in enumerate(self.keys)}, start
+
+    def __len__(self) -> int:
+        return min(self.total, self.capacity)
+
+
+class RunState:
+    """Everything the views need about one run; every method takes the lock, readers get copies."""
+
+    def __init__(self, target: str, label: str | None = None, scalar_capacity: int = 20000,
+                 filter_capacity: int = 256, event_capacity: int = 500, source: str = "live") -> None:
+        self.lock = threading.RLock()
+        self.target = target
+        self.label = label or target
+        self.source = source
+        self.key = uuid.uuid5(uuid.NAMESPACE_URL, f"{source}:{target}").hex[:10]
+        self.conn = REPLAY if source == "replay" else CONNECTING
+        self.conn_message = "" if source == "replay" else f"connecting to {target}…"
+        self.generation = 0            # +1 whenever the history is reset (a new trainer process)
+        self.run_id = ""
+        self.welcome: dict[str, Any] = {}
+        self.structure: dict[str, Any] | None = None
+        self.hparams: dict[str, Any] | None = None
+        self.status: dict[str, Any] | None = None
+        self.last_heard = 0.0
+        self.scalar_capacity = scalar_capacity
+        self.scalars = Ring(SCALAR_KEYS, scalar_capacity)
+        self.val: collections.deque[dict[str, Any]] = collections.deque(maxlen=5000)
+        self.filter_steps: collections.deque[tuple[int, int, np.ndarray, list[str]]] = collections.deque(
+            maxlen=filter_capacity)   # (step, revision, [5, F] array, layer names)
+        self.layer_ratio: dict[str, float] = {}
+        self.snapshot: Message | None = None
+        self.snapshot_count = 0
+        self.events: collections.OrderedDict[str, Event] = collections.OrderedDict()
+        self.event_capacity = event_capacity
+        self.outbox: collections.deque[str] = collections.deque(maxlen=100)
+        self.log: collections.deque[tuple[float, str]] = collections.deque(maxlen=200)
+        self.gaps = 0
+        self.messages = 0
+        self.change_counter = 0        # +1 on anything a view may redraw for
+
+    # -- connection ------------------------------------------------------------------------------------------------
+    def set_connection(self, conn: str, message: str) -> None:
+        with self.lock:
+            if (conn, message) != (self.conn, self.conn_message):
+                self.log.append((time.time(), f"{conn}: {message}"))
+                self.change_counter += 1
+            self.conn, self.conn_message = conn, message
+
+    def connected(self, welcome: dict[str, Any]) -> None:
+        """A (re)connection: a new run id means a new trainer process, so the history starts again."""
+        with self.lock:
+            run_id = str(welcome.get("run", ""))
+            if self.run_id and run_id != self.run_id:
+                self._reset_history()
+                self.log.append((time.time(), f"trainer restarted: run {self.run_id} → {run_id}"))
+            self.run_id = run_id
+            self.welcome = dict(welcome)
+            self.last_heard = time.monotonic()
+            self.set_connection(LIVE, f"connected to run {run_id}")
+
+    def _reset_history(self) -> None:
+        self.generation += 1
+        self.structure = self.hparams = self.status = None
+        self.scalars = Ring(SCALAR_KEYS, self.scalar_capacity)
+        self.val.clear()
+        self.filter_steps.clear()
+        self.layer_ratio = {}
+        self.snapshot = None
+        for event in self.events.values():
+            if event.status in ("pending", "queued"):
+                event.status, event.error = "error", "the trainer restarted before applying it"
+                event.updated = time.time()
+
+    # -- messages --------------------------------------------------------------------------------------------------
+    def apply(self, message: Message) -> None:
+        with self.lock:
+            self.messages += 1
+            self.last_heard = time.monotonic()
+            handler = getattr(self, "_on_" + message.type, None)
+            if handler is not None:
+                handler(message)
+                self.change_counter += 1
+
+    def _on_structure(self, m: Message) -> None:
+        self.structure = m.body
+
+    def _on_hparams(self, m: Message) -> None:
+        self.hparams = m.body
+
+    def _on_status(self, m: Message) -> None:
+        self.status = m.body
+        state = m.body.get("state")
+        if state in TERMINAL_STATES:
+            msg = m.body.get("message") or ""
+            self.set_connection(FINISHED, f"run {state} at step {m.body.get('step')}" + (f": {msg}" if msg else ""))
+        elif self.conn != LIVE:
+            self.set_connection(LIVE, f"connected to run {self.run_id}")
+
+    def _on_step(self, m: Message) -> None:
+        b = m.body
+        groups = b.get("groups") or [{}]
+        metrics = b.get("metrics") or {}
+        acc = metrics.get("train_acc", metrics.get("acc"))
+        self.scalars.append({"step": b.get("step"), "loss": b.get("loss"), "train_acc": acc,
+                             "lr": groups[0].get("lr"), "momentum": groups[0].get("momentum"),
+                             "weight_decay": groups[0].get("weight_decay"), "batch_size": b.get("batch_size"),
+                             "samples_per_s": b.get("samples_per_s")})
+        if b.get("per_filter") and "filters" in m.arrays:
+            names = list(b.get("layer_names") or [l["name"] for l in (self.structure or {}).get("layers", [])])
+            self.filter_steps.append((int(b.get("step") or 0), int(b.get("revision") or 0),
+                                      np.asarray(m.arrays["filters"], dtype=np.float32), names))
+            if "layers" in m.arrays:
+                self.layer_ratio = dict(zip(names, map(float, m.arrays["layers"])))
+
+    def _on_step_filters(self, m: Message) -> None:
+        self._on_step(m)
+
+    def _on_snapshot(self, m: Message) -> None:
+        self.snapshot = m
+        self.snapshot_count += 1
+
+    def _on_val(self, m: Message) -> None:
+        metrics = m.body.get("metrics") or {}
+        self.val.append({"step": m.body.get("step"), "epoch": m.body.get("epoch"),
+                         "val_loss": metrics.get("val_loss"), "val_acc": metrics.get("val_acc")})
+
+    def _on_ack(self, m: Message) -> None:
+        b = m.body
+        event = self.events.get(str(b.get("id")))
+        if event is None:   # another client's command, seen on telemetry
+            if b.get("status") == "queued":
+                return
+            event = self._add_event(str(b.get("id")), str(b.get("op")), {}, note="from another client")
+        order = {"pending": 0, "queued": 1, "done": 2, "error": 2}
+        status = str(b.get("status"))
+        if order.get(status, 0) < order.get(event.status, 0):
+            return   # a late 'queued' after the final ack
+        event.status = status
+        event.error = b.get("error")
+        event.step = b.get("step")
+        event.result = b.get("result") or {}
+        event.updated = time.time()
+
+    # -- commands --------------------------------------------------------------------------------------------------
+    def _add_event(self, command_id: str, op: str, args: dict[str, Any], note: str = "") -> Event:
+        event = Event(command_id, op, dict(args or {}), note=note)
+        self.events[command_id] = event
+        while len(self.events) > self.event_capacity:
+            self.events.popitem(last=False)
+        self.change_counter += 1
+        return event
+
+    def submit(self, op: str, args: dict[str, Any] | None = None) -> str:
+        """Queue a command for the I/O thread to send; returns its id (the event log shows it as pending)."""
+        with self.lock:
+            command_id = uuid.uuid4().hex
+            event = self._add_event(command_id, op, args or {})
+            if self.source == "replay":
+                event.status, event.error = "error", "a recorded run cannot be steered"
+            elif self.conn not in (LIVE,):
+                event.status = "error"
+                event.error = f"not sent: the run is {self.conn} ({self.conn_message})"
+            else:
+                self.outbox.append(command_id)
+            return command_id
+
+    def take_outbox(self) -> list[Event]:
+        with self.lock:
+            out = [self.events[i] for i in self.outbox if i in self.events]
+            self.outbox.clear()
+            return out
+
+    def mark_unsent(self, command_id: str, error: str) -> None:
+        with self.lock:
+            event = self.events.get(command_id)
+            if event is not None and event.status == "pending":
+                event.status, event.error, event.updated = "error", error, time.time()
+                self.change_counter += 1
+
+    # -- reading (copies, under the lock) ----------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            status = dict(self.status or {})
+            last = self.scalars.since(max(0, self.scalars.total - 1))[0] if self.scalars.total else {}
+            return {"key": self.key, "label": self.label, "target": self.target, "source": self.source,
+                    "conn": self.conn, "conn_message": self.conn_message, "run_id": self.run_id,
+                    "generation": self.generation, "state": status.get("state"), "step": status.get("step"),
+                    "epoch": status.get("epoch"), "hparams": dict(self.hparams or {}),
+                    "last": {k: float(v[0]) for k, v in last.items() if len(v)}, "gaps": self.gaps,
+                    "messages": self.messages, "drops": status.get("drops")}
+
+    def scalars_since(self, cursor: int) -> tuple[dict[str, np.ndarray], int, int]:
+        with self.lock:
+            cols, start = self.scalars.since(cursor)
+            return cols, start, self.scalars.total
+
+    def val_history(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.val)
+
+    def event_list(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [e.as_dict() for e in self.events.values()]
+
+    def latest_filters(self) -> tuple[int, np.ndarray, list[str]] | None:
+        with self.lock:
+            if not self.filter_steps:
+                return None
+            step, _, arr, names = self.filter_steps[-1]
+            return step, arr, names
+
+    def filters_by_layer(self) -> dict[str, dict[str, np.ndarray]]:
+        """Latest per-filter fields split per layer: ``{layer: {field: array[out]}}``, sizes checked against the
+        structure (a message from before a structural change may not match it)."""
+        with self.lock:
+            latest = self.latest_filters()
+            structure = self.structure
+        if latest is None or structure is None:
+            return {}
+        _, arr, names = latest
+        outs = {l["name"]: int(l["out"]) for l in structure.get("layers", [])}
+        result, col = {}, 0
+        sizes = []
+        for name in names:
+            sizes.append(outs.get(name))
+        if any(s is None for s in sizes) or sum(sizes) != arr.shape[1]:
+            # The per-filter message predates the last structural change: split by the old widths if we can.
+            return {}
+        for name, size in zip(names, sizes):
+            result[name] = {f: arr[i, col:col + size].copy() for i, f in enumerate(FILTER_FIELDS)}
+            col += size
+        return result
