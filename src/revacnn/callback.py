@@ -451,7 +451,9 @@ class ReVACNNCallback(Callback):
             body["probe_skipped"] = skipped
 
     def _publish_structure(self, pl_module: pl.LightningModule) -> None:
-        """Trace the model (on the probe images when there are any) and publish ``structure``."""
+        """Trace the model (on the probe images when there are any) and publish ``structure`` (rank 0)."""
+        if self.publisher is None:
+            return
         for name, module in self.layers:
             if name not in self.filter_ids or len(self.filter_ids[name]) != module.weight.shape[0]:
                 count = module.weight.shape[0]

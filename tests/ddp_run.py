@@ -1,0 +1,51 @@
+"""A 2-process CPU DDP run (gloo) with ReVACNNCallback, started as a subprocess by tests/test_ddp.py.
+
+Each rank saves its final parameters (and optimizer state) to RUN_DIR/rank<R>.pt so the test can compare ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from revacnn import ReVACNNCallback
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+
+
+class SaveEachRank(pl.Callback):
+    def __init__(self, run_dir: Path, slow: float) -> None:
+        self.run_dir = run_dir
+        self.slow = slow
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.slow)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {"model": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                 "optimizer": trainer.optimizers[0].state_dict(), "step": trainer.global_step}
+        torch.save(state, self.run_dir / f"rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--slow", type=float, default=0.0)
+    args = parser.parse_args()
+    pl.seed_everything(0, verbose=False)
+    torch.set_num_threads(1)
+    callback = ReVACNNCallback(run_dir=args.run_dir, filters_every=2, snapshot_every=10, record=True)
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=args.epochs,
+                         limit_train_batches=args.batches, limit_val_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback, SaveEachRank(args.run_dir, args.slow)], default_root_dir=args.run_dir)
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=16))
+
+
+if __name__ == "__main__":
+    main()
