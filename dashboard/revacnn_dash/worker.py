@@ -104,7 +104,17 @@ class RunWorker(threading.Thread):
 
     def _drain(self, client: RunClient) -> None:
         state = self.state
+        connected_at = time.monotonic()
+        asked_state = False
         while not self.stopping.is_set():
+            if not asked_state and state.structure is None and time.monotonic() - connected_at > 2.0:
+                # A structure published while we were joining can miss both the state snapshot and the
+                # subscription (PUB/SUB's slow joiner): ask for the state once more.
+                asked_state = True
+                try:
+                    client.request_state()
+                except Exception:  # zmq.Again: the run went away; the silence check handles it
+                    pass
             for event in state.take_outbox():
                 try:
                     client.send_command(event.op, event.args, command_id=event.id)

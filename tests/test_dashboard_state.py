@@ -1,0 +1,206 @@
+"""RunState and the dashboard's I/O thread against a real Publisher on loopback (no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from revacnn.connection import ConnectionInfo
+from revacnn.protocol import Message
+from revacnn.publisher import Publisher
+from revacnn_dash.state import FINISHED, LIVE, UNREACHABLE, RunState
+from revacnn_dash.worker import RunWorker, resolve_target
+
+STRUCTURE = {"revision": 0, "model": "M", "layers": [
+    {"name": "net.conv1", "type": "Conv2d", "kind": "conv", "in": 3, "out": 4, "frozen": None,
+     "filter_ids": [0, 1, 2, 3]},
+    {"name": "net.conv2", "type": "Conv2d", "kind": "conv", "in": 4, "out": 2, "frozen": "all",
+     "filter_ids": [4, 5]}], "layer_edges": [["input", "net.conv1"], ["net.conv1", "net.conv2"]]}
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def step_message(step: int, loss: float, per_filter: bool = False) -> Message:
+    body = {"step": step, "epoch": 0, "batch": step, "loss": loss, "metrics": {"train_acc": 0.5},
+            "groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}], "batch_size": 32, "samples_per_s": 100.0,
+            "per_filter": per_filter}
+    arrays = {}
+    if per_filter:
+        body["layer_names"] = ["net.conv1", "net.conv2"]
+        body["filter_fields"] = ["grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean"]
+        arrays["filters"] = np.arange(30, dtype=np.float32).reshape(5, 6)
+        arrays["layers"] = np.array([0.5, 0.25], dtype=np.float32)
+    return Message("step", body, arrays)
+
+
+# -- RunState alone -----------------------------------------------------------------------------------------------
+
+def test_ring_keeps_the_last_rows_and_reports_a_wrapped_cursor():
+    state = RunState("x", scalar_capacity=5)
+    for i in range(12):
+        state.apply(step_message(i, float(i)))
+    cols, start, total = state.scalars_since(0)
+    assert total == 12 and start == 7          # the browser asked for row 0, but only rows 7..11 are kept
+    assert cols["step"].tolist() == [7, 8, 9, 10, 11]
+    cols, start, total = state.scalars_since(10)
+    assert start == 10 and cols["loss"].tolist() == [10.0, 11.0]
+    assert cols["lr"].tolist() == [0.1, 0.1] and cols["train_acc"].tolist() == [0.5, 0.5]
+
+
+def test_filters_are_split_per_layer_and_checked_against_the_structure():
+    state = RunState("x")
+    state.apply(Message("structure", STRUCTURE))
+    state.apply(step_message(10, 1.0, per_filter=True))
+    by_layer = state.filters_by_layer()
+    assert by_layer["net.conv1"]["grad_abs_mean"].tolist() == [0, 1, 2, 3]
+    assert by_layer["net.conv2"]["act_abs_mean"].tolist() == [28, 29]     # row 4, columns 4..5
+    assert state.layer_ratio == {"net.conv1": 0.5, "net.conv2": 0.25}
+    widened = {**STRUCTURE, "revision": 1, "layers": [dict(STRUCTURE["layers"][0], out=5), STRUCTURE["layers"][1]]}
+    state.apply(Message("structure", widened))
+    assert state.filters_by_layer() == {}     # the per-filter message predates the widen: not misattributed
+
+
+def test_events_follow_acks_and_ignore_a_late_queued():
+    state = RunState("x")
+    state.conn = LIVE
+    cid = state.submit("widen", {"layer": "net.conv2", "count": 1})
+    assert [e.id for e in state.take_outbox()] == [cid]
+    assert state.event_list()[0]["status"] == "pending"
+    state.apply(Message("ack", {"id": cid, "op": "widen", "status": "done", "step": 7, "error": None}))
+    state.apply(Message("ack", {"id": cid, "op": "widen", "status": "queued", "step": None, "error": None}))
+    event = state.event_list()[0]
+    assert (event["status"], event["step"], event["label"]) == ("done", 7, "widen net.conv2 +1")
+
+
+def test_a_command_for_an_unreachable_run_is_an_error_at_once():
+    state = RunState("x")
+    state.set_connection(UNREACHABLE, "no heartbeat")
+    state.submit("pause", {})
+    event = state.event_list()[0]
+    assert event["status"] == "error" and "unreachable" in event["error"]
+    assert state.take_outbox() == []
+
+
+def test_resolve_target_finds_the_newest_connection_file(tmp_path):
+    old = tmp_path / "lightning_logs" / "version_0" / "revacnn"
+    new = tmp_path / "lightning_logs" / "version_1" / "revacnn"
+    for i, d in enumerate((old, new)):
+        d.mkdir(parents=True)
+        ConnectionInfo(protocol=1, run_id=f"r{i}", telemetry="tcp://127.0.0.1:1", control="tcp://127.0.0.1:2"
+                       ).write(d / "connection.json")
+        time.sleep(0.02)
+    assert resolve_target(str(tmp_path)) == str(new / "connection.json")
+    assert resolve_target(str(old)) == str(old / "connection.json")
+    assert resolve_target("tcp://127.0.0.1:5") == "tcp://127.0.0.1:5"
+
+
+# -- the I/O thread against a real Publisher ----------------------------------------------------------------------
+
+@pytest.fixture
+def publisher():
+    pub = Publisher("run-a", heartbeat_s=0.2).start()
+    pub.set_status(state="running", step=0)
+    pub.publish(Message("structure", STRUCTURE))
+    assert wait_for(lambda: pub.queue_length == 0)
+    yield pub
+    pub.close(timeout=1)
+
+
+def test_worker_drains_telemetry_and_round_trips_a_command(publisher):
+    state = RunState(publisher.control_endpoint)
+    worker = RunWorker(state, silence_s=2.0)
+    worker.start()
+    try:
+        assert wait_for(lambda: state.conn == LIVE and state.structure is not None), state.conn_message
+        assert state.run_id == "run-a"
+        for i in range(1, 21):
+            publisher.publish(step_message(i, 1.0 / i, per_filter=(i % 10 == 0)))
+            time.sleep(0.005)
+        assert wait_for(lambda: state.scalars.total >= 20)
+        cols, _, _ = state.scalars_since(0)
+        assert cols["step"][-1] == 20 and cols["loss"][-1] == pytest.approx(0.05)
+        assert state.latest_filters()[0] == 20
+        cid = state.submit("set_hparams", {"lr": -1.0})
+        assert wait_for(lambda: any(c["id"] == cid for c in publisher._commands), timeout=5)
+        command = [c for c in publisher.poll_commands() if c["id"] == cid][0]
+        assert command["op"] == "set_hparams" and command["args"] == {"lr": -1.0}
+        assert wait_for(lambda: state.events[cid].status == "queued")
+        publisher.send_ack(command, "error", step=20, error="set_hparams: field 'lr' must be >= 0.0, got -1.0")
+        assert wait_for(lambda: state.events[cid].status == "error")
+        assert state.events[cid].error.startswith("set_hparams: field 'lr' must be >= 0.0")
+    finally:
+        worker.stop()
+
+
+def test_worker_reports_finished_then_unreachable_and_reconnects_to_a_restarted_trainer():
+    first = Publisher("run-1", heartbeat_s=0.2).start()
+    control_port = int(first.control_endpoint.rsplit(":", 1)[1])
+    telemetry_port = int(first.telemetry_endpoint.rsplit(":", 1)[1])
+    first.set_status(state="running")
+    state = RunState(first.control_endpoint)
+    worker = RunWorker(state, silence_s=1.0, connect_timeout=1.0, retry_s=0.2)
+    worker.start()
+    second = None
+    try:
+        assert wait_for(lambda: state.conn == LIVE)
+        first.publish(step_message(1, 2.0))
+        assert wait_for(lambda: state.scalars.total == 1)
+        first.set_status(state="finished", step=1)
+        assert wait_for(lambda: state.conn == FINISHED), state.conn_message
+        first.close(timeout=1)
+        assert wait_for(lambda: "exited" in state.conn_message, timeout=6), state.conn_message
+        generation = state.generation
+        second = Publisher("run-2", heartbeat_s=0.2, control_port=control_port,
+                           telemetry_port=telemetry_port).start()
+        second.set_status(state="running")
+        assert wait_for(lambda: state.conn == LIVE and state.run_id == "run-2", timeout=8), state.conn_message
+        assert state.generation == generation + 1 and state.scalars.total == 0   # a new run's history
+        second.publish(step_message(1, 3.0))
+        assert wait_for(lambda: state.scalars.total == 1)
+        assert any("trainer restarted" in text for _, text in state.log)
+    finally:
+        worker.stop()
+        first.close(timeout=1)
+        if second is not None:
+            second.close(timeout=1)
+
+
+def test_unreachable_target_is_reported_with_the_reason(tmp_path):
+    state = RunState("tcp://127.0.0.1:9")     # nothing listens on the discard port
+    worker = RunWorker(state, connect_timeout=0.3, retry_s=0.1)
+    worker.start()
+    try:
+        assert wait_for(lambda: state.conn == UNREACHABLE, timeout=5)
+        assert "cannot reach tcp://127.0.0.1:9" in state.conn_message
+    finally:
+        worker.stop()
+
+
+def test_dashboard_never_imports_torch():
+    code = ("import sys, revacnn_dash.app, revacnn_dash.cli, revacnn_dash.hub, revacnn_dash.worker; "
+            "bad = [m for m in ('torch', 'pytorch_lightning', 'lightning') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_refuses_a_non_loopback_host(capsys):
+    from revacnn_dash.cli import parse_args
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--connect", "tcp://127.0.0.1:1", "--host", "0.0.0.0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve on '0.0.0.0'" in err and "SSH" in err and "issue 7" in err
+    assert parse_args(["--connect", "x", "--host", "::1"]).host == "::1"
+    assert parse_args(["--connect", "x"]).host == "127.0.0.1" and parse_args(["--connect", "x"]).port == 8050

@@ -1,0 +1,177 @@
+"""View-model code of the dashboard: hierarchy collapse, layout, top-50% paths, embedding alignment, hints, PNGs."""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from revacnn_dash.viewmodel import (align_to_previous, compute_embedding, default_expanded, filter_image,
+                                    jitter_pixels, mosaic, nearest_neighbours, network_model, png_bytes,
+                                    procrustes_align, redundancy, top_half, visible_columns)
+
+
+def resnet50_layers() -> list[dict]:
+    """A ResNet-50-sized structure: 53 conv layers + fc, ~26.5k filters, torchvision's module names."""
+    layers = [("conv1", 64)]
+    for stage, (blocks, width) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)], start=1):
+        for b in range(blocks):
+            layers += [(f"layer{stage}.{b}.conv1", width), (f"layer{stage}.{b}.conv2", width),
+                       (f"layer{stage}.{b}.conv3", width * 4)]
+            if b == 0:
+                layers.append((f"layer{stage}.{b}.downsample.0", width * 4))
+    layers.append(("fc", 1000))
+    return [{"name": n, "type": "Conv2d", "out": out, "frozen": None} for n, out in layers]
+
+
+def test_top_half_ranks_numerically_not_as_strings():
+    # As strings "9" > "10" > "100"; numerically 100 > 10 > 9.
+    assert top_half(np.array([9.0, 10.0, 100.0, 2.0])).tolist() == [1, 2]
+    assert top_half(np.array([1.0, 5.0, 3.0])).tolist() == [1, 2]          # ceil(3/2) = 2
+    assert top_half(np.array([1.0, np.nan, 0.5, 2.0])).tolist() == [0, 3]   # NaN ranks last
+    assert top_half(np.array([1.0, 1.0, 1.0, 1.0])).tolist() == [0, 1]     # ties by index
+
+
+def test_demo_model_is_fully_expanded_one_column_per_layer():
+    names = ["net.conv1", "net.conv2", "net.conv3", "net.fc"]
+    cols = visible_columns(names, default_expanded(names))
+    assert [c["id"] for c in cols] == ["conv1", "conv2", "conv3", "fc"]
+    assert all(c["kind"] == "layer" for c in cols)
+
+
+def test_resnet50_collapses_to_blocks_and_stays_fast():
+    layers = resnet50_layers()
+    names = [l["name"] for l in layers]
+    assert sum(l["out"] for l in layers if l["name"] != "fc") == 26560   # conv filters
+    expanded = default_expanded(names, max_columns=24)
+    cols = visible_columns(names, expanded)
+    # stages expanded into their 16 blocks, blocks kept collapsed: conv1 + 16 blocks + fc
+    assert len(cols) == 18
+    assert cols[0]["id"] == "conv1" and cols[1]["id"] == "layer1.0" and cols[1]["kind"] == "group"
+    assert cols[1]["layers"] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3", "layer1.0.downsample.0"]
+    assert cols[-1]["id"] == "fc"
+    structure = {"layers": layers, "layer_edges": [[a, b] for a, b in zip(names, names[1:])]}
+    rng = np.random.default_rng(0)
+    fields = {l["name"]: {"act_abs_mean": rng.random(l["out"]), "grad_sq_mean": rng.random(l["out"])}
+              for l in layers}
+    t0 = time.perf_counter()
+    model = network_model(structure, fields, expanded, max_nodes=64)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0
+    # conv1 (64 filters) + 16 blocks of 3-4 layer nodes + fc binned to 64 nodes
+    # conv1: 64 filter nodes; 16 block columns with one node per layer (4 stage-opening blocks have a
+    # downsample: 4×4 + 12×3 = 52); fc: 1000 filters binned into 64 nodes
+    assert len(model["nodes"]) == 64 + 52 + 64
+    assert len(model["paths"]) <= 6000
+    # opening one block shows its layers as filter columns
+    cols2 = visible_columns(names, set(expanded) | {"layer1.0"})
+    assert [c["id"] for c in cols2[1:5]] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3",
+                                              "layer1.0.downsample.0"]
+
+
+def test_network_model_positions_paths_and_frozen_marks():
+    structure = {"layers": [
+        {"name": "a", "type": "Conv2d", "out": 4, "frozen": [1]},
+        {"name": "b", "type": "Conv2d", "out": 2, "frozen": "all"}], "layer_edges": [["a", "b"]]}
+    fields = {"a": {"act_abs_mean": np.array([0.1, 0.4, 0.2, 0.8]), "grad_sq_mean": np.array([1, 2, 3, 4.0])},
+              "b": {"act_abs_mean": np.array([1.0, 2.0]), "grad_sq_mean": np.array([0.0, 0.0])}}
+    model = network_model(structure, fields, [""])
+    nodes = model["nodes"]
+    assert [(n["x"], round(n["y"], 3)) for n in nodes[:4]] == [(0.0, 0.875), (0.0, 0.625), (0.0, 0.375),
+                                                               (0.0, 0.125)]
+    assert [n["frozen"] for n in nodes] == [False, True, False, False, True, True]
+    assert model["columns"][1]["frozen"] is True and model["columns"][0]["partly_frozen"] is True
+    # top half of layer a by activation = filters 3 (0.8) and 1 (0.4); each to both filters of b
+    assert sorted((s, t) for s, t, _ in model["paths"]) == [(1, 4), (1, 5), (3, 4), (3, 5)]
+    widths = {s: w for s, _, w in model["paths"]}
+    assert widths[3] == pytest.approx(1.0) and widths[1] == pytest.approx(0.5)
+    assert jitter_pixels([n["jitter"] for n in nodes], max_px=8) == [2.0, 4.0, 6.0, 8.0, 0.0, 0.0]
+
+
+def test_big_layer_is_binned():
+    structure = {"layers": [{"name": "big", "type": "Conv2d", "out": 1000, "frozen": None}], "layer_edges": []}
+    model = network_model(structure, {"big": {"act_abs_mean": np.arange(1000.0)}}, [""], max_nodes=64)
+    assert len(model["nodes"]) == 64
+    assert model["nodes"][0]["filters"][0] == 0 and model["nodes"][-1]["filters"][-1] == 999
+    assert sum(len(n["filters"]) for n in model["nodes"]) == 1000
+
+
+def test_procrustes_recovers_a_rotated_scaled_shifted_layout():
+    rng = np.random.default_rng(1)
+    prev = rng.normal(size=(30, 2))
+    angle = 1.1
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    new = 3.0 * prev @ rot + np.array([5.0, -2.0])
+    assert np.allclose(procrustes_align(new, prev), prev, atol=1e-9)
+    mirrored = prev * np.array([-1.0, 1.0])
+    assert np.allclose(procrustes_align(mirrored, prev), prev, atol=1e-9)
+
+
+def test_alignment_by_filter_id_carries_new_filters_along():
+    rng = np.random.default_rng(2)
+    prev_coords = rng.normal(size=(10, 2))
+    previous = {fid: tuple(c) for fid, c in zip(range(100, 110), prev_coords)}
+    new = np.vstack([-prev_coords, [[0.0, 0.0]]])   # rotated by 180°, plus a new filter id 999
+    aligned = align_to_previous(new, list(range(100, 110)) + [999], previous)
+    assert np.allclose(aligned[:10], prev_coords, atol=1e-9)
+    assert np.allclose(aligned[10], [0.0, 0.0], atol=1e-9)   # the same transform applied to the new filter
+
+
+def test_pca_embedding_of_512_filters_is_fast_and_tsne_stays_put_when_seeded():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(512, 16 * 9))
+    t0 = time.perf_counter()
+    coords = compute_embedding(x, "pca")
+    assert time.perf_counter() - t0 < 1.0 and coords.shape == (512, 2)
+    # PCA's first axis carries the most variance
+    assert coords[:, 0].var() >= coords[:, 1].var()
+    small = rng.normal(size=(40, 20))
+    first = compute_embedding(small, "tsne", seed=0)
+    again = align_to_previous(compute_embedding(small, "tsne", seed=0, init=first), list(range(40)),
+                              {i: tuple(c) for i, c in enumerate(first)})
+    # seeded from the previous layout and aligned, the points move far less than the layout's size
+    assert np.median(np.linalg.norm(again - first, axis=1)) < 0.25 * np.ptp(first, axis=0).max()
+
+
+def test_nearest_neighbours_exclude_the_dragged_filter():
+    coords = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [10.0, 0.0]])
+    ids, dist = nearest_neighbours(coords, (0.1, 0.0), exclude=0, k=4)
+    assert ids == [1, 2, 3, 4] and dist == pytest.approx([0.9, 1.9, 2.9, 3.9])
+
+
+def test_redundancy_hints():
+    w = np.zeros((4, 2, 3, 3))
+    w[0, 0, 0, 0] = 1.0
+    w[1, 0, 0, 0] = 2.0                         # same direction as filter 0: cosine 1
+    w[2, 1, 1, 1] = 1.0
+    w[3, 0, 2, 2] = 1.0
+    fields = {"act_abs_mean": np.array([1.0, 0.8, 0.0, 1.2]), "update_ratio": np.array([1e-2, 1e-2, 1e-2, 1e-7])}
+    hints = redundancy(w, fields)
+    assert hints["duplicates"] == [(0, 1, 1.0)]
+    assert hints["dead"] == [2]
+    assert hints["converged"] == [3]
+    frozen = np.array([False, False, False, True])
+    assert redundancy(w, fields, frozen)["converged"] == []     # frozen filters do not move by design
+
+
+def test_png_encoder_round_trips_through_zlib():
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    data = png_bytes(img)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (4, 3)
+    idat_len = struct.unpack(">I", data[33:37])[0]
+    raw = zlib.decompress(data[41:41 + idat_len])
+    rows = [raw[i * 5 + 1:(i + 1) * 5] for i in range(3)]
+    assert b"".join(rows) == img.tobytes()
+
+
+def test_filter_images_rgb_and_per_channel():
+    rgb = filter_image(np.random.default_rng(0).normal(size=(3, 5, 5)))
+    assert rgb.shape == (5, 5, 3) and rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() == 255
+    grey = filter_image(np.ones((4, 5, 5)))
+    assert grey.shape == (1 + 5 + 1, 4 * 6 + 1)
+    assert mosaic([np.zeros((2, 2), np.uint8)] * 3, ncols=2, pad=1).shape == (7, 7)
