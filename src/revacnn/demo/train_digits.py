@@ -1,6 +1,6 @@
 """Train the ReVACNN demo model (16-20-20 convs, 5×5) on sklearn's digits with ReVACNNCallback attached.
 
-    python examples/train_digits.py --epochs 20
+    python -m revacnn.demo.train_digits --epochs 20        (or: python examples/train_digits.py)
     revacnn-dash --connect lightning_logs/version_0/revacnn/connection.json     # in another terminal
 
 Options choose the widths, the optimizer and the telemetry schedule; --help lists them.
