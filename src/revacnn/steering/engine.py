@@ -22,7 +22,7 @@ from . import commands as C
 from .changelog import replay_changelog  # noqa: F401  (re-exported for convenience)
 from .errors import SteeringError
 from .freezing import FreezeManager
-from .graph import Group, trace
+from .graph import Group, eager, trace
 from .optimizer import (apply_records, check_supported, insert_params, remove_params, reset_state_rows,
                         set_hparams, validate_hparams)
 from .surgery import resize_channels, splice_insert, splice_remove
@@ -139,7 +139,7 @@ class SteeringEngine:
         modes = {m: m.training for m in self.module.modules()}
         try:
             self.module.eval()
-            with torch.no_grad():
+            with torch.no_grad(), eager():
                 out = self.module(x)
         finally:
             for m, mode in modes.items():

@@ -12,6 +12,8 @@ Works with functional ops in ``forward`` and needs no change to the user's model
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +109,13 @@ def _walk(start, out_of: dict[int, str], bn_in: dict[str, object], kinds: dict[s
     return producers, bns, problems, views, reached_input
 
 
+def eager():
+    """Run compiled modules eagerly (so the autograd graph shows the real ops), if dynamo is in use."""
+    if "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
 def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
     """Run one eval-mode forward on ``example_input`` and derive every channel group (see module docstring)."""
     names = {id(m): n for n, m in module.named_modules()}
@@ -146,7 +155,7 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
     x = x.clone().requires_grad_(x.is_floating_point())
     try:
         module.eval()
-        with torch.enable_grad():
+        with torch.enable_grad(), eager():
             output = module(x)
     finally:
         for h in handles:
