@@ -22,6 +22,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "revacnn-recording"
@@ -65,41 +66,47 @@ def list_segments(directory: Path) -> list[Path]:
             if name.startswith("seg-") and name.endswith(SEGMENT_SUFFIX)]
 
 
-def read_segment(path: Path) -> tuple[pa.Schema | None, list[pa.RecordBatch], bool]:
-    """The complete record batches of one segment, the schema, and False when a truncated tail was dropped.
+def read_segment(path: Path) -> tuple[pa.Schema | None, pa.Table | None, bool]:
+    """The complete record batches of one segment as a Table (one chunk per batch), and False when a damaged or
+    truncated tail was dropped.
 
     A truncated tail (crash, or a writer still appending) is detected and ignored: pyarrow reads each message's
-    length first and raises when fewer bytes exist, so a partial batch is never returned. A missing or empty file
-    gives ``(None, [], False)``.
+    length first and raises when fewer bytes exist, so a partial batch is never returned; a batch whose trailing
+    ``_commit`` marks are not intact is dropped with everything after it. A missing, empty or unreadable file gives
+    ``(None, None, False)``. The returned data points into a memory map that stays alive as long as it does.
     """
+    def open_reader():
+        return pa.ipc.open_stream(pa.memory_map(str(path), "r"))
+
     try:
-        source = pa.memory_map(str(path), "r")
-    except (FileNotFoundError, OSError):
-        return None, [], False
-    # The batches returned point into the memory map, which stays alive as long as they do.
-    try:
-        reader = pa.ipc.open_stream(source)
+        reader = open_reader()
     except (pa.ArrowException, OSError, ValueError):
-        return None, [], False
+        return None, None, False
     schema = reader.schema
+    clean = True
+    try:
+        batches = reader.read_all().to_batches()           # fast path: a complete segment, read in C++
+    except (pa.ArrowException, OSError, ValueError):
+        batches, clean = [], False
+        reader = open_reader()
+        while True:
+            try:
+                batches.append(reader.read_next_batch())
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError, ValueError):
+                break
+    table = pa.Table.from_batches(batches, schema)
     commit = schema.get_field_index(COMMIT_COLUMN)
     if commit >= 0:
-        schema = schema.remove(commit)
-    batches: list[pa.RecordBatch] = []
-    clean = True
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            break
-        except (pa.ArrowException, OSError, ValueError):
+        marks = table.column(commit)
+        good = marks.to_numpy() == COMMIT_MAGIC if marks.null_count == 0 else np.zeros(len(table), bool)
+        if not good.all():
             clean = False
-            break
-        if commit >= 0:
-            marks = batch.column(commit).to_numpy(zero_copy_only=False)
-            if batch.column(commit).null_count or not (marks == COMMIT_MAGIC).all():
-                clean = False
-                break
-            batch = batch.remove_column(commit)
-        batches.append(batch)
-    return schema, batches, clean
+            first_bad = int(np.argmin(good))
+            starts = np.cumsum([0] + [b.num_rows for b in batches])
+            keep = int(np.searchsorted(starts, first_bad, side="right")) - 1    # batches wholly before it
+            table = pa.Table.from_batches(batches[:keep], schema)
+        table = table.remove_column(commit)
+        schema = table.schema
+    return schema, table, clean

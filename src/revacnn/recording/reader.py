@@ -26,9 +26,9 @@ LIVE_SECONDS = 30.0
 
 
 class _Segments:
-    """The readable segments of one stream, cached by (size, mtime); ``parse`` turns (schema, batches) into data."""
+    """The readable segments of one stream, cached by (size, mtime); ``parse`` turns a segment's Table into data."""
 
-    def __init__(self, directory: Path, parse: Callable[[pa.Schema, list[pa.RecordBatch]], Any] | None = None):
+    def __init__(self, directory: Path, parse: Callable[[pa.Table], Any] | None = None):
         self.directory = directory
         self.parse = parse
         self.cache: dict[Path, tuple] = {}
@@ -44,10 +44,10 @@ class _Segments:
             key = (stat.st_size, stat.st_mtime_ns)
             cached = self.cache.get(path)
             if cached is None or cached[0] != key:
-                schema, batches, _ = read_segment(path)
+                schema, table, _ = read_segment(path)
                 data = None
-                if schema is not None and batches:
-                    data = self.parse(schema, batches) if self.parse else pa.Table.from_batches(batches, schema)
+                if table is not None and table.num_rows:
+                    data = self.parse(table) if self.parse else table
                 cached = (key, data)
                 self.cache[path] = cached
             if cached[1] is not None:
@@ -68,9 +68,10 @@ class _Segments:
 class _FilterSegment:
     """One segment of one pyramid level of one layer's per-filter series."""
 
-    def __init__(self, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
-        self.table = pa.Table.from_batches(batches, schema)
-        meta = schema.metadata or {}
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self._columns: dict[str, np.ndarray] = {}
+        meta = table.schema.metadata or {}
         self.ids = np.asarray(json.loads(meta.get(b"filter_ids", b"[]")), np.int64)
         self.level = int(meta.get(b"level", b"0"))
         self.starts = self.table.column("step").to_numpy()
@@ -82,11 +83,13 @@ class _FilterSegment:
             self.counts = np.ones(len(self.starts), np.int64)
 
     def column(self, name: str) -> np.ndarray:
-        """[rows, F] float array of one list column."""
-        width = len(self.ids)
-        parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-                 for chunk in self.table.column(name).chunks]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        """[rows, F] float array of one list column (made contiguous once, then cached with the segment)."""
+        if name not in self._columns:
+            width = len(self.ids)
+            parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+                     for chunk in self.table.column(name).chunks]
+            self._columns[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._columns[name]
 
 
 def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -299,7 +302,7 @@ class RunReader:
         downsampled = bool(np.any(order_levels > 0))
         # filter ids in order of first appearance among the picked segments
         ids: dict[int, int] = {}
-        for _, k, s, _ in picked:
+        for k, s in dict.fromkeys((p[1], p[2]) for p in picked):
             for fid in levels[k][s].ids.tolist():
                 if fid not in ids:
                     ids[fid] = len(ids)

@@ -130,6 +130,7 @@ class _Accumulator:
     def __init__(self, n_fields: int) -> None:
         self.n_fields = n_fields
         self.ids = np.zeros(0, np.int64)
+        self._same_as = None
         self.pos: dict[int, int] = {}
         self.sum = np.zeros((n_fields, 0))
         self.cnt = np.zeros((n_fields, 0), np.int64)
@@ -140,7 +141,10 @@ class _Accumulator:
         self.last_step: int | None = None
 
     def _columns(self, ids: np.ndarray):
+        if ids is self._same_as:           # the structure's id array, unchanged since the last record
+            return slice(None)
         if len(ids) == len(self.ids) and np.array_equal(ids, self.ids):
+            self._same_as = ids
             return slice(None)
         new = [int(i) for i in ids if int(i) not in self.pos]
         if new:
@@ -152,7 +156,9 @@ class _Accumulator:
             self.cnt = np.concatenate([self.cnt, np.zeros((self.n_fields, extra), np.int64)], axis=1)
             self.min = np.concatenate([self.min, np.full((self.n_fields, extra), np.inf, np.float32)], axis=1)
             self.max = np.concatenate([self.max, np.full((self.n_fields, extra), -np.inf, np.float32)], axis=1)
+        self._same_as = None
         if len(ids) == len(self.ids) and np.array_equal(ids, self.ids):
+            self._same_as = ids
             return slice(None)
         return np.fromiter((self.pos[int(i)] for i in ids), np.int64, len(ids))
 
@@ -202,7 +208,7 @@ class _LayerSeries:
         self.levels = levels
         self.keep = keep
         base = root / "filters" / quote_layer(name)
-        self.streams = [_Stream(base / f"L{k}", max(1, keep[k] // 4) if k < levels - 1 else 1000)
+        self.streams = [_Stream(base / f"L{k}", max(50, keep[k] // 4) if k < levels - 1 else 1000)
                         for k in range(levels)]
         self.pending: list[list[tuple]] = [[] for _ in range(levels)]
         self.acc: list[_Accumulator | None] = [None] * levels    # acc[k] for k ≥ 1
