@@ -826,7 +826,7 @@ def _all_groups(names: list[str]) -> list[str]:
     def walk(node):
         out.append(node.id)
         for child in node.children.values():
-            if not child.is_leaf:
+            if len(child.layers) > 1:
                 walk(child)
 
     walk(layer_tree(names))

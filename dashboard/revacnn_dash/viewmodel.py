@@ -63,7 +63,7 @@ def default_expanded(names: list[str], max_columns: int = 24) -> list[str]:
         nxt = []
         for node in frontier:
             for child in node.children.values():
-                if not child.is_leaf:
+                if len(child.layers) > 1:
                     nxt.append(child)
         trial = expanded | {n.id for n in nxt}
         if not nxt or len(visible_columns(names, trial)) > max_columns:
@@ -78,12 +78,15 @@ def visible_columns(names: list[str], expanded: Iterable[str]) -> list[dict[str,
     "group", one node per layer inside)."""
     expanded = set(expanded)
     root = layer_tree(names)
+    rel = {n: ".".join(p) for n, p in zip(names, _split(names))}
     columns: list[dict[str, Any]] = []
 
     def walk(node: TreeNode) -> None:
         for child in node.children.values():
-            if child.is_leaf:
-                columns.append({"id": child.id, "kind": "layer", "label": child.id, "layers": [child.layers[0]]})
+            if len(child.layers) == 1:
+                # a leaf, or a chain holding one layer (``downsample.0``): a filter column named in full
+                columns.append({"id": rel[child.layers[0]], "kind": "layer", "label": rel[child.layers[0]],
+                                "layers": [child.layers[0]]})
             elif child.id in expanded:
                 walk(child)
             else:
@@ -319,11 +322,12 @@ def compute_embedding(x: np.ndarray, method: str, seed: int = 0, init: np.ndarra
     if method == "tsne":
         from sklearn.manifold import TSNE
         perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-        start = init if init is not None and init.shape == (n, 2) else "pca"
-        if isinstance(start, np.ndarray):
-            start = (start - start.mean(0)) / (start.std() or 1.0) * 1e-2
-        return TSNE(n_components=2, perplexity=perplexity, init=start, random_state=seed,
-                    max_iter=500 if init is None else 250).fit_transform(x)
+        if init is not None and init.shape == (n, 2):
+            # a warm start from the previous layout: no early exaggeration, so the layout stays where it was
+            return TSNE(n_components=2, perplexity=perplexity, init=np.asarray(init, float), random_state=seed,
+                        max_iter=250, early_exaggeration=1.0).fit_transform(x)
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                    max_iter=500).fit_transform(x)
     if method == "umap":
         import umap
         return umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed,

@@ -1,0 +1,214 @@
+"""The dashboard in headless Chromium against a real training run (examples/train_digits.py) started by the test.
+
+Screenshots go to artifacts/dashboard/ (ignored by git). Run alone with:  pytest -m browser tests/test_dashboard_browser.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts" / "dashboard"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+if not os.path.exists(CHROMIUM):
+    pytest.skip("Debian's chromium is not installed", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Trainer:
+    """examples/train_digits.py in a subprocess on fixed ports, so a restart is found at the same address."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.control, self.telemetry = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.root / f"trainer-{int(time.time() * 1000)}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--epochs", "200", "--slow", "0.03",
+             "--snapshot-every", "40", "--root", str(self.root), "--control-port", str(self.control),
+             "--telemetry-port", str(self.telemetry)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.control}"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import waitress
+
+    from revacnn_dash.app import create_app
+    from revacnn_dash.hub import Hub
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(tmp_path_factory.mktemp("run"))
+    trainer.start()
+    hub = Hub([trainer.endpoint], warm_umap=False, silence_s=3.0)
+    app = create_app(hub, interval_ms=500)
+    port = free_port()
+    server = waitress.create_server(app.server, host="127.0.0.1", port=port, threads=6)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30000)
+        page.goto(f"http://127.0.0.1:{port}/")
+        yield {"page": page, "trainer": trainer, "hub": hub}
+        browser.close()
+    trainer.kill()
+    server.close()
+    hub.stop()
+
+
+def js_wait(page, expression: str, timeout: float = 30.0):
+    """Poll a JavaScript expression until it is truthy; return its value."""
+    page.wait_for_function(expression, timeout=timeout * 1000)
+    return page.evaluate(expression)
+
+
+def plot_data(page, graph_id: str, trace: int, axis: str = "x") -> list:
+    return page.evaluate(f"(() => {{ const gd = document.querySelector('#{graph_id} .js-plotly-plot');"
+                         f" return gd && gd.data && gd.data[{trace}] ? gd.data[{trace}].{axis} : []; }})()")
+
+
+def node_count(page) -> int:
+    return page.evaluate("document.querySelectorAll('#net-graph .scatterlayer .trace:last-child path.point').length")
+
+
+def event_rows(page) -> list[str]:
+    return page.locator("#event-log tr.ev-row").all_inner_texts()
+
+
+def test_live_loss_and_network_show_within_seconds(setup):
+    page = setup["page"]
+    started = time.monotonic()
+    page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=45000)
+    # the loss trace grows live (Patch.extend): at least 20 steps, then more a moment later
+    js_wait(page, "(() => { const gd = document.querySelector('#train-graph .js-plotly-plot');"
+                  " return gd && gd.data && gd.data[0].x.length >= 20; })()", timeout=40)
+    first = plot_data(page, "train-graph", 0)
+    losses = plot_data(page, "train-graph", 0, "y")
+    assert all(isinstance(v, (int, float)) for v in losses[:20]) and 0 < losses[0] < 5
+    time.sleep(1.5)
+    assert len(plot_data(page, "train-graph", 0)) > len(first)
+    assert plot_data(page, "train-graph", 0)[: len(first)] == first      # extended, not redrawn
+    page.screenshot(path=str(ARTIFACTS / "training.png"), full_page=True)
+    page.get_by_text("Network", exact=True).click()
+    # ReVACNN demo: 16 + 20 + 20 conv filters and 10 outputs, one node each
+    js_wait(page, "document.querySelectorAll('#net-graph .scatterlayer .trace:last-child path.point').length"
+                  " == 66", timeout=20)
+    labels = page.locator("#net-graph .annotation-text").all_text_contents()
+    assert [l for l in labels if l in ("conv1", "conv2", "conv3", "fc")] == ["conv1", "conv2", "conv3", "fc"]
+    # paths: four width buckets drawn, top 50% of each layer's filters -> 8*20 + 10*20 + 10*10 = 460 segments
+    count = """(() => { const gd = document.querySelector('#net-graph .js-plotly-plot');
+        let n = 0; for (let i = 0; i < 4; i++) { n += gd.data[i].x.filter(v => v === null).length; } return n; })()"""
+    js_wait(page, count + " > 0", timeout=20)
+    assert page.evaluate(count) == 460
+    # the jitter runs in the browser: points have moved without a server round trip per frame
+    moved = js_wait(page, "window.__revacnn && window.__revacnn.moved > 200 && window.__revacnn.moved", timeout=10)
+    assert moved > 200
+    assert time.monotonic() - started < 60
+    page.screenshot(path=str(ARTIFACTS / "network.png"), full_page=True)
+
+
+def test_add_filter_on_conv2_changes_the_trainers_model(setup):
+    from revacnn.client import RunClient
+
+    page = setup["page"]
+    # click the first conv2 node (trace order: conv1 nodes 0-15, conv2 nodes 16-35)
+    point = page.locator("#net-graph .scatterlayer .trace:last-child path.point").nth(16)
+    box = point.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#net-details:has-text('net.conv2')", timeout=10000)
+    assert "filter 0" in page.inner_text("#net-details")
+    watcher = RunClient(setup["trainer"].endpoint)
+    watcher.connect(timeout=10)
+    try:
+        page.fill("#widen-k", "1")
+        page.click("#btn-widen")
+        page.wait_for_selector("#event-log tr.ev-row:has-text('widen net.conv2 +1') .ev-done", timeout=30000)
+        row = [r for r in event_rows(page) if "widen net.conv2 +1" in r][0]
+        assert "done" in row
+        # the trainer's model changed: its next structure message has 21 conv2 filters
+        deadline = time.monotonic() + 20
+        outs = None
+        while time.monotonic() < deadline:
+            message = watcher.recv(0.5)
+            if message is not None and message.type == "structure":
+                outs = {l["name"]: l["out"] for l in message.body["layers"]}
+                if outs["net.conv2"] == 21:
+                    break
+        assert outs is not None and outs["net.conv2"] == 21 and outs["net.conv1"] == 16
+    finally:
+        watcher.close()
+    # and the page shows the new filter: 67 nodes, conv2's count label reads 21
+    js_wait(page, "document.querySelectorAll('#net-graph .scatterlayer .trace:last-child path.point').length"
+                  " == 67", timeout=20)
+    assert "21" in page.locator("#net-graph .annotation-text").all_text_contents()
+    page.screenshot(path=str(ARTIFACTS / "network-widened.png"), full_page=True)
+
+
+def test_invalid_lr_shows_the_error_text(setup):
+    page = setup["page"]
+    page.get_by_text("Training", exact=True).click()
+    page.fill("#in-lr", "-1")
+    page.click("#btn-lr")
+    page.wait_for_selector("#event-log tr.ev-row:has-text('set lr=-1') .ev-error", timeout=30000)
+    row = [r for r in event_rows(page) if "set lr=-1" in r][0]
+    assert "set_hparams: field 'lr' must be >= 0.0, got -1.0" in row
+    # a valid change goes through, is marked on the chart, and the hparams line follows
+    page.fill("#in-lr", "0.01")
+    page.click("#btn-lr")
+    page.wait_for_selector("#event-log tr.ev-row:has-text('set lr=0.01') .ev-done", timeout=30000)
+    page.wait_for_selector("#hp-now:has-text('lr 0.01')", timeout=10000)
+    notes = page.locator("#train-graph .annotation-text").all_text_contents()
+    assert "set lr=0.01" in notes and "widen net.conv2 +1" in notes
+    page.screenshot(path=str(ARTIFACTS / "training-steered.png"), full_page=True)
+
+
+def test_killing_and_restarting_the_trainer_is_shown_and_recovered(setup):
+    page, trainer = setup["page"], setup["trainer"]
+    old_run = setup["hub"].get(None).run_id
+    trainer.kill()
+    page.wait_for_selector("#conn-banner:has-text('UNREACHABLE')", timeout=20000)
+    assert "no heartbeat" in page.inner_text("#conn-banner") or "cannot reach" in page.inner_text("#conn-banner")
+    page.screenshot(path=str(ARTIFACTS / "unreachable.png"), full_page=True)
+    trainer.start()
+    page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=60000)
+    new_run = setup["hub"].get(None).run_id
+    assert new_run != old_run and new_run in page.inner_text("#conn-banner")
+    # the chart starts again with the new run's steps (a full redraw, then live growth)
+    js_wait(page, "(() => { const gd = document.querySelector('#train-graph .js-plotly-plot');"
+                  " return gd && gd.data && gd.data[0].x.length >= 5 && gd.data[0].x[0] <= 3; })()", timeout=40)
+    # commands queued before the kill and never applied would be errors; the restart is in the state's log
+    assert any("trainer restarted" in text for _, text in setup["hub"].get(None).log)
