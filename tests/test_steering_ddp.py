@@ -1,0 +1,86 @@
+"""2-process CPU (gloo) DDP: the engine's surgery is identical on every rank, freezing by grad=None works under DDP,
+and after a re-wrap and further steps all parameters are bitwise equal across ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+pytestmark = pytest.mark.ddp
+
+
+def _worker(rank, world, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from steering_util import batch, build
+    from revacnn.steering import SteeringEngine
+
+    module = build("resnet")
+    ddp = DDP(module)
+    opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    x, y = batch(seed=10 + rank, n=4)  # different data per rank
+
+    def train(k):
+        for _ in range(k):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+
+    train(2)
+    engine = SteeringEngine(module, [opt], example_input=x[:2], distributed=True)
+    torch.manual_seed(1000 + rank)  # global RNGs differ per rank: surgery must not depend on them
+    import random
+    random.seed(1000 + rank)
+    acks = [engine.apply({"id": "1", "op": "freeze", "args": {"layers": ["net.layer1.0.conv1"]}}),
+            engine.apply({"id": "2", "op": "freeze", "args": {"layer": "net.layer2.0.conv1", "filters": [0, 2]}})]
+    frozen = module.net.layer1[0].conv1.weight.detach().clone()
+    rows = module.net.layer2[0].conv1.weight.detach()[[0, 2]].clone()
+    train(2)  # no "expected to have finished reduction" error: requires_grad untouched
+    kept = [torch.equal(module.net.layer1[0].conv1.weight, frozen),
+            torch.equal(module.net.layer2[0].conv1.weight[[0, 2]], rows)]
+    acks.append(engine.apply({"id": "3", "op": "widen", "args": {"layer": "net.conv1", "count": 2}}))
+    acks.append(engine.apply({"id": "4", "op": "insert_layer", "args": {"after": "net.layer2.1.conv1"}}))
+    # surgery alone (before the re-wrap broadcast) must already agree across ranks
+    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    same_after_surgery = all(torch.equal(gathered[0], g) for g in gathered)
+    frozen = module.net.layer1[0].conv1.weight.detach().clone()  # widened as a reader of net.conv1's stream
+    ddp = DDP(module)  # the callback's re-wrap
+    train(3)
+    flat = torch.cat([p.detach().flatten() for p in module.parameters()] +
+                     [s["momentum_buffer"].flatten() for s in opt.state.values()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save({"acks_ok": [a["ok"] for a in acks], "errors": [a["error"] for a in acks],
+                    "same_after_surgery": same_after_surgery,
+                    "same_after_training": all(torch.equal(gathered[0], g) for g in gathered),
+                    "frozen_kept": kept[0] and torch.equal(module.net.layer1[0].conv1.weight, frozen),
+                    "rows_kept": kept[1]}, result_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.pt"
+    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    r = torch.load(out, weights_only=True)
+    assert r["acks_ok"] == [True] * 4, r["errors"]
+    assert r["same_after_surgery"]
+    assert r["same_after_training"]
+    assert r["frozen_kept"] and r["rows_kept"]
