@@ -134,6 +134,7 @@ class ReVACNNCallback(Callback):
         self.revision = 0
         self.probe: FilterProbe | None = None
         self.engine = None
+        self._patched_module: pl.LightningModule | None = None
         self.changelog: list[dict[str, Any]] = []
         self.paused = False
         self._state = "starting"
@@ -178,21 +179,31 @@ class ReVACNNCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.ckpt_path:
-            self._replay_changelog(trainer, pl_module)
+        self._replay_before_weights_load(pl_module)
         if trainer.is_global_zero:
             self._open_transport(trainer)
 
-    def _replay_changelog(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Re-apply a steered run's structural changes before Lightning loads its weights into the model."""
-        checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
-        changelog = checkpoint.get("revacnn", {}).get("changelog", [])
-        if changelog:
-            from revacnn.steering import replay_changelog
+    def _replay_before_weights_load(self, pl_module: pl.LightningModule) -> None:
+        """On resume, re-apply a steered run's structural changes before Lightning loads the weights.
 
-            replay_changelog(pl_module, changelog)
-            self.changelog = list(changelog)
-            rank_zero_info(f"revacnn: replayed {len(changelog)} structural change(s) from {trainer.ckpt_path}")
+        Lightning calls the module's ``on_load_checkpoint`` just before loading the state_dict (a callback's own
+        hooks run after it, too late for shapes), so the module's hook is wrapped on this instance — the user's
+        class is untouched, and the wrapper is removed in ``teardown``.
+        """
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            changelog = (checkpoint.get("revacnn") or {}).get("changelog", [])
+            if changelog:
+                from revacnn.steering import replay_changelog
+
+                replay_changelog(pl_module, changelog)
+                self.changelog = list(changelog)
+                rank_zero_info(f"revacnn: replayed {len(changelog)} structural change(s) before loading weights")
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint
+        self._patched_module = pl_module
 
     def _open_transport(self, trainer: pl.Trainer) -> None:
         if self.run_dir is None:
@@ -264,6 +275,9 @@ class ReVACNNCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._patched_module is not None:
+            self._patched_module.__dict__.pop("on_load_checkpoint", None)
+            self._patched_module = None
         if self.probe is not None:
             self.probe.detach()
         if self.publisher is not None:

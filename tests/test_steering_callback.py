@@ -1,0 +1,142 @@
+"""Steering through the callback and the wire: loop ops, errors as acks, checkpoints of steered runs that resume
+with ``trainer.fit(ckpt_path=…)`` and load offline with ``revacnn.load_steered``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from revacnn import ReVACNNCallback, load_steered
+from revacnn.client import RunClient
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+
+
+class Script(pl.Callback):
+    """Sends commands over the run's control socket at given steps and collects every final ack."""
+
+    def __init__(self, callback: ReVACNNCallback, plan: dict[int, list[tuple[str, dict]]]) -> None:
+        self.callback = callback
+        self.plan = plan
+        self.client: RunClient | None = None
+        self.acks: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.client = RunClient(self.callback.connection_file)
+        self.client.connect()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for op, args in self.plan.get(trainer.global_step, []):
+            self.client.send_command(op, args)
+        self._drain(0.0)
+
+    def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.client.recv(0.01)
+            if message is not None and message.type == "ack" and message.body["status"] != "queued":
+                if all(ack["id"] != message.body["id"] for ack in self.acks):
+                    self.acks.append(message.body)
+            if message is None and time.monotonic() >= deadline:
+                return
+
+    def on_train_end(self, trainer, pl_module):
+        self._drain(1.0)
+        self.client.close()
+
+
+def fit(root, plan, epochs=2, batches=10, ckpt_path=None, model=None, **callback_args):
+    callback = ReVACNNCallback(filters_every=5, snapshot_every=0, record=False, **callback_args)
+    script = Script(callback, plan)
+    model = model or ClassifierModule(ReVACNNNet(), lr=0.05)
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=batches, limit_val_batches=2,
+                         callbacks=[callback, script], default_root_dir=root, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+    return trainer, model, script
+
+
+def test_errors_come_back_as_acks_and_training_goes_on(tmp_path):
+    trainer, model, script = fit(tmp_path, {2: [("explode", {}), ("widen", {"layer": "net.nope", "count": 1}),
+                                                ("set_batch_size", {"batch_size": 0}), ("pause", {"x": 1})]})
+    assert trainer.global_step == 20
+    errors = {ack["op"]: ack["error"] for ack in script.acks}
+    assert [ack["status"] for ack in script.acks] == ["error"] * 4
+    assert "explode" in errors["explode"]
+    assert "net.nope" in errors["widen"]
+    assert "batch_size" in errors["set_batch_size"]
+    assert "x" in errors["pause"]
+    assert model.net.conv2.weight.shape[0] == 20
+
+
+def test_stop_ends_fit_gracefully(tmp_path):
+    trainer, _, script = fit(tmp_path, {3: [("stop", {})]}, epochs=5)
+    assert [(ack["op"], ack["status"]) for ack in script.acks] == [("stop", "done")]
+    # applied before a batch (the ack's step); that batch completes, then fit ends
+    assert trainer.global_step == script.acks[0]["step"] + 1 < 50
+
+
+def test_batch_size_changes_at_the_next_epoch_and_is_acknowledged_then(tmp_path):
+    seen = []
+
+    class Sizes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, len(batch[0])))
+
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    script = Script(callback, {2: [("set_batch_size", {"batch_size": 16})]})
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, logger=False,
+                         callbacks=[callback, script, Sizes()], default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=32))
+    assert {size for epoch, size in seen if epoch == 0} == {32}
+    assert {size for epoch, size in seen if epoch == 1} == {16}
+    ack = next(ack for ack in script.acks if ack["op"] == "set_batch_size")
+    assert ack["status"] == "done" and ack["result"] == {"batch_size": 16, "epoch": 1}
+
+
+def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp_path):
+    torch.manual_seed(3)
+    plan = {3: [("widen", {"layer": "net.conv2", "count": 3})],
+            5: [("remove_filters", {"layer": "net.conv3", "filters": [0, 7]})],
+            6: [("insert_layer", {"after": "net.conv1"})]}
+    trainer, model, script = fit(tmp_path, plan, epochs=1, batches=10)
+    assert [ack["status"] for ack in script.acks] == ["done"] * 3, script.acks
+    path = tmp_path / "steered.ckpt"
+    trainer.save_checkpoint(path)
+    images = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+
+    offline = load_steered(path, ClassifierModule(ReVACNNNet())).eval()
+    with torch.no_grad():
+        assert torch.equal(offline(images), expected)
+
+    resumed_model = ClassifierModule(ReVACNNNet(), lr=0.05)
+    captured = {}
+
+    class Capture(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.eval()
+            with torch.no_grad():
+                captured["outputs"] = pl_module(images)
+            pl_module.train()
+            state = trainer.optimizers[0].state_dict()["state"]  # live tensors: clone before training moves them
+            captured["optimizer"] = {key: {name: value.clone() for name, value in entry.items()}
+                                     for key, entry in state.items()}
+
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    resumed = pl.Trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=1, logger=False,
+                         callbacks=[callback, Capture()], default_root_dir=tmp_path, enable_checkpointing=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0)
+    resumed.fit(resumed_model, DigitsDataModule(batch_size=32), ckpt_path=path)
+    assert torch.equal(captured["outputs"], expected)
+    saved = torch.load(path, weights_only=True)["optimizer_states"][0]["state"]
+    for key, state in saved.items():
+        assert torch.equal(captured["optimizer"][key]["momentum_buffer"], state["momentum_buffer"])
+    assert resumed.global_step == 20
+    assert resumed_model.net.conv2.weight.shape[0] == 23
