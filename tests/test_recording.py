@@ -225,7 +225,7 @@ def test_downsampling_pyramid_and_retention(tmp_path):
     steps = [s for s, _ in records]
     # full resolution was retired for old records: the level-0 files hold at most full_records + one segment
     level0 = run.filter_table("a", 0)
-    assert 40 <= level0.num_rows <= 40 + 10
+    assert 40 <= level0.num_rows <= 40 + 50          # retired in whole segments of at least 50 rows
     assert level0.column("step").to_pylist() == steps[-level0.num_rows:]
     series = run.filter_series("a", "weight_norm")
     # rows partition the run: consecutive, non-overlapping, covering every record exactly once
@@ -233,7 +233,7 @@ def test_downsampling_pyramid_and_retention(tmp_path):
     np.testing.assert_array_equal(series["step"][1:], series["step_end"][:-1] + 2)
     assert series["count"].sum() == n
     assert series["count"].max() == 100 and series["count"][-1] == 1     # old: 100-record buckets; newest: raw
-    assert len(series["step"]) < 100
+    assert len(series["step"]) < 150
     for row in range(len(series["step"])):
         count, mean, low, high = _buckets_expected(records, series["step"][row], series["step_end"][row])
         assert count == series["count"][row]

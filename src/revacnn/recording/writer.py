@@ -54,9 +54,27 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, path)          # atomic; no fsync (it can stall for seconds on a busy disk)
+
+
+_WARM = False
+
+
+def _warm_up() -> None:
+    """Pay pyarrow's and safetensors' first-use costs (lazy imports, pyarrow imports pandas on its first
+    conversion: ~1 s on a busy machine) when the recorder is created, not during the first flush, which would
+    otherwise widen the window a SIGKILL can lose at the start of a run."""
+    global _WARM
+    if _WARM:
+        return
+    import safetensors.numpy  # noqa: F401
+
+    sink = pa.BufferOutputStream()
+    batch = pa.RecordBatch.from_arrays([pa.array([0], pa.int64()), pa.FixedSizeListArray.from_arrays(
+        pa.array(np.zeros(2, np.float32)), 2)], names=["a", "b"])
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    _WARM = True
 
 
 class _Stream:
@@ -254,7 +272,7 @@ class _LayerSeries:
                 for part, suffix in zip(parts, ("", "/min", "/max")):
                     columns[field + suffix] = pa.FixedSizeListArray.from_arrays(pa.array(part[f].reshape(-1)), width)
         schema = pa.schema([pa.field(key, value.type) for key, value in columns.items()], metadata=meta)
-        return pa.record_batch(list(columns.values()), schema=schema)
+        return pa.RecordBatch.from_arrays(list(columns.values()), schema=schema)
 
     def write(self) -> None:
         for level in range(self.levels):
@@ -343,6 +361,7 @@ class RunRecorder:
                 self._streams[name] = _Stream(self.run_dir / name, 50000)
         except Exception as error:  # noqa: BLE001 - never raise into training
             self._fail(error)
+        _warm_up()
         self._thread = threading.Thread(target=self._run, name="revacnn-recorder", daemon=True)
         self._thread.start()
 
@@ -571,7 +590,7 @@ class RunRecorder:
                     values = np.stack([r[3] for r in chunk])
                     arrays = [pa.array([r[0] for r in chunk], pa.int64()), pa.array([r[1] for r in chunk])]
                     arrays += [pa.array(values[:, j]) for j in range(len(names))]
-                    self._streams["layers"].append(pa.record_batch(arrays, names=["step", "time", *names]))
+                    self._streams["layers"].append(pa.RecordBatch.from_arrays(arrays, names=["step", "time", *names]))
                     start = i
         if pending["scalars"]:
             rows = pending["scalars"]
@@ -590,7 +609,7 @@ class RunRecorder:
                     kind = pa.float64()
                     values = [None if v is None else float(v) for v in values]
                 arrays.append(pa.array(values, kind))
-            self._streams["scalars"].append(pa.record_batch(arrays, names=list(self._scalar_columns)))
+            self._streams["scalars"].append(pa.RecordBatch.from_arrays(arrays, names=list(self._scalar_columns)))
         if pending["val"]:
             rows = pending["val"]
             arrays = [pa.array([r[0] for r in rows], pa.int64()), pa.array([r[1] for r in rows], pa.int64()),
@@ -600,14 +619,14 @@ class RunRecorder:
                                pa.list_(pa.int16())),
                       pa.array([None if r[6] is None else np.asarray(r[6], np.int16) for r in rows],
                                pa.list_(pa.int16()))]
-            self._streams["val"].append(pa.record_batch(
+            self._streams["val"].append(pa.RecordBatch.from_arrays(
                 arrays, names=["step", "epoch", "time", "seq", "body", "pred", "label"]))
         if pending["events"]:
             rows = pending["events"]
             arrays = [pa.array([r[0] for r in rows], pa.int64()), pa.array([r[1] for r in rows], pa.float64()),
                       pa.array([r[2] for r in rows], pa.string()), pa.array([r[3] for r in rows], pa.int64()),
                       pa.array([r[4] for r in rows], pa.string())]
-            self._streams["events"].append(pa.record_batch(arrays, names=["seq", "time", "type", "step", "body"]))
+            self._streams["events"].append(pa.RecordBatch.from_arrays(arrays, names=["seq", "time", "type", "step", "body"]))
         for key in pending:
             pending[key] = []
         for series in self._series.values():
