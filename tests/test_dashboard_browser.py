@@ -196,8 +196,62 @@ def test_invalid_lr_shows_the_error_text(setup):
     page.screenshot(path=str(ARTIFACTS / "training-steered.png"), full_page=True)
 
 
+def test_embedding_drag_sends_reinit_from_the_new_neighbours(setup):
+    page = setup["page"]
+    page.get_by_text("Embedding", exact=True).click()
+    page.wait_for_selector("#emb-status:has-text('PCA of 21 filters')", timeout=30000)   # a post-widen snapshot
+    # pause, so that no new snapshot moves the points while we drag (commands are still applied while paused)
+    page.get_by_text("Training", exact=True).click()
+    page.click("#btn-pause")
+    page.wait_for_selector("#event-log tr.ev-row:has-text('pause') .ev-done", timeout=20000)
+    page.wait_for_selector("#run-summary:has-text('state paused')", timeout=10000)
+    page.get_by_text("Embedding", exact=True).click()
+    time.sleep(2.0)
+    status = page.inner_text("#emb-status")
+    assert "filters of net.conv2 (weight)" in status
+    n = int(status.split("PCA of ")[1].split(" ")[0])
+    assert n == 21                       # conv2 after the widen
+    pts = page.locator("#emb-graph .scatterlayer .trace path.point")
+    assert pts.count() == n
+    # hover a point: its filter image appears
+    box = pts.nth(3).bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2 - 3, box["y"] + box["height"] / 2)
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#emb-hover-text:has-text('filter 3')", timeout=10000)
+    assert page.get_attribute("#emb-hover-img", "src").startswith("data:image/png;base64,")
+    # drag filter 5 onto filter 0's position: filter 0 must be its nearest new neighbour
+    a, b = pts.nth(5).bounding_box(), pts.nth(0).bounding_box()
+    page.mouse.move(a["x"] + a["width"] / 2, a["y"] + a["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(b["x"] + b["width"] / 2 + 2, b["y"] + b["height"] / 2 + 2, steps=8)
+    page.mouse.up()
+    page.wait_for_selector("#emb-feedback:has-text('re-initialise net.conv2 filter 5')", timeout=10000)
+    feedback = page.inner_text("#emb-feedback")
+    neighbours = [int(v) for v in feedback.split("from filters [")[1].split("]")[0].split(",")]
+    assert len(neighbours) == 4 and 5 not in neighbours and neighbours[0] == 0
+    page.wait_for_selector("#event-log tr.ev-row:has-text('reinit net.conv2[5]') :is(.ev-done, .ev-error)",
+                           timeout=30000)
+    row = [r for r in event_rows(page) if "reinit net.conv2[5]" in r][0]
+    assert "done" in row, row
+    page.screenshot(path=str(ARTIFACTS / "embedding.png"), full_page=True)
+    page.get_by_text("Training", exact=True).click()
+    page.click("#btn-resume")
+    page.wait_for_selector("#run-summary:has-text('state running')", timeout=20000)
+
+
+def test_filters_view_shows_images(setup):
+    page = setup["page"]
+    page.get_by_text("Filters", exact=True).click()
+    page.wait_for_selector("#fil-caption:has-text('RGB images')", timeout=20000)
+    sizes = page.evaluate("['fil-weights', 'fil-acts', 'fil-actgrads', 'fil-probe-img'].map(id => "
+                          "document.getElementById(id).naturalWidth)")
+    assert all(s > 20 for s in sizes), sizes
+    page.screenshot(path=str(ARTIFACTS / "filters.png"), full_page=True)
+
+
 def test_killing_and_restarting_the_trainer_is_shown_and_recovered(setup):
     page, trainer = setup["page"], setup["trainer"]
+    page.get_by_text("Training", exact=True).click()
     old_run = setup["hub"].get(None).run_id
     trainer.kill()
     page.wait_for_selector("#conn-banner:has-text('UNREACHABLE')", timeout=20000)
@@ -212,3 +266,24 @@ def test_killing_and_restarting_the_trainer_is_shown_and_recovered(setup):
                   " return gd && gd.data && gd.data[0].x.length >= 5 && gd.data[0].x[0] <= 3; })()", timeout=40)
     # commands queued before the kill and never applied would be errors; the restart is in the state's log
     assert any("trainer restarted" in text for _, text in setup["hub"].get(None).log)
+
+
+def test_replay_of_the_recorded_run(setup):
+    """The first trainer process (killed above) left a recording: replay it without the trainer."""
+    page, hub = setup["page"], setup["hub"]
+    hub.logdir = str(setup["trainer"].root)
+    page.get_by_text("Training", exact=True).click()
+    page.click("#run-select")
+    page.get_by_text("◼ recorded", exact=False).first.click()
+    page.wait_for_selector("#conn-banner:has-text('REPLAY')", timeout=20000)
+    banner = page.inner_text("#conn-banner")
+    assert "snapshots; showing step" in banner
+    replay = [s for s in hub.runs.values() if s.source == "replay"][0]
+    steps = replay.scalars_since(0)[0]["step"]
+    assert len(steps) > 20 and steps[0] == 1
+    js_wait(page, "(() => { const gd = document.querySelector('#train-graph .js-plotly-plot');"
+                  f" return gd && gd.data && gd.data[0].x.length == {len(steps)}; }})()", timeout=20)
+    # the steering log was recorded: the widen and the refused lr are in the event log
+    page.wait_for_selector("#event-log tr.ev-row:has-text('widen') .ev-done", timeout=10000)
+    assert any("must be >= 0.0" in r for r in event_rows(page))
+    page.screenshot(path=str(ARTIFACTS / "replay.png"), full_page=True)

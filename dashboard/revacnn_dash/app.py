@@ -67,6 +67,57 @@ function(anim) {
 """
 
 
+DRAG_JS = """
+function(data) {
+    // Drag steering: press on a point of the embedding, drop it elsewhere. Installed once on the document (capture
+    // phase, so Plotly's zoom-drag does not start); the drop goes to the server through the 'emb-drop' store.
+    if (window.__revacnnDrag) { return window.dash_clientside.no_update; }
+    window.__revacnnDrag = {drops: 0};
+    let drag = null;
+    const graph = () => document.querySelector('#emb-graph .js-plotly-plot');
+    const points = (gd) => Array.from(gd.querySelectorAll('.scatterlayer .trace:first-child path.point'));
+    document.addEventListener('mousedown', (ev) => {
+        const gd = graph();
+        if (!gd || !gd.contains(ev.target)) { return; }
+        let best = -1, bestD = 12;
+        points(gd).forEach((el, i) => {
+            const r = el.getBoundingClientRect();
+            const d = Math.hypot(ev.clientX - (r.left + r.width / 2), ev.clientY - (r.top + r.height / 2));
+            if (d < bestD) { bestD = d; best = i; }
+        });
+        if (best < 0) { return; }
+        const el = points(gd)[best];
+        drag = {idx: best, el: el, x0: ev.clientX, y0: ev.clientY, base: el.getAttribute('transform') || ''};
+        ev.stopPropagation();
+        ev.preventDefault();
+    }, true);
+    document.addEventListener('mousemove', (ev) => {
+        if (!drag) { return; }
+        const m = /translate\\(([-0-9.e]+)[ ,]+([-0-9.e]+)\\)/.exec(drag.base);
+        if (m) {
+            drag.el.setAttribute('transform', 'translate(' + (parseFloat(m[1]) + ev.clientX - drag.x0) + ','
+                                 + (parseFloat(m[2]) + ev.clientY - drag.y0) + ')');
+        }
+        ev.stopPropagation();
+    }, true);
+    document.addEventListener('mouseup', (ev) => {
+        if (!drag) { return; }
+        const d = drag;
+        drag = null;
+        ev.stopPropagation();
+        if (Math.hypot(ev.clientX - d.x0, ev.clientY - d.y0) < 4) { return; }
+        const gd = graph();
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        const box = gd.getBoundingClientRect();
+        const x = xa.p2d(ev.clientX - box.left - xa._offset), y = ya.p2d(ev.clientY - box.top - ya._offset);
+        window.__revacnnDrag.drops += 1;
+        window.dash_clientside.set_props('emb-drop', {data: {index: d.idx, x: x, y: y, t: Date.now()}});
+    }, true);
+    return window.dash_clientside.no_update;
+}
+"""
+
+
 def _button(label: str, id_: str, **style: Any) -> html.Button:
     return html.Button(label, id=id_, n_clicks=0, className="rv-btn", style={"margin": "2px", **style})
 
@@ -154,18 +205,17 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
         ], style={"display": "flex", "gap": "10px", "alignItems": "center", "flexWrap": "wrap"}),
         html.Div(id="emb-status", style={"color": "#555", "fontSize": "12px"}),
         html.Div([
-            dcc.Graph(id="emb-graph", style={"height": "540px", "flex": "3"},
-                      config={"edits": {"shapePosition": True}, "displayModeBar": False}),
+            dcc.Graph(id="emb-graph", style={"height": "540px", "flex": "3"}, config={"displayModeBar": False}),
             html.Div([html.Div("hover a point: its filter", style={"fontSize": "12px"}), _img("emb-hover-img",
                                                                                              width="160px"),
                       html.Div(id="emb-hover-text", style={"fontSize": "12px"}),
                       html.Hr(),
-                      html.Div("Drag a point's ring to re-initialise that filter from its 4 new nearest "
+                      html.Div("Drag a point to re-initialise that filter from its 4 new nearest "
                                "neighbours (inverse-distance weighted).", style={"fontSize": "12px"}),
                       html.Div(id="emb-feedback", style={"fontSize": "13px", "color": "#555"})],
                      style={"flex": "1", "padding": "6px"}),
         ], style={"display": "flex"}),
-        dcc.Store(id="emb-data"),
+        dcc.Store(id="emb-data"), dcc.Store(id="emb-drop"), dcc.Store(id="emb-drag-installed"),
     ])
 
     filters = html.Div([
@@ -559,23 +609,16 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
         return data_uri(filter_image(w[i]), scale=max(1, 120 // max(w.shape[-1], 1)) if w.ndim == 4 else 2), \
             f"{data['layer']} filter {i}"
 
-    @app.callback(Output("emb-feedback", "children"), Input("emb-graph", "relayoutData"),
+    app.clientside_callback(DRAG_JS, Output("emb-drag-installed", "data"), Input("emb-data", "data"))
+
+    @app.callback(Output("emb-feedback", "children"), Input("emb-drop", "data"),
                   State("emb-data", "data"), State("run-select", "value"), prevent_initial_call=True)
-    def embedding_drag(relayout, data, key):
+    def embedding_drag(drop, data, key):
         state = state_of(key)
-        if not relayout or not data or state is None:
+        if not drop or not data or state is None:
             return no_update
-        moved = {}
-        for k, v in relayout.items():
-            if k.startswith("shapes[") and "]." in k:
-                idx = int(k[7:k.index("]")])
-                moved.setdefault(idx, {})[k.split(".")[-1]] = v
-        if not moved:
-            return no_update
-        idx, pos = next(iter(moved.items()))
-        if not all(c in pos for c in ("x0", "x1", "y0", "y1")):
-            return no_update
-        point = ((pos["x0"] + pos["x1"]) / 2, (pos["y0"] + pos["y1"]) / 2)
+        idx = int(drop["index"])
+        point = (float(drop["x"]), float(drop["y"]))
         coords = np.array(data["coords"], dtype=float)
         neighbours, distances = nearest_neighbours(coords, point, exclude=idx, k=4)
         state.submit("reinit_filters", {"layer": data["layer"], "filters": [idx], "mode": "neighbours",
@@ -690,8 +733,11 @@ def _markers(events: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
 
 
 def _training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[dict]) -> go.Figure:
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.45, 0.35, 0.2],
-                        subplot_titles=("loss", "accuracy", "learning rate"))
+    # axis titles rather than subplot titles: those are annotations, and the steering markers' Patch replaces them
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04, row_heights=[0.45, 0.35, 0.2])
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", row=2, col=1)
+    fig.update_yaxes(title_text="lr", row=3, col=1)
     x = _list(cols["step"])
     fig.add_trace(go.Scatter(x=x, y=_list(cols["loss"]), name="train loss", mode="lines",
                              line={"width": 1, "color": "#1f77b4"}), row=1, col=1)
@@ -704,9 +750,8 @@ def _training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[
     fig.add_trace(go.Scatter(x=x, y=_list(cols["lr"]), name="lr", mode="lines", line={"color": "#9467bd"}),
                   row=3, col=1)
     shapes, notes = _markers(events)
-    fig.update_layout(margin={"l": 50, "r": 10, "t": 30, "b": 30}, uirevision="training",
-                      legend={"orientation": "h", "y": -0.06}, shapes=shapes)
-    fig.layout.annotations = tuple(fig.layout.annotations) + tuple(notes)
+    fig.update_layout(margin={"l": 60, "r": 10, "t": 30, "b": 30}, uirevision="training",
+                      legend={"orientation": "h", "y": -0.06}, shapes=shapes, annotations=notes)
     fig.update_xaxes(title_text="step", row=3, col=1)
     return fig
 
@@ -781,12 +826,7 @@ def _embedding_figure(result: dict[str, Any], colour: str, layer: str, source: s
         hovertemplate="filter %{text} (id %{customdata})<extra></extra>",
         marker={"size": 12, "color": c, "colorscale": scale, "showscale": True, "colorbar": {"title":
                                                                                              {"text": title}}}))
-    span = float(np.ptp(coords, axis=0).max() or 1.0)
-    r = span * 0.02
     fig.update_layout(
-        shapes=[{"type": "circle", "xref": "x", "yref": "y", "x0": x - r, "x1": x + r, "y0": y - r, "y1": y + r,
-                 "line": {"color": "rgba(0,0,0,0.35)", "width": 1}, "fillcolor": "rgba(0,0,0,0)"}
-                for x, y in coords],
         margin={"l": 30, "r": 10, "t": 30, "b": 30}, title={"text": f"{method.upper()} · {layer} · {source} · "
                                                                     f"step {step}", "font": {"size": 13}},
         uirevision=f"{layer}-{source}-{method}", plot_bgcolor="#fafafa", hovermode="closest")
