@@ -9,7 +9,7 @@ import torch
 from steering_util import build, cmd, eval_out, make_optimizer, setup, step
 
 from revacnn.demo.models import ReVACNNNet, SmallResNet
-from revacnn.steering import SteeringEngine, SteeringError, load_steered, replay_changelog
+from revacnn.steering import SteeringError, load_steered, replay_changelog
 
 SCRIPTS = {
     "revacnn": [cmd("widen", layer="net.conv1", count=2), cmd("remove_filters", layer="net.conv3", filters=[1, 4]),

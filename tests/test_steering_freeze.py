@@ -131,3 +131,13 @@ def test_freeze_works_with_unsupported_optimizer_but_structural_op_is_refused():
     assert torch.equal(module.net.conv1.weight, saved)
     ack = engine.apply(cmd("widen", layer="net.conv2", count=1))
     assert not ack["ok"] and "Adagrad is not supported" in ack["error"]
+
+
+def test_close_removes_hooks():
+    module, optimizer, x, y, engine = setup("revacnn", "sgd")
+    assert engine.apply(cmd("freeze", layer="net.conv1", filters=[0]))["ok"]
+    engine.close()
+    w = module.net.conv1.weight
+    saved = w.detach().clone()
+    step(module, optimizer, x, y)
+    assert not torch.equal(w[0], saved[0])

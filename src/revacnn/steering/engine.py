@@ -19,7 +19,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import commands as C
-from .changelog import replay_changelog  # noqa: F401  (re-exported for convenience)
 from .errors import SteeringError
 from .freezing import FreezeManager
 from .graph import Group, eager, trace
@@ -84,6 +83,10 @@ class SteeringEngine:
     def frozen(self) -> dict:
         """``{layer: "all" | [filter indices]}`` for telemetry."""
         return self.freezer.frozen()
+
+    def close(self) -> None:
+        """Remove the optimizer step hooks (filter freezing); call before replacing the engine."""
+        self.freezer.close()
 
     def apply(self, command: Any) -> dict:
         """Apply one command ``{"id", "op", "args"}``; return a plain-typed ack (see docs/protocol.md)."""
