@@ -82,14 +82,28 @@ class _FilterSegment:
             self.ends = self.starts
             self.counts = np.ones(len(self.starts), np.int64)
 
-    def column(self, name: str) -> np.ndarray:
-        """[rows, F] float array of one list column (made contiguous once, then cached with the segment)."""
+    def parts(self, name: str) -> list[tuple[int, np.ndarray]]:
+        """One list column as ``[(first row, [rows, F] array), …]``: zero-copy views of the memory-mapped batches,
+        or, for a segment of many small batches (a slowly training run), one contiguous copy made once and cached."""
         if name not in self._columns:
             width = len(self.ids)
-            parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-                     for chunk in self.table.column(name).chunks]
-            self._columns[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            chunks = self.table.column(name).chunks
+            arrays = []
+            for chunk in chunks:
+                flat = chunk.values           # batches read from IPC have offset 0; slice if not
+                if chunk.offset or len(flat) != len(chunk) * width:
+                    flat = flat.slice(chunk.offset * width, len(chunk) * width)
+                arrays.append(flat.to_numpy(zero_copy_only=False).reshape(-1, width))
+            if len(arrays) > 32:
+                arrays = [np.concatenate(arrays)]
+            starts = np.cumsum([0] + [len(a) for a in arrays[:-1]]).tolist()
+            self._columns[name] = list(zip(starts, arrays))
         return self._columns[name]
+
+    def column(self, name: str) -> np.ndarray:
+        """[rows, F] float array of one list column."""
+        parts = self.parts(name)
+        return parts[0][1] if len(parts) == 1 else np.concatenate([a for _, a in parts])
 
 
 def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -293,33 +307,36 @@ class RunReader:
             if resolution is None or count <= resolution or level == len(levels) - 1:
                 choice = selection
                 break
-        picked = [(rows[k][0][i], k, int(rows[k][2][i]), int(rows[k][3][i]))
-                  for k, mask in choice.items() for i in np.nonzero(mask)[0]]
-        if not picked:
+        parts = [(rows[k][0][mask], np.full(int(mask.sum()), k), rows[k][2][mask], rows[k][3][mask])
+                 for k, mask in choice.items() if mask.any()]
+        if not parts:
             return empty
-        picked.sort()
-        order_levels = np.asarray([p[1] for p in picked])
-        downsampled = bool(np.any(order_levels > 0))
-        # filter ids in order of first appearance among the picked segments
+        steps, row_level, row_seg, row_in_seg = (np.concatenate(column) for column in zip(*parts))
+        order = np.argsort(steps, kind="stable")
+        steps, row_level, row_seg, row_in_seg = steps[order], row_level[order], row_seg[order], row_in_seg[order]
+        downsampled = bool(np.any(row_level > 0))
+        # (level, segment) groups in order of first appearance; filter ids in order of first appearance
+        key = row_level * (1 << 32) + row_seg
+        _, first_index = np.unique(key, return_index=True)
+        group_keys = [(int(row_level[i]), int(row_seg[i])) for i in sorted(first_index)]
         ids: dict[int, int] = {}
-        for k, s in dict.fromkeys((p[1], p[2]) for p in picked):
+        for k, s in group_keys:
             for fid in levels[k][s].ids.tolist():
                 if fid not in ids:
                     ids[fid] = len(ids)
-        n, width = len(picked), len(ids)
-        values = np.full((n, width), np.nan, np.float32)
-        low = np.full((n, width), np.nan, np.float32) if downsampled else None
-        high = np.full((n, width), np.nan, np.float32) if downsampled else None
-        steps = np.asarray([p[0] for p in picked], np.int64)
+        n, width = len(steps), len(ids)
+        # every cell is written unless some segment lacks some filter ids (steering): then start from NaN
+        covered = all(len(levels[k][s].ids) == width for k, s in group_keys)
+        blank = np.empty if covered else (lambda shape, dtype: np.full(shape, np.nan, dtype))
+        values = blank((n, width), np.float32)
+        low = blank((n, width), np.float32) if downsampled else None
+        high = blank((n, width), np.float32) if downsampled else None
         ends = np.empty(n, np.int64)
         counts = np.empty(n, np.int64)
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for out_row, (_, k, s, r) in enumerate(picked):
-            groups.setdefault((k, s), []).append((out_row, r))
-        for (k, s), members in groups.items():
+        for k, s in group_keys:
+            out_rows = np.nonzero(key == k * (1 << 32) + s)[0]
+            seg_rows = row_in_seg[out_rows]
             segment = levels[k][s]
-            out_rows = np.asarray([m[0] for m in members])
-            seg_rows = np.asarray([m[1] for m in members])
             cols = np.asarray([ids[int(fid)] for fid in segment.ids], np.int64)
             contiguous = len(cols) and cols[-1] - cols[0] + 1 == len(cols) and np.all(np.diff(cols) == 1)
             col_index = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
@@ -329,6 +346,14 @@ class RunReader:
                          if seg_rows[-1] - seg_rows[0] + 1 == len(seg_rows) else seg_rows)
 
             def put(target, column):
+                if isinstance(row_block, slice) and isinstance(col_index, slice) and isinstance(seg_block, slice):
+                    first, last = seg_block.start, seg_block.stop      # copy straight from each batch
+                    for offset, part in segment.parts(column):
+                        lo, hi = max(first, offset), min(last, offset + len(part))
+                        if lo < hi:
+                            out = row_block.start + lo - first
+                            target[out:out + hi - lo, col_index] = part[lo - offset:hi - offset]
+                    return
                 data = segment.column(column)[seg_block]
                 if isinstance(row_block, slice) and isinstance(col_index, slice):
                     target[row_block, col_index] = data
