@@ -1,0 +1,132 @@
+"""Training throughput with ReVACNNCallback ÷ without it, measured side by side in one process.
+
+Configurations run interleaved (A B C D, A B C D, …) so drift of the machine hits all alike; each repetition is a
+fresh Trainer on the ReVACNN demo CNN (16-20-20, 3×32×32 digits, batch 32). Throughput is timed from the 20th step
+to the last (set-up, first-step compilation of caches, and validation excluded). Reported: median steps/s per
+configuration and its ratio to the bare run's median.
+
+    python benchmarks/overhead.py                       # CPU, the figures in benchmarks/RESULTS.md
+    python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from revacnn import ReVACNNCallback
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
+
+
+class StepTimer(pl.Callback):
+    """Times training steps from ``warmup`` on; optionally turns CUDA's sync debug mode on around them."""
+
+    def __init__(self, warmup: int, sync_debug: bool) -> None:
+        self.warmup = warmup
+        self.sync_debug = sync_debug
+        self.started = 0.0
+        self.steps = 0
+        self.elapsed = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.started = time.perf_counter()
+            if self.sync_debug:
+                torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_end(self, trainer, pl_module):
+        if self.sync_debug:
+            torch.cuda.set_sync_debug_mode(0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.elapsed = time.perf_counter() - self.started
+        self.steps = trainer.global_step - self.warmup
+
+
+class TensorBoardHistograms(pl.Callback):
+    """The usual alternative: TensorBoard histograms of every weight and gradient every ``every`` steps."""
+
+    def __init__(self, logdir: str, every: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(logdir)
+        self.every = every
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step + 1
+        if step % self.every:
+            return
+        for name, parameter in pl_module.named_parameters():
+            self.writer.add_histogram(f"weight/{name}", parameter.detach(), step)
+            if parameter.grad is not None:
+                self.writer.add_histogram(f"grad/{name}", parameter.grad, step)
+
+    def on_train_end(self, trainer, pl_module):
+        self.writer.close()
+
+
+def configurations(logdir: str):
+    return {
+        "bare": lambda: [],
+        "revacnn default (filters every 10, snapshots every 100, recording on)": lambda: [ReVACNNCallback()],
+        "revacnn every step (filters every step, snapshots every 50)": lambda: [
+            ReVACNNCallback(filters_every=1, snapshot_every=50)],
+        "TensorBoard histograms of every weight and gradient, every step": lambda: [
+            TensorBoardHistograms(tempfile.mkdtemp(dir=logdir), every=1)],
+    }
+
+
+def run_once(make_callbacks, args, data, root: str) -> float:
+    torch.manual_seed(0)
+    net = SmallResNet((32, 64, 128)) if args.model == "resnet" else ReVACNNNet()
+    model = ClassifierModule(net, lr=0.02)
+    timer = StepTimer(args.warmup, args.sync_debug)
+    trainer = pl.Trainer(accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, max_epochs=-1,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                         callbacks=[*make_callbacks(), timer])
+    trainer.fit(model, data)
+    return timer.steps / timer.elapsed
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per repetition (default 300)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (default 7)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="torch.cuda.set_sync_debug_mode('error') around the timed steps (GPU only)")
+    args = parser.parse_args(argv)
+    data = DigitsDataModule(batch_size=args.batch_size)
+    data.setup()
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as root:
+        configs = configurations(root)
+        for repeat in range(args.repeats):
+            for name, make in configs.items():
+                results.setdefault(name, []).append(run_once(make, args, data, root))
+            print(f"repeat {repeat + 1}/{args.repeats}: " +
+                  ", ".join(f"{values[-1]:.1f}" for values in results.values()), file=sys.stderr, flush=True)
+    bare = statistics.median(results["bare"])
+    print(f"\n{args.model} on {args.device}, batch {args.batch_size}, {args.steps} timed steps × {args.repeats} "
+          f"interleaved repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| configuration | median steps/s | ratio to bare | min–max steps/s |")
+    print("| --- | --- | --- | --- |")
+    for name, values in results.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.1f} | {median / bare:.3f} | {min(values):.1f}–{max(values):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
