@@ -441,9 +441,11 @@ def test_truncated_segments_are_read_as_a_prefix(tmp_path):
     for i in range(30):
         rec.submit(step_message(i + 2, i + 1, DEMO, rng))
         rec.flush()              # one batch per step
-    rec.close()
     (segment,) = list_segments(tmp_path / "run" / "filters" / "net.conv2" / "L0")
-    data = segment.read_bytes()
+    data = segment.read_bytes()  # the segment being appended (a finished one may be re-packed into one batch)
+    rec.close()
+    segment = tmp_path / "copy.arrows"
+    segment.write_bytes(data)
     _, table, clean = read_segment(segment)
     full = table.to_batches()
     assert clean and len(full) == 30 and table.num_rows == 30
@@ -459,6 +461,34 @@ def test_truncated_segments_are_read_as_a_prefix(tmp_path):
             assert steps == full_steps[:len(steps)]
             for batch, original in zip(batches, full):
                 assert batch.equals(original)
+
+
+def test_slow_run_segments_are_repacked_and_read_the_same(tmp_path):
+    """One flush per record (a slow run) makes one batch per row; a finished segment is re-packed into one batch,
+    atomically, and a reader that had it cached reads the same rows afterwards."""
+    rng = np.random.default_rng(12)
+    layers = [layer("a", range(5))]
+    rec = RunRecorder(tmp_path / "run", full_records=200, levels=2)      # level-0 segments of 50 rows
+    rec.submit(structure(1, 0, 0, layers))
+    sent = []
+    run = None
+    for i in range(120):
+        message = step_message(i + 2, i + 1, layers, rng)
+        rec.submit(message)
+        sent.append(message.arrays["filters"][4].copy())
+        rec.flush()
+        if i == 30:
+            run = open_run(tmp_path / "run")
+            assert len(run.filter_series("a", "act_abs_mean")["step"]) == 31
+    rec.close()
+    segments = list_segments(tmp_path / "run" / "filters" / "a" / "L0")
+    assert len(segments) == 3
+    batches = [len(read_segment(path)[1].to_batches()) for path in segments]
+    assert batches == [1, 1, 1]
+    assert not [p for p in (tmp_path / "run").rglob("*.tmp")]
+    series = run.filter_series("a", "act_abs_mean")
+    np.testing.assert_array_equal(series["step"], np.arange(1, 121))
+    np.testing.assert_array_equal(series["values"], np.stack(sent))
 
 
 def test_directory_removed_sets_error_without_raising(tmp_path):

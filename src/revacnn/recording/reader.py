@@ -26,7 +26,7 @@ LIVE_SECONDS = 30.0
 
 
 class _Segments:
-    """The readable segments of one stream, cached by (size, mtime); ``parse`` turns a segment's Table into data."""
+    """The readable segments of one stream, cached by (inode, size, mtime); ``parse`` turns a segment's Table into data."""
 
     def __init__(self, directory: Path, parse: Callable[[pa.Table], Any] | None = None):
         self.directory = directory
@@ -41,7 +41,7 @@ class _Segments:
                 stat = os.stat(path)
             except FileNotFoundError:       # retired between listing and reading
                 continue
-            key = (stat.st_size, stat.st_mtime_ns)
+            key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)   # a re-packed segment is a new inode
             cached = self.cache.get(path)
             if cached is None or cached[0] != key:
                 schema, table, _ = read_segment(path)

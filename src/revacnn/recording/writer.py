@@ -58,6 +58,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 _WARM = False
+COMPACT_BATCHES = 16            # a finished segment with more batches than this is re-packed into one batch
+COMPACT_MAX_BYTES = 256 << 20
 
 
 def _warm_up() -> None:
@@ -91,6 +93,7 @@ class _Stream:
         self.rows_in_segment = 0
         self.rows_total = 0
         self.segment_first_row = 0
+        self.batches_in_segment = 0
         self.closed: list[tuple[Path, int]] = []    # (path, index of its last row) of finished segments
 
     def append(self, batch: pa.RecordBatch) -> None:
@@ -104,6 +107,7 @@ class _Stream:
                 self._roll(batch.schema)
             part = batch.slice(offset, self.segment_rows - self.rows_in_segment)
             self.writer.write_batch(part)
+            self.batches_in_segment += 1
             self.rows_in_segment += part.num_rows
             self.rows_total += part.num_rows
             offset += part.num_rows
@@ -120,6 +124,7 @@ class _Stream:
         self.writer = pa.ipc.new_stream(self.sink, schema)
         self.schema = schema
         self.rows_in_segment = 0
+        self.batches_in_segment = 0
         self.segment_first_row = self.rows_total
 
     def close(self) -> None:
@@ -129,8 +134,23 @@ class _Stream:
                 writer.close()       # end-of-stream marker
             finally:
                 sink.close()
+            if self.batches_in_segment > COMPACT_BATCHES:
+                self._compact(self.path)
             if self.rows_in_segment:
                 self.closed.append((self.path, self.rows_total - 1))
+
+    @staticmethod
+    def _compact(path: Path) -> None:
+        """Re-pack a finished segment of many small batches (a slowly training run flushes one row at a time) into
+        one batch: same rows, same bytes per row, written to a temp file and renamed over the segment, so a reader
+        sees either the old file or the new one. Readers then parse one batch instead of hundreds."""
+        if path.stat().st_size > COMPACT_MAX_BYTES:
+            return
+        table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all().combine_chunks()
+        tmp = path.with_name(f".{path.name}.tmp")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, table.num_rows))
+        os.replace(tmp, path)
 
     def abandon(self) -> None:
         """After a write error: drop the file handles without writing anything more."""
