@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo
+from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServerKeys
 from revacnn.probes import FilterProbe, discover_layers, eval_mode, filter_change, probe_pass, tensor_stats
 from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS, Message
 from revacnn.publisher import Publisher
@@ -94,6 +94,11 @@ class ReVACNNCallback(Callback):
         steering: accept steering commands.
         command_every: under DDP, how often (in batches) rank 0 broadcasts received commands to the other ranks.
         queue_size / send_hwm: bounds of the telemetry queue and of ZeroMQ's per-subscriber queue.
+        curve / keys_dir: CURVE encryption and authentication of both sockets (docs/remote.md). ``keys_dir`` holds
+            the trainer's keypair (``server.key_secret``, made when missing) and ``allowed/``, the public keys of
+            the clients that may connect (``revacnn keys allow``); ``curve=True`` alone uses ``$REVACNN_KEYS_DIR``
+            or ``~/.revacnn/keys``. The connection file then carries the trainer's public key, never its secret.
+        insecure_bind: allow a non-loopback ``host`` without CURVE (anyone who reaches it can read and steer).
     """
 
     def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, scalars_every: int = 1,
@@ -101,7 +106,8 @@ class ReVACNNCallback(Callback):
                  max_activation_bytes: int = 64 << 20, host: str = "127.0.0.1", telemetry_port: int = 0,
                  control_port: int = 0, run_dir: str | os.PathLike | None = None, record: bool = True,
                  sign: bool = False, steering: bool = True, command_every: int = 1, queue_size: int = 64,
-                 send_hwm: int = 100, insecure_bind: bool = False) -> None:
+                 send_hwm: int = 100, insecure_bind: bool = False, curve: bool = False,
+                 keys_dir: str | os.PathLike | None = None) -> None:
         super().__init__()
         for name, value in (("scalars_every", scalars_every), ("filters_every", filters_every),
                             ("snapshot_every", snapshot_every), ("probe_images", probe_images),
@@ -123,6 +129,8 @@ class ReVACNNCallback(Callback):
         self.command_every = command_every
         self.queue_size, self.send_hwm = queue_size, send_hwm
         self.insecure_bind = insecure_bind
+        self.curve = bool(curve) or keys_dir is not None
+        self.keys_dir = keys_dir
 
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.publisher: Publisher | None = None
@@ -216,12 +224,15 @@ class ReVACNNCallback(Callback):
             self.recorder = RunRecorder(self.run_dir)
             sinks.append(self.recorder)
         key = secrets.token_bytes(32) if self.sign else None
+        curve = CurveServerKeys.from_keys_dir(self.keys_dir) if self.curve else None
         self.publisher = Publisher(self.run_id, host=self.host, telemetry_port=self.telemetry_port,
                                    control_port=self.control_port, key=key, send_hwm=self.send_hwm,
-                                   queue_size=self.queue_size, sinks=sinks, insecure_bind=self.insecure_bind).start()
+                                   queue_size=self.queue_size, sinks=sinks, insecure_bind=self.insecure_bind,
+                                   curve=curve).start()
         self.publisher.set_status(world_size=trainer.world_size)
         info = ConnectionInfo(self.run_id, self.publisher.telemetry_endpoint, self.publisher.control_endpoint,
-                              key=key.hex() if key else "")
+                              key=key.hex() if key else "", security="curve" if curve else "none",
+                              curve_server_key=curve.public.decode() if curve else "")
         self.connection_file = info.write(self.run_dir / CONNECTION_FILE_NAME)
         rank_zero_info(f"revacnn: run {self.run_id} — watch it with: revacnn-dash --connect {self.connection_file}")
 

@@ -1,6 +1,7 @@
 """``revacnn``: command-line tools of the training side.
 
     revacnn demo          train the ReVACNN demo CNN on sklearn's digits and open the dashboard on it
+    revacnn keys ...      CURVE keys for remote use: generate, allow, list, revoke (docs/remote.md)
 """
 
 from __future__ import annotations
@@ -51,6 +52,108 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+KEYS_EPILOG = """\
+Remote steering with CURVE (docs/remote.md):
+
+  on the GPU box (trainer):  revacnn keys generate --out ~/.revacnn/keys --name server
+  on the laptop (client):    revacnn keys generate --out ~/.revacnn/client --name laptop
+  copy ~/.revacnn/client/laptop.key (the PUBLIC key) to the GPU box, then there:
+                             revacnn keys allow laptop.key --keys-dir ~/.revacnn/keys
+  train with ReVACNNCallback(host="0.0.0.0", keys_dir="~/.revacnn/keys") and connect from the laptop with the
+  run's connection.json and RunClient(..., client_keys="~/.revacnn/client/laptop.key_secret", host="gpu-box").
+
+NAME.key is public and may be copied anywhere; NAME.key_secret is secret (mode 0600): never copy it off its machine.
+"""
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from revacnn.connection import generate_keypair, load_public_key
+
+    try:
+        public, secret = generate_keypair(args.out, args.name, force=args.force)
+    except (FileExistsError, ValueError) as error:
+        print(f"revacnn keys generate: {error}", file=sys.stderr)
+        return 1
+    print(f"public key  {public}   (share it: {load_public_key(public).decode()})")
+    print(f"secret key  {secret}   (mode 0600; keep it on this machine)")
+    return 0
+
+
+def _keys_allow(args: argparse.Namespace) -> int:
+    from revacnn.connection import allow_key, load_public_key
+
+    try:
+        target = allow_key(args.public_key_file, args.keys_dir, name=args.name)
+    except (FileExistsError, ValueError, OSError) as error:
+        print(f"revacnn keys allow: {error}", file=sys.stderr)
+        return 1
+    print(f"allowed {load_public_key(target).decode()} as {target}\n"
+          "(running trainers using this keys directory pick it up within a second or two)")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from revacnn.connection import SERVER_KEY_NAME, allowed_keys, load_public_key
+
+    directory = Path(args.keys_dir).expanduser()
+    server = directory / f"{SERVER_KEY_NAME}.key"
+    print(f"trainer key: {load_public_key(server).decode() if server.exists() else '(none yet)'}")
+    keys = allowed_keys(directory)
+    print(f"{len(keys)} allowed client key(s) in {directory / 'allowed'}:")
+    for name, key in keys.items():
+        print(f"  {name}  {key.decode()}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from revacnn.connection import ALLOWED_DIR_NAME
+
+    name = args.name if args.name.endswith(".key") else f"{args.name}.key"
+    target = Path(args.keys_dir).expanduser() / ALLOWED_DIR_NAME / Path(name).name
+    if not target.exists():
+        print(f"revacnn keys revoke: no allowed key {target}", file=sys.stderr)
+        return 1
+    target.unlink()
+    print(f"revoked {target} (new connections with it are refused; restart the run to drop open ones)")
+    return 0
+
+
+def _add_keys(commands) -> None:
+    from revacnn.connection import default_keys_dir
+
+    keys = commands.add_parser("keys", help="CURVE keys for remote use: generate, allow, list, revoke",
+                               description="Manage CURVE keys: the trainer's keypair and the allow-list of client "
+                                           "public keys that may read and steer its runs.",
+                               epilog=KEYS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = keys.add_subparsers(dest="action", required=True)
+    generate = actions.add_parser(
+        "generate", help="make a keypair: NAME.key (public) and NAME.key_secret (secret, 0600)",
+        description="Make a CURVE keypair. On the trainer's machine use --name server in the keys directory given to "
+                    "ReVACNNCallback(keys_dir=...); on a client machine any name (its NAME.key is what the trainer "
+                    "allows).", epilog=KEYS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_argument("--out", required=True, help="directory to write the two files into (made if missing)")
+    generate.add_argument("--name", default="client", help="file name stem (default: client; 'server' for a trainer)")
+    generate.add_argument("--force", action="store_true", help="overwrite an existing keypair of that name")
+    generate.set_defaults(run=_keys_generate)
+    allow = actions.add_parser(
+        "allow", help="allow a client's public key to connect to trainers using --keys-dir",
+        description="Copy a client's public key (NAME.key) into KEYS_DIR/allowed/. Only its public half is ever "
+                    "copied, even if given a .key_secret file.", epilog=KEYS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    allow.add_argument("public_key_file", help="the client's NAME.key file (from `revacnn keys generate`)")
+    allow.add_argument("--keys-dir", default=str(default_keys_dir()),
+                       help=f"the trainer's keys directory (default: $REVACNN_KEYS_DIR or {default_keys_dir()})")
+    allow.add_argument("--name", help="name to store it under (default: the file's stem)")
+    allow.set_defaults(run=_keys_allow)
+    listing = actions.add_parser("list", help="show the trainer key and the allowed client keys")
+    listing.add_argument("--keys-dir", default=str(default_keys_dir()), help="the trainer's keys directory")
+    listing.set_defaults(run=_keys_list)
+    revoke = actions.add_parser("revoke", help="remove an allowed client key by name")
+    revoke.add_argument("name", help="the allowed key's name (as `revacnn keys list` shows it)")
+    revoke.add_argument("--keys-dir", default=str(default_keys_dir()), help="the trainer's keys directory")
+    revoke.set_defaults(run=_keys_revoke)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="revacnn", description="revacnn: watch and steer CNN training.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="dashboard port (default 8050)")
     demo.add_argument("--root", help="where logs go (default: a new temporary folder)")
     demo.set_defaults(run=_demo)
+    _add_keys(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

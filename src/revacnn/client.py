@@ -5,11 +5,17 @@
     while (message := client.recv(timeout=1.0)) is not None:
         ...
     command_id = client.send_command("freeze", {"layers": ["net.conv1"]})
+
+A run with CURVE on (docs/remote.md) also needs this client's allow-listed keypair; the trainer's public key comes
+from the connection file (or ``server_key=`` with a bare ``tcp://`` address):
+
+    client = RunClient("connection.json", client_keys="~/.revacnn/laptop.key_secret", host="gpu-box")
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +24,9 @@ from urllib.parse import urlparse
 
 import zmq
 
-from revacnn.connection import ConnectionInfo
+from zmq.utils.monitor import recv_monitor_message
+
+from revacnn.connection import ConnectionInfo, load_keypair, load_public_key
 from revacnn.protocol import SUPPORTED_VERSIONS, TOPIC_PREFIX, Codec, Message, ProtocolError
 
 
@@ -26,21 +34,51 @@ class ConnectionFailed(RuntimeError):
     """The run could not be reached, or it speaks another protocol version."""
 
 
+CLIENT_KEY_ENV = "REVACNN_CLIENT_KEY"
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "*")
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
 class RunClient:
     """Client side of docs/protocol.md: a SUB socket for telemetry and a DEALER for control.
 
     ``recv`` returns messages from both, already validated; the state snapshot that follows ``welcome`` comes first
     and telemetry older than it is skipped (the clone pattern). ``gaps`` counts telemetry lost on the way.
+
+    CURVE: ``client_keys`` is this client's keypair — a ``NAME.key_secret`` file from ``revacnn keys generate`` or
+    a (public, secret) pair of Z85 keys; default ``$REVACNN_CLIENT_KEY``. ``server_key`` is the trainer's public key
+    (Z85 or a ``.key`` file); default: the connection file's ``curve_server_key``. Giving a server key turns CURVE on.
+    ``host`` replaces the host of the endpoints (a connection file written on another machine, or a wildcard bind).
+    ``last_heard`` (time.monotonic) and ``silent_for()`` say when the run was last heard from: heartbeats come every
+    second, so a few seconds of silence means the run stopped or became unreachable.
     """
 
     def __init__(self, target: str | Path, key: bytes | None = None, max_message_bytes: int = 1 << 30,
-                 client_name: str = "revacnn-client") -> None:
+                 client_name: str = "revacnn-client", *, client_keys: str | os.PathLike | tuple | None = None,
+                 server_key: str | bytes | os.PathLike | None = None, host: str | None = None) -> None:
         self.target = str(target)
         self.key = key
         self.client_name = client_name
         self.max_message_bytes = max_message_bytes
+        self.host = host
         self.info: ConnectionInfo | None = None
         self.control_endpoint, self.telemetry_endpoint = self._endpoints()
+        self.server_key = load_public_key(server_key) if server_key is not None else None
+        if self.server_key is None and self.info is not None and self.info.security == "curve":
+            if not self.info.curve_server_key:
+                raise ValueError(f"{self.target} says the run uses CURVE but names no curve_server_key")
+            self.server_key = load_public_key(self.info.curve_server_key)
+        self.client_keys: tuple[bytes, bytes] | None = None
+        if client_keys is None and os.environ.get(CLIENT_KEY_ENV):
+            client_keys = os.environ[CLIENT_KEY_ENV]
+        if self.server_key is not None:
+            if client_keys is None:
+                raise ValueError(
+                    "this run uses CURVE: pass client_keys= (a NAME.key_secret file made by `revacnn keys generate`, "
+                    f"whose NAME.key the trainer allowed with `revacnn keys allow`) or set ${CLIENT_KEY_ENV}")
+            self.client_keys = load_keypair(client_keys)
+        self.last_state: str | None = None
         self.codec = Codec(self.info.run_id if self.info else "", self.key, max_bytes=max_message_bytes)
         self.run_id = self.info.run_id if self.info else ""
         self.welcome: dict[str, Any] | None = None
@@ -58,11 +96,30 @@ class RunClient:
 
     def _endpoints(self) -> tuple[str, str | None]:
         if self.target.startswith("tcp://"):
-            return self.target, None
+            return self._rehost(self.target), None
         self.info = ConnectionInfo.read(self.target)
         if self.key is None:
             self.key = self.info.key_bytes
-        return self.info.control, self.info.telemetry
+        return self._rehost(self.info.control), self._rehost(self.info.telemetry)
+
+    def _rehost(self, endpoint: str) -> str:
+        """Put ``host`` (or, for a wildcard bind, the connection file's host name) into a tcp endpoint."""
+        parsed = urlparse(endpoint)
+        host = self.host
+        if host is None and parsed.hostname in _WILDCARD_HOSTS and self.info is not None and self.info.host:
+            host = self.info.host
+        if host is None or parsed.port is None:
+            return endpoint
+        return f"tcp://{'[' + host + ']' if ':' in host else host}:{parsed.port}"
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self.server_key is not None:
+            sock.curve_serverkey = self.server_key
+            sock.curve_publickey, sock.curve_secretkey = self.client_keys
+
+    def silent_for(self) -> float:
+        """Seconds since anything was last heard from the run (inf before the first message)."""
+        return time.monotonic() - self.last_heard if self.last_heard else float("inf")
 
     # -- connecting ----------------------------------------------------------------------------------------------
     def connect(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -72,18 +129,25 @@ class RunClient:
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue commands for a run that is not there
         self._dealer.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        self._dealer.connect(self.control_endpoint)
-        self._poller.register(self._dealer, zmq.POLLIN)
-        if self.telemetry_endpoint:
-            self._subscribe(self.telemetry_endpoint)
-        request = f"hello-{uuid.uuid4().hex[:8]}"
-        deadline = time.monotonic() + timeout
+        self._secure(self._dealer)
+        monitor = self._dealer.get_monitor_socket(_HANDSHAKE_EVENTS)
         try:
-            self._send("hello", {"req": request, "versions": list(SUPPORTED_VERSIONS), "client": self.client_name},
-                       wait=timeout)
-        except zmq.Again:
-            raise ConnectionFailed(f"cannot reach {self.control_endpoint} within {timeout:.1f} s (is the trainer "
-                                   "running, and the address or SSH tunnel right?)") from None
+            self._dealer.connect(self.control_endpoint)
+            self._poller.register(self._dealer, zmq.POLLIN)
+            if self.telemetry_endpoint:
+                self._subscribe(self.telemetry_endpoint)
+            request = f"hello-{uuid.uuid4().hex[:8]}"
+            deadline = time.monotonic() + timeout
+            self._await_handshake(monitor, deadline, timeout)
+            try:
+                self._send("hello", {"req": request, "versions": list(SUPPORTED_VERSIONS),
+                                     "client": self.client_name}, wait=max(0.0, deadline - time.monotonic()))
+            except zmq.Again:
+                raise ConnectionFailed(f"cannot reach {self.control_endpoint} within {timeout:.1f} s (is the "
+                                       "trainer running, and the address or SSH tunnel right?)") from None
+        finally:
+            self._dealer.disable_monitor()
+            monitor.close(linger=0)
         while time.monotonic() < deadline:
             if not self._dealer.poll(max(1, int((deadline - time.monotonic()) * 1000))):
                 continue
@@ -98,6 +162,29 @@ class RunClient:
                 return self._welcomed(message, deadline)
         raise ConnectionFailed(f"no answer from {self.control_endpoint} within {timeout:.1f} s "
                                "(is the trainer running, and the address or SSH tunnel right?)")
+
+    def _await_handshake(self, monitor: zmq.Socket, deadline: float, timeout: float) -> None:
+        """Wait for the security handshake; a refused key or a security mismatch is a clear ConnectionFailed."""
+        failures = 0
+        while time.monotonic() < deadline:
+            if not monitor.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                continue
+            event = recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            failures += 1
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise ConnectionFailed(
+                    f"{self.control_endpoint} refused this client's key (ZAP status {event['value']}): allow-list "
+                    "its public key on the trainer with `revacnn keys allow CLIENT.key --keys-dir DIR`")
+            if failures >= 2:
+                mode = "with CURVE" if self.server_key is not None else "without CURVE"
+                raise ConnectionFailed(
+                    f"the security handshake with {self.control_endpoint} failed ({mode}): the run's security "
+                    "settings or its server key differ from this client's (use the run's connection file)")
+        raise ConnectionFailed(f"cannot reach {self.control_endpoint} within {timeout:.1f} s (is the trainer "
+                               "running, the address or SSH tunnel right, and — with CURVE — the server key the "
+                               "run's?)")
 
     def _welcomed(self, welcome: Message, deadline: float) -> dict[str, Any]:
         self.welcome = welcome.body
@@ -128,6 +215,7 @@ class RunClient:
         self._sub.setsockopt(zmq.RCVHWM, 1000)
         self._sub.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
+        self._secure(self._sub)
         self._sub.connect(endpoint)
         self._poller.register(self._sub, zmq.POLLIN)
 
@@ -156,6 +244,8 @@ class RunClient:
             if message.seq < self._last_seq:  # the server restarted: a new sequence
                 self._snapshot_seq = 0
             self._last_seq = message.seq
+        if message.type == "status" and isinstance(message.body.get("state"), str):
+            self.last_state = message.body["state"]
         self._queue.append(message)
 
     def _decode(self, frames: list, topic: bool) -> Message | None:
@@ -183,11 +273,17 @@ class RunClient:
         try:
             self._send("command", {"req": command_id[:64], "id": command_id, "op": op, "args": args or {}})
         except zmq.Again:
-            raise ConnectionFailed(f"the run at {self.control_endpoint} is not reachable; command not sent") from None
+            ended = (f" (it reported '{self.last_state}')" if self.last_state in ("finished", "stopped", "failed")
+                     else "")
+            raise ConnectionFailed(f"the run at {self.control_endpoint} is not reachable{ended}; command "
+                                   f"{op!r} not sent") from None
         return command_id
 
     def request_state(self) -> None:
-        self._send("state", {"req": f"state-{uuid.uuid4().hex[:8]}"})
+        try:
+            self._send("state", {"req": f"state-{uuid.uuid4().hex[:8]}"})
+        except zmq.Again:
+            raise ConnectionFailed(f"the run at {self.control_endpoint} is not reachable") from None
 
     # -- closing -------------------------------------------------------------------------------------------------
     def close_sockets(self) -> None:

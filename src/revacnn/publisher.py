@@ -16,8 +16,10 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from revacnn import __version__
+from revacnn.connection import CurveServerKeys
 from revacnn.protocol import (
     SUPPORTED_VERSIONS,
     TOPIC_PREFIX,
@@ -37,6 +39,7 @@ ESSENTIAL_TYPES = frozenset({"structure", "hparams", "status", "ack"})
 CONTROL_MAX_BYTES = 1 << 20
 MAX_PENDING_COMMANDS = 1000
 MAX_REMEMBERED_ACKS = 10_000
+ZAP_DOMAIN = "revacnn"
 
 
 class Pending(Protocol):
@@ -64,23 +67,52 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _CountingAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, counting the CURVE clients it turned away (published in ``status.security``)."""
+
+    denied = 0
+    accepted = 0
+
+    async def _authenticate_curve(self, domain, client_key):
+        allowed, reason = await super()._authenticate_curve(domain, client_key)
+        if allowed:
+            self.accepted += 1
+        else:
+            self.denied += 1
+        return allowed, reason
+
+
 class Publisher:
     """Background thread owning every socket of a run.
 
     ``queue_size`` bounds the telemetry items waiting for the thread; when it is full, new telemetry is dropped and
     counted (``drops``). Structure, hyper-parameter, status and ack messages are never dropped.
+
+    ``curve`` (``CurveServerKeys``) turns on CURVE encryption and authentication on both sockets: only clients whose
+    public key is in the allow-list complete the handshake; others receive nothing and cannot send anything. A
+    ZAP authenticator thread runs in this publisher's own ZeroMQ context. The allow-list directory is re-read when
+    its files change. Without CURVE a non-loopback ``host`` is refused unless ``insecure_bind=True``.
     """
 
     def __init__(self, run_id: str, host: str = "127.0.0.1", telemetry_port: int = 0, control_port: int = 0,
                  key: bytes | None = None, send_hwm: int = 100, queue_size: int = 64, heartbeat_s: float = 1.0,
-                 sinks: Iterable[Sink] = (), insecure_bind: bool = False) -> None:
-        if not is_loopback(host) and not insecure_bind:
+                 sinks: Iterable[Sink] = (), insecure_bind: bool = False,
+                 curve: CurveServerKeys | None = None) -> None:
+        if not is_loopback(host) and curve is None and not insecure_bind:
             raise ValueError(
-                f"refusing to bind the telemetry and steering sockets on {host!r}: anyone who can reach it could "
-                "read and steer this run. Keep the default 127.0.0.1 and use an SSH tunnel (docs/remote.md), or "
-                "pass insecure_bind=True if this network is trusted.")
+                f"refusing to bind the telemetry and steering sockets on {host!r} without CURVE: anyone who can "
+                "reach it could read and steer this run. Keep the default 127.0.0.1 and use an SSH tunnel, or turn "
+                "on CURVE (ReVACNNCallback(keys_dir=...), see docs/remote.md); insecure_bind=True skips this check "
+                "for a network you trust completely.")
+        if not is_loopback(host) and curve is None:
+            log.warning("revacnn: INSECURE — telemetry and steering of run %s listen on %s without encryption or "
+                        "authentication (insecure_bind=True): anyone who reaches this address can read and steer "
+                        "the run", run_id, host)
         self.run_id = run_id
         self.host = host
+        self.curve = curve
+        self.auth: _CountingAuthenticator | None = None
+        self._allowed_signature: tuple | None = None
         self.codec = Codec(run_id, key)
         self.inbound_codec = Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES)
         self.send_hwm = send_hwm
@@ -91,6 +123,7 @@ class Publisher:
         self.control_endpoint = ""
         self.drops = {"telemetry": 0}
         self.sent = 0
+        self.internal_errors = 0
         self._requested_ports = (telemetry_port, control_port)
         self._outbox: collections.deque = collections.deque()
         self._telemetry_waiting = 0
@@ -161,8 +194,42 @@ class Publisher:
     # -- I/O thread ----------------------------------------------------------------------------------------------
     def _status_message(self) -> Message:
         body = {**self._status, "drops": self._drop_counts(),
-                "queue": {"telemetry": self._telemetry_waiting, "recording": self._sink_queue()}}
+                "queue": {"telemetry": self._telemetry_waiting, "recording": self._sink_queue()},
+                "security": self.security()}
+        errors = [str(sink.error) for sink in self.sinks if getattr(sink, "error", None)]
+        if errors:
+            body["recording_error"] = "; ".join(errors)[:1000]
         return Message("status", body)
+
+    def security(self) -> dict[str, Any]:
+        """``{"mode": "curve" | "none", "allowed": n, "denied": n, "accepted": n}`` (counts with CURVE only)."""
+        if self.curve is None:
+            return {"mode": "none"}
+        auth = self.auth
+        allowed = auth.certs.get(ZAP_DOMAIN, {}) if auth is not None else {}
+        return {"mode": "curve", "allowed": len(allowed), "denied": auth.denied if auth else 0,
+                "accepted": auth.accepted if auth else 0}
+
+    def _start_auth(self, context: zmq.Context) -> _CountingAuthenticator:
+        auth = _CountingAuthenticator(context, log=log.getChild("auth"))
+        auth.start()
+        self._reload_allowed(auth)
+        return auth
+
+    def _reload_allowed(self, auth: _CountingAuthenticator) -> None:
+        """(Re)load the allow-list when its directory changed; never allows any client by default."""
+        signature = self.curve.allowed_signature()
+        if signature == self._allowed_signature:
+            return
+        self._allowed_signature = signature
+        keys = self.curve.allowed_now()
+        auth.allow_any = False
+        auth.certs[ZAP_DOMAIN] = keys  # the ZAP thread reads this dict; a whole new dict replaces it atomically
+        log.info("revacnn: %d client key(s) allowed to connect to run %s", len(keys), self.run_id)
+        if not keys:
+            log.warning("revacnn: CURVE is on but no client key is allowed yet: add one with `revacnn keys allow "
+                        "CLIENT.key --keys-dir %s`", self.curve.allowed_dir.parent if self.curve.allowed_dir
+                        else "DIR")
 
     def _drop_counts(self) -> dict[str, int]:
         drops = dict(self.drops)
@@ -181,6 +248,12 @@ class Publisher:
         router.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
         router.setsockopt(zmq.SNDHWM, 1000)
         router.setsockopt(zmq.RCVHWM, 1000)
+        if self.curve is not None:
+            for sock in (pub, router):
+                sock.curve_secretkey = self.curve.secret
+                sock.curve_publickey = self.curve.public
+                sock.zap_domain = ZAP_DOMAIN.encode()
+                sock.curve_server = True
         endpoints = []
         for sock, port in zip((pub, router), self._requested_ports):
             if port:
@@ -195,11 +268,15 @@ class Publisher:
     def _run(self) -> None:
         context = zmq.Context()
         try:
+            if self.curve is not None:
+                self.auth = self._start_auth(context)  # before any bind: a CURVE socket without ZAP accepts anyone
             pub, router = self._bind(context)
         except BaseException as error:  # reported to start() in the training thread
             self._bind_error = error
             self._bound.set()
-            context.term()
+            if self.auth is not None:
+                self.auth.stop()
+            context.destroy(linger=0)
             return
         self._bound.set()
         poller = zmq.Poller()
@@ -215,10 +292,12 @@ class Publisher:
                 for _ in range(100):
                     if not router.poll(0):
                         break
-                    self._handle_request(router, router.recv_multipart(copy=False))
+                    self._handle_safely(router, router.recv_multipart(copy=False))
                 idle = self._drain_outbox(pub, router, force=deadline is not None and time.monotonic() > deadline)
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self.heartbeat_s
+                    if self.auth is not None:
+                        self._reload_allowed(self.auth)
                     self._send(pub, router, self._status_message())
                 if deadline is not None and (not self._outbox or time.monotonic() > deadline):
                     break
@@ -229,6 +308,8 @@ class Publisher:
         finally:
             pub.close(linger=200)
             router.close(linger=200)
+            if self.auth is not None:
+                self.auth.stop()
             context.term()
 
     def _drain_outbox(self, pub: zmq.Socket, router: zmq.Socket, force: bool = False) -> bool:
@@ -277,6 +358,19 @@ class Publisher:
 
     def _reply(self, router: zmq.Socket, identity: bytes, message: Message) -> None:
         router.send_multipart([identity, *self.codec.encode(message)])
+
+    def _handle_safely(self, router: zmq.Socket, frames: list) -> None:
+        """Handle one request; a bug in handling it must not stop the I/O thread (it answers with an error)."""
+        try:
+            self._handle_request(router, frames)
+        except zmq.ZMQError:
+            raise
+        except Exception as error:
+            self.internal_errors += 1
+            log.exception("revacnn: could not handle a control request")
+            if frames:
+                self._reply(router, bytes(frames[0].buffer), Message("error", error_body(
+                    "", "internal", f"the trainer could not handle this request ({type(error).__name__})")))
 
     def _handle_request(self, router: zmq.Socket, frames: list) -> None:
         identity = bytes(frames[0].buffer)
