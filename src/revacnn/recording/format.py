@@ -13,7 +13,9 @@ A run directory holds (see docs/design.md, "Recording"):
 Every ``.arrows`` file is an Arrow IPC *stream*: a schema message followed by record batches, each one
 self-delimiting (continuation marker, metadata length, metadata, body whose length is in the metadata). The writer
 only appends; a segment that was being written when the process died ends in a truncated message, which
-``read_segment`` detects (pyarrow refuses to read past the bytes that exist) and drops. Files are never rewritten.
+``read_segment`` detects (pyarrow refuses to read past the bytes that exist) and drops. Data is never modified in
+place: the only rewrite is that a *finished* segment of many small batches is re-packed into one batch (same rows,
+temp file + rename), and whole finished per-filter segments are deleted once coarser pyramid levels cover them.
 """
 
 from __future__ import annotations

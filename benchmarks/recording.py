@@ -1,0 +1,182 @@
+"""Recording benchmark: bytes per step, write throughput, and whole-run per-filter queries.
+
+    python benchmarks/recording.py                 # default run, ~1-2 minutes on 2 cores
+    python benchmarks/recording.py --append        # also append the results to benchmarks/RESULTS.md
+
+Models (per-filter data on every step, i.e. filters_every=1, the worst case):
+  demo       ReVACNN demo: conv 16, 20, 20 + linear 10 = 66 filters, 4 layers
+  resnet50   ResNet-50 sized: 53 conv layers (26,560 filters) + fc 1000 = 27,560 filters, 54 layers
+Query: one layer's per-filter series (one field) over a 10k-record run, for the demo's conv2 (20 filters) and for
+ResNet-50's widest layer (2048 filters), with the default retention policy and with everything kept at full
+resolution; cold (fresh reader) and warm (second call on the same reader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from revacnn.protocol import FILTER_FIELDS, Message
+from revacnn.recording import RunRecorder
+from revacnn.recording.reader import open_run
+
+
+def resnet50_widths() -> list[int]:
+    widths = [64]
+    for blocks, mid in ((3, 64), (4, 128), (6, 256), (3, 512)):
+        for block in range(blocks):
+            widths += [mid, mid, mid * 4]
+            if block == 0:
+                widths.append(mid * 4)      # downsample conv
+    return widths + [1000]
+
+
+MODELS = {"demo": [16, 20, 20, 10], "resnet50": resnet50_widths()}
+
+
+def structure_for(widths):
+    layers, next_id = [], 0
+    for i, width in enumerate(widths):
+        layers.append({"name": f"layer{i}", "out": width, "filter_ids": list(range(next_id, next_id + width))})
+        next_id += width
+    return Message("structure", {"step": 0, "revision": 0, "layers": layers}, run="bench", seq=1, time=time.time())
+
+
+def step_messages(widths, steps, seed=0):
+    """Pre-built step messages (a pool of 16 random buffers reused) so generation is not timed."""
+    rng = np.random.default_rng(seed)
+    total = sum(widths)
+    names = [f"layer{i}" for i in range(len(widths))]
+    pool = [rng.random((5, total), dtype=np.float32) for _ in range(16)]
+    layer_pool = [rng.random(len(widths), dtype=np.float32) for _ in range(16)]
+    for step in range(1, steps + 1):
+        body = {"step": step, "epoch": 0, "batch": step, "loss": 1.0 / step, "metrics": {"train_acc": 0.5},
+                "groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}], "batch_size": 128,
+                "samples_per_s": 1000.0, "drops": {"telemetry": 0, "recording": 0}, "per_filter": True,
+                "filter_fields": list(FILTER_FIELDS), "layer_names": names}
+        yield Message("step", body, {"filters": pool[step % 16], "layers": layer_pool[step % 16]}, run="bench",
+                      seq=step + 1, time=time.time())
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def write_run(run_dir, widths, steps, float16=False, flush_every=None, **policy):
+    messages = list(step_messages(widths, steps))
+    rec = RunRecorder(run_dir, float16_filters=float16, queue_size=steps + 10, **policy)
+    start = time.perf_counter()
+    rec.submit(structure_for(widths))
+    submit_time = 0.0
+    for i, message in enumerate(messages):
+        t = time.perf_counter()
+        ok = rec.submit(message)
+        submit_time += time.perf_counter() - t
+        assert ok
+        if flush_every and (i + 1) % flush_every == 0:
+            rec.flush()
+    rec.close()
+    elapsed = time.perf_counter() - start
+    assert rec.error is None and rec.drops == 0, rec.error
+    return {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed, "bytes": dir_bytes(Path(run_dir)),
+            "submit_us": submit_time / steps * 1e6}
+
+
+def time_query(run_dir, layer, field="weight_norm", resolution=None, repeat=3):
+    run = open_run(run_dir)
+    t = time.perf_counter()
+    series = run.filter_series(layer, field, resolution=resolution)
+    cold = time.perf_counter() - t
+    warm = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run.filter_series(layer, field, resolution=resolution)
+        warm.append(time.perf_counter() - t)
+    return {"cold_ms": cold * 1e3, "warm_ms": min(warm) * 1e3, "rows": len(series["step"]),
+            "filters": len(series["filter_ids"])}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo-steps", type=int, default=10000)
+    parser.add_argument("--resnet-steps", type=int, default=300)
+    parser.add_argument("--query-steps", type=int, default=10000)
+    parser.add_argument("--append", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="revacnn-bench-"))
+    lines = []
+
+    def out(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    out("Writing (per-filter data on every step; bytes = whole run directory at the end / steps, after retention):")
+    out()
+    out("| model | filters | steps | dtype | raw per-filter bytes/record | bytes on disk/step | steps/s written "
+        "| submit µs/step |")
+    out("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model, steps in (("demo", args.demo_steps), ("resnet50", args.resnet_steps)):
+        widths = MODELS[model]
+        for float16 in (False, True):
+            run_dir = scratch / f"{model}-{'f16' if float16 else 'f32'}"
+            result = write_run(run_dir, widths, steps, float16=float16)
+            out(f"| {model} | {sum(widths)} | {steps} | {'float16' if float16 else 'float32'} | "
+                f"{sum(widths) * 5 * (2 if float16 else 4):,} | {result['bytes'] / steps:,.0f} | {result['steps_per_s']:,.0f} | {result['submit_us']:.1f} |")
+            if model == "resnet50" or float16:
+                shutil.rmtree(run_dir)
+    out()
+    out(f"Whole-run query of one layer, one field, {args.query_steps} per-filter records:")
+    out()
+    out("| layer | retention | batches on disk | resolution | rows returned | cold ms | warm ms |")
+    out("| --- | --- | --- | --- | --- | --- | --- |")
+    cases = [("demo conv2 (20)", [16, 20, 20, 10], "layer1", None),
+             ("resnet50 widest (2048)", [2048], "layer0", None),
+             ("resnet50 widest (2048)", [2048], "layer0", 1)]
+    for label, widths, layer, flush_every in cases:
+        for policy_name, policy in (("default (2000 raw)", {}), ("all raw", {"full_records": args.query_steps})):
+            if flush_every and policy:
+                continue
+            run_dir = scratch / f"query-{len(widths)}-{len(policy)}-{flush_every}"
+            steps = args.query_steps if not flush_every else args.query_steps
+            write_run(run_dir, widths, steps, flush_every=flush_every, **policy)
+            batching = "1 per record" if flush_every else "writer-batched"
+            for resolution in (None, 1000):
+                q = time_query(run_dir, layer, resolution=resolution)
+                out(f"| {label} | {policy_name} | {batching} | {resolution or 'full'} | {q['rows']} | "
+                    f"{q['cold_ms']:.0f} | {q['warm_ms']:.0f} |")
+            shutil.rmtree(run_dir)
+    if not args.dir:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.append:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor() or "cpu")
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, "
+                   f"pyarrow {__import__('pyarrow').__version__}, Linux {platform.release()}; load average at the "
+                   f"end {load} (other jobs shared the machine)")
+        command = "python benchmarks/recording.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        results = Path(__file__).with_name("RESULTS.md")
+        text = results.read_text() if results.exists() else "# Benchmark results\n"
+        if "## Recording" not in text:
+            text = text.rstrip("\n") + "\n\n## Recording\n"
+        block = (f"\n### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+                 f"Command: `{command.strip()}`  \nMachine: {machine}\n\n" + "\n".join(lines) + "\n")
+        start = text.index("## Recording")
+        end = text.find("\n## ", start + 1)          # keep the block inside the Recording section
+        end = len(text) if end < 0 else end + 1
+        text = text[:end].rstrip("\n") + "\n" + block + ("\n" + text[end:] if end < len(text) else "")
+        results.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
