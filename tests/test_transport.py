@@ -199,3 +199,14 @@ def test_stalled_subscriber_bounds_memory_and_drops_are_counted():
     finally:
         stalled.close(linger=0)
         pub.close()
+
+
+def test_recv_with_zero_timeout_still_reads_what_has_arrived(publisher):
+    with RunClient(publisher.control_endpoint) as client:
+        client.connect()
+        while client.recv(0.2) is not None:  # drain the state snapshot
+            pass
+        publisher.publish(Message("step", {"step": 1, "per_filter": False}))
+        time.sleep(0.3)
+        message = client.recv(0)
+        assert message is not None and message.type == "step"

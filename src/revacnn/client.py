@@ -225,10 +225,10 @@ class RunClient:
         deadline = time.monotonic() + timeout
         while not self._queue:
             remaining = deadline - time.monotonic()
-            if remaining < 0:
-                return None
             for sock, _ in self._poller.poll(max(0, int(remaining * 1000))):
                 self._read(sock)
+            if not self._queue and time.monotonic() >= deadline:
+                return None
         return self._queue.popleft()
 
     def _read(self, sock: zmq.Socket) -> None:
