@@ -57,6 +57,7 @@ def wait_for(client: RunClient, predicate, timeout: float = 5.0):
 def test_allowed_client_reads_telemetry_and_steers_over_curve(secure_run, keys):
     pub, path, _ = secure_run
     pub.publish(Message("structure", {"revision": 0}))
+    time.sleep(0.2)  # published before the client exists: it must come with the state snapshot
     with RunClient(path, client_keys=keys["laptop"]) as client:
         welcome = client.connect(timeout=5)
         assert welcome["run"] == "secure-run"
