@@ -485,10 +485,11 @@ class RunReader:
 
     # -- summary ----------------------------------------------------------------------------------------------
     def last_step(self) -> int | None:
-        table = self.table("scalars")
-        steps = [] if table is None else table.column("step").to_numpy(zero_copy_only=False)
-        if len(steps):
-            return int(np.nanmax(steps))
+        """The last step recorded (reads only the newest non-empty scalars segment)."""
+        for path in reversed(list_segments(self.path / "scalars")):
+            _, table, _ = read_segment(path)
+            if table is not None and table.num_rows:
+                return int(pc.max(table.column("step")).as_py())
         events = self.table("events")
         if events is not None and events.column("step").null_count < events.num_rows:
             return int(pc.max(events.column("step")).as_py())

@@ -405,7 +405,8 @@ class RunRecorder:
             self.drops += 1
 
     @property
-    def queue_size(self) -> int:
+    def queue_length(self) -> int:
+        """Messages waiting for the writer thread (reported in status ``queue.recording``)."""
         return self._queue.qsize()
 
     def flush(self, timeout: float | None = None) -> bool:
