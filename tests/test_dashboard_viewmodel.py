@@ -88,7 +88,12 @@ def test_network_model_positions_paths_and_frozen_marks():
     assert sorted((s, t) for s, t, _ in model["paths"]) == [(1, 4), (1, 5), (3, 4), (3, 5)]
     widths = {s: w for s, _, w in model["paths"]}
     assert widths[3] == pytest.approx(1.0) and widths[1] == pytest.approx(0.5)
-    assert jitter_pixels([n["jitter"] for n in nodes], max_px=8) == [2.0, 4.0, 6.0, 8.0, 0.0, 0.0]
+    assert jitter_pixels([n["jitter"] for n in nodes], max_px=8, reference_quantile=1.0) == [2.0, 4.0, 6.0, 8.0,
+                                                                                             0.0, 0.0]
+    # heavy tail: scaled by the 90th percentile, the outlier is clipped and the rest still move visibly
+    assert jitter_pixels([0.5] + [1.0] * 8 + [1000.0, None], max_px=8) == [4.0] + [8.0] * 9 + [0.0]
+    assert jitter_pixels([float(v) for v in range(1, 11)], max_px=9) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0,
+                                                                          9.0, 9.0]
 
 
 def test_big_layer_is_binned():

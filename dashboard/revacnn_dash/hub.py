@@ -107,7 +107,7 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
         if scal and "step" in scal:
             acc = scal.get("train_acc", np.full(len(scal["step"]), np.nan))
             for i in range(len(scal["step"])):
-                state.scalars.append({"step": scal["step"][i], "loss": scal.get("loss", [np.nan] * (i + 1))[i],
+                state.scalars.append({"step": scal["step"][i], "loss": _col(scal, "loss", i),
                                       "train_acc": acc[i], "lr": _col(scal, "lr/0", i),
                                       "momentum": _col(scal, "momentum/0", i),
                                       "weight_decay": _col(scal, "weight_decay/0", i),
@@ -126,6 +126,7 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
             event = state._add_event(str(entry.get("id")), str(entry.get("op")), entry.get("args") or {},
                                      note="recorded")
             event.status, event.error, event.step = entry.get("status"), entry.get("error"), entry.get("step")
+            event.sent = event.updated = float(entry.get("time") or event.sent)
             event.result = entry.get("result") or {}
         if step is not None:
             snap = reader.snapshot(step)

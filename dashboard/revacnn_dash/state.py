@@ -42,7 +42,17 @@ class Event:
     note: str = ""
 
     def label(self) -> str:
-        """Short text for a chart marker, e.g. ``widen net.conv2 +1``."""
+        """Short text for a chart marker, e.g. ``widen net.conv2 +1``. Acks seen on telemetry or in a recording
+        carry no args: then the op and what its result names."""
+        if not self.args:
+            changes = (self.result or {}).get("changes") or {}
+            if self.op == "set_hparams" and isinstance(changes, dict):
+                values = {k: v for k, v in changes.items() if k in ("lr", "momentum", "weight_decay")}
+                flat = {k: (v.get("new") if isinstance(v, dict) else v) for k, v in values.items()}
+                if flat and all(isinstance(v, (int, float)) for v in flat.values()):
+                    return command_label(self.op, flat)
+            layer = changes.get("layer") if isinstance(changes, dict) else None
+            return f"{self.op} {layer}" if layer else self.op
         return command_label(self.op, self.args)
 
     def as_dict(self) -> dict[str, Any]:
@@ -279,7 +289,8 @@ class RunState:
             last = self.scalars.since(max(0, self.scalars.total - 1))[0] if self.scalars.total else {}
             return {"key": self.key, "label": self.label, "target": self.target, "source": self.source,
                     "conn": self.conn, "conn_message": self.conn_message, "run_id": self.run_id,
-                    "generation": self.generation, "state": status.get("state"), "step": status.get("step"),
+                    "generation": self.generation, "state": status.get("state"),
+                    "step": _max_step(status.get("step"), last.get("step")),
                     "epoch": status.get("epoch"), "hparams": dict(self.hparams or {}),
                     "last": {k: float(v[0]) for k, v in last.items() if len(v)}, "gaps": self.gaps,
                     "messages": self.messages, "drops": status.get("drops")}
@@ -325,3 +336,11 @@ class RunState:
             result[name] = {f: arr[i, col:col + size].copy() for i, f in enumerate(FILTER_FIELDS)}
             col += size
         return result
+
+
+def _max_step(a: Any, b: Any) -> int | None:
+    """The newest step known: the heartbeat's may lag the step messages."""
+    values = [int(v[0]) if isinstance(v, np.ndarray) and len(v) and np.isfinite(v[0]) else v
+              for v in (a, b)]
+    values = [int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return max(values) if values else None

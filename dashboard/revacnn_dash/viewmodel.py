@@ -237,13 +237,20 @@ def _avg(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def jitter_pixels(jitter: list[float | None], max_px: float = 8.0) -> list[float]:
-    """Shake amplitude in pixels, proportional to the mean squared gradient (largest visible node = ``max_px``)."""
+def jitter_pixels(jitter: list[float | None], max_px: float = 8.0, reference_quantile: float = 0.9) -> list[float]:
+    """Shake amplitude in pixels, proportional to the mean squared gradient. The scale is set so that the node at the
+    ``reference_quantile`` of the visible ones shakes ``max_px``; larger ones are clipped there (squared gradients
+    are heavy-tailed: scaling by the maximum would leave all but one or two nodes still)."""
     arr = np.array([np.nan if v is None else v for v in jitter], dtype=float)
-    top = np.nanmax(arr) if np.any(np.isfinite(arr)) else 0.0
-    if not top or not np.isfinite(top):
+    finite = arr[np.isfinite(arr)]
+    if not len(finite):
         return [0.0] * len(jitter)
-    return [0.0 if not np.isfinite(v) else float(max_px * v / top) for v in arr]
+    ref = float(np.quantile(finite, reference_quantile, method="lower"))
+    if not ref > 0:
+        ref = float(finite.max())
+    if not ref > 0:
+        return [0.0] * len(jitter)
+    return [0.0 if not np.isfinite(v) else float(min(max_px, max_px * v / ref)) for v in arr]
 
 
 # ---------------------------------------------------------------------------------------------------------------

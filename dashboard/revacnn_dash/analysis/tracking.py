@@ -1,0 +1,160 @@
+"""Validation image × iteration analysis (DeepTracker): correctness, per-class error heatlines, the anomaly rule,
+top-changed filters per iteration and the cube. Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["correctness", "class_error", "stable_flips", "flag_classes", "anomalies", "top_changed", "cube",
+           "interval_change"]
+
+
+def correctness(val: dict) -> tuple[np.ndarray, np.ndarray]:
+    """From ``RunReader.val_predictions()``: (correct [T, N] bool, valid [T, N] bool — False where a row was
+    shorter and padded with -1)."""
+    pred, label = np.asarray(val["pred"]), np.asarray(val["label"])
+    valid = pred >= 0
+    if pred.size == 0:
+        return np.zeros(pred.shape, bool), valid
+    return (pred == label[None, : pred.shape[1]]) & valid, valid
+
+
+def class_error(correct: np.ndarray, labels: np.ndarray, classes: int | None = None,
+                valid: np.ndarray | None = None) -> np.ndarray:
+    """Per class and iteration, the error rate over that class's images: [C, T]."""
+    labels = np.asarray(labels)
+    classes = int(labels.max()) + 1 if classes is None and labels.size else (classes or 0)
+    valid = np.ones_like(correct) if valid is None else valid
+    out = np.full((classes, correct.shape[0]), np.nan)
+    for c in range(classes):
+        cols = labels == c
+        n = valid[:, cols].sum(1)
+        wrong = (~correct[:, cols] & valid[:, cols]).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[c] = np.where(n > 0, wrong / np.maximum(n, 1), np.nan)
+    return out
+
+
+def _run_length_before(x: np.ndarray) -> np.ndarray:
+    """For [T, N]: at row t, how many rows immediately before t (t−1, t−2, …) hold the same value as row t−1."""
+    t = x.shape[0]
+    run = np.zeros(x.shape, np.int64)
+    if t < 2:
+        return run
+    same = np.zeros(x.shape[1], np.int64)
+    run[1] = 1
+    same[:] = 1
+    for i in range(2, t):
+        same = np.where(x[i - 1] == x[i - 2], same + 1, 1)
+        run[i] = same
+    return run
+
+
+def stable_flips(correct: np.ndarray, window: int, direction: str = "backward") -> np.ndarray:
+    """DeepTracker's anomaly rule per image and iteration → [T, N] bool.
+
+    ``backward``: at sample t the image's correctness differs from each of the previous ``window`` samples
+    (it was stable for ``window`` samples, then flipped at t). ``forward``: it differs from each of the next
+    ``window`` samples (a flip right after t that then stays). ``both``: either."""
+    c = np.asarray(correct, bool)
+    t = c.shape[0]
+    out = np.zeros(c.shape, bool)
+    if direction in ("backward", "both") and t > window:
+        run = _run_length_before(c)
+        changed = np.zeros(c.shape, bool)
+        changed[1:] = c[1:] != c[:-1]
+        out |= changed & (run >= window)
+    if direction in ("forward", "both") and t > window:
+        rev = c[::-1]
+        run = _run_length_before(rev)
+        changed = np.zeros(c.shape, bool)
+        changed[1:] = rev[1:] != rev[:-1]
+        out |= (changed & (run >= window))[::-1]
+    return out
+
+
+def flag_classes(flips: np.ndarray, labels: np.ndarray, threshold: int, classes: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class and iteration: (count of anomalous images [C, T], flagged = count >= threshold [C, T])."""
+    labels = np.asarray(labels)
+    classes = int(labels.max()) + 1 if classes is None and labels.size else (classes or 0)
+    counts = np.stack([flips[:, labels == c].sum(1) for c in range(classes)]) if classes else \
+        np.zeros((0, flips.shape[0]), np.int64)
+    return counts, counts >= threshold
+
+
+def anomalies(val: dict, window: int = 3, threshold: int = 5, direction: str = "backward") -> dict[str, Any]:
+    """Everything the validation panel needs: correctness, per-class error, flips, counts, flagged (class, step)."""
+    correct, valid = correctness(val)
+    labels = np.asarray(val["label"])[: correct.shape[1]]
+    classes = int(labels.max()) + 1 if labels.size else 0
+    flips = stable_flips(correct, window, direction) & valid
+    counts, flagged = flag_classes(flips, labels, threshold, classes)
+    steps = np.asarray(val["steps"])
+    pairs = [(int(c), int(steps[t])) for c, t in zip(*np.nonzero(flagged))]
+    pairs.sort(key=lambda p: (p[1], p[0]))
+    return {"steps": steps, "correct": correct, "valid": valid, "labels": labels, "classes": classes,
+            "error": class_error(correct, labels, classes, valid), "flips": flips, "counts": counts,
+            "flagged": flagged, "flagged_pairs": pairs, "window": window, "threshold": threshold}
+
+
+def interval_change(run, layer: str, start: int | None, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per filter of ``layer``: Σ (1 − cosine(w_t, w_prev)) over the per-filter records with start < t <= stop —
+    how much the filter turned between two validation samples. Returns (filter ids, change)."""
+    from .explorer import derived_cosine
+
+    lo = None if start is None else int(start) + 1
+    norms = run.filter_series(layer, "weight_norm", lo, int(stop) + 1)
+    ratios = run.filter_series(layer, "update_ratio", lo, int(stop) + 1)
+    if not len(norms["step"]):
+        return norms["filter_ids"], np.zeros(len(norms["filter_ids"]))
+    if "min" in ratios:          # only buckets left for this interval: small-angle form of the largest change
+        cos = 1 - ratios["max"].astype(np.float64) ** 2 / 2
+    else:
+        cos = derived_cosine(norms["values"], ratios["values"]).astype(np.float64)
+    return norms["filter_ids"], np.nansum(1 - cos, axis=0)
+
+
+def top_changed(run, layers: list[str], start: int | None, stop: int, k: int = 10) -> dict[str, list[int]]:
+    """Per layer, the ids of the ``k`` filters that turned most (largest Σ(1 − cos)) in (start, stop]."""
+    out = {}
+    for layer in layers:
+        ids, change = interval_change(run, layer, start, stop)
+        if len(ids):
+            order = np.argsort(-change, kind="stable")[: min(k, len(ids))]
+            out[layer] = [int(ids[i]) for i in order if change[i] > 0]
+    return out
+
+
+def cube(run, layers: list[str], info: dict, k: int = 10, max_columns: int = 40) -> dict[str, Any]:
+    """The cube: rows = layers, columns = flagged (class, step) pairs; each cell the set of top-``k`` changed
+    filters of that layer over the validation interval ending at that step. ``shared`` [L, C] counts how many of a
+    cell's filters appear in at least one other cell of the same layer (the highlighted sets)."""
+    steps = list(np.asarray(info["steps"]).tolist())
+    pairs = info["flagged_pairs"][:max_columns]
+    by_step: dict[int, dict[str, list[int]]] = {}
+    for _, step in pairs:
+        if step not in by_step:
+            i = steps.index(step)
+            by_step[step] = top_changed(run, layers, steps[i - 1] if i > 0 else None, step, k)
+    cells = [[set(by_step[step].get(layer, [])) for _, step in pairs] for layer in layers]
+    shared = np.zeros((len(layers), len(pairs)), np.int64)
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            others = set().union(*(row[j] for j in range(len(row)) if j != c)) if len(row) > 1 else set()
+            shared[r, c] = len(cell & others)
+    return {"layers": layers, "columns": pairs, "cells": [[sorted(c) for c in row] for row in cells],
+            "shared": shared, "k": k}
+
+
+def overlap_with(cube_data: dict, row: int, col: int) -> np.ndarray:
+    """|cell ∩ selected cell| for every cell of the selected cell's layer (other layers: 0) — the pinned view."""
+    cells = cube_data["cells"]
+    chosen = set(cells[row][col])
+    out = np.zeros((len(cells), len(cells[0]) if cells else 0), np.int64)
+    for c, cell in enumerate(cells[row]):
+        out[row, c] = len(chosen & set(cell))
+    return out
