@@ -204,3 +204,32 @@ def test_cli_refuses_a_non_loopback_host(capsys):
     assert "refusing to serve on '0.0.0.0'" in err and "SSH" in err and "issue 7" in err
     assert parse_args(["--connect", "x", "--host", "::1"]).host == "::1"
     assert parse_args(["--connect", "x"]).host == "127.0.0.1" and parse_args(["--connect", "x"]).port == 8050
+
+
+def test_cli_serves_the_page_on_loopback_and_prints_the_url(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--connect", "tcp://127.0.0.1:9",
+                             "--port", str(port), "--no-umap-warmup"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"revacnn-dash: serving on http://127.0.0.1:{port}/"), line
+        deadline = time.monotonic() + 20
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert "<title>revacnn</title>" in body
+        layout = urllib.request.urlopen(f"http://127.0.0.1:{port}/_dash-layout", timeout=5).read().decode()
+        assert "net-graph" in layout and "train-graph" in layout and "emb-graph" in layout
+    finally:
+        proc.terminate()
+        proc.wait(10)

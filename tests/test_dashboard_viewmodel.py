@@ -180,3 +180,53 @@ def test_filter_images_rgb_and_per_channel():
     grey = filter_image(np.ones((4, 5, 5)))
     assert grey.shape == (1 + 5 + 1, 4 * 6 + 1)
     assert mosaic([np.zeros((2, 2), np.uint8)] * 3, ncols=2, pad=1).shape == (7, 7)
+
+
+def test_resnet50_network_figure_builds_within_a_second():
+    from revacnn_dash.app import _network_figure
+
+    layers = resnet50_layers()
+    names = [l["name"] for l in layers]
+    structure = {"layers": layers, "layer_edges": [[a, b] for a, b in zip(names, names[1:])]}
+    rng = np.random.default_rng(0)
+    fields = {l["name"]: {f: rng.random(l["out"]) for f in ("act_abs_mean", "grad_sq_mean", "grad_abs_mean",
+                                                           "update_ratio", "weight_norm")} for l in layers}
+    t0 = time.perf_counter()
+    fig, node_trace = _network_figure(network_model(structure, fields, default_expanded(names)))
+    fig.to_plotly_json()
+    assert time.perf_counter() - t0 < 1.0
+    assert node_trace == 4 and len(fig.data[node_trace].x) == 180
+
+
+def test_embedding_service_computes_off_thread_and_caches():
+    from revacnn_dash.embedding import EmbeddingService
+
+    service = EmbeddingService()
+    rng = np.random.default_rng(5)
+    arrays = {"weight/c": rng.normal(size=(12, 3, 3, 3)).astype(np.float32),
+              "grad/c": np.full((12, 3, 3, 3), 0.5, dtype=np.float32)}
+    args = ("run", (0, 1), arrays, list(range(12)), "c", "weight", "pca", 0, "grad")
+    assert service.request(*args) is None                    # queued, not computed on the caller's thread
+    deadline = time.monotonic() + 10
+    result = None
+    while result is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        result = service.request(*args)
+    assert result is not None and result["n"] == 12 and len(result["coords"]) == 12
+    assert result["grad"] == pytest.approx([0.5] * 12) and result["aligned"] is False
+    assert service.request(*args) is result                   # cached per snapshot
+    # the next snapshot's layout is aligned to this one
+    arrays2 = {"weight/c": arrays["weight/c"] * 1.01, "grad/c": arrays["grad/c"]}
+    args2 = ("run", (0, 2), arrays2, list(range(12)), "c", "weight", "pca", 0, "grad")
+    service.request(*args2)
+    deadline = time.monotonic() + 10
+    second = None
+    while second is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        second = service.request(*args2)
+    assert second["aligned"] is True
+    assert np.allclose(np.array(second["coords"]), np.array(result["coords"]), atol=1e-6)
+    missing = ("run", (0, 1), arrays, list(range(12)), "c", "act", "pca", 0, "grad")
+    service.request(*missing)
+    time.sleep(0.3)
+    assert "no act data" in service.request(*missing)["error"]
