@@ -541,6 +541,30 @@ def test_write_error_on_full_disk_is_contained(tmp_path, monkeypatch):
     assert len(run.filter_series("net.fc", "weight_norm")["step"]) == 10
 
 
+def test_malformed_messages_do_not_stop_recording(tmp_path):
+    rng = np.random.default_rng(13)
+    rec = RunRecorder(tmp_path / "run")
+    rec.submit(structure(1, 0, 0, DEMO))
+    good = step_message(2, 1, DEMO, rng)
+    odd = step_message(3, 2, DEMO, rng)
+    odd.body["metrics"] = {"train_acc": "n/a"}              # not a number: recorded as NaN
+    odd.arrays["filters"] = odd.arrays["filters"][:, :-1]   # width does not match the structure: not recorded
+    broken = step_message(4, 3, DEMO, rng)
+    broken.arrays["filters"] = object()                     # not an array at all: the message is skipped
+    later = step_message(5, 4, DEMO, rng)
+    for message in (good, odd, broken, later):
+        rec.submit(message)
+    rec.close()
+    assert rec.error is None and rec.drops == 1
+    run = open_run(tmp_path / "run")
+    scalars = run.scalars()
+    np.testing.assert_array_equal(scalars["step"], [1, 2, 4])
+    assert np.isnan(scalars["train_acc"][1]) and scalars["train_acc"][0] == good.body["metrics"]["train_acc"]
+    series = run.filter_series("net.fc", "weight_norm")
+    np.testing.assert_array_equal(series["step"], [1, 4])
+    np.testing.assert_array_equal(series["values"][1], later.arrays["filters"][2, 56:66])
+
+
 def test_full_queue_counts_drops(tmp_path):
     rng = np.random.default_rng(10)
     rec = RunRecorder(tmp_path / "run", queue_size=3)

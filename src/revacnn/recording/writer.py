@@ -50,6 +50,20 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None or isinstance(value, float) and not math.isfinite(value) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
@@ -368,6 +382,7 @@ class RunRecorder:
         self._scalar_columns: list[str] = []
         self._last_status: tuple[str | None, float] = (None, -math.inf)
         self._mismatch_warned = False
+        self._bad_message_warned = False
         self._inode = None
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -454,9 +469,15 @@ class RunRecorder:
                 else:
                     try:
                         self._handle(item)
-                    except Exception as error:  # noqa: BLE001
+                    except OSError as error:             # the disk: stop recording
                         self._fail(error)
                         self._count_drop()
+                    except Exception as error:  # noqa: BLE001 - one malformed message: skip it, keep recording
+                        self._count_drop()
+                        if not self._bad_message_warned:
+                            self._bad_message_warned = True
+                            log.warning("revacnn recording: skipped a %s message that could not be recorded "
+                                        "(%s: %s)", getattr(item, "type", "?"), type(error).__name__, error)
                 processed += 1
             pending = sum(series.pending_bytes for series in self._series.values())
             due = time.monotonic() >= next_flush or pending > (32 << 20)
@@ -542,7 +563,6 @@ class RunRecorder:
                 row[f"{key}/{g}"] = group.get(key)
         for name, value in (body.get("metrics") or {}).items():
             row[name if name not in row else f"metrics/{name}"] = value
-        self._pending["scalars"].append(row)
         filters = message.arrays.get("filters")
         names = body.get("layer_names")
         if names is None and self._structure is not None:
@@ -573,6 +593,7 @@ class RunRecorder:
         layers = message.arrays.get("layers")
         if layers is not None and names and len(layers) == len(names):
             self._pending["layers"].append((step, message.time, tuple(names), np.asarray(layers, np.float32)))
+        self._pending["scalars"].append(row)      # last: a message that raised above leaves no scalar row
 
     def _write_snapshot(self, message: Message) -> None:
         from safetensors.numpy import save_file
@@ -624,11 +645,13 @@ class RunRecorder:
                 values = [row.get(key) for row in rows]
                 if key in _INT_SCALARS:
                     kind = pa.int64()
+                    values = [_int_or_none(v) for v in values]
                 elif key == "per_filter":
                     kind = pa.bool_()
+                    values = [None if v is None else bool(v) for v in values]
                 else:
                     kind = pa.float64()
-                    values = [None if v is None else float(v) for v in values]
+                    values = [_float_or_none(v) for v in values]
                 arrays.append(pa.array(values, kind))
             self._streams["scalars"].append(pa.RecordBatch.from_arrays(arrays, names=list(self._scalar_columns)))
         if pending["val"]:
