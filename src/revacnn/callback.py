@@ -291,6 +291,9 @@ class ReVACNNCallback(Callback):
             self._patched_module = None
         if self.probe is not None:
             self.probe.detach()
+        if self.engine is not None:
+            self.engine.close()  # removes its optimizer step hooks
+            self.engine = None
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None

@@ -24,6 +24,7 @@ class FreezeManager:
         self.layers: dict[nn.Module, dict[str, bool]] = {}   # module -> {param attr: original requires_grad}
         self.filters: dict[nn.Module, set[int]] = {}
         self._saved: list = []
+        self._rows: dict[tuple[nn.Module, torch.device], torch.Tensor] = {}  # index tensors, made once per change
         self._handles = []
         for opt in self.optimizers:
             self._handles.append(opt.register_step_pre_hook(self._pre))
@@ -60,11 +61,13 @@ class FreezeManager:
 
     def freeze_filters(self, mod: nn.Module, filters) -> None:
         self.filters.setdefault(mod, set()).update(filters)
+        self._rows.clear()
 
     def unfreeze_filters(self, mod: nn.Module, filters) -> list[int]:
         current = self.filters.get(mod, set())
         removed = sorted(current & set(filters))
         current -= set(filters)
+        self._rows.clear()
         if not current:
             self.filters.pop(mod, None)
         return removed
@@ -74,6 +77,7 @@ class FreezeManager:
         if mod not in self.filters:
             return
         old = self.filters.pop(mod)
+        self._rows.clear()
         new = {j for j, i in enumerate(kept) if i in old}
         if new:
             self.filters[mod] = new
@@ -81,6 +85,14 @@ class FreezeManager:
     def forget(self, mod: nn.Module) -> None:
         self.layers.pop(mod, None)
         self.filters.pop(mod, None)
+        self._rows.clear()
+
+    def _rows_on(self, mod: nn.Module, device: torch.device) -> torch.Tensor:
+        """The frozen rows of ``mod`` as an index tensor on ``device``, built once (no copy in the step path)."""
+        key = (mod, device)
+        if key not in self._rows:
+            self._rows[key] = torch.as_tensor(sorted(self.filters[mod]), dtype=torch.long, device=device)
+        return self._rows[key]
 
     # ------------------------------------------------------------------ hooks
     def _params_of(self, mod: nn.Module):
@@ -94,12 +106,11 @@ class FreezeManager:
             for p in mod.parameters():
                 p.grad = None
         self._saved = []
-        for mod, idx in self.filters.items():
-            rows = torch.as_tensor(sorted(idx), dtype=torch.long)
+        for mod in self.filters:
             for p in self._params_of(mod):
                 if p.grad is None:
                     continue
-                r = rows.to(p.device)
+                r = self._rows_on(mod, p.device)
                 state = optimizer.state.get(p)
                 saved_state = None
                 if state is not None:
