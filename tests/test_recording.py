@@ -565,6 +565,29 @@ def test_malformed_messages_do_not_stop_recording(tmp_path):
     np.testing.assert_array_equal(series["values"][1], later.arrays["filters"][2, 56:66])
 
 
+def test_step_arrays_follow_their_structure_revision(tmp_path):
+    """A step measured before a structural change but recorded after it is split by its own revision's ids."""
+    rng = np.random.default_rng(14)
+    before = [layer("a", [0, 1, 2]), layer("b", [3, 4])]
+    after = [layer("a", [0, 2]), layer("b", [3, 4, 9])]
+    rec = RunRecorder(tmp_path / "run")
+    rec.submit(structure(1, 0, 0, before))
+    rec.submit(structure(2, 5, 1, after))
+    old = step_message(3, 5, before, rng)
+    old.body["revision"] = 0
+    new = step_message(4, 6, after, rng)
+    new.body["revision"] = 1
+    rec.submit(old)
+    rec.submit(new)
+    rec.close()
+    run = open_run(tmp_path / "run")
+    series = run.filter_series("b", "grad_abs_mean")
+    np.testing.assert_array_equal(series["filter_ids"], [3, 4, 9])
+    np.testing.assert_array_equal(series["values"][0], [*old.arrays["filters"][0, 3:5], np.nan])
+    np.testing.assert_array_equal(series["values"][1], new.arrays["filters"][0, 2:5])
+    np.testing.assert_array_equal(run.scalars()["revision"], [0, 1])
+
+
 def test_full_queue_counts_drops(tmp_path):
     rng = np.random.default_rng(10)
     rec = RunRecorder(tmp_path / "run", queue_size=3)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 _FLUSH = object()
-_INT_SCALARS = ("step", "epoch", "batch", "batch_size", "seq", "drops_telemetry", "drops_recording")
+_INT_SCALARS = ("step", "epoch", "batch", "revision", "batch_size", "seq", "drops_telemetry", "drops_recording")
 _FIXED_SCALARS = ("step", "time", "seq", "epoch", "batch", "loss", "samples_per_s", "batch_size", "per_filter",
                   "drops_telemetry", "drops_recording")
 _GROUP_KEYS = ("lr", "momentum", "weight_decay")
@@ -376,6 +376,7 @@ class RunRecorder:
         self._info: dict[str, Any] = {}
         self._structure: dict | None = None
         self._layer_ids: dict[str, np.ndarray] = {}
+        self._ids_by_revision: dict[int, dict[str, np.ndarray]] = {}
         self._series: dict[str, _LayerSeries] = {}
         self._streams: dict[str, _Stream] = {}
         self._pending: dict[str, list] = {"events": [], "scalars": [], "layers": [], "val": []}
@@ -530,6 +531,8 @@ class RunRecorder:
                 if ids is None:
                     ids = list(range(int(layer.get("out", 0))))
                 self._layer_ids[layer["name"]] = np.asarray(ids, np.int64)
+            if isinstance(body.get("revision"), int):
+                self._ids_by_revision[body["revision"]] = self._layer_ids
             self._event(message)
         elif kind == "snapshot":
             self._write_snapshot(message)
@@ -553,7 +556,7 @@ class RunRecorder:
         body = message.body
         step = body.get("step")
         row: dict[str, Any] = {"step": step, "time": message.time, "seq": message.seq}
-        for key in ("epoch", "batch", "loss", "samples_per_s", "batch_size", "per_filter"):
+        for key in ("epoch", "batch", "revision", "loss", "samples_per_s", "batch_size", "per_filter"):
             row[key] = body.get(key)
         drops = body.get("drops") or {}
         row["drops_telemetry"] = drops.get("telemetry")
@@ -570,9 +573,11 @@ class RunRecorder:
         if filters is not None and names:
             filters = np.asarray(filters, np.float32)
             fields = tuple(body.get("filter_fields") or FILTER_FIELDS)
-            widths = [len(self._layer_ids.get(name, ())) for name in names]
+            # the structure revision the arrays are shaped by (protocol: body.revision); else the latest structure
+            layer_ids = self._ids_by_revision.get(body.get("revision"), self._layer_ids)
+            widths = [len(layer_ids.get(name, ())) for name in names]
             if filters.ndim != 2 or filters.shape[0] != len(fields) or sum(widths) != filters.shape[1] \
-                    or any(name not in self._layer_ids for name in names):
+                    or any(name not in layer_ids for name in names):
                 if not self._mismatch_warned:
                     self._mismatch_warned = True
                     log.warning("revacnn recording: step %s per-filter buffer %s does not match the structure; "
@@ -588,7 +593,7 @@ class RunRecorder:
                         series = self._series[name] = _LayerSeries(
                             self.run_dir, name, fields, pa.float16() if self.float16_filters else pa.float32(),
                             self.levels, self.keep)
-                    series.add(step, message.time, self._layer_ids[name], filters[:, start:start + width].copy())
+                    series.add(step, message.time, layer_ids[name], filters[:, start:start + width].copy())
                     start += width
         layers = message.arrays.get("layers")
         if layers is not None and names and len(layers) == len(names):
