@@ -180,6 +180,26 @@ def test_add_filter_on_conv2_changes_the_trainers_model(setup):
     page.screenshot(path=str(ARTIFACTS / "network-widened.png"), full_page=True)
 
 
+def test_freeze_layer_is_marked_and_undone(setup):
+    page = setup["page"]
+    point = page.locator("#net-graph .scatterlayer .trace:last-child path.point").nth(0)
+    box = point.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#net-details:has-text('net.conv1')", timeout=10000)
+    page.click("#btn-freeze-layer")
+    page.wait_for_selector("#event-log tr.ev-row:has-text('freeze net.conv1') .ev-done", timeout=30000)
+    js_wait(page, "Array.from(document.querySelectorAll('#net-graph .annotation-text'))"
+                  ".some(t => t.textContent === 'conv1 ❄')", timeout=20)
+    symbols = page.evaluate("document.querySelector('#net-graph .js-plotly-plot').data[4].marker.symbol")
+    assert symbols[:16] == ["x"] * 16 and "x" not in symbols[16:]
+    page.screenshot(path=str(ARTIFACTS / "network-frozen.png"), full_page=True)
+    page.click("#btn-unfreeze-layer")
+    page.wait_for_selector("#event-log tr.ev-row:has-text('unfreeze net.conv1') .ev-done", timeout=30000)
+    js_wait(page, "Array.from(document.querySelectorAll('#net-graph .annotation-text'))"
+                  ".some(t => t.textContent === 'conv1')", timeout=20)
+
+
 def test_invalid_lr_shows_the_error_text(setup):
     page = setup["page"]
     page.get_by_text("Training", exact=True).click()
@@ -266,7 +286,10 @@ def test_killing_and_restarting_the_trainer_is_shown_and_recovered(setup):
     # the chart starts again with the new run's steps (a full redraw, then live growth)
     js_wait(page, "(() => { const gd = document.querySelector('#train-graph .js-plotly-plot');"
                   " return gd && gd.data && gd.data[0].x.length >= 5 && gd.data[0].x[0] <= 3; })()", timeout=40)
-    # commands queued before the kill and never applied would be errors; the restart is in the state's log
+    # the old process's steering markers are gone from the new run's step axis (the event log keeps them)
+    assert "widen net.conv2 +1" not in page.locator("#train-graph .annotation-text").all_text_contents()
+    assert any("widen net.conv2 +1" in r for r in event_rows(page))
+    # the restart is in the state's log
     assert any("trainer restarted" in text for _, text in setup["hub"].get(None).log)
 
 
@@ -275,9 +298,19 @@ def test_replay_of_the_recorded_run(setup):
     page, hub = setup["page"], setup["hub"]
     hub.logdir = str(setup["trainer"].root)
     page.get_by_text("Training", exact=True).click()
-    page.click("#run-select")
-    page.get_by_text("◼ recorded", exact=False).first.click()
-    page.wait_for_selector("#conn-banner:has-text('REPLAY')", timeout=20000)
+    deadline = time.monotonic() + 20
+    while not any(o["label"].startswith("◼ recorded") for o in hub.options()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for attempt in range(3):      # the menu may close when a tick re-renders the header; open it again
+        page.click("#run-select")
+        try:
+            page.get_by_text("◼ recorded", exact=False).first.click(timeout=5000)
+            page.wait_for_selector("#conn-banner:has-text('REPLAY')", timeout=10000)
+            break
+        except playwright_api.TimeoutError:
+            page.screenshot(path=str(ARTIFACTS / f"replay-attempt-{attempt}.png"), full_page=True)
+            page.keyboard.press("Escape")
+    page.wait_for_selector("#conn-banner:has-text('REPLAY')", timeout=5000)
     banner = page.inner_text("#conn-banner")
     assert "snapshots; showing step" in banner
     replay = [s for s in hub.runs.values() if s.source == "replay"][0]

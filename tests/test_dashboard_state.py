@@ -233,3 +233,64 @@ def test_cli_serves_the_page_on_loopback_and_prints_the_url(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_server_of_another_protocol_version_is_reported_as_incompatible():
+    import threading
+
+    import zmq
+
+    from revacnn.protocol import Codec
+    from revacnn_dash.state import INCOMPATIBLE
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve():
+        codec = Codec("future-run")
+        while not stop.is_set():
+            if router.poll(50):
+                identity, *frames = router.recv_multipart()
+                request = codec.decode(frames)
+                router.send_multipart([identity] + codec.encode(Message("error", {
+                    "req": request.body["req"], "error": "unsupported_version",
+                    "detail": "this server speaks protocol versions [2]; the client offered [1]"})))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    state = RunState(f"tcp://127.0.0.1:{port}")
+    worker = RunWorker(state, connect_timeout=1.0, retry_s=0.2)
+    worker.start()
+    try:
+        assert wait_for(lambda: state.conn == INCOMPATIBLE, timeout=5), state.conn_message
+        assert "versions [2]" in state.conn_message and "protocol 1" in state.conn_message
+    finally:
+        worker.stop()
+        stop.set()
+        thread.join(2)
+        router.close()
+        context.term()
+
+
+def test_hub_shows_several_live_runs():
+    from revacnn_dash.hub import Hub
+
+    a = Publisher("run-a", heartbeat_s=0.2).start()
+    b = Publisher("run-b", heartbeat_s=0.2).start()
+    for p in (a, b):
+        p.set_status(state="running")
+    hub = Hub([a.control_endpoint, b.control_endpoint], warm_umap=False)
+    try:
+        assert wait_for(lambda: all(s.conn == LIVE for s in hub.runs.values()), timeout=10)
+        labels = [o["label"] for o in hub.options()]
+        assert labels == ["● live: run-a (live)", "● live: run-b (live)"]
+        cid = hub.runs[hub.options()[1]["value"]].submit("pause", {})
+        assert wait_for(lambda: any(c["id"] == cid for c in b._commands), timeout=5)
+        assert not any(c["id"] == cid for c in a._commands)
+    finally:
+        hub.stop()
+        a.close(timeout=1)
+        b.close(timeout=1)

@@ -318,7 +318,9 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
                    f"{hp.get('optimizer')}") if hp else "(waiting for hparams)"
         if tab != "training" and cursor and cursor.get("key") == key:
             return no_update, no_update, hp_text
-        events = [e for e in state.event_list() if e["status"] == "done" and e["step"] is not None]
+        # markers for the commands applied by this trainer process (a restarted one starts a new step axis)
+        events = [e for e in state.event_list() if e["status"] == "done" and e["step"] is not None
+                  and e["generation"] == state.generation]
         val = state.val_history()
         marker_sig = [e["id"] for e in events]
         full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation)

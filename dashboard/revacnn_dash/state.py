@@ -40,6 +40,7 @@ class Event:
     updated: float = field(default_factory=time.time)
     result: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    generation: int = 0          # the trainer process it was sent to (RunState.generation)
 
     def label(self) -> str:
         """Short text for a chart marker, e.g. ``widen net.conv2 +1``. Acks seen on telemetry or in a recording
@@ -58,7 +59,7 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "op": self.op, "args": self.args, "status": self.status, "error": self.error,
                 "step": self.step, "sent": self.sent, "updated": self.updated, "label": self.label(),
-                "note": self.note}
+                "note": self.note, "generation": self.generation}
 
 
 def command_label(op: str, args: dict[str, Any]) -> str:
@@ -248,7 +249,7 @@ class RunState:
 
     # -- commands --------------------------------------------------------------------------------------------------
     def _add_event(self, command_id: str, op: str, args: dict[str, Any], note: str = "") -> Event:
-        event = Event(command_id, op, dict(args or {}), note=note)
+        event = Event(command_id, op, dict(args or {}), note=note, generation=self.generation)
         self.events[command_id] = event
         while len(self.events) > self.event_capacity:
             self.events.popitem(last=False)

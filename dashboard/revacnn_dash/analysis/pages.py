@@ -622,13 +622,11 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
     def _pick(click, current):
         if not click or not click.get("points"):
             return no_update
-        point = click["points"][0]
-        row, col = point.get("pointNumber", [None, None]) if isinstance(point.get("pointNumber"), list) else \
-            (point.get("y"), point.get("x"))
-        custom = point.get("customdata")
-        if custom:
-            return {"row": int(custom[0]), "col": int(custom[1]), "step": int(custom[2])}
-        return no_update
+        point = click["points"][0]          # Dash passes x and y labels for heatmaps (not customdata)
+        x, y = str(point.get("x", "")), point.get("y")
+        if "@" not in x or y is None:
+            return no_update
+        return {"layer": y, "column": x, "step": int(x.split("@")[1])}
 
     @app.callback(Output("ane-cube", "figure"), Output("ane-cube-detail", "children"), Input("ane-run", "value"),
                   Input("ane-window", "value"), Input("ane-threshold", "value"), Input("ane-direction", "value"),
@@ -645,7 +643,9 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
             return go.Figure(layout={"title": {"text": "no flagged classes with these settings",
                                                "font": {"size": 12}}}), ""
         labels = [f"c{c}@{s}" for c, s in data["columns"]]
-        picked = pick is not None and pick.get("row", -1) < len(layers) and pick.get("col", -1) < len(labels)
+        picked = pick is not None and pick.get("layer") in layers and pick.get("column") in labels
+        if picked:
+            pick = {"row": layers.index(pick["layer"]), "col": labels.index(pick["column"])}
         z = overlap_with(data, pick["row"], pick["col"]) if picked else data["shared"]
         custom = [[[r, c, data["columns"][c][1]] for c in range(len(labels))] for r in range(len(layers))]
         text = [[" ".join(map(str, cell[:4])) + (" …" if len(cell) > 4 else "") for cell in row]
