@@ -355,7 +355,8 @@ def test_top_changed_and_cube_match_independent_computation(synthetic):
     data = cube(run, layers, info, k=3)
     assert data["columns"] == info["flagged_pairs"]
     assert data["cells"][0][0] == sorted(top[layers[0]]) == data["cells"][0][1]
-    assert data["shared"][0][0] == 3            # the same interval: every filter shared with the other column
+    shared = len(set(top[layers[0]]) & set(top_changed(run, layers, 100, 160, k=3)[layers[0]]))
+    assert data["shared"][0][0] == data["shared"][0][1] == shared == data["shared"][0][2]
 
 
 # -- observations ----------------------------------------------------------------------------------------------------

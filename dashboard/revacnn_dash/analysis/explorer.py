@@ -301,5 +301,9 @@ def steering_events(run) -> list[dict[str, Any]]:
             label = entry.get("op", "")
             if args.get("layer"):
                 label += f" {args['layer']}"
-            out.append({"step": int(entry["step"]), "op": entry.get("op"), "label": label})
+            if out and out[-1]["step"] == int(entry["step"]):       # one mark per step: "widen + remove_filters"
+                out[-1]["label"] += " + " + label
+                out[-1]["op"] += "+" + (entry.get("op") or "")
+            else:
+                out.append({"step": int(entry["step"]), "op": entry.get("op") or "", "label": label})
     return out

@@ -131,8 +131,10 @@ def top_changed(run, layers: list[str], start: int | None, stop: int, k: int = 1
 
 def cube(run, layers: list[str], info: dict, k: int = 10, max_columns: int = 40) -> dict[str, Any]:
     """The cube: rows = layers, columns = flagged (class, step) pairs; each cell the set of top-``k`` changed
-    filters of that layer over the validation interval ending at that step. ``shared`` [L, C] counts how many of a
-    cell's filters appear in at least one other cell of the same layer (the highlighted sets)."""
+    filters of that layer over the validation interval ending at that step. Columns of the same step share one
+    interval (filter changes do not depend on the class), so ``shared`` [L, C] counts how many of a cell's filters
+    also appear in a cell of the same layer at a *different* flagged step — filters that keep turning whenever
+    classes flip (the highlighted sets)."""
     steps = list(np.asarray(info["steps"]).tolist())
     pairs = info["flagged_pairs"][:max_columns]
     by_step: dict[int, dict[str, list[int]]] = {}
@@ -144,7 +146,7 @@ def cube(run, layers: list[str], info: dict, k: int = 10, max_columns: int = 40)
     shared = np.zeros((len(layers), len(pairs)), np.int64)
     for r, row in enumerate(cells):
         for c, cell in enumerate(row):
-            others = set().union(*(row[j] for j in range(len(row)) if j != c)) if len(row) > 1 else set()
+            others = set().union(*(row[j] for j in range(len(row)) if pairs[j][1] != pairs[c][1]))
             shared[r, c] = len(cell & others)
     return {"layers": layers, "columns": pairs, "cells": [[sorted(c) for c in row] for row in cells],
             "shared": shared, "k": k}

@@ -1,0 +1,133 @@
+"""The analysis pages in headless Chromium: a small Dash app built here from ``comparison_layout``,
+``explorer_layout`` and ``register_analysis_callbacks`` over the steered run recorded by test_analysis.py.
+
+Screenshots go to artifacts/analysis/ (ignored by git). Run alone with:  pytest -m browser tests/test_analysis_browser.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts" / "analysis"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+if not os.path.exists(CHROMIUM):
+    pytest.skip("Debian's chromium is not installed", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_app(run_dir):
+    from dash import Dash, dcc, html
+
+    from revacnn_dash.analysis import RunSource, comparison_layout, explorer_layout, register_analysis_callbacks
+
+    source = RunSource([run_dir])
+    app = Dash(__name__)
+    app.layout = html.Div([dcc.Tabs(id="tabs", value="compare", children=[
+        dcc.Tab(label="Compare snapshots", value="compare", children=[comparison_layout(source)]),
+        dcc.Tab(label="Explore the log", value="explore", children=[explorer_layout(source)])])])
+    register_analysis_callbacks(app, source)
+    return app
+
+
+@pytest.fixture(scope="module")
+def page():
+    import waitress
+
+    from test_analysis import recorded_run
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    app = build_app(recorded_run())
+    port = free_port()
+    server = waitress.create_server(app.server, host="127.0.0.1", port=port, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors = []
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(f"http://127.0.0.1:{port}/")
+        yield tab, errors
+        browser.close()
+    server.close()
+
+
+def wait_text(tab, selector, text, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = tab.locator(selector).inner_text() if tab.locator(selector).count() else ""
+        if text in content:
+            return content
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {selector}: {content!r}")
+
+
+def test_comparison_page_shows_network_layer_and_filter_levels(page):
+    tab, errors = page
+    wait_text(tab, "#anc-network", "net.conv2")
+    wait_text(tab, "#anc-network", "parameters")
+    wait_text(tab, "#anc-summary", "activations compared")
+    wait_text(tab, "#anc-network", "+2 / −2")              # widened and removed filters counted, not noise
+    tab.locator("#anc-layer").click()
+    tab.get_by_role("option", name="net.conv2").click()
+    wait_text(tab, "#anc-layer-hist", "net.conv2")
+    wait_text(tab, "#anc-filter-bars", "new")
+    wait_text(tab, "#anc-filter-bars", "removed")
+    # clicking a filter's bar selects it for the filter level
+    bar = tab.locator("#anc-filter-bars .bars .point path").first
+    bar.click(force=True)
+    wait_text(tab, "#anc-filter-view", "filter ")
+    wait_text(tab, "#anc-filter-view", "activation B")
+    title = tab.locator("#anc-filter-view .gtitle").text_content()
+    assert "net.conv2 filter" in title
+    tab.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    assert not errors, errors
+
+
+def test_explorer_page_tree_leaf_chart_validation_and_cube(page):
+    tab, errors = page
+    tab.get_by_text("Explore the log").click()
+    wait_text(tab, "#ane-multiples", "grad_weight_ratio per node")
+    wait_text(tab, "#ane-multiples", "conv2")
+    # steering events are drawn on the time axes
+    wait_text(tab, "#ane-multiples", "widen net.conv2")
+    tab.locator("#ane-tree button", has_text="conv2").first.click()
+    wait_text(tab, "#ane-crumbs", "conv2")
+    wait_text(tab, "#ane-filter-chart", "filters × iterations: cosine")
+    assert tab.locator("#ane-leaf").is_visible()
+    # validation: make the rule sensitive enough for a 3-sample run so classes get flagged
+    for selector, value in (("#ane-window", "1"), ("#ane-threshold", "2")):
+        tab.locator(selector).fill(value)
+        tab.locator(selector).press("Enter")
+    wait_text(tab, "#ane-val-summary", "window d=1, threshold=2")
+    wait_text(tab, "#ane-heatlines", "per-class error")
+    wait_text(tab, "#ane-images", "image × iteration correctness")
+    wait_text(tab, "#ane-cube", "top-10 changed filters")
+    tab.locator("#ane-cube .nsewdrag").first.click(position={"x": 20, "y": 20})
+    wait_text(tab, "#ane-cube-detail", "pinned:")
+    # the pinned cell's iteration is pinned on the time axes too
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and tab.locator("#ane-heatlines .shapelayer path").count() < 2:
+        time.sleep(0.2)
+    assert tab.locator("#ane-heatlines .shapelayer path").count() >= 2
+    tab.screenshot(path=str(ARTIFACTS / "explore.png"), full_page=True)
+    assert not errors, errors
