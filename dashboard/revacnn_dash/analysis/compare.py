@@ -237,8 +237,10 @@ def _compare_layer(name, la, lb, struct_a, struct_b, wa_full, wb_full, act_a, ac
     kept = [i for i in ids_b if i in set_a]
     new = [i for i in ids_b if i not in set_a]
     removed = [i for i in ids_a if i not in set_b]
-    rows_a = [ids_a.index(i) for i in kept]
-    rows_b = [ids_b.index(i) for i in kept]
+    pos_a = {fid: k for k, fid in enumerate(ids_a)}
+    pos_b = {fid: k for k, fid in enumerate(ids_b)}
+    rows_a = [pos_a[i] for i in kept]
+    rows_b = [pos_b[i] for i in kept]
     in_a, in_b = _input_ids(struct_a, la), _input_ids(struct_b, lb)
     wa_full = wa_full.astype(np.float64)
     wb_full = wb_full.astype(np.float64)
@@ -248,9 +250,11 @@ def _compare_layer(name, la, lb, struct_a, struct_b, wa_full, wb_full, act_a, ac
     if in_a is not None and in_b is not None and na_in % len(in_a) == 0 and nb_in % len(in_b) == 0 \
             and na_in // len(in_a) == nb_in // len(in_b):
         ga, gb = _split_inputs(wa_full, len(in_a)), _split_inputs(wb_full, len(in_b))
-        common = [i for i in in_b if i in set(in_a)]
-        ca = [in_a.index(i) for i in common]
-        cb = [in_b.index(i) for i in common]
+        in_pos_a = {fid: k for k, fid in enumerate(in_a)}
+        in_pos_b = {fid: k for k, fid in enumerate(in_b)}
+        common = [i for i in in_b if i in in_pos_a]
+        ca = [in_pos_a[i] for i in common]
+        cb = [in_pos_b[i] for i in common]
         wa = ga[rows_a][:, ca]
         wb = gb[rows_b][:, cb]
         matched = "by id"
@@ -266,14 +270,14 @@ def _compare_layer(name, la, lb, struct_a, struct_b, wa_full, wb_full, act_a, ac
     log, kind = log_change(fa, fb, floor)
     normal = kind == 0
     abs_log = np.where(normal, np.abs(np.nan_to_num(log)), np.nan)
-    with np.errstate(invalid="ignore"):
-        filter_log = np.array([np.nanmedian(r) if np.isfinite(r).any() else np.nan for r in abs_log]) if n else \
-            np.zeros(0)
+    from .explorer import _row_quantiles
+
+    filter_log = _row_quantiles(abs_log, (0.5,))[0] if n and abs_log.shape[1] else np.full(n, np.nan)
     filter_flip = (kind == 4).mean(1) if fa.shape[1] else np.full(n, np.nan)
     comparable = fa.size > 0
     if act_a is not None and act_b is not None:
-        aa = act_a[:, [ids_a.index(i) for i in kept]].astype(np.float64)
-        ab = act_b[:, [ids_b.index(i) for i in kept]].astype(np.float64)
+        aa = act_a[:, rows_a].astype(np.float64)
+        ab = act_b[:, rows_b].astype(np.float64)
         per_a = np.moveaxis(aa, 1, 0).reshape(n, -1)
         per_b = np.moveaxis(ab, 1, 0).reshape(n, -1)
         act_rel, act_cos = relative_l2(per_a, per_b, axis=1), cosine(per_a, per_b, axis=1)

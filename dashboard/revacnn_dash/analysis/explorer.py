@@ -266,7 +266,7 @@ def order_filters(matrix: np.ndarray, method: str = "pca", seed: int = 0) -> np.
     """Row order that puts similar rows (filters' series) next to each other.
 
     ``pca``: classical (Torgerson) 1-D MDS — for Euclidean distances its 1-D embedding is the projection on the
-    first principal component, computed with a randomized SVD (fast for 2,048 × 1,000). ``spectral``: the
+    first principal component, computed by power iteration on XᵀX (fast: 2,048 × 1,000 in tens of ms). ``spectral``: the
     Fiedler-vector ordering of scikit-learn's SpectralEmbedding on an RBF affinity (slower, better for clusters).
     ``none``: recorded order. NaN cells (filters that did not exist) are filled with the column mean first."""
     f = matrix.shape[0]
@@ -283,13 +283,28 @@ def order_filters(matrix: np.ndarray, method: str = "pca", seed: int = 0) -> np.
 
         emb = SpectralEmbedding(n_components=1, affinity="rbf", random_state=seed).fit_transform(x)[:, 0]
     else:
-        from sklearn.utils.extmath import randomized_svd
-
-        u, s, _ = randomized_svd(x, n_components=1, random_state=seed)
-        emb = u[:, 0] * s[0]
-        if emb.sum() < 0:
-            emb = -emb
+        emb = _first_component(x, seed)
     return np.argsort(emb, kind="stable")
+
+
+def _first_component(x: np.ndarray, seed: int = 0, iterations: int = 100, tol: float = 1e-7) -> np.ndarray:
+    """Scores of the rows of centred ``x`` on its first principal component (power iteration; sign fixed so the
+    scores sum to ≥ 0)."""
+    x = x.astype(np.float64, copy=False)
+    v = np.random.default_rng(seed).normal(size=x.shape[1])
+    v /= np.linalg.norm(v)
+    for _ in range(iterations):
+        w = x.T @ (x @ v)
+        norm = np.linalg.norm(w)
+        if norm == 0:
+            break
+        w /= norm
+        done = np.linalg.norm(w - v) < tol
+        v = w
+        if done:
+            break
+    scores = x @ v
+    return -scores if scores.sum() < 0 else scores
 
 
 def steering_events(run) -> list[dict[str, Any]]:
