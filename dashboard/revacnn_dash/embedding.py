@@ -1,14 +1,18 @@
 """Embeddings off the request path: one worker thread, results cached per snapshot, layouts kept stable.
 
 Callbacks call ``request(...)``: it returns the cached result at once, or queues the job and returns None (the page
-shows "computing…" and polls). UMAP's first call in a process is slow (numba compilation), so ``warm_umap`` runs it
-once in the background at start and ``umap_status`` reports progress.
+shows "computing…" and polls). PCA runs on the worker thread (milliseconds); t-SNE and UMAP run in two helper
+processes, one each, so their CPU- and GIL-heavy work (numba compilation above all) never slows the web server's
+threads. UMAP's first call in a process is slow, so ``warm_umap`` runs it once in its process at start and
+``umap_status`` reports progress.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
+from concurrent.futures import ProcessPoolExecutor
 import time
 from collections import OrderedDict
 from typing import Any
@@ -29,16 +33,27 @@ class EmbeddingService:
         self.umap_state = "not started"
         self.umap_started = 0.0
         self.umap_seconds: float | None = None
+        self.pools: dict[str, ProcessPoolExecutor] = {}
         self.thread = threading.Thread(target=self._run, name="revacnn-embedding", daemon=True)
         self.thread.start()
+
+    def _pool(self, method: str) -> ProcessPoolExecutor:
+        with self.lock:
+            if method not in self.pools:
+                self.pools[method] = ProcessPoolExecutor(max_workers=1,
+                                                         mp_context=multiprocessing.get_context("spawn"))
+            return self.pools[method]
+
+    def shutdown(self) -> None:
+        for pool in list(self.pools.values()):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- UMAP warm-up ------------------------------------------------------------------------------------------------
     def warm_umap(self) -> None:
         def warm() -> None:
             self.umap_state, self.umap_started = "warming", time.monotonic()
             try:
-                import umap
-                umap.UMAP(n_neighbors=5, random_state=0).fit_transform(np.random.default_rng(0).normal(size=(40, 8)))
+                self._pool("umap").submit(_warm_umap).result()
                 self.umap_state = "ready"
             except Exception as error:  # an optional speed-up: report, never crash
                 self.umap_state = f"unavailable ({type(error).__name__}: {error})"
@@ -100,7 +115,10 @@ class EmbeddingService:
         init = None
         if method == "tsne" and previous and all(i in previous for i in ids):
             init = np.array([previous[i] for i in ids])
-        coords = compute_embedding(x, method, init=init)
+        if method == "pca":
+            coords = compute_embedding(x, method, init=init)
+        else:
+            coords = self._pool(method).submit(compute_embedding, x, method, 0, init).result(timeout=600)
         coords = align_to_previous(coords, ids, previous)
         self.previous[layout_key] = {fid: (float(a), float(b)) for fid, (a, b) in zip(ids, coords)}
         grad = arrays.get("grad/" + layer)
@@ -111,3 +129,14 @@ class EmbeddingService:
         if colour == "cluster":
             result["cluster"] = kmeans_labels(x, k=min(4, n)).tolist()
         return result
+
+
+def _warm_umap() -> bool:
+    """Run once in the UMAP helper process: import umap and compile its numba code on a tiny problem."""
+    import warnings
+
+    import umap
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        umap.UMAP(n_neighbors=5, random_state=0).fit_transform(np.random.default_rng(0).normal(size=(40, 8)))
+    return True

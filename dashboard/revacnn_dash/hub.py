@@ -83,6 +83,7 @@ class Hub:
             worker.stopping.set()
         for worker in self.workers.values():
             worker.join(3)
+        self.embeddings.shutdown()
 
 
 def load_replay(state: RunState, reader, step: int | None = None) -> None:

@@ -336,7 +336,10 @@ def compute_embedding(x: np.ndarray, method: str, seed: int = 0, init: np.ndarra
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
                     max_iter=500).fit_transform(x)
     if method == "umap":
+        import warnings
+
         import umap
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
         return umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed,
                          init="spectral" if n > 4 else "random").fit_transform(x)
     raise ValueError(f"unknown embedding method {method!r}")
