@@ -151,3 +151,23 @@ def test_sigkill_of_a_real_trainer_leaves_a_readable_recording(tmp_path):
         np.testing.assert_array_equal(steps, np.arange(1, steps.max() + 1))
         series = run.filter_series("net.conv1", "grad_abs_mean")
         assert np.isfinite(series["values"]).all()
+
+
+def test_recording_failure_stops_training_cleanly_when_asked(tmp_path):
+    import shutil
+
+    callback = ReVACNNCallback(filters_every=1, snapshot_every=0, on_recording_error="stop")
+
+    class RemoveRecordingAtStep5(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                shutil.rmtree(callback.run_dir)
+            time.sleep(0.02)  # let the writer thread notice between batches
+
+    trainer = pl.Trainer(max_epochs=20, limit_train_batches=20, limit_val_batches=0, logger=False,
+                         callbacks=[callback, RemoveRecordingAtStep5()], default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule())
+    assert callback.recorder.error
+    assert 5 < trainer.global_step < 400, "fit ended early, once the failure was seen"
+    assert callback._state == "stopped"

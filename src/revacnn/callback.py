@@ -90,6 +90,8 @@ class ReVACNNCallback(Callback):
         host, telemetry_port, control_port: where the sockets bind (127.0.0.1 and free ports by default).
         run_dir: where the recording and the connection file go (default: ``<trainer.log_dir>/revacnn``).
         record: write the run to ``run_dir`` (see revacnn.recording).
+        on_recording_error: ``"warn"`` (default: warn once, keep training, the recording stops) or ``"stop"``
+            (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
         sign: sign every message with a per-run HMAC key kept in the connection file (mode 0600).
         steering: accept steering commands.
         command_every: under DDP, how often (in batches) rank 0 broadcasts received commands to the other ranks.
@@ -107,8 +109,10 @@ class ReVACNNCallback(Callback):
                  control_port: int = 0, run_dir: str | os.PathLike | None = None, record: bool = True,
                  sign: bool = False, steering: bool = True, command_every: int = 1, queue_size: int = 64,
                  send_hwm: int = 100, insecure_bind: bool = False, curve: bool = False,
-                 keys_dir: str | os.PathLike | None = None) -> None:
+                 keys_dir: str | os.PathLike | None = None, on_recording_error: str = "warn") -> None:
         super().__init__()
+        if on_recording_error not in ("warn", "stop"):
+            raise ValueError(f"on_recording_error must be 'warn' or 'stop', got {on_recording_error!r}")
         for name, value in (("scalars_every", scalars_every), ("filters_every", filters_every),
                             ("snapshot_every", snapshot_every), ("probe_images", probe_images),
                             ("val_subset", val_subset)):
@@ -124,6 +128,8 @@ class ReVACNNCallback(Callback):
         self.host, self.telemetry_port, self.control_port = host, telemetry_port, control_port
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.record = record
+        self.on_recording_error = on_recording_error
+        self._stopping_for_recording = False
         self.sign = sign
         self.steering = steering
         self.command_every = command_every
@@ -532,6 +538,13 @@ class ReVACNNCallback(Callback):
     def _receive_commands(self, trainer: pl.Trainer, batch_idx_due: bool = True) -> list[dict[str, Any]]:
         """Commands to apply now, the same list on every rank (rank 0 broadcasts what it received)."""
         commands = self.publisher.poll_commands() if self.publisher is not None else []
+        if (self.on_recording_error == "stop" and not self._stopping_for_recording and self.recorder is not None
+                and self.recorder.error):
+            # Rides the command broadcast, so every DDP rank stops at the same batch.
+            self._stopping_for_recording = True
+            rank_zero_warn(f"revacnn: the recording failed ({self.recorder.error}); stopping as asked "
+                           "(on_recording_error='stop')")
+            commands.append({"req": "", "id": f"recording-error-{self.run_id}", "op": "stop", "args": {}})
         if trainer.world_size > 1:
             if not batch_idx_due:
                 # Nothing is applied between broadcasts: keep rank 0's commands for the next one.
