@@ -798,17 +798,20 @@ def _network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
                 "line": {"width": [3 if n["frozen"] else 1 for n in nodes],
                          "color": ["#29b6f6" if n["frozen"] else "#333" for n in nodes]}}))
     shapes, notes = [], []
-    for col in columns:
+    crowded = len(columns) > 8
+    for ci, col in enumerate(columns):
         label = col["label"] + (" ❄" if col.get("frozen") else (" (❄ part)" if col.get("partly_frozen") else ""))
-        notes.append({"x": col["x"], "y": 1.03, "xref": "x", "yref": "paper", "text": label, "showarrow": False,
-                      "font": {"size": 11, "color": "#0277bd" if col.get("frozen") else "#222"}})
+        # many columns: stagger the labels on two rows so they do not overlap
+        notes.append({"x": col["x"], "y": 1.06 if crowded and ci % 2 else 1.02, "xref": "x", "yref": "paper",
+                      "text": label, "showarrow": False,
+                      "font": {"size": 10 if crowded else 11, "color": "#0277bd" if col.get("frozen") else "#222"}})
         notes.append({"x": col["x"], "y": -0.03, "xref": "x", "yref": "paper", "text": f"{col['count']}",
                       "showarrow": False, "font": {"size": 10, "color": "#777"}})
         if col.get("frozen"):
             shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": col["x"] - 0.3, "x1": col["x"] + 0.3,
                            "y0": 0, "y1": 1, "fillcolor": "rgba(41,182,246,0.15)", "line": {"width": 0},
                            "layer": "below"})
-    fig.update_layout(shapes=shapes, annotations=notes, margin={"l": 10, "r": 10, "t": 40, "b": 30},
+    fig.update_layout(shapes=shapes, annotations=notes, margin={"l": 10, "r": 10, "t": 55, "b": 30},
                       xaxis={"visible": False, "range": [-0.6, max(0.6, len(columns) - 0.4)]},
                       yaxis={"visible": False, "range": [-0.02, 1.02]}, plot_bgcolor="white",
                       uirevision="network", hovermode="closest")
@@ -818,16 +821,17 @@ def _network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
 def _embedding_figure(result: dict[str, Any], colour: str, layer: str, source: str, method: str, step) -> go.Figure:
     coords = np.array(result["coords"], dtype=float)
     if colour == "cluster" and "cluster" in result:
-        c, scale, title = result["cluster"], "Set2", "cluster"
+        palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
+        marker = {"size": 12, "color": [palette[int(k) % len(palette)] for k in result["cluster"]]}
     else:
-        c, scale, title = result["grad"], "Inferno", "mean |grad|"
+        marker = {"size": 12, "color": result["grad"], "colorscale": "Inferno", "showscale": True,
+                  "colorbar": {"title": {"text": "mean |grad|"}}}
     ids = result["ids"]
     fig = go.Figure(go.Scatter(
         x=coords[:, 0], y=coords[:, 1], mode="markers+text", text=[str(i) for i in range(len(coords))],
         textposition="top center", textfont={"size": 9}, customdata=ids,
         hovertemplate="filter %{text} (id %{customdata})<extra></extra>",
-        marker={"size": 12, "color": c, "colorscale": scale, "showscale": True, "colorbar": {"title":
-                                                                                             {"text": title}}}))
+        marker=marker))
     fig.update_layout(
         margin={"l": 30, "r": 10, "t": 30, "b": 30}, title={"text": f"{method.upper()} · {layer} · {source} · "
                                                                     f"step {step}", "font": {"size": 13}},

@@ -54,7 +54,7 @@ def layer_tree(names: list[str]) -> TreeNode:
     return root
 
 
-def default_expanded(names: list[str], max_columns: int = 24) -> list[str]:
+def default_expanded(names: list[str], max_columns: int = 12) -> list[str]:
     """Expand the tree breadth-first while the number of columns stays within ``max_columns``."""
     root = layer_tree(names)
     expanded = {""}
@@ -138,7 +138,7 @@ def _frozen_mask(layer: dict[str, Any]) -> np.ndarray:
 
 
 def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndarray]], expanded: Iterable[str],
-                  max_nodes: int = 64, max_lines: int = 6000) -> dict[str, Any]:
+                  max_nodes: int = 64, max_lines: int = 3000) -> dict[str, Any]:
     """Positions, sizes and stats of every visible node, and the paths to draw between consecutive columns.
 
     ``fields`` = ``{layer: {field: array[out]}}`` (``RunState.filters_by_layer``). Returns plain lists:
