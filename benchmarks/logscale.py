@@ -89,6 +89,7 @@ def write_run(run_dir: Path, steps: int, filters_every: int, val_every: int = 10
     level = rng.normal(size=(5, total)).astype(np.float32) * 0.3
     labels = rng.integers(0, 10, val_images).astype(np.int16)
     skill = rng.random(val_images)
+    right = rng.random(val_images) < 0.1
     widened_at = steps // 2
     wide = "layer3.0.conv1"
     started = time.perf_counter()
@@ -128,8 +129,14 @@ def write_run(run_dir: Path, steps: int, filters_every: int, val_every: int = 10
         submitted += 1
         if step % val_every == 0:
             seq += 1
+            # sticky correctness: most images keep their state; some re-draw it from a rising skill curve; now
+            # and then one class is disturbed (a third of its images flip) — the events the anomaly rule finds
             p_right = 1 / (1 + np.exp(-(step / steps * 6 - 3 + 3 * (skill - 0.5))))
-            right = rng.random(val_images) < p_right
+            redraw = rng.random(val_images) < 0.05
+            right = np.where(redraw, rng.random(val_images) < p_right, right)
+            if rng.random() < 0.15:
+                hit = (labels == rng.integers(0, 10)) & (rng.random(val_images) < 0.35)
+                right = np.where(hit, ~right, right)
             pred = np.where(right, labels, (labels + 1 + rng.integers(0, 9, val_images)) % 10).astype(np.int16)
             rec.submit(Message("val", {"step": step, "epoch": step // 500, "metrics": {"val_acc": float(right.mean())},
                                        "count": val_images}, {"pred": pred, "label": labels}, run="logscale",
