@@ -264,3 +264,16 @@ def test_tsne_runs_in_a_helper_process_and_is_seeded_from_the_previous_layout():
         assert ("run", "c", "weight", "tsne") in service.previous
     finally:
         service.shutdown()
+
+
+def test_embedding_figure_colours_by_cluster_or_gradient():
+    from revacnn_dash.app import _embedding_figure
+
+    result = {"coords": [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "ids": [7, 8, 9], "grad": [0.1, 0.2, 0.3],
+              "cluster": [0, 1, 0]}
+    fig = _embedding_figure(result, "cluster", "c", "weight", "pca", 5)
+    colours = list(fig.data[0].marker.color)
+    assert colours[0] == colours[2] != colours[1]
+    fig = _embedding_figure(result, "grad", "c", "weight", "pca", 5)
+    assert list(fig.data[0].marker.color) == [0.1, 0.2, 0.3] and fig.data[0].marker.showscale
+    assert list(fig.data[0].customdata) == [7, 8, 9]
