@@ -198,18 +198,23 @@ def _network_figure(comp, measure: str) -> go.Figure:
     text = [f"{r['kept']} kept" + (f", +{r['new']} new" if r["new"] else "") +
             (f", −{r['removed']} removed" if r["removed"] else "") for r in rows]
     z = np.array([[np.nan if v is None else v for v in params], [np.nan if v is None else v for v in acts]], float)
-    fig = go.Figure(go.Heatmap(z=z, x=names, y=["parameters", "activations (probes)"], colorscale="YlOrRd",
+    with np.errstate(invalid="ignore", divide="ignore"):     # colour: each row relative to its own maximum
+        top = np.nanmax(np.where(np.isfinite(z), np.abs(z), np.nan), axis=1, keepdims=True) \
+            if np.isfinite(z).any() else np.ones((2, 1))
+        shade = z / np.where(np.isfinite(top) & (top > 0), top, 1)
+    fig = go.Figure(go.Heatmap(z=shade, x=names, y=["parameters", "activations (probes)"], colorscale="YlOrRd",
+                               zmin=0, zmax=1,
                                text=[[f"{v:.3g}" if np.isfinite(v) else "" for v in z[0]],
                                      [f"{v:.3g}" if np.isfinite(v) else "" for v in z[1]]],
                                texttemplate="%{text}", customdata=[text, text],
-                               hovertemplate="%{x}<br>%{y}: %{z:.4g}<br>%{customdata}<extra></extra>",
-                               colorbar={"title": {"text": MEASURES[measure] if measure != "sign_flips" else
-                                                   "sign flips / act rel L2"}}))
+                               hovertemplate="%{x}<br>%{y}: %{text}<br>%{customdata}<extra></extra>",
+                               colorbar={"title": {"text": "share of the row's largest"}}))
     for i, r in enumerate(rows):
         if r["new"] or r["removed"]:
             fig.add_annotation(x=names[i], y=1.5, text=f"+{r['new']} / −{r['removed']}", showarrow=False,
                                font={"size": 11, "color": "#1b5e20"}, yanchor="bottom")
-    fig.update_layout(margin={"l": 130, "r": 10, "t": 30, "b": 40}, title={"text": "network: change per layer",
+    label = MEASURES[measure] if measure != "sign_flips" else "share of sign flips (activations: rel L2)"
+    fig.update_layout(margin={"l": 130, "r": 10, "t": 30, "b": 40}, title={"text": f"network: {label} per layer",
                                                                           "font": {"size": 13}})
     return fig
 
