@@ -92,13 +92,22 @@ def test_comparison_page_shows_network_layer_and_filter_levels(page):
     wait_text(tab, "#anc-layer-hist", "net.conv2")
     wait_text(tab, "#anc-filter-bars", "new")
     wait_text(tab, "#anc-filter-bars", "removed")
-    # clicking a filter's bar selects it for the filter level
-    bar = tab.locator("#anc-filter-bars .bars .point path").first
-    bar.click(force=True)
-    wait_text(tab, "#anc-filter-view", "filter ")
+    # the filter level opens on the most-changed filter; clicking another filter's bar selects that one
     wait_text(tab, "#anc-filter-view", "activation B")
-    title = tab.locator("#anc-filter-view .gtitle").text_content()
-    assert "net.conv2 filter" in title
+    first = tab.locator("#anc-filter").inner_text().strip()
+    bars = tab.locator("#anc-filter-bars .bars .point path")
+    labels = [t.text_content() for t in tab.locator("#anc-filter-bars .xtick text").all()]
+    target = next(i for i, label in enumerate(labels) if label != first)
+    bars.nth(target).click(force=True)
+    deadline = time.monotonic() + 30
+    title = ""
+    while time.monotonic() < deadline:
+        title = tab.locator("#anc-filter-view .gtitle").text_content() or ""
+        if f"net.conv2 filter {labels[target]}:" in title:
+            break
+        time.sleep(0.2)
+    assert f"net.conv2 filter {labels[target]}:" in title, (labels[target], title)
+    assert tab.locator("#anc-filter").inner_text().strip() == labels[target]
     tab.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
     assert not errors, errors
 
