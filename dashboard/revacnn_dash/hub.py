@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ class Hub:
         self.workers: dict[str, RunWorker] = {}
         self.replays: dict[str, Any] = {}         # key → RunReader
         self.logdir = logdir
+        self.scan_every_s = 5.0
+        self._scanned: tuple[str | None, float] = (None, 0.0)
         self.lock = threading.Lock()
         self.embeddings = EmbeddingService()
         if warm_umap:
@@ -58,8 +61,13 @@ class Hub:
         return out
 
     def scan_logdir(self) -> None:
+        """Add recorded runs found below ``logdir`` (at most every ``scan_every_s``; the header polls each tick)."""
         if not self.logdir:
             return
+        now = time.monotonic()
+        if self._scanned[0] == self.logdir and now - self._scanned[1] < self.scan_every_s:
+            return
+        self._scanned = (self.logdir, now)
         try:
             from revacnn.recording.reader import list_runs, open_run
         except ImportError:      # the reader needs pyarrow; without it there is no replay
