@@ -7,16 +7,25 @@
 For a trainer on another machine, forward its two ports over SSH and connect to localhost:
     ssh -N -L 5555:127.0.0.1:5555 -L 5556:127.0.0.1:5556 gpu-box
     revacnn-dash --connect tcp://127.0.0.1:5556        # the control port; telemetry is learned from the handshake
+or connect directly to a trainer with CURVE on (docs/remote.md):
+    revacnn-dash --connect connection.json --client-key ~/.revacnn/client/laptop.key_secret --remote-host gpu-box
+
+The page is served on 127.0.0.1 without a token. A non-loopback --host requires a token (random, printed as
+http://HOST:PORT/?token=…, or --token / $REVACNN_DASH_TOKEN); --token on loopback turns the check on as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 import sys
 
+from revacnn.client import CLIENT_KEY_ENV
 from revacnn.publisher import is_loopback
+
+from .auth import ENV_TOKEN, generate_token
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,20 +38,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logdir", metavar="DIR",
                         help="a directory of recorded runs (e.g. lightning_logs) to replay without the trainer")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to serve the page on (default 127.0.0.1; only loopback addresses are allowed "
-                             "until authentication lands — use an SSH tunnel for remote viewing)")
+                        help="address to serve the page on (default 127.0.0.1). A non-loopback address turns "
+                             "token authentication on (see --token)")
     parser.add_argument("--port", type=int, default=8050, help="port to serve the page on (default 8050)")
+    parser.add_argument("--token", default=os.environ.get(ENV_TOKEN) or None,
+                        help=f"token the page requires (default ${ENV_TOKEN}; with a non-loopback --host and no "
+                             "token a random one is made and printed in the URL). Given on loopback, the check "
+                             "is on there too")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="INSECURE: serve a non-loopback --host WITHOUT authentication — anyone who reaches "
+                             "the port can read and steer the runs. Only on a network you trust completely")
+    parser.add_argument("--client-key", default=os.environ.get(CLIENT_KEY_ENV) or None, metavar="PATH",
+                        help=f"this dashboard's CURVE keypair (NAME.key_secret from `revacnn keys generate`, "
+                             f"allow-listed on the trainer), for runs with CURVE on; default ${CLIENT_KEY_ENV}")
+    parser.add_argument("--server-key", metavar="KEY",
+                        help="the trainer's CURVE public key (Z85 or a .key file) for a bare tcp:// target; "
+                             "a connection file names it itself")
+    parser.add_argument("--remote-host", metavar="HOST",
+                        help="replace the host of the runs' endpoints (e.g. the GPU box's name, when its "
+                             "connection file says 127.0.0.1 or 0.0.0.0)")
     parser.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
     parser.add_argument("--no-umap-warmup", action="store_true",
                         help="do not compile UMAP in the background at start (saves ~10-25 s of one CPU core)")
     args = parser.parse_args(argv)
     if not args.connect and not args.logdir:
         parser.error("nothing to show: give at least one --connect TARGET or --logdir DIR")
-    if not _loopback(args.host):
-        parser.error(f"refusing to serve on {args.host!r}: the dashboard can steer training and has no "
-                     "authentication yet (that comes with issue 7). Serve on 127.0.0.1 and reach it through an SSH "
-                     f"tunnel instead, e.g.  ssh -N -L {args.port}:127.0.0.1:{args.port} this-host")
+    if args.token is not None and not args.token.strip():
+        parser.error("--token is empty")
+    if args.insecure_no_auth and args.token:
+        parser.error("--insecure-no-auth and --token contradict each other")
+    args.auth_token = auth_token(args)
     return args
+
+
+def auth_token(args: argparse.Namespace) -> str | None:
+    """The token the page will require, or None (loopback without --token, or --insecure-no-auth)."""
+    if args.token:
+        return args.token
+    if _loopback(args.host) or args.insecure_no_auth:
+        return None
+    return generate_token()
 
 
 def _loopback(host: str) -> bool:
@@ -64,12 +99,32 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .hub import Hub
 
-    hub = Hub(args.connect, logdir=args.logdir, warm_umap=not args.no_umap_warmup)
+    try:
+        client_options = dict(client_keys=args.client_key, server_key=args.server_key, host=args.remote_host)
+        hub = Hub(args.connect, logdir=args.logdir, warm_umap=not args.no_umap_warmup,
+                  client_options=client_options)
+    except (OSError, ValueError) as error:
+        print(f"revacnn-dash: {error}", file=sys.stderr)
+        return 2
     app = create_app(hub)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"revacnn-dash: serving on http://{host}:{args.port}/ "
-          f"({len(args.connect)} live run(s){', recordings from ' + args.logdir if args.logdir else ''})",
-          flush=True)
+    shown = args.host
+    if shown in ("0.0.0.0", "::", "*", ""):
+        shown = socket.gethostname()
+    shown = f"[{shown}]" if ":" in shown else shown
+    url = f"http://{shown}:{args.port}/"
+    runs = f"{len(args.connect)} live run(s){', recordings from ' + args.logdir if args.logdir else ''}"
+    if args.auth_token:
+        from .auth import install_token_auth
+
+        install_token_auth(app.server, args.auth_token)
+        print(f"revacnn-dash: serving on {url} ({runs}); the page requires a token — open\n"
+              f"    {url}?token={args.auth_token}", flush=True)
+    else:
+        if not _loopback(args.host):
+            print("revacnn-dash: WARNING: INSECURE — serving on a non-loopback address WITHOUT authentication "
+                  "(--insecure-no-auth): anyone who reaches this port can read and steer your training runs.",
+                  file=sys.stderr, flush=True)
+        print(f"revacnn-dash: serving on {url} ({runs})", flush=True)
     try:
         waitress.serve(app.server, host=args.host, port=args.port, threads=args.threads, ident="revacnn-dash")
     except KeyboardInterrupt:

@@ -19,7 +19,13 @@ from .worker import RunWorker
 
 class Hub:
     def __init__(self, targets: list[str] = (), logdir: str | None = None, warm_umap: bool = True,
-                 silence_s: float = 5.0) -> None:
+                 silence_s: float = 5.0, client_options: dict[str, Any] | None = None) -> None:
+        # RunClient's CURVE options for every live run: client_keys, server_key, host (docs/remote.md).
+        self.client_options = {k: v for k, v in (client_options or {}).items() if v is not None}
+        if self.client_options.get("client_keys") is not None:
+            from revacnn.connection import load_keypair
+
+            load_keypair(self.client_options["client_keys"])   # a bad key file fails at start, not per run
         self.runs: dict[str, RunState] = {}
         self.workers: dict[str, RunWorker] = {}
         self.replays: dict[str, Any] = {}         # key → RunReader
@@ -35,7 +41,7 @@ class Hub:
 
     def add_live(self, target: str, silence_s: float = 5.0) -> RunState:
         state = RunState(str(target))
-        worker = RunWorker(state, silence_s=silence_s)
+        worker = RunWorker(state, silence_s=silence_s, client_options=self.client_options)
         with self.lock:
             self.runs[state.key] = state
             self.workers[state.key] = worker

@@ -40,7 +40,7 @@ def resolve_target(target: str) -> str:
 
 class RunWorker(threading.Thread):
     def __init__(self, state: RunState, silence_s: float = SILENCE_S, connect_timeout: float = 3.0,
-                 retry_s: float = 1.0) -> None:
+                 retry_s: float = 1.0, client_options: dict | None = None) -> None:
         super().__init__(name=f"revacnn-io-{state.key}", daemon=True)
         self.state = state
         self.silence_s = silence_s
@@ -49,6 +49,7 @@ class RunWorker(threading.Thread):
         self.stopping = threading.Event()
         self.client: RunClient | None = None
         self.connections = 0
+        self.client_options = dict(client_options or {})   # RunClient's client_keys / server_key / host
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stopping.set()
@@ -69,8 +70,15 @@ class RunWorker(threading.Thread):
     def _connect(self) -> RunClient | None:
         target = resolve_target(self.state.target)
         try:
-            client = RunClient(target, client_name="revacnn-dash")
-        except (OSError, ValueError, KeyError) as error:
+            client = RunClient(target, client_name="revacnn-dash", **self.client_options)
+        except ValueError as error:     # e.g. a CURVE run and no client key: RunClient's own words
+            text = str(error)
+            if "key" not in text.lower() and "curve" not in text.lower():
+                text = f"cannot read the connection file {target}: {text}"
+            self._fail_pending()
+            self._unreachable(text)
+            return None
+        except (OSError, KeyError) as error:
             self._fail_pending()
             self._unreachable(f"cannot read the connection file {target}: {error}")
             return None
