@@ -195,13 +195,11 @@ def test_dashboard_never_imports_torch():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_cli_refuses_a_non_loopback_host(capsys):
+def test_cli_requires_a_token_beyond_loopback(monkeypatch):
+    # The refusal of non-loopback hosts gave way to token authentication (tests/test_dashboard_auth.py).
     from revacnn_dash.cli import parse_args
-    with pytest.raises(SystemExit) as info:
-        parse_args(["--connect", "tcp://127.0.0.1:1", "--host", "0.0.0.0"])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "refusing to serve on '0.0.0.0'" in err and "SSH" in err and "issue 7" in err
+    monkeypatch.delenv("REVACNN_DASH_TOKEN", raising=False)
+    assert parse_args(["--connect", "tcp://127.0.0.1:1", "--host", "0.0.0.0"]).auth_token
     assert parse_args(["--connect", "x", "--host", "::1"]).host == "::1"
     assert parse_args(["--connect", "x"]).host == "127.0.0.1" and parse_args(["--connect", "x"]).port == 8050
 
