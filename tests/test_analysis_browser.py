@@ -119,10 +119,37 @@ def test_explorer_page_tree_leaf_chart_validation_and_cube(page):
     wait_text(tab, "#ane-multiples", "conv2")
     # steering events are drawn on the time axes
     wait_text(tab, "#ane-multiples", "widen net.conv2")
+    # linked hover: one hover position labels every row of the small multiples
+    tab.locator("#ane-multiples").scroll_into_view_if_needed()
+    box = tab.locator("#ane-multiples .nsewdrag").first.bounding_box()
+    tab.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and tab.locator("#ane-multiples .hoverlayer .hovertext").count() < 5:
+        time.sleep(0.2)
+    assert tab.locator("#ane-multiples .hoverlayer .hovertext").count() >= 5     # model + 4 layers
     tab.locator("#ane-tree button", has_text="conv2").first.click()
     wait_text(tab, "#ane-crumbs", "conv2")
     wait_text(tab, "#ane-filter-chart", "filters × iterations: cosine")
     assert tab.locator("#ane-leaf").is_visible()
+    # zoom on the multiples: the filter chart follows (one shared iteration axis)
+    box = tab.locator("#ane-multiples .nsewdrag").first.bounding_box()
+    y = box["y"] + box["height"] * 0.5
+    tab.mouse.move(box["x"] + box["width"] * 0.3, y)
+    tab.mouse.down()
+    tab.mouse.move(box["x"] + box["width"] * 0.6, y, steps=8)
+    tab.mouse.up()
+    script = ("() => { const g = document.querySelector('#ane-filter-chart .js-plotly-plot'); "
+              "return g && g._fullLayout ? g._fullLayout.xaxis.range : null; }")
+    deadline = time.monotonic() + 20
+    span = None
+    while time.monotonic() < deadline:
+        xr = tab.evaluate(script)
+        span = xr[1] - xr[0] if xr else None
+        if span is not None and span < 15:
+            break
+        time.sleep(0.2)
+    assert span is not None and span < 15, span               # 30 steps → about 9 after the zoom
+    tab.locator("#ane-reset-zoom").click()
     # validation: make the rule sensitive enough for a 3-sample run so classes get flagged
     for selector, value in (("#ane-window", "1"), ("#ane-threshold", "2")):
         tab.locator(selector).fill(value)
@@ -133,6 +160,7 @@ def test_explorer_page_tree_leaf_chart_validation_and_cube(page):
     wait_text(tab, "#ane-cube", "top-10 changed filters")
     tab.locator("#ane-cube .nsewdrag").first.click(position={"x": 20, "y": 20})
     wait_text(tab, "#ane-cube-detail", "pinned:")
+    wait_text(tab, "#ane-cube-detail", "net.fc:")          # top-changed filters of every layer at that step
     # the pinned cell's iteration is pinned on the time axes too
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and tab.locator("#ane-heatlines .shapelayer path").count() < 2:

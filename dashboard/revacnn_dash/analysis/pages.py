@@ -22,9 +22,8 @@ from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 
 from revacnn.recording.reader import list_runs, open_run
 
-from .compare import LOG_KINDS, compare_snapshots
-from .explorer import (CHART_FIELDS, build_tree, filter_chart, horizon_bands, layer_overview, node_layers,
-                       steering_events)
+from .compare import compare_snapshots
+from .explorer import CHART_FIELDS, build_tree, filter_chart, horizon_bands, layer_overview, steering_events
 from .tracking import anomalies, cube, overlap_with
 
 __all__ = ["RunSource", "comparison_layout", "explorer_layout", "register_analysis_callbacks"]
@@ -669,8 +668,12 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
             chosen = set(data["cells"][r][c])
             others = [f"{labels[j]}: {sorted(chosen & set(cell))}" for j, cell in enumerate(data["cells"][r])
                       if j != c and chosen & set(cell)]
+            step = data["columns"][c][1]
+            per_layer = "\n".join(f"  {layer}: {ids}" for layer, ids in data["top"][step].items())
             detail = (f"pinned: {layers[r]} × {labels[c]} — top-{data['k']} changed filters "
-                      f"{data['cells'][r][c]}\nshared with: " + ("; ".join(others) or "none"))
+                      f"{data['cells'][r][c]}\nshared with: " + ("; ".join(others) or "none") +
+                      f"\ntop-{data['k']} changed filters of every layer at step {step} (most changed first):\n"
+                      + per_layer)
         fig.update_layout(title={"text": f"top-{data['k']} changed filters per layer and flagged class (click a "
                                          f"cell to pin)", "font": {"size": 12}},
                           xaxis={"type": "category", "title": "flagged class @ step"},

@@ -149,7 +149,7 @@ def cube(run, layers: list[str], info: dict, k: int = 10, max_columns: int = 40)
             others = set().union(*(row[j] for j in range(len(row)) if pairs[j][1] != pairs[c][1]))
             shared[r, c] = len(cell & others)
     return {"layers": layers, "columns": pairs, "cells": [[sorted(c) for c in row] for row in cells],
-            "shared": shared, "k": k}
+            "shared": shared, "k": k, "top": by_step}
 
 
 def overlap_with(cube_data: dict, row: int, col: int) -> np.ndarray:
