@@ -275,7 +275,7 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
             return options, key, "no runs: pass --connect or --logdir", {"color": "#c62828"}, "", [], \
                 {"display": "none"}, None
         s = state.summary()
-        banner = f"{s['conn'].upper()} — {s['conn_message']}"
+        banner = banner_children(s)
         style = {"marginLeft": "12px", "fontWeight": "bold", "color": STATUS_COLOURS.get(s["conn"], "#000")}
         last = s["last"]
         parts = [f"run {s['run_id'] or '?'}", f"state {s['state'] or '?'}", f"step {s['step']}",
@@ -717,6 +717,23 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
 
 # ---------------------------------------------------------------------------------------------------------------
 # figures
+
+
+def banner_children(s: dict[str, Any]) -> list:
+    """The run banner: connection state and message verbatim (e.g. a refused CURVE key), a 🔒 CURVE badge when
+    the run's heartbeat says CURVE is on, and the recorder's error when recording stopped."""
+    children: list = [f"{s['conn'].upper()} — {s['conn_message']}"]
+    security = s.get("security") if isinstance(s.get("security"), dict) else {}
+    if security.get("mode") == "curve":
+        counts = ", ".join(f"{k} {security[k]}" for k in ("allowed", "accepted", "denied") if k in security)
+        children.append(html.Span("🔒 CURVE", id="security-badge", title=f"CURVE-encrypted and authenticated "
+                                  f"({counts} client keys)" if counts else "CURVE-encrypted and authenticated",
+                                  style={"marginLeft": "10px", "padding": "1px 6px", "borderRadius": "4px",
+                                         "background": "#e8f5e9", "color": "#1b5e20", "fontWeight": "normal"}))
+    if s.get("recording_error"):
+        children.append(html.Span(f"⚠ recording stopped: {s['recording_error']}", id="recording-error",
+                                  style={"marginLeft": "10px", "color": "#c62828", "fontWeight": "normal"}))
+    return children
 
 
 def _list(arr: np.ndarray) -> list:

@@ -294,7 +294,8 @@ class RunState:
                     "step": _max_step(status.get("step"), last.get("step")),
                     "epoch": status.get("epoch"), "hparams": dict(self.hparams or {}),
                     "last": {k: float(v[0]) for k, v in last.items() if len(v)}, "gaps": self.gaps,
-                    "messages": self.messages, "drops": status.get("drops")}
+                    "messages": self.messages, "drops": status.get("drops"),
+                    "security": status.get("security"), "recording_error": status.get("recording_error")}
 
     def scalars_since(self, cursor: int) -> tuple[dict[str, np.ndarray], int, int]:
         with self.lock:
