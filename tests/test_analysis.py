@@ -271,6 +271,11 @@ def test_pyramids_agree_with_raw_data_at_every_level(synthetic):
         size = int(np.ceil(240 / resolution))
         np.testing.assert_allclose(node["median"][1], np.median(layers["values"][size:2 * size]), rtol=1e-6)
         assert overview["raw"] == (resolution >= 240)
+    # a per-filter field: each layer's filters averaged, from its pyramid at the display resolution
+    per_filter = layer_overview(run, tree, resolution=24, field="update_ratio")
+    series = run.filter_series("stage0.block0.conv", "update_ratio", resolution=24)
+    np.testing.assert_allclose(per_filter["nodes"]["stage0.block0.conv"]["median"],
+                               np.nanmean(series["values"], axis=1), rtol=1e-5)
     zoomed = layer_overview(run, tree, start=100, stop=140, resolution=400)
     assert zoomed["raw"] and zoomed["nodes"]["model"]["step"].tolist() == list(range(100, 140))
 
