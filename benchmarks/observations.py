@@ -1,13 +1,13 @@
 """ReVACNN §4.1's observations, measured on short CPU runs of the paper's demo CNN on a colour dataset we generate.
 
-    python benchmarks/observations.py              # ~3 minutes on 2 cores; writes docs/img/analysis-observations*
-    python benchmarks/observations.py --epochs 30 --tag -30ep      # ~10 minutes
+    python benchmarks/observations.py              # ~3 minutes on 2 cores; writes docs/img/analysis-observations*,
+                                                   # docs/img/analysis-conv1-filters.png
 
 Dataset ("colour digits"): sklearn's 8×8 digits upsampled to 16×16; every image gets a random foreground colour and
 a random background colour (each RGB channel uniform in [0, 1], independent of the class), image =
 ink·fg + (1 − ink)·bg. Colour carries no class information, so a network has to learn shape across colours.
-Runs (ReVACNNNet 16-20-20, SGD momentum 0.9, batch 32): ``well`` lr 0.05 and ``poor`` lr 0.002 (same seed and
-epochs), recorded with ReVACNNCallback(filters_every=10, snapshot_every=25). For every snapshot: Hopkins statistic
+Runs (ReVACNNNet 16-20-20, SGD momentum 0.9, batch 32): one per ``--lrs`` (default 0.05, 0.02, 0.002; same seed
+and epochs), recorded with ReVACNNCallback(filters_every=10, snapshot_every=25). For every snapshot: Hopkins statistic
 and mean nearest-neighbour cosine of each conv layer's filters, conv1 channel concentration, validation accuracy
 (revacnn_dash.analysis.observations.track_observations).
 """
@@ -93,9 +93,10 @@ def conv1_mosaic(w: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--root", default="/tmp/revacnn-observations")
     parser.add_argument("--tag", default="", help="suffix of the output files (e.g. -30ep)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.02, 0.002], help="one run per lr")
     args = parser.parse_args(argv)
     from revacnn.recording.reader import open_run
     from revacnn_dash.analysis.observations import channel_concentration, track_observations
@@ -103,9 +104,10 @@ def main(argv=None) -> int:
     root = Path(args.root)
     results = {}
     runs = {}
-    for name, lr in (("well (lr 0.05)", 0.05), ("poor (lr 0.002)", 0.002)):
+    for lr in args.lrs:
+        name = f"lr {lr:g}"
         t = time.time()
-        run_dir = train(root / name.split()[0], lr, args.epochs)
+        run_dir = train(root / name.replace(" ", "-"), lr, args.epochs)
         runs[name] = open_run(run_dir)
         results[name] = track_observations(runs[name], first="net.conv1")
         print(name, f"{time.time() - t:.0f} s", "final val_acc", results[name]["val_acc"][-1], flush=True)
@@ -116,15 +118,16 @@ def main(argv=None) -> int:
 
     img = ROOT / "docs" / "img"
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    styles = dict(zip(results, ("-", "-.", "--", ":")))
     for name, res in results.items():
-        style = "-" if name.startswith("well") else "--"
+        style = styles[name]
         axes[0].plot(res["step"], res["val_acc"], style, label=name)
         for layer, colour in zip(("net.conv1", "net.conv2", "net.conv3"), ("C0", "C1", "C2")):
-            axes[1].plot(res["step"], res["hopkins"][layer], style, color=colour, label=f"{layer} {name.split()[0]}")
+            axes[1].plot(res["step"], res["hopkins"][layer], style, color=colour, label=f"{layer}, {name}")
             axes[2].plot(res["step"], res["nn_cosine"][layer], style, color=colour)
-        axes[3].plot(res["step"], res["concentration_mean"], style, color="C3", label=f"mean, {name.split()[0]}")
+        axes[3].plot(res["step"], res["concentration_mean"], style, color="C3", label=f"mean, {name}")
         axes[3].plot(res["step"], res["concentration_high"], style, color="C4",
-                     label=f"share > 0.5, {name.split()[0]}")
+                     label=f"share > 0.5, {name}")
     for ax, title in zip(axes, ("validation accuracy", "Hopkins statistic (0.5 uniform, →1 clustered)",
                                 "mean nearest-neighbour cosine of filters", "conv1 single-channel concentration")):
         ax.set_title(title, fontsize=10)
@@ -134,13 +137,13 @@ def main(argv=None) -> int:
     axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(img / f"analysis-observations{args.tag}.png", dpi=90)
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    fig, axes = plt.subplots(1, 2 * len(runs), figsize=(3.5 * 2 * len(runs), 3.2))
     panels = []
     for name, run in runs.items():
         steps = run.snapshot_steps()
         for step in (steps[0], steps[-1]):
             w = run.snapshot(step)["arrays"]["weight/net.conv1"]
-            panels.append((f"{name.split()[0]}, step {step}\nconcentration {channel_concentration(w).mean():.2f}", w))
+            panels.append((f"{name}, step {step}\nconcentration {channel_concentration(w).mean():.2f}", w))
     for ax, (title, w) in zip(axes, panels):
         ax.imshow(conv1_mosaic(w), interpolation="nearest")
         ax.set_title(title, fontsize=9)
