@@ -65,6 +65,13 @@ class RunSource:
                 self._readers[path] = open_run(path)
             return self._readers[path]
 
+    def version(self, path: str) -> float:
+        """Changes when the run directory got new data (a live run): part of the cache keys of derived views."""
+        try:
+            return self.reader(path).last_write()
+        except OSError:
+            return 0.0
+
     def cached(self, key, make):
         with self._lock:
             if key in self._cache:
@@ -473,7 +480,8 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
 
     # -- explorer --
     def tree_of(run):
-        return source.cached(("tree", run), lambda: build_tree(source.reader(run).layer_names()))
+        return source.cached(("tree", run, source.version(run)),
+                             lambda: build_tree(source.reader(run).layer_names()))
 
     @app.callback(Output("ane-node", "data"), Input("ane-run", "value"),
                   Input({"type": "ane-node", "node": ALL}, "n_clicks"), State("ane-node", "data"))
@@ -572,7 +580,7 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
         return _chart_figure(chart, pins, steering_events(reader), xrange)
 
     def val_info(run, window, threshold, direction):
-        return source.cached(("val", run, window, threshold, direction),
+        return source.cached(("val", run, source.version(run), window, threshold, direction),
                              lambda: anomalies(source.reader(run).val_predictions(), int(window or 3),
                                                int(threshold or 5), direction or "backward"))
 
@@ -641,7 +649,7 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
         info = val_info(run, window, threshold, direction)
         reader = source.reader(run)
         layers = reader.layer_names()
-        data = source.cached(("cube", run, window, threshold, direction, k),
+        data = source.cached(("cube", run, source.version(run), window, threshold, direction, k),
                              lambda: cube(reader, layers, info, int(k or 10)))
         if not data["columns"]:
             return go.Figure(layout={"title": {"text": "no flagged classes with these settings",
