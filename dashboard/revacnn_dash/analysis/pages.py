@@ -22,6 +22,11 @@ from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 
 from revacnn.recording.reader import list_runs, open_run
 
+try:    # plotly's JSON encoder imports pandas lazily; two server threads doing that at once can hit a half-imported
+    import pandas  # noqa: F401  module ("partially initialized module 'pandas'"), so import it here, once
+except ImportError:  # pragma: no cover - pandas is optional
+    pass
+
 from .compare import compare_snapshots
 from .explorer import CHART_FIELDS, build_tree, filter_chart, horizon_bands, layer_overview, steering_events
 from .tracking import anomalies, cube, overlap_with
