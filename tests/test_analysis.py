@@ -5,6 +5,8 @@ case, pyramids against the raw data at every level."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,7 @@ def recorded_run() -> Path:
                 self.client.close()
 
     root = Path(tempfile.mkdtemp(prefix="revacnn-analysis-"))
+    atexit.register(shutil.rmtree, root, True)
     torch.manual_seed(1)
     callback = ReVACNNCallback(filters_every=1, snapshot_every=10)
     trainer = pl.Trainer(max_epochs=3, limit_train_batches=10, callbacks=[callback, Steer(callback)],
