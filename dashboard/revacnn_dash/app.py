@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from dash import ALL, Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
 from plotly.subplots import make_subplots
 
+from .analysis import RunSource, comparison_layout, explorer_layout, register_analysis_callbacks
 from .hub import Hub, load_replay
 from .state import LIVE, RunState
 from .viewmodel import (data_uri, default_expanded, filter_image, jitter_pixels, mosaic, nearest_neighbours,
@@ -235,7 +236,11 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
         html.Div(id="fil-feedback", style={"fontSize": "13px", "color": "#555"}),
     ])
 
-    app.layout = html.Div([
+    analysis = RunSource(hub.recording_dirs())
+    register_analysis_callbacks(app, analysis)
+
+    # A function, so every page load lists the recordings present then (the analysis pages read them at build time).
+    app.layout = lambda: html.Div([
         html.Div([
             html.H2("revacnn", style={"margin": "0 12px 0 0"}),
             dcc.Dropdown(id="run-select", clearable=False, style={"width": "520px"}),
@@ -253,6 +258,8 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
             dcc.Tab(label="Network", value="network", children=network),
             dcc.Tab(label="Embedding", value="embedding", children=embedding),
             dcc.Tab(label="Filters", value="filters", children=filters),
+            dcc.Tab(label="Compare snapshots", value="compare", children=comparison_layout(analysis)),
+            dcc.Tab(label="Explore log", value="explore", children=explorer_layout(analysis)),
         ]),
         html.H4("Event log (steering commands)", style={"marginBottom": "2px"}),
         html.Div(id="event-log", style={"maxHeight": "220px", "overflowY": "auto", "fontSize": "13px"}),

@@ -48,6 +48,17 @@ class Hub:
         worker.start()
         return state
 
+    def recording_dirs(self) -> list[Path]:
+        """Where recordings are: ``--logdir`` and the local directories of the live runs (their run directories)."""
+        dirs = [Path(self.logdir)] if self.logdir else []
+        with self.lock:
+            targets = [state.target for state in self.runs.values()]
+        for target in targets:
+            path = Path(target)
+            if not str(target).startswith("tcp://") and path.exists():
+                dirs.append(path.parent if path.is_file() else path)
+        return dirs
+
     def get(self, key: str | None) -> RunState | None:
         with self.lock:
             if key in self.runs:
