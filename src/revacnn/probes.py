@@ -58,7 +58,8 @@ class FilterProbe:
         self.layers = list(layers)
         self.armed = False
         self._activations: dict[str, torch.Tensor] = {}
-        self._previous: dict[str, torch.Tensor] = {}
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # flat weights and their row norms
+        self._segment_cache: tuple | None = None
         self._handles: list = []
 
     def attach(self) -> None:
@@ -74,7 +75,7 @@ class FilterProbe:
     def reset(self, layers: Sequence[tuple[str, nn.Module]]) -> None:
         """Follow a structural change: new layer list, hooks re-attached, previous weights forgotten."""
         self.layers = list(layers)
-        self._previous.clear()
+        self._previous = None
         self._activations.clear()
         self.attach()
 
@@ -90,37 +91,51 @@ class FilterProbe:
 
     @torch.no_grad()
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``[5, F]`` tensor of per-filter fields and one ``[L]`` of per-layer ‖g‖/‖w‖.
+
+        Every monitored weight (and gradient) is concatenated into one flat buffer — a filter's coefficients are
+        contiguous in it — and each field is one ``segment_reduce`` over all filters of all layers: the number of
+        kernels does not grow with the number of layers.
+        """
         self.armed = False
-        rows, ratios = [], []
-        for name, module in self.layers:
-            weight = module.weight.detach()
-            out = weight.shape[0]
-            flat = weight.reshape(out, -1)
-            zeros = torch.zeros(out, device=weight.device, dtype=torch.float32)
-            grad = module.weight.grad
-            if grad is None:
-                grad_abs = grad_sq = zeros
-            else:
-                flat_grad = grad.detach().reshape(out, -1).float()
-                grad_abs = flat_grad.abs().mean(dim=1)
-                grad_sq = flat_grad.square().mean(dim=1)
-            flat = flat.float()
-            weight_norm = torch.linalg.vector_norm(flat, dim=1)
-            previous = self._previous.get(name)
-            if previous is None or previous.shape != flat.shape:
-                update = zeros
-            else:
-                update = torch.linalg.vector_norm(flat - previous, dim=1) / torch.linalg.vector_norm(
-                    previous, dim=1).clamp_min(1e-12)
-            self._previous[name] = flat.clone()
-            activation = self._activations.get(name)
-            if activation is None or activation.numel() != out:
-                activation = zeros
-            rows.append(torch.stack([grad_abs, grad_sq, weight_norm, update, activation.float()]))
-            grad_norm = (grad_sq.sum() * flat.shape[1]).sqrt()
-            ratios.append(grad_norm / weight_norm.square().sum().sqrt().clamp_min(1e-12))
+        weights = torch.cat([module.weight.detach().reshape(-1) for _, module in self.layers]).float()
+        grads = torch.cat([(module.weight.detach() if module.weight.grad is None else module.weight.grad.detach())
+                           .reshape(-1) for _, module in self.layers]).float()
+        row_lengths, layer_counts = self._segments(weights.device)
+        frozen = [module.weight.grad is None for _, module in self.layers]
+        grad_abs = torch.segment_reduce(grads.abs(), "sum", lengths=row_lengths)
+        grad_sq = torch.segment_reduce(grads.square(), "sum", lengths=row_lengths)
+        if any(frozen):  # no gradient (frozen): report zeros, not the weight values used as a placeholder above
+            mask = torch.repeat_interleave(torch.tensor([not f for f in frozen], device=weights.device,
+                                                        dtype=torch.float32), layer_counts)
+            grad_abs, grad_sq = grad_abs * mask, grad_sq * mask
+        weight_sq = torch.segment_reduce(weights.square(), "sum", lengths=row_lengths)
+        weight_norm = weight_sq.sqrt()
+        if self._previous is not None and self._previous[0].shape == weights.shape:
+            change = torch.segment_reduce((weights - self._previous[0]).square(), "sum", lengths=row_lengths)
+            update = change.sqrt() / self._previous[1].clamp_min(1e-12)
+        else:
+            update = torch.zeros_like(weight_norm)
+        self._previous = (weights, weight_norm)  # ``weights`` is a fresh concatenation: nothing else writes to it
+        activation = torch.cat([self._activations.get(name, torch.zeros(module.weight.shape[0], device=weights.device))
+                                .float() for name, module in self.layers])
+        lengths = row_lengths.float()
+        filters = torch.stack([grad_abs / lengths, grad_sq / lengths, weight_norm, update, activation])
+        layer_ratio = (torch.segment_reduce(grad_sq, "sum", lengths=layer_counts) /
+                       torch.segment_reduce(weight_sq, "sum", lengths=layer_counts).clamp_min(1e-24)).sqrt()
         self._activations = {}
-        return torch.cat(rows, dim=1), torch.stack(ratios)
+        return filters, layer_ratio
+
+    def _segments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coefficients per filter and filters per layer, as index tensors on ``device`` (made once per shape)."""
+        shapes = tuple(tuple(module.weight.shape) for _, module in self.layers)
+        if self._segment_cache is None or self._segment_cache[0] != (shapes, device):
+            rows = [int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1 for shape in shapes]
+            row_lengths = torch.tensor([row for row, shape in zip(rows, shapes) for _ in range(shape[0])],
+                                       device=device)
+            layer_counts = torch.tensor([shape[0] for shape in shapes], device=device)
+            self._segment_cache = ((shapes, device), row_lengths, layer_counts)
+        return self._segment_cache[1], self._segment_cache[2]
 
 
 def tensor_stats(tensor: torch.Tensor) -> torch.Tensor:
