@@ -3,7 +3,8 @@
 Configurations run interleaved (A B C D, A B C D, …) so drift of the machine hits all alike; each repetition is a
 fresh Trainer on the ReVACNN demo CNN (16-20-20, 3×32×32 digits, batch 32). Throughput is timed from the 20th step
 to the last (set-up, first-step compilation of caches, and validation excluded). Reported: median steps/s per
-configuration and its ratio to the bare run's median.
+configuration, and the median over repetitions of its throughput ÷ the bare run's in the same repetition (pairing
+cancels the drift of a shared machine, which is large on small VMs).
 
     python benchmarks/overhead.py                       # CPU, the figures in benchmarks/RESULTS.md
     python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
@@ -118,14 +119,15 @@ def main(argv=None) -> None:
                 results.setdefault(name, []).append(run_once(make, args, data, root))
             print(f"repeat {repeat + 1}/{args.repeats}: " +
                   ", ".join(f"{values[-1]:.1f}" for values in results.values()), file=sys.stderr, flush=True)
-    bare = statistics.median(results["bare"])
     print(f"\n{args.model} on {args.device}, batch {args.batch_size}, {args.steps} timed steps × {args.repeats} "
           f"interleaved repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| configuration | median steps/s | ratio to bare | min–max steps/s |")
+    print("| configuration | median steps/s | ratio to bare (median of paired ratios) | paired ratios min–max |")
     print("| --- | --- | --- | --- |")
     for name, values in results.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.1f} | {median / bare:.3f} | {min(values):.1f}–{max(values):.1f} |")
+        # each repetition's configurations ran back to back: pairing them cancels the machine's drift
+        ratios = [value / bare for value, bare in zip(values, results["bare"])]
+        print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(ratios):.3f} | "
+              f"{min(ratios):.2f}–{max(ratios):.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@ the token URL (cookie set, token stripped by a redirect) — also in headless Ch
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium
 from revacnn_dash.auth import COOKIE_PREFIX, cookie_value
 from revacnn_dash.cli import parse_args
 
@@ -51,15 +50,9 @@ def test_insecure_no_auth_is_the_only_way_to_serve_beyond_loopback_without_a_tok
 
 
 # -- a real revacnn-dash process --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     logdir = tmp_path_factory.mktemp("logs")
     log = open(logdir / "dash.log", "w+")
     env = {**os.environ, "REVACNN_DASH_TOKEN": ""}
@@ -118,17 +111,13 @@ def test_token_url_sets_a_strict_httponly_cookie_and_strips_the_token(served):
     assert other.status_code == 302 and other.headers["Location"] == "/_dash-layout?a=1"
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
 @pytest.mark.browser
 def test_page_loads_in_chromium_through_the_token_url(served):
     playwright_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed")
+    require_chromium()
     base, _ = served
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(f"{base}/")

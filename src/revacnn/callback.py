@@ -383,17 +383,19 @@ class ReVACNNCallback(Callback):
 
     # -- telemetry ----------------------------------------------------------------------------------------------
     def _add_scalars(self, copy: HostCopy, values: dict[str, Any]) -> list[str]:
-        names, tensors = [], []
+        names, tensors, numbers = [], [], []
         for name, value in values.items():
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 names.append(name)
-                tensors.append(value.detach().reshape(1).float())
+                tensors.append(value.detach().reshape(()))
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                names.append(name)
-                tensors.append(torch.tensor([float(value)]))
+                numbers.append((name, float(value)))
+        if numbers:  # plain numbers join the device tensors as one small tensor
+            device = tensors[0].device if tensors else torch.device("cpu")
+            names += [name for name, _ in numbers]
+            tensors += list(torch.tensor([number for _, number in numbers], device=device))
         if tensors:
-            device = tensors[0].device
-            copy.add("scalars", torch.cat([t.to(device) for t in tensors]))
+            copy.add("scalars", torch.stack(tensors))
         return names
 
     def _publish_step(self, trainer: pl.Trainer, outputs: Any, step: int) -> None:
