@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import msgpack
 import numpy as np

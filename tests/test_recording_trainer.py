@@ -18,7 +18,7 @@ from revacnn import ReVACNNCallback
 from revacnn.client import RunClient
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording.reader import list_runs, open_run
-from test_callback_telemetry import LAYERS, Witness
+from test_callback_telemetry import Witness
 
 
 class Steer(pl.Callback):

@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from .analysis import RunSource, comparison_layout, explorer_layout, register_analysis_callbacks
 from .hub import Hub, load_replay
-from .state import LIVE, RunState
+from .state import RunState
 from .viewmodel import (data_uri, default_expanded, filter_image, jitter_pixels, mosaic, nearest_neighbours,
                         network_model, redundancy, to_uint8)
 

@@ -11,7 +11,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ReVACNNCallback": ("revacnn.callback", "ReVACNNCallback"),
-    "TelemetryConfig": ("revacnn.callback", "TelemetryConfig"),
     "RunClient": ("revacnn.client", "RunClient"),
     "load_steered": ("revacnn.steering.changelog", "load_steered"),
 }

@@ -265,7 +265,7 @@ def _layer_figures(comp, layer: str):
                                   marker={"color": "rgba(0,0,0,0)", "line": {"color": colour, "width": 2}},
                                   text=[group] * len(members), textposition="inside", customdata=members,
                                   hovertemplate="filter %{customdata}: " + group + "<extra></extra>"))
-    bars.update_layout(title={"text": f"per-filter change (new / removed by filter id)", "font": {"size": 12}},
+    bars.update_layout(title={"text": "per-filter change (new / removed by filter id)", "font": {"size": 12}},
                        xaxis={"type": "category", "title": "filter id"}, yaxis={"title": "rel L2 (params)"},
                        yaxis2={"overlaying": "y", "side": "right", "title": "rel L2 (act)", "showgrid": False},
                        margin={"l": 50, "r": 50, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.25},
