@@ -94,7 +94,9 @@ class ReVACNNCallback(Callback):
             (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
         sign: sign every message with a per-run HMAC key kept in the connection file (mode 0600).
         steering: accept steering commands.
-        command_every: under DDP, how often (in batches) rank 0 broadcasts received commands to the other ranks.
+        command_every: under DDP, how often (in optimizer steps) rank 0 broadcasts received commands to the other
+            ranks (default 10: the broadcast is a collective that syncs the host with NCCL, so not every step; a
+            command waits at most that many steps). Without DDP commands apply before the next batch.
         queue_size / send_hwm: bounds of the telemetry queue and of ZeroMQ's per-subscriber queue.
         curve / keys_dir: CURVE encryption and authentication of both sockets (docs/remote.md). ``keys_dir`` holds
             the trainer's keypair (``server.key_secret``, made when missing) and ``allowed/``, the public keys of
@@ -107,7 +109,7 @@ class ReVACNNCallback(Callback):
                  filters_every: int = 10, snapshot_every: int = 100, probe_images: int = 8, val_subset: int = 1000,
                  max_activation_bytes: int = 64 << 20, host: str = "127.0.0.1", telemetry_port: int = 0,
                  control_port: int = 0, run_dir: str | os.PathLike | None = None, record: bool = True,
-                 sign: bool = False, steering: bool = True, command_every: int = 1, queue_size: int = 64,
+                 sign: bool = False, steering: bool = True, command_every: int = 10, queue_size: int = 64,
                  send_hwm: int = 100, insecure_bind: bool = False, curve: bool = False,
                  keys_dir: str | os.PathLike | None = None, on_recording_error: str = "warn") -> None:
         super().__init__()
