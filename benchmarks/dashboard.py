@@ -35,24 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
+from revacnn.shapes import resnet50_layers
+
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
 
 
 # -- models ---------------------------------------------------------------------------------------------------------
-def resnet50_layers() -> list[tuple[str, int]]:
-    layers = [("conv1", 64)]
-    for stage, (blocks, width) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)], start=1):
-        for b in range(blocks):
-            layers += [(f"layer{stage}.{b}.conv1", width), (f"layer{stage}.{b}.conv2", width),
-                       (f"layer{stage}.{b}.conv3", width * 4)]
-            if b == 0:
-                layers.append((f"layer{stage}.{b}.downsample.0", width * 4))
-    return layers + [("fc", 1000)]
-
-
 MODELS = {"demo": [("net.conv1", 16), ("net.conv2", 20), ("net.conv3", 20), ("net.fc", 10)],
-          "resnet50": resnet50_layers()}
+          "resnet50": [(layer["name"], layer["out"]) for layer in resnet50_layers()]}
 
 
 def structure_body(model: str) -> dict:

@@ -39,23 +39,7 @@ from revacnn.recording.reader import open_run  # noqa: E402
 from revacnn_dash.analysis.compare import compare_snapshots  # noqa: E402
 from revacnn_dash.analysis.explorer import build_tree, filter_chart, layer_overview  # noqa: E402
 from revacnn_dash.analysis.tracking import anomalies, cube  # noqa: E402
-
-
-def resnet50_layers() -> list[dict]:
-    """torchvision ResNet-50's conv layers and fc: name, out, in, kernel."""
-    layers = [{"name": "conv1", "out": 64, "in": 3, "k": 7}]
-    inplanes = 64
-    for stage, (blocks, mid) in enumerate(((3, 64), (4, 128), (6, 256), (3, 512)), start=1):
-        for block in range(blocks):
-            prefix = f"layer{stage}.{block}"
-            layers += [{"name": f"{prefix}.conv1", "out": mid, "in": inplanes, "k": 1},
-                       {"name": f"{prefix}.conv2", "out": mid, "in": mid, "k": 3},
-                       {"name": f"{prefix}.conv3", "out": mid * 4, "in": mid, "k": 1}]
-            if block == 0:
-                layers.append({"name": f"{prefix}.downsample.0", "out": mid * 4, "in": inplanes, "k": 1})
-            inplanes = mid * 4
-    layers.append({"name": "fc", "out": 1000, "in": 2048, "k": None})
-    return layers
+from revacnn.shapes import resnet50_layers  # noqa: E402
 
 
 def structure(layers, ids, revision, step):

@@ -27,19 +27,10 @@ import numpy as np
 from revacnn.protocol import FILTER_FIELDS, Message
 from revacnn.recording import RunRecorder
 from revacnn.recording.reader import open_run
+from revacnn.shapes import resnet50_layers
 
 
-def resnet50_widths() -> list[int]:
-    widths = [64]
-    for blocks, mid in ((3, 64), (4, 128), (6, 256), (3, 512)):
-        for block in range(blocks):
-            widths += [mid, mid, mid * 4]
-            if block == 0:
-                widths.append(mid * 4)      # downsample conv
-    return widths + [1000]
-
-
-MODELS = {"demo": [16, 20, 20, 10], "resnet50": resnet50_widths()}
+MODELS = {"demo": [16, 20, 20, 10], "resnet50": [layer["out"] for layer in resnet50_layers()]}
 
 
 def structure_for(widths):

@@ -9,22 +9,16 @@ import zlib
 import numpy as np
 import pytest
 
+from revacnn import shapes
 from revacnn_dash.viewmodel import (align_to_previous, compute_embedding, default_expanded, filter_image,
                                     jitter_pixels, mosaic, nearest_neighbours, network_model, png_bytes,
                                     procrustes_align, redundancy, top_half, visible_columns)
 
 
 def resnet50_layers() -> list[dict]:
-    """A ResNet-50-sized structure: 53 conv layers + fc, ~26.5k filters, torchvision's module names."""
-    layers = [("conv1", 64)]
-    for stage, (blocks, width) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)], start=1):
-        for b in range(blocks):
-            layers += [(f"layer{stage}.{b}.conv1", width), (f"layer{stage}.{b}.conv2", width),
-                       (f"layer{stage}.{b}.conv3", width * 4)]
-            if b == 0:
-                layers.append((f"layer{stage}.{b}.downsample.0", width * 4))
-    layers.append(("fc", 1000))
-    return [{"name": n, "type": "Conv2d", "out": out, "frozen": None} for n, out in layers]
+    """The structure message's layers for a ResNet-50-sized model (~26.5k filters, torchvision's names)."""
+    return [{"name": layer["name"], "type": "Conv2d", "out": layer["out"], "frozen": None}
+            for layer in shapes.resnet50_layers()]
 
 
 def test_top_half_ranks_numerically_not_as_strings():

@@ -17,7 +17,6 @@ http://HOST:PORT/?token=…, or --token / $REVACNN_DASH_TOKEN); --token on loopb
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import socket
 import sys
@@ -77,21 +76,9 @@ def auth_token(args: argparse.Namespace) -> str | None:
     """The token the page will require, or None (loopback without --token, or --insecure-no-auth)."""
     if args.token:
         return args.token
-    if _loopback(args.host) or args.insecure_no_auth:
+    if is_loopback(args.host) or args.insecure_no_auth:
         return None
     return generate_token()
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return is_loopback(socket.gethostbyname(host))
-        except OSError:
-            return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"revacnn-dash: serving on {url} ({runs}); the page requires a token — open\n"
               f"    {url}?token={args.auth_token}", flush=True)
     else:
-        if not _loopback(args.host):
+        if not is_loopback(args.host):
             print("revacnn-dash: WARNING: INSECURE — serving on a non-loopback address WITHOUT authentication "
                   "(--insecure-no-auth): anyone who reaches this port can read and steer your training runs.",
                   file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -59,12 +60,16 @@ class Sink(Protocol):
 
 
 def is_loopback(host: str) -> bool:
+    """True for a loopback address, or a host name that resolves to one (an unresolvable name is not)."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
 
 
 class _CountingAuthenticator(ThreadAuthenticator):
