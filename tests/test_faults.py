@@ -245,7 +245,10 @@ def small_disk(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", f"tmpfs-{uuid.uuid4().hex[:6]}",
                                             str(mount)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+        message = "cannot mount a small tmpfs here (needs root and mount)"
+        if os.environ.get("CI"):  # CI runs as root on a machine where this works: never pass by skipping
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
