@@ -122,7 +122,8 @@ def test_live_loss_and_network_show_within_seconds(setup):
     js_wait(page, count + " > 0", timeout=20)
     assert page.evaluate(count) == 460
     # the jitter runs in the browser: points have moved without a server round trip per frame
-    moved = js_wait(page, "window.__revacnn && window.__revacnn.moved > 100 && window.__revacnn.moved", timeout=15)
+    # (the wait is for the trainer's next per-filter step, which a loaded 2-core machine can delay; not the animation)
+    moved = js_wait(page, "window.__revacnn && window.__revacnn.moved > 100 && window.__revacnn.moved", timeout=45)
     assert moved > 100
     amplitudes = page.evaluate("window.__revacnn.anim.amp")
     assert len(amplitudes) == 66 and max(amplitudes) == 8.0 and sum(a > 0.5 for a in amplitudes) >= 20

@@ -25,6 +25,8 @@ from .viewmodel import (data_uri, default_expanded, filter_image, jitter_pixels,
 STATUS_COLOURS = {"live": "#2e7d32", "connecting": "#f9a825", "unreachable": "#c62828", "finished": "#455a64",
                   "incompatible": "#6a1b9a", "replay": "#1565c0"}
 
+NODES_UID = "revacnn-nodes"  # the network figure's node trace, found by the client-side jitter
+
 JITTER_JS = """
 function(anim) {
     const R = window.__revacnn || (window.__revacnn = {frames: 0, moved: 0});
@@ -41,8 +43,13 @@ function(anim) {
             if (!a || !a.amp) { return; }
             const gd = document.getElementById('net-graph');
             if (!gd) { return; }
-            const traces = gd.querySelectorAll('.scatterlayer .trace');
-            const tr = traces[a.trace];
+            // Find the nodes' trace group by uid (d3 binds each group to its calcdata, whose [0].trace is the
+            // trace): Plotly draws no group for an empty trace, so a position would shift when a path bucket empties.
+            let tr = null;
+            for (const el of gd.querySelectorAll('.scatterlayer .trace')) {
+                const d = el.__data__;
+                if (d && d[0] && d[0].trace && d[0].trace.uid === a.uid) { tr = el; }
+            }
             if (!tr) { return; }
             const pts = tr.querySelectorAll('path.point');
             R.frames += 1;
@@ -424,8 +431,8 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
             return no_update, no_update, no_update, no_update
         fields = state.filters_by_layer()
         model = network_model(structure, fields, exp)
-        fig, node_trace = _network_figure(model)
-        anim = {"trace": node_trace, "amp": jitter_pixels([n["jitter"] for n in model["nodes"]]),
+        fig, _ = _network_figure(model)
+        anim = {"uid": NODES_UID, "amp": jitter_pixels([n["jitter"] for n in model["nodes"]]),
                 "t": time.time()}
         options = [{"label": f"{l['name']} ({l['type']}, {l['out']} out)", "value": l["name"]}
                    for l in structure["layers"]]
@@ -815,7 +822,7 @@ def _network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
     sizes = [16 if n.get("group") else (11 if n["filters"] and len(n["filters"]) == 1 else 14) for n in nodes]
     fig.add_trace(go.Scatter(
         x=[n["x"] for n in nodes], y=[n["y"] for n in nodes], mode="markers", text=text, hoverinfo="text",
-        customdata=custom, showlegend=False,
+        customdata=custom, showlegend=False, uid=NODES_UID,
         marker={"size": sizes, "color": colours, "colorscale": "Viridis", "showscale": True,
                 "colorbar": {"title": {"text": "mean |act|"}, "thickness": 10},
                 "symbol": ["square" if n.get("group") else ("x" if n["frozen"] else "circle") for n in nodes],
