@@ -123,31 +123,44 @@ class RunClient:
 
     # -- connecting ----------------------------------------------------------------------------------------------
     def connect(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Subscribe, say hello and wait for ``welcome``; raises ``ConnectionFailed`` with the reason."""
+        """Subscribe, say hello and wait for ``welcome``; raises ``ConnectionFailed`` with the reason.
+
+        The clone pattern: the subscription is connected before the state snapshot is asked for, so nothing
+        published after the snapshot is missed. Given a bare control address, a first hello learns the telemetry
+        port and a second one, once subscribed, fetches the snapshot.
+        """
         self.close_sockets()
+        deadline = time.monotonic() + timeout
         self._dealer = self._context.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue commands for a run that is not there
         self._dealer.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         self._secure(self._dealer)
-        monitor = self._dealer.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._connect_awaiting_handshake(self._dealer, self.control_endpoint, deadline, timeout)
+        if self.telemetry_endpoint:
+            self._subscribe(self.telemetry_endpoint, deadline, timeout)
+        welcome = self._hello(deadline, timeout)
+        if self.telemetry_endpoint is None:
+            # A bare control address: reach telemetry on the same host (a tunnel forwards both ports).
+            port = urlparse(str(welcome.body.get("telemetry", ""))).port
+            if port is None:
+                raise ConnectionFailed("the welcome did not name a telemetry endpoint")
+            host = urlparse(self.control_endpoint).hostname
+            self.telemetry_endpoint = f"tcp://{host}:{port}"
+            self._subscribe(self.telemetry_endpoint, deadline, timeout)
+            welcome = self._hello(deadline, timeout)  # its state snapshot postdates the subscription
+        return self._welcomed(welcome, deadline)
+
+    def _hello(self, deadline: float, timeout: float) -> Message:
+        """Send ``hello`` and return the ``welcome`` that answers it (earlier replies are skipped)."""
+        request = f"hello-{uuid.uuid4().hex[:8]}"
         try:
-            self._dealer.connect(self.control_endpoint)
-            self._poller.register(self._dealer, zmq.POLLIN)
-            if self.telemetry_endpoint:
-                self._subscribe(self.telemetry_endpoint)
-            request = f"hello-{uuid.uuid4().hex[:8]}"
-            deadline = time.monotonic() + timeout
-            self._await_handshake(monitor, deadline, timeout)
-            try:
-                self._send("hello", {"req": request, "versions": list(SUPPORTED_VERSIONS),
-                                     "client": self.client_name}, wait=max(0.0, deadline - time.monotonic()))
-            except zmq.Again:
-                raise ConnectionFailed(f"cannot reach {self.control_endpoint} within {timeout:.1f} s (is the "
-                                       "trainer running, and the address or SSH tunnel right?)") from None
-        finally:
-            self._dealer.disable_monitor()
-            monitor.close(linger=0)
+            self._send("hello", {"req": request, "versions": list(SUPPORTED_VERSIONS), "client": self.client_name},
+                       wait=max(0.0, deadline - time.monotonic()))
+        except zmq.Again:
+            raise ConnectionFailed(f"cannot reach {self.control_endpoint} within {timeout:.1f} s (is the "
+                                   "trainer running, and the address or SSH tunnel right?)") from None
         while time.monotonic() < deadline:
             if not self._dealer.poll(max(1, int((deadline - time.monotonic()) * 1000))):
                 continue
@@ -159,11 +172,20 @@ class RunClient:
             if message.type == "error":
                 raise ConnectionFailed(f"{self.control_endpoint} refused: {message.body.get('detail')}")
             if message.type == "welcome" and message.body.get("req") == request:
-                return self._welcomed(message, deadline)
+                return message
         raise ConnectionFailed(f"no answer from {self.control_endpoint} within {timeout:.1f} s "
                                "(is the trainer running, and the address or SSH tunnel right?)")
 
-    def _await_handshake(self, monitor: zmq.Socket, deadline: float, timeout: float) -> None:
+    def _connect_awaiting_handshake(self, sock: zmq.Socket, endpoint: str, deadline: float, timeout: float) -> None:
+        monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        try:
+            sock.connect(endpoint)
+            self._await_handshake(monitor, endpoint, deadline, timeout)
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+
+    def _await_handshake(self, monitor: zmq.Socket, endpoint: str, deadline: float, timeout: float) -> None:
         """Wait for the security handshake; a refused key or a security mismatch is a clear ConnectionFailed."""
         failures = 0
         while time.monotonic() < deadline:
@@ -175,14 +197,14 @@ class RunClient:
             failures += 1
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise ConnectionFailed(
-                    f"{self.control_endpoint} refused this client's key (ZAP status {event['value']}): allow-list "
+                    f"{endpoint} refused this client's key (ZAP status {event['value']}): allow-list "
                     "its public key on the trainer with `revacnn keys allow CLIENT.key --keys-dir DIR`")
             if failures >= 2:
                 mode = "with CURVE" if self.server_key is not None else "without CURVE"
                 raise ConnectionFailed(
-                    f"the security handshake with {self.control_endpoint} failed ({mode}): the run's security "
+                    f"the security handshake with {endpoint} failed ({mode}): the run's security "
                     "settings or its server key differ from this client's (use the run's connection file)")
-        raise ConnectionFailed(f"cannot reach {self.control_endpoint} within {timeout:.1f} s (is the trainer "
+        raise ConnectionFailed(f"cannot reach {endpoint} within {timeout:.1f} s (is the trainer "
                                "running, the address or SSH tunnel right, and — with CURVE — the server key the "
                                "run's?)")
 
@@ -190,14 +212,6 @@ class RunClient:
         self.welcome = welcome.body
         self.run_id = welcome.body.get("run", self.run_id)
         self.codec.run_id = self.run_id
-        if self.telemetry_endpoint is None:
-            # A bare control address: reach telemetry on the same host (a tunnel forwards both ports).
-            port = urlparse(str(welcome.body.get("telemetry", ""))).port
-            if port is None:
-                raise ConnectionFailed("the welcome did not name a telemetry endpoint")
-            host = urlparse(self.control_endpoint).hostname
-            self.telemetry_endpoint = f"tcp://{host}:{port}"
-            self._subscribe(self.telemetry_endpoint)
         for _ in range(int(welcome.body.get("state_count", 0))):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._dealer.poll(max(1, int(remaining * 1000))):
@@ -209,15 +223,15 @@ class RunClient:
         self.last_heard = time.monotonic()
         return self.welcome
 
-    def _subscribe(self, endpoint: str) -> None:
+    def _subscribe(self, endpoint: str, deadline: float, timeout: float) -> None:
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 1000)
         self._sub.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
         self._secure(self._sub)
-        self._sub.connect(endpoint)
         self._poller.register(self._sub, zmq.POLLIN)
+        self._connect_awaiting_handshake(self._sub, endpoint, deadline, timeout)
 
     # -- receiving -----------------------------------------------------------------------------------------------
     def recv(self, timeout: float = 0.1) -> Message | None:
