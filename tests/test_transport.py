@@ -210,3 +210,29 @@ def test_recv_with_zero_timeout_still_reads_what_has_arrived(publisher):
         time.sleep(0.3)
         message = client.recv(0)
         assert message is not None and message.type == "step"
+
+
+def test_telemetry_waits_for_the_send_interval_but_acks_and_a_half_full_queue_go_at_once():
+    """Telemetry is sent on a timer (a wake per message would hand the GIL to the I/O thread mid-step); essential
+    messages and a queue filling up wake the thread at once."""
+    pub = Publisher("timer", heartbeat_s=30, send_interval=30, queue_size=8).start()
+    try:
+        with RunClient(pub.control_endpoint) as client:
+            client.connect()
+            while client.recv(0.2) is not None:  # the state snapshot
+                pass
+            pub.publish(Message("step", {"step": 1, "per_filter": False}))
+            assert client.recv(0.5) is None  # waits for the 30 s interval
+            started = time.monotonic()
+            pub.publish(Message("ack", {"req": "", "id": "c1", "op": "pause", "status": "done", "step": 1,
+                                        "error": None, "result": {}}))
+            first, _ = receive_until(client, lambda m: m.type == "ack", timeout=2.0)
+            assert time.monotonic() - started < 1.0
+            for step in range(2, 5):  # 3 waiting: less than half of queue_size, nothing is sent
+                pub.publish(Message("step", {"step": step, "per_filter": False}))
+            assert client.recv(0.5) is None
+            pub.publish(Message("step", {"step": 5, "per_filter": False}))  # 4 waiting: the thread is woken
+            steps = [m.body["step"] for m in receive_until(client, lambda m: m.body.get("step") == 5, 2.0)[1]]
+            assert steps == [2, 3, 4, 5]
+    finally:
+        pub.close()

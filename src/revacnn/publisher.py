@@ -91,7 +91,8 @@ class Publisher:
     """Background thread owning every socket of a run.
 
     ``queue_size`` bounds the telemetry items waiting for the thread; when it is full, new telemetry is dropped and
-    counted (``drops``). Structure, hyper-parameter, status and ack messages are never dropped.
+    counted (``drops``). Structure, hyper-parameter, status and ack messages are never dropped; they are sent at once,
+    telemetry every ``send_interval`` seconds (or as soon as half the queue is waiting).
 
     ``curve`` (``CurveServerKeys``) turns on CURVE encryption and authentication on both sockets: only clients whose
     public key is in the allow-list complete the handshake; others receive nothing and cannot send anything. A
@@ -101,6 +102,7 @@ class Publisher:
 
     def __init__(self, run_id: str, host: str = "127.0.0.1", telemetry_port: int = 0, control_port: int = 0,
                  key: bytes | None = None, send_hwm: int = 100, queue_size: int = 64, heartbeat_s: float = 1.0,
+                 send_interval: float = 0.05,
                  sinks: Iterable[Sink] = (), insecure_bind: bool = False,
                  curve: CurveServerKeys | None = None) -> None:
         if not is_loopback(host) and curve is None and not insecure_bind:
@@ -123,6 +125,7 @@ class Publisher:
         self.send_hwm = send_hwm
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
+        self.send_interval = send_interval
         self.sinks = list(sinks)
         self.telemetry_endpoint = ""
         self.control_endpoint = ""
@@ -139,6 +142,16 @@ class Publisher:
         self._state: dict[str, list] = {}
         self._status: dict[str, Any] = {"state": "starting", "step": 0, "epoch": 0, "world_size": 1, "message": ""}
         self._stop = threading.Event()
+        # The I/O thread sleeps in zmq_poll until a request arrives, ``send_interval`` passes, or the training thread
+        # wakes it through this socket pair (one byte per wake, only while no wake is pending). Telemetry does not
+        # wake it: a wake hands the GIL to this thread while the training thread is in Python, which then waits
+        # for the whole send; picked up every ``send_interval`` instead, it mostly runs while the training thread
+        # is inside a torch op that released the GIL. Essential messages (acks, state changes), a half-full queue
+        # and close() wake it.
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for end in (self._wake_reader, self._wake_writer):
+            end.setblocking(False)
+        self._wake_pending = False
         self._bound = threading.Event()
         self._bind_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"revacnn-io-{run_id}", daemon=True)
@@ -162,7 +175,18 @@ class Publisher:
             if not essential:
                 self._telemetry_waiting += 1
             self._outbox.append(item)
+            # essential messages go at once; telemetry waits for the next send_interval unless the queue fills up
+            wake = (essential or self._telemetry_waiting * 2 >= self.queue_size) and not self._wake_pending
+            self._wake_pending = self._wake_pending or wake
+        if wake:
+            self._wake()
         return True
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):  # full: the I/O thread has wakes to read already; closed: it has ended
+            pass
 
     def poll_commands(self) -> list[dict[str, Any]]:
         """Every command received and validated since the last call: dicts with id, op, args."""
@@ -194,6 +218,7 @@ class Publisher:
         if not self._thread.is_alive():
             return
         self._stop.set()
+        self._wake()
         self._thread.join(timeout + 1.0)
 
     # -- I/O thread ----------------------------------------------------------------------------------------------
@@ -286,6 +311,7 @@ class Publisher:
         self._bound.set()
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_reader, zmq.POLLIN)
         next_heartbeat = time.monotonic()
         deadline: float | None = None
         try:
@@ -294,11 +320,12 @@ class Publisher:
                     deadline = time.monotonic() + 5.0
                     self.set_status(state=self._status["state"] if self._status["state"] in
                                     ("finished", "stopped", "failed") else "finished")
+                self._clear_wakes()
                 for _ in range(100):
                     if not router.poll(0):
                         break
                     self._handle_safely(router, router.recv_multipart(copy=False))
-                idle = self._drain_outbox(pub, router, force=deadline is not None and time.monotonic() > deadline)
+                self._drain_outbox(pub, router, force=deadline is not None and time.monotonic() > deadline)
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self.heartbeat_s
                     if self.auth is not None:
@@ -306,8 +333,8 @@ class Publisher:
                     self._send(pub, router, self._status_message())
                 if deadline is not None and (not self._outbox or time.monotonic() > deadline):
                     break
-                if idle:
-                    poller.poll(10)
+                wake_at = min(next_heartbeat, deadline or next_heartbeat, time.monotonic() + self.send_interval)
+                poller.poll(max(1, int(1000 * (wake_at - time.monotonic()))))
         except Exception:  # the I/O thread must never take training down; say what happened
             log.exception("revacnn I/O thread failed; telemetry and steering are off for this run")
         finally:
@@ -316,6 +343,19 @@ class Publisher:
             if self.auth is not None:
                 self.auth.stop()
             context.term()
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    def _clear_wakes(self) -> None:
+        """Read every pending wake byte, then re-arm: a publish from here on (the outbox is drained after this)
+        either is already in the outbox or sends a new byte."""
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self._lock:
+            self._wake_pending = False
 
     def _drain_outbox(self, pub: zmq.Socket, router: zmq.Socket, force: bool = False) -> bool:
         """Send every ready item at the head of the queue; True when nothing was sent."""
