@@ -629,3 +629,27 @@ def test_no_torch_import():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_writer_wakes_per_interval_and_early_for_large_backlogs_and_flush(tmp_path, monkeypatch):
+    """The writer thread wakes once per flush_interval, not per message; ``flush`` and a large backlog wake it."""
+    from revacnn.recording import writer
+
+    rng = np.random.default_rng(5)
+    rec = RunRecorder(tmp_path / "run", flush_interval=60)
+    try:
+        rec.submit(structure(1, 0, 0, DEMO))
+        rec.submit(step_message(2, 1, DEMO, rng))
+        time.sleep(0.5)
+        assert rec.queue_length == 2           # still waiting for the 60 s interval
+        assert rec.flush(timeout=5)
+        assert rec.queue_length == 0
+        assert list(open_run(tmp_path / "run").scalars()["step"]) == [1]
+        monkeypatch.setattr(writer, "_EARLY_FLUSH_BYTES", 1000)   # a per-filter step message carries ~1.6 kB
+        rec.submit(step_message(3, 2, DEMO, rng))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and list(open_run(tmp_path / "run").scalars()["step"]) != [1, 2]:
+            time.sleep(0.05)
+        assert list(open_run(tmp_path / "run").scalars()["step"]) == [1, 2]
+    finally:
+        rec.close()

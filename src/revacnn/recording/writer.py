@@ -1,8 +1,9 @@
 """``RunRecorder``: writes every published message into a run directory from a background thread. No torch.
 
-The training thread only calls ``submit`` (a non-blocking ``queue.put_nowait``). A daemon thread turns messages into
-rows, appends them as Arrow IPC record batches to segment files every ``flush_interval`` seconds (0.25 s by
-default), writes snapshots as safetensors files (temp name, then rename) and retires old full-resolution segments
+The publishing thread only calls ``submit`` (a non-blocking append to a bounded inbox). A daemon thread wakes every
+``flush_interval`` seconds (0.5 s by default; sooner when 32 MB are waiting, or on ``flush``/``close``), turns the
+messages into rows and appends them as Arrow IPC record batches to segment files — waking once per interval rather
+than once per message keeps its share of the GIL, which the training thread competes for, small. It writes snapshots as safetensors files (temp name, then rename) and retires old full-resolution segments
 once coarser pyramid levels cover them. Errors never reach the caller: the first one is stored in ``error``, warned
 about once, and the recorder stops writing (everything submitted afterwards counts as a drop). Layout and policy:
 docs/design.md, "Recording".
@@ -14,7 +15,7 @@ import json
 import logging
 import math
 import os
-import queue
+import collections
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 _FLUSH = object()
+_EARLY_FLUSH_BYTES = 32 << 20   # wake the writer before its interval once this much waits in the inbox
 _INT_SCALARS = ("step", "epoch", "batch", "revision", "batch_size", "seq", "drops_telemetry", "drops_recording")
 _FIXED_SCALARS = ("step", "time", "seq", "epoch", "batch", "loss", "samples_per_s", "batch_size", "per_filter",
                   "drops_telemetry", "drops_recording")
@@ -109,15 +111,22 @@ class _Stream:
         self.segment_first_row = 0
         self.batches_in_segment = 0
         self.closed: list[tuple[Path, int]] = []    # (path, index of its last row) of finished segments
+        self._in_schema: pa.Schema | None = None
+        self._out_schema: pa.Schema | None = None
+        self._marks = pa.array(np.zeros(0, np.int64))
 
     def append(self, batch: pa.RecordBatch) -> None:
-        marks = pa.array(np.full(batch.num_rows, COMMIT_MAGIC, np.int64))
-        batch = pa.RecordBatch.from_arrays([*batch.columns, marks],
-                                           schema=batch.schema.append(pa.field(COMMIT_COLUMN, pa.int64())))
+        if batch.schema is not self._in_schema:    # writers hand the same schema object while nothing changes
+            self._in_schema = batch.schema
+            self._out_schema = batch.schema.append(pa.field(COMMIT_COLUMN, pa.int64()))
+        if len(self._marks) < batch.num_rows:
+            self._marks = pa.array(np.full(max(batch.num_rows, 2 * len(self._marks), 64), COMMIT_MAGIC, np.int64))
+        batch = pa.RecordBatch.from_arrays([*batch.columns, self._marks.slice(0, batch.num_rows)],
+                                           schema=self._out_schema)
         offset = 0
         while offset < batch.num_rows:
             if (self.writer is None or self.rows_in_segment >= self.segment_rows
-                    or not batch.schema.equals(self.schema, check_metadata=True)):
+                    or (batch.schema is not self.schema and not batch.schema.equals(self.schema, check_metadata=True))):
                 self._roll(batch.schema)
             part = batch.slice(offset, self.segment_rows - self.rows_in_segment)
             self.writer.write_batch(part)
@@ -219,14 +228,15 @@ class _Accumulator:
         self.last_step = last
         self.records += records
 
-    def add_record(self, step: int, ids: np.ndarray, values: np.ndarray) -> None:
+    def add_records(self, first_step: int, last_step: int, ids: np.ndarray, values: np.ndarray) -> None:
+        """Fold ``values`` ``[records, fields, filters]`` (NaN = missing) into the bucket."""
         cols = self._columns(ids)
         present = ~np.isnan(values)
-        self.sum[:, cols] += np.where(present, values, 0.0)
-        self.cnt[:, cols] += present
-        self.min[:, cols] = np.fmin(self.min[:, cols], values)
-        self.max[:, cols] = np.fmax(self.max[:, cols], values)
-        self._steps(step, step, 1)
+        self.sum[:, cols] += np.where(present, values, 0.0).sum(axis=0, dtype=np.float64)
+        self.cnt[:, cols] += present.sum(axis=0)
+        self.min[:, cols] = np.fmin(self.min[:, cols], np.fmin.reduce(values, axis=0))
+        self.max[:, cols] = np.fmax(self.max[:, cols], np.fmax.reduce(values, axis=0))
+        self._steps(first_step, last_step, values.shape[0])
 
     def merge(self, other: "_Accumulator") -> None:
         cols = self._columns(other.ids)
@@ -265,15 +275,33 @@ class _LayerSeries:
         self.pending: list[list[tuple]] = [[] for _ in range(levels)]
         self.acc: list[_Accumulator | None] = [None] * levels    # acc[k] for k ≥ 1
         self.pending_bytes = 0
+        self._schemas: dict[int, tuple[bytes, pa.Schema]] = {}
 
     def add(self, step: int, stamp: float, ids: np.ndarray, values: np.ndarray) -> None:
         self.pending[0].append((step, step, 1, stamp, ids, values))
         self.pending_bytes += values.nbytes
+
+    def _accumulate(self) -> None:
+        """Fold the pending full-resolution records into the pyramid's buckets, a run of records at a time (one
+        set of numpy operations per run, not per record), emitting every bucket that fills."""
         if self.levels < 2:
             return
-        if self.acc[1] is None:
-            self.acc[1] = _Accumulator(len(self.fields))
-        self.acc[1].add_record(step, ids, values)
+        rows = self.pending[0]
+        start = 0
+        while start < len(rows):
+            if self.acc[1] is None:
+                self.acc[1] = _Accumulator(len(self.fields))
+            room = LEVEL_FACTOR - self.acc[1].records
+            ids = rows[start][4]
+            end = start + 1
+            while end < len(rows) and end - start < room and rows[end][4] is ids:
+                end += 1
+            run = rows[start:end]
+            self.acc[1].add_records(run[0][0], run[-1][0], ids, np.stack([row[5] for row in run]))
+            self._emit_full_buckets(run[-1][3])
+            start = end
+
+    def _emit_full_buckets(self, stamp: float) -> None:
         for k in range(1, self.levels):
             acc = self.acc[k]
             if acc is None or acc.records < LEVEL_FACTOR ** k:
@@ -290,8 +318,6 @@ class _LayerSeries:
     def _batch(self, level: int, rows: list[tuple]) -> pa.RecordBatch:
         ids = rows[0][4]
         width = len(ids)
-        meta = {"layer": self.name, "level": str(level), "filter_ids": _json([int(i) for i in ids]),
-                "fields": _json(list(self.fields))}
         columns = {"step": pa.array([r[0] for r in rows], pa.int64())}
         if level == 0:
             columns["time"] = pa.array([r[3] for r in rows], pa.float64())
@@ -305,15 +331,28 @@ class _LayerSeries:
             for f, field in enumerate(self.fields):
                 for part, suffix in zip(parts, ("", "/min", "/max")):
                     columns[field + suffix] = pa.FixedSizeListArray.from_arrays(pa.array(part[f].reshape(-1)), width)
-        schema = pa.schema([pa.field(key, value.type) for key, value in columns.items()], metadata=meta)
-        return pa.RecordBatch.from_arrays(list(columns.values()), schema=schema)
+        return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schema(level, ids, columns))
+
+    def _schema(self, level: int, ids: np.ndarray, columns: dict[str, pa.Array]) -> pa.Schema:
+        """The level's schema for these filter ids, made once while they stay the same (the same object each
+        time lets the stream skip comparing it)."""
+        key = ids.tobytes()
+        cached = self._schemas.get(level)
+        if cached is None or cached[0] != key:
+            meta = {"layer": self.name, "level": str(level), "filter_ids": _json([int(i) for i in ids]),
+                    "fields": _json(list(self.fields))}
+            cached = self._schemas[level] = (key, pa.schema([pa.field(name, value.type)
+                                                             for name, value in columns.items()], metadata=meta))
+        return cached[1]
 
     def write(self) -> None:
+        self._accumulate()
         for level in range(self.levels):
             rows = self.pending[level]
             start = 0
             for i in range(1, len(rows) + 1):       # one batch per run of rows with the same filter ids
-                if i == len(rows) or not np.array_equal(rows[i][4], rows[start][4]):
+                if i == len(rows) or (rows[i][4] is not rows[start][4]
+                                      and not np.array_equal(rows[i][4], rows[start][4])):
                     self.streams[level].append(self._batch(level, rows[start:i]))
                     start = i
             self.pending[level] = []
@@ -355,7 +394,7 @@ class RunRecorder:
 
     def __init__(self, run_dir, float16_filters: bool = False, queue_size: int = 10000, *,
                  full_records: int = 2000, keep_buckets: int = 1000, levels: int = 5,
-                 flush_interval: float = 0.25, status_every: float = 5.0) -> None:
+                 flush_interval: float = 0.5, status_every: float = 5.0) -> None:
         self.run_dir = Path(run_dir)
         self.float16_filters = float16_filters
         self.flush_interval = flush_interval
@@ -365,7 +404,10 @@ class RunRecorder:
                           + [max(LEVEL_FACTOR * 2, int(keep_buckets))] * (self.levels - 1))
         self.drops = 0
         self.error: str | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._inbox: collections.deque = collections.deque()
+        self._inbox_bytes = 0
+        self._wake = threading.Event()
         self._lock = threading.Condition()
         self._submitted = 0
         self._done = 0
@@ -407,13 +449,17 @@ class RunRecorder:
         if self._dead or self._closed:
             self._count_drop()
             return False
-        try:
-            self._queue.put_nowait(message)
-        except queue.Full:
-            self._count_drop()
-            return False
+        size = sum(getattr(array, "nbytes", 0) for array in message.arrays.values())
         with self._lock:
+            if len(self._inbox) >= self.queue_size:
+                self.drops += 1
+                return False
+            self._inbox.append(message)
             self._submitted += 1
+            self._inbox_bytes += size
+            urgent = self._inbox_bytes > _EARLY_FLUSH_BYTES
+        if urgent:
+            self._wake.set()
         return True
 
     def _count_drop(self) -> None:
@@ -423,18 +469,16 @@ class RunRecorder:
     @property
     def queue_length(self) -> int:
         """Messages waiting for the writer thread (reported in status ``queue.recording``)."""
-        return self._queue.qsize()
+        return len(self._inbox)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until everything submitted so far is on disk (or dropped after an error). False on timeout."""
         with self._lock:
             target = self._submitted
-        if not self._thread.is_alive():
-            return self._done >= target
-        try:
-            self._queue.put(_FLUSH, timeout=timeout)
-        except queue.Full:
-            return False
+            if not self._thread.is_alive():
+                return self._done >= target
+            self._inbox.append(_FLUSH)
+        self._wake.set()
         with self._lock:
             return self._lock.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
 
@@ -443,7 +487,9 @@ class RunRecorder:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        with self._lock:
+            self._inbox.append(_STOP)
+        self._wake.set()
         self._thread.join(timeout)
 
     def __enter__(self) -> "RunRecorder":
@@ -458,31 +504,23 @@ class RunRecorder:
         next_flush = time.monotonic() + self.flush_interval
         stop = False
         while not stop:
-            try:
-                item = self._queue.get(timeout=max(0.0, next_flush - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                stop = True
-            elif item is not None and item is not _FLUSH:
-                if self._dead:
-                    self._count_drop()
+            self._wake.wait(max(0.0, next_flush - time.monotonic()))
+            self._wake.clear()
+            with self._lock:
+                items = list(self._inbox)
+                self._inbox.clear()
+                self._inbox_bytes = 0
+            flush = False
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                elif item is _FLUSH:
+                    flush = True
                 else:
-                    try:
-                        self._handle(item)
-                    except OSError as error:             # the disk: stop recording
-                        self._fail(error)
-                        self._count_drop()
-                    except Exception as error:  # noqa: BLE001 - one malformed message: skip it, keep recording
-                        self._count_drop()
-                        if not self._bad_message_warned:
-                            self._bad_message_warned = True
-                            log.warning("revacnn recording: skipped a %s message that could not be recorded "
-                                        "(%s: %s)", getattr(item, "type", "?"), type(error).__name__, error)
-                processed += 1
+                    self._handle_safely(item)
+                    processed += 1
             pending = sum(series.pending_bytes for series in self._series.values())
-            due = time.monotonic() >= next_flush or pending > (32 << 20)
-            if stop or due or item is _FLUSH:
+            if stop or flush or time.monotonic() >= next_flush or pending > _EARLY_FLUSH_BYTES:
                 if not self._dead:
                     try:
                         self._write_out()
@@ -497,6 +535,22 @@ class RunRecorder:
         with self._lock:
             self._done = processed
             self._lock.notify_all()
+
+    def _handle_safely(self, message: Message) -> None:
+        if self._dead:
+            self._count_drop()
+            return
+        try:
+            self._handle(message)
+        except OSError as error:             # the disk: stop recording
+            self._fail(error)
+            self._count_drop()
+        except Exception as error:  # noqa: BLE001 - one malformed message: skip it, keep recording
+            self._count_drop()
+            if not self._bad_message_warned:
+                self._bad_message_warned = True
+                log.warning("revacnn recording: skipped a %s message that could not be recorded (%s: %s)",
+                            getattr(message, "type", "?"), type(error).__name__, error)
 
     def _fail(self, error: BaseException) -> None:
         self._dead = True
