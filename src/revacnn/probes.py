@@ -7,8 +7,11 @@ each quantity is due and packs the results into one host copy (``revacnn.transfe
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,10 +55,20 @@ class FilterProbe:
 
     ``arm()`` before the forward pass makes the forward hooks record mean |activation| per channel; ``measure()``
     after back-propagation returns ``([5, F] filters, [L] layer ‖g‖/‖w‖)`` in ``FILTER_FIELDS`` order.
+
+    ``strategy`` picks how per-filter sums are reduced: ``"segments"`` (torch ``segment_reduce`` over every filter of
+    every layer: a constant number of kernels, what a GPU wants, since launches dominate there) or ``"numpy"`` (CPU
+    tensors only: the same sums in numpy over the same memory, a fraction of the per-call cost). The default
+    chooses by the weights' device; ``"numpy"`` falls back to ``"segments"`` off the CPU.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, nn.Module]]) -> None:
+    STRATEGIES = ("segments", "numpy")
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], strategy: str | None = None) -> None:
+        if strategy is not None and strategy not in self.STRATEGIES:
+            raise ValueError(f"strategy must be one of {self.STRATEGIES} or None, got {strategy!r}")
         self.layers = list(layers)
+        self.strategy = strategy
         self.armed = False
         self._activations: dict[str, torch.Tensor] = {}
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # flat weights and their row norms
@@ -91,51 +104,128 @@ class FilterProbe:
 
     @torch.no_grad()
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ``[5, F]`` tensor of per-filter fields and one ``[L]`` of per-layer ‖g‖/‖w‖.
+        """One ``[5, F]`` tensor of per-filter fields and one ``[L]`` of per-layer ‖g‖/‖w‖ (on the weights' device).
 
-        Every monitored weight (and gradient) is concatenated into one flat buffer — a filter's coefficients are
-        contiguous in it — and each field is one ``segment_reduce`` over all filters of all layers: the number of
-        kernels does not grow with the number of layers.
+        Every monitored weight and gradient is concatenated into one flat buffer (a filter's coefficients are
+        contiguous in it, and the copy of the weights is kept for the next update ratio); the four summed terms
+        |g|, g², w², (w − w_prev)² of every coefficient go into one ``[4, N]`` buffer that is reduced per filter.
         """
         self.armed = False
-        weights = torch.cat([module.weight.detach().reshape(-1) for _, module in self.layers]).float()
-        grads = torch.cat([(module.weight.detach() if module.weight.grad is None else module.weight.grad.detach())
-                           .reshape(-1) for _, module in self.layers]).float()
-        row_lengths, layer_counts = self._segments(weights.device)
-        frozen = [module.weight.grad is None for _, module in self.layers]
-        grad_abs = torch.segment_reduce(grads.abs(), "sum", lengths=row_lengths)
-        grad_sq = torch.segment_reduce(grads.square(), "sum", lengths=row_lengths)
-        if any(frozen):  # no gradient (frozen): report zeros, not the weight values used as a placeholder above
-            mask = torch.repeat_interleave(torch.tensor([not f for f in frozen], device=weights.device,
-                                                        dtype=torch.float32), layer_counts)
-            grad_abs, grad_sq = grad_abs * mask, grad_sq * mask
-        weight_sq = torch.segment_reduce(weights.square(), "sum", lengths=row_lengths)
-        weight_norm = weight_sq.sqrt()
-        if self._previous is not None and self._previous[0].shape == weights.shape:
-            change = torch.segment_reduce((weights - self._previous[0]).square(), "sum", lengths=row_lengths)
-            update = change.sqrt() / self._previous[1].clamp_min(1e-12)
-        else:
-            update = torch.zeros_like(weight_norm)
-        self._previous = (weights, weight_norm)  # ``weights`` is a fresh concatenation: nothing else writes to it
-        activation = torch.cat([self._activations.get(name, torch.zeros(module.weight.shape[0], device=weights.device))
-                                .float() for name, module in self.layers])
-        lengths = row_lengths.float()
-        filters = torch.stack([grad_abs / lengths, grad_sq / lengths, weight_norm, update, activation])
-        layer_ratio = (torch.segment_reduce(grad_sq, "sum", lengths=layer_counts) /
-                       torch.segment_reduce(weight_sq, "sum", lengths=layer_counts).clamp_min(1e-24)).sqrt()
+        params = [module.weight for _, module in self.layers]
+        weights = torch.cat([weight.detach().reshape(-1) for weight in params]).float()
+        grads = torch.cat([(weight if weight.grad is None else weight.grad).detach().reshape(-1)
+                           for weight in params]).float()
+        segments = self._segments(params, weights.device)
+        previous = self._previous if self._previous is not None and self._previous[0].shape == weights.shape else None
+        frozen = [weight.grad is None for weight in params]
+        activations = [self._activations.get(name) for name, _ in self.layers]
         self._activations = {}
+        numpy_possible = weights.device.type == "cpu" and segments.all_nonempty
+        reduce = self._reduce_numpy if numpy_possible and self.strategy != "segments" else self._reduce_segments
+        filters, layer_ratio, weight_norm = reduce(weights, grads, previous, frozen, activations, segments)
+        self._previous = (weights, weight_norm)  # ``weights`` is a fresh concatenation: nothing else writes to it
         return filters, layer_ratio
 
-    def _segments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coefficients per filter and filters per layer, as index tensors on ``device`` (made once per shape)."""
-        shapes = tuple(tuple(module.weight.shape) for _, module in self.layers)
+    @staticmethod
+    def _reduce_segments(weights: torch.Tensor, grads: torch.Tensor, previous: tuple | None, frozen: list[bool],
+                         activations: list[torch.Tensor | None], segments: _Segments
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On any device, in torch: a fixed number of kernels however many layers there are."""
+        device = weights.device
+        terms = torch.empty((4, weights.numel()), device=device)
+        torch.abs(grads, out=terms[0])
+        torch.mul(grads, grads, out=terms[1])
+        torch.mul(weights, weights, out=terms[2])
+        if previous is not None:
+            torch.sub(weights, previous[0], out=terms[3])
+            terms[3].square_()
+        else:
+            terms[3].zero_()
+        sums = torch.segment_reduce(terms, "sum", lengths=segments.row_lengths_4, axis=1)
+        if any(frozen):  # no gradient (frozen): report zeros, not the weight values used as a placeholder
+            mask = torch.repeat_interleave(torch.tensor([not f for f in frozen], device=device, dtype=torch.float32),
+                                           segments.layer_counts)
+            sums[:2] *= mask
+        grad_abs, grad_sq, weight_sq, change = sums
+        weight_norm = weight_sq.sqrt()
+        update = change.sqrt() / previous[1].clamp_min(1e-12) if previous is not None else torch.zeros_like(change)
+        activation = torch.cat([torch.zeros(rows, device=device) if values is None else values.float()
+                                for values, rows in zip(activations, segments.layer_rows)])
+        filters = torch.stack([grad_abs / segments.row_lengths_float, grad_sq / segments.row_lengths_float,
+                               weight_norm, update, activation])
+        per_layer = torch.segment_reduce(sums[1:3], "sum", lengths=segments.layer_counts_2, axis=1)
+        return filters, (per_layer[0] / per_layer[1].clamp_min(1e-24)).sqrt(), weight_norm
+
+    @staticmethod
+    def _reduce_numpy(weights: torch.Tensor, grads: torch.Tensor, previous: tuple | None, frozen: list[bool],
+                      activations: list[torch.Tensor | None], segments: _Segments
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU only, the same sums in numpy on the same memory (``Tensor.numpy()`` shares it): on a CPU every op
+        runs synchronously, numpy's per-call cost is a fraction of torch's, and ``add.reduceat`` sums every filter
+        of every layer in one call (torch's CPU ``segment_reduce`` is several times slower). Sums accumulate in
+        float64."""
+        w, g = weights.numpy(), grads.numpy()
+        terms = np.empty((4, w.size), np.float32)
+        np.abs(g, out=terms[0])
+        np.multiply(g, g, out=terms[1])
+        np.multiply(w, w, out=terms[2])
+        if previous is not None:
+            np.subtract(w, previous[0].numpy(), out=terms[3])
+            np.multiply(terms[3], terms[3], out=terms[3])
+        else:
+            terms[3] = 0.0
+        sums = np.add.reduceat(terms, segments.row_starts, axis=1, dtype=np.float64)
+        if any(frozen):  # no gradient (frozen): report zeros, not the weight values used as a placeholder
+            sums[:2] *= np.repeat([0.0 if f else 1.0 for f in frozen], segments.layer_rows)
+        filters = np.empty((5, sums.shape[1]), np.float32)
+        np.divide(sums[:2], segments.row_lengths_numpy, out=filters[:2], casting="same_kind")
+        np.sqrt(sums[2], out=filters[2], casting="same_kind")
+        if previous is not None:
+            np.divide(np.sqrt(sums[3]), np.maximum(previous[1].numpy(), 1e-12), out=filters[3], casting="same_kind")
+        else:
+            filters[3] = 0.0
+        filters[4] = np.concatenate([np.zeros(rows, np.float32) if values is None else values.float().numpy()
+                                     for values, rows in zip(activations, segments.layer_rows)])
+        per_layer = np.add.reduceat(sums[1:3], segments.layer_starts, axis=1)
+        layer_ratio = np.sqrt(per_layer[0] / np.maximum(per_layer[1], 1e-24)).astype(np.float32)
+        filters = torch.from_numpy(filters)
+        return filters, torch.from_numpy(layer_ratio), filters[2].clone()
+
+    def _segments(self, params: list[torch.Tensor], device: torch.device) -> _Segments:
+        """Index tensors of the current shapes on ``device``, made once per shape."""
+        shapes = tuple(tuple(weight.shape) for weight in params)
         if self._segment_cache is None or self._segment_cache[0] != (shapes, device):
-            rows = [int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1 for shape in shapes]
-            row_lengths = torch.tensor([row for row, shape in zip(rows, shapes) for _ in range(shape[0])],
-                                       device=device)
-            layer_counts = torch.tensor([shape[0] for shape in shapes], device=device)
-            self._segment_cache = ((shapes, device), row_lengths, layer_counts)
-        return self._segment_cache[1], self._segment_cache[2]
+            self._segment_cache = ((shapes, device), _Segments.of(shapes, device))
+        return self._segment_cache[1]
+
+
+class _Segments(NamedTuple):
+    """How the flat buffer of every monitored weight splits into layers and filters."""
+
+    numels: list[int]                  # coefficients per layer
+    layer_rows: list[int]              # filters per layer
+    layer_counts: torch.Tensor         # [L] filters per layer
+    layer_counts_2: torch.Tensor       # [2, L], for reducing two per-filter fields per layer at once
+    row_lengths_float: torch.Tensor    # [F] coefficients per filter
+    row_lengths_4: torch.Tensor        # [4, F] coefficients per filter, for the four summed terms at once
+    row_starts: np.ndarray             # [F] offset of each filter in the flat buffer (numpy ``reduceat``)
+    row_lengths_numpy: np.ndarray      # [F] coefficients per filter, float64
+    layer_starts: np.ndarray           # [L] index of each layer's first filter
+    all_nonempty: bool                 # no empty layer or filter (numpy's reduceat cannot express an empty segment)
+
+    @classmethod
+    def of(cls, shapes: Sequence[tuple[int, ...]], device: torch.device) -> "_Segments":
+        rows = [math.prod(shape[1:]) for shape in shapes]
+        row_lengths = torch.tensor([row for row, shape in zip(rows, shapes) for _ in range(shape[0])],
+                                   device=device)
+        layer_counts = torch.tensor([shape[0] for shape in shapes], device=device)
+        lengths = np.array([row for row, shape in zip(rows, shapes) for _ in range(shape[0])], np.int64)
+        counts = np.array([shape[0] for shape in shapes], np.int64)
+        return cls([math.prod(shape) for shape in shapes], [shape[0] for shape in shapes], layer_counts,
+                   layer_counts.expand(2, -1).contiguous(), row_lengths.float(), row_lengths.expand(4, -1).contiguous(),
+                   np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths.astype(np.float64),
+                   np.concatenate([[0], np.cumsum(counts)[:-1]]), bool(lengths.size and lengths.min() > 0
+                                                                       and counts.min() > 0))
 
 
 def tensor_stats(tensor: torch.Tensor) -> torch.Tensor:

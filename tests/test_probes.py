@@ -1,0 +1,78 @@
+"""FilterProbe's two reductions (numpy on CPU, segment_reduce elsewhere) against values computed independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from revacnn.probes import FilterProbe, discover_layers
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 5, padding=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+
+
+def expected(net: nn.Module, before: dict[str, np.ndarray] | None, activations: dict[str, np.ndarray]):
+    """Per filter, from the module's own tensors: mean |g|, mean g², ‖w‖, ‖w − w_before‖/‖w_before‖, mean |a|."""
+    columns, ratios = [], []
+    for name, module in discover_layers(net):
+        w = module.weight.detach().numpy().reshape(module.weight.shape[0], -1).astype(np.float64)
+        g = (np.zeros_like(w) if module.weight.grad is None
+             else module.weight.grad.numpy().reshape(w.shape).astype(np.float64))
+        update = (np.zeros(len(w)) if before is None
+                  else np.linalg.norm(w - before[name], axis=1) / np.linalg.norm(before[name], axis=1))
+        columns.append(np.stack([np.abs(g).mean(1), (g ** 2).mean(1), np.linalg.norm(w, axis=1), update,
+                                 activations[name]]))
+        ratios.append(np.sqrt((g ** 2).sum() / (w ** 2).sum()))
+    return np.concatenate(columns, axis=1), np.array(ratios)
+
+
+def step(net, probe, optimizer, images):
+    """Arm, forward (recording |activation| independently), backward, measure; then an optimizer step."""
+    seen = {}
+    handles = [module.register_forward_hook(
+        lambda m, i, o, name=name: seen.__setitem__(name, o.detach().abs().numpy().astype(np.float64)
+                                                    .swapaxes(0, 1).reshape(o.shape[1], -1).mean(1)
+                                                    if o.dim() == 4 else o.detach().abs().numpy().mean(0)))
+        for name, module in discover_layers(net)]
+    probe.arm()
+    optimizer.zero_grad()
+    net(images).square().mean().backward()
+    for handle in handles:
+        handle.remove()
+    filters, layer_ratio = probe.measure()
+    return filters.numpy(), layer_ratio.numpy(), seen
+
+
+@pytest.mark.parametrize("strategy", [None, "numpy", "segments"])
+def test_per_filter_fields_equal_independent_values_over_steps_and_with_a_frozen_layer(strategy):
+    net = small_net()
+    layers = discover_layers(net)
+    probe = FilterProbe(layers, strategy=strategy)
+    probe.attach()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    images = torch.randn(4, 3, 8, 8)
+    before = None
+    for index in range(3):
+        if index == 2:  # freeze the middle conv: no gradient, reported as zeros
+            net[2].weight.requires_grad_(False)
+            net[2].weight.grad = None
+        filters, layer_ratio, activations = step(net, probe, optimizer, images)
+        want, want_ratio = expected(net, before, activations)
+        np.testing.assert_allclose(filters, want, rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(layer_ratio, want_ratio, rtol=2e-5, atol=1e-7)
+        if index == 2:
+            assert not filters[:2, 6:10].any() and filters[2, 6:10].all()
+        before = {name: module.weight.detach().numpy().reshape(module.weight.shape[0], -1).astype(np.float64)
+                  for name, module in layers}
+        optimizer.step()
+        assert filters.shape == (5, 6 + 4 + 5)
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy"):
+        FilterProbe([], strategy="fast")
