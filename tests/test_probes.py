@@ -76,3 +76,21 @@ def test_per_filter_fields_equal_independent_values_over_steps_and_with_a_frozen
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         FilterProbe([], strategy="fast")
+
+
+@pytest.mark.parametrize("size", [1, 7, 1200, 10_000])
+def test_tensor_stats_on_cpu_equal_torch_quantile_and_independent_values(size):
+    from revacnn.probes import tensor_stats
+    from revacnn.protocol import STAT_FIELDS
+
+    torch.manual_seed(size)
+    tensor = torch.randn(size) * 3
+    tensor[::5] = 0.0
+    stats = dict(zip(STAT_FIELDS, tensor_stats(tensor.reshape(-1, 1)).tolist()))
+    quartiles = torch.quantile(tensor, torch.tensor([0.25, 0.5, 0.75])).tolist()
+    values = tensor.double().numpy()
+    want = {"min": values.min(), "max": values.max(), "mean": values.mean(), "median": quartiles[1],
+            "q1": quartiles[0], "q3": quartiles[2], "std": values.std(), "l1": np.abs(values).sum(),
+            "l2": np.linalg.norm(values), "l0": np.count_nonzero(values), "count": size}
+    for field in STAT_FIELDS:
+        assert stats[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
