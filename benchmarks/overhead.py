@@ -6,22 +6,31 @@ to the last (set-up, first-step compilation of caches, and validation excluded).
 configuration, and the median over repetitions of its throughput ÷ the bare run's in the same repetition (pairing
 cancels the drift of a shared machine, which is large on small VMs).
 
+Configurations rotate their order from one repetition to the next, so none always runs right after the slow
+TensorBoard one. ``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its
+time goes per step: wall and CPU time in each callback hook and forward hook on the training thread, and the CPU
+time of the I/O and recorder threads (Linux: read from /proc) — the figures to act on when a ratio is short.
+
     python benchmarks/overhead.py                       # CPU, the figures in benchmarks/RESULTS.md
+    python benchmarks/overhead.py --breakdown           # … and where the time goes
     python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import pytorch_lightning as pl
 import torch
 
-from revacnn import ReVACNNCallback
+from revacnn import ReVACNNCallback, probes
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
 
 
@@ -74,22 +83,101 @@ class TensorBoardHistograms(pl.Callback):
         self.writer.close()
 
 
+REVACNN_CONFIGS = {
+    "revacnn default (filters every 10, snapshots every 100, recording on)": {},
+    "revacnn every step (filters every step, snapshots every 50)": {"filters_every": 1, "snapshot_every": 50},
+}
+
+
 def configurations(logdir: str):
     return {
         "bare": lambda: [],
-        "revacnn default (filters every 10, snapshots every 100, recording on)": lambda: [ReVACNNCallback()],
-        "revacnn every step (filters every step, snapshots every 50)": lambda: [
-            ReVACNNCallback(filters_every=1, snapshot_every=50)],
+        **{name: (lambda kwargs=kwargs: [ReVACNNCallback(**kwargs)]) for name, kwargs in REVACNN_CONFIGS.items()},
         "TensorBoard histograms of every weight and gradient, every step": lambda: [
             TensorBoardHistograms(tempfile.mkdtemp(dir=logdir), every=1)],
     }
 
 
-def run_once(make_callbacks, args, data, root: str) -> float:
+class Breakdown(StepTimer):
+    """StepTimer that also times ReVACNNCallback's hooks and forward hooks, and the CPU of its threads."""
+
+    HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+
+    def __init__(self, warmup: int, callback: ReVACNNCallback) -> None:
+        super().__init__(warmup, sync_debug=False)
+        self.wall: collections.Counter = collections.Counter()
+        self.cpu: collections.Counter = collections.Counter()
+        self.threads_before: dict[str, float] = {}
+        self.threads_after: dict[str, float] = {}
+        for hook in self.HOOKS:
+            setattr(callback, hook, self._timed(hook, getattr(callback, hook)))
+        original = channel_abs_mean = probes.channel_abs_mean
+        self._restore = lambda: setattr(probes, "channel_abs_mean", original)
+        probes.channel_abs_mean = self._timed("forward hooks (mean abs activation per channel)", channel_abs_mean)
+
+    def _timed(self, name, function):
+        def timed(*args, **kwargs):
+            if self.steps == 0 and self.started == 0.0:
+                return function(*args, **kwargs)
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.wall[name] += time.perf_counter() - wall
+                self.cpu[name] += time.thread_time() - cpu
+        return timed
+
+    @staticmethod
+    def thread_cpu() -> dict[str, float]:
+        """CPU seconds of this process's revacnn threads, by name (Linux /proc; empty elsewhere)."""
+        names = {thread.native_id: thread.name for thread in threading.enumerate()}
+        found: dict[str, float] = {}
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                name = names.get(int(tid), "")
+                if name.startswith("revacnn"):
+                    with open(f"/proc/self/task/{tid}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                    found[name.split("-2")[0]] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+        return found
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if trainer.global_step == self.warmup:
+            self.threads_before = self.thread_cpu()
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        self.threads_after = self.thread_cpu()
+        self._restore()
+
+    def report(self) -> list[str]:
+        per_step = 1000.0 / max(1, self.steps)
+        lines = [f"| {name} | {self.wall[name] * per_step:.3f} | {self.cpu[name] * per_step:.3f} |"
+                 for name in self.wall]
+        lines += [f"| thread {name} | | {(self.threads_after[name] - self.threads_before.get(name, 0.0)) * per_step:.3f} |"
+                  for name in self.threads_after]
+        lines.append(f"| whole step (for scale) | {self.elapsed * per_step:.3f} | |")
+        return lines
+
+
+def breakdown(args, data, root: str) -> None:
+    print("\nWhere the time goes (one instrumented run per configuration; ms per timed step)\n")
+    for name, kwargs in REVACNN_CONFIGS.items():
+        callback = ReVACNNCallback(**kwargs)
+        timer = Breakdown(args.warmup, callback)
+        run_once(lambda: [callback], args, data, root, timer=timer)
+        print(f"{name}\n\n| part | wall ms/step | CPU ms/step |\n| --- | --- | --- |")
+        print("\n".join(timer.report()) + "\n")
+
+
+def run_once(make_callbacks, args, data, root: str, timer: StepTimer | None = None) -> float:
     torch.manual_seed(0)
     net = SmallResNet((32, 64, 128)) if args.model == "resnet" else ReVACNNNet()
     model = ClassifierModule(net, lr=0.02)
-    timer = StepTimer(args.warmup, args.sync_debug)
+    timer = timer or StepTimer(args.warmup, args.sync_debug)
     trainer = pl.Trainer(accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, max_epochs=-1,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
@@ -108,26 +196,34 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sync-debug", action="store_true",
                         help="torch.cuda.set_sync_debug_mode('error') around the timed steps (GPU only)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="then time each part of the callback per step (hooks, forward hooks, threads)")
     args = parser.parse_args(argv)
     data = DigitsDataModule(batch_size=args.batch_size)
     data.setup()
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
         configs = configurations(root)
+        names = list(configs)
         for repeat in range(args.repeats):
-            for name, make in configs.items():
-                results.setdefault(name, []).append(run_once(make, args, data, root))
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:   # rotate: no configuration always follows the same one
+                results.setdefault(name, []).append(run_once(configs[name], args, data, root))
             print(f"repeat {repeat + 1}/{args.repeats}: " +
-                  ", ".join(f"{values[-1]:.1f}" for values in results.values()), file=sys.stderr, flush=True)
+                  ", ".join(f"{results[name][-1]:.1f}" for name in names), file=sys.stderr, flush=True)
     print(f"\n{args.model} on {args.device}, batch {args.batch_size}, {args.steps} timed steps × {args.repeats} "
           f"interleaved repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| configuration | median steps/s | ratio to bare (median of paired ratios) | paired ratios min–max |")
     print("| --- | --- | --- | --- |")
-    for name, values in results.items():
+    for name in names:
+        values = results[name]
         # each repetition's configurations ran back to back: pairing them cancels the machine's drift
         ratios = [value / bare for value, bare in zip(values, results["bare"])]
         print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(ratios):.3f} | "
               f"{min(ratios):.2f}–{max(ratios):.2f} |")
+    if args.breakdown:
+        with tempfile.TemporaryDirectory() as root:
+            breakdown(args, data, root)
 
 
 if __name__ == "__main__":
