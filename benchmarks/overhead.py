@@ -157,8 +157,8 @@ class Breakdown(StepTimer):
         per_step = 1000.0 / max(1, self.steps)
         lines = [f"| {name} | {self.wall[name] * per_step:.3f} | {self.cpu[name] * per_step:.3f} |"
                  for name in self.wall]
-        lines += [f"| thread {name} | | {(self.threads_after[name] - self.threads_before.get(name, 0.0)) * per_step:.3f} |"
-                  for name in self.threads_after]
+        for name, after in self.threads_after.items():
+            lines.append(f"| thread {name} | | {(after - self.threads_before.get(name, 0.0)) * per_step:.3f} |")
         lines.append(f"| whole step (for scale) | {self.elapsed * per_step:.3f} | |")
         return lines
 

@@ -17,7 +17,7 @@ def small_net() -> nn.Module:
 
 
 def expected(net: nn.Module, before: dict[str, np.ndarray] | None, activations: dict[str, np.ndarray]):
-    """Per filter, from the module's own tensors: mean |g|, mean g², ‖w‖, ‖w − w_before‖/‖w_before‖, mean |a|."""
+    """Per filter, from the module's own tensors: mean |g|, mean g², ‖w‖, ‖w − w_prev‖/‖w_prev‖, mean |a|."""
     columns, ratios = [], []
     for name, module in discover_layers(net):
         w = module.weight.detach().numpy().reshape(module.weight.shape[0], -1).astype(np.float64)

@@ -104,7 +104,7 @@ class FilterProbe:
 
     @torch.no_grad()
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ``[5, F]`` tensor of per-filter fields and one ``[L]`` of per-layer ‖g‖/‖w‖ (on the weights' device).
+        """One ``[5, F]`` tensor of per-filter fields and one ``[L]`` of per-layer ‖g‖/‖w‖, on the weights' device.
 
         Every monitored weight and gradient is concatenated into one flat buffer (a filter's coefficients are
         contiguous in it, and the copy of the weights is kept for the next update ratio); the four summed terms

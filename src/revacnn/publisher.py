@@ -357,8 +357,8 @@ class Publisher:
         with self._lock:
             self._wake_pending = False
 
-    def _drain_outbox(self, pub: zmq.Socket, router: zmq.Socket, force: bool = False) -> bool:
-        """Send every ready item at the head of the queue; True when nothing was sent."""
+    def _drain_outbox(self, pub: zmq.Socket, router: zmq.Socket, force: bool = False) -> None:
+        """Send every ready item at the head of the queue (at most 256 per call)."""
         sent = 0
         while self._outbox and sent < 256:
             item = self._outbox[0]
@@ -376,7 +376,6 @@ class Publisher:
                 continue
             self._send(pub, router, message)
             sent += 1
-        return sent == 0
 
     def _send(self, pub: zmq.Socket, router: zmq.Socket, message: Message) -> None:
         frames = self.codec.encode(message)

@@ -3,10 +3,10 @@
 The publishing thread only calls ``submit`` (a non-blocking append to a bounded inbox). A daemon thread wakes every
 ``flush_interval`` seconds (0.5 s by default; sooner when 32 MB are waiting, or on ``flush``/``close``), turns the
 messages into rows and appends them as Arrow IPC record batches to segment files — waking once per interval rather
-than once per message keeps its share of the GIL, which the training thread competes for, small. It writes snapshots as safetensors files (temp name, then rename) and retires old full-resolution segments
-once coarser pyramid levels cover them. Errors never reach the caller: the first one is stored in ``error``, warned
-about once, and the recorder stops writing (everything submitted afterwards counts as a drop). Layout and policy:
-docs/design.md, "Recording".
+than once per message keeps its share of the GIL, which the training thread competes for, small. It writes snapshots
+as safetensors files (temp name, then rename) and retires old full-resolution segments once coarser pyramid levels
+cover them. Errors never reach the caller: the first one is stored in ``error``, warned about once, and the recorder
+stops writing (everything submitted afterwards counts as a drop). Layout and policy: docs/design.md, "Recording".
 """
 
 from __future__ import annotations
