@@ -58,6 +58,21 @@ def test_ring_keeps_the_last_rows_and_reports_a_wrapped_cursor():
     assert cols["lr"].tolist() == [0.1, 0.1] and cols["train_acc"].tolist() == [0.5, 0.5]
 
 
+def test_a_step_already_charted_is_not_charted_again_but_its_filters_are_kept():
+    """A state snapshot re-sent on reconnecting to the same run repeats the latest steps: the loss chart must stay
+    one point per step, in step order."""
+    state = RunState("x")
+    state.apply(Message("structure", STRUCTURE))
+    for step in (10, 11, 12):
+        state.apply(step_message(step, float(step), per_filter=step == 10))
+    state.apply(step_message(10, 10.0, per_filter=True))   # snapshot again: step_filters, then step
+    state.apply(step_message(12, 12.0))
+    state.apply(step_message(13, 13.0))
+    cols, _, _ = state.scalars_since(0)
+    assert cols["step"].tolist() == [10, 11, 12, 13]
+    assert state.filters_by_layer()["net.conv1"]["grad_abs_mean"].tolist() == [0, 1, 2, 3]
+
+
 def test_filters_are_split_per_layer_and_checked_against_the_structure():
     state = RunState("x")
     state.apply(Message("structure", STRUCTURE))

@@ -72,6 +72,18 @@ def test_late_joiner_gets_structure_and_latest_state_within_two_seconds(publishe
         np.testing.assert_array_equal(step.arrays["filters"], np.full((5, 4), 50, np.float32))
 
 
+def test_state_snapshot_gives_the_latest_per_filter_step_before_the_latest_step(publisher):
+    publisher.publish(Message("structure", {"revision": 0}))
+    publisher.publish(Message("step", {"step": 10, "per_filter": True}, {"filters": np.ones((5, 4), np.float32)}))
+    for step in range(11, 15):
+        publisher.publish(Message("step", {"step": step, "per_filter": False}))
+    time.sleep(0.3)
+    with RunClient(publisher.control_endpoint) as client:
+        welcome = client.connect()
+        state = [client.recv(1.0) for _ in range(welcome["state_count"])]
+        assert [(m.type, m.body.get("step")) for m in state if m.type == "step"] == [("step", 10), ("step", 14)]
+
+
 def test_client_skips_telemetry_older_than_its_state_snapshot(publisher):
     publisher.publish(Message("structure", {"revision": 0}))
     with RunClient(publisher.control_endpoint) as client:

@@ -130,6 +130,7 @@ class RunState:
         self.last_heard = 0.0
         self.scalar_capacity = scalar_capacity
         self.scalars = Ring(SCALAR_KEYS, scalar_capacity)
+        self.last_scalar_step: int | None = None    # the newest step charted
         self.val: collections.deque[dict[str, Any]] = collections.deque(maxlen=5000)
         self.filter_steps: collections.deque[tuple[int, int, np.ndarray, list[str]]] = collections.deque(
             maxlen=filter_capacity)   # (step, revision, [5, F] array, layer names)
@@ -168,6 +169,7 @@ class RunState:
         self.generation += 1
         self.structure = self.hparams = self.status = None
         self.scalars = Ring(SCALAR_KEYS, self.scalar_capacity)
+        self.last_scalar_step = None
         self.val.clear()
         self.filter_steps.clear()
         self.layer_ratio = {}
@@ -207,10 +209,14 @@ class RunState:
         groups = b.get("groups") or [{}]
         metrics = b.get("metrics") or {}
         acc = metrics.get("train_acc", metrics.get("acc"))
-        self.scalars.append({"step": b.get("step"), "loss": b.get("loss"), "train_acc": acc,
-                             "lr": groups[0].get("lr"), "momentum": groups[0].get("momentum"),
-                             "weight_decay": groups[0].get("weight_decay"), "batch_size": b.get("batch_size"),
-                             "samples_per_s": b.get("samples_per_s")})
+        step = b.get("step")
+        # A step already charted (a state snapshot re-sent on reconnecting to the same run) is not charted again.
+        if not isinstance(step, int) or self.last_scalar_step is None or step > self.last_scalar_step:
+            self.last_scalar_step = step if isinstance(step, int) else self.last_scalar_step
+            self.scalars.append({"step": step, "loss": b.get("loss"), "train_acc": acc,
+                                 "lr": groups[0].get("lr"), "momentum": groups[0].get("momentum"),
+                                 "weight_decay": groups[0].get("weight_decay"), "batch_size": b.get("batch_size"),
+                                 "samples_per_s": b.get("samples_per_s")})
         if b.get("per_filter") and "filters" in m.arrays:
             names = list(b.get("layer_names") or [l["name"] for l in (self.structure or {}).get("layers", [])])
             self.filter_steps.append((int(b.get("step") or 0), int(b.get("revision") or 0),

@@ -33,8 +33,9 @@ from revacnn.protocol import (
 
 log = logging.getLogger(__name__)
 
-#: Message types whose latest instance a late joiner receives, in this order (docs/protocol.md §3).
-STATE_ORDER = ("structure", "hparams", "status", "step", "step_filters", "snapshot", "val")
+#: Message types whose latest instance a late joiner receives, in this order (docs/protocol.md §3). The latest step with
+#: per-filter data is never newer than the latest step, so it comes first: steps arrive in step order.
+STATE_ORDER = ("structure", "hparams", "status", "step_filters", "step", "snapshot", "val")
 #: Types that are never dropped when the queue is full (low volume, and a client cannot do without them).
 ESSENTIAL_TYPES = frozenset({"structure", "hparams", "status", "ack"})
 CONTROL_MAX_BYTES = 1 << 20
