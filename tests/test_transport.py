@@ -220,8 +220,10 @@ def test_recv_with_zero_timeout_still_reads_what_has_arrived(publisher):
             pass
         publisher.publish(Message("step", {"step": 1, "per_filter": False}))
         time.sleep(0.3)
-        message = client.recv(0)
-        assert message is not None and message.type == "step"
+        arrived = []   # the step, and maybe a heartbeat (every 0.2 s here) before it
+        while (message := client.recv(0)) is not None:
+            arrived.append(message.type)
+        assert "step" in arrived, arrived
 
 
 def test_telemetry_waits_for_the_send_interval_but_acks_and_a_half_full_queue_go_at_once():
