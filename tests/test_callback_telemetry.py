@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from revacnn import ReVACNNCallback
+from revacnn.callback import _scalar_values
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS
+from revacnn.transfer import HostCopy
 
 LAYERS = ["net.conv1", "net.conv2", "net.conv3", "net.fc"]
 FILTERS_EVERY, SNAPSHOT_EVERY = 5, 20
@@ -231,3 +233,35 @@ def test_run_ends_with_a_finished_status_and_no_drops(run):
     assert statuses[-1]["state"] == "finished"
     assert statuses[-1]["drops"]["telemetry"] == 0
     assert run["listener"].client.gaps == 0
+
+
+def test_scalars_pack_single_values_in_name_order_and_skip_the_rest():
+    """CPU tensors are read in place, numbers join them, vectors and booleans are left out, names match values."""
+    loss = torch.tensor(0.5, requires_grad=True) * 1.0       # still attached to a graph: read without complaint
+    values = {"loss": loss, "acc": torch.tensor([0.25]), "count": 3, "flag": True, "vector": torch.ones(2),
+              "half": torch.tensor(1.5, dtype=torch.bfloat16), "text": "x"}
+    copy = HostCopy()
+    names = ReVACNNCallback()._add_scalars(copy, values.items())
+    arrays = copy.launch().arrays()
+    assert names == ["loss", "acc", "count", "half"]
+    assert list(arrays) == ["host_scalars"] and arrays["host_scalars"].dtype == np.float32
+    np.testing.assert_array_equal(arrays["host_scalars"], np.array([0.5, 0.25, 3.0, 1.5], np.float32))
+    assert _scalar_values(names, arrays) == {"loss": 0.5, "acc": 0.25, "count": 3.0, "half": 1.5}
+    assert arrays == {}                                   # taken out: what is left are the message's arrays
+    assert _scalar_values(["a", "b", "c"], {"scalars": np.array([1.0, np.nan], np.float32),
+                                            "host_scalars": np.array([3.0], np.float32)}) == {
+        "a": 1.0, "b": None, "c": 3.0}                   # device values first, then host ones; NaN → None
+
+
+def test_host_copy_carries_numpy_parts_beside_the_packed_tensors():
+    weights = torch.arange(6.0).reshape(2, 3)
+    copy = HostCopy()
+    copy.add("weights", weights)
+    copy.add("already_on_host", np.array([7.0, 8.0], np.float32))
+    arrays = copy.launch().arrays()
+    weights += 1                      # the packed copy no longer depends on the source tensor
+    np.testing.assert_array_equal(arrays["weights"], np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(arrays["already_on_host"], [7.0, 8.0])
+    only_host = HostCopy()
+    only_host.add("x", np.array([1.0], np.float32))
+    assert bool(only_host) and list(only_host.launch().arrays()) == ["x"]

@@ -367,7 +367,7 @@ class ReVACNNCallback(Callback):
                    if value is not self._metrics_before_validation.get(name)}
         self._val_metric_names.update(metrics)
         copy = HostCopy()
-        scalar_names = self._add_scalars(copy, metrics)
+        scalar_names = self._add_scalars(copy, metrics.items())
         if self._val_subset is not None:
             images, labels = self._val_subset
             with torch.no_grad(), eval_mode(pl_module):
@@ -378,37 +378,49 @@ class ReVACNNCallback(Callback):
                 "count": 0 if self._val_subset is None else int(self._val_subset[1].shape[0])}
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            body["metrics"] = _scalar_values(scalar_names, arrays.pop("scalars", None))
+            body["metrics"] = _scalar_values(scalar_names, arrays)
             return {name: array.astype(np.int16) for name, array in arrays.items()}
 
         self.publisher.publish(PendingMessage("val", body, copy.launch(), finalize))
 
     # -- telemetry ----------------------------------------------------------------------------------------------
-    def _add_scalars(self, copy: HostCopy, values: dict[str, Any]) -> list[str]:
-        names, tensors, numbers = [], [], []
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                names.append(name)
-                tensors.append(value.detach().reshape(()))
+    def _add_scalars(self, copy: HostCopy, values: Iterable[tuple[str, Any]]) -> list[str]:
+        """Put the single-element values into the message's ``scalars`` array; returns their names, in its order.
+
+        A tensor on the CPU is read where it is: it is host memory, so ``item()`` neither copies nor waits for a
+        device; plain numbers join those values in a host array (``host_scalars``). Tensors on an accelerator are
+        stacked there into one tensor (``scalars``) that rides the message's single host copy; values on several
+        accelerators meet on the first one's. Host values never go to the device: a blocking upload would sync.
+        No ``no_grad`` context: entering one costs more than the detaches it would save.
+        """
+        names, on_device, host_names, on_host = [], [], [], []
+        for name, value in values:
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    continue
+                if value.device.type == "cpu":
+                    host_names.append(name)
+                    on_host.append(value.item())
+                else:
+                    names.append(name)
+                    on_device.append(value.detach().reshape(()))
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                numbers.append((name, float(value)))
-        if numbers:  # plain numbers join the device tensors as one small tensor
-            device = tensors[0].device if tensors else torch.device("cpu")
-            names += [name for name, _ in numbers]
-            tensors += list(torch.tensor([number for _, number in numbers], device=device))
-        if tensors:
-            copy.add("scalars", torch.stack(tensors))
-        return names
+                host_names.append(name)
+                on_host.append(float(value))
+        if on_device:
+            device = on_device[0].device
+            copy.add("scalars", torch.stack([value.to(device=device, dtype=torch.float32) for value in on_device]))
+        if on_host:
+            copy.add("host_scalars", np.array(on_host, np.float32))
+        return names + host_names
 
     def _publish_step(self, trainer: pl.Trainer, outputs: Any, step: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        values: dict[str, Any] = {}
-        if isinstance(loss, torch.Tensor):
-            values["loss"] = loss
+        values: dict[str, Any] = {"loss": loss} if isinstance(loss, torch.Tensor) else {}
         values.update((name, value) for name, value in trainer.callback_metrics.items()
                       if name not in self._val_metric_names)
         copy = HostCopy()
-        scalar_names = self._add_scalars(copy, values)
+        scalar_names = self._add_scalars(copy, values.items())
         per_filter = self._filter_stats is not None
         if per_filter:
             filters, layer_ratios = self._filter_stats
@@ -424,7 +436,7 @@ class ReVACNNCallback(Callback):
         publisher = self.publisher
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            scalars = _scalar_values(scalar_names, arrays.pop("scalars", None))
+            scalars = _scalar_values(scalar_names, arrays)
             body["loss"] = scalars.pop("loss", None)
             body["metrics"] = scalars
             body["drops"] = publisher._drop_counts()
@@ -668,9 +680,12 @@ class ReVACNNCallback(Callback):
             self.publisher.send_ack(command, status, step=trainer.global_step, error=error, result=result)
 
 
-def _scalar_values(names: list[str], values: np.ndarray | None) -> dict[str, float | None]:
-    if values is None:
+def _scalar_values(names: list[str], arrays: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Name → value of what ``_add_scalars`` packed (device values first, then host ones), taken out of ``arrays``."""
+    parts = [arrays.pop(key) for key in ("scalars", "host_scalars") if key in arrays]
+    if not parts:
         return {}
+    values = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return {name: (float(value) if np.isfinite(value) else None) for name, value in zip(names, values.tolist())}
 
 

@@ -3,7 +3,8 @@
 The training thread packs every tensor a message needs into one flat float32 buffer on the device and starts one
 non-blocking copy into pinned host memory; the I/O thread turns it into numpy arrays once the copy's CUDA event has
 completed (it polls ``Event.query``, so no thread ever blocks the device). On CPU the packed buffer is already a
-fresh host tensor and is ready at once.
+fresh host tensor and is ready at once. Values that are already on the host as numpy arrays (scalars read from CPU
+tensors) travel beside the buffer as they are.
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ class PendingArrays:
     """Named arrays being copied to the host as one flat float32 buffer."""
 
     def __init__(self, host: torch.Tensor | None, layout: list[tuple[str, tuple[int, ...], int]],
-                 event: torch.cuda.Event | None) -> None:
+                 event: torch.cuda.Event | None, on_host: dict[str, np.ndarray] | None = None) -> None:
         self._host = host
         self._layout = layout
         self._event = event
+        self._on_host = on_host or {}
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
     def arrays(self) -> dict[str, np.ndarray]:
+        arrays = dict(self._on_host)
         if self._host is None:
-            return {}
+            return arrays
         flat = self._host.numpy()
-        arrays, offset = {}, 0
+        offset = 0
         for name, shape, count in self._layout:
             arrays[name] = flat[offset:offset + count].reshape(shape)
             offset += count
@@ -45,16 +48,21 @@ class HostCopy:
 
     def __init__(self) -> None:
         self._parts: list[tuple[str, torch.Tensor]] = []
+        self._on_host: dict[str, np.ndarray] = {}
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        self._parts.append((name, tensor.detach()))
+    def add(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+        """A device tensor joins the packed copy; a numpy array is already on the host and is passed on as it is."""
+        if isinstance(tensor, np.ndarray):
+            self._on_host[name] = tensor
+        else:
+            self._parts.append((name, tensor.detach()))
 
     def __bool__(self) -> bool:
-        return bool(self._parts)
+        return bool(self._parts or self._on_host)
 
     def launch(self) -> PendingArrays:
         if not self._parts:
-            return PendingArrays(None, [], None)
+            return PendingArrays(None, [], None, self._on_host)
         device = self._parts[0][1].device
         layout = [(name, tuple(tensor.shape), tensor.numel()) for name, tensor in self._parts]
         flat = torch.cat([tensor.reshape(-1).to(device=device, dtype=torch.float32) for _, tensor in self._parts])
@@ -63,10 +71,10 @@ class HostCopy:
             host.copy_(flat, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return PendingArrays(host, layout, event)
+            return PendingArrays(host, layout, event, self._on_host)
         if flat.device.type != "cpu":  # other accelerators: a plain copy (their async semantics differ)
-            return PendingArrays(flat.cpu(), layout, None)
-        return PendingArrays(flat, layout, None)
+            return PendingArrays(flat.cpu(), layout, None, self._on_host)
+        return PendingArrays(flat, layout, None, self._on_host)
 
 
 class PendingMessage:
