@@ -422,7 +422,7 @@ class RunRecorder:
         self._series: dict[str, _LayerSeries] = {}
         self._streams: dict[str, _Stream] = {}
         self._pending: dict[str, list] = {"events": [], "scalars": [], "layers": [], "val": []}
-        self._scalar_columns: list[str] = []
+        self._scalar_columns: dict[str, None] = {}     # an ordered set: columns in order of appearance
         self._last_status: tuple[str | None, float] = (None, -math.inf)
         self._mismatch_warned = False
         self._bad_message_warned = False
@@ -696,9 +696,7 @@ class RunRecorder:
         if pending["scalars"]:
             rows = pending["scalars"]
             for row in rows:
-                for key in row:
-                    if key not in self._scalar_columns:
-                        self._scalar_columns.append(key)
+                self._scalar_columns.update(dict.fromkeys(row))
             arrays = []
             for key in self._scalar_columns:
                 values = [row.get(key) for row in rows]
