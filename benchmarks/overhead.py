@@ -4,7 +4,8 @@ Configurations run interleaved (A B C D, A B C D, …) so drift of the machine h
 fresh Trainer on the ReVACNN demo CNN (16-20-20, 3×32×32 digits, batch 32). Throughput is timed from the 20th step
 to the last (set-up, first-step compilation of caches, and validation excluded). Reported: median steps/s per
 configuration, and the median over repetitions of its throughput ÷ the bare run's in the same repetition (pairing
-cancels the drift of a shared machine, which is large on small VMs).
+cancels the drift of a shared machine, which is large on small VMs), with a bootstrap 95 % confidence interval of
+that median, so a ratio is never read more precisely than the machine allows.
 
 Configurations rotate their order from one repetition to the next, so none always runs right after the slow
 TensorBoard one. ``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -186,6 +188,13 @@ def run_once(make_callbacks, args, data, root: str, timer: StepTimer | None = No
     return timer.steps / timer.elapsed
 
 
+def median_interval(values: list[float], resamples: int = 5000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95 % confidence interval of the median of ``values`` (percentile method)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="timed steps per repetition (default 300)")
@@ -213,14 +222,16 @@ def main(argv=None) -> None:
                   ", ".join(f"{results[name][-1]:.1f}" for name in names), file=sys.stderr, flush=True)
     print(f"\n{args.model} on {args.device}, batch {args.batch_size}, {args.steps} timed steps × {args.repeats} "
           f"interleaved repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| configuration | median steps/s | ratio to bare (median of paired ratios) | paired ratios min–max |")
-    print("| --- | --- | --- | --- |")
+    print("| configuration | median steps/s | ratio to bare (median of paired ratios) | 95 % CI of that median | "
+          "paired ratios min–max |")
+    print("| --- | --- | --- | --- | --- |")
     for name in names:
         values = results[name]
         # each repetition's configurations ran back to back: pairing them cancels the machine's drift
         ratios = [value / bare for value, bare in zip(values, results["bare"])]
+        low, high = median_interval(ratios)
         print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(ratios):.3f} | "
-              f"{min(ratios):.2f}–{max(ratios):.2f} |")
+              f"{low:.3f}–{high:.3f} | {min(ratios):.2f}–{max(ratios):.2f} |")
     if args.breakdown:
         with tempfile.TemporaryDirectory() as root:
             breakdown(args, data, root)
