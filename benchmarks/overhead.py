@@ -10,7 +10,8 @@ that median, so a ratio is never read more precisely than the machine allows.
 Configurations rotate their order from one repetition to the next, so none always runs right after the slow
 TensorBoard one. ``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its
 time goes per step: wall and CPU time in each callback hook and forward hook on the training thread, and the CPU
-time of the I/O and recorder threads (Linux: read from /proc) — the figures to act on when a ratio is short.
+time of the I/O and recorder threads (Linux: read from /proc) — the figures to act on when a ratio is short — and
+their sum as an implied ratio, a second estimate far less noisy than the throughput ratio on a shared machine.
 
     python benchmarks/overhead.py                       # CPU, the figures in benchmarks/RESULTS.md
     python benchmarks/overhead.py --breakdown           # … and where the time goes
@@ -131,16 +132,16 @@ class Breakdown(StepTimer):
 
     @staticmethod
     def thread_cpu() -> dict[str, float]:
-        """CPU seconds of this process's revacnn threads, by name (Linux /proc; empty elsewhere)."""
+        """CPU seconds of this process's revacnn threads, by name (Linux: /proc schedstat, in nanoseconds; empty
+        elsewhere)."""
         names = {thread.native_id: thread.name for thread in threading.enumerate()}
         found: dict[str, float] = {}
         try:
             for tid in os.listdir("/proc/self/task"):
                 name = names.get(int(tid), "")
                 if name.startswith("revacnn"):
-                    with open(f"/proc/self/task/{tid}/stat") as stat:
-                        fields = stat.read().rsplit(")", 1)[1].split()
-                    found[name.split("-2")[0]] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                    with open(f"/proc/self/task/{tid}/schedstat") as stat:
+                        found[name.split("-2")[0]] = int(stat.read().split()[0]) / 1e9
         except OSError:
             pass
         return found
@@ -159,9 +160,17 @@ class Breakdown(StepTimer):
         per_step = 1000.0 / max(1, self.steps)
         lines = [f"| {name} | {self.wall[name] * per_step:.3f} | {self.cpu[name] * per_step:.3f} |"
                  for name in self.wall]
+        threads = 0.0
         for name, after in self.threads_after.items():
+            threads += (after - self.threads_before.get(name, 0.0)) * per_step
             lines.append(f"| thread {name} | | {(after - self.threads_before.get(name, 0.0)) * per_step:.3f} |")
-        lines.append(f"| whole step (for scale) | {self.elapsed * per_step:.3f} | |")
+        step = self.elapsed * per_step
+        lines.append(f"| whole step (for scale) | {step:.3f} | |")
+        # The hooks run inside the step; the threads' CPU competes with torch's threads for the cores, so it is
+        # counted in full. What this misses: cache and GIL effects on the training thread.
+        accounted = sum(self.wall.values()) * per_step + threads
+        lines.append(f"| accounted: hooks' wall + threads' CPU | {accounted:.3f} | implied ratio "
+                     f"{(step - accounted) / step:.3f} |")
         return lines
 
 
