@@ -385,7 +385,8 @@ class ReVACNNCallback(Callback):
 
     # -- telemetry ----------------------------------------------------------------------------------------------
     def _add_scalars(self, copy: HostCopy, values: Iterable[tuple[str, Any]]) -> list[str]:
-        """Put the single-element values into the message's ``scalars`` array; returns their names, in its order.
+        """Put the single-element values into the message's scalar arrays; returns their names in the order that
+        ``_scalar_values`` reads them back.
 
         A tensor on the CPU is read where it is: it is host memory, so ``item()`` neither copies nor waits for a
         device; plain numbers join those values in a host array (``host_scalars``). Tensors on an accelerator are
