@@ -1,17 +1,18 @@
-"""Training throughput with ReVACNNCallback ÷ without it, measured side by side in one process.
+"""Training throughput with ReVACNNCallback ÷ without it, measured side by side in one run.
 
-Configurations run interleaved (A B C D, A B C D, …) so drift of the machine hits all alike; each repetition is a
-fresh Trainer on the ReVACNN demo CNN (16-20-20, 3×32×32 digits, batch 32). Throughput is timed from the 20th step
-to the last (set-up, first-step compilation of caches, and validation excluded). Reported: median steps/s per
-configuration, and the median over repetitions of its throughput ÷ the bare run's in the same repetition (pairing
-cancels the drift of a shared machine, which is large on small VMs), with a bootstrap 95 % confidence interval of
-that median, so a ratio is never read more precisely than the machine allows.
+Each configuration trains the ReVACNN demo CNN (16-20-20, 3×32×32 digits, batch 32) in one fit whose steps are cut
+into windows of ``--window`` steps: in every other window the configuration's callbacks run, in the windows between
+they are switched off (their per-batch hooks are not called; their threads and sockets stay up, idle). Each "on"
+window's steps/s is divided by the mean of the two "off" windows either side of it, so the machine's drift — large
+and slow on a shared VM, ±15 % from one fresh run to the next here — cancels within seconds instead of across
+whole runs. Reported: the median of those paired ratios with a bootstrap 95 % confidence interval, and the mean
+with its 95 % normal interval. The first ``--settle`` steps of every window are not timed: the work an on window
+queued (the recorder writes every 0.5 s) drains there, not in the next window's figures.
 
-Configurations rotate their order from one repetition to the next, so none always runs right after the slow
-TensorBoard one. ``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its
-time goes per step: wall and CPU time in each callback hook and forward hook on the training thread, and the CPU
-time of the I/O and recorder threads (Linux: read from /proc) — the figures to act on when a ratio is short — and
-their sum as an implied ratio, a second estimate far less noisy than the throughput ratio on a shared machine.
+``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its time goes per
+step: wall and CPU time in each callback hook and forward hook on the training thread, and the CPU time of the I/O
+and recorder threads (Linux: read from /proc) — the figures to act on when a ratio is short — and their sum as an
+implied ratio, a second estimate of the same quantity.
 
     python benchmarks/overhead.py                       # CPU, the figures in benchmarks/RESULTS.md
     python benchmarks/overhead.py --breakdown           # … and where the time goes
@@ -94,11 +95,113 @@ REVACNN_CONFIGS = {
 
 def configurations(logdir: str):
     return {
-        "bare": lambda: [],
         **{name: (lambda kwargs=kwargs: [ReVACNNCallback(**kwargs)]) for name, kwargs in REVACNN_CONFIGS.items()},
         "TensorBoard histograms of every weight and gradient, every step": lambda: [
             TensorBoardHistograms(tempfile.mkdtemp(dir=logdir), every=1)],
     }
+
+
+def _drain_device() -> None:
+    """Wait for the GPU's queued work (a no-op on CPU); the timer's own wait is exempt from sync debug mode."""
+    if torch.cuda.is_available():
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+class AlternatingWindows(pl.Callback):
+    """Calls ``callbacks``' per-batch hooks only in every other window of ``window`` steps, and times each window.
+
+    Window 0 (off, not timed) is the warm-up; then off and on windows alternate, starting and ending off. Lifecycle hooks (set-up, train start and end, epochs, validation, tear-down)
+    always reach the callbacks, so their threads and sockets live for the whole fit; their CPU in the off windows'
+    timed steps is measured too (``idle_thread_ms``), since it is cost that the pairing cannot see. Put this
+    callback first: its ``on_train_batch_start`` stamps the time before any other callback runs.
+    """
+
+    PER_BATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                 "on_before_zero_grad", "on_train_batch_end")
+    LIFECYCLE = ("setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_epoch_start", "on_train_epoch_end", "on_validation_start", "on_validation_end",
+                 "on_exception")
+
+    def __init__(self, callbacks: list[pl.Callback], window: int, settle: int, sync_debug: bool = False) -> None:
+        if not 0 <= settle < window:
+            raise ValueError(f"settle must be in [0, window), got {settle} with window {window}")
+        self.callbacks, self.window, self.settle, self.sync_debug = callbacks, window, settle, sync_debug
+        self.on = False
+        self.windows: list[list] = []        # [on, timed steps, timed seconds] per window
+        self.idle_thread_s = 0.0             # revacnn threads' CPU during the off windows' timed steps
+        self.idle_steps = 0
+        self._last: float | None = None
+        self._threads_at: dict[str, float] | None = None
+        for hook in self.LIFECYCLE:
+            setattr(self, hook, self._forward(hook, gated=False))
+        for hook in self.PER_BATCH[1:]:
+            setattr(self, hook, self._forward(hook, gated=True))
+
+    def _forward(self, hook: str, gated: bool):
+        def forward(*args, **kwargs):
+            if self.on or not gated:
+                for callback in self.callbacks:
+                    getattr(callback, hook)(*args, **kwargs)
+        return forward
+
+    def _close_step(self, now: float, step: int) -> None:
+        """Book the step that just ended (it started at ``self._last``) to its window, if it is a timed one."""
+        if self._last is not None and (step - 1) % self.window >= self.settle:
+            record = self.windows[-1]
+            record[1] += 1
+            record[2] += now - self._last
+
+    def _threads(self) -> None:
+        """Add the revacnn threads' CPU since the last call to the idle total (off windows' timed steps only)."""
+        now = Breakdown.thread_cpu()
+        if self._threads_at is not None:
+            self.idle_thread_s += sum(value - self._threads_at.get(name, 0.0) for name, value in now.items())
+        self._threads_at = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.window in (0, self.settle):
+            _drain_device()                  # a window's timed steps start and end with the device's queue empty
+        now = time.perf_counter()
+        self._close_step(now, step)
+        position = step % self.window
+        if position == 0:
+            if self._threads_at is not None:
+                self._threads()
+            index = step // self.window
+            self.on = index > 0 and index % 2 == 0
+            self.windows.append([self.on, 0, 0.0])
+            if step == self.window and self.sync_debug:
+                torch.cuda.set_sync_debug_mode("error")
+        if position == self.settle and not self.on and step >= self.window:
+            self._threads_at = Breakdown.thread_cpu()
+            self.idle_steps += self.window - self.settle
+        self._last = time.perf_counter() if position in (0, self.settle) else now
+        if self.on:
+            for callback in self.callbacks:
+                callback.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_end(self, trainer, pl_module):
+        _drain_device()
+        self._close_step(time.perf_counter(), trainer.global_step)
+        if self.sync_debug:
+            torch.cuda.set_sync_debug_mode(0)
+        if self._threads_at is not None:
+            self._threads()
+        for callback in self.callbacks:
+            callback.on_train_end(trainer, pl_module)
+
+    def ratios(self) -> list[float]:
+        """Steps/s of each on window ÷ the mean of its two neighbouring off windows'."""
+        rates = [(on, steps / seconds) for on, steps, seconds in self.windows[1:] if steps and seconds > 0]
+        return [rates[i][1] / ((rates[i - 1][1] + rates[i + 1][1]) / 2) for i in range(1, len(rates) - 1)
+                if rates[i][0] and not rates[i - 1][0] and not rates[i + 1][0]]
+
+    def rate(self, on: bool) -> float:
+        return statistics.median(steps / seconds for state, steps, seconds in self.windows[1:]
+                                 if state == on and steps and seconds > 0)
 
 
 class Breakdown(StepTimer):
@@ -204,43 +307,63 @@ def median_interval(values: list[float], resamples: int = 5000, seed: int = 0) -
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
+def run_windows(make_callbacks, args, data, root: str, pairs: int) -> AlternatingWindows:
+    """One fit: the warm-up window, then ``pairs`` on windows, each between two off windows."""
+    torch.manual_seed(0)
+    net = SmallResNet((32, 64, 128)) if args.model == "resnet" else ReVACNNNet()
+    model = ClassifierModule(net, lr=0.02)
+    windows = AlternatingWindows(make_callbacks(), args.window, args.settle, args.sync_debug)
+    trainer = pl.Trainer(accelerator=args.device, devices=1, max_steps=args.window * (2 * pairs + 2),
+                         max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=root, callbacks=[windows])
+    trainer.fit(model, data)
+    return windows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="timed steps per repetition (default 300)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (default 7)")
+    parser.add_argument("--pairs", type=int, default=60,
+                        help="on windows per configuration, each between two off windows (default 60; the "
+                             "TensorBoard comparison, far from 1, gets a quarter)")
+    parser.add_argument("--window", type=int, default=130,
+                        help="steps per window (default 130: not a multiple of 100, so snapshots fall at every "
+                             "phase of the windows in turn)")
+    parser.add_argument("--settle", type=int, default=50,
+                        help="untimed steps at the start of each window (default 50, ~0.5 s here)")
+    parser.add_argument("--steps", type=int, default=600, help="timed steps of each --breakdown run (default 600)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps before a --breakdown run's (default 20)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sync-debug", action="store_true",
-                        help="torch.cuda.set_sync_debug_mode('error') around the timed steps (GPU only)")
+                        help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end (GPU only)")
     parser.add_argument("--breakdown", action="store_true",
                         help="then time each part of the callback per step (hooks, forward hooks, threads)")
     args = parser.parse_args(argv)
     data = DigitsDataModule(batch_size=args.batch_size)
     data.setup()
-    results: dict[str, list[float]] = {}
+    rows = []
     with tempfile.TemporaryDirectory() as root:
-        configs = configurations(root)
-        names = list(configs)
-        for repeat in range(args.repeats):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:   # rotate: no configuration always follows the same one
-                results.setdefault(name, []).append(run_once(configs[name], args, data, root))
-            print(f"repeat {repeat + 1}/{args.repeats}: " +
-                  ", ".join(f"{results[name][-1]:.1f}" for name in names), file=sys.stderr, flush=True)
-    print(f"\n{args.model} on {args.device}, batch {args.batch_size}, {args.steps} timed steps × {args.repeats} "
-          f"interleaved repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| configuration | median steps/s | ratio to bare (median of paired ratios) | 95 % CI of that median | "
-          "paired ratios min–max |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in names:
-        values = results[name]
-        # each repetition's configurations ran back to back: pairing them cancels the machine's drift
-        ratios = [value / bare for value, bare in zip(values, results["bare"])]
-        low, high = median_interval(ratios)
-        print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(ratios):.3f} | "
-              f"{low:.3f}–{high:.3f} | {min(ratios):.2f}–{max(ratios):.2f} |")
+        for name, make_callbacks in configurations(root).items():
+            pairs = args.pairs if name.startswith("revacnn") else max(5, args.pairs // 4)
+            started = time.perf_counter()
+            windows = run_windows(make_callbacks, args, data, root, pairs)
+            ratios = windows.ratios()
+            low, high = median_interval(ratios)
+            half = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+            idle = 1000.0 * windows.idle_thread_s / max(1, windows.idle_steps)
+            rows.append(f"| {name} | {statistics.median(ratios):.3f} | {low:.3f}–{high:.3f} | "
+                        f"{statistics.mean(ratios):.3f} ± {half:.3f} | {windows.rate(False):.1f} / "
+                        f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} |")
+            print(f"{name}: {len(ratios)} windows in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                  flush=True)
+    print(f"\n{args.model} on {args.device}, batch {args.batch_size}, windows of {args.window} steps "
+          f"({args.settle} untimed), torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| configuration | ratio: median of on ÷ neighbouring off windows | 95 % CI of the median | "
+          "mean ± 95 % | steps/s off / on (medians) | on windows | idle threads' CPU in off windows, ms/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
     if args.breakdown:
         with tempfile.TemporaryDirectory() as root:
             breakdown(args, data, root)

@@ -1,0 +1,80 @@
+"""The overhead benchmark's alternating windows: which steps reach the measured callbacks, which are timed, and how
+on windows are paired with their neighbours. Book-keeping only — no timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+_spec = importlib.util.spec_from_file_location("revacnn_benchmark_overhead", _PATH)
+overhead = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = overhead
+_spec.loader.exec_module(overhead)
+
+
+class Counting(pl.Callback):
+    """Records the global step of every per-batch hook it receives, and which lifecycle hooks ran."""
+
+    def __init__(self) -> None:
+        self.batch_starts: list[int] = []
+        self.optimizer_steps: list[int] = []
+        self.batch_ends: list[int] = []
+        self.lifecycle: list[str] = []
+
+    def setup(self, trainer, pl_module, stage):
+        self.lifecycle.append("setup")
+
+    def on_train_start(self, trainer, pl_module):
+        self.lifecycle.append("on_train_start")
+
+    def on_train_end(self, trainer, pl_module):
+        self.lifecycle.append("on_train_end")
+
+    def teardown(self, trainer, pl_module, stage):
+        self.lifecycle.append("teardown")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_starts.append(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.optimizer_steps.append(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch_ends.append(trainer.global_step)
+
+
+def test_per_batch_hooks_run_only_in_on_windows_and_on_windows_pair_with_both_neighbours(tmp_path):
+    window, settle, pairs = 6, 2, 3
+    counting = Counting()
+    windows = overhead.AlternatingWindows([counting], window, settle)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=window * (2 * pairs + 2), max_epochs=-1,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[windows])
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.02), DigitsDataModule(batch_size=8))
+
+    # windows 0 (warm-up) and 1 are off, then on and off alternate: on windows are 2, 4, 6; the fit ends with 7 off
+    on_steps = [step for index in (2, 4, 6) for step in range(index * window, (index + 1) * window)]
+    assert counting.batch_starts == on_steps
+    assert counting.optimizer_steps == on_steps                # the step's global_step before the optimizer step
+    assert counting.batch_ends == [step + 1 for step in on_steps]
+    assert counting.lifecycle == ["setup", "on_train_start", "on_train_end", "teardown"]
+
+    assert [record[0] for record in windows.windows] == [False, False, True, False, True, False, True, False]
+    # every window times all of its steps but the first ``settle``, the last one closed by on_train_end
+    assert [record[1] for record in windows.windows] == [window - settle] * (2 * pairs + 2)
+    assert all(record[2] > 0 for record in windows.windows)
+
+    # each on window is divided by the mean of the two off windows either side (the warm-up is never used)
+    rates = [steps / seconds for _, steps, seconds in windows.windows]
+    expected = [rates[index] / ((rates[index - 1] + rates[index + 1]) / 2) for index in (2, 4, 6)]
+    assert windows.ratios() == expected
+    assert windows.rate(True) == sorted(rates[index] for index in (2, 4, 6))[1]
