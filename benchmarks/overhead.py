@@ -7,7 +7,9 @@ window's steps/s is divided by the mean of the two "off" windows either side of 
 and slow on a shared VM, ±15 % from one fresh run to the next here — cancels within seconds instead of across
 whole runs. Reported: the median of those paired ratios with a bootstrap 95 % confidence interval, and the mean
 with its 95 % normal interval. The first ``--settle`` steps of every window are not timed: the work an on window
-queued (the recorder writes every 0.5 s) drains there, not in the next window's figures.
+queued (the recorder writes every 0.5 s) drains there, not in the next window's figures. What the pairing cannot
+see — the CPU the callback's idle threads take in off windows too (their periodic wakes) — is measured and reported
+beside the ratio, in ms per step: subtract it from the ratio as a fraction of the step.
 
 ``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its time goes per
 step: wall and CPU time in each callback hook and forward hook on the training thread, and the CPU time of the I/O
@@ -16,6 +18,7 @@ implied ratio, a second estimate of the same quantity.
 
     python benchmarks/overhead.py                       # CPU, the figures in benchmarks/RESULTS.md
     python benchmarks/overhead.py --breakdown           # … and where the time goes
+    python benchmarks/overhead.py --also filters_every=20,snapshot_every=200   # … and what another cadence costs
     python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
 """
 
@@ -93,9 +96,9 @@ REVACNN_CONFIGS = {
 }
 
 
-def configurations(logdir: str):
+def configurations(logdir: str, revacnn_configs: dict[str, dict]):
     return {
-        **{name: (lambda kwargs=kwargs: [ReVACNNCallback(**kwargs)]) for name, kwargs in REVACNN_CONFIGS.items()},
+        **{name: (lambda kwargs=kwargs: [ReVACNNCallback(**kwargs)]) for name, kwargs in revacnn_configs.items()},
         "TensorBoard histograms of every weight and gradient, every step": lambda: [
             TensorBoardHistograms(tempfile.mkdtemp(dir=logdir), every=1)],
     }
@@ -277,9 +280,9 @@ class Breakdown(StepTimer):
         return lines
 
 
-def breakdown(args, data, root: str) -> None:
+def breakdown(args, data, root: str, revacnn_configs: dict[str, dict]) -> None:
     print("\nWhere the time goes (one instrumented run per configuration; ms per timed step)\n")
-    for name, kwargs in REVACNN_CONFIGS.items():
+    for name, kwargs in revacnn_configs.items():
         callback = ReVACNNCallback(**kwargs)
         timer = Breakdown(args.warmup, callback)
         run_once(lambda: [callback], args, data, root, timer=timer)
@@ -340,12 +343,22 @@ def main(argv=None) -> None:
                         help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end (GPU only)")
     parser.add_argument("--breakdown", action="store_true",
                         help="then time each part of the callback per step (hooks, forward hooks, threads)")
+    parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE…]",
+                        help="one more revacnn configuration with these ReVACNNCallback arguments (integers), e.g. "
+                             "--also filters_every=20,snapshot_every=200 to price a cadence; repeatable")
     args = parser.parse_args(argv)
+    revacnn_configs = dict(REVACNN_CONFIGS)
+    for spec in args.also:
+        try:
+            kwargs = {key.strip(): int(value) for key, value in (item.split("=") for item in spec.split(","))}
+        except ValueError:
+            parser.error(f"--also takes KEY=VALUE pairs with integer values, separated by commas, got {spec!r}")
+        revacnn_configs["revacnn " + ", ".join(f"{key} {value}" for key, value in kwargs.items())] = kwargs
     data = DigitsDataModule(batch_size=args.batch_size)
     data.setup()
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for name, make_callbacks in configurations(root).items():
+        for name, make_callbacks in configurations(root, revacnn_configs).items():
             pairs = args.pairs if name.startswith("revacnn") else max(5, args.pairs // 4)
             started = time.perf_counter()
             windows = run_windows(make_callbacks, args, data, root, pairs)
@@ -366,7 +379,7 @@ def main(argv=None) -> None:
     print("\n".join(rows))
     if args.breakdown:
         with tempfile.TemporaryDirectory() as root:
-            breakdown(args, data, root)
+            breakdown(args, data, root, revacnn_configs)
 
 
 if __name__ == "__main__":
