@@ -110,6 +110,8 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        # Not prog_bar=True: Lightning would .item() such metrics at every batch end (a GPU host sync), and the
+        # overhead benchmark's sync-debug run on a GPU would fail on Lightning's sync, not the callback's.
         self.log("train_loss", loss, on_step=True, on_epoch=False)
         self.log("train_acc", (logits.argmax(1) == y).float().mean(), on_step=True, on_epoch=False)
         return loss
