@@ -41,29 +41,31 @@ from revacnn import ReVACNNCallback, probes
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
 
 
-class StepTimer(pl.Callback):
-    """Times training steps from ``warmup`` on; optionally turns CUDA's sync debug mode on around them."""
+def _drain_device() -> None:
+    """Wait for the GPU's queued work (a no-op on CPU); the timer's own wait is exempt from sync debug mode."""
+    if torch.cuda.is_available():
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(mode)
 
-    def __init__(self, warmup: int, sync_debug: bool) -> None:
+
+class StepTimer(pl.Callback):
+    """Times training steps from ``warmup`` on."""
+
+    def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.sync_debug = sync_debug
         self.started = 0.0
         self.steps = 0
         self.elapsed = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            _drain_device()
             self.started = time.perf_counter()
-            if self.sync_debug:
-                torch.cuda.set_sync_debug_mode("error")
 
     def on_train_end(self, trainer, pl_module):
-        if self.sync_debug:
-            torch.cuda.set_sync_debug_mode(0)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _drain_device()
         self.elapsed = time.perf_counter() - self.started
         self.steps = trainer.global_step - self.warmup
 
@@ -104,28 +106,20 @@ def configurations(logdir: str, revacnn_configs: dict[str, dict]):
     }
 
 
-def _drain_device() -> None:
-    """Wait for the GPU's queued work (a no-op on CPU); the timer's own wait is exempt from sync debug mode."""
-    if torch.cuda.is_available():
-        mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode(mode)
-
-
 class AlternatingWindows(pl.Callback):
     """Calls ``callbacks``' per-batch hooks only in every other window of ``window`` steps, and times each window.
 
-    Window 0 (off, not timed) is the warm-up; then off and on windows alternate, starting and ending off. Lifecycle hooks (set-up, train start and end, epochs, validation, tear-down)
-    always reach the callbacks, so their threads and sockets live for the whole fit; their CPU in the off windows'
-    timed steps is measured too (``idle_thread_ms``), since it is cost that the pairing cannot see. Put this
-    callback first: its ``on_train_batch_start`` stamps the time before any other callback runs.
+    Window 0 (off, not timed) is the warm-up; then off and on windows alternate, starting and ending off. Lifecycle
+    hooks (set-up, train start and end, epochs, validation, tear-down) always reach the callbacks, so their threads
+    and sockets live for the whole fit; their CPU in the off windows' timed steps is measured too
+    (``idle_thread_s`` over ``idle_steps``), since it is cost that the pairing cannot see. Put this callback first:
+    its ``on_train_batch_start`` stamps the time before any other callback runs.
     """
 
     PER_BATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                  "on_before_zero_grad", "on_train_batch_end")
-    LIFECYCLE = ("setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_epoch_start", "on_train_epoch_end", "on_validation_start", "on_validation_end",
-                 "on_exception")
+    LIFECYCLE = ("setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_epoch_start",
+                 "on_train_epoch_end", "on_validation_start", "on_validation_end", "on_exception")
 
     def __init__(self, callbacks: list[pl.Callback], window: int, settle: int, sync_debug: bool = False) -> None:
         if not 0 <= settle < window:
@@ -203,6 +197,7 @@ class AlternatingWindows(pl.Callback):
                 if rates[i][0] and not rates[i - 1][0] and not rates[i + 1][0]]
 
     def rate(self, on: bool) -> float:
+        """Median steps/s of the on (or off) windows."""
         return statistics.median(steps / seconds for state, steps, seconds in self.windows[1:]
                                  if state == on and steps and seconds > 0)
 
@@ -213,7 +208,7 @@ class Breakdown(StepTimer):
     HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 
     def __init__(self, warmup: int, callback: ReVACNNCallback) -> None:
-        super().__init__(warmup, sync_debug=False)
+        super().__init__(warmup)
         self.wall: collections.Counter = collections.Counter()
         self.cpu: collections.Counter = collections.Counter()
         self.threads_before: dict[str, float] = {}
@@ -285,22 +280,21 @@ def breakdown(args, data, root: str, revacnn_configs: dict[str, dict]) -> None:
     for name, kwargs in revacnn_configs.items():
         callback = ReVACNNCallback(**kwargs)
         timer = Breakdown(args.warmup, callback)
-        run_once(lambda: [callback], args, data, root, timer=timer)
+        _trainer(args, root, args.warmup + args.steps, [callback, timer]).fit(_model(args), data)
         print(f"{name}\n\n| part | wall ms/step | CPU ms/step |\n| --- | --- | --- |")
         print("\n".join(timer.report()) + "\n")
 
 
-def run_once(make_callbacks, args, data, root: str, timer: StepTimer | None = None) -> float:
+def _model(args) -> ClassifierModule:
     torch.manual_seed(0)
-    net = SmallResNet((32, 64, 128)) if args.model == "resnet" else ReVACNNNet()
-    model = ClassifierModule(net, lr=0.02)
-    timer = timer or StepTimer(args.warmup, args.sync_debug)
-    trainer = pl.Trainer(accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, max_epochs=-1,
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                         callbacks=[*make_callbacks(), timer])
-    trainer.fit(model, data)
-    return timer.steps / timer.elapsed
+    return ClassifierModule(SmallResNet((32, 64, 128)) if args.model == "resnet" else ReVACNNNet(), lr=0.02)
+
+
+def _trainer(args, root: str, max_steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A Trainer that only trains: no validation, logger, checkpoints, progress bar or summary to time."""
+    return pl.Trainer(accelerator=args.device, devices=1, max_steps=max_steps, max_epochs=-1, limit_val_batches=0,
+                      num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=root, callbacks=callbacks)
 
 
 def median_interval(values: list[float], resamples: int = 5000, seed: int = 0) -> tuple[float, float]:
@@ -312,15 +306,8 @@ def median_interval(values: list[float], resamples: int = 5000, seed: int = 0) -
 
 def run_windows(make_callbacks, args, data, root: str, pairs: int) -> AlternatingWindows:
     """One fit: the warm-up window, then ``pairs`` on windows, each between two off windows."""
-    torch.manual_seed(0)
-    net = SmallResNet((32, 64, 128)) if args.model == "resnet" else ReVACNNNet()
-    model = ClassifierModule(net, lr=0.02)
     windows = AlternatingWindows(make_callbacks(), args.window, args.settle, args.sync_debug)
-    trainer = pl.Trainer(accelerator=args.device, devices=1, max_steps=args.window * (2 * pairs + 2),
-                         max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=root, callbacks=[windows])
-    trainer.fit(model, data)
+    _trainer(args, root, args.window * (2 * pairs + 2), [windows]).fit(_model(args), data)
     return windows
 
 
@@ -340,13 +327,16 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sync-debug", action="store_true",
-                        help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end (GPU only)")
+                        help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end "
+                             "(GPU only)")
     parser.add_argument("--breakdown", action="store_true",
                         help="then time each part of the callback per step (hooks, forward hooks, threads)")
     parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE…]",
                         help="one more revacnn configuration with these ReVACNNCallback arguments (integers), e.g. "
                              "--also filters_every=20,snapshot_every=200 to price a cadence; repeatable")
     args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error(f"--pairs must be at least 1, got {args.pairs}")
     revacnn_configs = dict(REVACNN_CONFIGS)
     for spec in args.also:
         try:
