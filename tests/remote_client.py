@@ -64,6 +64,13 @@ def intruder(info: ConnectionInfo, secret_file: str) -> dict:
     return seen
 
 
+def steps_in(message) -> int:
+    """How many training steps' scalars a telemetry message carries."""
+    if message is None:
+        return 0
+    return 1 if message.type == "step" else len(message.body["rows"]) if message.type == "steps" else 0
+
+
 def main() -> None:
     connection, allowed, intruder_key = sys.argv[1:4]
     info = ConnectionInfo.read(connection)
@@ -73,7 +80,7 @@ def main() -> None:
         deadline = time.monotonic() + 60
         while result["steps"] < 5 and time.monotonic() < deadline:
             message = client.recv(0.2)
-            result["steps"] += message is not None and message.type == "step"
+            result["steps"] += steps_in(message)
         lr_id = client.send_command("set_hparams", {"lr": 0.01})
         result["intruder"] = intruder(info, intruder_key)
         stop_id = None
@@ -81,8 +88,7 @@ def main() -> None:
             message = client.recv(0.2)
             if message is None:
                 continue
-            if message.type == "step":
-                result["steps"] += 1
+            result["steps"] += steps_in(message)
             if message.type == "ack" and message.body["status"] != "queued":
                 result["acks"][message.body["op"]] = message.body["status"]
                 if message.body["id"] == lr_id and stop_id is None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from revacnn import ReVACNNCallback
-from revacnn.callback import _scalar_values
+from revacnn.scalars import add_scalars, scalar_values
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS
 from revacnn.transfer import HostCopy
@@ -124,6 +124,16 @@ def by_step(messages, kind):
     return {m.body["step"]: m for m in messages if m.type == kind}
 
 
+def step_bodies(messages):
+    """Step number → its scalars, from ``step`` messages (steps with per-filter data) and ``steps`` rows; each step
+    must come exactly once, in step order."""
+    bodies = [body for m in messages if m.type in ("step", "steps")
+              for body in (m.body["rows"] if m.type == "steps" else [m.body])]
+    numbers = [body["step"] for body in bodies]
+    assert numbers == sorted(set(numbers)), numbers
+    return dict(zip(numbers, bodies))
+
+
 def test_connection_file_lands_in_the_trainers_log_dir(run):
     assert run["callback"].connection_file == run["root"] / "revacnn" / "connection.json"
 
@@ -142,15 +152,19 @@ def test_structure_lists_the_layers_in_forward_order_with_shapes_and_graph(run):
     assert structure["total_params"] == sum(p.numel() for p in ReVACNNNet().parameters())
 
 
-def test_every_step_is_published_with_the_loss_of_that_step(run):
-    steps = by_step(run["messages"], "step")
+def test_every_step_is_published_once_in_order_with_the_loss_of_that_step(run):
+    steps = step_bodies(run["messages"])
     assert sorted(steps) == list(range(1, 31))
     for step, loss in run["witness"].losses.items():
-        assert steps[step].body["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
-        assert steps[step].body["metrics"]["train_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
-    group = steps[3].body["groups"][0]
+        assert steps[step]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        assert steps[step]["metrics"]["train_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    group = steps[3]["groups"][0]
     assert group == {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
-    assert steps[3].body["batch_size"] == 32
+    assert steps[3]["batch_size"] == 32
+    assert [(steps[step]["epoch"], steps[step]["batch"]) for step in (15, 16)] == [(0, 14), (1, 0)]
+    batches = [m for m in run["messages"] if m.type == "steps"]
+    assert batches and all(m.body["first"] == m.body["rows"][0]["step"] and m.body["last"] == m.body["rows"][-1]["step"]
+                           and m.body["drops"] == {"telemetry": 0, "recording": 0} for m in batches)
 
 
 def test_per_filter_statistics_equal_independent_values(run):
@@ -241,14 +255,14 @@ def test_scalars_pack_single_values_in_name_order_and_skip_the_rest():
     values = {"loss": loss, "acc": torch.tensor([0.25]), "count": 3, "flag": True, "vector": torch.ones(2),
               "half": torch.tensor(1.5, dtype=torch.bfloat16), "text": "x"}
     copy = HostCopy()
-    names = ReVACNNCallback()._add_scalars(copy, values.items())
+    names = add_scalars(copy, values.items())
     arrays = copy.launch().arrays()
     assert names == ["loss", "acc", "count", "half"]
     assert list(arrays) == ["host_scalars"] and arrays["host_scalars"].dtype == np.float32
     np.testing.assert_array_equal(arrays["host_scalars"], np.array([0.5, 0.25, 3.0, 1.5], np.float32))
-    assert _scalar_values(names, arrays) == {"loss": 0.5, "acc": 0.25, "count": 3.0, "half": 1.5}
+    assert scalar_values(names, arrays) == {"loss": 0.5, "acc": 0.25, "count": 3.0, "half": 1.5}
     assert arrays == {}                                   # taken out: what is left are the message's arrays
-    assert _scalar_values(["a", "b", "c"], {"scalars": np.array([1.0, np.nan], np.float32),
+    assert scalar_values(["a", "b", "c"], {"scalars": np.array([1.0, np.nan], np.float32),
                                             "host_scalars": np.array([3.0], np.float32)}) == {
         "a": 1.0, "b": None, "c": 3.0}                   # device values first, then host ones; NaN → None
 

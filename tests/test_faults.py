@@ -55,8 +55,9 @@ CLIENT = textwrap.dedent("""
         client.connect(timeout=10)
         while True:
             message = client.recv(0.5)
-            if message is not None and message.type == "step":
-                print(f"STEP {message.body['step']} {time.monotonic() - started:.3f}", flush=True)
+            if message is not None and message.type in ("step", "steps"):
+                for body in message.body["rows"] if message.type == "steps" else [message.body]:
+                    print(f"STEP {body['step']} {time.monotonic() - started:.3f}", flush=True)
 """)
 
 

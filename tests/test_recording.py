@@ -653,3 +653,27 @@ def test_writer_wakes_per_interval_and_early_for_large_backlogs_and_flush(tmp_pa
         assert list(open_run(tmp_path / "run").scalars()["step"]) == [1, 2]
     finally:
         rec.close()
+
+
+def test_steps_batches_become_one_scalar_row_per_step(tmp_path):
+    """A ``steps`` message's rows land in the scalars stream like ``step`` bodies, in order, each with its own time."""
+    layers = [layer("conv1", [0, 1, 2])]
+    rec = RunRecorder(tmp_path / "run")
+    rec.submit(structure(1, 0, 0, layers))
+    rows = [{key: value for key, value in step_message(0, step, layers, None, per_filter=False).body.items()
+             if key not in ("drops", "per_filter")} | {"time": 500.0 + step} for step in (1, 2, 3)]
+    rows[1]["metrics"] = {"train_acc": None, "rare": 7.0}
+    rec.submit(Message("steps", {"first": 1, "last": 3, "rows": rows, "drops": {"telemetry": 4, "recording": 1}},
+                       run=RUN, seq=2, time=2000.0))
+    rec.submit(step_message(3, 4, layers, np.random.default_rng(0)))
+    rec.close()
+    scalars = open_run(tmp_path / "run").scalars()
+    np.testing.assert_array_equal(scalars["step"], [1, 2, 3, 4])
+    np.testing.assert_array_equal(scalars["time"], [501.0, 502.0, 503.0, 1003.0])
+    np.testing.assert_array_equal(scalars["seq"], [2, 2, 2, 3])
+    np.testing.assert_allclose(scalars["loss"], [1.0, 0.5, 1 / 3, 0.25])
+    np.testing.assert_allclose(scalars["lr/0"], [0.1, 0.05, 0.1 / 3, 0.025])
+    np.testing.assert_allclose(scalars["train_acc"], [0.001, np.nan, 0.003, 0.004])
+    np.testing.assert_allclose(scalars["rare"], [np.nan, 7.0, np.nan, np.nan])
+    np.testing.assert_array_equal(scalars["drops_telemetry"], [4, 4, 4, 0])
+    np.testing.assert_array_equal(scalars["per_filter"], [False, False, False, True])

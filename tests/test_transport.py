@@ -84,6 +84,22 @@ def test_state_snapshot_gives_the_latest_per_filter_step_before_the_latest_step(
         assert [(m.type, m.body.get("step")) for m in state if m.type == "step"] == [("step", 10), ("step", 14)]
 
 
+@pytest.mark.parametrize("per_filter_last", [False, True])
+def test_state_snapshot_sends_step_messages_and_batches_in_step_order(publisher, per_filter_last):
+    publisher.publish(Message("structure", {"revision": 0}))
+    batch = Message("steps", {"first": 11, "last": 14, "rows": [{"step": step} for step in range(11, 15)]})
+    per_filter = Message("step", {"step": 15 if per_filter_last else 10, "per_filter": True},
+                         {"filters": np.ones((5, 4), np.float32)})
+    for message in ([batch, per_filter] if per_filter_last else [per_filter, batch]):
+        publisher.publish(message)
+    time.sleep(0.3)
+    with RunClient(publisher.control_endpoint) as client:
+        welcome = client.connect()
+        state = [client.recv(1.0) for _ in range(welcome["state_count"])]
+    order = [(m.type, m.body.get("last", m.body.get("step"))) for m in state if m.type in ("step", "steps")]
+    assert order == ([("steps", 14), ("step", 15)] if per_filter_last else [("step", 10), ("steps", 14)])
+
+
 def test_client_skips_telemetry_older_than_its_state_snapshot(publisher):
     publisher.publish(Message("structure", {"revision": 0}))
     with RunClient(publisher.control_endpoint) as client:

@@ -206,7 +206,23 @@ class RunState:
 
     def _on_step(self, m: Message) -> None:
         b = m.body
+        self._chart_step(b)
+        if b.get("per_filter") and "filters" in m.arrays:
+            names = list(b.get("layer_names") or [l["name"] for l in (self.structure or {}).get("layers", [])])
+            self.filter_steps.append((int(b.get("step") or 0), int(b.get("revision") or 0),
+                                      np.asarray(m.arrays["filters"], dtype=np.float32), names))
+            if "layers" in m.arrays:
+                self.layer_ratio = dict(zip(names, map(float, m.arrays["layers"])))
+
+    def _on_steps(self, m: Message) -> None:
+        for row in m.body.get("rows") or []:
+            if isinstance(row, dict):
+                self._chart_step(row)
+
+    def _chart_step(self, b: dict[str, Any]) -> None:
+        """One step's scalars (a ``step`` body or a row of ``steps``) onto the charts."""
         groups = b.get("groups") or [{}]
+        group = groups[0] if isinstance(groups[0], dict) else {}
         metrics = b.get("metrics") or {}
         acc = metrics.get("train_acc", metrics.get("acc"))
         step = b.get("step")
@@ -214,15 +230,9 @@ class RunState:
         if not isinstance(step, int) or self.last_scalar_step is None or step > self.last_scalar_step:
             self.last_scalar_step = step if isinstance(step, int) else self.last_scalar_step
             self.scalars.append({"step": step, "loss": b.get("loss"), "train_acc": acc,
-                                 "lr": groups[0].get("lr"), "momentum": groups[0].get("momentum"),
-                                 "weight_decay": groups[0].get("weight_decay"), "batch_size": b.get("batch_size"),
+                                 "lr": group.get("lr"), "momentum": group.get("momentum"),
+                                 "weight_decay": group.get("weight_decay"), "batch_size": b.get("batch_size"),
                                  "samples_per_s": b.get("samples_per_s")})
-        if b.get("per_filter") and "filters" in m.arrays:
-            names = list(b.get("layer_names") or [l["name"] for l in (self.structure or {}).get("layers", [])])
-            self.filter_steps.append((int(b.get("step") or 0), int(b.get("revision") or 0),
-                                      np.asarray(m.arrays["filters"], dtype=np.float32), names))
-            if "layers" in m.arrays:
-                self.layer_ratio = dict(zip(names, map(float, m.arrays["layers"])))
 
     def _on_step_filters(self, m: Message) -> None:
         self._on_step(m)

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,6 +29,7 @@ from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServer
 from revacnn.probes import FilterProbe, discover_layers, eval_mode, filter_change, probe_pass, tensor_stats
 from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS, Message
 from revacnn.publisher import Publisher
+from revacnn.scalars import StepBatch, add_scalars, scalar_values
 from revacnn.structure import layer_description, trace
 from revacnn.transfer import HostCopy, PendingMessage
 
@@ -62,6 +63,25 @@ def _first_batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]
         if isinstance(images, torch.Tensor):
             return images, labels if isinstance(labels, torch.Tensor) else None
     return None
+
+
+class _AwaitingStep(NamedTuple):
+    """A step read at its end, waiting for Lightning to finish it (its logged metrics)."""
+
+    row: dict[str, Any]                                     # the plain fields of a ``steps`` row
+    loss: torch.Tensor | None
+    filters: tuple[torch.Tensor, torch.Tensor] | None       # per-filter data (FilterProbe.measure), if measured
+
+
+def _lightning_metrics(trainer: pl.Trainer) -> dict[str, Any]:
+    """The metrics Lightning computed at the end of the last batch it finished, as it keeps them.
+
+    Not ``trainer.callback_metrics``: that property recomputes every logged result on each call, and converts the
+    progress-bar ones with ``.item()`` — a device sync per metric, per call. Lightning's own dict is read where
+    it keeps it; if a future Lightning moves it, the public property still gives the same values.
+    """
+    metrics = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+    return metrics if isinstance(metrics, dict) else trainer.callback_metrics
 
 
 def _momentum(group: dict[str, Any]) -> float | None:
@@ -142,6 +162,8 @@ class ReVACNNCallback(Callback):
 
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.publisher: Publisher | None = None
+        self._steps: StepBatch | None = None
+        self._awaiting: _AwaitingStep | None = None
         self.recorder = None
         self.connection_file: Path | None = None
         self.layers: list[tuple[str, nn.Module]] = []
@@ -238,6 +260,7 @@ class ReVACNNCallback(Callback):
                                    queue_size=self.queue_size, sinks=sinks, insecure_bind=self.insecure_bind,
                                    curve=curve).start()
         self.publisher.set_status(world_size=trainer.world_size)
+        self._steps = StepBatch(self.publisher.publish, self.publisher._drop_counts)
         info = ConnectionInfo(self.run_id, self.publisher.telemetry_endpoint, self.publisher.control_endpoint,
                               key=key.hex() if key else "", security="curve" if curve else "none",
                               curve_server_key=curve.public.decode() if curve else "")
@@ -303,6 +326,7 @@ class ReVACNNCallback(Callback):
             self.engine.close()  # removes its optimizer step hooks
             self.engine = None
         if self.publisher is not None:
+            self._flush_steps(trainer)
             self.publisher.close()
             self.publisher = None
         if self.recorder is not None:
@@ -332,14 +356,16 @@ class ReVACNNCallback(Callback):
             rate = self._batch_size / (now - self._last_batch_end)
             self._samples_per_s = rate if not self._samples_per_s else 0.9 * self._samples_per_s + 0.1 * rate
         self._last_batch_end = now
+        self._complete_step(trainer, now)  # the previous step: Lightning has finished it, its metrics are final
         step = trainer.global_step
         if self._filter_stats is not None or self.schedule.due(step, self.schedule.scalars_every):
-            self._publish_step(trainer, outputs, step)
+            self._awaiting = self._read_step(trainer, outputs, step, batch_idx)
         if self._snapshot_requested or self.schedule.due(step, self.schedule.snapshot_every):
             self._snapshot_requested = False
             self._publish_snapshot(trainer, pl_module, step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_steps(trainer)
         if self._pending_batch_size is not None:
             # The train iterator is made once per epoch: drop the loader so the next epoch builds one anew.
             trainer.fit_loop._combined_loader = None
@@ -353,6 +379,7 @@ class ReVACNNCallback(Callback):
             self._publish_hparams(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_steps(trainer)  # before validation's metrics join the training ones
         self._metrics_before_validation = dict(trainer.callback_metrics)
         if not trainer.sanity_checking and self._state == "running":
             self._set_state("validating", trainer)
@@ -367,7 +394,7 @@ class ReVACNNCallback(Callback):
                    if value is not self._metrics_before_validation.get(name)}
         self._val_metric_names.update(metrics)
         copy = HostCopy()
-        scalar_names = self._add_scalars(copy, metrics.items())
+        scalar_names = add_scalars(copy, metrics.items())
         if self._val_subset is not None:
             images, labels = self._val_subset
             with torch.no_grad(), eval_mode(pl_module):
@@ -378,66 +405,60 @@ class ReVACNNCallback(Callback):
                 "count": 0 if self._val_subset is None else int(self._val_subset[1].shape[0])}
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            body["metrics"] = _scalar_values(scalar_names, arrays)
+            body["metrics"] = scalar_values(scalar_names, arrays)
             return {name: array.astype(np.int16) for name, array in arrays.items()}
 
         self.publisher.publish(PendingMessage("val", body, copy.launch(), finalize))
 
     # -- telemetry ----------------------------------------------------------------------------------------------
-    def _add_scalars(self, copy: HostCopy, values: Iterable[tuple[str, Any]]) -> list[str]:
-        """Put the single-element values into the message's scalar arrays; returns their names in the order that
-        ``_scalar_values`` reads them back.
-
-        A tensor on the CPU is read where it is: it is host memory, so ``item()`` neither copies nor waits for a
-        device; plain numbers join those values in a host array (``host_scalars``). Tensors on an accelerator are
-        stacked there into one tensor (``scalars``) that rides the message's single host copy; values on several
-        accelerators meet on the first one's. Host values never go to the device: a blocking upload would sync.
-        No ``no_grad`` context: entering one costs more than the detaches it would save.
-        """
-        names, on_device, host_names, on_host = [], [], [], []
-        for name, value in values:
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    continue
-                if value.device.type == "cpu":
-                    host_names.append(name)
-                    on_host.append(value.item())
-                else:
-                    names.append(name)
-                    on_device.append(value.detach().reshape(()))
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                host_names.append(name)
-                on_host.append(float(value))
-        if on_device:
-            device = on_device[0].device
-            copy.add("scalars", torch.stack([value.to(device=device, dtype=torch.float32) for value in on_device]))
-        if on_host:
-            copy.add("host_scalars", np.array(on_host, np.float32))
-        return names + host_names
-
-    def _publish_step(self, trainer: pl.Trainer, outputs: Any, step: int) -> None:
+    def _read_step(self, trainer: pl.Trainer, outputs: Any, step: int, batch_idx: int) -> _AwaitingStep:
+        """What is known of a step when it ends: its plain fields, its loss and its per-filter data, if any."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        values: dict[str, Any] = {"loss": loss} if isinstance(loss, torch.Tensor) else {}
-        values.update((name, value) for name, value in trainer.callback_metrics.items()
+        row = {"step": step, "epoch": trainer.current_epoch, "batch": batch_idx, "revision": self.revision,
+               "groups": self._groups(trainer), "batch_size": self._batch_size,
+               "samples_per_s": round(self._samples_per_s, 3), "time": time.time()}
+        filters, self._filter_stats = self._filter_stats, None
+        return _AwaitingStep(row, loss if isinstance(loss, torch.Tensor) else None, filters)
+
+    def _complete_step(self, trainer: pl.Trainer, now: float | None = None) -> None:
+        """Publish the step read last with the metrics it logged: as a ``steps`` row, or a ``step`` message when it
+        has per-filter data.
+
+        Called once Lightning has finished that step (at the next batch's end, or before anything that must follow
+        it), because only then are its metrics in Lightning's own dict (see ``_lightning_metrics``).
+        """
+        awaiting, self._awaiting = self._awaiting, None
+        if awaiting is None or self._steps is None:
+            return
+        values: dict[str, Any] = {} if awaiting.loss is None else {"loss": awaiting.loss}
+        values.update((name, value) for name, value in _lightning_metrics(trainer).items()
                       if name not in self._val_metric_names)
+        if awaiting.filters is None:
+            self._steps.add(awaiting.row, values.items(), time.perf_counter() if now is None else now)
+        else:
+            self._steps.flush()
+            self._publish_step(awaiting, values)
+
+    def _flush_steps(self, trainer: pl.Trainer) -> None:
+        """Publish every step read so far, before a message that must follow them in step order. Only where
+        Lightning has finished the last step: not in ``on_train_batch_end``."""
+        self._complete_step(trainer)
+        if self._steps is not None:
+            self._steps.flush()
+
+    def _publish_step(self, awaiting: _AwaitingStep, values: dict[str, Any]) -> None:
+        """A step with per-filter data: its scalars and the filters, as one ``step`` message."""
         copy = HostCopy()
-        scalar_names = self._add_scalars(copy, values.items())
-        per_filter = self._filter_stats is not None
-        if per_filter:
-            filters, layer_ratios = self._filter_stats
-            self._filter_stats = None
-            copy.add("filters", filters)
-            copy.add("layers", layer_ratios)
-        body = {"step": step, "epoch": trainer.current_epoch, "batch": trainer.fit_loop.epoch_loop.batch_idx,
-                "revision": self.revision, "groups": self._groups(trainer), "batch_size": self._batch_size,
-                "samples_per_s": round(self._samples_per_s, 3), "per_filter": per_filter}
-        if per_filter:
-            body["filter_fields"] = list(FILTER_FIELDS)
-            body["layer_names"] = [name for name, _ in self.layers]
+        scalar_names = add_scalars(copy, values.items())
+        filters, layer_ratios = awaiting.filters
+        copy.add("filters", filters)
+        copy.add("layers", layer_ratios)
+        body = dict(awaiting.row)
+        body.update(per_filter=True, filter_fields=list(FILTER_FIELDS), layer_names=[name for name, _ in self.layers])
         publisher = self.publisher
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            scalars = _scalar_values(scalar_names, arrays)
+            scalars = scalar_values(scalar_names, arrays)
             body["loss"] = scalars.pop("loss", None)
             body["metrics"] = scalars
             body["drops"] = publisher._drop_counts()
@@ -452,6 +473,8 @@ class ReVACNNCallback(Callback):
 
     @torch.no_grad()
     def _publish_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if self._steps is not None:
+            self._steps.flush()  # the steps before this one (this one's metrics are not final yet)
         copy = HostCopy()
         weight_stats, grad_stats = [], []
         for name, module in self.layers:
@@ -505,6 +528,7 @@ class ReVACNNCallback(Callback):
         """Trace the model (on the probe images when there are any) and publish ``structure`` (rank 0)."""
         if self.publisher is None:
             return
+        self._flush_steps(pl_module.trainer)  # steps measured before the change go out before it
         for name, module in self.layers:
             if name not in self.filter_ids or len(self.filter_ids[name]) != module.weight.shape[0]:
                 count = module.weight.shape[0]
@@ -538,6 +562,7 @@ class ReVACNNCallback(Callback):
     def _publish_hparams(self, trainer: pl.Trainer) -> None:
         if self.publisher is None:
             return
+        self._flush_steps(trainer)
         optimizers = trainer.optimizers
         body = {"step": trainer.global_step, "groups": self._groups(trainer),
                 "optimizer": type(optimizers[0]).__name__ if optimizers else "",
@@ -547,6 +572,7 @@ class ReVACNNCallback(Callback):
 
     def _set_state(self, state: str, trainer: pl.Trainer, message: str = "") -> None:
         self._state = state
+        self._flush_steps(trainer)  # a paused, stopped or failed run shows every step it took
         if self.publisher is not None:
             self.publisher.set_status(state=state, step=trainer.global_step, epoch=trainer.current_epoch,
                                       message=message)
@@ -679,15 +705,6 @@ class ReVACNNCallback(Callback):
              result: dict[str, Any] | None = None) -> None:
         if self.publisher is not None:
             self.publisher.send_ack(command, status, step=trainer.global_step, error=error, result=result)
-
-
-def _scalar_values(names: list[str], arrays: dict[str, np.ndarray]) -> dict[str, float | None]:
-    """Name → value of what ``_add_scalars`` packed (device values first, then host ones), taken out of ``arrays``."""
-    parts = [arrays.pop(key) for key in ("scalars", "host_scalars") if key in arrays]
-    if not parts:
-        return {}
-    values = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return {name: (float(value) if np.isfinite(value) else None) for name, value in zip(names, values.tolist())}
 
 
 def _loader_batch_size(trainer: pl.Trainer) -> int:

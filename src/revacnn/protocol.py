@@ -25,7 +25,7 @@ ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u
 MAX_NAME_LENGTH = 200
 MAX_ID_LENGTH = 64
 
-TELEMETRY_TYPES = frozenset({"structure", "hparams", "step", "snapshot", "val", "status", "ack"})
+TELEMETRY_TYPES = frozenset({"structure", "hparams", "step", "steps", "snapshot", "val", "status", "ack"})
 REQUEST_TYPES = frozenset({"hello", "state", "command"})
 REPLY_TYPES = frozenset({"welcome", "ack", "error"})
 MESSAGE_TYPES = TELEMETRY_TYPES | REQUEST_TYPES | REPLY_TYPES

@@ -33,9 +33,10 @@ from revacnn.protocol import (
 
 log = logging.getLogger(__name__)
 
-#: Message types whose latest instance a late joiner receives, in this order (docs/protocol.md §3). The latest step with
-#: per-filter data is never newer than the latest step, so it comes first: steps arrive in step order.
-STATE_ORDER = ("structure", "hparams", "status", "step_filters", "step", "snapshot", "val")
+#: Message types whose latest instance a late joiner receives, in this order (docs/protocol.md §3); the latest step
+#: with per-filter data, the latest ``step`` and the latest batch of ``steps`` are sent in step order among themselves.
+STATE_ORDER = ("structure", "hparams", "status", "step_filters", "step", "steps", "snapshot", "val")
+STEP_KEYS = ("step_filters", "step", "steps")
 #: Types that are never dropped when the queue is full (low volume, and a client cannot do without them).
 ESSENTIAL_TYPES = frozenset({"structure", "hparams", "status", "ack"})
 CONTROL_MAX_BYTES = 1 << 20
@@ -141,6 +142,7 @@ class Publisher:
         self._acks: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._identities: dict[str, bytes] = {}
         self._state: dict[str, list] = {}
+        self._state_step: dict[str, int] = {}    # the (last) step of each cached step message, to order them
         self._status: dict[str, Any] = {"state": "starting", "step": 0, "epoch": 0, "world_size": 1, "message": ""}
         self._stop = threading.Event()
         # The I/O thread sleeps in zmq_poll until a request arrives, ``send_interval`` passes, or the training thread
@@ -385,8 +387,12 @@ class Publisher:
         key = "step_filters" if message.type == "step" and message.body.get("per_filter") else message.type
         if key in STATE_ORDER:
             self._state[key] = frames
+            if key in STEP_KEYS:
+                last = message.body.get("last" if key == "steps" else "step")
+                self._state_step[key] = last if isinstance(last, int) else 0
             if key == "step_filters":
                 self._state["step"] = frames
+                self._state_step["step"] = self._state_step["step_filters"]
         if message.type == "ack":
             self._remember_ack(message.body)
             identity = self._identities.pop(message.body["id"], None)
@@ -453,7 +459,8 @@ class Publisher:
 
     def _send_state(self, router: zmq.Socket, identity: bytes) -> None:
         sent: list = []
-        for key in STATE_ORDER:
+        steps = sorted(STEP_KEYS, key=lambda key: self._state_step.get(key, 0))  # stable: ties keep STATE_ORDER
+        for key in [key if key not in STEP_KEYS else steps[STEP_KEYS.index(key)] for key in STATE_ORDER]:
             frames = self._state.get(key)
             if frames is not None and not any(frames is other for other in sent):
                 router.send_multipart([identity, *frames], copy=False)

@@ -4,7 +4,8 @@ A run directory holds (see docs/design.md, "Recording"):
 
     run.json                      marker + run metadata, replaced atomically (temp file + rename)
     events/seg-000001.arrows      every structure/hparams/ack/status/snapshot/val message: seq, time, type, step, body (JSON)
-    scalars/seg-….arrows          one row per step message: step, epoch, loss, samples_per_s, lr/<g>, …, every metric
+    scalars/seg-….arrows          one row per step (a ``step`` message or a ``steps`` row): step, epoch, loss,
+                                  samples_per_s, lr/<g>, …, every metric
     layers/seg-….arrows           one row per per-filter step: step, then one float32 column per monitored layer
     val/seg-….arrows              one row per val message: step, epoch, metrics (JSON), pred and label (list<int16>)
     filters/<layer>/L<k>/seg-….arrows   per-filter series of one layer at pyramid level k (buckets of 10**k records)

@@ -66,6 +66,26 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+def _scalar_row(body: dict[str, Any], sent: float, seq: int, drops: Any) -> dict[str, Any]:
+    """One row of the scalars stream from a ``step`` body or a row of a ``steps`` message; ``time`` is when the step
+    ended (the body's), or when the message was sent (``sent``) for a body without one."""
+    stamp = body.get("time")
+    row: dict[str, Any] = {"step": body.get("step"), "time": stamp if isinstance(stamp, (int, float)) else sent,
+                           "seq": seq}
+    for key in ("epoch", "batch", "revision", "loss", "samples_per_s", "batch_size"):
+        row[key] = body.get(key)
+    row["per_filter"] = bool(body.get("per_filter"))
+    drops = drops if isinstance(drops, dict) else {}
+    row["drops_telemetry"] = drops.get("telemetry")
+    row["drops_recording"] = drops.get("recording")
+    for g, group in enumerate(body.get("groups") or []):
+        for key in _GROUP_KEYS:
+            row[f"{key}/{g}"] = group.get(key) if isinstance(group, dict) else None
+    for name, value in (body.get("metrics") or {}).items():
+        row[name if name not in row else f"metrics/{name}"] = value
+    return row
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
@@ -577,6 +597,10 @@ class RunRecorder:
             _write_json_atomic(self.run_dir / MARKER, self._info)
         if kind == "step":
             self._handle_step(message)
+        elif kind == "steps":
+            drops = message.body.get("drops")
+            for body in message.body.get("rows") or []:
+                self._pending["scalars"].append(_scalar_row(body, message.time, message.seq, drops))
         elif kind == "structure":
             self._structure = body
             self._layer_ids = {}
@@ -609,17 +633,7 @@ class RunRecorder:
     def _handle_step(self, message: Message) -> None:
         body = message.body
         step = body.get("step")
-        row: dict[str, Any] = {"step": step, "time": message.time, "seq": message.seq}
-        for key in ("epoch", "batch", "revision", "loss", "samples_per_s", "batch_size", "per_filter"):
-            row[key] = body.get(key)
-        drops = body.get("drops") or {}
-        row["drops_telemetry"] = drops.get("telemetry")
-        row["drops_recording"] = drops.get("recording")
-        for g, group in enumerate(body.get("groups") or []):
-            for key in _GROUP_KEYS:
-                row[f"{key}/{g}"] = group.get(key)
-        for name, value in (body.get("metrics") or {}).items():
-            row[name if name not in row else f"metrics/{name}"] = value
+        row = _scalar_row(body, message.time, message.seq, body.get("drops"))
         filters = message.arrays.get("filters")
         names = body.get("layer_names")
         if names is None and self._structure is not None:

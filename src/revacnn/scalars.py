@@ -1,0 +1,135 @@
+"""Per-step scalars: read at the step, published in batches (the ``steps`` message of docs/protocol.md §4).
+
+Every step's loss, logged metrics and hyper-parameters are taken when the step ends — device values stacked on the
+device into one small tensor, CPU values read as floats — but a message is built, copied and encoded only once per
+batch of steps: for a small model the fixed cost of a message (the packing, the I/O thread's encoding and send) was
+most of what the callback cost per step. A batch is closed when ``interval`` seconds have passed since the last one
+was, when it holds ``max_rows`` steps, or when the callback publishes anything that must follow it in step order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from revacnn.transfer import HostCopy, PendingMessage
+
+
+def pack_scalars(values: Iterable[tuple[Hashable, Any]]) -> tuple[list[Hashable], torch.Tensor | None, list[float]]:
+    """Split single-element values into device ones and host ones: ``(names, device values, host values)``.
+
+    ``names`` lists the device values' names first, then the host values', the order ``scalar_values`` reads them
+    back in. A tensor on the CPU is read where it is (host memory: ``item()`` neither copies nor waits for a
+    device); tensors on an accelerator are stacked there into one float32 tensor, which rides the message's single
+    host copy; values on several accelerators meet on the first one's. Host values never go to the device: a
+    blocking upload would sync. Other values (not single numbers) are left out.
+    """
+    names, on_device, host_names, on_host = [], [], [], []
+    for name, value in values:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            if value.device.type == "cpu":
+                host_names.append(name)
+                on_host.append(value.item())
+            else:
+                names.append(name)
+                on_device.append(value.detach().reshape(()))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            host_names.append(name)
+            on_host.append(float(value))
+    stacked = None
+    if on_device:
+        device = on_device[0].device
+        stacked = torch.stack([value.to(device=device, dtype=torch.float32) for value in on_device])
+    return names + host_names, stacked, on_host
+
+
+def add_scalars(copy: HostCopy, values: Iterable[tuple[Hashable, Any]]) -> list[Hashable]:
+    """Put the single-element values into ``copy`` (arrays ``scalars`` and ``host_scalars``); returns their names
+    in the order ``scalar_values`` reads them back."""
+    names, on_device, on_host = pack_scalars(values)
+    if on_device is not None:
+        copy.add("scalars", on_device)
+    if on_host:
+        copy.add("host_scalars", np.array(on_host, np.float32))
+    return names
+
+
+def scalar_values(names: list[Hashable], arrays: dict[str, np.ndarray]) -> dict[Hashable, float | None]:
+    """Name → value of what ``add_scalars`` packed, taken out of ``arrays``; NaN and ±inf become None."""
+    parts = [arrays.pop(key) for key in ("scalars", "host_scalars") if key in arrays]
+    if not parts:
+        return {}
+    values = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return {name: (value if math.isfinite(value) else None) for name, value in zip(names, values.tolist())}
+
+
+class StepBatch:
+    """The steps read since the last ``steps`` message; ``add`` one per step, ``flush`` publishes them as one.
+
+    ``publish`` takes the ``PendingMessage``; ``drops`` returns the drop counters the message carries.
+    """
+
+    def __init__(self, publish: Callable[[PendingMessage], Any], drops: Callable[[], dict[str, int]],
+                 interval: float = 0.1, max_rows: int = 64) -> None:
+        self.publish = publish
+        self.drops = drops
+        self.interval = interval
+        self.max_rows = max_rows
+        self._rows: list[tuple[dict[str, Any], list[Hashable], torch.Tensor | None, list[float]]] = []
+        self._last_flush = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, row: dict[str, Any], values: Iterable[tuple[str, Any]], now: float) -> None:
+        """One step: ``row`` holds its plain fields, ``values`` its scalars (loss and metrics); ``now`` is
+        ``time.perf_counter()``. Publishes the batch when it is due."""
+        self._rows.append((row, *pack_scalars(values)))
+        if len(self._rows) >= self.max_rows or now - self._last_flush >= self.interval:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Publish the steps held, if any, as one ``steps`` message."""
+        self._last_flush = time.perf_counter() if now is None else now
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        copy = HostCopy()
+        device_names: list[Hashable] = []
+        host_names: list[Hashable] = []
+        device_parts, host_values = [], []
+        for index, (_, row_names, on_device, on_host) in enumerate(rows):
+            split = len(row_names) - len(on_host)
+            device_names += [(index, name) for name in row_names[:split]]
+            host_names += [(index, name) for name in row_names[split:]]
+            if on_device is not None:
+                device_parts.append(on_device)
+            host_values += on_host
+        if device_parts:
+            copy.add("scalars", torch.cat(device_parts) if len(device_parts) > 1 else device_parts[0])
+        if host_values:
+            copy.add("host_scalars", np.array(host_values, np.float32))
+        names = device_names + host_names
+        bodies = [row for row, _, _, _ in rows]
+        drops = self.drops
+
+        def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            out = [dict(row, loss=None, metrics={}) for row in bodies]
+            for (index, name), value in scalar_values(names, arrays).items():
+                if name == "loss":
+                    out[index]["loss"] = value
+                else:
+                    out[index]["metrics"][name] = value
+            body["rows"] = out
+            body["drops"] = drops()
+            return arrays
+
+        self.publish(PendingMessage("steps", {"first": bodies[0]["step"], "last": bodies[-1]["step"]},
+                                    copy.launch(), finalize))
