@@ -97,6 +97,33 @@ def test_batch_size_changes_at_the_next_epoch_and_is_acknowledged_then(tmp_path)
     assert ack["status"] == "done" and ack["result"] == {"batch_size": 16, "epoch": 1}
 
 
+def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
+    """A step's per-filter data is published once Lightning has finished the step, after a command applied before
+    the next batch may have changed the layers: its names and widths must still be those of its own revision."""
+    from conftest import Listener
+
+    callback = ReVACNNCallback(filters_every=1, snapshot_every=0, record=False)
+    listener = Listener(lambda: callback.connection_file).start()
+    script = Script(callback, {3: [("insert_layer", {"after": "net.conv1"})]})
+    trainer = pl.Trainer(max_steps=8, callbacks=[callback, script], default_root_dir=tmp_path, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=32))
+    messages = listener.join()
+    assert [ack["status"] for ack in script.acks] == ["done"], script.acks
+    structures = {m.body["revision"]: m.body["layers"] for m in messages if m.type == "structure"}
+    assert [layer["name"] for layer in structures[1]] == ["net.conv1.0", "net.conv1.2", "net.conv2", "net.conv3",
+                                                          "net.fc"]
+    steps = [m for m in messages if m.type == "step"]
+    assert [m.body["step"] for m in steps] == list(range(1, 9))
+    revisions = [m.body["revision"] for m in steps]
+    assert revisions == sorted(revisions) and revisions[0] == 0 and revisions[-1] == 1
+    for m in steps:
+        layers = structures[m.body["revision"]]
+        assert m.body["layer_names"] == [layer["name"] for layer in layers], m.body["step"]
+        assert m.arrays["filters"].shape == (5, sum(layer["out"] for layer in layers))
+
+
 def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp_path):
     torch.manual_seed(3)
     plan = {3: [("widen", {"layer": "net.conv2", "count": 3})],

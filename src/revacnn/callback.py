@@ -105,8 +105,8 @@ class ReVACNNCallback(Callback):
     Args:
         layers: monitored layers, as module names or types (default: every Conv2d and Linear).
         scalars_every / filters_every / snapshot_every: the schedule, in optimizer steps (0 = off). The defaults
-            (1, 20, 200) keep the demo CNN at ≥ 0.98 of its bare CPU throughput (benchmarks/RESULTS.md) and still
-            refresh per-filter values several times per dashboard refresh (1 s) at ~100 steps/s.
+            (1, 20, 200) cost the demo CNN ~2–3 % of its CPU throughput (benchmarks/RESULTS.md) and still refresh
+            per-filter values several times per dashboard refresh (1 s) at ~100 steps/s.
         probe_images: validation images kept for activation maps; val_subset: images whose predictions are
             published after each validation (DeepTracker's image × iteration view).
         host, telemetry_port, control_port: where the sockets bind (127.0.0.1 and free ports by default).
@@ -420,6 +420,8 @@ class ReVACNNCallback(Callback):
                "groups": self._groups(trainer), "batch_size": self._batch_size,
                "samples_per_s": round(self._samples_per_s, 3), "time": time.time()}
         filters, self._filter_stats = self._filter_stats, None
+        if filters is not None:  # named now: a structural change before the step is published changes the layers
+            row["layer_names"] = [name for name, _ in self.layers]
         return _AwaitingStep(row, loss if isinstance(loss, torch.Tensor) else None, filters)
 
     def _complete_step(self, trainer: pl.Trainer, now: float | None = None) -> None:
@@ -456,7 +458,7 @@ class ReVACNNCallback(Callback):
         copy.add("filters", filters)
         copy.add("layers", layer_ratios)
         body = dict(awaiting.row)
-        body.update(per_filter=True, filter_fields=list(FILTER_FIELDS), layer_names=[name for name, _ in self.layers])
+        body.update(per_filter=True, filter_fields=list(FILTER_FIELDS))
         publisher = self.publisher
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
