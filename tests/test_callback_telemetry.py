@@ -167,6 +167,30 @@ def test_every_step_is_published_once_in_order_with_the_loss_of_that_step(run):
                            and m.body["drops"] == {"telemetry": 0, "recording": 0} for m in batches)
 
 
+def test_metrics_are_those_of_their_own_step_when_lightning_keeps_no_dict(tmp_path, monkeypatch):
+    """The fallback for a Lightning that keeps its computed metrics elsewhere: the public property, read at the
+    step's own end, gives the same per-step values."""
+    from conftest import Listener
+
+    import revacnn.callback
+
+    monkeypatch.setattr(revacnn.callback, "_lightning_metrics", lambda trainer: None)
+    torch.manual_seed(0)
+    data = DigitsDataModule(batch_size=32)
+    data.setup()
+    witness = Witness(data)
+    callback = ReVACNNCallback(filters_every=4, snapshot_every=0, record=False)
+    listener = Listener(lambda: callback.connection_file).start()
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=6, callbacks=[callback, witness], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), data)
+    steps = step_bodies(listener.join())
+    assert sorted(steps) == list(range(1, 13))
+    for step, loss in witness.losses.items():
+        assert steps[step]["metrics"]["train_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
 def test_per_filter_statistics_equal_independent_values(run):
     steps = by_step(run["messages"], "step")
     per_filter = sorted(step for step, m in steps.items() if m.body["per_filter"])

@@ -71,17 +71,18 @@ class _AwaitingStep(NamedTuple):
     row: dict[str, Any]                                     # the plain fields of a ``steps`` row
     loss: torch.Tensor | None
     filters: tuple[torch.Tensor, torch.Tensor] | None       # per-filter data (FilterProbe.measure), if measured
+    metrics: dict[str, Any] | None                          # read at the step's end when Lightning keeps none
 
 
-def _lightning_metrics(trainer: pl.Trainer) -> dict[str, Any]:
-    """The metrics Lightning computed at the end of the last batch it finished, as it keeps them.
+def _lightning_metrics(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The metrics Lightning computed at the end of the last batch it finished, as it keeps them (None if this
+    Lightning keeps them elsewhere).
 
     Not ``trainer.callback_metrics``: that property recomputes every logged result on each call, and converts the
-    progress-bar ones with ``.item()`` — a device sync per metric, per call. Lightning's own dict is read where
-    it keeps it; if a future Lightning moves it, the public property still gives the same values.
+    progress-bar ones with ``.item()`` — a device sync per metric, per call.
     """
     metrics = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
-    return metrics if isinstance(metrics, dict) else trainer.callback_metrics
+    return metrics if isinstance(metrics, dict) else None
 
 
 def _momentum(group: dict[str, Any]) -> float | None:
@@ -422,7 +423,9 @@ class ReVACNNCallback(Callback):
         filters, self._filter_stats = self._filter_stats, None
         if filters is not None:  # named now: a structural change before the step is published changes the layers
             row["layer_names"] = [name for name, _ in self.layers]
-        return _AwaitingStep(row, loss if isinstance(loss, torch.Tensor) else None, filters)
+        # Without Lightning's kept dict, the public property now: at the step's end it holds this step's values.
+        metrics = dict(trainer.callback_metrics) if _lightning_metrics(trainer) is None else None
+        return _AwaitingStep(row, loss if isinstance(loss, torch.Tensor) else None, filters, metrics)
 
     def _complete_step(self, trainer: pl.Trainer, now: float | None = None) -> None:
         """Publish the step read last with the metrics it logged: as a ``steps`` row, or a ``step`` message when it
@@ -435,8 +438,8 @@ class ReVACNNCallback(Callback):
         if awaiting is None or self._steps is None:
             return
         values: dict[str, Any] = {} if awaiting.loss is None else {"loss": awaiting.loss}
-        values.update((name, value) for name, value in _lightning_metrics(trainer).items()
-                      if name not in self._val_metric_names)
+        metrics = awaiting.metrics if awaiting.metrics is not None else _lightning_metrics(trainer) or {}
+        values.update((name, value) for name, value in metrics.items() if name not in self._val_metric_names)
         if awaiting.filters is None:
             self._steps.add(awaiting.row, values.items(), time.perf_counter() if now is None else now)
         else:
