@@ -459,8 +459,10 @@ class Publisher:
 
     def _send_state(self, router: zmq.Socket, identity: bytes) -> None:
         sent: list = []
-        steps = sorted(STEP_KEYS, key=lambda key: self._state_step.get(key, 0))  # stable: ties keep STATE_ORDER
-        for key in [key if key not in STEP_KEYS else steps[STEP_KEYS.index(key)] for key in STATE_ORDER]:
+        order = list(STATE_ORDER)
+        first = order.index(STEP_KEYS[0])  # the step keys sit together in STATE_ORDER; put them in step order
+        order[first:first + len(STEP_KEYS)] = sorted(STEP_KEYS, key=lambda key: self._state_step.get(key, 0))
+        for key in order:
             frames = self._state.get(key)
             if frames is not None and not any(frames is other for other in sent):
                 router.send_multipart([identity, *frames], copy=False)

@@ -20,11 +20,12 @@ import torch
 from revacnn.transfer import HostCopy, PendingMessage
 
 
-def pack_scalars(values: Iterable[tuple[Hashable, Any]]) -> tuple[list[Hashable], torch.Tensor | None, list[float]]:
-    """Split single-element values into device ones and host ones: ``(names, device values, host values)``.
+def pack_scalars(values: Iterable[tuple[Hashable, Any]]
+                 ) -> tuple[list[Hashable], torch.Tensor | None, list[Hashable], list[float]]:
+    """Split single-element values into device ones and host ones: ``(device names, device values, host names,
+    host values)``. ``scalar_values`` reads them back from device names followed by host names.
 
-    ``names`` lists the device values' names first, then the host values', the order ``scalar_values`` reads them
-    back in. A tensor on the CPU is read where it is (host memory: ``item()`` neither copies nor waits for a
+    A tensor on the CPU is read where it is (host memory: ``item()`` neither copies nor waits for a
     device); tensors on an accelerator are stacked there into one float32 tensor, which rides the message's single
     host copy; values on several accelerators meet on the first one's. Host values never go to the device: a
     blocking upload would sync. Other values (not single numbers) are left out.
@@ -47,18 +48,18 @@ def pack_scalars(values: Iterable[tuple[Hashable, Any]]) -> tuple[list[Hashable]
     if on_device:
         device = on_device[0].device
         stacked = torch.stack([value.to(device=device, dtype=torch.float32) for value in on_device])
-    return names + host_names, stacked, on_host
+    return names, stacked, host_names, on_host
 
 
 def add_scalars(copy: HostCopy, values: Iterable[tuple[Hashable, Any]]) -> list[Hashable]:
     """Put the single-element values into ``copy`` (arrays ``scalars`` and ``host_scalars``); returns their names
     in the order ``scalar_values`` reads them back."""
-    names, on_device, on_host = pack_scalars(values)
+    device_names, on_device, host_names, on_host = pack_scalars(values)
     if on_device is not None:
         copy.add("scalars", on_device)
     if on_host:
         copy.add("host_scalars", np.array(on_host, np.float32))
-    return names
+    return device_names + host_names
 
 
 def scalar_values(names: list[Hashable], arrays: dict[str, np.ndarray]) -> dict[Hashable, float | None]:
@@ -82,7 +83,7 @@ class StepBatch:
         self.drops = drops
         self.interval = interval
         self.max_rows = max_rows
-        self._rows: list[tuple[dict[str, Any], list[Hashable], torch.Tensor | None, list[float]]] = []
+        self._rows: list[tuple[dict[str, Any], list[Hashable], torch.Tensor | None, list[Hashable], list[float]]] = []
         self._last_flush = -math.inf
 
     def __len__(self) -> int:
@@ -105,10 +106,9 @@ class StepBatch:
         device_names: list[Hashable] = []
         host_names: list[Hashable] = []
         device_parts, host_values = [], []
-        for index, (_, row_names, on_device, on_host) in enumerate(rows):
-            split = len(row_names) - len(on_host)
-            device_names += [(index, name) for name in row_names[:split]]
-            host_names += [(index, name) for name in row_names[split:]]
+        for index, (_, row_device_names, on_device, row_host_names, on_host) in enumerate(rows):
+            device_names += [(index, name) for name in row_device_names]
+            host_names += [(index, name) for name in row_host_names]
             if on_device is not None:
                 device_parts.append(on_device)
             host_values += on_host
@@ -117,7 +117,7 @@ class StepBatch:
         if host_values:
             copy.add("host_scalars", np.array(host_values, np.float32))
         names = device_names + host_names
-        bodies = [row for row, _, _, _ in rows]
+        bodies = [row[0] for row in rows]
         drops = self.drops
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
