@@ -70,6 +70,9 @@ def _worker(rank, world, port, result_path):
                     "same_after_training": all(torch.equal(gathered[0], g) for g in gathered),
                     "frozen_kept": kept[0] and torch.equal(module.net.layer1[0].conv1.weight, frozen),
                     "rows_kept": kept[1]}, result_path)
+    # Neither rank tears gloo down while the other may still use its connections: a rank that exits first closes
+    # them under the other's feet, which can abort it (std::terminate in a gloo thread, seen once on CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
