@@ -333,6 +333,38 @@ def test_steered_run_keeps_filter_ids(tmp_path):
         assert np.isnan(value) == (step <= 30)
 
 
+def test_buckets_stay_exact_when_each_record_is_flushed_alone_and_ids_change_inside_a_bucket(tmp_path):
+    """A record per flush (a slow run) and widenings that fall inside a 10-record bucket: every bucket still
+    aggregates exactly its records, each filter id over the records that had it."""
+    rng = np.random.default_rng(8)
+    revisions = {1: [layer("a", range(4))], 24: [layer("a", range(5))], 43: [layer("a", [0, 2, 3, 4])]}
+    rec = RunRecorder(tmp_path / "run", levels=3)
+    seq, sent, current = 0, [], None
+    for step in range(1, 58):
+        if step in revisions:
+            seq += 1
+            current = revisions[step]
+            rec.submit(structure(seq, step - 1, len(sent), current))
+        seq += 1
+        message = step_message(seq, step, current, rng)
+        rec.submit(message)
+        ids, block = expected_columns(current, message.arrays["filters"])["a"]
+        sent.append((step, dict(zip(ids, block[2]))))
+        assert rec.flush(timeout=10)
+    rec.close()
+    series = open_run(tmp_path / "run").filter_series("a", "weight_norm", start=0, stop=58, resolution=12)
+    np.testing.assert_array_equal(series["filter_ids"], range(5))
+    assert series["count"].sum() == 57 and series["count"].max() == 10
+    for row, (lo, hi) in enumerate(zip(series["step"], series["step_end"])):
+        block = np.array([[values.get(fid, np.nan) for fid in range(5)] for step, values in sent if lo <= step <= hi])
+        assert len(block) == series["count"][row]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            np.testing.assert_allclose(series["values"][row], np.nanmean(block, 0).astype(np.float32), rtol=1e-5)
+            np.testing.assert_array_equal(series["min"][row], np.nanmin(block, 0).astype(np.float32))
+            np.testing.assert_array_equal(series["max"][row], np.nanmax(block, 0).astype(np.float32))
+
+
 def _writer_thread(run_dir, n, layers, stop_event):
     rng = np.random.default_rng(6)
     rec = RunRecorder(run_dir, flush_interval=0.05)
