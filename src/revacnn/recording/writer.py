@@ -154,6 +154,7 @@ class _Stream:
             self.rows_in_segment += part.num_rows
             self.rows_total += part.num_rows
             offset += part.num_rows
+        self.sink.flush()
 
     def _roll(self, schema: pa.Schema) -> None:
         self.close()
@@ -163,7 +164,9 @@ class _Stream:
             self.index = int(existing[-1].name[4:10]) if existing else 0
         self.index += 1
         self.path = self.directory / segment_name(self.index)
-        self.sink = pa.OSFile(str(self.path), "wb")   # unbuffered: every write is a write(2) into the page cache
+        # Buffered, and flushed after every append: one write(2) into the page cache per batch, where the IPC
+        # writer alone issues one per buffer (~11 for a layer's batch).
+        self.sink = pa.BufferedOutputStream(pa.OSFile(str(self.path), "wb"), 1 << 16)
         self.writer = pa.ipc.new_stream(self.sink, schema)
         self.schema = schema
         self.rows_in_segment = 0
