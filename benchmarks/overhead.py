@@ -93,7 +93,7 @@ class TensorBoardHistograms(pl.Callback):
 
 
 REVACNN_CONFIGS = {
-    "revacnn default (filters every 20, snapshots every 200, recording on)": {},
+    "revacnn default (filters every 50, snapshots every 500, recording on)": {},
     "revacnn every step (filters every step, snapshots every 50)": {"filters_every": 1, "snapshot_every": 50},
 }
 
