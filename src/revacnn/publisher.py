@@ -104,7 +104,7 @@ class Publisher:
 
     def __init__(self, run_id: str, host: str = "127.0.0.1", telemetry_port: int = 0, control_port: int = 0,
                  key: bytes | None = None, send_hwm: int = 100, queue_size: int = 64, heartbeat_s: float = 1.0,
-                 send_interval: float = 0.1,
+                 send_interval: float = 0.05,
                  sinks: Iterable[Sink] = (), insecure_bind: bool = False,
                  curve: CurveServerKeys | None = None) -> None:
         if not is_loopback(host) and curve is None and not insecure_bind:
