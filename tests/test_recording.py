@@ -344,7 +344,7 @@ def test_buckets_stay_exact_when_each_record_is_flushed_alone_and_ids_change_ins
         if step in revisions:
             seq += 1
             current = revisions[step]
-            rec.submit(structure(seq, step - 1, len(sent), current))
+            rec.submit(structure(seq, step - 1, list(revisions).index(step), current))
         seq += 1
         message = step_message(seq, step, current, rng)
         rec.submit(message)

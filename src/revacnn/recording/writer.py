@@ -350,12 +350,12 @@ class _LayerSeries:
         ids = rows[0][4]
         width = len(ids)
         columns = {"step": pa.array(np.array([r[0] for r in rows], np.int64))}
-        # Every value column is a slice of one Arrow array made from one numpy array: a conversion per column
-        # was most of the recorder's time at the default cadence.
+        # Every value column is a slice of one Arrow array converted once from numpy, not a conversion per column
+        # (~10 µs each, the largest part of writing a layer's batch).
         block = len(rows) * width
         if level == 0:
             columns["time"] = pa.array(np.array([r[3] for r in rows], np.float64))
-            values = pa.array(np.stack([r[5] for r in rows], axis=1).astype(self.np_type).reshape(-1))  # [fields, n, F]
+            values = pa.array(np.stack([r[5] for r in rows], axis=1).astype(self.np_type).reshape(-1))  # [fields,n,F]
             for f, field in enumerate(self.fields):
                 columns[field] = pa.FixedSizeListArray.from_arrays(values.slice(f * block, block), width)
         else:
