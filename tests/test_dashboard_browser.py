@@ -131,6 +131,43 @@ def test_live_loss_and_network_show_within_seconds(setup):
     page.screenshot(path=str(ARTIFACTS / "network.png"), full_page=True)
 
 
+def requested_views(page, seconds: float) -> list[str]:
+    """The outputs of the callback requests the page sends in ``seconds`` (one entry per request)."""
+    outputs: list[str] = []
+
+    def record(request):
+        if "_dash-update-component" in request.url:
+            outputs.append((request.post_data_json or {}).get("output", ""))
+
+    page.on("request", record)
+    page.wait_for_timeout(seconds * 1000)      # playwright delivers the events while it waits
+    page.remove_listener("request", record)
+    return outputs
+
+
+def test_only_the_shown_tab_is_polled(setup):
+    page = setup["page"]
+    page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=45000)
+    page.get_by_text("Training", exact=True).click()
+    page.wait_for_timeout(1000)
+    training = requested_views(page, 3.0)             # ~6 ticks at 500 ms
+    headers = [o for o in training if "run-summary.children" in o]
+    assert len(headers) >= 4
+    assert sum("train-graph.figure" in o for o in training) >= 4
+    # the views of hidden tabs send nothing; with the run unchanged, neither does anything that takes run-select
+    hidden = ("net-graph.figure", "net-details.children", "emb-graph.figure", "emb-layer.options", "fil-weights.src",
+              "replay-step.className")
+    assert [o for o in training if any(h in o for h in hidden)] == []
+    # per tick: the header, the event log and the training chart
+    assert len(training) <= 3 * len(headers) + 3
+    page.get_by_text("Network", exact=True).click()
+    page.wait_for_timeout(1000)
+    network = requested_views(page, 3.0)
+    assert sum("net-graph.figure" in o for o in network) >= 4
+    assert [o for o in network if "train-graph.figure" in o or "emb-graph.figure" in o] == []
+    assert node_count(page) == 66
+
+
 def test_add_filter_on_conv2_changes_the_trainers_model(setup):
     from revacnn.client import RunClient
 

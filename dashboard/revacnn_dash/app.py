@@ -1,7 +1,8 @@
 """The Dash app: training, network, embedding and filters views over the runs of a ``Hub``.
 
-Every view reads a ``RunState`` (copies under its lock); none blocks another. A 1 s ``dcc.Interval`` drives updates;
-the training chart grows with ``Patch`` (only new points travel), the network's jitter runs in the browser
+Every view reads a ``RunState`` (copies under its lock); none blocks another. A ``dcc.Interval`` (500 ms by default)
+drives updates: the header and event log on every tick, a tab's views only while that tab is shown (``TAB_TICK_JS``
+passes the tick on in the browser, so a hidden tab costs no request); the training chart grows with ``Patch`` (only new points travel), the network's jitter runs in the browser
 (requestAnimationFrame moving the SVG points; no server round trip per frame), embeddings are computed on a worker
 thread and cached per snapshot.
 """
@@ -125,6 +126,19 @@ function(data) {
 }
 """
 
+#: The page's tick, passed on in the browser to the views of the tab shown (and at once to a tab when it is opened);
+#: the other tabs' ticks stay put, so their callbacks send no request. "layers" feeds the layer menus of the
+#: embedding and filters tabs. Each value carries the time, so opening a tab always counts as a change.
+TAB_TICKS = ("training", "network", "embedding", "filters", "layers")
+TAB_TICK_JS = """
+function(n, tab) {
+    const stamp = [n, Date.now()];
+    const nu = window.dash_clientside.no_update;
+    return [tab === 'training' ? stamp : nu, tab === 'network' ? stamp : nu, tab === 'embedding' ? stamp : nu,
+            tab === 'filters' ? stamp : nu, (tab === 'embedding' || tab === 'filters') ? stamp : nu];
+}
+"""
+
 
 def _button(label: str, id_: str, **style: Any) -> html.Button:
     return html.Button(label, id=id_, n_clicks=0, className="rv-btn", style={"margin": "2px", **style})
@@ -139,7 +153,7 @@ def _img(id_: str, **style: Any) -> html.Img:
     return html.Img(id=id_, style={"imageRendering": "pixelated", "maxWidth": "100%", **style})
 
 
-def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
+def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
     app = Dash(__name__, title="revacnn", update_title=None, suppress_callback_exceptions=True)
 
     training = html.Div([
@@ -257,9 +271,10 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
         ], style={"display": "flex", "alignItems": "center", "gap": "8px"}),
         html.Div(id="run-summary", style={"fontSize": "13px", "color": "#444", "margin": "4px 0"}),
         dcc.Interval(id="tick", interval=interval_ms),
+        *[dcc.Store(id=f"tick-{name}") for name in TAB_TICKS],
         dcc.Store(id="train-cursor"), dcc.Store(id="net-expanded"), dcc.Store(id="net-sig"),
         dcc.Store(id="net-selected"), dcc.Store(id="net-anim"), dcc.Store(id="net-anim-out"),
-        dcc.Store(id="fil-sig"),
+        dcc.Store(id="fil-sig"), dcc.Store(id="event-sig"),
         dcc.Tabs(id="tabs", value="training", children=[
             dcc.Tab(label="Training", value="training", children=training),
             dcc.Tab(label="Network", value="network", children=network),
@@ -275,19 +290,27 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
     def state_of(key: str | None) -> RunState | None:
         return hub.get(key)
 
+    app.clientside_callback(TAB_TICK_JS, *[Output(f"tick-{name}", "data") for name in TAB_TICKS],
+                            Input("tick", "n_intervals"), Input("tabs", "value"))
+
     # -- header ----------------------------------------------------------------------------------------------------
     @app.callback(Output("run-select", "options"), Output("run-select", "value"), Output("conn-banner", "children"),
                   Output("conn-banner", "style"), Output("run-summary", "children"),
                   Output("replay-step", "options"), Output("replay-step", "style"), Output("replay-step", "value"),
-                  Input("tick", "n_intervals"), State("run-select", "value"), State("replay-step", "value"))
-    def header(_n, key, replay_value):
+                  Input("tick", "n_intervals"), State("run-select", "value"), State("run-select", "options"),
+                  State("replay-step", "value"), State("replay-step", "options"), State("replay-step", "style"))
+    def header(_n, shown_key, shown_options, replay_value, replay_options, replay_style):
+        # Outputs that did not change are not sent: a new run-select value would fire every view that takes it.
+        def changed(new, shown):
+            return no_update if new == shown else new
+
         options = hub.options()
-        if key not in {o["value"] for o in options}:
-            key = options[0]["value"] if options else None
+        key = shown_key if shown_key in {o["value"] for o in options} else (options[0]["value"] if options else None)
         state = state_of(key)
         if state is None:
-            return options, key, "no runs: pass --connect or --logdir", {"color": "#c62828"}, "", [], \
-                {"display": "none"}, None
+            return changed(options, shown_options), changed(key, shown_key), "no runs: pass --connect or --logdir", \
+                {"color": "#c62828"}, "", changed([], replay_options), changed({"display": "none"}, replay_style), \
+                changed(None, replay_value)
         s = state.summary()
         banner = banner_children(s)
         style = {"marginLeft": "12px", "fontWeight": "bold", "color": STATUS_COLOURS.get(s["conn"], "#000")}
@@ -301,11 +324,13 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
         if s["gaps"]:
             parts.append(f"{s['gaps']} telemetry messages dropped")
         steps = getattr(state, "replay_steps", None)
+        step_opts, step_style, step_value = [], {"display": "none"}, None
         if state.source == "replay" and steps:
             step_opts = [{"label": f"step {st}", "value": st} for st in steps]
-            value = replay_value if replay_value in steps else getattr(state, "replay_step", steps[-1])
-            return options, key, banner, style, " · ".join(parts), step_opts, {"width": "160px"}, value
-        return options, key, banner, style, " · ".join(parts), [], {"display": "none"}, None
+            step_style = {"width": "160px"}
+            step_value = replay_value if replay_value in steps else getattr(state, "replay_step", steps[-1])
+        return changed(options, shown_options), changed(key, shown_key), banner, style, " · ".join(parts), \
+            changed(step_opts, replay_options), changed(step_style, replay_style), changed(step_value, replay_value)
 
     @app.callback(Output("replay-step", "className"), Input("replay-step", "value"), State("run-select", "value"),
                   prevent_initial_call=True)
@@ -319,7 +344,7 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
 
     # -- training view ---------------------------------------------------------------------------------------------
     @app.callback(Output("train-graph", "figure"), Output("train-cursor", "data"), Output("hp-now", "children"),
-                  Input("tick", "n_intervals"), Input("run-select", "value"), State("train-cursor", "data"),
+                  Input("tick-training", "data"), Input("run-select", "value"), State("train-cursor", "data"),
                   State("tabs", "value"))
     def training_chart(_n, key, cursor, tab):
         state = state_of(key)
@@ -388,32 +413,23 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
         state.submit(op, args_)
         return f"sent {op} {args_ or ''} at {time.strftime('%H:%M:%S')}"
 
-    @app.callback(Output("event-log", "children"), Input("tick", "n_intervals"), Input("run-select", "value"))
-    def event_log(_n, key):
+    @app.callback(Output("event-log", "children"), Output("event-sig", "data"), Input("tick", "n_intervals"),
+                  Input("run-select", "value"), State("event-sig", "data"))
+    def event_log(_n, key, sig):
         state = state_of(key)
         if state is None:
-            return ""
+            return "", None
         events = state.event_list()[::-1][:100]
-        if not events:
-            return html.Div("no commands yet", style={"color": "#777"})
-        colour = {"pending": "#f9a825", "queued": "#1565c0", "done": "#2e7d32", "error": "#c62828"}
-        rows = [html.Tr([html.Th(h) for h in ("sent", "command", "status", "step", "detail")])]
-        for e in events:
-            detail = e["error"] or (e["note"] or "")
-            rows.append(html.Tr([
-                html.Td(time.strftime("%H:%M:%S", time.localtime(e["sent"]))),
-                html.Td(e["label"]),
-                html.Td(e["status"], className=f"ev-{e['status']}",
-                        style={"color": colour.get(e["status"]), "fontWeight": "bold"}),
-                html.Td("" if e["step"] is None else str(e["step"])),
-                html.Td(detail, className="ev-detail")], className="ev-row"))
-        return html.Table(rows, style={"borderCollapse": "collapse", "width": "100%"})
+        new_sig = [key, [[e[name] for name in ("id", "status", "step", "label", "error", "note")] for e in events]]
+        if new_sig == sig:
+            return no_update, no_update      # the table is as shown: nothing to send or redraw
+        return _event_table(events), new_sig
 
     # -- network view ----------------------------------------------------------------------------------------------
     @app.callback(Output("net-graph", "figure"), Output("net-anim", "data"), Output("net-sig", "data"),
                   Output("net-layer", "options"),
-                  Input("tick", "n_intervals"), Input("net-expanded", "data"), Input("run-select", "value"),
-                  Input("tabs", "value"), State("net-sig", "data"))
+                  Input("tick-network", "data"), Input("net-expanded", "data"), Input("run-select", "value"),
+                  State("tabs", "value"), State("net-sig", "data"))
     def network_view(_n, expanded, key, tab, sig):
         state = state_of(key)
         if state is None or state.structure is None or tab != "network":
@@ -479,11 +495,11 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
 
     @app.callback(Output("net-details", "children"), Output("net-filter-img", "src"), Output("net-act-img", "src"),
                   Output("net-probe", "options"),
-                  Input("net-selected", "data"), Input("tick", "n_intervals"), Input("net-probe", "value"),
+                  Input("net-selected", "data"), Input("tick-network", "data"), Input("net-probe", "value"),
                   State("run-select", "value"), State("tabs", "value"))
     def network_details(selected, _n, probe, key, tab):
         state = state_of(key)
-        if state is None or tab != "network" and ctx.triggered_id == "tick":
+        if state is None or tab != "network" and ctx.triggered_id == "tick-network":
             return no_update, no_update, no_update, no_update
         if not selected or not selected.get("layer") or state.structure is None:
             return html.Div("click a node or pick a layer", style={"color": "#777"}), "", "", []
@@ -564,7 +580,7 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
     # -- embedding view ----------------------------------------------------------------------------------------------
     @app.callback(Output("emb-layer", "options"), Output("emb-layer", "value"), Output("emb-probe", "options"),
                   Output("fil-layer", "options"), Output("fil-layer", "value"), Output("fil-probe", "options"),
-                  Input("tick", "n_intervals"), Input("run-select", "value"), State("emb-layer", "value"),
+                  Input("tick-layers", "data"), Input("run-select", "value"), State("emb-layer", "value"),
                   State("fil-layer", "value"), State("emb-layer", "options"), State("emb-probe", "options"))
     def layer_options(_n, key, emb_layer, fil_layer, old_opts, old_probes):
         state = state_of(key)
@@ -582,9 +598,9 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
         return opts, emb_layer, probes, opts, fil_layer, probes
 
     @app.callback(Output("emb-graph", "figure"), Output("emb-status", "children"), Output("emb-data", "data"),
-                  Input("tick", "n_intervals"), Input("emb-layer", "value"), Input("emb-source", "value"),
+                  Input("tick-embedding", "data"), Input("emb-layer", "value"), Input("emb-source", "value"),
                   Input("emb-method", "value"), Input("emb-colour", "value"), Input("emb-probe", "value"),
-                  Input("tabs", "value"), State("run-select", "value"), State("emb-data", "data"))
+                  State("tabs", "value"), State("run-select", "value"), State("emb-data", "data"))
     def embedding_view(_n, layer, source, method, colour, probe, tab, key, current):
         state = state_of(key)
         umap_text = hub.embeddings.umap_status()
@@ -645,8 +661,8 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
     @app.callback(Output("fil-weights", "src"), Output("fil-acts", "src"), Output("fil-actgrads", "src"),
                   Output("fil-probe-img", "src"), Output("fil-caption", "children"), Output("fil-hints", "children"),
                   Output("fil-sig", "data"),
-                  Input("tick", "n_intervals"), Input("fil-layer", "value"), Input("fil-probe", "value"),
-                  Input("tabs", "value"), State("run-select", "value"), State("fil-sig", "data"))
+                  Input("tick-filters", "data"), Input("fil-layer", "value"), Input("fil-probe", "value"),
+                  State("tabs", "value"), State("run-select", "value"), State("fil-sig", "data"))
     def filters_view(_n, layer, probe, tab, key, sig):
         state = state_of(key)
         if tab != "filters" or state is None or layer is None:
@@ -731,6 +747,24 @@ def create_app(hub: Hub, interval_ms: int = 1000) -> Dash:
 
 # ---------------------------------------------------------------------------------------------------------------
 # figures
+
+
+def _event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
+    """The event log: newest command first, its status coloured, its error or note in full."""
+    if not events:
+        return html.Div("no commands yet", style={"color": "#777"})
+    colour = {"pending": "#f9a825", "queued": "#1565c0", "done": "#2e7d32", "error": "#c62828"}
+    rows = [html.Tr([html.Th(h) for h in ("sent", "command", "status", "step", "detail")])]
+    for e in events:
+        detail = e["error"] or (e["note"] or "")
+        rows.append(html.Tr([
+            html.Td(time.strftime("%H:%M:%S", time.localtime(e["sent"]))),
+            html.Td(e["label"]),
+            html.Td(e["status"], className=f"ev-{e['status']}",
+                    style={"color": colour.get(e["status"]), "fontWeight": "bold"}),
+            html.Td("" if e["step"] is None else str(e["step"])),
+            html.Td(detail, className="ev-detail")], className="ev-row"))
+    return html.Table(rows, style={"borderCollapse": "collapse", "width": "100%"})
 
 
 def banner_children(s: dict[str, Any]) -> list:

@@ -57,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="replace the host of the runs' endpoints (e.g. the GPU box's name, when its "
                              "connection file says 127.0.0.1 or 0.0.0.0)")
     parser.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
-    parser.add_argument("--refresh-ms", type=int, default=1000,
-                        help="how often the page polls the runs' state, in ms (default 1000)")
+    parser.add_argument("--refresh-ms", type=int, default=500,
+                        help="how often the page polls the runs' state, in ms (default 500; a hidden tab's views "
+                             "are not polled)")
     parser.add_argument("--no-umap-warmup", action="store_true",
                         help="do not compile UMAP in the background at start (saves ~10-25 s of one CPU core)")
     args = parser.parse_args(argv)
