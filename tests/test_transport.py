@@ -116,6 +116,36 @@ def test_client_skips_telemetry_older_than_its_state_snapshot(publisher):
         assert client.gaps == 0
 
 
+def test_replies_on_the_control_socket_leave_no_gaps_in_telemetry(publisher):
+    """Each socket numbers its own messages: a welcome to another client and the acks of a command are replies on
+    the control socket, and the telemetry stream's numbers stay contiguous (a client counts a missing one as a
+    drop, and the dashboard shows it as one)."""
+    publisher.publish(Message("structure", {"revision": 0}))
+    with RunClient(publisher.control_endpoint) as watcher, RunClient(publisher.control_endpoint) as steerer:
+        watcher.connect()
+        publisher.publish(Message("step", {"step": 1, "per_filter": False}))
+        steerer.connect()                                           # a welcome and a state snapshot, to steerer
+        steerer.send_command("pause", {}, command_id="c1")
+        queued, _ = receive_until(steerer, lambda m: m.type == "ack" and m.body["status"] == "queued")
+        publisher.publish(Message("step", {"step": 2, "per_filter": False}))
+        publisher.send_ack(publisher.poll_commands()[0], "done", step=2)   # published, and answered to steerer
+        publisher.publish(Message("step", {"step": 3, "per_filter": False}))
+        telemetry = []
+        deadline = time.monotonic() + 3
+        while (not telemetry or telemetry[-1].body.get("step") != 3) and time.monotonic() < deadline:
+            message = watcher.recv(0.1)
+            if message is not None and message.type in ("step", "ack"):   # not the snapshot's structure, heartbeats
+                telemetry.append(message)
+        assert [(m.type, m.body.get("step"), m.body.get("status")) for m in telemetry] == [
+            ("step", 1, None), ("step", 2, None), ("ack", 2, "done"), ("step", 3, None)]
+        assert watcher.gaps == 0
+        # the control socket numbers its replies on its own: each client said hello twice (it knew only the control
+        # address), so welcomes 1-4, then the queued ack 5 (state snapshots keep their telemetry numbers)
+        assert queued.seq == 5
+        receive_until(steerer, lambda m: m.type == "ack" and m.body["status"] == "done")
+        assert steerer.gaps == 0
+
+
 def test_connection_file_round_trip_and_client_from_file(tmp_path, publisher):
     info = ConnectionInfo("test-run", publisher.telemetry_endpoint, publisher.control_endpoint)
     path = info.write(tmp_path / "connection.json")

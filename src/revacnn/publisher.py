@@ -122,8 +122,10 @@ class Publisher:
         self.curve = curve
         self.auth: _CountingAuthenticator | None = None
         self._allowed_signature: tuple | None = None
+        # One codec per socket, as each numbers its own messages (docs/protocol.md): a reply on the control socket
+        # must not take a number from the telemetry stream, where a client counts every missing number as a drop.
         self.codec = Codec(run_id, key)
-        self.inbound_codec = Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES)
+        self.control_codec = Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES)
         self.send_hwm = send_hwm
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
@@ -402,7 +404,7 @@ class Publisher:
             self._remember_ack(message.body)
             identity = self._identities.pop(message.body["id"], None)
             if identity is not None:
-                router.send_multipart([identity, *self.codec.encode(Message("ack", dict(message.body)))])
+                router.send_multipart([identity, *self.control_codec.encode(Message("ack", dict(message.body)))])
         for sink in self.sinks:
             sink.submit(message)
 
@@ -413,7 +415,7 @@ class Publisher:
             self._acks.popitem(last=False)
 
     def _reply(self, router: zmq.Socket, identity: bytes, message: Message) -> None:
-        router.send_multipart([identity, *self.codec.encode(message)])
+        router.send_multipart([identity, *self.control_codec.encode(message)])
 
     def _handle_safely(self, router: zmq.Socket, frames: list) -> None:
         """Handle one request; a bug in handling it must not stop the I/O thread (it answers with an error)."""
@@ -431,7 +433,7 @@ class Publisher:
     def _handle_request(self, router: zmq.Socket, frames: list) -> None:
         identity = bytes(frames[0].buffer)
         try:
-            request = self.inbound_codec.decode(frames[1:])
+            request = self.control_codec.decode(frames[1:])
             validate_request(request)
         except ProtocolError as error:
             self._reply(router, identity, Message("error", error_body("", error.code, error.detail)))
