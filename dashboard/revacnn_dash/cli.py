@@ -97,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"revacnn-dash: {error}", file=sys.stderr)
         return 2
     app = create_app(hub, interval_ms=max(100, args.refresh_ms))
+    try:
+        server = waitress.create_server(app.server, host=args.host, port=args.port, threads=args.threads,
+                                        ident="revacnn-dash")
+    except OSError as error:      # most often: another process (another dashboard?) has the port
+        hub.stop()
+        print(f"revacnn-dash: cannot serve on {args.host}:{args.port}: {error.strerror or error}; "
+              f"choose another port with --port", file=sys.stderr)
+        return 1
     shown = args.host
     if shown in ("0.0.0.0", "::", "*", ""):
         shown = socket.gethostname()
@@ -116,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         print(f"revacnn-dash: serving on {url} ({runs})", flush=True)
     try:
-        waitress.serve(app.server, host=args.host, port=args.port, threads=args.threads, ident="revacnn-dash")
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
+        server.close()
         hub.stop()
     return 0
 

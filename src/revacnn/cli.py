@@ -17,34 +17,50 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [name for name in ("revacnn_dash", "pytorch_lightning") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"revacnn demo: needs {' and '.join(missing)}: pip install 'revacnn[train,dash]' "
+              "(or run `bash .ci/setup`)", file=sys.stderr)
+        return 2
     root = Path(args.root or tempfile.mkdtemp(prefix="revacnn-demo-"))
+    # Both children run on this interpreter: `.venv/bin/revacnn demo` works without the venv on PATH.
     train = subprocess.Popen([sys.executable, "-m", "revacnn.demo.train_digits", "--epochs", str(args.epochs),
                               "--slow", str(args.slow), "--root", str(root)])
-    connection = None
-    deadline = time.monotonic() + 120
-    while connection is None and time.monotonic() < deadline and train.poll() is None:
-        found = sorted(root.glob("lightning_logs/version_*/revacnn/connection.json"))
-        connection = found[-1] if found else None
-        time.sleep(0.2)
-    if connection is None:
-        train.terminate()
-        print("revacnn demo: the training run did not start (see its output above)", file=sys.stderr)
-        return 1
-    dash = subprocess.Popen(["revacnn-dash", "--connect", str(connection), "--logdir", str(root),
-                             "--port", str(args.port)])
-    print(f"\nrevacnn demo: training in {root}\n  dashboard: http://127.0.0.1:{args.port}/   (Ctrl-C stops both)\n",
-          flush=True)
+    dash = None
     try:
-        train.wait()
-        print("revacnn demo: training finished; the dashboard keeps showing the recorded run (Ctrl-C to quit)")
-        dash.wait()
+        connection = None
+        deadline = time.monotonic() + 120
+        while connection is None and time.monotonic() < deadline and train.poll() is None:
+            found = sorted(root.glob("lightning_logs/version_*/revacnn/connection.json"))
+            connection = found[-1] if found else None
+            time.sleep(0.2)
+        if connection is None:
+            print("revacnn demo: the training run did not start (see its output above)", file=sys.stderr)
+            return 1
+        dash = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--connect", str(connection),
+                                 "--logdir", str(root), "--port", str(args.port)])
+        print(f"\nrevacnn demo: training in {root}\n  dashboard: http://127.0.0.1:{args.port}/   (Ctrl-C stops "
+              f"both)\n", flush=True)
+        training = True
+        while dash.poll() is None:
+            if training and train.poll() is not None:
+                training = False
+                print("revacnn demo: training finished; the dashboard keeps showing the recorded run (Ctrl-C to "
+                      "quit)", flush=True)
+            time.sleep(0.5)
+        print(f"revacnn demo: the dashboard exited (code {dash.returncode}; its message is above); stopping",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     finally:
-        for process in (train, dash):
+        children = [process for process in (train, dash) if process is not None]
+        for process in children:
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
-        for process in (train, dash):
+        for process in children:
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:

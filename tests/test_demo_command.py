@@ -1,0 +1,98 @@
+"""The README's first command, `.venv/bin/revacnn demo`, run as a newcomer runs it: the venv not activated (its bin
+directory not on PATH), a real trainer and a real dashboard as its children, stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from browser_support import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_command(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("revacnn")       # the console script next to the venv's python
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "revacnn.cli"]
+    return base + ["demo", *args]
+
+
+def start_demo(tmp_path: Path, port: int, *args: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "demo.log"
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}            # no venv on PATH: only this interpreter finds revacnn
+    process = subprocess.Popen(demo_command("--root", str(tmp_path / "run"), "--port", str(port), *args),
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    return process, log
+
+
+def wait_for(condition, timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} within {timeout} s; the demo printed:\n{log.read_text()[-3000:]}")
+
+
+def page_status(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+            return response.status if b"revacnn" in response.read().lower() else None
+    except OSError:
+        return None
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_demo_trains_serves_the_page_and_stops_on_ctrl_c_without_the_venv_on_path(tmp_path):
+    port = free_port()
+    process, log = start_demo(tmp_path, port, "--epochs", "2", "--slow", "0")
+    try:
+        wait_for(lambda: page_status(port) == 200, 120, "the dashboard page did not answer", log)
+        assert f"dashboard: http://127.0.0.1:{port}/" in log.read_text()
+        wait_for(lambda: "training finished" in log.read_text(), 120, "training did not finish", log)
+        run = tmp_path / "run" / "lightning_logs" / "version_0" / "revacnn"
+        assert (run / "connection.json").exists()
+        assert page_status(port) == 200                      # the dashboard outlives the training
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
+        assert page_status(port) is None
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_demo_reports_a_busy_port_and_stops_its_trainer(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process, log = start_demo(tmp_path, port, "--epochs", "50")
+        try:
+            assert process.wait(180) == 1
+        finally:
+            if process.poll() is None:
+                process.kill()
+        text = log.read_text()
+        assert f"revacnn-dash: cannot serve on 127.0.0.1:{port}: Address already in use" in text, text[-3000:]
+        assert "revacnn demo: the dashboard exited (code 1" in text
+        wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "the trainer outlived the demo", log)
