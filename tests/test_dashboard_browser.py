@@ -241,6 +241,10 @@ def test_invalid_lr_shows_the_error_text(setup):
     page.wait_for_selector("#hp-now:has-text('lr 0.01')", timeout=10000)
     notes = page.locator("#train-graph .annotation-text").all_text_contents()
     assert "set lr=0.01" in notes and "widen net.conv2 +1" in notes
+    # five commands answered on the control socket, and no telemetry reported lost (the summary would say so)
+    assert "dropped" not in page.inner_text("#run-summary")
+    assert setup["hub"].get(setup["hub"].options()[0]["value"]).summary()["gaps"] == 0
+    page.wait_for_timeout(1500)               # the chart's lr trace reaches the change, for the screenshot
     page.screenshot(path=str(ARTIFACTS / "training-steered.png"), full_page=True)
 
 

@@ -804,7 +804,7 @@ def _training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04, row_heights=[0.45, 0.35, 0.2])
     fig.update_yaxes(title_text="loss", row=1, col=1)
     fig.update_yaxes(title_text="accuracy", row=2, col=1)
-    fig.update_yaxes(title_text="lr", row=3, col=1)
+    fig.update_yaxes(title_text="lr", type="log", row=3, col=1)   # readable when constant; steps of 10× even
     x = _list(cols["step"])
     fig.add_trace(go.Scatter(x=x, y=_list(cols["loss"]), name="train loss", mode="lines",
                              line={"width": 1, "color": "#1f77b4"}), row=1, col=1)
