@@ -271,3 +271,17 @@ def test_embedding_figure_colours_by_cluster_or_gradient():
     fig = _embedding_figure(result, "grad", "c", "weight", "pca", 5)
     assert list(fig.data[0].marker.color) == [0.1, 0.2, 0.3] and fig.data[0].marker.showscale
     assert list(fig.data[0].customdata) == [7, 8, 9]
+
+
+def test_commands_applied_at_one_step_share_one_chart_marker():
+    from revacnn_dash.app import _markers
+
+    events = [{"step": 5, "label": "pause"}, {"step": 5, "label": "reinit net.conv2[5]"},
+              {"step": 9, "label": "set lr=0.01"}, {"step": 5, "label": "resume"}]
+    shapes, notes = _markers(events)
+    assert [(s["x0"], s["x1"]) for s in shapes] == [(5, 5), (9, 9)]
+    assert [(n["x"], n["text"]) for n in notes] == [(5, "pause<br>reinit net.conv2[5]<br>resume"),
+                                                    (9, "set lr=0.01")]
+    # only the last 60 commands are marked
+    many = [{"step": i, "label": f"c{i}"} for i in range(100)]
+    assert [n["text"] for n in _markers(many)[1]] == [f"c{i}" for i in range(40, 100)]

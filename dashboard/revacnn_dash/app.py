@@ -789,11 +789,16 @@ def _list(arr: np.ndarray) -> list:
 
 
 def _markers(events: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    shapes, notes = [], []
+    """A dotted line and a label per step of the last 60 applied commands; commands applied at one step (pause,
+    re-initialise, resume) share the line, their labels side by side, so none is drawn over another."""
+    by_step: dict[int, list[str]] = {}
     for e in events[-60:]:
-        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": e["step"], "x1": e["step"], "y0": 0,
+        by_step.setdefault(e["step"], []).append(e["label"])
+    shapes, notes = [], []
+    for step, labels in by_step.items():
+        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0,
                        "y1": 1, "line": {"color": "rgba(198,40,40,0.6)", "width": 1, "dash": "dot"}})
-        notes.append({"x": e["step"], "xref": "x", "y": 1.0, "yref": "paper", "text": e["label"],
+        notes.append({"x": step, "xref": "x", "y": 1.0, "yref": "paper", "text": "<br>".join(labels),
                       "showarrow": False, "textangle": -90, "xanchor": "right", "yanchor": "top",
                       "font": {"size": 10, "color": "#c62828"}})
     return shapes, notes
