@@ -94,6 +94,24 @@ OBSERVER_JS = """
 """
 
 
+def open_live_page(playwright, port: int, dash: subprocess.Popen, deadline: float):
+    """Headless Chromium on the dashboard at ``port`` once it serves (retried until ``deadline`` unless the
+    dashboard process exits), and once the page shows the run LIVE. Returns (browser, page)."""
+    browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                         args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page()
+    while True:
+        try:
+            page.goto(f"http://127.0.0.1:{port}/")
+            break
+        except Exception:
+            if time.monotonic() > deadline or dash.poll() is not None:
+                raise
+            time.sleep(0.5)
+    page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=60000)
+    return browser, page
+
+
 def latency(refresh_ms: int, steps: int, spacing: tuple[float, float], tmp: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -115,19 +133,7 @@ def latency(refresh_ms: int, steps: int, spacing: tuple[float, float], tmp: Path
     published: dict[int, float] = {}
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                        args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page()
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    page.goto(f"http://127.0.0.1:{port}/")
-                    break
-                except Exception:
-                    if time.monotonic() > deadline or dash.poll() is not None:
-                        raise
-                    time.sleep(0.5)
-            page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=60000)
+            browser, page = open_live_page(p, port, dash, time.monotonic() + 60)
             step = 1
             pub.publish(step_message("demo", step, rng))
             page.wait_for_selector("#run-summary:has-text('step 1 ')", timeout=30000)
@@ -215,18 +221,7 @@ def training_latency(refresh_ms: int, seconds: float, tmp: Path) -> dict:
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "REVACNN_DASH_TOKEN": ""})
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                        args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page()
-            while True:
-                try:
-                    page.goto(f"http://127.0.0.1:{port}/")
-                    break
-                except Exception:
-                    if time.monotonic() > deadline or dash.poll() is not None:
-                        raise
-                    time.sleep(0.5)
-            page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=60000)
+            browser, page = open_live_page(p, port, dash, deadline)
             page.wait_for_selector("#run-summary:has-text('step ')", timeout=60000)
             page.evaluate(OBSERVER_JS)
             watch_from = time.time()
@@ -253,7 +248,8 @@ def training_latency(refresh_ms: int, seconds: float, tmp: Path) -> dict:
         lat.append(min(later) - t if later else math.inf)
     finite = [x for x in lat if math.isfinite(x)]
     return {"refresh_ms": refresh_ms, "seconds": seconds, "steps": len(lat), "updates": len(shown),
-            "missed": len(lat) - len(finite), "steps_per_s": len(ended) / (ended[-1][1] - ended[0][1]),
+            "missed": len(lat) - len(finite),
+            "steps_per_s": sum(watch_from <= t <= watch_to for _, t in ended) / (watch_to - watch_from),
             "median_ms": statistics.median(finite) * 1000, "p95_ms": _pct(lat, 95) * 1000,
             "max_ms": max(lat) * 1000, "min_ms": min(finite) * 1000}
 
