@@ -2,9 +2,9 @@
 
 Every view reads a ``RunState`` (copies under its lock); none blocks another. A ``dcc.Interval`` (500 ms by default)
 drives updates: the header and event log on every tick, a tab's views only while that tab is shown (``TAB_TICK_JS``
-passes the tick on in the browser, so a hidden tab costs no request); the training chart grows with ``Patch`` (only new points travel), the network's jitter runs in the browser
-(requestAnimationFrame moving the SVG points; no server round trip per frame), embeddings are computed on a worker
-thread and cached per snapshot.
+passes the tick on in the browser, so a hidden tab costs no request). The training chart grows with ``Patch`` (only
+new points travel), the network's jitter runs in the browser (requestAnimationFrame moving the SVG points; no server
+round trip per frame), embeddings are computed on a worker thread and cached per snapshot.
 """
 
 from __future__ import annotations
@@ -809,7 +809,9 @@ def _training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04, row_heights=[0.45, 0.35, 0.2])
     fig.update_yaxes(title_text="loss", row=1, col=1)
     fig.update_yaxes(title_text="accuracy", row=2, col=1)
-    fig.update_yaxes(title_text="lr", type="log", row=3, col=1)   # readable when constant; steps of 10× even
+    # log: a constant lr gets a readable axis (linear autorange drew 0.02 on -0.5..1), and a 10× change reads the
+    # same at any lr
+    fig.update_yaxes(title_text="lr", type="log", row=3, col=1)
     x = _list(cols["step"])
     fig.add_trace(go.Scatter(x=x, y=_list(cols["loss"]), name="train loss", mode="lines",
                              line={"width": 1, "color": "#1f77b4"}), row=1, col=1)
