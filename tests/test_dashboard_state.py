@@ -307,3 +307,49 @@ def test_hub_shows_several_live_runs():
         hub.stop()
         a.close(timeout=1)
         b.close(timeout=1)
+
+
+def test_the_training_chart_extends_and_is_redrawn_from_the_ring_once_the_page_holds_one_and_a_half_rings():
+    from revacnn_dash.app import create_app
+    from revacnn_dash.hub import Hub
+
+    hub = Hub([], warm_umap=False)
+    state = RunState("chart", scalar_capacity=100)
+    hub.runs[state.key] = state
+    client = create_app(hub).server.test_client()
+    dep = next(d for d in client.get("/_dash-dependencies").get_json()
+               if d["output"].startswith("..train-graph.figure"))
+    outputs = [{"id": part.rsplit(".", 1)[0], "property": part.rsplit(".", 1)[1]}
+               for part in dep["output"].strip(".").split("...")]
+
+    def tick(cursor):
+        response = client.post("/_dash-update-component", json={
+            "output": dep["output"], "outputs": outputs, "changedPropIds": ["tick-training.data"],
+            "inputs": [{"id": "tick-training", "property": "data", "value": [1, 0]},
+                       {"id": "run-select", "property": "value", "value": state.key}],
+            "state": [{"id": "train-cursor", "property": "data", "value": cursor},
+                      {"id": "tabs", "property": "value", "value": "training"}]})
+        assert response.status_code == 200, response.data[:300]
+        body = response.get_json()["response"]
+        return body["train-graph"]["figure"], body["train-cursor"]["data"]
+
+    def append(first, last):
+        for step in range(first, last + 1):
+            state.apply(step_message(step, loss=1.0 / step))
+
+    append(1, 100)
+    figure, cursor = tick(None)                         # a full figure: the ring's 100 steps
+    assert figure["data"][0]["x"] == list(range(1, 101)) and cursor["first"] == 0 and cursor["count"] == 100
+    append(101, 140)
+    patch, cursor = tick(cursor)                        # a Patch: 40 new points travel, the page holds 140
+    assert "operations" in patch and cursor["count"] == 140
+    extended = [op for op in patch["operations"] if op["location"] == ["data", 0, "x"]]
+    assert [op["params"]["value"] for op in extended] == [list(range(101, 141))]
+    append(141, 150)
+    _, cursor = tick(cursor)                            # 150 points: still extended
+    assert cursor["count"] == 150 and cursor["first"] == 0
+    append(151, 151)
+    figure, cursor = tick(cursor)                       # 151 > 1.5 rings: redrawn from the ring's last 100 steps
+    assert figure["data"][0]["x"] == list(range(52, 152)) and cursor["first"] == 51
+    assert figure["data"][0]["y"] == pytest.approx([1.0 / s for s in range(52, 152)])
+    hub.stop()

@@ -365,13 +365,14 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation)
         if not full:
             cols, start, total = state.scalars_since(cursor["count"])
-            if start > cursor["count"]:
-                full = True        # the ring buffer wrapped past what the browser has
+            # Redrawn from the ring when it wrapped past what the browser has, and when the browser's chart has
+            # grown to 1.5 rings: the page then holds at most that many points however long the run.
+            full = start > cursor["count"] or total - cursor.get("first", 0) > state.scalars.capacity * 3 // 2
         if full:
             cols, start, total = state.scalars_since(0)
             fig = _training_figure(cols, val, events)
-            return fig, {"key": key, "gen": state.generation, "count": total, "markers": marker_sig,
-                         "val": len(val)}, hp_text
+            return fig, {"key": key, "gen": state.generation, "count": total, "first": start,
+                         "markers": marker_sig, "val": len(val)}, hp_text
         patch = Patch()
         if total > cursor["count"]:
             x = _list(cols["step"])
