@@ -102,7 +102,8 @@ def test_trainer_sigkill_client_sees_heartbeats_stop(tmp_path):
         trainer.wait(10)
         while client.recv(0.1) is not None:
             pass
-        assert client.last_state == "running"  # it never said goodbye …
+        # it never said goodbye (finished, stopped or failed) … ; the kill may land in a validation
+        assert client.last_state in ("running", "validating")
         while client.silent_for() < 3.0 and time.monotonic() < killed_at + 10:
             client.recv(0.2)
         assert client.silent_for() >= 3.0  # … and heartbeats (1 s) stopped: a UI shows the run as stopped
