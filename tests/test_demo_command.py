@@ -65,8 +65,9 @@ def test_demo_trains_serves_the_page_and_stops_on_ctrl_c_without_the_venv_on_pat
     port = free_port()
     process, log = start_demo(tmp_path, port, "--epochs", "2", "--slow", "0")
     try:
-        wait_for(lambda: page_status(port) == 200, 120, "the dashboard page did not answer", log)
-        assert f"dashboard: http://127.0.0.1:{port}/" in log.read_text()
+        wait_for(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
+                 "the demo printed no dashboard URL", log)
+        assert page_status(port) == 200                      # the URL works the moment it is printed
         wait_for(lambda: "training finished" in log.read_text(), 120, "training did not finish", log)
         run = tmp_path / "run" / "lightning_logs" / "version_0" / "revacnn"
         assert (run / "connection.json").exists()

@@ -16,6 +16,23 @@ import time
 from pathlib import Path
 
 
+def _serves_page(dash: subprocess.Popen, url: str, timeout: float) -> bool:
+    """Wait until ``url`` answers with the dashboard's page, so the URL printed works when clicked at once (the
+    dashboard takes seconds to import and bind). False if the dashboard exits first or ``timeout`` passes."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while dash.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:  # not listening yet (or another program holds the port: the dashboard will exit)
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def _demo(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -41,8 +58,12 @@ def _demo(args: argparse.Namespace) -> int:
             return 1
         dash = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--connect", str(connection),
                                  "--logdir", str(root), "--port", str(args.port)])
-        print(f"\nrevacnn demo: training in {root}\n  dashboard: http://127.0.0.1:{args.port}/   (Ctrl-C stops "
-              f"both)\n", flush=True)
+        url = f"http://127.0.0.1:{args.port}/"
+        if _serves_page(dash, url, timeout=120):
+            print(f"\nrevacnn demo: training in {root}\n  dashboard: {url}   (Ctrl-C stops both)\n", flush=True)
+        elif dash.poll() is None:
+            print(f"revacnn demo: the dashboard has not answered at {url} within 120 s; still waiting for it",
+                  file=sys.stderr, flush=True)
         training = True
         while dash.poll() is None:
             if training and train.poll() is not None:
