@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 
@@ -82,6 +83,12 @@ def auth_token(args: argparse.Namespace) -> str | None:
     return generate_token()
 
 
+def _interrupt(_signum, _frame) -> None:
+    """SIGTERM (``kill``, a service manager) stops the dashboard in the same order as Ctrl-C: the server closed, the
+    runs' clients and the embedding helpers stopped."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import waitress
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(--insecure-no-auth): anyone who reaches this port can read and steer your training runs.",
                   file=sys.stderr, flush=True)
         print(f"revacnn-dash: serving on {url} ({runs})", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()
     except KeyboardInterrupt:

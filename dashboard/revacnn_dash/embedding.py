@@ -10,11 +10,14 @@ threads. UMAP's first call in a process is slow, so ``warm_umap`` runs it once i
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
 import queue
+import signal
 import threading
-from concurrent.futures import ProcessPoolExecutor
 import time
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -40,13 +43,22 @@ class EmbeddingService:
     def _pool(self, method: str) -> ProcessPoolExecutor:
         with self.lock:
             if method not in self.pools:
-                self.pools[method] = ProcessPoolExecutor(max_workers=1,
+                self.pools[method] = ProcessPoolExecutor(max_workers=1, initializer=_helper_process_start,
                                                          mp_context=multiprocessing.get_context("spawn"))
             return self.pools[method]
 
     def shutdown(self) -> None:
+        """Stop the helper processes now, even mid-job: a UMAP warm-up compiles numba code for ~20 s, and a pool
+        shut down without this would make the dashboard's exit wait for it."""
         for pool in list(self.pools.values()):
+            terminate = getattr(pool, "terminate_workers", None)        # Python ≥ 3.14
+            if terminate is not None:
+                terminate()
+                continue
+            processes = list((pool._processes or {}).values())         # before 3.14: its (long-stable) process map
             pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
 
     # -- UMAP warm-up ------------------------------------------------------------------------------------------------
     def warm_umap(self) -> None:
@@ -129,6 +141,24 @@ class EmbeddingService:
         if colour == "cluster":
             result["cluster"] = kmeans_labels(x, k=min(4, n)).tolist()
         return result
+
+
+def _helper_process_start() -> None:
+    """Runs first in each t-SNE / UMAP helper process.
+
+    Ctrl-C in a terminal signals every process of its group; the dashboard stops its helpers itself
+    (``EmbeddingService.shutdown``), so they ignore SIGINT rather than print the traceback of an interrupted job.
+    And a helper exits when the dashboard does, however that ends (SIGTERM, SIGKILL): otherwise it outlives it,
+    holding ~0.5 GB, since it only notices a dead parent when it next looks for work.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        def exit_with_parent() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            os._exit(0)
+
+        threading.Thread(target=exit_with_parent, name="revacnn-exit-with-parent", daemon=True).start()
 
 
 def _warm_umap() -> bool:

@@ -1,0 +1,101 @@
+"""`revacnn-dash` as a process: however it is stopped, it stops quietly and takes its t-SNE / UMAP helper processes
+with it. A helper left behind holds ~0.5 GB and runs on; one interrupted by Ctrl-C printed a numba traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from browser_support import free_port
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"   # a zombie has ended
+    except (OSError, IndexError):
+        return False
+
+
+def ignores_sigint(pid: int) -> bool:
+    try:
+        line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def wait_for(condition, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    return condition()
+
+
+def serves(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("stop, code", [("ctrl-c", 0), ("sigterm", 0), ("sigkill", -signal.SIGKILL)])
+def test_the_dashboard_stops_quietly_and_takes_its_helper_processes_with_it(tmp_path, stop, code):
+    port = free_port()
+    log = tmp_path / "dash.log"
+    # Its own process group, as a terminal gives a command; SIGINT not ignored (a background shell ignores it).
+    process = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--logdir", str(tmp_path), "--port",
+                                str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert wait_for(lambda: serves(port), 60), log.read_text()
+        # The UMAP warm-up's helper starts at once and compiles numba code for ~10-25 s: stop the dashboard mid-job,
+        # once the helper is on it (its initialiser has run: it ignores SIGINT). In its first ~0.5 s, while it
+        # imports, a Ctrl-C can still interrupt it with a traceback; the dashboard stops it all the same.
+        helpers = wait_for(lambda: [pid for pid in children(process.pid)
+                                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()], 30)
+        assert helpers, f"no helper process started; children: {children(process.pid)}"
+        wait_for(lambda: all(ignores_sigint(pid) for pid in helpers), 5)
+        everything = children(process.pid)           # the helper and multiprocessing's resource tracker
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)    # what Ctrl-C does: every process of the group gets it
+        elif stop == "sigterm":
+            process.terminate()
+        else:
+            process.kill()
+        assert process.wait(20) == code
+        left = wait_for(lambda: not [pid for pid in everything if running(pid)], 15)
+        assert left, f"still running after the dashboard stopped: {[pid for pid in everything if running(pid)]}"
+        if stop != "sigkill":
+            output = log.read_text()
+            assert "Traceback" not in output, output[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in everything if "everything" in locals() else children(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
