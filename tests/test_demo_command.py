@@ -27,8 +27,16 @@ def start_demo(tmp_path: Path, port: int, *args: str) -> tuple[subprocess.Popen,
     log = tmp_path / "demo.log"
     env = {**os.environ, "PATH": "/usr/bin:/bin"}            # no venv on PATH: only this interpreter finds revacnn
     process = subprocess.Popen(demo_command("--root", str(tmp_path / "run"), "--port", str(port), *args),
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                               start_new_session=True)   # its own group: a failed test kills what it left (below)
     return process, log
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def wait_for(condition, timeout: float, what: str, log: Path):
@@ -78,8 +86,7 @@ def test_demo_trains_serves_the_page_and_stops_on_ctrl_c_without_the_venv_on_pat
         wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
         assert page_status(port) is None
     finally:
-        if process.poll() is None:
-            process.kill()
+        kill_group(process)
 
 
 def test_demo_reports_a_busy_port_and_stops_its_trainer(tmp_path):
@@ -91,9 +98,23 @@ def test_demo_reports_a_busy_port_and_stops_its_trainer(tmp_path):
         try:
             assert process.wait(180) == 1
         finally:
-            if process.poll() is None:
-                process.kill()
+            kill_group(process)
         text = log.read_text()
         assert f"revacnn-dash: cannot serve on 127.0.0.1:{port}: Address already in use" in text, text[-3000:]
         assert "revacnn demo: the dashboard exited (code 1" in text
         wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "the trainer outlived the demo", log)
+
+
+def test_demo_stopped_with_sigterm_stops_its_trainer_and_dashboard(tmp_path):
+    port = free_port()
+    process, log = start_demo(tmp_path, port, "--epochs", "50")
+    try:
+        wait_for(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
+                 "the demo printed no dashboard URL", log)
+        assert processes_mentioning(str(tmp_path / "run"))   # the trainer and the dashboard are running
+        process.terminate()
+        assert process.wait(30) == 0
+        wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
+        assert page_status(port) is None
+    finally:
+        kill_group(process)

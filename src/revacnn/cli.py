@@ -33,6 +33,10 @@ def _serves_page(dash: subprocess.Popen, url: str, timeout: float) -> bool:
     return False
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _demo(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -42,6 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
               "(or run `bash .ci/setup`)", file=sys.stderr)
         return 2
     root = Path(args.root or tempfile.mkdtemp(prefix="revacnn-demo-"))
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both children too, as Ctrl-C does, rather than orphan them
     # Both children run on this interpreter: `.venv/bin/revacnn demo` works without the venv on PATH.
     train = subprocess.Popen([sys.executable, "-m", "revacnn.demo.train_digits", "--epochs", str(args.epochs),
                               "--slow", str(args.slow), "--root", str(root)])
