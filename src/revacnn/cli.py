@@ -46,10 +46,15 @@ def _demo(args: argparse.Namespace) -> int:
               "(or run `bash .ci/setup`)", file=sys.stderr)
         return 2
     root = Path(args.root or tempfile.mkdtemp(prefix="revacnn-demo-"))
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both children too, as Ctrl-C does, rather than orphan them
+    # The demo alone stops its children, with one SIGINT each: they run in sessions of their own, so a Ctrl-C in the
+    # terminal reaches the demo only (had it reached them too, the demo's SIGINT would land in the middle of their
+    # orderly stop and break it off with a traceback), and `kill` or a closed terminal stops them as Ctrl-C does.
+    for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):   # no SIGHUP on Windows
+        if stop is not None:
+            signal.signal(stop, _interrupt)
     # Both children run on this interpreter: `.venv/bin/revacnn demo` works without the venv on PATH.
     train = subprocess.Popen([sys.executable, "-m", "revacnn.demo.train_digits", "--epochs", str(args.epochs),
-                              "--slow", str(args.slow), "--root", str(root)])
+                              "--slow", str(args.slow), "--root", str(root)], start_new_session=True)
     dash = None
     try:
         connection = None
@@ -62,7 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
             print("revacnn demo: the training run did not start (see its output above)", file=sys.stderr)
             return 1
         dash = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--connect", str(connection),
-                                 "--logdir", str(root), "--port", str(args.port)])
+                                 "--logdir", str(root), "--port", str(args.port)], start_new_session=True)
         url = f"http://127.0.0.1:{args.port}/"
         if _serves_page(dash, url, timeout=120):
             print(f"\nrevacnn demo: training in {root}\n  dashboard: {url}   (Ctrl-C stops both)\n", flush=True)
@@ -82,16 +87,25 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        children = [process for process in (train, dash) if process is not None]
-        for process in children:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+        _stop_children([process for process in (train, dash) if process is not None])
+    return 0
+
+
+def _stop_children(children: list[subprocess.Popen]) -> None:
+    """One SIGINT each, then up to 10 s for their orderly stop before SIGKILL; another Ctrl-C kills them at once."""
+    for process in children:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    try:
         for process in children:
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
-    return 0
+    except KeyboardInterrupt:
+        for process in children:
+            if process.poll() is None:
+                process.kill()
 
 
 KEYS_EPILOG = """\
