@@ -55,10 +55,9 @@ class EmbeddingService:
             if terminate is not None:
                 terminate()
                 continue
-            processes = list((pool._processes or {}).values())         # before 3.14: its (long-stable) process map
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
+            for process in list((pool._processes or {}).values()):    # before 3.14: its (long-stable) process map
                 process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)    # quick now; frees the pool's semaphores
 
     # -- UMAP warm-up ------------------------------------------------------------------------------------------------
     def warm_umap(self) -> None:
