@@ -395,3 +395,84 @@ def test_nothing_under_dashboard_imports_torch():
             "explorer, tracking, observations; assert 'torch' not in sys.modules and "
             "'pytorch_lightning' not in sys.modules, [m for m in sys.modules if 'torch' in m]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_explorer_and_the_comparison_follow_a_run_still_being_recorded(tmp_path):
+    """While the page is shown (its tab tick), the explorer's views re-read a growing recording — at most every
+    LIVE_REFRESH_S, and only when it got data — and the comparison's step menus list the new snapshots."""
+    from revacnn_dash.analysis.pages import LIVE_REFRESH_S
+    from revacnn_dash.app import create_app
+    from revacnn_dash.hub import Hub
+
+    run_dir = tmp_path / "logs" / "run"
+    recorder = RunRecorder(run_dir)
+    seq = iter(range(1, 1000))
+    layer = {"name": "conv", "kind": "conv", "out": 2, "filter_ids": [0, 1], "weight_shape": [2, 1, 3, 3]}
+    recorder.submit(Message("structure", {"step": 0, "revision": 0, "layers": [layer], "layer_edges": []},
+                            run="live", seq=next(seq), time=time.time()))
+    labels = np.arange(12, dtype=np.int16) % 3
+
+    def validate(step):
+        recorder.submit(Message("val", {"step": step, "epoch": step // 10, "count": 12, "metrics": {}},
+                                {"pred": labels.copy(), "label": labels}, run="live", seq=next(seq),
+                                time=time.time()))
+
+    def snapshot(step):
+        weight = np.full((2, 1, 3, 3), step, np.float32)
+        recorder.submit(Message("snapshot", {"step": step, "revision": 0, "layers": ["conv"]},
+                                {"weight/conv": weight, "grad/conv": weight}, run="live", seq=next(seq),
+                                time=time.time()))
+
+    validate(10)
+    snapshot(10)
+    assert recorder.flush(10)
+    hub = Hub([], logdir=str(tmp_path / "logs"), warm_umap=False)
+    client = create_app(hub).server.test_client()
+    deps = client.get("/_dash-dependencies").get_json()
+
+    def call(output_part, inputs, state=(), changed=None):
+        dep = next(d for d in deps if output_part in d["output"])
+        outputs = [{"id": part.rsplit(".", 1)[0], "property": part.rsplit(".", 1)[1]}
+                   for part in dep["output"].strip(".").split("...")]
+        pack = lambda items: [{"id": i, "property": p, "value": v} for i, p, v in items]  # noqa: E731
+        response = client.post("/_dash-update-component", json={
+            "output": dep["output"], "outputs": outputs, "inputs": pack(inputs), "state": pack(state),
+            "changedPropIds": [changed or f"{inputs[0][0]}.{inputs[0][1]}"]})
+        assert response.status_code in (200, 204), response.data[:300]
+        return {} if response.status_code == 204 else response.get_json()["response"]   # {}: nothing updated
+
+    run = str(run_dir)
+
+    def follow(live):
+        out = call("ane-live.data", [("tick-explore", "data", [1, 0])],
+                   [("ane-run", "value", run), ("ane-live", "data", live)])
+        return out.get("ane-live", {}).get("data")
+
+    def validations(live):
+        out = call("ane-val-summary.children", [("ane-run", "value", run), ("ane-window", "value", 3),
+                                                ("ane-threshold", "value", 5), ("ane-direction", "value", "backward"),
+                                                ("ane-class", "value", 0), ("ane-pins", "data", []),
+                                                ("ane-live", "data", live)], changed="ane-live.data")
+        return out["ane-val-summary"]["children"]
+
+    def snapshot_steps(live):
+        out = call("anc-step-b.options", [("anc-run-b", "value", run), ("anc-live", "data", live)],
+                   [("anc-step-b", "value", 10)], changed="anc-live.data")
+        return [option["value"] for option in out["anc-step-b"]["options"]], out["anc-step-b"]["value"]
+
+    first = follow(None)                                 # the page is shown: a first marker
+    assert first is not None
+    assert validations(first).startswith("1 validation samples × 12 images")
+    assert follow(first) is None                         # nothing new: no refresh
+    time.sleep(0.05)
+    validate(20)
+    snapshot(20)
+    assert recorder.flush(10)
+    assert follow(first) is None                         # new data, but the last refresh was under 5 s ago
+    stale = dict(first, at=first["at"] - LIVE_REFRESH_S)
+    second = follow(stale)                               # new data and 5 s since: refresh
+    assert second is not None and second["versions"] != first["versions"]
+    assert validations(second).startswith("2 validation samples × 12 images")
+    assert snapshot_steps(second) == ([10, 20], 10)      # the new snapshot listed; the chosen step kept
+    recorder.close()
+    hub.stop()

@@ -129,13 +129,14 @@ function(data) {
 #: The page's tick, passed on in the browser to the views of the tab shown (and at once to a tab when it is opened);
 #: the other tabs' ticks stay put, so their callbacks send no request. "layers" feeds the layer menus of the
 #: embedding and filters tabs. Each value carries the time, so opening a tab always counts as a change.
-TAB_TICKS = ("training", "network", "embedding", "filters", "layers")
+TAB_TICKS = ("training", "network", "embedding", "filters", "layers", "explore", "compare")
 TAB_TICK_JS = """
 function(n, tab) {
     const stamp = [n, Date.now()];
     const nu = window.dash_clientside.no_update;
     return [tab === 'training' ? stamp : nu, tab === 'network' ? stamp : nu, tab === 'embedding' ? stamp : nu,
-            tab === 'filters' ? stamp : nu, (tab === 'embedding' || tab === 'filters') ? stamp : nu];
+            tab === 'filters' ? stamp : nu, (tab === 'embedding' || tab === 'filters') ? stamp : nu,
+            tab === 'explore' ? stamp : nu, tab === 'compare' ? stamp : nu];
 }
 """
 
@@ -258,7 +259,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
     ])
 
     analysis = RunSource(hub.recording_dirs())
-    register_analysis_callbacks(app, analysis)
+    register_analysis_callbacks(app, analysis, page_ticks=("tick-explore", "tick-compare"))
 
     # A function, so every page load lists the recordings present then (the analysis pages read them at build time).
     app.layout = lambda: html.Div([

@@ -4,6 +4,10 @@
     layout = html.Div([comparison_layout(source), explorer_layout(source)])   # or one per dcc.Tab
     register_analysis_callbacks(app, source)
 
+Given ``page_ticks`` (the ids of two components whose data changes on every refresh while the explorer or the
+comparison is shown: revacnn-dash's tab ticks), the pages follow runs that are still being recorded: at most every
+``LIVE_REFRESH_S`` seconds, and only when the run directory got new data, their views read the log again.
+
 Component ids start with ``anc-`` (comparison) and ``ane-`` (explorer), so the pages can sit next to other views.
 Both layouts must be in the app's layout (or ``app.config.suppress_callback_exceptions=True`` when they are
 rendered lazily, e.g. in tabs whose content is produced by a callback).
@@ -12,6 +16,7 @@ rendered lazily, e.g. in tabs whose content is produced by a callback).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ MEASURES = {"rel_l2": "relative L2 ‖b−a‖/‖a‖", "one_minus_cos": "1 −
 OVERVIEW_FIELDS = ("grad_weight_ratio", "update_ratio", "grad_sq_mean", "grad_abs_mean", "weight_norm",
                    "act_abs_mean")
 PIN_COLOUR, STEER_COLOUR = "#6a1b9a", "#ef6c00"
+LIVE_REFRESH_S = 5.0    # a page follows a run still being recorded at most this often (its views re-read the log)
 
 
 class RunSource:
@@ -106,7 +112,7 @@ def comparison_layout(source: RunSource) -> html.Div:
         dcc.Dropdown(id=sid, options=step_opts, value=sval, clearable=False, style={"width": "120px"})],
         style={"display": "flex", "gap": "8px", "alignItems": "center"})
     return html.Div(id="anc-page", children=[
-        html.H3("Snapshot comparison"),
+        html.H3("Snapshot comparison"), dcc.Store(id="anc-live"),
         pick("A", "anc-run-a", "anc-step-a", steps[0] if steps else None),
         pick("B", "anc-run-b", "anc-step-b", steps[-1] if steps else None),
         html.Div([html.Span("colour by "), dcc.RadioItems(id="anc-measure", value="rel_l2", inline=True,
@@ -142,7 +148,7 @@ def explorer_layout(source: RunSource) -> html.Div:
                   html.Button("reset zoom", id="ane-reset-zoom")],
                  style={"display": "flex", "gap": "8px", "alignItems": "center"}),
         dcc.Store(id="ane-node"), dcc.Store(id="ane-pins", data=[]), dcc.Store(id="ane-xrange", data=None),
-        dcc.Store(id="ane-cube-pick", data=None),
+        dcc.Store(id="ane-cube-pick", data=None), dcc.Store(id="ane-live"),
         html.Div([
             html.Div(id="ane-tree", style={"width": "220px", "fontSize": "12px", "overflowY": "auto",
                                            "maxHeight": "640px", "flex": "none"}),
@@ -410,8 +416,39 @@ def _tree_children(tree: dict, node_id: str, focus: str | None) -> list:
 
 
 # -- callbacks ---------------------------------------------------------------------------------------------------
-def register_analysis_callbacks(app, source: RunSource) -> None:
-    """Register the callbacks of both pages on ``app`` (a ``dash.Dash``)."""
+def register_analysis_callbacks(app, source: RunSource, page_ticks: tuple[str, str] | None = None) -> None:
+    """Register the callbacks of both pages on ``app`` (a ``dash.Dash``). ``page_ticks``: the ids of the explorer's
+    and the comparison's refresh ticks, to follow runs still being recorded (module docstring)."""
+
+    def follow(runs: list[str | None], live: dict | None) -> dict | None:
+        """A new ``*-live`` marker when a shown run's directory got data since the last one, at most every
+        ``LIVE_REFRESH_S``; None when the views are up to date."""
+        now = time.time()
+        if live and now - live["at"] < LIVE_REFRESH_S:
+            return None
+        versions = [source.version(run) if run else None for run in runs]
+        if live and versions == live["versions"]:
+            return None
+        return {"versions": versions, "at": now}
+
+    if page_ticks is not None:
+        explore_tick, compare_tick = page_ticks
+
+        @app.callback(Output("ane-live", "data"), Output("ane-run", "options"), Input(explore_tick, "data"),
+                      State("ane-run", "value"), State("ane-live", "data"), prevent_initial_call=True)
+        def _follow_explorer(_tick, run, live):
+            marker = follow([run], live)
+            return (no_update, no_update) if marker is None else (marker, source.options())
+
+        @app.callback(Output("anc-live", "data"), Output("anc-run-a", "options"), Output("anc-run-b", "options"),
+                      Input(compare_tick, "data"), State("anc-run-a", "value"), State("anc-run-b", "value"),
+                      State("anc-live", "data"), prevent_initial_call=True)
+        def _follow_comparison(_tick, run_a, run_b, live):
+            marker = follow([run_a, run_b], live)
+            if marker is None:
+                return no_update, no_update, no_update
+            options = source.options()
+            return marker, options, options
 
     def comparison(run_a, step_a, run_b, step_b):
         def make():
@@ -420,15 +457,15 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
         return source.cached(("cmp", run_a, step_a, run_b, step_b), make)
 
     @app.callback(Output("anc-step-a", "options"), Output("anc-step-a", "value"), Input("anc-run-a", "value"),
-                  State("anc-step-a", "value"))
-    def _steps_a(run, current):
+                  Input("anc-live", "data"), State("anc-step-a", "value"))
+    def _steps_a(run, _live, current):
         steps = source.reader(run).snapshot_steps() if run else []
         return [{"label": str(s), "value": s} for s in steps], current if current in steps else \
             (steps[0] if steps else None)
 
     @app.callback(Output("anc-step-b", "options"), Output("anc-step-b", "value"), Input("anc-run-b", "value"),
-                  State("anc-step-b", "value"))
-    def _steps_b(run, current):
+                  Input("anc-live", "data"), State("anc-step-b", "value"))
+    def _steps_b(run, _live, current):
         steps = source.reader(run).snapshot_steps() if run else []
         return [{"label": str(s), "value": s} for s in steps], current if current in steps else \
             (steps[-1] if steps else None)
@@ -497,12 +534,18 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
             return ctx.triggered_id["node"]
         return current or (tree_of(run)["root"] if run else None)
 
+    def focus_in(tree, focus):
+        """``focus`` if the tree (re-read from a live run: a layer may have been removed) still has it, else its
+        root."""
+        return focus if focus in tree["nodes"] else tree["root"]
+
     @app.callback(Output("ane-tree", "children"), Output("ane-crumbs", "children"), Input("ane-node", "data"),
-                  State("ane-run", "value"))
-    def _tree(focus, run):
+                  Input("ane-live", "data"), State("ane-run", "value"))
+    def _tree(focus, _live, run):
         if not run or focus is None:
             return [], ""
         tree = tree_of(run)
+        focus = focus_in(tree, focus)
         crumbs, node = [], focus
         while node is not None:
             crumbs.insert(0, tree["nodes"][node]["name"])
@@ -557,12 +600,13 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
 
     @app.callback(Output("ane-multiples", "figure"), Output("ane-leaf", "style"),
                   Input("ane-node", "data"), Input("ane-field", "value"), Input("ane-pins", "data"),
-                  Input("ane-xrange", "data"), State("ane-run", "value"))
-    def _multiples(focus, field, pins, xrange, run):
+                  Input("ane-xrange", "data"), Input("ane-live", "data"), State("ane-run", "value"))
+    def _multiples(focus, field, pins, xrange, _live, run):
         if not run or focus is None:
             return go.Figure(), {"display": "none"}
         reader = source.reader(run)
         tree = tree_of(run)
+        focus = focus_in(tree, focus)
         start, stop = bounds(xrange)
         overview = layer_overview(reader, tree, start, stop, resolution=400, field=field)
         leaf = tree["nodes"][focus]["layer"] is not None
@@ -571,12 +615,12 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
 
     @app.callback(Output("ane-filter-chart", "figure"), Input("ane-node", "data"),
                   Input("ane-chart-field", "value"), Input("ane-order", "value"), Input("ane-pins", "data"),
-                  Input("ane-xrange", "data"), State("ane-run", "value"))
-    def _chart(focus, field, order, pins, xrange, run):
+                  Input("ane-xrange", "data"), Input("ane-live", "data"), State("ane-run", "value"))
+    def _chart(focus, field, order, pins, xrange, _live, run):
         if not run or focus is None:
             return go.Figure()
         tree = tree_of(run)
-        layer = tree["nodes"][focus]["layer"]
+        layer = tree["nodes"][focus_in(tree, focus)]["layer"]
         if layer is None:
             return go.Figure()
         reader = source.reader(run)
@@ -592,8 +636,9 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
     @app.callback(Output("ane-heatlines", "figure"), Output("ane-images", "figure"),
                   Output("ane-val-summary", "children"),
                   Input("ane-run", "value"), Input("ane-window", "value"), Input("ane-threshold", "value"),
-                  Input("ane-direction", "value"), Input("ane-class", "value"), Input("ane-pins", "data"))
-    def _validation(run, window, threshold, direction, klass, pins):
+                  Input("ane-direction", "value"), Input("ane-class", "value"), Input("ane-pins", "data"),
+                  Input("ane-live", "data"))
+    def _validation(run, window, threshold, direction, klass, pins, _live):
         if not run:
             return go.Figure(), go.Figure(), ""
         info = val_info(run, window, threshold, direction)
@@ -647,8 +692,8 @@ def register_analysis_callbacks(app, source: RunSource) -> None:
 
     @app.callback(Output("ane-cube", "figure"), Output("ane-cube-detail", "children"), Input("ane-run", "value"),
                   Input("ane-window", "value"), Input("ane-threshold", "value"), Input("ane-direction", "value"),
-                  Input("ane-k", "value"), Input("ane-cube-pick", "data"))
-    def _cube(run, window, threshold, direction, k, pick):
+                  Input("ane-k", "value"), Input("ane-cube-pick", "data"), Input("ane-live", "data"))
+    def _cube(run, window, threshold, direction, k, pick, _live):
         if not run:
             return go.Figure(), ""
         info = val_info(run, window, threshold, direction)

@@ -496,6 +496,8 @@ class RunReader:
         return None
 
     def last_write(self) -> float:
+        """When the run directory last got data: every step writes a scalar row, and every other message (a
+        validation, a snapshot, a command) an event row."""
         latest = (self.path / MARKER).stat().st_mtime
         for name in ("events", "scalars"):
             segments = list_segments(self.path / name)
