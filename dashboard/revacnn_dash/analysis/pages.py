@@ -703,7 +703,8 @@ def register_analysis_callbacks(app, source: RunSource, page_ticks: tuple[str, s
                              lambda: cube(reader, layers, info, int(k or 10)))
         if not data["columns"]:
             return go.Figure(layout={"title": {"text": "no flagged classes with these settings",
-                                               "font": {"size": 12}}}), ""
+                                               "font": {"size": 12}},
+                                     "xaxis": {"visible": False}, "yaxis": {"visible": False}}), ""
         labels = [f"c{c}@{s}" for c, s in data["columns"]]
         picked = pick is not None and pick.get("layer") in layers and pick.get("column") in labels
         if picked:
