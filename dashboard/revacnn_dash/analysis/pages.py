@@ -456,19 +456,24 @@ def register_analysis_callbacks(app, source: RunSource, page_ticks: tuple[str, s
             return compare_snapshots(ra.snapshot(step_a), rb.snapshot(step_b), ra.structures(), rb.structures())
         return source.cached(("cmp", run_a, step_a, run_b, step_b), make)
 
+    def step_menu(run, current, first: bool):
+        """A run's snapshot steps as menu options, and the step to show: ``current`` if the run has it, else its
+        first or last. Following a live run, an unchanged step is not sent again: the comparison is not redrawn."""
+        steps = source.reader(run).snapshot_steps() if run else []
+        value = current if current in steps else (steps[0 if first else -1] if steps else None)
+        if ctx.triggered_id == "anc-live" and value == current:
+            value = no_update
+        return [{"label": str(s), "value": s} for s in steps], value
+
     @app.callback(Output("anc-step-a", "options"), Output("anc-step-a", "value"), Input("anc-run-a", "value"),
                   Input("anc-live", "data"), State("anc-step-a", "value"))
     def _steps_a(run, _live, current):
-        steps = source.reader(run).snapshot_steps() if run else []
-        return [{"label": str(s), "value": s} for s in steps], current if current in steps else \
-            (steps[0] if steps else None)
+        return step_menu(run, current, first=True)
 
     @app.callback(Output("anc-step-b", "options"), Output("anc-step-b", "value"), Input("anc-run-b", "value"),
                   Input("anc-live", "data"), State("anc-step-b", "value"))
     def _steps_b(run, _live, current):
-        steps = source.reader(run).snapshot_steps() if run else []
-        return [{"label": str(s), "value": s} for s in steps], current if current in steps else \
-            (steps[-1] if steps else None)
+        return step_menu(run, current, first=False)
 
     @app.callback(Output("anc-network", "figure"), Output("anc-layer", "options"), Output("anc-layer", "value"),
                   Output("anc-summary", "children"),
