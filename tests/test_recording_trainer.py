@@ -171,3 +171,40 @@ def test_recording_failure_stops_training_cleanly_when_asked(tmp_path):
     assert callback.recorder.error
     assert 5 < trainer.global_step < 400, "fit ended early, once the failure was seen"
     assert callback._state == "stopped"
+
+
+class RaisesAtStep(ClassifierModule):
+    """Raises ``exception`` in the training step of step ``at`` (``at`` steps completed before it)."""
+
+    def __init__(self, exception: BaseException, at: int) -> None:
+        super().__init__(ReVACNNNet(), lr=0.05)
+        self.exception, self.at = exception, at
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.at:
+            raise self.exception
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("exception, state", [(RuntimeError("boom in training_step"), "failed"),
+                                              (KeyboardInterrupt(), "stopped")])
+def test_a_run_that_raises_or_is_interrupted_is_recorded_to_its_last_step_and_closed(tmp_path, exception, state):
+    """Lightning calls no callback ``teardown`` after an exception or a Ctrl-C, only ``on_exception``: the callback
+    must close there, or the last steps, the final state and the closing of the recording are lost."""
+    callback = ReVACNNCallback()
+    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], default_root_dir=tmp_path, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit if isinstance(exception, KeyboardInterrupt) else RuntimeError):
+            trainer.fit(RaisesAtStep(exception, at=12), DigitsDataModule(batch_size=32))
+    finally:
+        signal.signal(signal.SIGINT, sigint)   # Lightning ignores SIGINT from a Ctrl-C on (it then exits)
+    run = open_run(callback.run_dir)
+    summary = run.summary()
+    assert summary["closed"] is not None and summary["state"] == state, summary
+    assert run.status()["message"] == ("interrupted (KeyboardInterrupt)" if state == "stopped"
+                                       else "RuntimeError: boom in training_step")
+    assert run.scalars()["step"].tolist() == list(range(1, 13))     # every completed step, the 12th included
+    assert not callback.publisher and not callback.recorder._thread.is_alive()

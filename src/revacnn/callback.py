@@ -316,11 +316,23 @@ class ReVACNNCallback(Callback):
         self._set_state("stopped" if trainer.should_stop and self._state == "stopping" else "finished", trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._set_state("failed", trainer, message=f"{type(exception).__name__}: {exception}")
+        try:
+            if isinstance(exception, KeyboardInterrupt):  # Ctrl-C: the user stopped the run
+                self._set_state("stopped", trainer, message="interrupted (KeyboardInterrupt)")
+            else:
+                self._set_state("failed", trainer, message=f"{type(exception).__name__}: {exception}")
+        except Exception as error:  # never hide the run's own exception behind one of ours
+            rank_zero_warn(f"revacnn: could not publish the run's end: {type(error).__name__}: {error}")
+        # Lightning calls no ``teardown`` after an exception or a Ctrl-C: close here, or the last steps and this
+        # state never reach the dashboard and the recording (the process exits with its threads mid-work).
+        self._close(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            self._close(trainer)
+
+    def _close(self, trainer: pl.Trainer) -> None:
+        """Undo what ``setup`` and ``on_train_start`` did, and send and write what is queued; idempotent."""
         if self._patched_module is not None:
             self._patched_module.__dict__.pop("on_load_checkpoint", None)
             self._patched_module = None
