@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from browser_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,30 +107,21 @@ def test_demo_reports_a_busy_port_and_stops_its_trainer(tmp_path):
         wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "the trainer outlived the demo", log)
 
 
-def test_demo_stopped_with_sigterm_stops_its_trainer_and_dashboard(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_demo_and_its_children_in_order(tmp_path, stop):
     port = free_port()
     process, log = start_demo(tmp_path, port, "--epochs", "50")
     try:
         wait_for(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
                  "the demo printed no dashboard URL", log)
         assert processes_mentioning(str(tmp_path / "run"))   # the trainer and the dashboard are running
-        process.terminate()
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)    # what Ctrl-C does: the terminal signals the whole foreground group
+        else:
+            process.terminate()                      # `kill`: the demo alone
         assert process.wait(30) == 0
         wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
         assert page_status(port) is None
-    finally:
-        kill_group(process)
-
-
-def test_ctrl_c_in_the_terminal_stops_the_demo_and_its_children_without_a_traceback(tmp_path):
-    port = free_port()
-    process, log = start_demo(tmp_path, port, "--epochs", "50")
-    try:
-        wait_for(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
-                 "the demo printed no dashboard URL", log)
-        os.killpg(process.pid, signal.SIGINT)       # what Ctrl-C does: the terminal signals the whole foreground group
-        assert process.wait(30) == 0
-        wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
         assert "Detected KeyboardInterrupt, attempting graceful shutdown" in text   # the trainer stopped in order
