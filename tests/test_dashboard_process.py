@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from browser_support import free_port
+from test_dashboard_state import wait_for
 
 
 def children(pid: int) -> list[int]:
@@ -43,16 +43,6 @@ def ignores_sigint(pid: int) -> bool:
     return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
 
 
-def wait_for(condition, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    return condition()
-
-
 def serves(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
@@ -74,9 +64,11 @@ def test_the_dashboard_stops_quietly_and_takes_its_helper_processes_with_it(tmp_
         # The UMAP warm-up's helper starts at once and compiles numba code for ~10-25 s: stop the dashboard mid-job,
         # once the helper is on it (its initialiser has run: it ignores SIGINT). In its first ~0.5 s, while it
         # imports, a Ctrl-C can still interrupt it with a traceback; the dashboard stops it all the same.
-        helpers = wait_for(lambda: [pid for pid in children(process.pid)
-                                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()], 30)
-        assert helpers, f"no helper process started; children: {children(process.pid)}"
+        def helper_pids() -> list[int]:
+            return [pid for pid in children(process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+        assert wait_for(helper_pids, 30), f"no helper process started; children: {children(process.pid)}"
+        helpers = helper_pids()
         wait_for(lambda: all(ignores_sigint(pid) for pid in helpers), 5)
         everything = children(process.pid)           # the helper and multiprocessing's resource tracker
         if stop == "ctrl-c":
