@@ -36,12 +36,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--slow", type=float, default=0.0)
+    parser.add_argument("--accumulate", type=int, default=1)
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     callback = ReVACNNCallback(run_dir=args.run_dir, filters_every=2, snapshot_every=10, record=True)
     trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=args.epochs,
                          limit_train_batches=args.batches, limit_val_batches=2, logger=False,
+                         accumulate_grad_batches=args.accumulate,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback, SaveEachRank(args.run_dir, args.slow)], default_root_dir=args.run_dir)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=16))

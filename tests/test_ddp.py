@@ -58,10 +58,12 @@ def send_and_wait(client, op, args, timeout=60.0):
     raise AssertionError(f"no final ack for {op}")
 
 
-def test_steering_under_ddp_keeps_ranks_bitwise_equal(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_steering_under_ddp_keeps_ranks_bitwise_equal(tmp_path, accumulate):
+    """With gradient accumulation, too: rank 0 takes commands only where a step starts, and so must every rank."""
     from revacnn.client import RunClient
 
-    process = start(tmp_path, "--epochs", "2", "--batches", "40", "--slow", "0.05")
+    process = start(tmp_path, "--epochs", "2", "--batches", "40", "--slow", "0.05", "--accumulate", str(accumulate))
     deadline = time.monotonic() + 120
     while connection(tmp_path) is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -75,7 +77,7 @@ def test_steering_under_ddp_keeps_ranks_bitwise_equal(tmp_path):
     assert [ack["status"] for ack in acks] == ["done"] * 4, acks
     assert acks[0]["step"] <= acks[1]["step"] <= acks[2]["step"]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert ranks[0]["step"] == ranks[1]["step"] == 80
+    assert ranks[0]["step"] == ranks[1]["step"] == 80 // accumulate
     assert ranks[0]["model"]["net.conv2.weight"].shape[0] == 23
     assert ranks[0]["model"]["net.conv3.weight"].shape == (18, 23, 5, 5)
     for name, tensor in ranks[0]["model"].items():

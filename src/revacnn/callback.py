@@ -47,9 +47,10 @@ class Schedule:
     filters_every: int = 50
     snapshot_every: int = 500
 
-    def due(self, step: int, every: int) -> bool:
-        """Step 1 (the first optimizer step) and every ``every``-th step after it."""
-        return every > 0 and (step == 1 or step % every == 0)
+    def due(self, previous: int, step: int, every: int) -> bool:
+        """Whether the optimizer steps after ``previous`` up to ``step`` include step 1 (the first) or a multiple of
+        ``every``. One batch makes several steps when the module steps several optimizers (Lightning counts each)."""
+        return every > 0 and step > previous and (previous < 1 <= step or step // every > previous // every)
 
 
 def _first_batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -194,6 +195,13 @@ class ReVACNNCallback(Callback):
         self._metrics_before_validation: dict[str, Any] = {}
         self._held_commands: list[dict[str, Any]] = []
         self._last_batch_end: float | None = None
+        # Gradient accumulation: a step is an optimizer step, made of the batches since the last one.
+        self._batch_start_step = 0                           # trainer.global_step when this batch started
+        self._steps_per_batch = 1                            # optimizer steps the last batch that stepped made
+        self._window_start = True                            # the next batch starts a step (no gradient accumulated)
+        self._window_loss: torch.Tensor | None = None        # sum of the losses Lightning returned in this step
+        self._window_batches = 0
+        self._probe_armed = False                            # the probe's state while a validation runs
         self._samples_per_s = 0.0
         self._batch_size = 0
 
@@ -272,6 +280,7 @@ class ReVACNNCallback(Callback):
         rank_zero_info(f"revacnn: run {self.run_id} — watch it with: revacnn-dash --connect {self.connection_file}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window_start = True
         self.layers = discover_layers(pl_module, self.layer_selectors)
         if trainer.is_global_zero:
             self._collect_validation_images(trainer, pl_module)
@@ -351,10 +360,12 @@ class ReVACNNCallback(Callback):
     # -- every batch --------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.steering:
+        self._batch_start_step = step = trainer.global_step  # this batch makes the steps after it
+        if self.steering and self._window_start:  # never between the batches of one accumulated gradient
             self._steer(trainer, pl_module, batch)
-        if self.probe is not None and self.schedule.due(trainer.global_step + 1, self.schedule.filters_every):
-            self.probe.arm()
+        if (self.probe is not None and self._window_start
+                and self.schedule.due(step, step + self._steps_per_batch, self.schedule.filters_every)):
+            self.probe.arm()  # until the step's measure: every batch of an accumulated gradient
         tensors = _first_batch_tensors(batch)
         if tensors is not None:
             self._batch_size = int(tensors[0].shape[0])
@@ -365,6 +376,11 @@ class ReVACNNCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        step, previous = trainer.global_step, self._batch_start_step
+        stepped = step != previous  # else this batch's gradient is accumulated for the next batch's
+        self._window_start = stepped  # on every rank: steering follows it
+        if stepped:
+            self._steps_per_batch = step - previous
         if self.publisher is None:
             return
         now = time.perf_counter()
@@ -373,10 +389,13 @@ class ReVACNNCallback(Callback):
             self._samples_per_s = rate if not self._samples_per_s else 0.9 * self._samples_per_s + 0.1 * rate
         self._last_batch_end = now
         self._complete_step(trainer, now)  # the previous step: Lightning has finished it, its metrics are final
-        step = trainer.global_step
-        if self._filter_stats is not None or self.schedule.due(step, self.schedule.scalars_every):
-            self._awaiting = self._read_step(trainer, outputs, step, batch_idx)
-        if self._snapshot_requested or self.schedule.due(step, self.schedule.snapshot_every):
+        self._add_batch_loss(outputs)
+        if not stepped:
+            return
+        loss = self._step_loss(trainer)
+        if self._filter_stats is not None or self.schedule.due(previous, step, self.schedule.scalars_every):
+            self._awaiting = self._read_step(trainer, loss, step, batch_idx)
+        if self._snapshot_requested or self.schedule.due(previous, step, self.schedule.snapshot_every):
             self._snapshot_requested = False
             self._publish_snapshot(trainer, pl_module, step)
 
@@ -395,12 +414,16 @@ class ReVACNNCallback(Callback):
             self._publish_hparams(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is not None:  # a validation between accumulated batches is not the training's activation
+            self._probe_armed, self.probe.armed = self.probe.armed, False
         self._flush_steps(trainer)  # before validation's metrics join the training ones
         self._metrics_before_validation = dict(trainer.callback_metrics)
         if not trainer.sanity_checking and self._state == "running":
             self._set_state("validating", trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is not None:
+            self.probe.armed = self._probe_armed
         if trainer.sanity_checking or self.publisher is None:
             return
         if self._state == "validating":
@@ -427,9 +450,29 @@ class ReVACNNCallback(Callback):
         self.publisher.publish(PendingMessage("val", body, copy.launch(), finalize))
 
     # -- telemetry ----------------------------------------------------------------------------------------------
-    def _read_step(self, trainer: pl.Trainer, outputs: Any, step: int, batch_idx: int) -> _AwaitingStep:
-        """What is known of a step when it ends: its plain fields, its loss and its per-filter data, if any."""
+    def _add_batch_loss(self, outputs: Any) -> None:
+        """Add the loss a batch returned to its step's sum (on the device: no sync)."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+            self._window_loss = loss if self._window_loss is None else self._window_loss + loss
+            self._window_batches += 1
+
+    def _step_loss(self, trainer: pl.Trainer) -> torch.Tensor | None:
+        """The step's training loss: the mean over its batches of the loss each one returned.
+
+        Under automatic optimization Lightning hands each batch's loss on divided by ``accumulate_grad_batches``
+        (what it back-propagates), also in a last, shorter accumulation of an epoch; this undoes that.
+        """
+        total, count = self._window_loss, self._window_batches
+        self._window_loss, self._window_batches = None, 0
+        if total is None:
+            return None
+        divided_by = trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
+        return total if divided_by == count else total * (divided_by / count)
+
+    def _read_step(self, trainer: pl.Trainer, loss: torch.Tensor | None, step: int, batch_idx: int) -> _AwaitingStep:
+        """What is known of a step when it ends: its plain fields, its loss and its per-filter data, if any."""
         row = {"step": step, "epoch": trainer.current_epoch, "batch": batch_idx, "revision": self.revision,
                "groups": self._groups(trainer), "batch_size": self._batch_size,
                "samples_per_s": round(self._samples_per_s, 3), "time": time.time()}
@@ -438,7 +481,7 @@ class ReVACNNCallback(Callback):
             row["layer_names"] = [name for name, _ in self.layers]
         # Without Lightning's kept dict, the public property now: at the step's end it holds this step's values.
         metrics = dict(trainer.callback_metrics) if _lightning_metrics(trainer) is None else None
-        return _AwaitingStep(row, loss if isinstance(loss, torch.Tensor) else None, filters, metrics)
+        return _AwaitingStep(row, loss, filters, metrics)
 
     def _complete_step(self, trainer: pl.Trainer, now: float | None = None) -> None:
         """Publish the step read last with the metrics it logged: as a ``steps`` row, or a ``step`` message when it

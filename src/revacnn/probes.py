@@ -70,7 +70,8 @@ class FilterProbe:
         self.layers = list(layers)
         self.strategy = strategy
         self.armed = False
-        self._activations: dict[str, torch.Tensor] = {}
+        self._activations: dict[str, torch.Tensor] = {}      # per layer: Σ of its outputs' channel means
+        self._activation_calls: dict[str, int] = {}
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # flat weights and their row norms
         self._segment_cache: tuple | None = None
         self._handles: list = []
@@ -89,18 +90,23 @@ class FilterProbe:
         """Follow a structural change: new layer list, hooks re-attached, previous weights forgotten."""
         self.layers = list(layers)
         self._previous = None
-        self._activations.clear()
+        self._activations, self._activation_calls = {}, {}
         self.attach()
 
     def _hook(self, name: str):
         def record(module: nn.Module, inputs, output) -> None:
             if self.armed and isinstance(output, torch.Tensor):
-                self._activations[name] = channel_abs_mean(output, isinstance(module, nn.modules.conv._ConvNd))
+                value = channel_abs_mean(output, isinstance(module, nn.modules.conv._ConvNd))
+                if name in self._activations:  # a layer used twice, or the batches of an accumulated gradient
+                    value = self._activations[name] + value
+                self._activations[name] = value
+                self._activation_calls[name] = self._activation_calls.get(name, 0) + 1
         return record
 
     def arm(self) -> None:
+        """Record activations from now until ``measure``: every forward through a layer, averaged."""
         self.armed = True
-        self._activations = {}
+        self._activations, self._activation_calls = {}, {}
 
     @torch.no_grad()
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +124,17 @@ class FilterProbe:
         segments = self._segments(params, weights.device)
         previous = self._previous if self._previous is not None and self._previous[0].shape == weights.shape else None
         frozen = [weight.grad is None for weight in params]
-        activations = [self._activations.get(name) for name, _ in self.layers]
-        self._activations = {}
+        activations = [self._mean_activation(name) for name, _ in self.layers]
+        self._activations, self._activation_calls = {}, {}
         numpy_possible = weights.device.type == "cpu" and segments.all_nonempty
         reduce = self._reduce_numpy if numpy_possible and self.strategy != "segments" else self._reduce_segments
         filters, layer_ratio, weight_norm = reduce(weights, grads, previous, frozen, activations, segments)
         self._previous = (weights, weight_norm)  # ``weights`` is a fresh concatenation: nothing else writes to it
         return filters, layer_ratio
+
+    def _mean_activation(self, name: str) -> torch.Tensor | None:
+        total, calls = self._activations.get(name), self._activation_calls.get(name, 0)
+        return total if total is None or calls == 1 else total / calls
 
     @staticmethod
     def _reduce_segments(weights: torch.Tensor, grads: torch.Tensor, previous: tuple | None, frozen: list[bool],
