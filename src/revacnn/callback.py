@@ -66,6 +66,14 @@ def _first_batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]
     return None
 
 
+def _as_validation_step_gets_it(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """A validation batch as Lightning hands it to ``validation_step``: converted to the run's precision, through
+    the module's (or datamodule's) batch-transfer hooks, on the module's device — what the model expects."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+
 class _AwaitingStep(NamedTuple):
     """A step read at its end, waiting for Lightning to finish it (its logged metrics)."""
 
@@ -184,6 +192,7 @@ class ReVACNNCallback(Callback):
         self._probe_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._probe_error: str | None = None
         self._val_subset: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._val_error: str | None = None
         self._output_shapes: dict[str, list[int]] = {}
         self._trace: dict[str, Any] = {}
         self._filter_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -301,7 +310,7 @@ class ReVACNNCallback(Callback):
             loaders = loader if isinstance(loader, (list, tuple)) else [loader]
             count = 0
             for batch in loaders[0] if loaders and loaders[0] is not None else []:
-                tensors = _first_batch_tensors(batch)
+                tensors = _first_batch_tensors(_as_validation_step_gets_it(trainer, pl_module, batch))
                 if tensors is None or tensors[1] is None:
                     break
                 images.append(tensors[0][: wanted - count])
@@ -434,20 +443,39 @@ class ReVACNNCallback(Callback):
         self._val_metric_names.update(metrics)
         copy = HostCopy()
         scalar_names = add_scalars(copy, metrics.items())
-        if self._val_subset is not None:
-            images, labels = self._val_subset
-            with torch.no_grad(), eval_mode(pl_module):
-                predictions = torch.cat([pl_module(chunk).argmax(dim=1) for chunk in images.split(256)])
+        predictions = self._predict_val_subset(trainer, pl_module) if self._val_subset is not None else None
+        if predictions is not None:
             copy.add("pred", predictions)
-            copy.add("label", labels)
+            copy.add("label", self._val_subset[1])
         body = {"step": trainer.global_step, "epoch": trainer.current_epoch,
-                "count": 0 if self._val_subset is None else int(self._val_subset[1].shape[0])}
+                "count": 0 if predictions is None else int(predictions.shape[0])}
+        if self._val_error:
+            body["pred_error"] = self._val_error
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             body["metrics"] = scalar_values(scalar_names, arrays)
             return {name: array.astype(np.int16) for name, array in arrays.items()}
 
         self.publisher.publish(PendingMessage("val", body, copy.launch(), finalize))
+
+    @torch.no_grad()
+    def _predict_val_subset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
+        """The predicted class of every kept validation image; None, with a warning once, when the module's forward
+        does not map those images to ``[N, classes]`` logits (the run goes on without predictions)."""
+        images, _ = self._val_subset
+        try:
+            with eval_mode(pl_module), trainer.precision_plugin.forward_context():
+                logits = [pl_module(chunk) for chunk in images.split(256)]
+            wrong = next((out for out in logits if not isinstance(out, torch.Tensor) or out.dim() != 2), None)
+            if wrong is not None:
+                shape = list(wrong.shape) if isinstance(wrong, torch.Tensor) else ""
+                raise TypeError(f"forward returned {type(wrong).__name__}{shape}, not [N, classes] logits")
+            return torch.cat([out.argmax(dim=1) for out in logits])
+        except Exception as error:
+            self._val_subset = None
+            self._val_error = f"predicting the kept validation images failed ({type(error).__name__}: {error})"
+            rank_zero_warn(f"revacnn: {self._val_error}; validations are published without them from now on")
+            return None
 
     # -- telemetry ----------------------------------------------------------------------------------------------
     def _add_batch_loss(self, outputs: Any) -> None:
@@ -566,7 +594,8 @@ class ReVACNNCallback(Callback):
     def _add_probe_maps(self, copy: HostCopy, pl_module: pl.LightningModule, body: dict[str, Any]) -> None:
         images, labels = self._probe_batch
         try:
-            activations, activation_grads = probe_pass(pl_module, self.layers, images, labels)
+            with pl_module.trainer.precision_plugin.forward_context():
+                activations, activation_grads = probe_pass(pl_module, self.layers, images, labels)
         except Exception as error:  # a forward that does not map images to logits: no maps, say why
             body["probe_error"] = f"probe pass failed ({type(error).__name__}: {error})"
             return
@@ -602,7 +631,8 @@ class ReVACNNCallback(Callback):
                                   "edges": [], "layer_edges": []}
         if images is not None:
             try:
-                traced = trace(pl_module, images, [name for name, _ in self.layers])
+                with pl_module.trainer.precision_plugin.forward_context():
+                    traced = trace(pl_module, images, [name for name, _ in self.layers])
             except Exception as error:
                 rank_zero_warn(f"revacnn: could not trace the model's graph ({type(error).__name__}: {error})")
         by_name = dict(self.layers)

@@ -1,0 +1,122 @@
+"""Runs whose modules are not plain float32 image classifiers: the callback's own forwards (graph trace, probe pass,
+predictions of the kept validation images) see the images as ``validation_step`` does, and a forward that cannot
+take them costs that feature, never the run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from revacnn import ReVACNNCallback
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+from revacnn.recording.reader import open_run
+
+KEPT = 40  # validation images whose predictions are published
+
+
+class ValPredictionWitness(pl.Callback):
+    """After each validation, the kept images' predicted classes, computed with independent code: the first
+    ``KEPT`` validation images, cast to the module's own dtype, through the network."""
+
+    def __init__(self, data: DigitsDataModule, transform=lambda x: x) -> None:
+        self.data, self.transform = data, transform
+        self.predictions: list[np.ndarray] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        images = torch.cat([x for x, _ in self.data.val_dataloader()])[:KEPT]
+        dtype = next(pl_module.parameters()).dtype
+        was = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            self.predictions.append(pl_module.net(self.transform(images.to(dtype))).argmax(1).numpy())
+        pl_module.train(was)
+
+
+def fit(tmp_path, module, data, *extra_callbacks, precision="32-true"):
+    """One epoch of 4 steps and a validation; ``data`` is a datamodule or a (train, val) pair of loaders."""
+    torch.manual_seed(3)
+    callback = ReVACNNCallback(filters_every=1, snapshot_every=4, val_subset=KEPT)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=3, precision=precision,
+                         callbacks=[callback, *extra_callbacks], default_root_dir=tmp_path, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, logger=False)
+    trainer.fit(module, *data) if isinstance(data, tuple) else trainer.fit(module, data)
+    return open_run(callback.run_dir)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true", "bf16-mixed"])
+def test_the_callbacks_forwards_run_in_the_runs_precision(tmp_path, precision):
+    """Under "-true" precisions the module's weights are bf16 / float64: float32 images made every validation
+    end in an exception that ended the run."""
+    data = DigitsDataModule(batch_size=16)
+    witness = ValPredictionWitness(data)
+    run = fit(tmp_path, ClassifierModule(ReVACNNNet()), data, witness, precision=precision)
+    assert run.status()["state"] == "finished"
+    val = run.val_predictions()
+    np.testing.assert_array_equal(val["pred"], np.stack(witness.predictions))
+    snapshot = run.snapshot(4)
+    assert "probe_error" not in snapshot["body"]
+    assert snapshot["arrays"]["act/net.conv1"].shape == (8, 16, 32, 32)
+    assert run.structures()[-1][1]["edges"], "the graph was traced"
+
+
+class NormalisesOnTheDevice(ClassifierModule):
+    """Normalises batches in ``on_after_batch_transfer``, as many pipelines do on the GPU."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return normalise(x), y
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - 0.25) * 3.0
+
+
+def test_probe_and_kept_images_go_through_the_modules_batch_transfer_hooks(tmp_path):
+    data = DigitsDataModule(batch_size=16)
+    witness = ValPredictionWitness(data, transform=normalise)
+    run = fit(tmp_path, NormalisesOnTheDevice(ReVACNNNet()), data, witness)
+    first_images = torch.cat([x for x, _ in data.val_dataloader()])[:8]
+    np.testing.assert_allclose(run.snapshot(4)["arrays"]["probe_images"], normalise(first_images).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(run.val_predictions()["pred"], np.stack(witness.predictions))
+
+
+class DictBatches(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+class ForwardTakesTheBatch(ClassifierModule):
+    """``forward`` takes the whole batch dict: the callback cannot call it on images."""
+
+    def forward(self, batch):
+        return self.net(batch["image"])
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch), batch["label"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch), batch["label"]))
+
+
+def test_a_forward_that_cannot_take_images_costs_the_predictions_not_the_run(tmp_path):
+    digits = DigitsDataModule(batch_size=16)
+    digits.setup()
+    loader = torch.utils.data.DataLoader(DictBatches(*digits.val_set.tensors), batch_size=16)
+    with pytest.warns(UserWarning, match="predicting the kept validation images failed .*IndexError"):
+        run = fit(tmp_path, ForwardTakesTheBatch(ReVACNNNet()), (loader, loader))
+    assert run.status()["state"] == "finished"
+    np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 3, 4])
+    val = run.val_predictions()
+    assert val["pred"].shape == (1, 0) and np.isfinite(val["metrics"]["val_loss"]).all()
+    assert "probe_error" in run.snapshot(4)["body"]
