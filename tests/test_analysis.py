@@ -123,6 +123,20 @@ def synthetic(tmp_path_factory):
 
 
 # -- measures ------------------------------------------------------------------------------------------------------
+def dash_call(client, deps, output_part, inputs, state=(), changed=None) -> dict:
+    """One Dash callback request through Flask's test client, as the page makes it: the callback whose output
+    includes ``output_part``, with ``(id, property, value)`` inputs and state. Returns what it updated."""
+    dep = next(d for d in deps if output_part in d["output"])
+    outputs = [{"id": part.rsplit(".", 1)[0], "property": part.rsplit(".", 1)[1]}
+               for part in dep["output"].strip(".").split("...")]
+    pack = lambda items: [{"id": i, "property": p, "value": v} for i, p, v in items]  # noqa: E731
+    response = client.post("/_dash-update-component", json={
+        "output": dep["output"], "outputs": outputs, "inputs": pack(inputs), "state": pack(state),
+        "changedPropIds": [changed or f"{inputs[0][0]}.{inputs[0][1]}"]})
+    assert response.status_code in (200, 204), response.data[:300]
+    return {} if response.status_code == 204 else response.get_json()["response"]   # {}: nothing updated
+
+
 def test_log_change_rule_for_zeros_and_sign_changes():
     a = np.array([1.0, 2.0, 0.0, 0.0, 3.0, -1.0, -2.0])
     b = np.array([2.0, 1.0, 0.0, 5.0, 0.0, 1.0, -4.0])
@@ -431,15 +445,7 @@ def test_the_explorer_and_the_comparison_follow_a_run_still_being_recorded(tmp_p
     deps = client.get("/_dash-dependencies").get_json()
 
     def call(output_part, inputs, state=(), changed=None):
-        dep = next(d for d in deps if output_part in d["output"])
-        outputs = [{"id": part.rsplit(".", 1)[0], "property": part.rsplit(".", 1)[1]}
-                   for part in dep["output"].strip(".").split("...")]
-        pack = lambda items: [{"id": i, "property": p, "value": v} for i, p, v in items]  # noqa: E731
-        response = client.post("/_dash-update-component", json={
-            "output": dep["output"], "outputs": outputs, "inputs": pack(inputs), "state": pack(state),
-            "changedPropIds": [changed or f"{inputs[0][0]}.{inputs[0][1]}"]})
-        assert response.status_code in (200, 204), response.data[:300]
-        return {} if response.status_code == 204 else response.get_json()["response"]   # {}: nothing updated
+        return dash_call(client, deps, output_part, inputs, state, changed)
 
     run = str(run_dir)
 

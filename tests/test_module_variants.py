@@ -119,4 +119,27 @@ def test_a_forward_that_cannot_take_images_costs_the_predictions_not_the_run(tmp
     np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 3, 4])
     val = run.val_predictions()
     assert val["pred"].shape == (1, 0) and np.isfinite(val["metrics"]["val_loss"]).all()
+    assert "IndexError" in val["error"]
     assert "probe_error" in run.snapshot(4)["body"]
+    summary = explorer_validation_summary(tmp_path, str(run.path))
+    assert summary.startswith("1 validation samples, no image predictions: predicting the kept validation images "
+                              "failed (IndexError"), summary
+
+
+def explorer_validation_summary(logdir, run: str) -> str:
+    """The line the dashboard's log explorer shows above its validation charts."""
+    from revacnn_dash.app import create_app
+    from revacnn_dash.hub import Hub
+    from test_analysis import dash_call
+
+    hub = Hub([], logdir=str(logdir), warm_umap=False)
+    try:
+        client = create_app(hub).server.test_client()
+        deps = client.get("/_dash-dependencies").get_json()
+        out = dash_call(client, deps, "ane-val-summary.children", [
+            ("ane-run", "value", run), ("ane-window", "value", 3), ("ane-threshold", "value", 5),
+            ("ane-direction", "value", "backward"), ("ane-class", "value", 0), ("ane-pins", "data", []),
+            ("ane-live", "data", None)])
+        return out["ane-val-summary"]["children"]
+    finally:
+        hub.stop()

@@ -682,6 +682,9 @@ def register_analysis_callbacks(app, source: RunSource, page_ticks: tuple[str, s
         _time_marks(images, pins, events)
         summary = (f"{len(steps)} validation samples × {info['correct'].shape[1]} images; window d={info['window']},"
                    f" threshold={info['threshold']}: {len(info['flagged_pairs'])} flagged (class, step) pairs")
+        if not info["correct"].shape[1]:
+            error = source.reader(run).val_predictions()["error"]
+            summary = f"{len(steps)} validation samples, no image predictions" + (f": {error}" if error else "")
         return heat, images, summary
 
     @app.callback(Output("ane-cube-pick", "data"), Input("ane-cube", "clickData"), State("ane-cube-pick", "data"),

@@ -459,11 +459,11 @@ class RunReader:
     # -- validation -------------------------------------------------------------------------------------------
     def val_predictions(self) -> dict[str, Any]:
         """``{"steps": [T], "epochs": [T], "pred": [T, N] int16 (-1 pads a shorter row), "label": [N],
-        "metrics": {name: [T] float64}}``."""
+        "metrics": {name: [T] float64}, "error": why the images have no predictions (the last one said), or None}``."""
         table = self.table("val")
         if table is None:
             return {"steps": np.zeros(0, np.int64), "epochs": np.zeros(0), "pred": np.zeros((0, 0), np.int16),
-                    "label": np.zeros(0, np.int16), "metrics": {}}
+                    "label": np.zeros(0, np.int16), "metrics": {}, "error": None}
         steps = _column_numpy(table.column("step"))
         preds = table.column("pred").to_pylist()
         labels = [label for label in table.column("label").to_pylist() if label is not None]
@@ -481,7 +481,8 @@ class RunReader:
         metrics = {key: np.asarray([(b.get("metrics") or {}).get(key, np.nan) for b in bodies], np.float64)
                    for key in names}
         return {"steps": steps, "epochs": _column_numpy(table.column("epoch")), "pred": pred,
-                "label": np.asarray(labels[-1] if labels else [], np.int16), "metrics": metrics}
+                "label": np.asarray(labels[-1] if labels else [], np.int16), "metrics": metrics,
+                "error": next((body["pred_error"] for body in reversed(bodies) if body.get("pred_error")), None)}
 
     # -- summary ----------------------------------------------------------------------------------------------
     def last_step(self) -> int | None:
