@@ -74,6 +74,22 @@ def _as_validation_step_gets_it(trainer: pl.Trainer, pl_module: pl.LightningModu
     return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
+def _holds_run(directory: Path) -> bool:
+    from revacnn.recording.format import MARKER  # here: pyarrow loads only where a recording is made
+
+    return (directory / MARKER).exists() or (directory / CONNECTION_FILE_NAME).exists()
+
+
+def _unused_run_dir(log_dir: Path) -> Path:
+    """``<log_dir>/revacnn``, or ``revacnn-2``, ``-3``, … where a run was recorded before (a Trainer without a
+    logger uses the same log directory every time; each run gets its own recording)."""
+    candidate, number = log_dir / "revacnn", 1
+    while _holds_run(candidate):
+        number += 1
+        candidate = log_dir / f"revacnn-{number}"
+    return candidate
+
+
 class _AwaitingStep(NamedTuple):
     """A step read at its end, waiting for Lightning to finish it (its logged metrics)."""
 
@@ -121,7 +137,8 @@ class ReVACNNCallback(Callback):
         probe_images: validation images kept for activation maps; val_subset: images whose predictions are
             published after each validation (DeepTracker's image × iteration view).
         host, telemetry_port, control_port: where the sockets bind (127.0.0.1 and free ports by default).
-        run_dir: where the recording and the connection file go (default: ``<trainer.log_dir>/revacnn``).
+        run_dir: where the recording and the connection file go (default: ``<trainer.log_dir>/revacnn``, or
+            ``revacnn-2``, ``-3``, … where a run was recorded before). Each ``fit`` is a run of its own.
         record: write the run to ``run_dir`` (see revacnn.recording).
         on_recording_error: ``"warn"`` (default: warn once, keep training, the recording stops) or ``"stop"``
             (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
@@ -173,28 +190,34 @@ class ReVACNNCallback(Callback):
         self.curve = bool(curve) or keys_dir is not None
         self.keys_dir = keys_dir
 
+        self.layers: list[tuple[str, nn.Module]] = []
+        # The model's own history: kept from one fit to the next (a checkpoint must replay every change).
+        self.filter_ids: dict[str, list[int]] = {}
+        self.next_filter_id = 0
+        self.revision = 0
+        self.changelog: list[dict[str, Any]] = []
+        self._patched_module: pl.LightningModule | None = None
+        self._run_dir_given = self.run_dir
+        self._fits = 0
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """What belongs to one run (one ``fit``): a second fit with this callback records a new run."""
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.run_dir = self._run_dir_given
         self.publisher: Publisher | None = None
         self._steps: StepBatch | None = None
         self._awaiting: _AwaitingStep | None = None
         self.recorder = None
         self.connection_file: Path | None = None
-        self.layers: list[tuple[str, nn.Module]] = []
-        self.filter_ids: dict[str, list[int]] = {}
-        self.next_filter_id = 0
-        self.revision = 0
         self.probe: FilterProbe | None = None
         self.engine = None
-        self._patched_module: pl.LightningModule | None = None
-        self.changelog: list[dict[str, Any]] = []
         self.paused = False
         self._state = "starting"
         self._probe_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._probe_error: str | None = None
         self._val_subset: tuple[torch.Tensor, torch.Tensor] | None = None
         self._val_error: str | None = None
-        self._output_shapes: dict[str, list[int]] = {}
-        self._trace: dict[str, Any] = {}
         self._filter_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._snapshot_previous: dict[str, torch.Tensor] = {}
         self._snapshot_requested = False
@@ -238,6 +261,9 @@ class ReVACNNCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._fits:  # this callback recorded a run before: this fit is a new run, in a directory of its own
+            self._reset_run_state()
+        self._fits += 1
         self._replay_before_weights_load(pl_module)
         if trainer.is_global_zero:
             self._open_transport(trainer)
@@ -266,7 +292,11 @@ class ReVACNNCallback(Callback):
 
     def _open_transport(self, trainer: pl.Trainer) -> None:
         if self.run_dir is None:
-            self.run_dir = Path(trainer.log_dir or trainer.default_root_dir) / "revacnn"
+            self.run_dir = _unused_run_dir(Path(trainer.log_dir or trainer.default_root_dir))
+        elif _holds_run(self.run_dir):
+            rank_zero_warn(f"revacnn: {self.run_dir} already holds a recorded run; this run is recorded into it too, "
+                           "after it (a run resumed from a checkpoint goes on with its recording). Pass a fresh "
+                           "run_dir to keep runs apart")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sinks = []
         if self.record:
@@ -293,8 +323,13 @@ class ReVACNNCallback(Callback):
         self.layers = discover_layers(pl_module, self.layer_selectors)
         if trainer.is_global_zero:
             self._collect_validation_images(trainer, pl_module)
-            self.probe = FilterProbe(self.layers)
-            self.probe.attach()
+            if self.layers:
+                self.probe = FilterProbe(self.layers)
+                self.probe.attach()
+            else:
+                wanted = ", ".join(map(str, self.layer_selectors)) if self.layer_selectors else "Conv2d or Linear"
+                rank_zero_warn(f"revacnn: {type(pl_module).__name__} has no layer to monitor ({wanted}); only its "
+                               "scalars are published")
             self._publish_structure(pl_module)
             self._publish_hparams(trainer)
             self._set_state("running", trainer)
@@ -564,6 +599,8 @@ class ReVACNNCallback(Callback):
 
     @torch.no_grad()
     def _publish_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if not self.layers:
+            return
         if self._steps is not None:
             self._steps.flush()  # the steps before this one (this one's metrics are not final yet)
         copy = HostCopy()
