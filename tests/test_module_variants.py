@@ -143,3 +143,36 @@ def explorer_validation_summary(logdir, run: str) -> str:
         return out["ane-val-summary"]["children"]
     finally:
         hub.stop()
+
+
+class NoMonitoredLayer(pl.LightningModule):
+    """A linear model held as a bare parameter: nothing for per-filter telemetry or snapshots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3 * 32 * 32, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(x.flatten(1) @ self.weight, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_without_monitored_layers_publishes_its_scalars(tmp_path):
+    """It ended in ``torch.cat`` of no tensors at the first per-filter step."""
+    with pytest.warns(UserWarning, match="NoMonitoredLayer has no layer to monitor"):
+        run = fit(tmp_path, NoMonitoredLayer(), DigitsDataModule(batch_size=16))
+    assert run.status()["state"] == "finished"
+    np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 3, 4])
+    assert run.layer_names() == [] and run.snapshot_steps() == []
+
+
+def test_a_layer_name_not_in_the_model_is_refused_with_the_names_there_are(tmp_path):
+    callback = ReVACNNCallback(layers=["conv9"])
+    trainer = pl.Trainer(max_steps=1, callbacks=[callback], default_root_dir=tmp_path, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"not found in ClassifierModule: conv9 \(its Conv2d and Linear layers: "
+                                         r"net.conv1, net.conv2, net.conv3, net.fc\)"):
+        trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))

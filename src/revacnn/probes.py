@@ -35,7 +35,10 @@ def discover_layers(module: nn.Module, layers: Iterable[str | type[nn.Module]] |
              if name and (name in names or (types and isinstance(sub, types)))]
     missing = names - {name for name, _ in found}
     if missing:
-        raise ValueError(f"monitored layers not found in {type(module).__name__}: {', '.join(sorted(missing))}")
+        layers = [name for name, sub in module.named_modules() if isinstance(sub, MONITORED_TYPES)]
+        hint = f" (its Conv2d and Linear layers: {', '.join(layers[:12])}{', …' if len(layers) > 12 else ''})"
+        raise ValueError(f"monitored layers not found in {type(module).__name__}: {', '.join(sorted(missing))}"
+                         f"{hint if layers else ''}")
     without_weight = [name for name, sub in found if not isinstance(getattr(sub, "weight", None), torch.Tensor)]
     if without_weight:
         raise ValueError(f"monitored layers need a weight tensor: {', '.join(without_weight)}")
