@@ -176,3 +176,39 @@ def test_a_layer_name_not_in_the_model_is_refused_with_the_names_there_are(tmp_p
     with pytest.raises(ValueError, match=r"not found in ClassifierModule: conv9 \(its Conv2d and Linear layers: "
                                          r"net.conv1, net.conv2, net.conv3, net.fc\)"):
         trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
+
+
+def test_the_dashboard_shows_a_run_without_monitored_layers(tmp_path):
+    """Its layer menus raised IndexError on every tick (HTTP 500); the views now say why they are empty."""
+    from revacnn_dash.app import NO_LAYER, create_app
+    from revacnn_dash.hub import Hub
+    from test_analysis import dash_call
+
+    with pytest.warns(UserWarning, match="no layer to monitor"):
+        fit(tmp_path, NoMonitoredLayer(), DigitsDataModule(batch_size=16))
+    hub = Hub([], logdir=str(tmp_path), warm_umap=False)
+    try:
+        hub.scan_logdir()
+        (key,) = list(hub.runs)
+        client = create_app(hub).server.test_client()
+        deps = client.get("/_dash-dependencies").get_json()
+        menus = dash_call(client, deps, "emb-layer.options",
+                          [("tick-layers", "data", [1, 0]), ("run-select", "value", key)],
+                          [("emb-layer", "value", None), ("fil-layer", "value", None), ("emb-layer", "options", None),
+                           ("emb-probe", "options", None)])
+        assert menus["emb-layer"]["options"] == [] and menus["fil-layer"]["value"] is None
+        network = dash_call(client, deps, "net-graph.figure",
+                            [("tick-network", "data", [1, 0]), ("net-expanded", "data", None),
+                             ("run-select", "value", key)], [("tabs", "value", "network"), ("net-sig", "data", None)])
+        assert NO_LAYER in [note["text"] for note in network["net-graph"]["figure"]["layout"]["annotations"]]
+        embedding = dash_call(client, deps, "emb-status.children", [
+            ("tick-embedding", "data", [1, 0]), ("emb-layer", "value", None), ("emb-source", "value", "weights"),
+            ("emb-method", "value", "pca"), ("emb-colour", "value", "grad"), ("emb-probe", "value", None)],
+            [("tabs", "value", "embedding"), ("run-select", "value", key), ("emb-data", "data", None)])
+        assert embedding["emb-status"]["children"] == NO_LAYER
+        filters = dash_call(client, deps, "fil-caption.children", [
+            ("tick-filters", "data", [1, 0]), ("fil-layer", "value", None), ("fil-probe", "value", None)],
+            [("tabs", "value", "filters"), ("run-select", "value", key), ("fil-sig", "data", None)])
+        assert filters["fil-caption"]["children"] == NO_LAYER
+    finally:
+        hub.stop()

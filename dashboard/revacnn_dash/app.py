@@ -141,6 +141,14 @@ function(n, tab) {
 """
 
 
+NO_LAYER = ("this run monitors no layer: its module has no Conv2d or Linear layer (or none matched the callback's "
+            "layers)")
+
+
+def _monitors_no_layer(state) -> bool:
+    return state.structure is not None and not state.structure.get("layers")
+
+
 def _button(label: str, id_: str, **style: Any) -> html.Button:
     return html.Button(label, id=id_, n_clicks=0, className="rv-btn", style={"margin": "2px", **style})
 
@@ -590,6 +598,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             return [], None, [], [], None, []
         opts = [{"label": l["name"], "value": l["name"]} for l in state.structure["layers"]]
         names = [o["value"] for o in opts]
+        if not names:  # the run monitors no layer (its module has none): nothing to choose
+            return [], None, [], [], None, []
         snap = state.snapshot
         n_probe = len(snap.body.get("probe_labels") or []) if snap is not None else 0
         probes = [{"label": str(i), "value": i} for i in range(n_probe)]
@@ -608,6 +618,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         umap_text = hub.embeddings.umap_status()
         if tab != "embedding":
             return no_update, no_update, no_update
+        if state is not None and _monitors_no_layer(state):
+            return go.Figure(), NO_LAYER, None
         if state is None or layer is None or state.snapshot is None:
             return no_update, f"waiting for a snapshot · {umap_text}", no_update
         snap = state.snapshot
@@ -667,6 +679,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                   State("tabs", "value"), State("run-select", "value"), State("fil-sig", "data"))
     def filters_view(_n, layer, probe, tab, key, sig):
         state = state_of(key)
+        if tab == "filters" and state is not None and _monitors_no_layer(state):
+            return "", "", "", "", NO_LAYER, "", sig
         if tab != "filters" or state is None or layer is None:
             return (no_update,) * 7
         snap = state.snapshot
@@ -885,6 +899,9 @@ def _network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
             shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": col["x"] - 0.3, "x1": col["x"] + 0.3,
                            "y0": 0, "y1": 1, "fillcolor": "rgba(41,182,246,0.15)", "line": {"width": 0},
                            "layer": "below"})
+    if not columns:
+        notes.append({"x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "text": NO_LAYER, "showarrow": False,
+                      "font": {"size": 13, "color": "#555"}})
     fig.update_layout(shapes=shapes, annotations=notes, margin={"l": 10, "r": 10, "t": 55, "b": 30},
                       xaxis={"visible": False, "range": [-0.6, max(0.6, len(columns) - 0.4)]},
                       yaxis={"visible": False, "range": [-0.02, 1.02]}, plot_bgcolor="white",

@@ -176,8 +176,8 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
             state.filter_steps.append((int(step), 0, np.stack(rows), names))
         state.replay_step = step
         state.replay_steps = steps
-        state.set_connection(REPLAY, f"recorded run {state.run_id}: {len(state.scalars)} steps, "
-                                     f"{len(steps)} snapshots; showing step {step}")
+        shown = f"{len(steps)} snapshots; showing step {step}" if steps else "no snapshots"
+        state.set_connection(REPLAY, f"recorded run {state.run_id}: {len(state.scalars)} steps, {shown}")
         state.change_counter += 1
 
 
