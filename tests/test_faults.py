@@ -279,3 +279,62 @@ def test_recording_disk_full_and_directory_vanishing(tmp_path, small_disk):
     # never a corrupt log: what reached the full disk reads back as a clean prefix
     steps = open_run(full_dir.parent).scalars()["step"]
     np.testing.assert_array_equal(steps, np.arange(1, len(steps) + 1))
+
+
+def test_an_internal_error_in_telemetry_stops_telemetry_not_the_training(tmp_path, monkeypatch):
+    """A fault in the callback's own measuring (here injected into the third per-filter measure) used to end the
+    user's run with it. Now telemetry stops, with a warning and ``telemetry_error`` in the heartbeat, and the
+    training goes on to its end with steering still working."""
+    import pytorch_lightning as pl
+
+    from revacnn import ReVACNNCallback
+    from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+    from revacnn.probes import FilterProbe
+
+    measured = []
+    original = FilterProbe.measure
+
+    def measure_failing_the_third_time(self):
+        measured.append(True)
+        if len(measured) == 3:
+            raise RuntimeError("injected fault")
+        return original(self)
+
+    monkeypatch.setattr(FilterProbe, "measure", measure_failing_the_third_time)
+    callback = ReVACNNCallback(filters_every=1, snapshot_every=2)
+
+    class SteerAfterTheFault(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                with RunClient(callback.connection_file) as client:
+                    client.connect()
+                    client.send_command("set_hparams", {"lr": 0.01})
+                    deadline = time.monotonic() + 5
+                    while not callback.publisher._commands and time.monotonic() < deadline:
+                        time.sleep(0.01)
+
+    trainer = pl.Trainer(max_steps=8, limit_val_batches=1, val_check_interval=4, num_sanity_val_steps=0,
+                         callbacks=[callback, SteerAfterTheFault()], default_root_dir=tmp_path, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match=r"telemetry stopped after an internal error \(RuntimeError: injected fault\)"):
+        trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=16))
+    assert trainer.global_step == 8 and len(measured) == 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.01
+    run = open_run(callback.run_dir)
+    assert run.status()["state"] == "finished"
+    assert run.status()["telemetry_error"] == "RuntimeError: injected fault"
+    np.testing.assert_array_equal(run.scalars()["step"], [1])      # read before the fault; step 2 was not finished
+    assert run.snapshot_steps() == [1, 2] and len(run.val_predictions()["steps"]) == 0
+    assert [(entry["op"], entry["status"]) for entry in run.steering_log()] == [("set_hparams", "done")]
+    from revacnn_dash.app import banner_children
+    from revacnn_dash.hub import Hub
+
+    hub = Hub([], logdir=str(tmp_path), warm_umap=False)      # and the dashboard says so in its banner
+    try:
+        hub.scan_logdir()
+        (state,) = hub.runs.values()
+        banner = " ".join(str(child.children if hasattr(child, "children") else child)
+                          for child in banner_children(state.summary()))
+        assert "telemetry stopped (internal error): RuntimeError: injected fault" in banner
+    finally:
+        hub.stop()

@@ -785,7 +785,7 @@ def _event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
 
 def banner_children(s: dict[str, Any]) -> list:
     """The run banner: connection state and message verbatim (e.g. a refused CURVE key), a 🔒 CURVE badge when
-    the run's heartbeat says CURVE is on, and the recorder's error when recording stopped."""
+    the run's heartbeat says CURVE is on, and the recorder's or the telemetry's error when either stopped."""
     children: list = [f"{s['conn'].upper()} — {s['conn_message']}"]
     security = s.get("security") if isinstance(s.get("security"), dict) else {}
     if security.get("mode") == "curve":
@@ -797,6 +797,10 @@ def banner_children(s: dict[str, Any]) -> list:
     if s.get("recording_error"):
         children.append(html.Span(f"⚠ recording stopped: {s['recording_error']}", id="recording-error",
                                   style={"marginLeft": "10px", "color": "#c62828", "fontWeight": "normal"}))
+    if s.get("telemetry_error"):
+        children.append(html.Span(f"⚠ telemetry stopped (internal error): {s['telemetry_error']}",
+                                  id="telemetry-error", style={"marginLeft": "10px", "color": "#c62828",
+                                                               "fontWeight": "normal"}))
     return children
 
 

@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -218,6 +218,7 @@ class ReVACNNCallback(Callback):
         self._probe_error: str | None = None
         self._val_subset: tuple[torch.Tensor, torch.Tensor] | None = None
         self._val_error: str | None = None
+        self._telemetry_error: str | None = None               # why telemetry stopped (an internal error)
         self._filter_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._snapshot_previous: dict[str, torch.Tensor] = {}
         self._snapshot_requested = False
@@ -322,17 +323,20 @@ class ReVACNNCallback(Callback):
         self._window_start = True
         self.layers = discover_layers(pl_module, self.layer_selectors)
         if trainer.is_global_zero:
-            self._collect_validation_images(trainer, pl_module)
-            if self.layers:
-                self.probe = FilterProbe(self.layers)
-                self.probe.attach()
-            else:
-                wanted = ", ".join(map(str, self.layer_selectors)) if self.layer_selectors else "Conv2d or Linear"
-                rank_zero_warn(f"revacnn: {type(pl_module).__name__} has no layer to monitor ({wanted}); only its "
-                               "scalars are published")
-            self._publish_structure(pl_module)
-            self._publish_hparams(trainer)
+            self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
             self._set_state("running", trainer)
+
+    def _start_telemetry(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect_validation_images(trainer, pl_module)
+        if self.layers:
+            self.probe = FilterProbe(self.layers)
+            self.probe.attach()
+        else:
+            wanted = ", ".join(map(str, self.layer_selectors)) if self.layer_selectors else "Conv2d or Linear"
+            rank_zero_warn(f"revacnn: {type(pl_module).__name__} has no layer to monitor ({wanted}); only its "
+                           "scalars are published")
+        self._publish_structure(pl_module)
+        self._publish_hparams(trainer)
 
     def _collect_validation_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep ``probe_images`` and ``val_subset`` validation images (the same ones for the whole run)."""
@@ -395,7 +399,7 @@ class ReVACNNCallback(Callback):
             self.engine.close()  # removes its optimizer step hooks
             self.engine = None
         if self.publisher is not None:
-            self._flush_steps(trainer)
+            self._telemetry(trainer, lambda: self._flush_steps(trainer))
             self.publisher.close()
             self.publisher = None
         if self.recorder is not None:
@@ -416,7 +420,10 @@ class ReVACNNCallback(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.probe is not None and self.probe.armed:
-            self._filter_stats = self.probe.measure()
+            self._telemetry(trainer, self._measure)
+
+    def _measure(self) -> None:
+        self._filter_stats = self.probe.measure()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -425,8 +432,13 @@ class ReVACNNCallback(Callback):
         self._window_start = stepped  # on every rank: steering follows it
         if stepped:
             self._steps_per_batch = step - previous
-        if self.publisher is None:
-            return
+        if self.publisher is not None:
+            self._telemetry(trainer, lambda: self._publish_batch(trainer, pl_module, outputs, batch_idx, previous))
+
+    def _publish_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch_idx: int,
+                       previous: int) -> None:
+        """At a batch's end: publish the step before, and read this one if it is due (an optimizer step)."""
+        step = trainer.global_step
         now = time.perf_counter()
         if self._last_batch_end is not None and now > self._last_batch_end:
             rate = self._batch_size / (now - self._last_batch_end)
@@ -434,7 +446,7 @@ class ReVACNNCallback(Callback):
         self._last_batch_end = now
         self._complete_step(trainer, now)  # the previous step: Lightning has finished it, its metrics are final
         self._add_batch_loss(outputs)
-        if not stepped:
+        if step == previous:  # no optimizer step in this batch: its gradient is being accumulated
             return
         loss = self._step_loss(trainer)
         if self._filter_stats is not None or self.schedule.due(previous, step, self.schedule.scalars_every):
@@ -444,7 +456,7 @@ class ReVACNNCallback(Callback):
             self._publish_snapshot(trainer, pl_module, step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush_steps(trainer)
+        self._telemetry(trainer, lambda: self._flush_steps(trainer))
         if self._pending_batch_size is not None:
             # The train iterator is made once per epoch: drop the loader so the next epoch builds one anew.
             trainer.fit_loop._combined_loader = None
@@ -455,12 +467,12 @@ class ReVACNNCallback(Callback):
             command, size = self._batch_size_applied
             self._batch_size_applied = None
             self._ack(command, "done", trainer, result={"batch_size": size, "epoch": trainer.current_epoch})
-            self._publish_hparams(trainer)
+            self._telemetry(trainer, lambda: self._publish_hparams(trainer))
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is not None:  # a validation between accumulated batches is not the training's activation
             self._probe_armed, self.probe.armed = self.probe.armed, False
-        self._flush_steps(trainer)  # before validation's metrics join the training ones
+        self._telemetry(trainer, lambda: self._flush_steps(trainer))  # before validation's metrics join the training's
         self._metrics_before_validation = dict(trainer.callback_metrics)
         if not trainer.sanity_checking and self._state == "running":
             self._set_state("validating", trainer)
@@ -472,6 +484,9 @@ class ReVACNNCallback(Callback):
             return
         if self._state == "validating":
             self._set_state("running", trainer)
+        self._telemetry(trainer, lambda: self._publish_validation(trainer, pl_module))
+
+    def _publish_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Metrics logged during this validation are the values that changed since it started.
         metrics = {name: value for name, value in trainer.callback_metrics.items()
                    if value is not self._metrics_before_validation.get(name)}
@@ -750,9 +765,9 @@ class ReVACNNCallback(Callback):
         if ack.get("structural"):
             self._after_structural_change(trainer, pl_module, ack)
         elif op in ("freeze", "unfreeze"):
-            self._publish_structure(pl_module)  # the frozen marks changed
+            self._telemetry(trainer, lambda: self._publish_structure(pl_module))  # the frozen marks changed
         if op == "set_hparams":
-            self._publish_hparams(trainer)
+            self._telemetry(trainer, lambda: self._publish_hparams(trainer))
         result = {key: value for key, value in ack.items() if key not in ("id", "op", "ok", "error")}
         result["revision"] = self.revision
         self._ack(command, "done", trainer, result=result)
@@ -828,8 +843,34 @@ class ReVACNNCallback(Callback):
         if self.probe is not None:
             self.probe.reset(self.layers)
         if self.publisher is not None:
-            self._publish_structure(pl_module)
-            self._publish_hparams(trainer)
+            self._telemetry(trainer, lambda: self._publish_structure(pl_module))
+            self._telemetry(trainer, lambda: self._publish_hparams(trainer))
+
+    # -- a fault in telemetry never ends the training ---------------------------------------------------------
+    def _telemetry(self, trainer: pl.Trainer, work: Callable[[], None]) -> None:
+        """Do ``work`` (measure or publish) unless telemetry has stopped. An error in it stops telemetry for the rest
+        of the run — a warning, its traceback logged, ``telemetry_error`` in the heartbeat — instead of ending the
+        training: steering, acks and the heartbeat go on."""
+        if self._telemetry_error is not None:
+            return
+        try:
+            work()
+        except Exception as error:  # noqa: BLE001 - a fault of the tool must not cost the user's run
+            self._telemetry_error = f"{type(error).__name__}: {error}"[:1000]
+            log.error("revacnn: telemetry failed", exc_info=error)
+            rank_zero_warn(f"revacnn: telemetry stopped after an internal error ({self._telemetry_error}); the "
+                           "training goes on and commands still work. The traceback is logged above: please report it")
+            if self.probe is not None:
+                self.probe.detach()
+                self.probe = None
+            self._awaiting = self._filter_stats = None
+            if self.publisher is not None:
+                self.publisher.set_status(telemetry_error=self._telemetry_error)
+            try:  # the steps read before the fault still go out
+                if self._steps is not None:
+                    self._steps.flush()
+            except Exception:  # noqa: BLE001
+                log.debug("revacnn: the steps read before the fault could not be sent", exc_info=True)
 
     def _ack(self, command: dict[str, Any], status: str, trainer: pl.Trainer, error: str | None = None,
              result: dict[str, Any] | None = None) -> None:
