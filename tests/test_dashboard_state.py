@@ -12,7 +12,7 @@ import pytest
 from revacnn.connection import ConnectionInfo
 from revacnn.protocol import Message
 from revacnn.publisher import Publisher
-from revacnn_dash.state import FINISHED, LIVE, UNREACHABLE, RunState
+from revacnn_dash.state import FINISHED, LIVE, UNREACHABLE, RunState, metric_name
 from revacnn_dash.worker import RunWorker, resolve_target
 
 STRUCTURE = {"revision": 0, "model": "M", "layers": [
@@ -56,6 +56,31 @@ def test_ring_keeps_the_last_rows_and_reports_a_wrapped_cursor():
     cols, start, total = state.scalars_since(10)
     assert start == 10 and cols["loss"].tolist() == [10.0, 11.0]
     assert cols["lr"].tolist() == [0.1, 0.1] and cols["train_acc"].tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(("names", "kind", "stage", "expected"), [
+    (["train_loss", "val_loss", "l1"], "loss", "train", "train_loss"),
+    (["g_loss", "d_loss"], "loss", "train", "d_loss"),                       # GAN: the shorter, then by name
+    (["train_acc_epoch", "train_acc_step"], "acc", "train", "train_acc_step"),
+    (["accuracy", "loss"], "acc", "train", "accuracy"),
+    (["valid/accuracy", "val_loss", "train_acc"], "acc", "val", "valid/accuracy"),
+    (["test_acc", "val_acc"], "acc", "train", None),                          # another stage's only
+    (["lr/0", "batch_size", "accumulate"], "acc", "train", None),             # "acc" as a word, not a prefix
+])
+def test_which_logged_metric_is_the_loss_or_the_accuracy(names, kind, stage, expected):
+    assert metric_name(names, kind, stage) == expected
+
+
+def test_charts_take_the_loss_and_accuracy_the_module_logged_under_its_own_names():
+    """The charts knew only ``train_acc``/``acc`` and ``val_loss``/``val_acc``, and a step that returned no loss
+    (manual optimization) drew no loss at all."""
+    state = RunState("x")
+    row = {"step": 1, "loss": None, "metrics": {"train/loss": 2.5, "train/accuracy": 0.25}, "groups": [{"lr": 0.1}]}
+    state.apply(Message("steps", {"first": 1, "last": 1, "rows": [row]}))
+    state.apply(Message("val", {"step": 1, "epoch": 0, "count": 0, "metrics": {"valid/loss": 2.0, "valid/acc": 0.5}}))
+    cols, _, _ = state.scalars_since(0)
+    assert cols["loss"].tolist() == [2.5] and cols["train_acc"].tolist() == [0.25]
+    assert (state.val[-1]["val_loss"], state.val[-1]["val_acc"]) == (2.0, 0.5)
 
 
 def test_a_step_already_charted_is_not_charted_again_but_its_filters_are_kept():

@@ -13,7 +13,7 @@ import numpy as np
 from revacnn.protocol import Message
 
 from .embedding import EmbeddingService
-from .state import FILTER_FIELDS, REPLAY, RunState
+from .state import FILTER_FIELDS, REPLAY, RunState, metric_name
 from .worker import RunWorker
 
 
@@ -131,9 +131,13 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
         state.status = reader.status()
         scal = reader.scalars()
         if scal and "step" in scal:
-            acc = scal.get("train_acc", np.full(len(scal["step"]), np.nan))
+            nan = np.full(len(scal["step"]), np.nan)
+            acc = scal.get(metric_name(scal, "acc", "train"), nan)
+            loss = scal.get("loss", nan)
+            if not np.isfinite(np.asarray(loss, dtype=float)).any():  # steps returned none: the loss they logged
+                loss = scal.get(metric_name([name for name in scal if name != "loss"], "loss", "train"), nan)
             for i in range(len(scal["step"])):
-                state.scalars.append({"step": scal["step"][i], "loss": _col(scal, "loss", i),
+                state.scalars.append({"step": scal["step"][i], "loss": loss[i],
                                       "train_acc": acc[i], "lr": _col(scal, "lr/0", i),
                                       "momentum": _col(scal, "momentum/0", i),
                                       "weight_decay": _col(scal, "weight_decay/0", i),
@@ -146,8 +150,8 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
                     metrics = json.loads(body).get("metrics", {}) if isinstance(body, str) else {}
                 except ValueError:
                     metrics = {}
-                state.val.append({"step": row_step, "val_loss": metrics.get("val_loss"),
-                                  "val_acc": metrics.get("val_acc")})
+                state.val.append({"step": row_step, "val_loss": metrics.get(metric_name(metrics, "loss", "val")),
+                                  "val_acc": metrics.get(metric_name(metrics, "acc", "val"))})
         for entry in reader.steering_log():
             event = state._add_event(str(entry.get("id")), str(entry.get("op")), entry.get("args") or {},
                                      note="recorded")

@@ -8,6 +8,7 @@ snapshot is kept (plus its step list for the replay of recorded runs).
 from __future__ import annotations
 
 import collections
+import re
 import threading
 import time
 import uuid
@@ -24,6 +25,22 @@ CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (
 TERMINAL_STATES = ("finished", "stopped", "failed")
 FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
 SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s")
+STAGE_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
+KIND_WORDS = {"loss": ("loss",), "acc": ("acc", "accuracy")}
+
+
+def metric_name(names, kind: str, stage: str) -> str | None:
+    """Which logged metric is the ``stage``'s ("train" or "val") ``kind`` ("loss" or "acc"): a name with the kind as
+    a word (``train_acc``, ``val/accuracy``, ``acc_step``, ``g_loss``) and no other stage's word, those naming the
+    stage first, then the shortest. None if there is none."""
+    others = {word for name, words in STAGE_WORDS.items() if name != stage for word in words}
+    best = None
+    for name in names:
+        words = set(re.split(r"[/_.\-\s]+", name.lower()))
+        if words & set(KIND_WORDS[kind]) and not words & others:
+            rank = (not words & set(STAGE_WORDS[stage]), "epoch" in words, len(name), name)
+            best = min(best, rank) if best else rank
+    return best[-1] if best else None
 
 
 @dataclass
@@ -224,12 +241,15 @@ class RunState:
         groups = b.get("groups") or [{}]
         group = groups[0] if isinstance(groups[0], dict) else {}
         metrics = b.get("metrics") or {}
-        acc = metrics.get("train_acc", metrics.get("acc"))
+        acc = metrics.get(metric_name(metrics, "acc", "train"))
+        loss = b.get("loss")
+        if loss is None:  # the step returned none (manual optimization): the loss it logged, if any
+            loss = metrics.get(metric_name(metrics, "loss", "train"))
         step = b.get("step")
         # A step already charted (a state snapshot re-sent on reconnecting to the same run) is not charted again.
         if not isinstance(step, int) or self.last_scalar_step is None or step > self.last_scalar_step:
             self.last_scalar_step = step if isinstance(step, int) else self.last_scalar_step
-            self.scalars.append({"step": step, "loss": b.get("loss"), "train_acc": acc,
+            self.scalars.append({"step": step, "loss": loss, "train_acc": acc,
                                  "lr": group.get("lr"), "momentum": group.get("momentum"),
                                  "weight_decay": group.get("weight_decay"), "batch_size": b.get("batch_size"),
                                  "samples_per_s": b.get("samples_per_s")})
@@ -244,7 +264,8 @@ class RunState:
     def _on_val(self, m: Message) -> None:
         metrics = m.body.get("metrics") or {}
         self.val.append({"step": m.body.get("step"), "epoch": m.body.get("epoch"),
-                         "val_loss": metrics.get("val_loss"), "val_acc": metrics.get("val_acc")})
+                         "val_loss": metrics.get(metric_name(metrics, "loss", "val")),
+                         "val_acc": metrics.get(metric_name(metrics, "acc", "val"))})
 
     def _on_ack(self, m: Message) -> None:
         b = m.body
