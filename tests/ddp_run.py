@@ -37,10 +37,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--default-run-dir", action="store_true",
+                        help="leave the callback's run_dir unset: it records under the trainer's log directory")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
-    callback = ReVACNNCallback(run_dir=args.run_dir, filters_every=2, snapshot_every=10, record=True)
+    callback = ReVACNNCallback(run_dir=None if args.default_run_dir else args.run_dir, filters_every=2,
+                               snapshot_every=10, record=True)
     trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=args.epochs,
                          limit_train_batches=args.batches, limit_val_batches=2, logger=False,
                          accumulate_grad_batches=args.accumulate,

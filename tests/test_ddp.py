@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,12 +19,18 @@ SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """The 2-rank run in a process group of its own, so that a hung run can be ended with every rank."""
     return subprocess.Popen([sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> str:
-    output, _ = process.communicate(timeout=timeout)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)   # both ranks: a hang must not outlive the test
+        output, _ = process.communicate()
+        raise AssertionError(f"the DDP run hung (killed after {timeout} s):\n{output[-4000:]}") from None
     assert process.returncode == 0, output[-4000:]
     return output
 
@@ -32,9 +40,14 @@ def connection(run_dir: Path):
     return path if path.exists() else None
 
 
-def test_ddp_run_publishes_from_rank_zero_only_and_finishes(tmp_path):
-    process = start(tmp_path, "--epochs", "2", "--batches", "6")
-    listener = Listener(lambda: connection(tmp_path), timeout=200).start()
+@pytest.mark.parametrize("run_dir", ["given", "default"])
+def test_ddp_run_publishes_from_rank_zero_only_and_finishes(tmp_path, run_dir):
+    """Also with the callback's defaults, where its run directory comes from ``Trainer.log_dir``: a collective
+    that rank 0 alone asked for, so every run hung in ``setup``."""
+    extra = ["--default-run-dir"] if run_dir == "default" else []
+    process = start(tmp_path, "--epochs", "2", "--batches", "6", *extra)
+    directory = tmp_path if run_dir == "given" else tmp_path / "revacnn"
+    listener = Listener(lambda: connection(directory), timeout=200).start()
     output = finish(process)
     messages = listener.join()
     steps = [m.body["step"] for m in messages if m.type == "step"]

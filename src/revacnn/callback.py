@@ -266,8 +266,10 @@ class ReVACNNCallback(Callback):
             self._reset_run_state()
         self._fits += 1
         self._replay_before_weights_load(pl_module)
+        # On every rank: ``Trainer.log_dir`` is a collective (rank 0 broadcasts it); asked on rank 0 alone it hung.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir) if self.run_dir is None else None
         if trainer.is_global_zero:
-            self._open_transport(trainer)
+            self._open_transport(trainer, log_dir)
 
     def _replay_before_weights_load(self, pl_module: pl.LightningModule) -> None:
         """On resume, re-apply a steered run's structural changes before Lightning loads the weights.
@@ -291,9 +293,9 @@ class ReVACNNCallback(Callback):
         pl_module.on_load_checkpoint = on_load_checkpoint
         self._patched_module = pl_module
 
-    def _open_transport(self, trainer: pl.Trainer) -> None:
+    def _open_transport(self, trainer: pl.Trainer, log_dir: Path | None) -> None:
         if self.run_dir is None:
-            self.run_dir = _unused_run_dir(Path(trainer.log_dir or trainer.default_root_dir))
+            self.run_dir = _unused_run_dir(log_dir)
         elif _holds_run(self.run_dir):
             rank_zero_warn(f"revacnn: {self.run_dir} already holds a recorded run; this run is recorded into it too, "
                            "after it (a run resumed from a checkpoint goes on with its recording). Pass a fresh "
