@@ -4,7 +4,6 @@ and after a re-wrap and further steps all parameters are bitwise equal across ra
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -18,9 +17,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 pytestmark = pytest.mark.ddp
 
 
-def _worker(rank, world, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, rendezvous, result_path):
+    # A file rendezvous: no port chosen in advance that another process could take in the meantime.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -77,11 +76,8 @@ def _worker(rank, world, port, result_path):
 
 
 def test_ddp_two_ranks_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
     r = torch.load(out, weights_only=True)
     assert r["acks_ok"] == [True] * 4, r["errors"]
     assert r["same_after_surgery"]
