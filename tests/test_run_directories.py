@@ -51,3 +51,26 @@ def test_a_named_run_dir_that_holds_a_run_is_used_with_a_warning(tmp_path):
         run = fit(ReVACNNCallback(run_dir=run_dir), tmp_path, 2)
     assert run.path == run_dir
     np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 1, 2])
+
+
+@pytest.mark.parametrize("tune", ["lr_find", "scale_batch_size"])
+def test_a_tuners_trial_fit_leaves_no_run_behind(tmp_path, tune):
+    """``Tuner`` runs its trials in a fit of its own, which ends in the finder's ``on_fit_start`` with the user's
+    callbacks set aside. That fit opened a run that never trained: an empty ``revacnn`` directory, listed as a run,
+    whose connection file was the first one printed, and the real run went to ``revacnn-2``."""
+    from pytorch_lightning.tuner import Tuner
+
+    callback = ReVACNNCallback()
+    trainer = pl.Trainer(max_steps=3, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    model, data = ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16)
+    if tune == "lr_find":
+        Tuner(trainer).lr_find(model, datamodule=data, num_training=4, update_attr=False)
+    else:
+        Tuner(trainer).scale_batch_size(model, datamodule=data, max_trials=2, steps_per_trial=1)
+    trainer.fit(model, data)
+    assert [run["path"] for run in list_runs(tmp_path)] == [str(tmp_path / "revacnn")]
+    run = open_run(tmp_path / "revacnn")
+    np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 3])
+    assert run.summary()["run_id"] == callback.run_id

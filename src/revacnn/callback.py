@@ -266,6 +266,10 @@ class ReVACNNCallback(Callback):
             self._reset_run_state()
         self._fits += 1
         self._replay_before_weights_load(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The run opens here, not in ``setup``: a Tuner's trial fit (``lr_find``, ``scale_batch_size``) ends inside
+        # the finder's ``on_fit_start``, before this one, and must not leave an empty run behind.
         # On every rank: ``Trainer.log_dir`` is a collective (rank 0 broadcasts it); asked on rank 0 alone it hung.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir) if self.run_dir is None else None
         if trainer.is_global_zero:
