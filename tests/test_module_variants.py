@@ -212,3 +212,91 @@ def test_the_dashboard_shows_a_run_without_monitored_layers(tmp_path):
         assert filters["fil-caption"]["children"] == NO_LAYER
     finally:
         hub.stop()
+
+
+def one_hot_batches(tensors) -> torch.utils.data.TensorDataset:
+    images, labels = tensors
+    return torch.utils.data.TensorDataset(images, F.one_hot(labels, 10).float())
+
+
+class MultiLabel(ClassifierModule):
+    """Trained against float targets of one column per class (multi-label), as with BCE."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.binary_cross_entropy_with_logits(self(x), y))
+
+
+class Unlabelled(ClassifierModule):
+    """Validation batches of images alone (``TensorDataset(images)``)."""
+
+    def validation_step(self, batch, batch_idx):
+        (x,) = batch
+        self.log("val_mean_logit", self(x).mean())
+
+
+def probe_gradient_of_the_output_sum(module: ClassifierModule, images: torch.Tensor) -> torch.Tensor:
+    """d(sum of the outputs)/d(conv1's output) on ``images``, in eval mode, computed here with a forward hook."""
+    kept = {}
+    handle = module.net.conv1.register_forward_hook(lambda _module, _inputs, output: kept.update(out=output))
+    module.eval()
+    try:
+        (grad,) = torch.autograd.grad(module.net(images).sum(), [kept["out"]])
+    finally:
+        handle.remove()
+    return grad
+
+
+@pytest.mark.parametrize("labels", ["multi-label", "none"])
+def test_labels_that_are_not_class_indices_cost_the_predictions_not_the_recording(tmp_path, labels):
+    """Multi-label targets (float [N, 10]) made the ``val`` message's label buffer 2-D: the recorder failed on it and
+    stopped recording the run. Images without labels gave no probe at all. Now the probe keeps the images and
+    differentiates the sum of the outputs, and ``pred_error`` says why there are no image predictions."""
+    digits = DigitsDataModule(batch_size=16)
+    digits.setup()
+    if labels == "multi-label":
+        train, val = one_hot_batches(digits.train_set.tensors), one_hot_batches(digits.val_set.tensors)
+        module, why = MultiLabel(ReVACNNNet()), "the validation labels are float32 ['N', 10], not one class index"
+    else:
+        train, val = digits.train_set, torch.utils.data.TensorDataset(digits.val_set.tensors[0])
+        module, why = Unlabelled(ReVACNNNet()), "the validation batches carry no labels"
+    loaders = tuple(torch.utils.data.DataLoader(data, batch_size=16) for data in (train, val))
+    run = fit(tmp_path, module, loaders)
+    status = run.status()
+    assert status["state"] == "finished" and "recording_error" not in status, status
+    np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 3, 4])
+    val_run = run.val_predictions()
+    assert val_run["steps"].tolist() == [4] and val_run["pred"].shape == (1, 0)
+    assert val_run["error"].startswith(why), val_run["error"]
+    snapshot = run.snapshot(4)
+    assert "probe_error" not in snapshot["body"] and snapshot["body"]["probe_labels"] == []
+    probe_images = digits.val_set.tensors[0][:8]
+    np.testing.assert_allclose(snapshot["arrays"]["probe_images"], probe_images.numpy())
+    np.testing.assert_allclose(snapshot["arrays"]["actgrad/net.conv1"],
+                               probe_gradient_of_the_output_sum(module, probe_images).numpy(), rtol=1e-4, atol=1e-7)
+    menu = network_probe_menu(tmp_path)
+    assert menu == [{"label": f"#{p}", "value": p} for p in range(8)], menu  # no made-up labels
+
+
+def network_probe_menu(logdir) -> list[dict]:
+    """The network view's probe-image menu for conv1, the dashboard replaying the run recorded under ``logdir``."""
+    from revacnn_dash.app import create_app
+    from revacnn_dash.hub import Hub
+    from test_analysis import dash_call
+
+    hub = Hub([], logdir=str(logdir), warm_umap=False)
+    try:
+        hub.scan_logdir()
+        (key,) = list(hub.runs)
+        client = create_app(hub).server.test_client()
+        deps = client.get("/_dash-dependencies").get_json()
+        out = dash_call(client, deps, "net-probe.options", [
+            ("net-selected", "data", {"layer": "net.conv1", "filters": [0]}), ("tick-network", "data", 1),
+            ("net-probe", "value", 0)], [("run-select", "value", key), ("tabs", "value", "network")])
+        return out["net-probe"]["options"]
+    finally:
+        hub.stop()

@@ -545,8 +545,9 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                                     else 2)
             a = snap.arrays.get("act/" + name)
             if a is not None:
-                probes = [{"label": f"#{p} (label {lab})", "value": p}
-                          for p, lab in enumerate(snap.body.get("probe_labels") or range(len(a)))]
+                classes = snap.body.get("probe_labels") or []  # empty where the labels are not class indices
+                probes = [{"label": f"#{p} (label {classes[p]})" if p < len(classes) else f"#{p}", "value": p}
+                          for p in range(len(a))]
                 p = int(probe or 0) if int(probe or 0) < len(a) else 0
                 if a.ndim == 4 and i < a.shape[1]:
                     act_src = data_uri(to_uint8(a[p, i]), scale=max(1, 96 // a.shape[-1]))

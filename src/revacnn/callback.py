@@ -66,6 +66,19 @@ def _first_batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]
     return None
 
 
+def _class_labels(labels: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, str | None]:
+    """The kept images' labels as one class index per image — what image predictions and the probe's loss need —
+    or None and why they are not."""
+    if any(batch is None for batch in labels):
+        return None, "the validation batches carry no labels"
+    shapes = {tuple(batch.shape[1:]) for batch in labels}
+    dtype = str(labels[0].dtype).removeprefix("torch.")
+    if shapes != {()} or labels[0].is_floating_point() or labels[0].is_complex():
+        shape = ["N", *next(iter(shapes))] if len(shapes) == 1 else "of several shapes"
+        return None, f"the validation labels are {dtype} {shape}, not one class index per image"
+    return torch.cat(labels), None
+
+
 def _as_validation_step_gets_it(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
     """A validation batch as Lightning hands it to ``validation_step``: converted to the run's precision, through
     the module's (or datamodule's) batch-transfer hooks, on the module's device — what the model expects."""
@@ -345,34 +358,42 @@ class ReVACNNCallback(Callback):
         self._publish_hparams(trainer)
 
     def _collect_validation_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Keep ``probe_images`` and ``val_subset`` validation images (the same ones for the whole run)."""
+        """Keep ``probe_images`` and ``val_subset`` validation images (the same ones for the whole run), with their
+        labels where the batches carry one class index per image."""
         wanted = max(self.probe_images, self.val_subset)
         if not wanted:
             return
-        images, labels = [], []
+        images: list[torch.Tensor] = []
+        labels: list[torch.Tensor | None] = []
         try:
             loader = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
             loaders = loader if isinstance(loader, (list, tuple)) else [loader]
             count = 0
             for batch in loaders[0] if loaders and loaders[0] is not None else []:
                 tensors = _first_batch_tensors(_as_validation_step_gets_it(trainer, pl_module, batch))
-                if tensors is None or tensors[1] is None:
-                    break
+                if tensors is None or (images and tensors[0].shape[1:] != images[0].shape[1:]):
+                    break  # not images, or images of another size than the first batch's: keep what fits together
                 images.append(tensors[0][: wanted - count])
-                labels.append(tensors[1][: wanted - count])
+                labels.append(None if tensors[1] is None else tensors[1][: wanted - count])
                 count += len(images[-1])
                 if count >= wanted:
                     break
         except Exception as error:  # a model without validation data still trains and publishes
             self._probe_error = f"validation images unavailable ({type(error).__name__}: {error})"
         if not images:
-            self._probe_error = self._probe_error or "no (images, labels) validation batches to probe with"
+            self._probe_error = self._probe_error or "no validation batches of images to probe with"
             return
         device = pl_module.device
-        all_images, all_labels = torch.cat(images).to(device), torch.cat(labels).to(device)
+        all_images = torch.cat(images).to(device)
+        all_labels, self._val_error = _class_labels(labels)
+        if self._val_error:  # unlabelled, multi-label, soft or regression targets, masks: images only
+            rank_zero_info(f"revacnn: {self._val_error}: validations are published without image predictions, and "
+                           "the probe's activation gradients are those of the sum of the outputs")
+        all_labels = None if all_labels is None else all_labels.to(device)
         if self.probe_images:
-            self._probe_batch = (all_images[: self.probe_images], all_labels[: self.probe_images])
-        if self.val_subset:
+            self._probe_batch = (all_images[: self.probe_images],
+                                 None if all_labels is None else all_labels[: self.probe_images])
+        if self.val_subset and all_labels is not None:
             self._val_subset = (all_images[: self.val_subset], all_labels[: self.val_subset])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
