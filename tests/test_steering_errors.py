@@ -65,6 +65,21 @@ class PermuteNet(nn.Module):
         return self.fc(F.relu(self.a(x)).permute(0, 2, 3, 1).reshape(x.shape[0], -1))
 
 
+class WidthCheckNet(nn.Module):
+    """Its forward insists on 4 channels after ``a``: a coupling that tracing the graph cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        if h.shape[1] != 4:
+            raise ValueError(f"expected 4 channels, got {h.shape[1]}")
+        return self.fc(F.relu(self.b(h)).mean((2, 3)))
+
+
 def C(op, **args):
     return {"id": "bad", "op": op, "args": args}
 
@@ -145,6 +160,17 @@ BAD = [
     (R, C("reinit_filters", layer="net.conv1", filters=[0], mode="values", values=[[["a"] * 5] * 3]),
      "not a nested list of numbers"),
     (R, C("reinit_filters", layer="net.conv2", filters=[0], mode="random", neighbours=[1]), "do not apply to mode"),
+    # A weight computed on each forward (pruning, weight_norm): widen left a pruned model broken; reinit and filter
+    # freezes were acknowledged and changed nothing.
+    ("pruned", C("widen", layer="net.conv2", count=1), "the weight of net.conv2 is pruned"),
+    ("pruned", C("remove_filters", layer="net.conv2", filters=[0]), "the weight of net.conv2 is pruned"),
+    ("pruned", C("reinit_filters", layer="net.conv2", filters=[0], mode="random"), "net.conv2 is pruned"),
+    ("pruned", C("freeze", layer="net.conv2", filters=[0]), "net.conv2 is pruned"),
+    ("pruned_reader", C("widen", layer="net.conv2", count=1), "the weight of net.conv3 is pruned"),
+    ("weightnorm", C("widen", layer="net.conv2", count=1), "the weight of net.conv2 is parametrized"),
+    ("weightnorm", C("reinit_filters", layer="net.conv2", filters=[0], mode="random"), "net.conv2 is parametrized"),
+    ("widthcheck", C("widen", layer="a", count=1), "the model's forward failed after the change (ValueError: "
+                                                   "expected 4 channels, got 5); the change was undone"),
 ]
 
 
@@ -152,12 +178,17 @@ def _make(kind):
     torch.manual_seed(0)
     x, y = batch(n=4)
     example = x
-    if kind in ("cat", "depthwise", "headless", "shared", "permute"):
+    if kind in ("cat", "depthwise", "headless", "shared", "permute", "widthcheck"):
         module = {"cat": CatNet, "depthwise": DepthwiseNet, "headless": HeadlessNet, "shared": SharedNet,
-                  "permute": PermuteNet}[kind]()
+                  "permute": PermuteNet, "widthcheck": WidthCheckNet}[kind]()
         optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
     else:
         module = build(N if kind == N else R)
+        if kind in ("pruned", "pruned_reader"):
+            torch.nn.utils.prune.l1_unstructured(module.net.conv2 if kind == "pruned" else module.net.conv3,
+                                                 "weight", amount=0.3)
+        elif kind == "weightnorm":
+            module.net.conv2 = torch.nn.utils.parametrizations.weight_norm(module.net.conv2)
         if kind == "adagrad":
             optimizer = torch.optim.Adagrad(module.parameters(), lr=0.01)
         else:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from . import commands as C
 from .errors import SteeringError
@@ -122,6 +123,26 @@ class SteeringEngine:
         mod = self._layer(name, op, nn.Conv2d, f"{op} needs a Conv2d layer")
         return mod
 
+    def _check_held_weights(self, name: str, op: str) -> None:
+        """Refuse a layer whose weight or bias is computed on each forward (pruning masks, weight_norm,
+        spectral_norm, ``torch.nn.utils.parametrize``): resizing or rewriting that tensor changes nothing that
+        lasts, and resizing its parts breaks the layer."""
+        mod = self.module.get_submodule(name)
+        for attr in ("weight", "bias"):
+            value = getattr(mod, attr, None)
+            if value is None or isinstance(value, nn.Parameter):
+                continue
+            if parametrize.is_parametrized(mod, attr):
+                how = "parametrized (torch.nn.utils.parametrize, e.g. weight_norm)"
+            elif hasattr(mod, attr + "_orig"):
+                how = "pruned (torch.nn.utils.prune: weight_orig × weight_mask)"
+            elif hasattr(mod, attr + "_g") or hasattr(mod, attr + "_v"):
+                how = "weight-normalised (weight_g, weight_v)"
+            else:
+                how = "computed by a forward hook"
+            raise SteeringError(f"{op}: the {attr} of {name} is {how}, not a Parameter this operation can resize "
+                                f"or rewrite")
+
     def _input(self):
         if self.example_input is None:
             return None
@@ -176,7 +197,14 @@ class SteeringEngine:
         compiled = "torch._dynamo" in sys.modules
         if compiled:
             torch.compiler.reset()
-        after = self._outputs()
+        try:
+            after = self._outputs()
+        except Exception as exc:  # a coupling the checks did not see: undo, so the model still runs
+            txn.rollback()
+            if compiled:
+                torch.compiler.reset()
+            raise SteeringError(f"{op}: the model's forward failed after the change ({type(exc).__name__}: {exc}); "
+                                "the change was undone") from exc
         return result, self._delta(before, after), compiled
 
     def _group(self, name: str, op: str) -> Group:
@@ -189,6 +217,8 @@ class SteeringEngine:
         if group is None:
             raise SteeringError(f"{op}: {name} is not used in forward on the example input")
         group.check(f"{op} {name}")
+        for member in [*group.producers, *group.batchnorms, *(reader for reader, _ in group.readers)]:
+            self._check_held_weights(member, op)
         if not group.readers:
             raise SteeringError(f"{op}: no layer reads the output of {name}; cannot change its channels")
         for b in group.batchnorms:
@@ -233,6 +263,7 @@ class SteeringEngine:
             raise SteeringError(f"{op}: needs 'layers' (a list of names) or 'layer' with 'filters'")
         name = C.get_str(args, "layer", op)
         conv = self._layer(name, op, nn.Conv2d, "single filters can be (un)frozen only in a Conv2d layer")
+        self._check_held_weights(name, op)
         filters = C.get_int_list(args, "filters", op, upper=conv.out_channels, what="filter")
         return [(name, conv)], filters
 
@@ -415,6 +446,7 @@ class SteeringEngine:
         op = "reinit_filters"
         name = C.get_str(args, "layer", op)
         conv = self._conv(name, op)
+        self._check_held_weights(name, op)
         filters = C.get_int_list(args, "filters", op, upper=conv.out_channels, what="filter")
         mode = C.get_choice(args, "mode", op, ("neighbours", "values", "random"))
         allowed = {"neighbours": {"neighbours", "distances"}, "values": {"values"}, "random": {"seed"}}[mode]
