@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -44,6 +45,10 @@ class Script(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self._drain(1.0)
         self.client.close()
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.client is not None:  # a socket left open keeps its context's term() waiting at garbage collection
+            self.client.close()
 
 
 def fit(root, plan, epochs=2, batches=10, ckpt_path=None, model=None, **callback_args):
@@ -166,3 +171,32 @@ def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp
         assert torch.equal(captured["optimizer"][key]["momentum_buffer"], state["momentum_buffer"])
     assert resumed.global_step == 20
     assert resumed_model.net.conv2.weight.shape[0] == 23
+
+
+@pytest.mark.parametrize("holder", ["StochasticWeightAveraging", "ModelPruning"])
+def test_structural_changes_are_refused_next_to_a_callback_that_copies_the_parameters(tmp_path, holder):
+    """SWA averages into a copy of the model and ModelPruning keeps original weights: a widen was acknowledged and
+    the run then died in that callback (SWA at its first average, ModelPruning at the first checkpoint) with a
+    shape mismatch. Structural commands are now refused with the reason; the others still apply."""
+    from pytorch_lightning.callbacks import ModelPruning, StochasticWeightAveraging
+
+    other = (StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1) if holder == "StochasticWeightAveraging"
+             else ModelPruning("l1_unstructured", amount=0.2))
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    script = Script(callback, {2: [("widen", {"layer": "net.conv2", "count": 2}),
+                                   ("remove_filters", {"layer": "net.conv2", "filters": [0]}),
+                                   ("insert_layer", {"after": "net.conv2"}), ("remove_layer", {"layer": "net.conv3"}),
+                                   ("freeze", {"layers": ["net.conv1"]})]})
+    model = ClassifierModule(ReVACNNNet())
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1, logger=False,
+                         callbacks=[callback, script, other], default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 12
+    acks = {ack["op"]: ack for ack in script.acks}
+    assert acks["freeze"]["status"] == "done"
+    for op in ("widen", "remove_filters", "insert_layer", "remove_layer"):
+        assert acks[op]["status"] == "error"
+        assert acks[op]["error"].startswith(f"{op}: the {holder} callback keeps"), acks[op]["error"]
+    assert sorted(tuple(p.shape) for p in model.net.conv2.parameters()) == [(20,), (20, 16, 5, 5)]
+    assert isinstance(model.net.conv3, torch.nn.Conv2d)

@@ -30,6 +30,7 @@ from revacnn.probes import FilterProbe, discover_layers, eval_mode, filter_chang
 from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS, Message
 from revacnn.publisher import Publisher
 from revacnn.scalars import StepBatch, add_scalars, scalar_values
+from revacnn.steering.commands import STRUCTURAL_OPS
 from revacnn.structure import layer_description, trace
 from revacnn.transfer import HostCopy, PendingMessage
 
@@ -784,6 +785,12 @@ class ReVACNNCallback(Callback):
         if op in LOOP_OPS:
             self._apply_loop_op(trainer, pl_module, command, op, args)
             return
+        holder = _parameter_copy_holder(trainer) if op in STRUCTURAL_OPS else None
+        if holder is not None:  # refused before anything changes, on every rank alike
+            self._ack(command, "error", trainer, error=f"{op}: {holder}, which cannot follow a change of shapes (the "
+                                                       "run would fail at its next use); train without it to change "
+                                                       "the network's structure")
+            return
         engine = self._steering_engine(trainer, pl_module, batch)
         ack = engine.apply({"id": command["id"], "op": op, "args": args})
         if not ack.get("ok"):
@@ -903,6 +910,18 @@ class ReVACNNCallback(Callback):
              result: dict[str, Any] | None = None) -> None:
         if self.publisher is not None:
             self.publisher.send_ack(command, status, step=trainer.global_step, error=error, result=result)
+
+
+def _parameter_copy_holder(trainer: pl.Trainer) -> str | None:
+    """Which callback of the run keeps its own copy of the model's parameters, keyed to their shapes, and what."""
+    from pytorch_lightning.callbacks import ModelPruning, StochasticWeightAveraging
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, StochasticWeightAveraging):
+            return "the StochasticWeightAveraging callback keeps a running average of the model's weights"
+        if isinstance(callback, ModelPruning):
+            return "the ModelPruning callback keeps masks and original weights of the layers it prunes"
+    return None
 
 
 def _loader_batch_size(trainer: pl.Trainer) -> int:

@@ -14,6 +14,7 @@ from .errors import SteeringError
 
 OPS = ("freeze", "unfreeze", "set_hparams", "widen", "remove_filters", "insert_layer", "remove_layer",
        "reinit_filters")
+STRUCTURAL_OPS = frozenset({"widen", "remove_filters", "insert_layer", "remove_layer"})  # they change shapes
 
 # op -> (required fields, optional fields)
 FIELDS: dict[str, tuple[set[str], set[str]]] = {
