@@ -300,3 +300,42 @@ def network_probe_menu(logdir) -> list[dict]:
         return out["net-probe"]["options"]
     finally:
         hub.stop()
+
+
+class LazyNet(torch.nn.Module):
+    """Its first conv and its classifier learn their input sizes in the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.LazyConv2d(8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.LazyLinear(10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_lazy_layers_are_watched_from_the_step_that_gives_them_their_shapes(tmp_path):
+    """Reading an uninitialised parameter's shape stopped all telemetry at the start (no step was recorded). The
+    callback now starts once the first batch has initialised them, and the model trains exactly as without it."""
+    def train(callbacks):
+        torch.manual_seed(5)
+        module = ClassifierModule(LazyNet())
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=callbacks,
+                             default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(module, DigitsDataModule(batch_size=16))
+        return module
+
+    callback = ReVACNNCallback(filters_every=1, snapshot_every=4, val_subset=KEPT)
+    watched, alone = train([callback]), train([])
+    for (name, value), (_, expected) in zip(watched.state_dict().items(), alone.state_dict().items()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    run = open_run(callback.run_dir)
+    assert run.status()["state"] == "finished" and "telemetry_error" not in run.status()
+    np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 3, 4])
+    np.testing.assert_array_equal(run.filter_series("net.conv1", "weight_norm")["step"], [2, 3, 4])
+    conv1 = next(layer for layer in run.structures()[-1][1]["layers"] if layer["name"] == "net.conv1")
+    assert (conv1["in"], conv1["out"]) == (3, 8)
+    np.testing.assert_allclose(run.snapshot(4)["arrays"]["weight/net.fc"], watched.net.fc.weight.detach().numpy())
+    assert run.val_predictions()["pred"].shape == (1, KEPT)

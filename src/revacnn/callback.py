@@ -8,12 +8,14 @@ command broadcast so that all of them steer identically at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +26,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServerKeys
 from revacnn.probes import FilterProbe, discover_layers, eval_mode, filter_change, probe_pass, tensor_stats
@@ -86,6 +89,33 @@ def _as_validation_step_gets_it(trainer: pl.Trainer, pl_module: pl.LightningModu
     batch = trainer.precision_plugin.convert_input(batch)
     batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
     return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+
+@contextlib.contextmanager
+def _randomness_kept(device: torch.device) -> Iterator[None]:
+    """Put the global random generators back afterwards (torch's CPU one and the module's CUDA device's, Python's,
+    NumPy's): the callback's own work — iterating the validation data draws a DataLoader seed, a forward may sample
+    noise — must leave the training's random draws, and so its results, as they are without the callback."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _own_forward(pl_module: pl.LightningModule) -> Iterator[None]:
+    """A forward of the callback's own (graph trace, probe pass, predictions): in the run's precision, and leaving
+    the random generators as it found them."""
+    with _randomness_kept(pl_module.device), pl_module.trainer.precision_plugin.forward_context():
+        yield
+
+
+def _has_lazy_parameters(module: nn.Module) -> bool:
+    return any(is_lazy(tensor) for tensor in (*module.parameters(), *module.buffers()))
 
 
 def _holds_run(directory: Path) -> bool:
@@ -249,6 +279,7 @@ class ReVACNNCallback(Callback):
         self._window_loss: torch.Tensor | None = None        # sum of the losses Lightning returned in this step
         self._window_batches = 0
         self._probe_armed = False                            # the probe's state while a validation runs
+        self._awaiting_shapes = False                        # lazy layers: telemetry starts after the first batch
         self._samples_per_s = 0.0
         self._batch_size = 0
 
@@ -342,8 +373,15 @@ class ReVACNNCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window_start = True
         self.layers = discover_layers(pl_module, self.layer_selectors)
+        # Lazy layers (LazyConv2d, LazyLinear) get their shapes in the first forward: telemetry and steering start
+        # after it, so the model is initialised by the training batch as it would be without this callback.
+        self._awaiting_shapes = _has_lazy_parameters(pl_module)  # on every rank: steering follows it
+        if self._awaiting_shapes:
+            rank_zero_info("revacnn: the model has lazy layers; telemetry and steering start once the first batch has "
+                           "given them their shapes")
         if trainer.is_global_zero:
-            self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
+            if not self._awaiting_shapes:
+                self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
             self._set_state("running", trainer)
 
     def _start_telemetry(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -366,21 +404,22 @@ class ReVACNNCallback(Callback):
             return
         images: list[torch.Tensor] = []
         labels: list[torch.Tensor | None] = []
-        try:
-            loader = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
-            loaders = loader if isinstance(loader, (list, tuple)) else [loader]
-            count = 0
-            for batch in loaders[0] if loaders and loaders[0] is not None else []:
-                tensors = _first_batch_tensors(_as_validation_step_gets_it(trainer, pl_module, batch))
-                if tensors is None or (images and tensors[0].shape[1:] != images[0].shape[1:]):
-                    break  # not images, or images of another size than the first batch's: keep what fits together
-                images.append(tensors[0][: wanted - count])
-                labels.append(None if tensors[1] is None else tensors[1][: wanted - count])
-                count += len(images[-1])
-                if count >= wanted:
-                    break
-        except Exception as error:  # a model without validation data still trains and publishes
-            self._probe_error = f"validation images unavailable ({type(error).__name__}: {error})"
+        with _randomness_kept(pl_module.device):  # a DataLoader iterator draws its seed from torch's generator
+            try:
+                loader = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+                loaders = loader if isinstance(loader, (list, tuple)) else [loader]
+                count = 0
+                for batch in loaders[0] if loaders and loaders[0] is not None else []:
+                    tensors = _first_batch_tensors(_as_validation_step_gets_it(trainer, pl_module, batch))
+                    if tensors is None or (images and tensors[0].shape[1:] != images[0].shape[1:]):
+                        break  # not images, or images of another size than the first batch's: keep what fits together
+                    images.append(tensors[0][: wanted - count])
+                    labels.append(None if tensors[1] is None else tensors[1][: wanted - count])
+                    count += len(images[-1])
+                    if count >= wanted:
+                        break
+            except Exception as error:  # a model without validation data still trains and publishes
+                self._probe_error = f"validation images unavailable ({type(error).__name__}: {error})"
         if not images:
             self._probe_error = self._probe_error or "no validation batches of images to probe with"
             return
@@ -437,7 +476,7 @@ class ReVACNNCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._batch_start_step = step = trainer.global_step  # this batch makes the steps after it
-        if self.steering and self._window_start:  # never between the batches of one accumulated gradient
+        if self.steering and self._window_start and not self._awaiting_shapes:  # never inside one accumulated step
             self._steer(trainer, pl_module, batch)
         if (self.probe is not None and self._window_start
                 and self.schedule.due(step, step + self._steps_per_batch, self.schedule.filters_every)):
@@ -455,6 +494,10 @@ class ReVACNNCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._awaiting_shapes:  # the first forward has given the lazy layers their shapes
+            self._awaiting_shapes = False
+            if trainer.is_global_zero:
+                self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
         step, previous = trainer.global_step, self._batch_start_step
         stepped = step != previous  # else this batch's gradient is accumulated for the next batch's
         self._window_start = stepped  # on every rank: steering follows it
@@ -542,7 +585,7 @@ class ReVACNNCallback(Callback):
         does not map those images to ``[N, classes]`` logits (the run goes on without predictions)."""
         images, _ = self._val_subset
         try:
-            with eval_mode(pl_module), trainer.precision_plugin.forward_context():
+            with eval_mode(pl_module), _own_forward(pl_module):
                 logits = [pl_module(chunk) for chunk in images.split(256)]
             wrong = next((out for out in logits if not isinstance(out, torch.Tensor) or out.dim() != 2), None)
             if wrong is not None:
@@ -674,7 +717,7 @@ class ReVACNNCallback(Callback):
     def _add_probe_maps(self, copy: HostCopy, pl_module: pl.LightningModule, body: dict[str, Any]) -> None:
         images, labels = self._probe_batch
         try:
-            with pl_module.trainer.precision_plugin.forward_context():
+            with _own_forward(pl_module):
                 activations, activation_grads = probe_pass(pl_module, self.layers, images, labels)
         except Exception as error:  # a forward that does not map images to logits: no maps, say why
             body["probe_error"] = f"probe pass failed ({type(error).__name__}: {error})"
@@ -711,7 +754,7 @@ class ReVACNNCallback(Callback):
                                   "edges": [], "layer_edges": []}
         if images is not None:
             try:
-                with pl_module.trainer.precision_plugin.forward_context():
+                with _own_forward(pl_module):
                     traced = trace(pl_module, images, [name for name, _ in self.layers])
             except Exception as error:
                 rank_zero_warn(f"revacnn: could not trace the model's graph ({type(error).__name__}: {error})")
