@@ -260,7 +260,7 @@ class ReVACNNCallback(Callback):
         self._state = "starting"
         self._probe_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._probe_error: str | None = None
-        self._val_subset: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._val_subset: tuple[torch.Tensor, np.ndarray] | None = None   # images (host), their classes
         self._val_error: str | None = None
         self._telemetry_error: str | None = None               # why telemetry stopped (an internal error)
         self._filter_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -434,7 +434,10 @@ class ReVACNNCallback(Callback):
             self._probe_batch = (all_images[: self.probe_images],
                                  None if all_labels is None else all_labels[: self.probe_images])
         if self.val_subset and all_labels is not None:
-            self._val_subset = (all_images[: self.val_subset], all_labels[: self.val_subset])
+            # In host memory (1,000 ImageNet-sized images are 600 MB): each validation moves them over in chunks.
+            kept = all_images[: self.val_subset].cpu()
+            self._val_subset = (kept.pin_memory() if all_images.is_cuda else kept,
+                                all_labels[: self.val_subset].cpu().numpy())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_state("stopped" if trainer.should_stop and self._state == "stopping" else "finished", trainer)
@@ -584,14 +587,16 @@ class ReVACNNCallback(Callback):
         """The predicted class of every kept validation image; None, with a warning once, when the module's forward
         does not map those images to ``[N, classes]`` logits (the run goes on without predictions)."""
         images, _ = self._val_subset
+        predictions = []
         try:
             with eval_mode(pl_module), _own_forward(pl_module):
-                logits = [pl_module(chunk) for chunk in images.split(256)]
-            wrong = next((out for out in logits if not isinstance(out, torch.Tensor) or out.dim() != 2), None)
-            if wrong is not None:
-                shape = list(wrong.shape) if isinstance(wrong, torch.Tensor) else ""
-                raise TypeError(f"forward returned {type(wrong).__name__}{shape}, not [N, classes] logits")
-            return torch.cat([out.argmax(dim=1) for out in logits])
+                for chunk in images.split(256):
+                    out = pl_module(chunk.to(pl_module.device, non_blocking=True))
+                    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                        shape = list(out.shape) if isinstance(out, torch.Tensor) else ""
+                        raise TypeError(f"forward returned {type(out).__name__}{shape}, not [N, classes] logits")
+                    predictions.append(out.argmax(dim=1))
+            return torch.cat(predictions)
         except Exception as error:
             self._val_subset = None
             self._val_error = f"predicting the kept validation images failed ({type(error).__name__}: {error})"
