@@ -278,12 +278,14 @@ def test_labels_that_are_not_class_indices_cost_the_predictions_not_the_recordin
     np.testing.assert_allclose(snapshot["arrays"]["probe_images"], probe_images.numpy())
     np.testing.assert_allclose(snapshot["arrays"]["actgrad/net.conv1"],
                                probe_gradient_of_the_output_sum(module, probe_images).numpy(), rtol=1e-4, atol=1e-7)
-    menu = network_probe_menu(tmp_path)
-    assert menu == [{"label": f"#{p}", "value": p} for p in range(8)], menu  # no made-up labels
+    network, embedding, filters = probe_menus(tmp_path)
+    assert network == [{"label": f"#{p}", "value": p} for p in range(8)], network  # no made-up labels
+    assert embedding == filters == [{"label": str(p), "value": p} for p in range(8)], (embedding, filters)
 
 
-def network_probe_menu(logdir) -> list[dict]:
-    """The network view's probe-image menu for conv1, the dashboard replaying the run recorded under ``logdir``."""
+def probe_menus(logdir) -> tuple[list[dict], list[dict], list[dict]]:
+    """The probe-image menus of the network view (for conv1), the embedding view and the filters view, the
+    dashboard replaying the run recorded under ``logdir``."""
     from revacnn_dash.app import create_app
     from revacnn_dash.hub import Hub
     from test_analysis import dash_call
@@ -297,7 +299,11 @@ def network_probe_menu(logdir) -> list[dict]:
         out = dash_call(client, deps, "net-probe.options", [
             ("net-selected", "data", {"layer": "net.conv1", "filters": [0]}), ("tick-network", "data", 1),
             ("net-probe", "value", 0)], [("run-select", "value", key), ("tabs", "value", "network")])
-        return out["net-probe"]["options"]
+        menus = dash_call(client, deps, "emb-probe.options", [("tick-layers", "data", [1, 0]),
+                                                              ("run-select", "value", key)],
+                          [("emb-layer", "value", None), ("fil-layer", "value", None), ("emb-layer", "options", None),
+                           ("emb-probe", "options", None)])
+        return out["net-probe"]["options"], menus["emb-probe"]["options"], menus["fil-probe"]["options"]
     finally:
         hub.stop()
 

@@ -602,7 +602,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         if not names:  # the run monitors no layer (its module has none): nothing to choose
             return [], None, [], [], None, []
         snap = state.snapshot
-        n_probe = len(snap.body.get("probe_labels") or []) if snap is not None else 0
+        n_probe = len(snap.arrays.get("probe_images", [])) if snap is not None else 0
         probes = [{"label": str(i), "value": i} for i in range(n_probe)]
         if opts == old_opts and probes == old_probes and emb_layer in names and fil_layer in names:
             return no_update, no_update, no_update, no_update, no_update, no_update
