@@ -260,7 +260,7 @@ def test_labels_that_are_not_class_indices_cost_the_predictions_not_the_recordin
     digits.setup()
     if labels == "multi-label":
         train, val = one_hot_batches(digits.train_set.tensors), one_hot_batches(digits.val_set.tensors)
-        module, why = MultiLabel(ReVACNNNet()), "the validation labels are float32 ['N', 10], not one class index"
+        module, why = MultiLabel(ReVACNNNet()), "the validation labels are float32 [N, 10], not one class index"
     else:
         train, val = digits.train_set, torch.utils.data.TensorDataset(digits.val_set.tensors[0])
         module, why = Unlabelled(ReVACNNNet()), "the validation batches carry no labels"

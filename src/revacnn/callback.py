@@ -78,7 +78,7 @@ def _class_labels(labels: list[torch.Tensor | None]) -> tuple[torch.Tensor | Non
     shapes = {tuple(batch.shape[1:]) for batch in labels}
     dtype = str(labels[0].dtype).removeprefix("torch.")
     if shapes != {()} or labels[0].is_floating_point() or labels[0].is_complex():
-        shape = ["N", *next(iter(shapes))] if len(shapes) == 1 else "of several shapes"
+        shape = f"[{', '.join(['N', *map(str, next(iter(shapes)))])}]" if len(shapes) == 1 else "of several shapes"
         return None, f"the validation labels are {dtype} {shape}, not one class index per image"
     return torch.cat(labels), None
 
