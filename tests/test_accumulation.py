@@ -170,3 +170,38 @@ def test_two_optimizer_steps_per_batch_still_meet_every_schedule(tmp_path):
 ])
 def test_schedule_is_due_when_the_batchs_steps_include_step_one_or_a_multiple(previous, step, every, due):
     assert Schedule().due(previous, step, every) is due
+
+
+class GradientsAsEachOptimizerSteps(pl.Callback):
+    """Per global step after it: the gradient and weight of ``head`` and ``net.conv1`` as their own optimizer is
+    about to step them (the second optimizer holds ``head``)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        name, layer = (("head", pl_module.head) if optimizer is trainer.optimizers[1]
+                       else ("net.conv1", pl_module.net.conv1))
+        step = trainer.global_step + 2 - trainer.global_step % 2  # the batch's second step, the one published
+        self.seen.setdefault(step, {})[name] = (layer.weight.detach().clone(), layer.weight.grad.detach().clone())
+
+
+def test_with_two_optimizers_each_layer_is_measured_as_its_own_optimizer_steps_it(tmp_path):
+    """Every layer's gradient was read when the first optimizer stepped: the second optimizer's layers showed the
+    gradient left from the batch before (zeros at the first step)."""
+    torch.manual_seed(2)
+    callback, witness = ReVACNNCallback(filters_every=2, snapshot_every=0), GradientsAsEachOptimizerSteps()
+    trainer = pl.Trainer(max_steps=8, callbacks=[callback, witness], default_root_dir=tmp_path, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0)
+    trainer.fit(TwoOptimizers(), DigitsDataModule(batch_size=16))
+    run = open_run(callback.run_dir)
+    for name in ("head", "net.conv1"):
+        grad_sq = run.filter_series(name, "grad_sq_mean")
+        weight_norm = run.filter_series(name, "weight_norm")
+        np.testing.assert_array_equal(grad_sq["step"], [2, 4, 6, 8])
+        for row, step in enumerate(grad_sq["step"]):
+            weight, grad = witness.seen[int(step)][name]
+            np.testing.assert_allclose(grad_sq["values"][row], grad.pow(2).flatten(1).mean(1).numpy(), rtol=1e-5,
+                                       err_msg=f"{name} at step {step}")
+            np.testing.assert_allclose(weight_norm["values"][row], weight.flatten(1).norm(dim=1).numpy(), rtol=1e-5)

@@ -489,8 +489,12 @@ class ReVACNNCallback(Callback):
             self._batch_size = int(tensors[0].shape[0])
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if self.probe is not None and self.probe.armed:
+        if self.probe is None or not self.probe.armed:
+            return
+        if len(trainer.optimizers) == 1:
             self._telemetry(trainer, self._measure)
+        else:  # each layer as its own optimizer steps it; measured at the batch's end, once every optimizer has
+            self._telemetry(trainer, lambda: self.probe.hold(optimizer))
 
     def _measure(self) -> None:
         self._filter_stats = self.probe.measure()
@@ -503,6 +507,8 @@ class ReVACNNCallback(Callback):
                 self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
         step, previous = trainer.global_step, self._batch_start_step
         stepped = step != previous  # else this batch's gradient is accumulated for the next batch's
+        if stepped and self.probe is not None and self.probe.holding:  # several optimizers stepped this batch
+            self._telemetry(trainer, self._measure)
         self._window_start = stepped  # on every rank: steering follows it
         if stepped:
             self._steps_per_batch = step - previous

@@ -76,6 +76,7 @@ class FilterProbe:
         self._activations: dict[str, torch.Tensor] = {}      # per layer: Σ of its outputs' channel means
         self._activation_calls: dict[str, int] = {}
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # flat weights and their row norms
+        self._held: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # weight, grad as their optimizer stepped
         self._segment_cache: tuple | None = None
         self._handles: list = []
 
@@ -94,6 +95,7 @@ class FilterProbe:
         self.layers = list(layers)
         self._previous = None
         self._activations, self._activation_calls = {}, {}
+        self._held = {}
         self.attach()
 
     def _hook(self, name: str):
@@ -110,6 +112,24 @@ class FilterProbe:
         """Record activations from now until ``measure``: every forward through a layer, averaged."""
         self.armed = True
         self._activations, self._activation_calls = {}, {}
+        self._held = {}
+
+    @torch.no_grad()
+    def hold(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep the weight and gradient of every layer ``optimizer`` is about to step, for the next ``measure``.
+
+        For modules that step several optimizers in one batch (a GAN's discriminator and generator): each layer is
+        then measured as its own optimizer saw it, not with the gradient another optimizer's step found there.
+        The first hold of a layer in a step counts."""
+        stepped = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        for name, module in self.layers:
+            weight = module.weight
+            if id(weight) in stepped and name not in self._held:
+                self._held[name] = (weight.detach().clone(), None if weight.grad is None else weight.grad.detach().clone())
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
 
     @torch.no_grad()
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,12 +141,13 @@ class FilterProbe:
         """
         self.armed = False
         params = [module.weight for _, module in self.layers]
-        weights = torch.cat([weight.detach().reshape(-1) for weight in params]).float()
-        grads = torch.cat([(weight if weight.grad is None else weight.grad).detach().reshape(-1)
-                           for weight in params]).float()
+        pairs = [self._held.get(name) or (module.weight.detach(), module.weight.grad) for name, module in self.layers]
+        self._held = {}
+        weights = torch.cat([weight.reshape(-1) for weight, _ in pairs]).float()
+        grads = torch.cat([(weight if grad is None else grad.detach()).reshape(-1) for weight, grad in pairs]).float()
         segments = self._segments(params, weights.device)
         previous = self._previous if self._previous is not None and self._previous[0].shape == weights.shape else None
-        frozen = [weight.grad is None for weight in params]
+        frozen = [grad is None for _, grad in pairs]
         activations = [self._mean_activation(name) for name, _ in self.layers]
         self._activations, self._activation_calls = {}, {}
         numpy_possible = weights.device.type == "cpu" and segments.all_nonempty
