@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from revacnn import ReVACNNCallback
-from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
 
 
 class Dropout(ClassifierModule):
@@ -27,6 +27,13 @@ class NoisyForward(ClassifierModule):
         return self.net(x + 0.1 * torch.randn_like(x))
 
 
+class WithBatchNorm(ClassifierModule):
+    """The demo's ResNet: BatchNorm running statistics change in any training-mode forward."""
+
+    def __init__(self, _net) -> None:
+        super().__init__(SmallResNet())
+
+
 def train(module_class, callbacks, root) -> dict[str, torch.Tensor]:
     torch.manual_seed(11)
     module = module_class(ReVACNNNet())
@@ -37,7 +44,7 @@ def train(module_class, callbacks, root) -> dict[str, torch.Tensor]:
     return module.state_dict()
 
 
-@pytest.mark.parametrize("module_class", [ClassifierModule, Dropout, NoisyForward])
+@pytest.mark.parametrize("module_class", [ClassifierModule, Dropout, NoisyForward, WithBatchNorm])
 def test_the_callback_leaves_the_training_as_it_is_without_it(tmp_path, module_class):
     """Iterating the validation data for the kept images drew a DataLoader seed from torch's generator, so every
     later shuffle and dropout mask differed from the run without the callback."""
