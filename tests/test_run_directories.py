@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 
 from revacnn import ReVACNNCallback
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
@@ -44,13 +45,15 @@ def test_a_second_fit_with_the_same_callback_is_a_new_run(tmp_path):
 
 
 def test_a_named_run_dir_that_holds_a_run_is_used_with_a_warning(tmp_path):
-    """The user named it: it is theirs (a resumed run goes on with its recording), but they are told."""
+    """The user named it: it is theirs (a resumed run goes on with its recording), but they are told. The new run's
+    steps replace the old run's from its first step on; every row stays on disk."""
     run_dir = tmp_path / "exp1"
     fit(ReVACNNCallback(run_dir=run_dir), tmp_path, 2)
     with pytest.warns(UserWarning, match="already holds a recorded run"):
         run = fit(ReVACNNCallback(run_dir=run_dir), tmp_path, 2)
     assert run.path == run_dir
-    np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 1, 2])
+    np.testing.assert_array_equal(run.scalars()["step"], [1, 2])
+    np.testing.assert_array_equal(run.table("scalars").column("step").to_numpy(), [1, 2, 1, 2])
 
 
 @pytest.mark.parametrize("tune", ["lr_find", "scale_batch_size"])
@@ -74,3 +77,57 @@ def test_a_tuners_trial_fit_leaves_no_run_behind(tmp_path, tune):
     run = open_run(tmp_path / "revacnn")
     np.testing.assert_array_equal(run.scalars()["step"], [1, 2, 3])
     assert run.summary()["run_id"] == callback.run_id
+
+
+class LossesAndWeights(pl.Callback):
+    """Each optimizer step's loss, and conv1's weight after it."""
+
+    def __init__(self) -> None:
+        self.loss: dict[int, float] = {}
+        self.weight: dict[int, np.ndarray] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss[trainer.global_step] = float(outputs["loss"])
+        self.weight[trainer.global_step] = pl_module.net.conv1.weight.detach().numpy().copy()
+
+
+def test_a_run_resumed_into_its_recording_replaces_the_steps_the_checkpoint_abandoned(tmp_path):
+    """Resumed from its step-4 checkpoint into the run directory it named, a run recorded steps 5 and 6 a second
+    time after the first run's 5 and 6: the charts went back in time, the first run's step-6 snapshot was shown for
+    the second's, and its validation at step 6 twice. A reader now shows the latest timeline, as TensorBoard does."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def fit_digits(max_steps, witness, *extra, ckpt_path=None):
+        callback = ReVACNNCallback(run_dir=tmp_path / "run", filters_every=1, snapshot_every=2)
+        trainer = pl.Trainer(max_steps=max_steps, limit_val_batches=2, val_check_interval=3,
+                             callbacks=[callback, witness, *extra], default_root_dir=tmp_path, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        torch.manual_seed(0)
+        trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+
+    first, second = LossesAndWeights(), LossesAndWeights()
+    fit_digits(6, first, ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=4, save_top_k=-1))
+    with pytest.warns(UserWarning, match="already holds a recorded run"):
+        fit_digits(9, second, ckpt_path=tmp_path / "checkpoints" / "epoch=0-step=4.ckpt")
+    assert first.loss[5] != second.loss[5]  # the batches after the checkpoint differ: a real branch
+    run = open_run(tmp_path / "run")
+    scalars = run.scalars()
+    np.testing.assert_array_equal(scalars["step"], np.arange(1, 10))
+    expected = [first.loss[step] for step in range(1, 5)] + [second.loss[step] for step in range(5, 10)]
+    np.testing.assert_allclose(scalars["loss"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(run.filter_series("net.conv1", "weight_norm")["step"], np.arange(1, 10))
+    np.testing.assert_array_equal(run.layer_series()["step"], np.arange(1, 10))
+    np.testing.assert_array_equal(run.val_predictions()["steps"], [3, 6, 9])
+    assert run.snapshot_steps() == [1, 2, 4, 6, 8]
+    np.testing.assert_array_equal(run.snapshot(6)["arrays"]["weight/net.conv1"], second.weight[6])
+    assert run.last_step() == 9
+    from revacnn_dash.hub import Hub
+
+    hub = Hub([], logdir=str(tmp_path), warm_umap=False)
+    try:
+        hub.scan_logdir()
+        (state,) = hub.runs.values()
+        assert [row["step"] for row in state.val] == [3, 6, 9]   # the replayed training chart
+        np.testing.assert_array_equal(state.scalars.since(0)[0]["step"], np.arange(1, 10))
+    finally:
+        hub.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -143,15 +142,12 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
                                       "weight_decay": _col(scal, "weight_decay/0", i),
                                       "batch_size": _col(scal, "batch_size", i),
                                       "samples_per_s": _col(scal, "samples_per_s", i)})
-        table = reader.table("val")
-        if table is not None:
-            for row_step, body in zip(table.column("step").to_pylist(), table.column("body").to_pylist()):
-                try:
-                    metrics = json.loads(body).get("metrics", {}) if isinstance(body, str) else {}
-                except ValueError:
-                    metrics = {}
-                state.val.append({"step": row_step, "val_loss": metrics.get(metric_name(metrics, "loss", "val")),
-                                  "val_acc": metrics.get(metric_name(metrics, "acc", "val"))})
+        val = reader.val_predictions()  # the latest timeline: a resumed run's validations replace the abandoned ones
+        columns = {kind: val["metrics"].get(metric_name(val["metrics"], kind, "val")) for kind in ("loss", "acc")}
+        for i, row_step in enumerate(val["steps"].tolist()):
+            values = {kind: None if column is None or not np.isfinite(column[i]) else float(column[i])
+                      for kind, column in columns.items()}
+            state.val.append({"step": row_step, "val_loss": values["loss"], "val_acc": values["acc"]})
         for entry in reader.steering_log():
             event = state._add_event(str(entry.get("id")), str(entry.get("op")), entry.get("args") or {},
                                      note="recorded")

@@ -347,8 +347,8 @@ class ReVACNNCallback(Callback):
             self.run_dir = _unused_run_dir(log_dir)
         elif _holds_run(self.run_dir):
             rank_zero_warn(f"revacnn: {self.run_dir} already holds a recorded run; this run is recorded into it too, "
-                           "after it (a run resumed from a checkpoint goes on with its recording). Pass a fresh "
-                           "run_dir to keep runs apart")
+                           "and from its first step on replaces what was recorded there (a run resumed from a "
+                           "checkpoint goes on with its recording). Pass a fresh run_dir to keep runs apart")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sinks = []
         if self.record:

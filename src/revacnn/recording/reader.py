@@ -114,6 +114,18 @@ def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.to_pylist(), dtype=object)
 
 
+def _latest_timeline(steps: np.ndarray) -> np.ndarray:
+    """Which rows, given in the order they were written, no later row supersedes. A run resumed from a checkpoint
+    into the same recording starts again at an earlier step, and what it writes replaces every row written before
+    from that step on (the branch the checkpoint abandoned), as TensorBoard purges on a restart; so does a new run
+    recorded into a directory named for an older one. One run's rows, whose steps only grow, all pass."""
+    keep = np.ones(len(steps), bool)
+    if len(steps) > 1:
+        later_min = np.minimum.accumulate(steps[::-1])[::-1]
+        keep[:-1] = steps[:-1] < later_min[1:]
+    return keep
+
+
 def _range_mask(steps: np.ndarray, start: int | None, stop: int | None, ends: np.ndarray | None = None):
     ends = steps if ends is None else ends
     mask = np.ones(len(steps), bool)
@@ -223,7 +235,7 @@ class RunReader:
         if table is None:
             return {"step": np.zeros(0, np.int64)}
         steps = table.column("step").to_numpy(zero_copy_only=False)
-        index = np.nonzero(_range_mask(steps, start, stop))[0][::max(1, int(every))]
+        index = np.nonzero(_latest_timeline(steps) & _range_mask(steps, start, stop))[0][::max(1, int(every))]
         table = table.take(pa.array(index, pa.int64()))
         return {name: _column_numpy(table.column(name)) for name in table.column_names}
 
@@ -242,7 +254,7 @@ class RunReader:
         if table is None:
             return {"step": np.zeros(0, np.int64), "layers": [], "values": np.zeros((0, 0), np.float32)}
         steps = table.column("step").to_numpy()
-        mask = _range_mask(steps, start, stop)
+        mask = _latest_timeline(steps) & _range_mask(steps, start, stop)
         names = [name for name in table.column_names if name not in ("step", "time")]
         values = np.stack([_column_numpy(table.column(name)).astype(np.float32) for name in names], axis=1) \
             if names else np.zeros((len(steps), 0), np.float32)
@@ -298,6 +310,7 @@ class RunReader:
             else:
                 starts = ends = seg = row = np.zeros(0, np.int64)
             rows.append((starts, ends, seg, row))
+        rows[0] = tuple(column[_latest_timeline(rows[0][0])] for column in rows[0])  # single records, in order
         choice = None
         for level in range(len(levels)):
             selection = self._merge(rows, level)
@@ -427,21 +440,25 @@ class RunReader:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        out = []
+        written = []
         for name in names:
             if name.startswith("snapshot-") and name.endswith(".safetensors"):
                 try:
                     _, step, seq = name[:-len(".safetensors")].split("-")
-                    out.append((int(step), int(seq), directory / name))
-                except ValueError:
+                    path = directory / name
+                    written.append((path.stat().st_mtime_ns, int(step), int(seq), path))
+                except (ValueError, FileNotFoundError):
                     continue
-        return sorted(out)
+        written.sort()  # in the order written (a resumed run's ``seq`` starts again)
+        latest = _latest_timeline(np.asarray([step for _, step, _, _ in written], np.int64))
+        return sorted((step, seq, path) for (_, step, seq, path), keep in zip(written, latest) if keep)
 
     def snapshot_steps(self) -> list[int]:
         return sorted({step for step, _, _ in self._snapshot_files()})
 
     def snapshot(self, step: int) -> dict[str, Any]:
-        """The (last) snapshot taken at ``step``: ``{"body", "arrays", "step", "seq", "time"}``."""
+        """The snapshot taken at ``step`` (by the run that wrote last, where a resumed run took one there too):
+        ``{"body", "arrays", "step", "seq", "time"}``."""
         from safetensors import safe_open
 
         files = [f for f in self._snapshot_files() if f[0] == int(step)]
@@ -464,6 +481,9 @@ class RunReader:
         if table is None:
             return {"steps": np.zeros(0, np.int64), "epochs": np.zeros(0), "pred": np.zeros((0, 0), np.int16),
                     "label": np.zeros(0, np.int16), "metrics": {}, "error": None}
+        latest = _latest_timeline(_column_numpy(table.column("step")))
+        if not latest.all():
+            table = table.filter(pa.array(latest))
         steps = _column_numpy(table.column("step"))
         preds = table.column("pred").to_pylist()
         labels = [label for label in table.column("label").to_pylist() if label is not None]
@@ -490,7 +510,7 @@ class RunReader:
         for path in reversed(list_segments(self.path / "scalars")):
             _, table, _ = read_segment(path)
             if table is not None and table.num_rows:
-                return int(pc.max(table.column("step")).as_py())
+                return int(table.column("step")[-1].as_py())  # the last written (a resumed run starts lower)
         events = self.table("events")
         if events is not None and events.column("step").null_count < events.num_rows:
             return int(pc.max(events.column("step")).as_py())
