@@ -103,6 +103,7 @@ def test_big_layer_is_binned():
     assert len(model["nodes"]) == 64
     assert model["nodes"][0]["filters"][0] == 0 and model["nodes"][-1]["filters"][-1] == 999
     assert sum(len(n["filters"]) for n in model["nodes"]) == 1000
+    assert model["columns"][0]["caption"] == "1000 (in 64 bins)"  # under the column: the layer's filters, not nodes
 
 
 def test_procrustes_recovers_a_rotated_scaled_shifted_layout():

@@ -898,7 +898,7 @@ def _network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
         notes.append({"x": col["x"], "y": 1.06 if crowded and ci % 2 else 1.02, "xref": "x", "yref": "paper",
                       "text": label, "showarrow": False,
                       "font": {"size": 10 if crowded else 11, "color": "#0277bd" if col.get("frozen") else "#222"}})
-        notes.append({"x": col["x"], "y": -0.03, "xref": "x", "yref": "paper", "text": f"{col['count']}",
+        notes.append({"x": col["x"], "y": -0.03, "xref": "x", "yref": "paper", "text": col["caption"],
                       "showarrow": False, "font": {"size": 10, "color": "#777"}})
         if col.get("frozen"):
             shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": col["x"] - 0.3, "x1": col["x"] + 0.3,

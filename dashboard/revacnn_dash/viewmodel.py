@@ -167,6 +167,7 @@ def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndar
                     "norm": _mean(f.get("weight_norm"), a, b), "frozen": bool(frozen[a:b].all()) if b > a else False})
             col["frozen"] = layer.get("frozen") == "all"
             col["partly_frozen"] = bool(frozen.any())
+            col["caption"] = f"{out}" if len(members) == out else f"{out} (in {len(members)} bins)"
         else:
             lnames = col["layers"]
             for a, b in _bins(len(lnames), max_nodes):
@@ -186,6 +187,7 @@ def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndar
                     "out": sum(int(layers[n]["out"]) for n in group)})
             col["frozen"] = all(layers[n].get("frozen") == "all" for n in lnames)
             col["partly_frozen"] = any(layers[n].get("frozen") for n in lnames)
+            col["caption"] = f"{len(lnames)} layers"
         n = len(members)
         ids = []
         for i, m in enumerate(members):
@@ -195,7 +197,6 @@ def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndar
             ids.append(len(nodes))
             nodes.append(m)
         col["x"] = float(ci)
-        col["count"] = n
         col_nodes.append(ids)
 
     # paths between consecutive connected columns; thickness from the source's activation strength
