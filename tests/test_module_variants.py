@@ -345,3 +345,48 @@ def test_lazy_layers_are_watched_from_the_step_that_gives_them_their_shapes(tmp_
     assert (conv1["in"], conv1["out"]) == (3, 8)
     np.testing.assert_allclose(run.snapshot(4)["arrays"]["weight/net.fc"], watched.net.fc.weight.detach().numpy())
     assert run.val_predictions()["pred"].shape == (1, KEPT)
+
+
+class BinaryClassifier(ClassifierModule):
+    """One logit per image (BCE with logits): is the digit 5 or more?"""
+
+    def __init__(self) -> None:
+        super().__init__(ReVACNNNet(num_classes=1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x)[:, 0], y.float())
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.binary_cross_entropy_with_logits(self(x)[:, 0], y.float()))
+
+
+def test_a_binary_classifier_with_one_logit_gets_its_predictions_and_probe_maps(tmp_path):
+    """argmax over one logit made every prediction class 0, and the probe's cross-entropy over one class failed on
+    label 1, so the snapshots had no activation maps."""
+    digits = DigitsDataModule(batch_size=16)
+    digits.setup()
+    binary = [torch.utils.data.TensorDataset(images, (labels >= 5).long())
+              for images, labels in (digits.train_set.tensors, digits.val_set.tensors)]
+    loaders = tuple(torch.utils.data.DataLoader(data, batch_size=16) for data in binary)
+    module = BinaryClassifier()
+    run = fit(tmp_path, module, loaders)
+    images, labels = binary[1].tensors
+    module.eval()
+    with torch.no_grad():
+        expected = (module.net(images[:KEPT])[:, 0] > 0).long().numpy()
+    val = run.val_predictions()
+    np.testing.assert_array_equal(val["pred"], [expected])
+    np.testing.assert_array_equal(val["label"], labels[:KEPT].numpy())
+    snapshot = run.snapshot(4)
+    assert "probe_error" not in snapshot["body"]
+    probe = images[:8].clone().requires_grad_(True)
+    kept = {}
+    handle = module.net.conv1.register_forward_hook(lambda _module, _inputs, output: kept.update(out=output))
+    try:
+        logit = module.net(probe)[:, 0]
+        (grad,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(logit, labels[:8].float()), [kept["out"]])
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(snapshot["arrays"]["actgrad/net.conv1"], grad.numpy(), rtol=1e-4, atol=1e-8)

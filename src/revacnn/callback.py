@@ -601,7 +601,8 @@ class ReVACNNCallback(Callback):
                     if not isinstance(out, torch.Tensor) or out.dim() != 2:
                         shape = list(out.shape) if isinstance(out, torch.Tensor) else ""
                         raise TypeError(f"forward returned {type(out).__name__}{shape}, not [N, classes] logits")
-                    predictions.append(out.argmax(dim=1))
+                    # one output per image is a binary classifier's logit of class 1
+                    predictions.append((out[:, 0] > 0).long() if out.shape[1] == 1 else out.argmax(dim=1))
             return torch.cat(predictions)
         except Exception as error:
             self._val_subset = None

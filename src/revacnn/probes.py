@@ -325,13 +325,22 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             sub.training = flag
 
 
+def _probe_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The probe batch's loss: cross-entropy for ``[N, classes]`` logits, binary cross-entropy for one logit per
+    image (a binary classifier), the sum of the outputs without class labels or for outputs of another shape."""
+    if labels is None or logits.dim() != 2:
+        return logits.float().sum()
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0].float(), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
 def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], images: torch.Tensor,
                labels: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Outputs of every monitored layer on the probe images, and the gradient of the probe loss w.r.t. them.
 
     Runs in eval mode (BatchNorm statistics and dropout untouched) and differentiates only with respect to the
-    activations, so no parameter's ``.grad`` changes. The loss is the cross-entropy with ``labels`` (or the sum of
-    the logits when there are none).
+    activations, so no parameter's ``.grad`` changes. The loss is ``_probe_loss``.
     """
     outputs: dict[str, torch.Tensor] = {}
 
@@ -348,8 +357,7 @@ def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], image
             logits = module(images)
             if not isinstance(logits, torch.Tensor):
                 raise TypeError(f"forward returned {type(logits).__name__}, not a tensor of logits")
-            loss = (F.cross_entropy(logits, labels) if labels is not None and logits.dim() == 2
-                    else logits.float().sum())
+            loss = _probe_loss(logits, labels)
             names = [name for name in outputs if outputs[name].requires_grad]
             grads = torch.autograd.grad(loss, [outputs[name] for name in names], allow_unused=True)
     finally:
