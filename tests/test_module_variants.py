@@ -390,3 +390,29 @@ def test_a_binary_classifier_with_one_logit_gets_its_predictions_and_probe_maps(
     finally:
         handle.remove()
     np.testing.assert_allclose(snapshot["arrays"]["actgrad/net.conv1"], grad.numpy(), rtol=1e-4, atol=1e-8)
+
+
+class Int32Labels(ClassifierModule):
+    """Its datasets store classes as int32 (as numpy arrays on some platforms do); its steps cast them."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y.long())
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y.long()))
+
+
+def test_int32_class_labels_are_class_indices(tmp_path):
+    """The probe's cross-entropy refused int32 targets, so the snapshots had no activation maps."""
+    digits = DigitsDataModule(batch_size=16)
+    digits.setup()
+    small = [torch.utils.data.TensorDataset(images, labels.to(torch.int32))
+             for images, labels in (digits.train_set.tensors, digits.val_set.tensors)]
+    run = fit(tmp_path, Int32Labels(ReVACNNNet()),
+              tuple(torch.utils.data.DataLoader(data, batch_size=16) for data in small))
+    snapshot = run.snapshot(4)
+    assert "probe_error" not in snapshot["body"], snapshot["body"]["probe_error"]
+    assert snapshot["body"]["probe_labels"] == digits.val_set.tensors[1][:8].tolist()
+    np.testing.assert_array_equal(run.val_predictions()["label"], digits.val_set.tensors[1][:KEPT].numpy())

@@ -80,7 +80,7 @@ def _class_labels(labels: list[torch.Tensor | None]) -> tuple[torch.Tensor | Non
     if shapes != {()} or labels[0].is_floating_point() or labels[0].is_complex():
         shape = f"[{', '.join(['N', *map(str, next(iter(shapes)))])}]" if len(shapes) == 1 else "of several shapes"
         return None, f"the validation labels are {dtype} {shape}, not one class index per image"
-    return torch.cat(labels), None
+    return torch.cat(labels).long(), None  # int32 or bool classes too: cross-entropy wants int64
 
 
 def _as_validation_step_gets_it(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
