@@ -96,6 +96,39 @@ class DictBatches(torch.utils.data.Dataset):
         return {"image": self.images[index], "label": self.labels[index]}
 
 
+class PixelValueBatches(torch.utils.data.Dataset):
+    """Batches as Hugging Face image datasets give them."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+class TakesPixelValues(ClassifierModule):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["pixel_values"]), batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch["pixel_values"]), batch["labels"]))
+
+
+def test_dict_batches_with_pixel_values_give_probe_images_and_predictions(tmp_path):
+    """``pixel_values`` was not a key the callback looked for: no probe images, no predictions."""
+    digits = DigitsDataModule(batch_size=16)
+    digits.setup()
+    loaders = tuple(torch.utils.data.DataLoader(PixelValueBatches(*data.tensors), batch_size=16)
+                    for data in (digits.train_set, digits.val_set))
+    witness = ValPredictionWitness(digits)
+    run = fit(tmp_path, TakesPixelValues(ReVACNNNet()), loaders, witness)
+    np.testing.assert_allclose(run.snapshot(4)["arrays"]["probe_images"], digits.val_set.tensors[0][:8].numpy())
+    np.testing.assert_array_equal(run.val_predictions()["pred"], np.stack(witness.predictions))
+
+
 class ForwardTakesTheBatch(ClassifierModule):
     """``forward`` takes the whole batch dict: the callback cannot call it on images."""
 

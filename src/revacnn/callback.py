@@ -63,7 +63,8 @@ def _first_batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
         return batch[0], labels
     if isinstance(batch, dict):
-        images = next((batch[k] for k in ("image", "images", "x", "input", "inputs") if k in batch), None)
+        images = next((batch[k] for k in ("image", "images", "img", "pixel_values", "x", "input", "inputs")
+                       if k in batch), None)
         labels = next((batch[k] for k in ("label", "labels", "y", "target", "targets") if k in batch), None)
         if isinstance(images, torch.Tensor):
             return images, labels if isinstance(labels, torch.Tensor) else None
