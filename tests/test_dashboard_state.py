@@ -334,12 +334,13 @@ def test_hub_shows_several_live_runs():
         b.close(timeout=1)
 
 
-def test_the_training_chart_extends_and_is_redrawn_from_the_ring_once_the_page_holds_one_and_a_half_rings():
+def training_chart(state: RunState):
+    """A hub showing ``state`` and a function that makes the page's training-chart request with a cursor,
+    returning the figure (or Patch) and the new cursor."""
     from revacnn_dash.app import create_app
     from revacnn_dash.hub import Hub
 
     hub = Hub([], warm_umap=False)
-    state = RunState("chart", scalar_capacity=100)
     hub.runs[state.key] = state
     client = create_app(hub).server.test_client()
     dep = next(d for d in client.get("/_dash-dependencies").get_json()
@@ -357,6 +358,13 @@ def test_the_training_chart_extends_and_is_redrawn_from_the_ring_once_the_page_h
         assert response.status_code == 200, response.data[:300]
         body = response.get_json()["response"]
         return body["train-graph"]["figure"], body["train-cursor"]["data"]
+
+    return hub, tick
+
+
+def test_the_training_chart_extends_and_is_redrawn_from_the_ring_once_the_page_holds_one_and_a_half_rings():
+    state = RunState("chart", scalar_capacity=100)
+    hub, tick = training_chart(state)
 
     def append(first, last):
         for step in range(first, last + 1):
@@ -378,3 +386,27 @@ def test_the_training_chart_extends_and_is_redrawn_from_the_ring_once_the_page_h
     assert figure["data"][0]["x"] == list(range(52, 152)) and cursor["first"] == 51
     assert figure["data"][0]["y"] == pytest.approx([1.0 / s for s in range(52, 152)])
     hub.stop()
+
+
+def test_the_accuracy_panel_says_when_no_accuracy_is_logged_and_autoranges_once_one_is():
+    """A GAN or a regression logs no accuracy: the panel was an empty axis from -1 to 4."""
+    state = RunState("no-accuracy")
+    hub, tick = training_chart(state)
+    try:
+        for step in (1, 2):
+            message = step_message(step, loss=1.0)
+            message.body["metrics"] = {}
+            state.apply(message)
+        figure, cursor = tick(None)
+        assert figure["layout"]["yaxis2"]["title"]["text"] == "accuracy (none logged)"
+        assert figure["layout"]["yaxis2"]["range"] == [0, 1]
+        state.apply(step_message(3, loss=1.0))                      # logs train_acc 0.5
+        patch, cursor = tick(cursor)
+        changed = {tuple(op["location"]): op["params"]["value"] for op in patch["operations"]
+                   if op["operation"] == "Assign"}
+        assert changed[("layout", "yaxis2", "title", "text")] == "accuracy"
+        assert changed[("layout", "yaxis2", "autorange")] is True
+        _, cursor = tick(cursor)
+        assert cursor["acc"] is True
+    finally:
+        hub.stop()

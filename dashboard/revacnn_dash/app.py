@@ -381,8 +381,12 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             cols, start, total = state.scalars_since(0)
             fig = _training_figure(cols, val, events)
             return fig, {"key": key, "gen": state.generation, "count": total, "first": start,
-                         "markers": marker_sig, "val": len(val)}, hp_text
+                         "markers": marker_sig, "val": len(val), "acc": _has_accuracy(cols, val)}, hp_text
         patch = Patch()
+        has_acc = cursor.get("acc") or _has_accuracy(cols, val)
+        if has_acc and not cursor.get("acc"):  # the first accuracy: the panel gets its title and autorange back
+            patch["layout"]["yaxis2"]["title"]["text"] = "accuracy"
+            patch["layout"]["yaxis2"]["autorange"] = True
         if total > cursor["count"]:
             x = _list(cols["step"])
             for trace, name in ((0, "loss"), (2, "train_acc"), (4, "lr")):
@@ -397,7 +401,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             shapes, notes = _markers(events)
             patch["layout"]["shapes"] = shapes
             patch["layout"]["annotations"] = notes
-        return patch, {**cursor, "count": total, "markers": marker_sig, "val": len(val)}, hp_text
+        return patch, {**cursor, "count": total, "markers": marker_sig, "val": len(val), "acc": has_acc}, hp_text
 
     @app.callback(Output("train-feedback", "children"),
                   Input("btn-lr", "n_clicks"), Input("btn-momentum", "n_clicks"), Input("btn-wd", "n_clicks"),
@@ -825,11 +829,20 @@ def _markers(events: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     return shapes, notes
 
 
+def _has_accuracy(cols: dict[str, np.ndarray], val: list[dict]) -> bool:
+    train = np.asarray(cols.get("train_acc", []), dtype=float)
+    return bool(np.isfinite(train).any()) or any(v.get("val_acc") is not None and np.isfinite(v["val_acc"])
+                                                  for v in val)
+
+
 def _training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[dict]) -> go.Figure:
     # axis titles rather than subplot titles: those are annotations, and the steering markers' Patch replaces them
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04, row_heights=[0.45, 0.35, 0.2])
     fig.update_yaxes(title_text="loss", row=1, col=1)
-    fig.update_yaxes(title_text="accuracy", row=2, col=1)
+    if _has_accuracy(cols, val):
+        fig.update_yaxes(title_text="accuracy", row=2, col=1)
+    else:  # a GAN, a regression, an autoencoder: say so, instead of an empty axis from -1 to 4
+        fig.update_yaxes(title_text="accuracy (none logged)", range=[0, 1], row=2, col=1)
     # log: a constant lr gets a readable axis (linear autorange drew 0.02 on -0.5..1), and a 10× change reads the
     # same at any lr
     fig.update_yaxes(title_text="lr", type="log", row=3, col=1)
