@@ -86,27 +86,17 @@ def test_probe_and_kept_images_go_through_the_modules_batch_transfer_hooks(tmp_p
 
 
 class DictBatches(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
+    """Samples as dicts: ``{"image", "label"}`` by default, ``{"pixel_values", "labels"}`` as Hugging Face image
+    datasets give them."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, keys: tuple[str, str] = ("image", "label")) -> None:
+        self.images, self.labels, self.keys = images, labels, keys
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index):
-        return {"image": self.images[index], "label": self.labels[index]}
-
-
-class PixelValueBatches(torch.utils.data.Dataset):
-    """Batches as Hugging Face image datasets give them."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+        return dict(zip(self.keys, (self.images[index], self.labels[index])))
 
 
 class TakesPixelValues(ClassifierModule):
@@ -121,7 +111,8 @@ def test_dict_batches_with_pixel_values_give_probe_images_and_predictions(tmp_pa
     """``pixel_values`` was not a key the callback looked for: no probe images, no predictions."""
     digits = DigitsDataModule(batch_size=16)
     digits.setup()
-    loaders = tuple(torch.utils.data.DataLoader(PixelValueBatches(*data.tensors), batch_size=16)
+    loaders = tuple(torch.utils.data.DataLoader(DictBatches(*data.tensors, keys=("pixel_values", "labels")),
+                                                batch_size=16)
                     for data in (digits.train_set, digits.val_set))
     witness = ValPredictionWitness(digits)
     run = fit(tmp_path, TakesPixelValues(ReVACNNNet()), loaders, witness)
