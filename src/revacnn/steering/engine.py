@@ -135,9 +135,9 @@ class SteeringEngine:
             if parametrize.is_parametrized(mod, attr):
                 how = "parametrized (torch.nn.utils.parametrize, e.g. weight_norm)"
             elif hasattr(mod, attr + "_orig"):
-                how = "pruned (torch.nn.utils.prune: weight_orig × weight_mask)"
+                how = f"pruned (torch.nn.utils.prune: {attr}_orig × {attr}_mask)"
             elif hasattr(mod, attr + "_g") or hasattr(mod, attr + "_v"):
-                how = "weight-normalised (weight_g, weight_v)"
+                how = f"weight-normalised ({attr}_g, {attr}_v)"
             else:
                 how = "computed by a forward hook"
             raise SteeringError(f"{op}: the {attr} of {name} is {how}, not a Parameter this operation can resize "
