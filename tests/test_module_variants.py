@@ -4,6 +4,8 @@ take them costs that feature, never the run."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -150,23 +152,33 @@ def test_a_forward_that_cannot_take_images_costs_the_predictions_not_the_run(tmp
                               "failed (IndexError"), summary
 
 
-def explorer_validation_summary(logdir, run: str) -> str:
-    """The line the dashboard's log explorer shows above its validation charts."""
+@contextlib.contextmanager
+def replaying_dashboard(logdir):
+    """The dashboard replaying the one run recorded under ``logdir``: ``(call, key)``, where ``call(output, inputs,
+    state)`` makes one Dash callback request through Flask's test client and ``key`` is the run's menu value."""
     from revacnn_dash.app import create_app
     from revacnn_dash.hub import Hub
     from test_analysis import dash_call
 
     hub = Hub([], logdir=str(logdir), warm_umap=False)
     try:
+        hub.scan_logdir()
+        (key,) = list(hub.runs)
         client = create_app(hub).server.test_client()
         deps = client.get("/_dash-dependencies").get_json()
-        out = dash_call(client, deps, "ane-val-summary.children", [
+        yield (lambda output, inputs, state=(): dash_call(client, deps, output, inputs, state)), key
+    finally:
+        hub.stop()
+
+
+def explorer_validation_summary(logdir, run: str) -> str:
+    """The line the dashboard's log explorer shows above its validation charts."""
+    with replaying_dashboard(logdir) as (call, _):
+        out = call("ane-val-summary.children", [
             ("ane-run", "value", run), ("ane-window", "value", 3), ("ane-threshold", "value", 5),
             ("ane-direction", "value", "backward"), ("ane-class", "value", 0), ("ane-pins", "data", []),
             ("ane-live", "data", None)])
-        return out["ane-val-summary"]["children"]
-    finally:
-        hub.stop()
+    return out["ane-val-summary"]["children"]
 
 
 class NoMonitoredLayer(pl.LightningModule):
@@ -204,38 +216,28 @@ def test_a_layer_name_not_in_the_model_is_refused_with_the_names_there_are(tmp_p
 
 def test_the_dashboard_shows_a_run_without_monitored_layers(tmp_path):
     """Its layer menus raised IndexError on every tick (HTTP 500); the views now say why they are empty."""
-    from revacnn_dash.app import NO_LAYER, create_app
-    from revacnn_dash.hub import Hub
-    from test_analysis import dash_call
+    from revacnn_dash.app import NO_LAYER
 
     with pytest.warns(UserWarning, match="no layer to monitor"):
         fit(tmp_path, NoMonitoredLayer(), DigitsDataModule(batch_size=16))
-    hub = Hub([], logdir=str(tmp_path), warm_umap=False)
-    try:
-        hub.scan_logdir()
-        (key,) = list(hub.runs)
-        client = create_app(hub).server.test_client()
-        deps = client.get("/_dash-dependencies").get_json()
-        menus = dash_call(client, deps, "emb-layer.options",
-                          [("tick-layers", "data", [1, 0]), ("run-select", "value", key)],
-                          [("emb-layer", "value", None), ("fil-layer", "value", None), ("emb-layer", "options", None),
-                           ("emb-probe", "options", None)])
+    with replaying_dashboard(tmp_path) as (call, key):
+        menus = call("emb-layer.options", [("tick-layers", "data", [1, 0]), ("run-select", "value", key)],
+                     [("emb-layer", "value", None), ("fil-layer", "value", None), ("emb-layer", "options", None),
+                      ("emb-probe", "options", None)])
         assert menus["emb-layer"]["options"] == [] and menus["fil-layer"]["value"] is None
-        network = dash_call(client, deps, "net-graph.figure",
-                            [("tick-network", "data", [1, 0]), ("net-expanded", "data", None),
-                             ("run-select", "value", key)], [("tabs", "value", "network"), ("net-sig", "data", None)])
+        network = call("net-graph.figure", [("tick-network", "data", [1, 0]), ("net-expanded", "data", None),
+                                            ("run-select", "value", key)],
+                       [("tabs", "value", "network"), ("net-sig", "data", None)])
         assert NO_LAYER in [note["text"] for note in network["net-graph"]["figure"]["layout"]["annotations"]]
-        embedding = dash_call(client, deps, "emb-status.children", [
+        embedding = call("emb-status.children", [
             ("tick-embedding", "data", [1, 0]), ("emb-layer", "value", None), ("emb-source", "value", "weights"),
             ("emb-method", "value", "pca"), ("emb-colour", "value", "grad"), ("emb-probe", "value", None)],
             [("tabs", "value", "embedding"), ("run-select", "value", key), ("emb-data", "data", None)])
         assert embedding["emb-status"]["children"] == NO_LAYER
-        filters = dash_call(client, deps, "fil-caption.children", [
+        filters = call("fil-caption.children", [
             ("tick-filters", "data", [1, 0]), ("fil-layer", "value", None), ("fil-probe", "value", None)],
             [("tabs", "value", "filters"), ("run-select", "value", key), ("fil-sig", "data", None)])
         assert filters["fil-caption"]["children"] == NO_LAYER
-    finally:
-        hub.stop()
 
 
 def one_hot_batches(tensors) -> torch.utils.data.TensorDataset:
@@ -310,26 +312,14 @@ def test_labels_that_are_not_class_indices_cost_the_predictions_not_the_recordin
 def probe_menus(logdir) -> tuple[list[dict], list[dict], list[dict]]:
     """The probe-image menus of the network view (for conv1), the embedding view and the filters view, the
     dashboard replaying the run recorded under ``logdir``."""
-    from revacnn_dash.app import create_app
-    from revacnn_dash.hub import Hub
-    from test_analysis import dash_call
-
-    hub = Hub([], logdir=str(logdir), warm_umap=False)
-    try:
-        hub.scan_logdir()
-        (key,) = list(hub.runs)
-        client = create_app(hub).server.test_client()
-        deps = client.get("/_dash-dependencies").get_json()
-        out = dash_call(client, deps, "net-probe.options", [
+    with replaying_dashboard(logdir) as (call, key):
+        out = call("net-probe.options", [
             ("net-selected", "data", {"layer": "net.conv1", "filters": [0]}), ("tick-network", "data", 1),
             ("net-probe", "value", 0)], [("run-select", "value", key), ("tabs", "value", "network")])
-        menus = dash_call(client, deps, "emb-probe.options", [("tick-layers", "data", [1, 0]),
-                                                              ("run-select", "value", key)],
-                          [("emb-layer", "value", None), ("fil-layer", "value", None), ("emb-layer", "options", None),
-                           ("emb-probe", "options", None)])
-        return out["net-probe"]["options"], menus["emb-probe"]["options"], menus["fil-probe"]["options"]
-    finally:
-        hub.stop()
+        menus = call("emb-probe.options", [("tick-layers", "data", [1, 0]), ("run-select", "value", key)],
+                     [("emb-layer", "value", None), ("fil-layer", "value", None), ("emb-layer", "options", None),
+                      ("emb-probe", "options", None)])
+    return out["net-probe"]["options"], menus["emb-probe"]["options"], menus["fil-probe"]["options"]
 
 
 class LazyNet(torch.nn.Module):
