@@ -5,6 +5,7 @@ Screenshots go to artifacts/dashboard/ (ignored by git). Run alone with:  pytest
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -308,9 +309,13 @@ def test_killing_and_restarting_the_trainer_is_shown_and_recovered(setup):
     trainer.kill()
     page.wait_for_selector("#conn-banner:has-text('UNREACHABLE')", timeout=20000)
     assert "no heartbeat" in page.inner_text("#conn-banner") or "cannot reach" in page.inner_text("#conn-banner")
+    # the steering controls are off while no trainer can take a command, and say why
+    js_wait(page, "document.querySelector('#btn-lr').matches(':disabled')", timeout=10)
+    assert page.get_attribute("#steer-training", "title").startswith("the run is unreachable")
     page.screenshot(path=str(ARTIFACTS / "unreachable.png"), full_page=True)
     trainer.start()
     page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=60000)
+    js_wait(page, "!document.querySelector('#btn-lr').matches(':disabled')", timeout=10)
     new_run = setup["hub"].get(None).run_id
     assert new_run != old_run and new_run in page.inner_text("#conn-banner")
     # the chart is redrawn for the new process: its steering markers are gone from the new step axis (the event
@@ -347,8 +352,18 @@ def test_replay_of_the_recorded_run(setup):
             page.screenshot(path=str(ARTIFACTS / f"replay-attempt-{attempt}.png"), full_page=True)
             page.keyboard.press("Escape")
     page.wait_for_selector("#conn-banner:has-text('REPLAY')", timeout=5000)
+    # a recording takes no commands: every steering control is disabled, its tooltip says so
+    # (a tab's controls are in the page while the tab is shown)
+    for tab, group, controls in (("Network", "steer-network", "'#btn-widen', '#btn-remove-layer', '#insert-bn input'"),
+                                 ("Training", "steer-training", "'#btn-lr', '#btn-stop', '#in-lr'")):
+        page.get_by_text(tab, exact=True).click()
+        js_wait(page, f"[{controls}].every(sel => document.querySelector(sel)?.matches(':disabled'))", timeout=10)
+        assert page.get_attribute(f"#{group}", "title").startswith("a recorded run cannot be steered"), group
     banner = page.inner_text("#conn-banner")
     assert "snapshots; showing step" in banner
+    # that trainer was killed: its recording says running, and the summary says that is not the run's state now
+    assert re.search(r"state running at its last write, \d\d:\d\d:\d\d \(recording not closed\)",
+                     page.inner_text("#run-summary")), page.inner_text("#run-summary")
     replay = [s for s in hub.runs.values() if s.source == "replay"][0]
     steps = replay.scalars_since(0)[0]["step"]
     assert len(steps) > 20 and steps[0] == 1, steps

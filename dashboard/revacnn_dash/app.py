@@ -153,6 +153,25 @@ def _button(label: str, id_: str, **style: Any) -> html.Button:
     return html.Button(label, id=id_, n_clicks=0, className="rv-btn", style={"margin": "2px", **style})
 
 
+STEERING_CONTROLS = ("steer-training", "steer-network", "steer-filters")
+
+
+def _steering_controls(id_: str, children: list) -> html.Fieldset:
+    """A group of steering controls, all disabled at once (a disabled fieldset disables every control in it) while
+    the shown run cannot take commands; its tooltip says why."""
+    return html.Fieldset(children, id=id_, disabled=False,
+                         style={"border": "none", "padding": "0", "margin": "0", "minWidth": "0"})
+
+
+def steering_unavailable(summary: dict[str, Any]) -> str:
+    """Why the shown run cannot be steered now, or "" when it can (only a live run takes commands)."""
+    if summary["conn"] == "replay":
+        return "a recorded run cannot be steered: connect to the trainer (--connect) to steer it"
+    if summary["conn"] != "live":
+        return f"the run is {summary['conn']}: steering is available while it is live"
+    return ""
+
+
 def _number(id_: str, placeholder: str, step: Any = "any", width: str = "90px") -> dcc.Input:
     return dcc.Input(id=id_, type="number", placeholder=placeholder, step=step, debounce=False,
                      style={"width": width, "margin": "2px"})
@@ -169,15 +188,17 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         dcc.Graph(id="train-graph", style={"height": "560px"}, config={"displayModeBar": False}),
         html.Div([
             html.Div([html.B("Hyper-parameters "), html.Span(id="hp-now", style={"color": "#555"})]),
-            html.Div([
-                _number("in-lr", "lr"), _button("Set lr", "btn-lr"),
-                _number("in-momentum", "momentum"), _button("Set momentum", "btn-momentum"),
-                _number("in-wd", "weight decay"), _button("Set weight decay", "btn-wd"),
-                _number("in-bs", "batch size", step=1), _button("Set batch size", "btn-bs"),
+            _steering_controls("steer-training", [
+                html.Div([
+                    _number("in-lr", "lr"), _button("Set lr", "btn-lr"),
+                    _number("in-momentum", "momentum"), _button("Set momentum", "btn-momentum"),
+                    _number("in-wd", "weight decay"), _button("Set weight decay", "btn-wd"),
+                    _number("in-bs", "batch size", step=1), _button("Set batch size", "btn-bs"),
+                ]),
+                html.Div([_button("Pause", "btn-pause"), _button("Resume", "btn-resume"),
+                          _button("Stop", "btn-stop"), _button("Snapshot", "btn-snapshot")]),
             ]),
-            html.Div([_button("Pause", "btn-pause"), _button("Resume", "btn-resume"),
-                      _button("Stop", "btn-stop"), _button("Snapshot", "btn-snapshot"),
-                      html.Span(id="train-feedback", style={"marginLeft": "12px", "color": "#555"})]),
+            html.Span(id="train-feedback", style={"marginLeft": "4px", "color": "#555"}),
         ], style={"padding": "6px", "border": "1px solid #ddd", "borderRadius": "4px"}),
     ])
 
@@ -202,7 +223,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                       dcc.Dropdown(id="net-probe", value=0, clearable=False, style={"width": "120px"}),
                       _img("net-act-img")]),
             html.Hr(),
-            html.Div([
+            _steering_controls("steer-network", [
                 html.Div([_button("Freeze filter", "btn-freeze-filter"), _button("Unfreeze filter",
                                                                                  "btn-unfreeze-filter"),
                           _button("Remove filter", "btn-remove-filter")]),
@@ -213,8 +234,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                           dcc.Checklist(id="insert-bn", options=[{"label": " with BatchNorm", "value": "bn"}],
                                         value=[], inline=True, style={"display": "inline-block"}),
                           _button("Remove layer", "btn-remove-layer")]),
-                html.Div(id="net-feedback", style={"color": "#555", "fontSize": "13px", "marginTop": "4px"}),
             ]),
+            html.Div(id="net-feedback", style={"color": "#555", "fontSize": "13px", "marginTop": "4px"}),
         ], style={"flex": "1", "minWidth": "280px", "padding": "6px", "borderLeft": "1px solid #ddd"}),
     ], style={"display": "flex", "gap": "8px"})
 
@@ -262,7 +283,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                       html.B("activation-gradient maps"), html.Br(), _img("fil-actgrads")], style={"flex": "1"}),
         ], style={"display": "flex", "gap": "12px"}),
         html.H4("Redundancy hints"),
-        html.Div(id="fil-hints"),
+        _steering_controls("steer-filters", [html.Div(id="fil-hints")]),
         html.Div(id="fil-feedback", style={"fontSize": "13px", "color": "#555"}),
     ])
 
@@ -306,12 +327,19 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
     @app.callback(Output("run-select", "options"), Output("run-select", "value"), Output("conn-banner", "children"),
                   Output("conn-banner", "style"), Output("run-summary", "children"),
                   Output("replay-step", "options"), Output("replay-step", "style"), Output("replay-step", "value"),
+                  *[Output(id_, prop) for id_ in STEERING_CONTROLS for prop in ("disabled", "title")],
                   Input("tick", "n_intervals"), State("run-select", "value"), State("run-select", "options"),
-                  State("replay-step", "value"), State("replay-step", "options"), State("replay-step", "style"))
-    def header(_n, shown_key, shown_options, replay_value, replay_options, replay_style):
+                  State("replay-step", "value"), State("replay-step", "options"), State("replay-step", "style"),
+                  State(STEERING_CONTROLS[0], "title"))
+    def header(_n, shown_key, shown_options, replay_value, replay_options, replay_style, shown_lock):
         # Outputs that did not change are not sent: a new run-select value would fire every view that takes it.
         def changed(new, shown):
             return no_update if new == shown else new
+
+        def steering_lock(reason: str) -> list:  # the fieldsets always change together: one of them tells
+            if reason == (shown_lock or ""):
+                return [no_update] * (2 * len(STEERING_CONTROLS))
+            return [bool(reason), reason] * len(STEERING_CONTROLS)
 
         options = hub.options()
         key = shown_key if shown_key in {o["value"] for o in options} else (options[0]["value"] if options else None)
@@ -319,7 +347,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         if state is None:
             return changed(options, shown_options), changed(key, shown_key), "no runs: pass --connect or --logdir", \
                 {"color": "#c62828"}, "", changed([], replay_options), changed({"display": "none"}, replay_style), \
-                changed(None, replay_value)
+                changed(None, replay_value), *steering_lock("no run to steer")
         s = state.summary()
         banner = banner_children(s)
         style = {"marginLeft": "12px", "fontWeight": "bold", "color": STATUS_COLOURS.get(s["conn"], "#000")}
@@ -339,7 +367,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             step_style = {"width": "160px"}
             step_value = replay_value if replay_value in steps else getattr(state, "replay_step", steps[-1])
         return changed(options, shown_options), changed(key, shown_key), banner, style, " · ".join(parts), \
-            changed(step_opts, replay_options), changed(step_style, replay_style), changed(step_value, replay_value)
+            changed(step_opts, replay_options), changed(step_style, replay_style), changed(step_value, replay_value), \
+            *steering_lock(steering_unavailable(s))
 
     @app.callback(Output("replay-step", "className"), Input("replay-step", "value"), State("run-select", "value"),
                   prevent_initial_call=True)
@@ -406,13 +435,15 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
     @app.callback(Output("train-feedback", "children"),
                   Input("btn-lr", "n_clicks"), Input("btn-momentum", "n_clicks"), Input("btn-wd", "n_clicks"),
                   Input("btn-bs", "n_clicks"), Input("btn-pause", "n_clicks"), Input("btn-resume", "n_clicks"),
-                  Input("btn-stop", "n_clicks"), Input("btn-snapshot", "n_clicks"),
+                  Input("btn-stop", "n_clicks"), Input("btn-snapshot", "n_clicks"), Input("run-select", "value"),
                   State("in-lr", "value"), State("in-momentum", "value"), State("in-wd", "value"),
-                  State("in-bs", "value"), State("run-select", "value"), prevent_initial_call=True)
+                  State("in-bs", "value"), prevent_initial_call=True)
     def training_commands(*args):
-        lr, momentum, wd, bs, key = args[8:]
+        key, lr, momentum, wd, bs = args[8:]
         state = state_of(key)
         trigger = ctx.triggered_id
+        if trigger == "run-select":
+            return ""       # the feedback was about the run shown before
         if state is None or not trigger:
             return no_update
         values = {"btn-lr": ("set_hparams", "lr", lr), "btn-momentum": ("set_hparams", "momentum", momentum),
@@ -565,12 +596,14 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                   Input("btn-remove-filter", "n_clicks"), Input("btn-freeze-layer", "n_clicks"),
                   Input("btn-unfreeze-layer", "n_clicks"), Input("btn-widen", "n_clicks"),
                   Input("btn-insert-layer", "n_clicks"), Input("btn-remove-layer", "n_clicks"),
-                  State("net-selected", "data"), State("widen-k", "value"), State("insert-bn", "value"),
-                  State("run-select", "value"), prevent_initial_call=True)
+                  Input("run-select", "value"), State("net-selected", "data"), State("widen-k", "value"),
+                  State("insert-bn", "value"), prevent_initial_call=True)
     def network_commands(*args):
-        selected, k, bn, key = args[8:]
+        key, selected, k, bn = args[8:]
         state = state_of(key)
         trigger = ctx.triggered_id
+        if trigger == "run-select":
+            return ""
         if state is None or not trigger:
             return no_update
         if not selected or not selected.get("layer"):

@@ -128,6 +128,10 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
         hps = reader.hparams()
         state.hparams = hps[-1][1] if hps else None
         state.status = reader.status()
+        recorded = reader.summary()
+        if state.status is not None and not recorded["finished"]:  # its last state, not necessarily the trainer's now
+            written = time.strftime("%H:%M:%S", time.localtime(recorded["last_write"]))
+            state.status["state"] = f"{state.status.get('state')} at its last write, {written} (recording not closed)"
         scal = reader.scalars()
         if scal and "step" in scal:
             nan = np.full(len(scal["step"]), np.nan)
