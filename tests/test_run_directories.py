@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -131,3 +133,42 @@ def test_a_run_resumed_into_its_recording_replaces_the_steps_the_checkpoint_aban
         np.testing.assert_array_equal(state.scalars.since(0)[0]["step"], np.arange(1, 10))
     finally:
         hub.stop()
+
+
+@pytest.mark.parametrize("first_watched", [True, False])
+def test_a_resumed_fit_says_which_run_it_continues(tmp_path, caplog, first_watched):
+    """Resumed from a checkpoint into the default run directory, a fit is a new run (``revacnn-2``); it said
+    nothing of the run it continues. It now does: in the log, in its heartbeat (kept by the recording), and in the
+    dashboard's run summary. A checkpoint saved without the callback has no run to name."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from revacnn_dash.app import resumed_text
+    from revacnn_dash.hub import Hub
+
+    def fit_digits(max_steps, *callbacks, ckpt_path=None):
+        trainer = pl.Trainer(max_steps=max_steps, limit_val_batches=0, callbacks=list(callbacks),
+                             default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+
+    first = ReVACNNCallback()
+    checkpoints = ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=4, save_top_k=-1)
+    fit_digits(6, checkpoints, *([first] if first_watched else []))
+    checkpoint = tmp_path / "checkpoints" / "epoch=0-step=4.ckpt"
+    second = ReVACNNCallback()
+    with caplog.at_level(logging.INFO):
+        fit_digits(8, second, ckpt_path=checkpoint)
+    earlier = first.run_id if first_watched else None
+    assert second.run_id != first.run_id and second.run_dir.name == ("revacnn-2" if first_watched else "revacnn")
+    said = f"continues run {earlier}" if first_watched else "continues a checkpoint saved without this callback"
+    assert f"revacnn: run {second.run_id} {said} from step 4 ({checkpoint})" in caplog.text
+    run = open_run(second.run_dir)
+    np.testing.assert_array_equal(run.scalars()["step"], [5, 6, 7, 8])
+    assert run.status()["resumed"] == {"run": earlier, "step": 4, "checkpoint": str(checkpoint)}
+    hub = Hub([], logdir=str(second.run_dir), warm_umap=False)
+    try:
+        hub.scan_logdir()
+        (state,) = hub.runs.values()
+        shown = resumed_text(state.summary()["resumed"])
+    finally:
+        hub.stop()
+    assert shown == (f"continues run {earlier} from step 4" if first_watched else "continues a checkpoint from step 4")

@@ -354,6 +354,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         last = s["last"]
         parts = [f"run {s['run_id'] or '?'}", f"state {s['state'] or '?'}", f"step {s['step']}",
                  f"epoch {s['epoch']}"]
+        if resumed := resumed_text(s.get("resumed")):
+            parts.insert(1, resumed)
         if last.get("loss") is not None:
             parts.append(f"loss {last['loss']:.4f}")
         if last.get("samples_per_s") is not None and np.isfinite(last["samples_per_s"]):
@@ -819,6 +821,14 @@ def _event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
             html.Td("" if e["step"] is None else str(e["step"])),
             html.Td(detail, className="ev-detail")], className="ev-row"))
     return html.Table(rows, style={"borderCollapse": "collapse", "width": "100%"})
+
+
+def resumed_text(resumed: Any) -> str:
+    """"continues run X from step N" for a run resumed from a checkpoint (the heartbeat's ``resumed``), else ""."""
+    if not isinstance(resumed, dict) or not isinstance(resumed.get("step"), int):
+        return ""
+    earlier = f"run {resumed['run']}" if isinstance(resumed.get("run"), str) else "a checkpoint"
+    return f"continues {earlier} from step {resumed['step']}"
 
 
 def banner_children(s: dict[str, Any]) -> list:

@@ -332,7 +332,8 @@ class RunState:
                     "epoch": status.get("epoch"), "hparams": dict(self.hparams or {}),
                     "last": {k: float(v[0]) for k, v in last.items() if len(v)}, "gaps": self.gaps,
                     "messages": self.messages, "drops": status.get("drops"),
-                    "security": status.get("security"), "recording_error": status.get("recording_error"),
+                    "security": status.get("security"), "resumed": status.get("resumed"),
+                    "recording_error": status.get("recording_error"),
                     "telemetry_error": status.get("telemetry_error")}
 
     def scalars_since(self, cursor: int) -> tuple[dict[str, np.ndarray], int, int]:

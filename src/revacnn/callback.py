@@ -283,6 +283,7 @@ class ReVACNNCallback(Callback):
         self._awaiting_shapes = False                        # lazy layers: telemetry starts after the first batch
         self._samples_per_s = 0.0
         self._batch_size = 0
+        self._resumed_run: str | None = None                 # the run id a resumed checkpoint was saved by
 
     # -- Lightning state ----------------------------------------------------------------------------------------
     @property
@@ -298,6 +299,7 @@ class ReVACNNCallback(Callback):
         self.filter_ids = {name: list(ids) for name, ids in state_dict.get("filter_ids", {}).items()}
         self.next_filter_id = int(state_dict.get("next_filter_id", 0))
         self.revision = int(state_dict.get("revision", 0))
+        self._resumed_run = state_dict.get("run_id")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -381,9 +383,22 @@ class ReVACNNCallback(Callback):
             rank_zero_info("revacnn: the model has lazy layers; telemetry and steering start once the first batch has "
                            "given them their shapes")
         if trainer.is_global_zero:
+            if trainer.ckpt_path:
+                self._announce_resume(trainer)
             if not self._awaiting_shapes:
                 self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
             self._set_state("running", trainer)
+
+    def _announce_resume(self, trainer: pl.Trainer) -> None:
+        """Say which run a fit resumed from a checkpoint continues, and from which step: in the log, and in the
+        heartbeat (so the dashboard and the recording show it). The step is known here, not in ``on_fit_start``:
+        Lightning restores the loops' state in between."""
+        resumed = {"run": self._resumed_run, "step": trainer.global_step, "checkpoint": str(trainer.ckpt_path)}
+        earlier = f"run {self._resumed_run}" if self._resumed_run else "a checkpoint saved without this callback"
+        rank_zero_info(f"revacnn: run {self.run_id} continues {earlier} from step {trainer.global_step} "
+                       f"({trainer.ckpt_path})")
+        if self.publisher is not None:
+            self.publisher.set_status(resumed=resumed)
 
     def _start_telemetry(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collect_validation_images(trainer, pl_module)
