@@ -138,6 +138,7 @@ BAD = [
     (R, C("insert_layer", after="net.fc"), "insert_layer needs a Conv2d"),
     (R, C("insert_layer", after="net.conv1", batchnorm="yes"), "'batchnorm' must be true or false"),
     ("depthwise", C("insert_layer", after="dw"), "grouped/depthwise"),
+    ("depthwise", C("remove_layer", layer="dw"), "dw is a grouped/depthwise conv (groups=4)"),
     ("shared", C("insert_layer", after="b"), "called 2 times"),
     (R, C("remove_layer", layer="net.conv1"), "maps 3 to 16 channels"),
     (R, C("remove_layer", layer="net.fc"), "supports Conv2d and BatchNorm"),

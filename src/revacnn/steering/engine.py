@@ -419,9 +419,12 @@ class SteeringEngine:
         name = C.get_str(args, "layer", op)
         mod = self._layer(name, op, (nn.Conv2d, _BatchNorm), "remove_layer supports Conv2d and BatchNorm layers")
         if isinstance(mod, nn.Conv2d):
-            if mod.in_channels != mod.out_channels or mod.groups != 1:
-                raise SteeringError(f"remove_layer: {name} maps {mod.in_channels} to {mod.out_channels} channels "
-                                    f"(groups={mod.groups}); only a layer with in == out channels can be removed")
+            if mod.groups != 1:
+                raise SteeringError(f"remove_layer: {name} is a grouped/depthwise conv (groups={mod.groups}); only an "
+                                    "ungrouped layer with in == out channels can be removed")
+            if mod.in_channels != mod.out_channels:
+                raise SteeringError(f"remove_layer: {name} maps {mod.in_channels} to {mod.out_channels} channels; "
+                                    "only a layer with in == out channels can be removed")
             t = self._trace(op)
             if t.calls.get(name, 0) != 1:
                 raise SteeringError(f"remove_layer: {name} is called {t.calls.get(name, 0)} times in forward")
