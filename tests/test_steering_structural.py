@@ -343,3 +343,33 @@ def test_new_batch_still_trains_after_many_ops():
     losses = [step(module, optimizer, x2, y2) for _ in range(12)]
     assert losses[-1] < losses[0]
     assert_optimizer_consistent(module, optimizer)
+
+
+def test_a_channels_last_model_stays_channels_last():
+    """Surgery built every new weight NCHW-contiguous (``select`` ended in ``.contiguous()``, an inserted conv was
+    made NCHW), so a channels-last model got a layout conversion per forward at every layer it touched."""
+    from revacnn.steering import SteeringEngine
+    from steering_util import build, make_optimizer
+
+    channels_last = torch.channels_last
+    module = build("resnet").to(memory_format=channels_last)
+    optimizer = make_optimizer(module, "sgd")
+    x, y = batch()
+    x = x.contiguous(memory_format=channels_last)
+    for _ in range(3):
+        step(module, optimizer, x, y)
+    engine = SteeringEngine(module, [optimizer], example_input=x)
+    for c in (cmd("widen", layer="net.layer1.0.conv1", count=2),
+              cmd("remove_filters", layer="net.layer2.0.conv1", filters=[0, 3]),
+              cmd("insert_layer", after="net.layer1.1.conv1", batchnorm=True)):
+        ack = engine.apply(c)
+        assert ack["ok"], ack["error"]
+    step(module, optimizer, x, y)
+    touched = ["net.layer1.0.conv1", "net.layer1.0.conv2", "net.layer2.0.conv1", "net.layer2.0.conv2",
+               "net.layer1.1.bn1.2"]          # widened, its reader, shrunk, its reader, the inserted conv
+    for name in touched:
+        weight = module.get_submodule(name).weight
+        assert weight.is_contiguous(memory_format=channels_last) and not weight.is_contiguous(), name
+        buffer = optimizer.state[weight]["momentum_buffer"]
+        assert buffer.is_contiguous(memory_format=channels_last) and not buffer.is_contiguous(), name
+    assert_optimizer_consistent(module, optimizer)

@@ -16,8 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 def select(t: torch.Tensor, dim: int, index: list[int], scale: list[float] | None = None) -> torch.Tensor:
     """New tensor whose slice ``j`` along ``dim`` is ``t``'s slice ``index[j]`` times ``scale[j]``.
 
-    Preserves: every selected slice bitwise when ``scale`` is None (or 1 at that position); dtype and device.
-    Never modifies ``t``.
+    Preserves: every selected slice bitwise when ``scale`` is None (or 1 at that position); dtype, device and
+    memory format (a channels-last weight stays channels-last). Never modifies ``t``.
     """
     idx = torch.as_tensor(index, dtype=torch.long, device=t.device)
     out = t.index_select(dim, idx)
@@ -27,7 +27,16 @@ def select(t: torch.Tensor, dim: int, index: list[int], scale: list[float] | Non
         factor = torch.as_tensor(scale, dtype=t.dtype, device=t.device).view(shape)
         ones = factor == 1
         out = torch.where(ones, out, out * factor)  # slices with factor 1 stay bitwise equal
-    return out.contiguous()
+    return out.contiguous(memory_format=memory_format_of(t))
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D tensor laid out channels-last (and not also plain contiguous, as a tensor with
+    single-element dims can be), else ``contiguous_format``: what a replacement of ``t`` should be laid out as, so
+    a channels-last model does not get NCHW layers (each one a layout conversion per forward)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def flatten_index(index: list[int], hw: int, scale: list[float] | None = None):
@@ -43,12 +52,13 @@ def identity_conv(like: nn.Conv2d) -> nn.Conv2d:
     """A C→C conv with ``like``'s kernel size: 1 at the kernel centre k//2 of the diagonal, zero elsewhere,
     padding k//2, stride 1, zero bias when ``like`` has a bias.
 
-    Preserves: its input exactly (it is the identity map) for any input, on ``like``'s device and dtype.
+    Preserves: its input exactly (it is the identity map) for any input, on ``like``'s device, dtype and weight
+    memory format.
     """
     c = like.out_channels
     kh, kw = like.kernel_size
     conv = nn.Conv2d(c, c, (kh, kw), padding=(kh // 2, kw // 2), bias=like.bias is not None,
-                     device=like.weight.device, dtype=like.weight.dtype)
+                     device=like.weight.device, dtype=like.weight.dtype).to(memory_format=memory_format_of(like.weight))
     with torch.no_grad():
         conv.weight.zero_()
         for i in range(c):
