@@ -430,3 +430,27 @@ def test_int32_class_labels_are_class_indices(tmp_path):
     assert "probe_error" not in snapshot["body"], snapshot["body"]["probe_error"]
     assert snapshot["body"]["probe_labels"] == digits.val_set.tensors[1][:8].tolist()
     np.testing.assert_array_equal(run.val_predictions()["label"], digits.val_set.tensors[1][:KEPT].numpy())
+
+
+class TwoValidationSets(ClassifierModule):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+@pytest.mark.parametrize("container", [list, dict])
+def test_several_validation_loaders_give_images_from_the_first(tmp_path, container):
+    """A dict of validation loaders (``{"clean": …, "noisy": …}``) was iterated as its keys: no probe images and no
+    predictions. A list gave the first loader's; a dict now gives its first loader's too."""
+    digits = DigitsDataModule(batch_size=16)
+    digits.setup()
+    train, val = (torch.utils.data.DataLoader(data, batch_size=16) for data in (digits.train_set, digits.val_set))
+    flipped = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.val_set.tensors[0].flip(-1),
+                                                                         digits.val_set.tensors[1]), batch_size=16)
+    loaders = [val, flipped] if container is list else {"clean": val, "flipped": flipped}
+    witness = ValPredictionWitness(digits)
+    run = fit(tmp_path, TwoValidationSets(ReVACNNNet()), (train, loaders), witness)
+    snapshot = run.snapshot(4)
+    assert "probe_error" not in snapshot["body"], snapshot["body"]["probe_error"]
+    np.testing.assert_allclose(snapshot["arrays"]["probe_images"], digits.val_set.tensors[0][:8].numpy())
+    np.testing.assert_array_equal(run.val_predictions()["pred"], np.stack(witness.predictions))

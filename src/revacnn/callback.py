@@ -15,7 +15,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -423,7 +423,9 @@ class ReVACNNCallback(Callback):
         with _randomness_kept(pl_module.device):  # a DataLoader iterator draws its seed from torch's generator
             try:
                 loader = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
-                loaders = loader if isinstance(loader, (list, tuple)) else [loader]
+                # Several validation loaders (a list, or a dict of named ones): images come from the first.
+                loaders = list(loader.values()) if isinstance(loader, Mapping) else \
+                    loader if isinstance(loader, (list, tuple)) else [loader]
                 count = 0
                 for batch in loaders[0] if loaders and loaders[0] is not None else []:
                     tensors = _first_batch_tensors(_as_validation_step_gets_it(trainer, pl_module, batch))
