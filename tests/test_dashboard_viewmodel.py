@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from revacnn import shapes
-from revacnn_dash.viewmodel import (align_to_previous, compute_embedding, default_expanded, filter_image,
-                                    jitter_pixels, mosaic, nearest_neighbours, network_model, png_bytes,
+from revacnn_dash.viewmodel import (activation_image, align_to_previous, compute_embedding, default_expanded,
+                                    filter_image, jitter_pixels, mosaic, nearest_neighbours, network_model, png_bytes,
                                     procrustes_align, redundancy, top_half, visible_columns)
 
 
@@ -185,6 +185,21 @@ def test_filter_images_rgb_and_per_channel():
     grey = filter_image(np.ones((4, 5, 5)))
     assert grey.shape == (1 + 5 + 1, 4 * 6 + 1)
     assert mosaic([np.zeros((2, 2), np.uint8)] * 3, ncols=2, pad=1).shape == (7, 7)
+
+
+def test_activation_images_of_convs_linears_and_linears_on_tokens():
+    """A Linear on tokens (``[C, T]`` per probe image) made the filters view fail: its maps became a 3-D array the
+    PNG encoder refused. Each filter is now a row of the image."""
+    rng = np.random.default_rng(1)
+    tokens = rng.normal(size=(20, 16))
+    image = activation_image(tokens)
+    expected = np.clip((tokens - tokens.min()) / (tokens.max() - tokens.min()) * 255, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(image, expected)
+    signed = activation_image(tokens, symmetric=True)
+    assert signed.shape == (20, 16) and signed[np.unravel_index(np.abs(tokens).argmax(), tokens.shape)] in (0, 255)
+    assert activation_image(rng.normal(size=20)).shape == (1, 20)
+    assert activation_image(rng.normal(size=(4, 5, 5))).shape == (1 + 5 + 1, 4 * 6 + 1)  # a mosaic of 4 maps
+    png_bytes(image)
 
 
 def test_resnet50_network_figure_builds_within_a_second():

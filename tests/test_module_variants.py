@@ -454,3 +454,39 @@ def test_several_validation_loaders_give_images_from_the_first(tmp_path, contain
     assert "probe_error" not in snapshot["body"], snapshot["body"]["probe_error"]
     np.testing.assert_allclose(snapshot["arrays"]["probe_images"], digits.val_set.tensors[0][:8].numpy())
     np.testing.assert_array_equal(run.val_predictions()["pred"], np.stack(witness.predictions))
+
+
+class TokenNet(torch.nn.Module):
+    """A patch embedding, then Linear layers on the tokens (``[N, T, C]``, features last), as a small ViT has."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 12, 8, stride=8)            # 16 tokens of 12 features
+        self.mlp = torch.nn.Linear(12, 20)
+        self.head = torch.nn.Linear(20, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(F.gelu(self.mlp(tokens)).mean(1))
+
+
+def test_a_linear_on_tokens_has_its_activation_maps_channels_first(tmp_path):
+    """``act/<L>`` of a Linear on tokens was ``[P, T, C]``: every view that takes dim 1 as the filter (the filters
+    image, the embedding of activation maps, snapshot comparison) showed the 16 tokens as filters of a 20-filter
+    layer. It is now ``[P, C, T]`` like a conv's ``[P, C, H, W]``."""
+    module = ClassifierModule(TokenNet())
+    run = fit(tmp_path, module, DigitsDataModule(batch_size=16))
+    snapshot = run.snapshot(4)
+    images = torch.from_numpy(snapshot["arrays"]["probe_images"])
+    seen = {}
+    handle = module.net.mlp.register_forward_hook(lambda _m, _i, output: seen.update(mlp=output.detach()))
+    module.eval()
+    with torch.no_grad():
+        module(images)
+    handle.remove()
+    assert seen["mlp"].shape == (8, 16, 20)
+    np.testing.assert_allclose(snapshot["arrays"]["act/net.mlp"], seen["mlp"].transpose(1, 2).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    assert snapshot["arrays"]["actgrad/net.mlp"].shape == (8, 20, 16)
+    assert snapshot["arrays"]["act/net.patch"].shape == (8, 12, 4, 4)
+    assert snapshot["arrays"]["act/net.head"].shape == (8, 10)

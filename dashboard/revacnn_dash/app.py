@@ -20,8 +20,8 @@ from plotly.subplots import make_subplots
 from .analysis import RunSource, comparison_layout, explorer_layout, register_analysis_callbacks
 from .hub import Hub, load_replay
 from .state import RunState
-from .viewmodel import (data_uri, default_expanded, filter_image, jitter_pixels, mosaic, nearest_neighbours,
-                        network_model, redundancy, to_uint8)
+from .viewmodel import (activation_image, data_uri, default_expanded, filter_image, jitter_pixels, mosaic,
+                        nearest_neighbours, network_model, redundancy, to_uint8)
 
 STATUS_COLOURS = {"live": "#2e7d32", "connecting": "#f9a825", "unreachable": "#c62828", "finished": "#455a64",
                   "incompatible": "#6a1b9a", "replay": "#1565c0"}
@@ -753,11 +753,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             a = snap.arrays.get(name + layer)
             if a is None or p >= len(a):
                 continue
-            if a.ndim == 4:
-                src = data_uri(mosaic([to_uint8(m, symmetric=name == "actgrad/") for m in a[p]], ncols=8, pad=1),
-                               scale=max(1, 48 // a.shape[-1]))
-            else:
-                src = data_uri(to_uint8(a[p][None, :], symmetric=name == "actgrad/"), scale=8)
+            image = activation_image(a[p], symmetric=name == "actgrad/")
+            src = data_uri(image, scale=max(1, 48 // a.shape[-1]) if a.ndim == 4 else 8 if a.ndim == 2 else 2)
             if target == "acts":
                 acts = src
             else:

@@ -452,6 +452,16 @@ def filter_image(weight: np.ndarray, rgb: bool | None = None) -> np.ndarray:
     return mosaic([to_uint8(c, symmetric=True) for c in w], ncols=min(len(w), 8), pad=1)
 
 
+def activation_image(maps: np.ndarray, symmetric: bool = False) -> np.ndarray:
+    """One probe image's activation maps of a layer (``act/<L>[p]``, channels first) as one grey image: a grid of
+    the C maps of a conv (``[C, H, W]``), a row of C values for a Linear (``[C]``), a row per filter for a Linear
+    on tokens (``[C, T, …]``)."""
+    if maps.ndim == 3 and maps.shape[-1] > 1 and maps.shape[-2] > 1:
+        return mosaic([to_uint8(m, symmetric=symmetric) for m in maps], ncols=8, pad=1)
+    rows = maps[None, :] if maps.ndim == 1 else maps.reshape(maps.shape[0], -1)
+    return to_uint8(rows, symmetric=symmetric)
+
+
 def mosaic(tiles: list[np.ndarray], ncols: int, pad: int = 1, fill: int = 255) -> np.ndarray:
     """Tiles (same shape, uint8 grey or RGB) in a grid."""
     if not tiles:

@@ -340,7 +340,9 @@ def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], image
     """Outputs of every monitored layer on the probe images, and the gradient of the probe loss w.r.t. them.
 
     Runs in eval mode (BatchNorm statistics and dropout untouched) and differentiates only with respect to the
-    activations, so no parameter's ``.grad`` changes. The loss is ``_probe_loss``.
+    activations, so no parameter's ``.grad`` changes. The loss is ``_probe_loss``. Both come channels first,
+    ``[P, C, …]``: a Linear applied to tokens (``[P, T, C]``) has its features moved from the last dim to dim 1, so
+    that index ``i`` of dim 1 is filter ``i``'s output for every layer.
     """
     outputs: dict[str, torch.Tensor] = {}
 
@@ -363,7 +365,13 @@ def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], image
     finally:
         for handle in handles:
             handle.remove()
-    activations = {name: output.detach() for name, output in outputs.items()}
-    activation_grads = {name: (grad if grad is not None else torch.zeros_like(outputs[name])).detach()
+    convs = {name for name, layer in layers if isinstance(layer, nn.modules.conv._ConvNd)}
+
+    def channels_first(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        return tensor if name in convs or tensor.dim() <= 2 else tensor.movedim(-1, 1).contiguous()
+
+    activations = {name: channels_first(name, output) for name, output in outputs.items()}
+    activation_grads = {name: channels_first(name, grad if grad is not None else torch.zeros_like(outputs[name]))
                         for name, grad in zip(names, grads)}
     return activations, activation_grads
