@@ -200,3 +200,36 @@ def test_structural_changes_are_refused_next_to_a_callback_that_copies_the_param
         assert acks[op]["error"].startswith(f"{op}: the {holder} callback keeps"), acks[op]["error"]
     assert sorted(tuple(p.shape) for p in model.net.conv2.parameters()) == [(20,), (20, 16, 5, 5)]
     assert isinstance(model.net.conv3, torch.nn.Conv2d)
+
+
+class FreezeConv2At(pl.Callback):
+    """Freezes ``net.conv2`` the way fine-tuning code does (``requires_grad=False``) at a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.net.conv2.requires_grad_(False)
+
+
+def test_layers_the_module_freezes_are_shown_frozen_and_can_be_unfrozen(tmp_path):
+    """Layers frozen by the user's code (a fine-tuning backbone) were shown as training, and ``unfreeze`` left
+    them frozen. The structure now marks them, follows a freeze made during the run (at the next per-filter step),
+    and ``unfreeze`` makes such a layer train again."""
+    from revacnn.recording.reader import open_run
+
+    model = ClassifierModule(ReVACNNNet(), lr=0.05)
+    model.net.conv1.requires_grad_(False)                # configure_optimizers still passes every parameter
+    callback = ReVACNNCallback(filters_every=2, snapshot_every=0)
+    script = Script(callback, {12: [("unfreeze", {"layers": ["net.conv1"]})]})
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=0,
+                         callbacks=[callback, script, FreezeConv2At(5)], default_root_dir=tmp_path, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    frozen = [{layer["name"]: layer["frozen"] for layer in body["layers"] if layer["frozen"]}
+              for _, body in open_run(callback.run_dir).structures()]
+    assert frozen == [{"net.conv1": "all"}, {"net.conv1": "all", "net.conv2": "all"},
+                                              {"net.conv2": "all"}], frozen
+    assert [ack["result"]["changes"]["were_frozen_by_the_module"] for ack in script.acks] == [["net.conv1"]]
+    assert model.net.conv1.weight.requires_grad and not model.net.conv2.weight.requires_grad

@@ -141,3 +141,49 @@ def test_close_removes_hooks():
     saved = w.detach().clone()
     step(module, optimizer, x, y)
     assert not torch.equal(w[0], saved[0])
+
+
+def test_unfreezing_a_layer_the_module_froze_makes_it_train():
+    """A layer frozen by the user's own code (``requires_grad=False``, a fine-tuning backbone) was answered "done,
+    were_not_frozen" and stayed frozen. It now trains when its parameters are in the optimizer; otherwise, and under
+    DDP, the command is refused and nothing changes."""
+    from steering_util import batch, build, make_optimizer
+
+    module = build("revacnn")
+    for param in module.net.conv1.parameters():
+        param.requires_grad_(False)
+    optimizer = make_optimizer(module, "sgd")      # over every parameter, the frozen ones too
+    x, y = batch()
+    step(module, optimizer, x, y)
+    from revacnn.steering import SteeringEngine
+
+    engine = SteeringEngine(module, [optimizer], example_input=x)
+    before = module.net.conv1.weight.detach().clone()
+    ack = engine.apply(cmd("unfreeze", layers=["net.conv1", "net.conv2"]))
+    assert ack["ok"], ack["error"]
+    assert ack["changes"]["were_frozen_by_the_module"] == ["net.conv1"]
+    assert ack["changes"]["were_not_frozen"] == ["net.conv2"]
+    step(module, optimizer, x, y)
+    assert not torch.equal(module.net.conv1.weight, before)
+
+
+@pytest.mark.parametrize("case", ["not_in_the_optimizer", "distributed"])
+def test_a_layer_the_module_froze_is_not_unfrozen_where_it_could_not_train(case):
+    from steering_util import batch, build
+    from revacnn.steering import SteeringEngine
+
+    module = build("revacnn")
+    for param in module.net.conv1.parameters():
+        param.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    if case == "distributed":
+        optimizer.add_param_group({"params": list(module.net.conv1.parameters())})
+    x, y = batch()
+    step(module, optimizer, x, y)
+    engine = SteeringEngine(module, [optimizer], example_input=x, distributed=case == "distributed")
+    ack = engine.apply(cmd("unfreeze", layers=["net.conv2", "net.conv1"]))
+    assert not ack["ok"]
+    assert ("are in no optimizer" if case == "not_in_the_optimizer" else "cannot be unfrozen during this run") \
+        in ack["error"]
+    assert ack["error"].startswith("unfreeze: net.conv1 was frozen by the module")
+    assert not any(p.requires_grad for p in module.net.conv1.parameters())

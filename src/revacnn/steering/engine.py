@@ -23,7 +23,7 @@ from . import commands as C
 from .errors import SteeringError
 from .freezing import FreezeManager
 from .graph import Group, eager, trace
-from .optimizer import (apply_records, check_supported, insert_params, remove_params, reset_state_rows,
+from .optimizer import (apply_records, check_supported, insert_params, locate, remove_params, reset_state_rows,
                         set_hparams, validate_hparams)
 from .surgery import resize_channels, splice_insert, splice_remove
 
@@ -278,16 +278,38 @@ class SteeringEngine:
 
     def _op_unfreeze(self, args):
         mods, filters = self._freeze_targets(args, "unfreeze")
-        not_frozen = []
+        not_frozen, by_module = [], []
         if filters is None:
+            by_module = [(n, mod) for n, mod in mods if self._frozen_by_module(n, mod)]  # checked before any change
             for n, mod in mods:
-                if not self.freezer.unfreeze_layer(mod) and mod not in self.freezer.filters:
+                if (n, mod) in by_module:
+                    for param in mod.parameters():
+                        param.requires_grad_(True)
+                elif not self.freezer.unfreeze_layer(mod) and mod not in self.freezer.filters:
                     not_frozen.append(n)
                 self.freezer.filters.pop(mod, None)
         else:
             removed = self.freezer.unfreeze_filters(mods[0][1], filters)
             not_frozen = [f for f in filters if f not in removed]
-        return False, {"frozen": self.frozen(), "were_not_frozen": not_frozen}, {}
+        return False, {"frozen": self.frozen(), "were_not_frozen": not_frozen,
+                       "were_frozen_by_the_module": [n for n, _ in by_module]}, {}
+
+    def _frozen_by_module(self, name: str, mod: nn.Module) -> bool:
+        """Whether ``mod`` was frozen by the user's own code (no parameter requires a gradient, and not by a
+        ``freeze``), e.g. a fine-tuning backbone; raises if unfreezing it would not make it train."""
+        params = list(mod.parameters())
+        if mod in self.freezer.layers or any(p.requires_grad for p in params):
+            return False
+        if self.distributed:
+            raise SteeringError(f"unfreeze: {name} was frozen by the module (requires_grad=False) before DDP wrapped "
+                                "it; DDP synchronises only the parameters that required a gradient then, so it "
+                                "cannot be unfrozen during this run")
+        outside = [p for p in params if locate(self.optimizers, p) is None]
+        if outside:
+            raise SteeringError(f"unfreeze: {name} was frozen by the module (requires_grad=False) and "
+                                f"{len(outside)} of its {len(params)} parameters are in no optimizer (configure_"
+                                "optimizers left them out), so unfreezing it would not train it")
+        return True
 
     # ----------------------------------------------------------------------------------------------- hparams
     def _op_set_hparams(self, args):
