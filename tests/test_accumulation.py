@@ -205,3 +205,34 @@ def test_with_two_optimizers_each_layer_is_measured_as_its_own_optimizer_steps_i
             np.testing.assert_allclose(grad_sq["values"][row], grad.pow(2).flatten(1).mean(1).numpy(), rtol=1e-5,
                                        err_msg=f"{name} at step {step}")
             np.testing.assert_allclose(weight_norm["values"][row], weight.flatten(1).norm(dim=1).numpy(), rtol=1e-5)
+
+
+class GradientsBeforeAndAfterClipping(pl.Callback):
+    """conv1's gradient as back-propagated (at ``on_before_optimizer_step``) and as the optimizer stepped with it
+    (clipping is in place, and the gradient is zeroed only when the next step starts)."""
+
+    def __init__(self) -> None:
+        self.raw: dict[int, torch.Tensor] = {}
+        self.clipped: dict[int, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.raw[trainer.global_step + 1] = pl_module.net.conv1.weight.grad.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clipped[trainer.global_step] = pl_module.net.conv1.weight.grad.detach().clone()
+
+
+def test_gradients_are_published_as_back_propagated_before_clipping(tmp_path):
+    """docs/protocol.md says the per-filter gradients are the loss's, read before Lightning clips them."""
+    torch.manual_seed(4)
+    callback, witness = ReVACNNCallback(filters_every=1, snapshot_every=0), GradientsBeforeAndAfterClipping()
+    trainer = pl.Trainer(max_steps=3, gradient_clip_val=1e-3, callbacks=[callback, witness], default_root_dir=tmp_path,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
+    series = open_run(callback.run_dir).filter_series("net.conv1", "grad_abs_mean")
+    np.testing.assert_array_equal(series["step"], [1, 2, 3])
+    for row, step in enumerate(series["step"].tolist()):
+        raw, clipped = (grads[step].abs().flatten(1).mean(1).numpy() for grads in (witness.raw, witness.clipped))
+        assert clipped.max() < 0.5 * raw.max()            # clipping was on, and changed the gradient
+        np.testing.assert_allclose(series["values"][row], raw, rtol=1e-5)
