@@ -98,6 +98,50 @@ def test_a_step_already_charted_is_not_charted_again_but_its_filters_are_kept():
     assert state.filters_by_layer()["net.conv1"]["grad_abs_mean"].tolist() == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("losses,since", [
+    ([2.3, 2.1, None, None, None, None], 3),        # diverged at step 3: NaN losses arrive as nil
+    ([2.3, None, None, 2.0, None, None], None),     # a step without a loss now and then is not a divergence
+    ([2.3, 2.1, None, 1.9, 1.8, 1.7], None),
+    ([None, None, None, None, None, None], None),   # a module that never returns a loss (nothing to chart)
+])
+def test_the_banner_says_since_when_a_run_has_no_finite_loss(losses, since):
+    """A diverged run's loss chart just stopped: nothing said the loss had become NaN."""
+    from revacnn_dash.app import banner_children
+
+    state = RunState("x")
+    for step, loss in enumerate(losses, start=1):
+        state.apply(step_message(step, loss))
+    summary = state.summary()
+    assert summary["loss_not_finite_since"] == since
+    warning = [child for child in banner_children(summary) if getattr(child, "id", None) == "loss-not-finite"]
+    assert [w.children for w in warning] == ([] if since is None else
+                                             [f"⚠ no finite loss since step {since} (NaN or inf: diverged?)"])
+
+
+def test_a_replayed_diverged_run_says_since_when_it_has_no_finite_loss(tmp_path):
+    import pytorch_lightning as pl
+
+    from revacnn import ReVACNNCallback
+    from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+    from revacnn_dash.hub import Hub
+
+    callback = ReVACNNCallback(snapshot_every=0)
+    trainer = pl.Trainer(max_steps=8, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=1e4), DigitsDataModule(batch_size=32))   # diverges at once
+    hub = Hub([], logdir=str(tmp_path), warm_umap=False)
+    try:
+        hub.scan_logdir()
+        (state,) = hub.runs.values()
+        losses = state.scalars_since(0)[0]["loss"]
+    finally:
+        hub.stop()
+    first_bad = int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+    assert np.isfinite(losses[:first_bad - 1]).all() and not np.isfinite(losses[first_bad - 1:]).any()
+    assert state.summary()["loss_not_finite_since"] == first_bad
+
+
 def test_filters_are_split_per_layer_and_checked_against_the_structure():
     state = RunState("x")
     state.apply(Message("structure", STRUCTURE))

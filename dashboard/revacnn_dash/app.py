@@ -839,6 +839,10 @@ def banner_children(s: dict[str, Any]) -> list:
                                   f"({counts} client keys)" if counts else "CURVE-encrypted and authenticated",
                                   style={"marginLeft": "10px", "padding": "1px 6px", "borderRadius": "4px",
                                          "background": "#e8f5e9", "color": "#1b5e20", "fontWeight": "normal"}))
+    if s.get("loss_not_finite_since") is not None:
+        children.append(html.Span(f"⚠ no finite loss since step {s['loss_not_finite_since']} (NaN or inf: diverged?)",
+                                  id="loss-not-finite", style={"marginLeft": "10px", "color": "#c62828",
+                                                               "fontWeight": "normal"}))
     if s.get("recording_error"):
         children.append(html.Span(f"⚠ recording stopped: {s['recording_error']}", id="recording-error",
                                   style={"marginLeft": "10px", "color": "#c62828", "fontWeight": "normal"}))

@@ -140,7 +140,7 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
             if not np.isfinite(np.asarray(loss, dtype=float)).any():  # steps returned none: the loss they logged
                 loss = scal.get(metric_name([name for name in scal if name != "loss"], "loss", "train"), nan)
             for i in range(len(scal["step"])):
-                state.scalars.append({"step": scal["step"][i], "loss": loss[i],
+                state.append_scalars({"step": scal["step"][i], "loss": loss[i],
                                       "train_acc": acc[i], "lr": _col(scal, "lr/0", i),
                                       "momentum": _col(scal, "momentum/0", i),
                                       "weight_decay": _col(scal, "weight_decay/0", i),

@@ -8,6 +8,7 @@ snapshot is kept (plus its step list for the replay of recorded runs).
 from __future__ import annotations
 
 import collections
+import math
 import re
 import threading
 import time
@@ -101,6 +102,9 @@ def command_label(op: str, args: dict[str, Any]) -> str:
     return op
 
 
+DIVERGED_AFTER = 3   # steps in a row without a finite loss (after one with) that the banner calls a diverged run
+
+
 class Ring:
     """Fixed-capacity columns of floats; ``total`` counts every row ever appended (a cursor for clients)."""
 
@@ -148,6 +152,8 @@ class RunState:
         self.scalar_capacity = scalar_capacity
         self.scalars = Ring(SCALAR_KEYS, scalar_capacity)
         self.last_scalar_step: int | None = None    # the newest step charted
+        self._loss_seen_finite = False                # a diverged run: a finite loss, then none for a while
+        self._loss_not_finite: tuple[int | None, int] = (None, 0)  # first step of the current streak, its length
         self.val: collections.deque[dict[str, Any]] = collections.deque(maxlen=5000)
         self.filter_steps: collections.deque[tuple[int, int, np.ndarray, list[str]]] = collections.deque(
             maxlen=filter_capacity)   # (step, revision, [5, F] array, layer names)
@@ -187,6 +193,7 @@ class RunState:
         self.structure = self.hparams = self.status = None
         self.scalars = Ring(SCALAR_KEYS, self.scalar_capacity)
         self.last_scalar_step = None
+        self._loss_seen_finite, self._loss_not_finite = False, (None, 0)
         self.val.clear()
         self.filter_steps.clear()
         self.layer_ratio = {}
@@ -249,10 +256,28 @@ class RunState:
         # A step already charted (a state snapshot re-sent on reconnecting to the same run) is not charted again.
         if not isinstance(step, int) or self.last_scalar_step is None or step > self.last_scalar_step:
             self.last_scalar_step = step if isinstance(step, int) else self.last_scalar_step
-            self.scalars.append({"step": step, "loss": loss, "train_acc": acc,
+            self.append_scalars({"step": step, "loss": loss, "train_acc": acc,
                                  "lr": group.get("lr"), "momentum": group.get("momentum"),
                                  "weight_decay": group.get("weight_decay"), "batch_size": b.get("batch_size"),
                                  "samples_per_s": b.get("samples_per_s")})
+
+    def append_scalars(self, row: dict[str, Any]) -> None:
+        """One step's row onto the charts, noting where the loss stopped being finite: a diverged run's chart just
+        stops, so the banner says since when. The wire carries a NaN or infinite loss as nil, like a step that
+        returned none; a streak of ``DIVERGED_AFTER`` steps without a finite loss, after one with, tells them apart
+        from a module that returns none now and then."""
+        self.scalars.append(row)
+        loss = row.get("loss")
+        if loss is not None and math.isfinite(loss):
+            self._loss_seen_finite, self._loss_not_finite = True, (None, 0)
+        elif self._loss_seen_finite:
+            first, length = self._loss_not_finite
+            self._loss_not_finite = (row.get("step") if length == 0 else first, length + 1)
+
+    @property
+    def loss_not_finite_since(self) -> int | None:
+        first, length = self._loss_not_finite
+        return first if length >= DIVERGED_AFTER else None
 
     def _on_step_filters(self, m: Message) -> None:
         self._on_step(m)
@@ -333,6 +358,7 @@ class RunState:
                     "last": {k: float(v[0]) for k, v in last.items() if len(v)}, "gaps": self.gaps,
                     "messages": self.messages, "drops": status.get("drops"),
                     "security": status.get("security"), "resumed": status.get("resumed"),
+                    "loss_not_finite_since": self.loss_not_finite_since,
                     "recording_error": status.get("recording_error"),
                     "telemetry_error": status.get("telemetry_error")}
 
