@@ -234,6 +234,7 @@ def test_embedding_service_computes_off_thread_and_caches():
         result = service.request(*args)
     assert result is not None and result["n"] == 12 and len(result["coords"]) == 12
     assert result["grad"] == pytest.approx([0.5] * 12) and result["aligned"] is False
+    assert result["not_finite"] == 0
     assert service.request(*args) is result                   # cached per snapshot
     # the next snapshot's layout is aligned to this one
     arrays2 = {"weight/c": arrays["weight/c"] * 1.01, "grad/c": arrays["grad/c"]}
@@ -250,6 +251,18 @@ def test_embedding_service_computes_off_thread_and_caches():
     service.request(*missing)
     time.sleep(0.3)
     assert "no act data" in service.request(*missing)["error"]
+    # a diverged run: filters holding NaN or inf are counted (the status line says so), not silently drawn at zero
+    diverged = dict(arrays, **{"weight/c": arrays["weight/c"].copy()})
+    diverged["weight/c"][[1, 4], 0, 0, 0] = [np.nan, np.inf]
+    args3 = ("run", (0, 3), diverged, list(range(12)), "c", "weight", "pca", 0, "grad")
+    service.request(*args3)
+    deadline = time.monotonic() + 10
+    third = None
+    while third is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        third = service.request(*args3)
+    assert "error" not in third, third
+    assert third["not_finite"] == 2 and np.isfinite(third["coords"]).all()
 
 
 def test_tsne_runs_in_a_helper_process_and_is_seeded_from_the_previous_layout():

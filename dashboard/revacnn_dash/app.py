@@ -680,6 +680,8 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         status = (f"{method.upper()} of {result['n']} filters of {layer} ({source}) at step {snap.body.get('step')}"
                   f" in {result['seconds']:.2f} s{' · aligned to the previous layout' if result['aligned'] else ''}"
                   f" · {umap_text}")
+        if result.get("not_finite"):  # a diverged run: its points collapse onto the zeros they are drawn as
+            status += f" · ⚠ {result['not_finite']} of {result['n']} filters hold NaN or inf, embedded as zeros"
         return fig, status, {"job": job, "coords": result["coords"], "layer": layer}
 
     @app.callback(Output("emb-hover-img", "src"), Output("emb-hover-text", "children"),

@@ -136,7 +136,7 @@ class EmbeddingService:
         magnitude = (np.abs(np.asarray(grad, float)).reshape(n, -1).mean(1) if grad is not None and len(grad) == n
                      else np.zeros(n))
         result = {"coords": coords.tolist(), "ids": ids, "grad": magnitude.tolist(), "n": n,
-                  "aligned": previous is not None}
+                  "aligned": previous is not None, "not_finite": int((~np.isfinite(x)).any(axis=1).sum())}
         if colour == "cluster":
             result["cluster"] = kmeans_labels(x, k=min(4, n)).tolist()
         return result

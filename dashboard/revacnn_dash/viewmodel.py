@@ -310,9 +310,10 @@ def align_to_previous(coords: np.ndarray, ids: list[int], previous: dict[int, tu
 
 
 def compute_embedding(x: np.ndarray, method: str, seed: int = 0, init: np.ndarray | None = None) -> np.ndarray:
-    """2-D coordinates for the rows of ``x`` (n×d). PCA, t-SNE (seeded with ``init`` when given) or UMAP."""
+    """2-D coordinates for the rows of ``x`` (n×d). PCA, t-SNE (seeded with ``init`` when given) or UMAP. NaN and
+    ±inf (a diverged run) count as 0: as the largest floats they overflowed the decomposition."""
     n = x.shape[0]
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64))
+    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if n < 3:
         return np.column_stack([np.arange(n, dtype=float), np.zeros(n)])
     x = x - x.mean(0)
