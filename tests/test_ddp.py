@@ -60,15 +60,20 @@ def test_ddp_run_publishes_from_rank_zero_only_and_finishes(tmp_path, run_dir):
     assert output.count("watch it with") == 1
 
 
-def send_and_wait(client, op, args, timeout=60.0):
-    command_id = client.send_command(op, args)
+def send_and_wait(client, commands, timeout=60.0):
+    """Send every ``(op, args)`` at once (the trainer applies them in order; one at a time, a run on a slow machine
+    could end before the last was sent), then wait for their final acks; returns them in command order."""
+    ids = [client.send_command(op, args) for op, args in commands]
+    finals: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while len(finals) < len(ids) and time.monotonic() < deadline:
         message = client.recv(0.2)
-        if message is not None and message.type == "ack" and message.body["id"] == command_id \
+        if message is not None and message.type == "ack" and message.body["id"] in ids \
                 and message.body["status"] != "queued":
-            return message.body
-    raise AssertionError(f"no final ack for {op}")
+            finals[message.body["id"]] = message.body
+    missing = [op for (op, _), command_id in zip(commands, ids) if command_id not in finals]
+    assert not missing, f"no final ack for {missing}"
+    return [finals[command_id] for command_id in ids]
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -82,10 +87,10 @@ def test_steering_under_ddp_keeps_ranks_bitwise_equal(tmp_path, accumulate):
         time.sleep(0.1)
     with RunClient(tmp_path) as client:
         client.connect(timeout=30)
-        acks = [send_and_wait(client, "widen", {"layer": "net.conv2", "count": 3}),
-                send_and_wait(client, "freeze", {"layer": "net.conv1", "filters": [0, 2]}),
-                send_and_wait(client, "remove_filters", {"layer": "net.conv3", "filters": [1, 4]}),
-                send_and_wait(client, "set_hparams", {"lr": 0.02})]
+        acks = send_and_wait(client, [("widen", {"layer": "net.conv2", "count": 3}),
+                                      ("freeze", {"layer": "net.conv1", "filters": [0, 2]}),
+                                      ("remove_filters", {"layer": "net.conv3", "filters": [1, 4]}),
+                                      ("set_hparams", {"lr": 0.02})])
     finish(process)
     assert [ack["status"] for ack in acks] == ["done"] * 4, acks
     assert acks[0]["step"] <= acks[1]["step"] <= acks[2]["step"]
