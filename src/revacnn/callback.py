@@ -284,7 +284,7 @@ class ReVACNNCallback(Callback):
         self._samples_per_s = 0.0
         self._batch_size = 0
         self._resumed_run: str | None = None                 # the run id a resumed checkpoint was saved by
-        self._frozen_by_module_shown: list[str] = []         # layers without a trainable parameter, as last published
+        self._untrainable_shown: list[str] = []              # layers without a trainable parameter, as last published
 
     # -- Lightning state ----------------------------------------------------------------------------------------
     @property
@@ -548,7 +548,7 @@ class ReVACNNCallback(Callback):
         if step == previous:  # no optimizer step in this batch: its gradient is being accumulated
             return
         loss = self._step_loss(trainer)
-        if self._filter_stats is not None and self._frozen_by_module() != self._frozen_by_module_shown:
+        if self._filter_stats is not None and self._untrainable_layers() != self._untrainable_shown:
             self._publish_structure(pl_module)  # the module's code (or a fine-tuning callback) froze or thawed layers
         if self._filter_stats is not None or self.schedule.due(previous, step, self.schedule.scalars_every):
             self._awaiting = self._read_step(trainer, loss, step, batch_idx)
@@ -797,9 +797,9 @@ class ReVACNNCallback(Callback):
         self.layers = [(name, by_name[name]) for name in ordered]
         if self.probe is not None:
             self.probe.layers = list(self.layers)
-        self._frozen_by_module_shown = self._frozen_by_module()
+        self._untrainable_shown = self._untrainable_layers()
         frozen = {**(self.engine.frozen() if self.engine is not None else {}),
-                  **dict.fromkeys(self._frozen_by_module_shown, "all")}
+                  **dict.fromkeys(self._untrainable_shown, "all")}
         layers = [layer_description(name, by_name[name], traced["output_shapes"].get(name, []),
                                     self.filter_ids[name], frozen.get(name)) for name in ordered]
         params = list(pl_module.parameters())
@@ -810,7 +810,7 @@ class ReVACNNCallback(Callback):
                 "layer_edges": traced["layer_edges"]}
         self.publisher.publish(Message("structure", body))
 
-    def _frozen_by_module(self) -> list[str]:
+    def _untrainable_layers(self) -> list[str]:
         """Monitored layers none of whose parameters requires a gradient: frozen by the user's code (a fine-tuning
         backbone, ``BackboneFinetuning``) or, on one device, by a ``freeze`` command."""
         return [name for name, layer in self.layers if not any(p.requires_grad for p in layer.parameters())]
