@@ -218,6 +218,16 @@ def test_resnet50_network_figure_builds_within_a_second():
     assert node_trace == 4 and len(fig.data[node_trace].x) == 180
 
 
+def computed(service, args, timeout: float = 10.0, interval: float = 0.02):
+    """The embedding service's result for ``args`` once its worker has computed it (None after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    result = service.request(*args)
+    while result is None and time.monotonic() < deadline:
+        time.sleep(interval)
+        result = service.request(*args)
+    return result
+
+
 def test_embedding_service_computes_off_thread_and_caches():
     from revacnn_dash.embedding import EmbeddingService
 
@@ -227,11 +237,7 @@ def test_embedding_service_computes_off_thread_and_caches():
               "grad/c": np.full((12, 3, 3, 3), 0.5, dtype=np.float32)}
     args = ("run", (0, 1), arrays, list(range(12)), "c", "weight", "pca", 0, "grad")
     assert service.request(*args) is None                    # queued, not computed on the caller's thread
-    deadline = time.monotonic() + 10
-    result = None
-    while result is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        result = service.request(*args)
+    result = computed(service, args)
     assert result is not None and result["n"] == 12 and len(result["coords"]) == 12
     assert result["grad"] == pytest.approx([0.5] * 12) and result["aligned"] is False
     assert result["not_finite"] == 0
@@ -239,12 +245,7 @@ def test_embedding_service_computes_off_thread_and_caches():
     # the next snapshot's layout is aligned to this one
     arrays2 = {"weight/c": arrays["weight/c"] * 1.01, "grad/c": arrays["grad/c"]}
     args2 = ("run", (0, 2), arrays2, list(range(12)), "c", "weight", "pca", 0, "grad")
-    service.request(*args2)
-    deadline = time.monotonic() + 10
-    second = None
-    while second is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        second = service.request(*args2)
+    second = computed(service, args2)
     assert second["aligned"] is True
     assert np.allclose(np.array(second["coords"]), np.array(result["coords"]), atol=1e-6)
     missing = ("run", (0, 1), arrays, list(range(12)), "c", "act", "pca", 0, "grad")
@@ -255,12 +256,7 @@ def test_embedding_service_computes_off_thread_and_caches():
     diverged = dict(arrays, **{"weight/c": arrays["weight/c"].copy()})
     diverged["weight/c"][[1, 4], 0, 0, 0] = [np.nan, np.inf]
     args3 = ("run", (0, 3), diverged, list(range(12)), "c", "weight", "pca", 0, "grad")
-    service.request(*args3)
-    deadline = time.monotonic() + 10
-    third = None
-    while third is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        third = service.request(*args3)
+    third = computed(service, args3)
     assert "error" not in third, third
     assert third["not_finite"] == 2 and np.isfinite(third["coords"]).all()
 
@@ -275,11 +271,7 @@ def test_tsne_runs_in_a_helper_process_and_is_seeded_from_the_previous_layout():
         rng = np.random.default_rng(6)
         arrays = {"weight/c": rng.normal(size=(24, 4, 3, 3)).astype(np.float32)}
         args = ("run", (0, 1), arrays, list(range(24)), "c", "weight", "tsne", 0, "cluster")
-        deadline = time.monotonic() + 90
-        result = service.request(*args)
-        while result is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-            result = service.request(*args)
+        result = computed(service, args, timeout=90, interval=0.1)
         assert result is not None and "error" not in result, result
         assert np.array(result["coords"]).shape == (24, 2) and len(set(result["cluster"])) == 4
         pool = service.pools["tsne"]
