@@ -303,3 +303,13 @@ def test_host_copy_carries_numpy_parts_beside_the_packed_tensors():
     only_host = HostCopy()
     only_host.add("x", np.array([1.0], np.float32))
     assert bool(only_host) and list(only_host.launch().arrays()) == ["x"]
+
+
+def test_every_argument_has_its_own_docstring_entry():
+    """LightningCLI (jsonargparse) builds ``--trainer.callbacks.<arg>`` help from the Args section, one entry per
+    argument: an entry that names several arguments at once leaves them without help."""
+    import inspect
+    import re
+
+    documented = re.findall(r"^        (\w+): ", ReVACNNCallback.__doc__.split("Args:")[1], flags=re.MULTILINE)
+    assert documented == list(inspect.signature(ReVACNNCallback.__init__).parameters)[1:]

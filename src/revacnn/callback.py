@@ -175,29 +175,43 @@ class ReVACNNCallback(Callback):
 
     Args:
         layers: monitored layers, as module names or types (default: every Conv2d and Linear).
-        scalars_every / filters_every / snapshot_every: the schedule, in optimizer steps (0 = off). The defaults
-            (1, 50, 500) cost the demo CNN ~1–2 % of its CPU throughput (benchmarks/RESULTS.md) and still refresh
-            per-filter values about twice per dashboard refresh (1 s) at ~90 steps/s. ``filters_every=20,
-            snapshot_every=200`` costs it ~2–3.5 %; a model whose step is longer pays proportionally less.
-        probe_images: validation images kept for activation maps; val_subset: images whose predictions are
-            published after each validation (DeepTracker's image × iteration view).
-        host, telemetry_port, control_port: where the sockets bind (127.0.0.1 and free ports by default).
+        scalars_every: publish step scalars (loss, logged metrics, lr, samples/s) every this many optimizer steps
+            (0 = off).
+        filters_every: publish per-filter gradients, weight norms, update ratios and mean |activation| every this
+            many optimizer steps (0 = off). The defaults (50 here, 500 for snapshots) cost the demo CNN ~1–2 % of
+            its CPU throughput (benchmarks/RESULTS.md) and still refresh per-filter values about twice per
+            dashboard refresh (1 s) at ~90 steps/s. ``filters_every=20, snapshot_every=200`` costs it ~2–3.5 %; a
+            model whose step is longer pays proportionally less.
+        snapshot_every: publish full weights, gradients, DeepTracker statistics and probe activation maps every
+            this many optimizer steps (0 = off).
+        probe_images: validation images kept for activation maps (chosen once, kept for the whole run).
+        val_subset: validation images whose predictions are published after each validation (DeepTracker's
+            image × iteration view).
+        max_activation_bytes: the most probe activation maps (with their gradients) one snapshot carries; layers
+            past it are left out and named in the snapshot's ``probe_skipped``.
+        host: the address both sockets bind (127.0.0.1 by default; see ``insecure_bind``).
+        telemetry_port: the PUB socket's port (0: a free port, written to the connection file).
+        control_port: the ROUTER socket's port for commands and snapshot requests (0: a free port).
         run_dir: where the recording and the connection file go (default: ``<trainer.log_dir>/revacnn``, or
             ``revacnn-2``, ``-3``, … where a run was recorded before). Each ``fit`` is a run of its own.
         record: write the run to ``run_dir`` (see revacnn.recording).
-        on_recording_error: ``"warn"`` (default: warn once, keep training, the recording stops) or ``"stop"``
-            (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
         sign: sign every message with a per-run HMAC key kept in the connection file (mode 0600).
         steering: accept steering commands.
         command_every: under DDP, how often (in optimizer steps) rank 0 broadcasts received commands to the other
             ranks (default 10: the broadcast is a collective that syncs the host with NCCL, so not every step; a
             command waits at most that many steps). Without DDP commands apply before the next batch.
-        queue_size / send_hwm: bounds of the telemetry queue and of ZeroMQ's per-subscriber queue.
-        curve / keys_dir: CURVE encryption and authentication of both sockets (docs/remote.md). ``keys_dir`` holds
-            the trainer's keypair (``server.key_secret``, made when missing) and ``allowed/``, the public keys of
-            the clients that may connect (``revacnn keys allow``); ``curve=True`` alone uses ``$REVACNN_KEYS_DIR``
-            or ``~/.revacnn/keys``. The connection file then carries the trainer's public key, never its secret.
+        queue_size: bound of the telemetry queue between the training thread and the sending thread (messages
+            past it are dropped and counted).
+        send_hwm: bound of ZeroMQ's queue per subscriber (a subscriber that stops reading loses messages, never
+            slows training).
         insecure_bind: allow a non-loopback ``host`` without CURVE (anyone who reaches it can read and steer).
+        curve: CURVE encryption and authentication of both sockets (docs/remote.md), with the keys in
+            ``$REVACNN_KEYS_DIR`` or ``~/.revacnn/keys`` unless ``keys_dir`` is given.
+        keys_dir: holds the trainer's keypair (``server.key_secret``, made when missing) and ``allowed/``, the
+            public keys of the clients that may connect (``revacnn keys allow``); giving it turns CURVE on. The
+            connection file then carries the trainer's public key, never its secret.
+        on_recording_error: ``"warn"`` (default: warn once, keep training, the recording stops) or ``"stop"``
+            (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
     """
 
     def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, scalars_every: int = 1,
