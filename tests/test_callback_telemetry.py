@@ -253,6 +253,24 @@ def test_snapshot_holds_weights_grads_stats_changes_and_probe_maps(run):
     np.testing.assert_array_equal(snapshot.body["probe_labels"], run["witness"].data.val_set.tensors[1][:8].numpy())
 
 
+def test_probe_maps_past_max_activation_bytes_are_left_out_and_named(tmp_path):
+    """A budget that holds conv1's maps and gradients (8 probes × 16 × 32 × 32 × 2 float32) exactly: conv1's maps
+    are sent, every later layer's are left out and named in ``probe_skipped``."""
+    from revacnn.recording.reader import open_run
+
+    conv1_bytes = 8 * 16 * 32 * 32 * 4 * 2
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=2, max_activation_bytes=conv1_bytes)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[callback],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
+    snapshot = open_run(callback.run_dir).snapshot(2)
+    assert snapshot["arrays"]["act/net.conv1"].shape == (8, 16, 32, 32)
+    assert snapshot["arrays"]["actgrad/net.conv1"].shape == (8, 16, 32, 32)
+    assert not [key for key in snapshot["arrays"] if key.startswith("act") and not key.endswith("net.conv1")]
+    assert snapshot["body"]["probe_skipped"] == ["net.conv2", "net.conv3", "net.fc"]
+
+
 def test_validation_publishes_metrics_and_the_prediction_of_every_subset_image(run):
     vals = by_step(run["messages"], "val")
     assert sorted(vals) == [15, 30]

@@ -11,8 +11,9 @@ import pytest
 
 from revacnn import shapes
 from revacnn_dash.viewmodel import (activation_image, align_to_previous, compute_embedding, default_expanded,
-                                    filter_image, jitter_pixels, mosaic, nearest_neighbours, network_model, png_bytes,
-                                    procrustes_align, redundancy, top_half, visible_columns)
+                                    filter_image, jitter_pixels, missing_maps_reason, mosaic, nearest_neighbours,
+                                    network_model, png_bytes, procrustes_align, redundancy, top_half,
+                                    visible_columns)
 
 
 def resnet50_layers() -> list[dict]:
@@ -200,6 +201,15 @@ def test_activation_images_of_convs_linears_and_linears_on_tokens():
     assert activation_image(rng.normal(size=20)).shape == (1, 20)
     assert activation_image(rng.normal(size=(4, 5, 5))).shape == (1 + 5 + 1, 4 * 6 + 1)  # a mosaic of 4 maps
     png_bytes(image)
+
+
+def test_missing_activation_maps_say_why():
+    arrays = {"act/a": np.zeros((8, 4, 2, 2), np.float32)}
+    assert missing_maps_reason({"probe_skipped": ["b"]}, arrays, "a") is None
+    assert "max_activation_bytes" in missing_maps_reason({"probe_skipped": ["b"]}, arrays, "b")
+    failed = missing_maps_reason({"probe_error": "probe pass failed (TypeError: no images)"}, {}, "a")
+    assert failed.endswith("probe pass failed (TypeError: no images)")
+    assert "did not reach" in missing_maps_reason({}, arrays, "c")
 
 
 def test_resnet50_network_figure_builds_within_a_second():

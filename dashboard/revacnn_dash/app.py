@@ -20,8 +20,8 @@ from plotly.subplots import make_subplots
 from .analysis import RunSource, comparison_layout, explorer_layout, register_analysis_callbacks
 from .hub import Hub, load_replay
 from .state import RunState
-from .viewmodel import (activation_image, data_uri, default_expanded, filter_image, jitter_pixels, mosaic,
-                        nearest_neighbours, network_model, redundancy, to_uint8)
+from .viewmodel import (activation_image, data_uri, default_expanded, filter_image, jitter_pixels,
+                        missing_maps_reason, mosaic, nearest_neighbours, network_model, redundancy, to_uint8)
 
 STATUS_COLOURS = {"live": "#2e7d32", "connecting": "#f9a825", "unreachable": "#c62828", "finished": "#455a64",
                   "incompatible": "#6a1b9a", "replay": "#1565c0"}
@@ -590,7 +590,9 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                     act_src = data_uri(to_uint8(a[p, i]), scale=max(1, 96 // a.shape[-1]))
                 elif a.ndim == 2:
                     act_src = data_uri(to_uint8(a[p][None, :]), scale=8)
-            lines.append(html.Div(f"snapshot at step {snap.body.get('step')}", style={"color": "#777"}))
+            missing = missing_maps_reason(snap.body, snap.arrays, name)
+            lines.append(html.Div(f"snapshot at step {snap.body.get('step')}" + (f" · {missing}" if missing else ""),
+                                  style={"color": "#777"}))
         return lines, filt_src, act_src, probes
 
     @app.callback(Output("net-feedback", "children"),
@@ -667,6 +669,9 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         ids = next((l.get("filter_ids") for l in (state.structure or {}).get("layers", []) if l["name"] == layer),
                    None) or []
         probe = int(probe or 0)
+        missing = missing_maps_reason(snap.body, snap.arrays, layer) if source in ("act", "actgrad") else None
+        if missing:
+            return go.Figure(), f"cannot embed: {missing} · {umap_text}", None
         job = [key, list(snap_key), layer, source, method, probe, colour]
         result = hub.embeddings.request(key, snap_key, snap.arrays, ids, layer, source, method, probe, colour)
         if result is None:
@@ -761,6 +766,9 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                 acts = src
             else:
                 actgrads = src
+        missing = missing_maps_reason(snap.body, snap.arrays, layer)
+        if missing:
+            caption += f" · {missing}"
         images = snap.arrays.get("probe_images")
         if images is not None and p < len(images):
             img = images[p]

@@ -273,6 +273,20 @@ def embedding_features(arrays: dict[str, np.ndarray], layer: str, source: str, p
     return arr.reshape(arr.shape[0], -1)
 
 
+def missing_maps_reason(body: dict[str, Any], arrays: dict[str, np.ndarray], layer: str) -> str | None:
+    """Why a snapshot carries no activation maps of ``layer`` (None when it has them): the probe pass failed or had
+    no images (``probe_error``), or the layer's maps would have passed the snapshot's ``max_activation_bytes``
+    (``probe_skipped``)."""
+    if f"act/{layer}" in arrays:
+        return None
+    if body.get("probe_error"):
+        return f"no activation maps in this snapshot: {body['probe_error']}"
+    if layer in (body.get("probe_skipped") or []):
+        return (f"no activation maps of {layer}: they would pass the snapshot's limit on map sizes "
+                f"(ReVACNNCallback(max_activation_bytes=…), 64 MiB by default)")
+    return f"no activation maps of {layer} in this snapshot (the probe pass did not reach it)"
+
+
 def procrustes_align(new: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """Rotate/reflect, scale and translate ``new`` (n×2) onto ``previous`` (same rows) by least squares, so that a
     fresh layout does not jump. Returns the transformed ``new``."""
