@@ -490,3 +490,42 @@ def test_a_linear_on_tokens_has_its_activation_maps_channels_first(tmp_path):
     assert snapshot["arrays"]["actgrad/net.mlp"].shape == (8, 20, 16)
     assert snapshot["arrays"]["act/net.patch"].shape == (8, 12, 4, 4)
     assert snapshot["arrays"]["act/net.head"].shape == (8, 10)
+
+
+class UpsamplingNet(torch.nn.Module):
+    """A decoder-style net: a strided conv, a grouped transposed conv back up, a Conv1d over the flattened map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 12, 2, stride=2, groups=2)
+        self.mix = torch.nn.Conv1d(12, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = F.relu(self.up(F.relu(self.down(x))))
+        return self.fc(F.relu(self.mix(x.flatten(2))).mean(2))
+
+
+def test_transposed_and_1d_convs_chosen_by_type_are_watched_per_output_channel(tmp_path):
+    """A transposed conv's weight is [in, out / groups, …]: reading its filters on dim 0, as for a conv, stopped
+    all telemetry at the first step (8 weight rows against 12 activation channels)."""
+    torch.manual_seed(2)
+    module = ClassifierModule(UpsamplingNet())
+    callback = ReVACNNCallback([torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Conv1d, torch.nn.Linear],
+                               filters_every=1, snapshot_every=4)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback],
+                         default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    run = open_run(callback.run_dir)
+    assert run.status()["state"] == "finished" and "telemetry_error" not in run.status()
+    layers = {layer["name"]: layer for layer in run.structures()[-1][1]["layers"]}
+    assert [(layers[n]["in"], layers[n]["out"]) for n in ("net.down", "net.up", "net.mix", "net.fc")] == \
+        [(3, 8), (8, 12), (12, 6), (6, 10)]
+    weight = module.net.up.weight.detach().numpy()  # [8, 6, 2, 2]: output channel o = 6·(o // 6) + j
+    by_output = np.stack([weight[o // 6 * 4:(o // 6 + 1) * 4, o % 6] for o in range(12)])
+    snapshot = run.snapshot(4)["arrays"]
+    np.testing.assert_array_equal(snapshot["weight/net.up"], by_output)
+    assert snapshot["act/net.up"].shape == (8, 12, 32, 32) and snapshot["cosine/net.up"].shape == (12,)
+    assert run.filter_series("net.up", "weight_norm")["values"].shape == (4, 12)  # values: test_probes.py

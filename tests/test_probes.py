@@ -94,3 +94,32 @@ def test_tensor_stats_on_cpu_equal_torch_quantile_and_independent_values(size):
             "l2": np.linalg.norm(values), "l0": np.count_nonzero(values), "count": size}
     for field in STAT_FIELDS:
         assert stats[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("strategy", ["numpy", "segments"])
+def test_a_transposed_conv_is_measured_per_output_channel(strategy, groups):
+    """ConvTranspose2d keeps its weight as [in, out / groups, kh, kw]: output channel o of group gi is
+    weight[gi·in/g : (gi+1)·in/g, o mod out/g]. Each filter is one output channel, as the activations are."""
+    torch.manual_seed(5)
+    up = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=groups)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), up)
+    layers = discover_layers(net, [nn.Conv2d, nn.ConvTranspose2d])
+    probe = FilterProbe(layers, strategy=strategy)
+    probe.attach()
+    probe.arm()
+    output = net(torch.randn(2, 3, 5, 5))
+    output.square().mean().backward()
+    filters, layer_ratio = (t.numpy() for t in probe.measure())
+    assert filters.shape == (5, 4 + 6)
+
+    weight, grad = up.weight.detach().double().numpy(), up.weight.grad.double().numpy()
+    in_per, out_per = 4 // groups, 6 // groups
+    for o in range(6):
+        rows = slice(o // out_per * in_per, (o // out_per + 1) * in_per)
+        w, g = weight[rows, o % out_per], grad[rows, o % out_per]
+        assert filters[0, 4 + o] == pytest.approx(np.abs(g).mean(), rel=1e-5)
+        assert filters[1, 4 + o] == pytest.approx((g ** 2).mean(), rel=1e-5)
+        assert filters[2, 4 + o] == pytest.approx(np.linalg.norm(w), rel=1e-5)
+        assert filters[4, 4 + o] == pytest.approx(np.abs(output[:, o].detach().double().numpy()).mean(), rel=1e-5)
+    assert layer_ratio[1] == pytest.approx(np.linalg.norm(grad) / np.linalg.norm(weight), rel=1e-5)

@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServerKeys
-from revacnn.probes import FilterProbe, discover_layers, eval_mode, filter_change, probe_pass, tensor_stats
+from revacnn.probes import (FilterProbe, discover_layers, eval_mode, filter_change, filter_count, filters_first,
+                            probe_pass, tensor_stats)
 from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS, Message
 from revacnn.publisher import Publisher
 from revacnn.scalars import StepBatch, add_scalars, scalar_values
@@ -739,9 +740,9 @@ class ReVACNNCallback(Callback):
         copy = HostCopy()
         weight_stats, grad_stats = [], []
         for name, module in self.layers:
-            weight = module.weight.detach()
+            weight = filters_first(module, module.weight.detach())
             grad = module.weight.grad
-            grad = torch.zeros_like(weight) if grad is None else grad.detach()
+            grad = torch.zeros_like(weight) if grad is None else filters_first(module, grad.detach())
             copy.add(f"weight/{name}", weight)
             copy.add(f"grad/{name}", grad)
             flat = weight.reshape(weight.shape[0], -1).float()
@@ -792,8 +793,8 @@ class ReVACNNCallback(Callback):
             return
         self._flush_steps(pl_module.trainer)  # steps measured before the change go out before it
         for name, module in self.layers:
-            if name not in self.filter_ids or len(self.filter_ids[name]) != module.weight.shape[0]:
-                count = module.weight.shape[0]
+            if name not in self.filter_ids or len(self.filter_ids[name]) != filter_count(module):
+                count = filter_count(module)
                 self.filter_ids[name] = list(range(self.next_filter_id, self.next_filter_id + count))
                 self.next_filter_id += count
         images = self._probe_batch[0] if self._probe_batch is not None else None

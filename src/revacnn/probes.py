@@ -45,6 +45,26 @@ def discover_layers(module: nn.Module, layers: Iterable[str | type[nn.Module]] |
     return found
 
 
+def filters_first(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (``module``'s weight or its gradient) with one row per filter, i.e. per output channel, on dim 0.
+
+    Conv and Linear layers keep their weight that way already: it is returned as it is. A transposed conv keeps its
+    weight as ``[in, out / groups, …]``, where output channel ``g · out / groups + j`` is
+    ``weight[g · in / groups : (g + 1) · in / groups, j]``; it is regrouped to ``[out, in / groups, …]`` (a copy),
+    the shape a conv of the same channels would have.
+    """
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return tensor.unflatten(0, (module.groups, -1)).transpose(1, 2).flatten(0, 1)
+    return tensor
+
+
+def filter_count(module: nn.Module) -> int:
+    """How many filters (output channels) a monitored layer has."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return int(module.weight.shape[1] * module.groups)
+    return int(module.weight.shape[0])
+
+
 def channel_abs_mean(output: torch.Tensor, channels_first: bool) -> torch.Tensor:
     """Mean |activation| per output channel: channels on dim 1 for conv outputs (N, C, …), last dim otherwise."""
     output = output.detach()
@@ -140,12 +160,13 @@ class FilterProbe:
         |g|, g², w², (w − w_prev)² of every coefficient go into one ``[4, N]`` buffer that is reduced per filter.
         """
         self.armed = False
-        params = [module.weight for _, module in self.layers]
         pairs = [self._held.get(name) or (module.weight.detach(), module.weight.grad) for name, module in self.layers]
         self._held = {}
-        weights = torch.cat([weight.reshape(-1) for weight, _ in pairs]).float()
-        grads = torch.cat([(weight if grad is None else grad.detach()).reshape(-1) for weight, grad in pairs]).float()
-        segments = self._segments(params, weights.device)
+        by_filter = [(filters_first(module, weight), filters_first(module, weight if grad is None else grad.detach()))
+                     for (_, module), (weight, grad) in zip(self.layers, pairs)]
+        weights = torch.cat([weight.reshape(-1) for weight, _ in by_filter]).float()
+        grads = torch.cat([grad.reshape(-1) for _, grad in by_filter]).float()
+        segments = self._segments([weight.shape for weight, _ in by_filter], weights.device)
         previous = self._previous if self._previous is not None and self._previous[0].shape == weights.shape else None
         frozen = [grad is None for _, grad in pairs]
         activations = [self._mean_activation(name) for name, _ in self.layers]
@@ -225,9 +246,9 @@ class FilterProbe:
         filters = torch.from_numpy(filters)
         return filters, torch.from_numpy(layer_ratio), filters[2].clone()
 
-    def _segments(self, params: list[torch.Tensor], device: torch.device) -> _Segments:
-        """Index tensors of the current shapes on ``device``, made once per shape."""
-        shapes = tuple(tuple(weight.shape) for weight in params)
+    def _segments(self, weight_shapes: list[torch.Size], device: torch.device) -> _Segments:
+        """Index tensors of the current (filters-first) weight shapes on ``device``, made once per shape."""
+        shapes = tuple(tuple(shape) for shape in weight_shapes)
         if self._segment_cache is None or self._segment_cache[0] != (shapes, device):
             self._segment_cache = ((shapes, device), _Segments.of(shapes, device))
         return self._segment_cache[1]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from revacnn.probes import eval_mode
+from revacnn.probes import eval_mode, filter_count
 
 _MAX_GRAPH_NODES = 200_000
 INPUT = "input"  # the model input, as an edge source
@@ -30,7 +30,7 @@ def layer_description(name: str, module: nn.Module, output_shape: list[int], fil
     is_conv = isinstance(module, nn.modules.conv._ConvNd)
     entry = {
         "name": name, "type": type(module).__name__, "kind": "conv" if is_conv else "linear",
-        "in": int(weight.shape[1] * (module.groups if is_conv else 1)), "out": int(weight.shape[0]),
+        "in": int(module.in_channels if is_conv else weight.shape[1]), "out": filter_count(module),
         "kernel": list(weight.shape[2:]) if is_conv else [],
         "stride": _pair(module.stride) if is_conv else [], "padding": _pair(module.padding) if is_conv else [],
         "groups": int(module.groups) if is_conv else 1, "bias": getattr(module, "bias", None) is not None,
