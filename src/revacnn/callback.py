@@ -447,8 +447,10 @@ class ReVACNNCallback(Callback):
                     tensors = _first_batch_tensors(_as_validation_step_gets_it(trainer, pl_module, batch))
                     if tensors is None or (images and tensors[0].shape[1:] != images[0].shape[1:]):
                         break  # not images, or images of another size than the first batch's: keep what fits together
-                    images.append(tensors[0][: wanted - count])
-                    labels.append(None if tensors[1] is None else tensors[1][: wanted - count])
+                    # Kept in host memory from the start: on a GPU, the kept images and their concatenation
+                    # would otherwise both sit in device memory (1,000 ImageNet-sized images are 600 MB each time).
+                    images.append(tensors[0][: wanted - count].cpu())
+                    labels.append(None if tensors[1] is None else tensors[1][: wanted - count].cpu())
                     count += len(images[-1])
                     if count >= wanted:
                         break
@@ -458,20 +460,19 @@ class ReVACNNCallback(Callback):
             self._probe_error = self._probe_error or "no validation batches of images to probe with"
             return
         device = pl_module.device
-        all_images = torch.cat(images).to(device)
+        all_images = torch.cat(images)
         all_labels, self._val_error = _class_labels(labels)
         if self._val_error:  # unlabelled, multi-label, soft or regression targets, masks: images only
             rank_zero_info(f"revacnn: {self._val_error}: validations are published without image predictions, and "
                            "the probe's activation gradients are those of the sum of the outputs")
-        all_labels = None if all_labels is None else all_labels.to(device)
         if self.probe_images:
-            self._probe_batch = (all_images[: self.probe_images],
-                                 None if all_labels is None else all_labels[: self.probe_images])
+            self._probe_batch = (all_images[: self.probe_images].to(device),
+                                 None if all_labels is None else all_labels[: self.probe_images].to(device))
         if self.val_subset and all_labels is not None:
-            # In host memory (1,000 ImageNet-sized images are 600 MB): each validation moves them over in chunks.
-            kept = all_images[: self.val_subset].cpu()
-            self._val_subset = (kept.pin_memory() if all_images.is_cuda else kept,
-                                all_labels[: self.val_subset].cpu().numpy())
+            # Each validation moves them over in chunks (pinned: the copies are asynchronous).
+            kept = all_images[: self.val_subset]
+            self._val_subset = (kept.pin_memory() if device.type == "cuda" else kept,
+                                all_labels[: self.val_subset].numpy())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_state("stopped" if trainer.should_stop and self._state == "stopping" else "finished", trainer)
