@@ -180,9 +180,9 @@ class ReVACNNCallback(Callback):
             (0 = off).
         filters_every: publish per-filter gradients, weight norms, update ratios and mean |activation| every this
             many optimizer steps (0 = off). The defaults (50 here, 500 for snapshots) cost the demo CNN ~1–2 % of
-            its CPU throughput (benchmarks/RESULTS.md) and still refresh per-filter values about twice per
-            dashboard refresh (1 s) at ~90 steps/s. ``filters_every=20, snapshot_every=200`` costs it ~2–3.5 %; a
-            model whose step is longer pays proportionally less.
+            its CPU throughput (benchmarks/RESULTS.md) and still refresh per-filter values about every 0.55 s at
+            the demo's ~90 steps/s (the dashboard polls every 0.5 s). ``filters_every=20, snapshot_every=200``
+            costs it ~2–3.5 %; a model whose step is longer pays proportionally less.
         snapshot_every: publish full weights, gradients, DeepTracker statistics and probe activation maps every
             this many optimizer steps (0 = off).
         probe_images: validation images kept for activation maps (chosen once, kept for the whole run).
