@@ -180,6 +180,9 @@ def test_add_filter_on_conv2_changes_the_trainers_model(setup):
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.wait_for_selector("#net-details:has-text('net.conv2')", timeout=10000)
     assert "filter 0" in page.inner_text("#net-details")
+    # the activation map shown is probe image 0's, and the probe menu says so (it showed an empty box)
+    page.wait_for_selector("#net-probe:has-text('#0 (label')", timeout=10000)
+    assert page.get_attribute("#net-act-img", "src").startswith("data:image/png")
     watcher = RunClient(setup["trainer"].endpoint)
     watcher.connect(timeout=10)
     try:

@@ -11,9 +11,9 @@ import pytest
 
 from revacnn import shapes
 from revacnn_dash.viewmodel import (activation_image, align_to_previous, compute_embedding, default_expanded,
-                                    filter_image, jitter_pixels, missing_maps_reason, mosaic, nearest_neighbours,
-                                    network_model, png_bytes, procrustes_align, redundancy, top_half,
-                                    visible_columns)
+                                    filter_image, fit_rows, jitter_pixels, missing_maps_reason, mosaic,
+                                    nearest_neighbours, network_model, png_bytes, procrustes_align, redundancy,
+                                    top_half, visible_columns)
 
 
 def resnet50_layers() -> list[dict]:
@@ -316,3 +316,20 @@ def test_commands_applied_at_one_step_share_one_chart_marker():
     # only the last 60 commands are marked
     many = [{"step": i, "label": f"c{i}"} for i in range(100)]
     assert [n["text"] for n in _markers(many)[1]] == [f"c{i}" for i in range(40, 100)]
+
+
+def test_rows_are_laid_out_to_a_readable_width():
+    """A Conv1d's maps over 1,024 positions were drawn 2,048 pixels wide and 2 pixels a filter: squeezed into the
+    page, each filter's row was under a pixel tall."""
+    rng = np.random.default_rng(2)
+    long = rng.integers(0, 256, size=(6, 1024)).astype(np.uint8)
+    image = fit_rows(long, width=512)
+    assert image.shape == (6 * 8, 512)
+    np.testing.assert_array_equal(image[::8, 0], np.round(long[:, :2].mean(1)).astype(np.uint8))  # bins of 2
+    assert (image[:8] == image[0]).all()  # a band of 8 pixels per filter
+    short = fit_rows(long[:, :10], width=512)
+    assert short.shape == (6 * 8, 10 * 8)  # widened at most 8 times
+    many = fit_rows(rng.integers(0, 256, size=(120, 50)).astype(np.uint8), max_height=480)
+    assert many.shape == (120 * 4, 50 * 8)
+    odd = fit_rows(long[:, :1001], width=500)  # bins of 3, the last one short
+    assert odd.shape == (48, 334) and odd[0, -1] == round(long[0, 999:1001].mean())

@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 from .analysis import RunSource, comparison_layout, explorer_layout, register_analysis_callbacks
 from .hub import Hub, load_replay
 from .state import RunState
-from .viewmodel import (activation_image, data_uri, default_expanded, filter_image, jitter_pixels,
+from .viewmodel import (activation_image, data_uri, default_expanded, filter_image, fit_rows, jitter_pixels,
                         missing_maps_reason, mosaic, nearest_neighbours, network_model, redundancy, to_uint8)
 
 STATUS_COLOURS = {"live": "#2e7d32", "connecting": "#f9a825", "unreachable": "#c62828", "finished": "#455a64",
@@ -541,19 +541,19 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         return new_exp, no_update, no_update
 
     @app.callback(Output("net-details", "children"), Output("net-filter-img", "src"), Output("net-act-img", "src"),
-                  Output("net-probe", "options"),
+                  Output("net-probe", "options"), Output("net-probe", "value"),
                   Input("net-selected", "data"), Input("tick-network", "data"), Input("net-probe", "value"),
                   State("run-select", "value"), State("tabs", "value"))
     def network_details(selected, _n, probe, key, tab):
         state = state_of(key)
         if state is None or tab != "network" and ctx.triggered_id == "tick-network":
-            return no_update, no_update, no_update, no_update
+            return no_update, no_update, no_update, no_update, no_update
         if not selected or not selected.get("layer") or state.structure is None:
-            return html.Div("click a node or pick a layer", style={"color": "#777"}), "", "", []
+            return html.Div("click a node or pick a layer", style={"color": "#777"}), "", "", [], no_update
         name = selected["layer"]
         layer = next((l for l in state.structure["layers"] if l["name"] == name), None)
         if layer is None:
-            return html.Div(f"{name} is no longer in the model"), "", "", []
+            return html.Div(f"{name} is no longer in the model"), "", "", [], no_update
         filters = selected.get("filters")
         fields = state.filters_by_layer().get(name, {})
         lines = [html.Div([html.B(name), f" — {layer['type']} {layer.get('in')}→{layer['out']}, kernel "
@@ -573,27 +573,31 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             lines.append(html.Table(rows, className="net-stats"))
         snap = state.snapshot
         filt_src = act_src = ""
-        probes = []
+        probes, shown = [], no_update
         if snap is not None:
             w = snap.arrays.get("weight/" + name)
             i = sel[0]
             if w is not None and i < len(w):
-                filt_src = data_uri(filter_image(w[i]), scale=max(1, 96 // max(w.shape[-1], 1)) if w.ndim == 4
-                                    else 2)
+                filt_src = (data_uri(filter_image(w[i]), scale=max(1, 96 // max(w.shape[-1], 1))) if w.ndim == 4
+                            else data_uri(fit_rows(filter_image(w[i]), width=300)))
             a = snap.arrays.get("act/" + name)
             if a is not None:
                 classes = snap.body.get("probe_labels") or []  # empty where the labels are not class indices
                 probes = [{"label": f"#{p} (label {classes[p]})" if p < len(classes) else f"#{p}", "value": p}
                           for p in range(len(a))]
-                p = int(probe or 0) if int(probe or 0) < len(a) else 0
+                p = shown = int(probe or 0) if int(probe or 0) < len(a) else 0
                 if a.ndim == 4 and i < a.shape[1]:
                     act_src = data_uri(to_uint8(a[p, i]), scale=max(1, 96 // a.shape[-1]))
-                elif a.ndim == 2:
-                    act_src = data_uri(to_uint8(a[p][None, :]), scale=8)
+                elif a.ndim == 2:  # a Linear: one value per filter
+                    act_src = data_uri(fit_rows(to_uint8(a[p][None, :]), width=300))
+                elif a.ndim == 3 and i < a.shape[1]:  # a Conv1d, or a Linear on tokens: the filter's sequence
+                    act_src = data_uri(fit_rows(to_uint8(a[p, i][None, :]), width=300))
             missing = missing_maps_reason(snap.body, snap.arrays, name)
             lines.append(html.Div(f"snapshot at step {snap.body.get('step')}" + (f" · {missing}" if missing else ""),
                                   style={"color": "#777"}))
-        return lines, filt_src, act_src, probes
+        # The value goes out with the options: the dropdown drops a value its options (empty until a layer is
+        # picked) do not hold, and showed an empty box over probe image 0's map.
+        return lines, filt_src, act_src, probes, shown
 
     @app.callback(Output("net-feedback", "children"),
                   Input("btn-freeze-filter", "n_clicks"), Input("btn-unfreeze-filter", "n_clicks"),
@@ -753,15 +757,15 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                 weights = data_uri(mosaic(tiles, ncols=cin, pad=1), scale=max(1, 20 // w.shape[-1]))
                 caption += f" · {len(w)} filters (rows) × {cin} input channels (columns); grey = 0"
             else:
-                weights = data_uri(to_uint8(w.reshape(len(w), -1), symmetric=True), scale=2)
-                caption += f" · weight matrix {tuple(w.shape)}"
+                weights = data_uri(fit_rows(to_uint8(w.reshape(len(w), -1), symmetric=True)))
+                caption += f" · weight matrix {tuple(w.shape)}, a row per filter"
         p = int(probe or 0)
         for name, target in (("act/", "acts"), ("actgrad/", "actgrads")):
             a = snap.arrays.get(name + layer)
             if a is None or p >= len(a):
                 continue
             image = activation_image(a[p], symmetric=name == "actgrad/")
-            src = data_uri(image, scale=max(1, 48 // a.shape[-1]) if a.ndim == 4 else 8 if a.ndim == 2 else 2)
+            src = data_uri(image, scale=max(1, 48 // a.shape[-1])) if a.ndim == 4 else data_uri(fit_rows(image))
             if target == "acts":
                 acts = src
             else:

@@ -477,6 +477,20 @@ def activation_image(maps: np.ndarray, symmetric: bool = False) -> np.ndarray:
     return to_uint8(rows, symmetric=symmetric)
 
 
+def fit_rows(img: np.ndarray, width: int = 560, max_height: int = 480, max_repeat: int = 8) -> np.ndarray:
+    """A grey image of one row per filter (a weight matrix, a Linear's or Conv1d's maps) laid out to be read at about
+    ``width`` pixels: more columns than that are averaged in bins, fewer are widened (at most ``max_repeat`` times),
+    and each row becomes a band of up to ``max_repeat`` pixels, thinner when there are many rows."""
+    rows, cols = img.shape
+    if cols > width:
+        bin_size = -(-cols // width)
+        padded = np.full((rows, -(-cols // bin_size) * bin_size), np.nan)
+        padded[:, :cols] = img
+        img = np.nanmean(padded.reshape(rows, -1, bin_size), axis=2).round().astype(np.uint8)
+    img = np.repeat(img, max(1, min(max_repeat, max_height // rows)), axis=0)
+    return np.repeat(img, max(1, min(max_repeat, width // img.shape[1])), axis=1)
+
+
 def mosaic(tiles: list[np.ndarray], ncols: int, pad: int = 1, fill: int = 255) -> np.ndarray:
     """Tiles (same shape, uint8 grey or RGB) in a grid."""
     if not tiles:
