@@ -65,6 +65,17 @@ class PermuteNet(nn.Module):
         return self.fc(F.relu(self.a(x)).permute(0, 2, 3, 1).reshape(x.shape[0], -1))
 
 
+class UpsampleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+        self.up = nn.ConvTranspose2d(4, 6, 2, stride=2)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.up(F.relu(self.a(x)))).mean((2, 3)))
+
+
 class WidthCheckNet(nn.Module):
     """Its forward insists on 4 channels after ``a``: a coupling that tracing the graph cannot see."""
 
@@ -130,6 +141,9 @@ BAD = [
     ("headless", C("widen", layer="b", count=1), "reach the model output directly"),
     ("shared", C("widen", layer="b", count=1), "called 2 times"),
     ("permute", C("widen", layer="a", count=1), "unsupported operation PermuteBackward0"),
+    # the layer that stops it, and nothing else (the walk went on into its weight: "a parameter used directly")
+    ("upsample", C("widen", layer="a", count=1), "coupled layers ['a'] — unsupported layer up (ConvTranspose2d) in "
+                                                 "the channel path"),
     (R, C("remove_filters", layer="net.conv2", filters=list(range(20))), "cannot remove all 20 filters"),
     (R, C("remove_filters", layer="net.conv2", filters=[]), "must not be empty"),
     (R, C("remove_filters", layer="net.conv2", filters=[25]), "filter 25 in 'filters' is out of range"),
@@ -179,9 +193,9 @@ def _make(kind):
     torch.manual_seed(0)
     x, y = batch(n=4)
     example = x
-    if kind in ("cat", "depthwise", "headless", "shared", "permute", "widthcheck"):
+    if kind in ("cat", "depthwise", "headless", "shared", "permute", "upsample", "widthcheck"):
         module = {"cat": CatNet, "depthwise": DepthwiseNet, "headless": HeadlessNet, "shared": SharedNet,
-                  "permute": PermuteNet, "widthcheck": WidthCheckNet}[kind]()
+                  "permute": PermuteNet, "upsample": UpsampleNet, "widthcheck": WidthCheckNet}[kind]()
         optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
     else:
         module = build(N if kind == N else R)

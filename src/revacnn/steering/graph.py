@@ -83,7 +83,8 @@ def _walk(start, out_of: dict[int, str], bn_in: dict[str, object], kinds: dict[s
                 stack.append(bn_in[name])
             else:
                 problems.append(f"unsupported layer {name} ({kind}) in the channel path")
-                stack.extend(n for n, _ in node.next_functions)
+                # on to the producers behind it, not into its own parameters (no "parameter used directly" then)
+                stack.extend(n for n, _ in node.next_functions if type(n).__name__ != "AccumulateGrad")
             continue
         if node is input_node:
             reached_input = True
@@ -230,6 +231,8 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
         g = groups[next(iter(producers))]
         g.batchnorms.extend(b for b in bns if b not in g.batchnorms)
         g.problems.extend(problems)
+        if any(problem.startswith("unsupported layer") for problem in problems):
+            continue  # it reads that layer's channels, not the producers': its own checks would only add noise
         if reached_input:
             g.problems.append(f"the model input is added into the channels read by {name}")
         mod = module.get_submodule(name)
