@@ -529,3 +529,41 @@ def test_transposed_and_1d_convs_chosen_by_type_are_watched_per_output_channel(t
     np.testing.assert_array_equal(snapshot["weight/net.up"], by_output)
     assert snapshot["act/net.up"].shape == (8, 12, 32, 32) and snapshot["cosine/net.up"].shape == (12,)
     assert run.filter_series("net.up", "weight_norm")["values"].shape == (4, 12)  # values: test_probes.py
+
+
+class TupleOrDictOutput(ClassifierModule):
+    """A forward that returns ``(logits, features)`` or ``{"logits", "features"}``, as many real models do."""
+
+    def __init__(self, wrap: str) -> None:
+        super().__init__(ReVACNNNet())
+        self.wrap = wrap
+
+    def forward(self, x):
+        logits = self.net(x)
+        return (logits, x.mean((2, 3))) if self.wrap == "tuple" else {"logits": logits, "features": x.mean((2, 3))}
+
+    def _logits(self, x):
+        out = self(x)
+        return out[0] if self.wrap == "tuple" else out["logits"]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self._logits(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self._logits(x), y))
+
+
+@pytest.mark.parametrize("wrap", ["tuple", "dict"])
+def test_a_forward_returning_logits_with_other_outputs_gets_probe_maps_and_predictions(tmp_path, wrap):
+    """``(logits, features)`` and ``{"logits": …}`` cost the probe maps and every image prediction."""
+    data = DigitsDataModule(batch_size=16)
+    witness = ValPredictionWitness(data)
+    run = fit(tmp_path, TupleOrDictOutput(wrap), data, witness)
+    assert run.status()["state"] == "finished"
+    snapshot = run.snapshot(4)
+    assert "probe_error" not in snapshot["body"] and snapshot["arrays"]["act/net.conv1"].shape == (8, 16, 32, 32)
+    val = run.val_predictions()
+    assert val["error"] is None
+    np.testing.assert_array_equal(val["pred"], np.stack(witness.predictions))

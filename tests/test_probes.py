@@ -123,3 +123,19 @@ def test_a_transposed_conv_is_measured_per_output_channel(strategy, groups):
         assert filters[2, 4 + o] == pytest.approx(np.linalg.norm(w), rel=1e-5)
         assert filters[4, 4 + o] == pytest.approx(np.abs(output[:, o].detach().double().numpy()).mean(), rel=1e-5)
     assert layer_ratio[1] == pytest.approx(np.linalg.norm(grad) / np.linalg.norm(weight), rel=1e-5)
+
+
+def test_logits_are_found_in_what_forward_returns():
+    from types import SimpleNamespace
+
+    from revacnn.probes import logits_of
+
+    logits = torch.randn(4, 10)
+    assert logits_of(logits) is logits
+    assert logits_of((logits, torch.randn(4, 3))) is logits and logits_of([logits]) is logits
+    assert logits_of({"features": torch.randn(4, 3), "logits": logits}) is logits
+    assert logits_of(SimpleNamespace(loss=None, logits=logits)) is logits  # a Hugging Face ModelOutput's attribute
+    with pytest.raises(TypeError, match="forward returned dict, not a tensor of logits"):
+        logits_of({"scores": logits})
+    with pytest.raises(TypeError, match="forward returned tuple"):
+        logits_of(())

@@ -30,7 +30,7 @@ from torch.nn.parameter import is_lazy
 
 from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServerKeys
 from revacnn.probes import (FilterProbe, discover_layers, eval_mode, filter_change, filter_count, filters_first,
-                            probe_pass, tensor_stats)
+                            logits_of, probe_pass, tensor_stats)
 from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS, Message
 from revacnn.publisher import Publisher
 from revacnn.scalars import StepBatch, add_scalars, scalar_values
@@ -634,10 +634,9 @@ class ReVACNNCallback(Callback):
         try:
             with eval_mode(pl_module), _own_forward(pl_module):
                 for chunk in images.split(256):
-                    out = pl_module(chunk.to(pl_module.device, non_blocking=True))
-                    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                        shape = list(out.shape) if isinstance(out, torch.Tensor) else ""
-                        raise TypeError(f"forward returned {type(out).__name__}{shape}, not [N, classes] logits")
+                    out = logits_of(pl_module(chunk.to(pl_module.device, non_blocking=True)))
+                    if out.dim() != 2:
+                        raise TypeError(f"forward returned logits of shape {list(out.shape)}, not [N, classes]")
                     # one output per image is a binary classifier's logit of class 1
                     predictions.append((out[:, 0] > 0).long() if out.shape[1] == 1 else out.argmax(dim=1))
             return torch.cat(predictions)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -356,6 +356,21 @@ def _probe_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tens
     return F.cross_entropy(logits, labels)
 
 
+def logits_of(output: object) -> torch.Tensor:
+    """The logits in what a module's ``forward`` returned: the tensor itself; the first element of a tuple or list
+    (``(logits, features)``, a main head before its auxiliary ones); the ``logits`` of a mapping or of a model output
+    object (Hugging Face style). Raises ``TypeError`` saying what was returned when there are none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"forward returned {type(output).__name__}, not a tensor of logits (nor a tuple that starts with "
+                    "one, nor one named 'logits')")
+
+
 def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], images: torch.Tensor,
                labels: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Outputs of every monitored layer on the probe images, and the gradient of the probe loss w.r.t. them.
@@ -377,10 +392,7 @@ def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], image
     try:
         with eval_mode(module), torch.enable_grad():
             images = images.detach().clone().requires_grad_(True)
-            logits = module(images)
-            if not isinstance(logits, torch.Tensor):
-                raise TypeError(f"forward returned {type(logits).__name__}, not a tensor of logits")
-            loss = _probe_loss(logits, labels)
+            loss = _probe_loss(logits_of(module(images)), labels)
             names = [name for name in outputs if outputs[name].requires_grad]
             grads = torch.autograd.grad(loss, [outputs[name] for name in names], allow_unused=True)
     finally:
