@@ -173,6 +173,31 @@ def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp
     assert resumed_model.net.conv2.weight.shape[0] == 23
 
 
+def test_a_weights_only_checkpoint_of_a_steered_model_loads_offline(tmp_path):
+    """Lightning leaves callbacks out of ``save_weights_only`` checkpoints: the change log was missing there, and
+    the steered weights could not be loaded into a fresh model."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    torch.manual_seed(3)
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    script = Script(callback, {3: [("widen", {"layer": "net.conv2", "count": 2})]})
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
+    model = ClassifierModule(ReVACNNNet(), lr=0.05)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=1, logger=False,
+                         callbacks=[callback, script, saver], default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert [ack["status"] for ack in script.acks] == ["done"]
+    checkpoint = torch.load(saver.best_model_path, weights_only=True)
+    assert "optimizer_states" not in checkpoint and len(checkpoint["revacnn"]["changelog"]) == 1
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(images)
+        assert torch.equal(load_steered(saver.best_model_path, ClassifierModule(ReVACNNNet())).eval()(images),
+                           expected)
+    assert "on_save_checkpoint" not in vars(model) and "on_load_checkpoint" not in vars(model)  # put back
+
+
 @pytest.mark.parametrize("holder", ["StochasticWeightAveraging", "ModelPruning"])
 def test_structural_changes_are_refused_next_to_a_callback_that_copies_the_parameters(tmp_path, holder):
     """SWA averages into a copy of the model and ModelPruning keeps original weights: a widen was acknowledged and

@@ -257,6 +257,7 @@ class ReVACNNCallback(Callback):
         self.revision = 0
         self.changelog: list[dict[str, Any]] = []
         self._patched_module: pl.LightningModule | None = None
+        self._instance_hooks: dict[str, Any] = {}  # the module's own instance-level hooks, put back by ``_close``
         self._run_dir_given = self.run_dir
         self._fits = 0
         self._reset_run_state()
@@ -329,7 +330,7 @@ class ReVACNNCallback(Callback):
         if self._fits:  # this callback recorded a run before: this fit is a new run, in a directory of its own
             self._reset_run_state()
         self._fits += 1
-        self._replay_before_weights_load(pl_module)
+        self._wrap_checkpoint_hooks(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The run opens here, not in ``setup``: a Tuner's trial fit (``lr_find``, ``scale_batch_size``) ends inside
@@ -339,14 +340,18 @@ class ReVACNNCallback(Callback):
         if trainer.is_global_zero:
             self._open_transport(trainer, log_dir)
 
-    def _replay_before_weights_load(self, pl_module: pl.LightningModule) -> None:
-        """On resume, re-apply a steered run's structural changes before Lightning loads the weights.
+    def _wrap_checkpoint_hooks(self, pl_module: pl.LightningModule) -> None:
+        """Wrap the module's two checkpoint hooks on this instance (the user's class is untouched; ``_close`` puts
+        the instance back as it was).
 
-        Lightning calls the module's ``on_load_checkpoint`` just before loading the state_dict (a callback's own
-        hooks run after it, too late for shapes), so the module's hook is wrapped on this instance — the user's
-        class is untouched, and the wrapper is removed in ``teardown``.
+        - ``on_load_checkpoint``: on resume, re-apply a steered run's structural changes before Lightning loads the
+          weights (it calls this hook just before loading the state_dict; a callback's own hooks run after it, too
+          late for shapes).
+        - ``on_save_checkpoint``: write the change log into every checkpoint. Lightning calls a callback's
+          ``on_save_checkpoint`` for full checkpoints only, so a ``ModelCheckpoint(save_weights_only=True)`` file
+          held a steered model's weights without the log that rebuilds its shapes (``load_steered`` failed on it).
         """
-        original = pl_module.on_load_checkpoint
+        original_load, original_save = pl_module.on_load_checkpoint, pl_module.on_save_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             changelog = (checkpoint.get("revacnn") or {}).get("changelog", [])
@@ -356,9 +361,16 @@ class ReVACNNCallback(Callback):
                 replay_changelog(pl_module, changelog)
                 self.changelog = list(changelog)
                 rank_zero_info(f"revacnn: replayed {len(changelog)} structural change(s) before loading weights")
-            original(checkpoint)
+            original_load(checkpoint)
 
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            self.on_save_checkpoint(pl_module.trainer, pl_module, checkpoint)
+            original_save(checkpoint)
+
+        self._instance_hooks = {name: pl_module.__dict__[name] for name in ("on_load_checkpoint", "on_save_checkpoint")
+                                if name in pl_module.__dict__}
         pl_module.on_load_checkpoint = on_load_checkpoint
+        pl_module.on_save_checkpoint = on_save_checkpoint
         self._patched_module = pl_module
 
     def _open_transport(self, trainer: pl.Trainer, log_dir: Path | None) -> None:
@@ -496,7 +508,9 @@ class ReVACNNCallback(Callback):
     def _close(self, trainer: pl.Trainer) -> None:
         """Undo what ``setup`` and ``on_train_start`` did, and send and write what is queued; idempotent."""
         if self._patched_module is not None:
-            self._patched_module.__dict__.pop("on_load_checkpoint", None)
+            for name in ("on_load_checkpoint", "on_save_checkpoint"):
+                self._patched_module.__dict__.pop(name, None)
+            self._patched_module.__dict__.update(self._instance_hooks)
             self._patched_module = None
         if self.probe is not None:
             self.probe.detach()
