@@ -200,6 +200,8 @@ def test_activation_images_of_convs_linears_and_linears_on_tokens():
     assert signed.shape == (20, 16) and signed[np.unravel_index(np.abs(tokens).argmax(), tokens.shape)] in (0, 255)
     assert activation_image(rng.normal(size=20)).shape == (1, 20)
     assert activation_image(rng.normal(size=(4, 5, 5))).shape == (1 + 5 + 1, 4 * 6 + 1)  # a mosaic of 4 maps
+    assert activation_image(rng.normal(size=(2, 3, 5, 5))).shape == (2 * 6 + 1, 3 * 6 + 1)  # 3-D: a row per channel
+    assert filter_image(rng.normal(size=(2, 3, 4, 4))).shape == (2 * 5 + 1, 3 * 5 + 1)  # in × depth slices
     png_bytes(image)
 
 

@@ -567,3 +567,49 @@ def test_a_forward_returning_logits_with_other_outputs_gets_probe_maps_and_predi
     val = run.val_predictions()
     assert val["error"] is None
     np.testing.assert_array_equal(val["pred"], np.stack(witness.predictions))
+
+
+class VolumeNet(torch.nn.Module):
+    """A 3-D conv over the image's channels taken as depth (a video or volume model's first layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.conv = torch.nn.Conv2d(12, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        volume = F.relu(self.c3(x[:, None]))          # [N, 4, 3, 32, 32]
+        return self.fc(F.relu(self.conv(volume.flatten(1, 2))).mean((2, 3)))
+
+
+def test_the_dashboard_draws_a_3d_convs_filters_and_maps(tmp_path):
+    """Its [in, d, h, w] filters and [C, D, H, W] maps made the Network view's details and the Filters view fail
+    (HTTP 500) on every tick."""
+    import base64
+
+    torch.manual_seed(4)
+    callback = ReVACNNCallback([torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear], filters_every=1, snapshot_every=4)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback],
+                         default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(VolumeNet()), DigitsDataModule(batch_size=16))
+    assert open_run(callback.run_dir).snapshot(4)["arrays"]["act/net.c3"].shape == (8, 4, 3, 32, 32)
+
+    def png_size(uri: str) -> tuple[int, int]:
+        header = base64.b64decode(uri.split(",", 1)[1])[16:24]
+        return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+    with replaying_dashboard(tmp_path) as (call, key):
+        details = call("net-details.children", [("net-selected", "data", {"layer": "net.c3", "filters": [1]}),
+                                                 ("tick-network", "data", [1, 0]), ("net-probe", "value", 0)],
+                       [("run-select", "value", key), ("tabs", "value", "network")])
+        # filter 1: its one input channel's 3 depth slices of 3×3 in a row, scaled to ~300 px (×23); its map: the
+        # 3 slices of 32×32 in a row (×3)
+        assert png_size(details["net-filter-img"]["src"]) == ((3 * 4 + 1) * 23, (3 + 2) * 23)
+        assert png_size(details["net-act-img"]["src"]) == ((3 * 33 + 1) * 3, 34 * 3)
+        filters = call("fil-caption.children", [
+            ("tick-filters", "data", [1, 0]), ("fil-layer", "value", "net.c3"), ("fil-probe", "value", 0)],
+            [("tabs", "value", "filters"), ("run-select", "value", key), ("fil-sig", "data", None)])
+        assert "4 filters (rows) × 3 slices" in filters["fil-caption"]["children"]
+        assert png_size(filters["fil-acts"]["src"])[0] > 0 and png_size(filters["fil-weights"]["src"])[0] > 0

@@ -220,7 +220,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             html.Div(id="net-details", style={"fontSize": "13px"}),
             html.Div([html.Div("filter (weights)", style={"fontSize": "11px"}), _img("net-filter-img"),
                       html.Div("activation map (probe image)", style={"fontSize": "11px"}),
-                      dcc.Dropdown(id="net-probe", value=0, clearable=False, style={"width": "120px"}),
+                      dcc.Dropdown(id="net-probe", value=0, clearable=False, style={"width": "160px"}),
                       _img("net-act-img")]),
             html.Hr(),
             _steering_controls("steer-network", [
@@ -578,8 +578,9 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             w = snap.arrays.get("weight/" + name)
             i = sel[0]
             if w is not None and i < len(w):
-                filt_src = (data_uri(filter_image(w[i]), scale=max(1, 96 // max(w.shape[-1], 1))) if w.ndim == 4
-                            else data_uri(fit_rows(filter_image(w[i]), width=300)))
+                image = filter_image(w[i])
+                filt_src = (data_uri(image, scale=max(1, min(96 // w.shape[-1], 300 // image.shape[1])))
+                            if w.ndim >= 4 else data_uri(fit_rows(image, width=300)))
             a = snap.arrays.get("act/" + name)
             if a is not None:
                 classes = snap.body.get("probe_labels") or []  # empty where the labels are not class indices
@@ -588,6 +589,9 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                 p = shown = int(probe or 0) if int(probe or 0) < len(a) else 0
                 if a.ndim == 4 and i < a.shape[1]:
                     act_src = data_uri(to_uint8(a[p, i]), scale=max(1, 96 // a.shape[-1]))
+                elif a.ndim > 4 and i < a.shape[1]:  # a 3-D conv: the filter's depth slices in a row
+                    image = activation_image(a[p, i][None])
+                    act_src = data_uri(image, scale=max(1, min(96 // a.shape[-1], 300 // image.shape[1])))
                 elif a.ndim == 2:  # a Linear: one value per filter
                     act_src = data_uri(fit_rows(to_uint8(a[p][None, :]), width=300))
                 elif a.ndim == 3 and i < a.shape[1]:  # a Conv1d, or a Linear on tokens: the filter's sequence
@@ -756,6 +760,12 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
                 tiles = [to_uint8(f[c], symmetric=True) for f in w for c in range(cin)]
                 weights = data_uri(mosaic(tiles, ncols=cin, pad=1), scale=max(1, 20 // w.shape[-1]))
                 caption += f" · {len(w)} filters (rows) × {cin} input channels (columns); grey = 0"
+            elif w.ndim > 4:  # a 3-D conv: per filter, the depth slices of each input channel
+                slices = w.reshape(len(w), -1, *w.shape[-2:])[:, :32]
+                tiles = [to_uint8(s, symmetric=True) for f in slices for s in f]
+                weights = data_uri(mosaic(tiles, ncols=slices.shape[1], pad=1), scale=max(1, 20 // w.shape[-1]))
+                caption += (f" · {len(w)} filters (rows) × {slices.shape[1]} slices (columns: the {w.shape[2]} depth "
+                            f"slices of each input channel); grey = 0")
             else:
                 weights = data_uri(fit_rows(to_uint8(w.reshape(len(w), -1), symmetric=True)))
                 caption += f" · weight matrix {tuple(w.shape)}, a row per filter"
@@ -765,7 +775,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
             if a is None or p >= len(a):
                 continue
             image = activation_image(a[p], symmetric=name == "actgrad/")
-            src = data_uri(image, scale=max(1, 48 // a.shape[-1])) if a.ndim == 4 else data_uri(fit_rows(image))
+            src = data_uri(image, scale=max(1, 48 // a.shape[-1])) if a.ndim >= 4 else data_uri(fit_rows(image))
             if target == "acts":
                 acts = src
             else:

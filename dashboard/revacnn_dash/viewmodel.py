@@ -454,25 +454,30 @@ def data_uri(img: np.ndarray, scale: int = 1) -> str:
 
 def filter_image(weight: np.ndarray, rgb: bool | None = None) -> np.ndarray:
     """One filter (in_ch×kh×kw) as an image: RGB when it has 3 input channels, else its input channels side by
-    side (grey, symmetric around 0 = mid grey)."""
+    side (grey, symmetric around 0 = mid grey). A 3-D conv's filter (in_ch×kd×kh×kw) is a row of kd slices per input
+    channel."""
     w = np.asarray(weight, float)
     if w.ndim == 1:
         return to_uint8(w[None, :], symmetric=True)
     if w.ndim == 2:
         return to_uint8(w, symmetric=True)
     if rgb is None:
-        rgb = w.shape[0] == 3
+        rgb = w.ndim == 3 and w.shape[0] == 3
     if rgb:
         return to_uint8(np.transpose(w, (1, 2, 0)))
-    return mosaic([to_uint8(c, symmetric=True) for c in w], ncols=min(len(w), 8), pad=1)
+    slices = w.reshape(-1, *w.shape[-2:])
+    ncols = min(len(w), 8) if w.ndim == 3 else int(np.prod(w.shape[1:-2]))
+    return mosaic([to_uint8(c, symmetric=True) for c in slices], ncols=ncols, pad=1)
 
 
 def activation_image(maps: np.ndarray, symmetric: bool = False) -> np.ndarray:
     """One probe image's activation maps of a layer (``act/<L>[p]``, channels first) as one grey image: a grid of
-    the C maps of a conv (``[C, H, W]``), a row of C values for a Linear (``[C]``), a row per filter for a Linear
-    on tokens (``[C, T, …]``)."""
-    if maps.ndim == 3 and maps.shape[-1] > 1 and maps.shape[-2] > 1:
-        return mosaic([to_uint8(m, symmetric=symmetric) for m in maps], ncols=8, pad=1)
+    the C maps of a conv (``[C, H, W]``), a row of depth slices per channel for a 3-D conv (``[C, D, H, W]``), a
+    row of C values for a Linear (``[C]``), a row per filter for a Linear on tokens or a Conv1d (``[C, T]``)."""
+    if maps.ndim >= 3 and maps.shape[-1] > 1 and maps.shape[-2] > 1:
+        ncols = 8 if maps.ndim == 3 else int(np.prod(maps.shape[1:-2]))
+        return mosaic([to_uint8(m, symmetric=symmetric) for m in maps.reshape(-1, *maps.shape[-2:])], ncols=ncols,
+                      pad=1)
     rows = maps[None, :] if maps.ndim == 1 else maps.reshape(maps.shape[0], -1)
     return to_uint8(rows, symmetric=symmetric)
 
