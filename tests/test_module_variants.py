@@ -594,7 +594,8 @@ def test_the_dashboard_draws_a_3d_convs_filters_and_maps(tmp_path):
                          default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(VolumeNet()), DigitsDataModule(batch_size=16))
-    assert open_run(callback.run_dir).snapshot(4)["arrays"]["act/net.c3"].shape == (8, 4, 3, 32, 32)
+    run = open_run(callback.run_dir)
+    assert run.snapshot(4)["arrays"]["act/net.c3"].shape == (8, 4, 3, 32, 32)
 
     def png_size(uri: str) -> tuple[int, int]:
         header = base64.b64decode(uri.split(",", 1)[1])[16:24]
@@ -613,3 +614,15 @@ def test_the_dashboard_draws_a_3d_convs_filters_and_maps(tmp_path):
             [("tabs", "value", "filters"), ("run-select", "value", key), ("fil-sig", "data", None)])
         assert "4 filters (rows) × 3 slices" in filters["fil-caption"]["children"]
         assert png_size(filters["fil-acts"]["src"])[0] > 0 and png_size(filters["fil-weights"]["src"])[0] > 0
+
+    # the snapshot comparison's filter view: A, B, B − A, ln(|b|/|a|) as tiles of the 3 depth slices, and the maps
+    from revacnn_dash.analysis.compare import compare_snapshots
+    from revacnn_dash.analysis.pages import _filter_figure
+
+    pair = compare_snapshots(run.snapshot(1), run.snapshot(4), run.structures()).filter_pair("net.c3", 1)
+    figure = _filter_figure(pair, probe=0)
+    weight = run.snapshot(4)["arrays"]["weight/net.c3"][1, 0]          # [3, 3, 3]: the 3 depth slices
+    tile = np.asarray(figure.data[1].z)
+    assert tile.shape == (2 * 4, 2 * 4)  # 3 slices on a 2 × 2 grid, NaN gutters
+    np.testing.assert_allclose(tile[4:7, 0:3], weight[2], rtol=1e-6)
+    assert np.asarray(figure.data[-1].z).shape == (2 * 33, 2 * 33)

@@ -171,15 +171,16 @@ class SnapshotComparison:
         return [layer.summary() for layer in self.layers.values()]
 
     def filter_pair(self, layer: str, filter_id: int) -> dict[str, Any]:
-        """The two versions of one filter with matched inputs: ``a``, ``b`` [in, kh, kw] (NaN for a missing input
-        channel), ``diff``, ``log``, ``kind``, and activation maps [P, H, W] of both (None if not recorded)."""
+        """The two versions of one filter with matched inputs: ``a``, ``b`` [in, kh, kw] ([in, kd, kh, kw] for a 3-D
+        conv; NaN for a missing input channel), ``diff``, ``log``, ``kind``, and activation maps [P, H, W]
+        ([P, D, H, W]) of both (None if not recorded)."""
         comp = self.layers[layer]
         out: dict[str, Any] = {"layer": layer, "filter_id": int(filter_id)}
         spatial = self.b["arrays"][f"weight/{layer}"].shape[2:]
         if filter_id in comp.kept:
             i = comp.kept.index(filter_id)
             wa, wb = comp.wa[i], comp.wb[i]
-            if len(spatial) == 2 and wa.ndim == 2 and wa.shape[1] == spatial[0] * spatial[1]:
+            if len(spatial) >= 2 and wa.ndim == 2 and wa.shape[1] == int(np.prod(spatial)):
                 wa = wa.reshape((wa.shape[0],) + tuple(spatial))
                 wb = wb.reshape((wb.shape[0],) + tuple(spatial))
             log, kind = log_change(wa, wb, zero_floor(comp.wa))

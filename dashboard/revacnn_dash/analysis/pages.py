@@ -280,12 +280,14 @@ def _layer_figures(comp, layer: str):
 
 
 def _mosaic(w: np.ndarray | None) -> np.ndarray | None:
-    """[in, kh, kw] → a 2-D tile of the input channels (NaN gutters); [in, k] stays 2-D."""
+    """[in, kh, kw] → a 2-D tile of the input channels (NaN gutters); [in, kd, kh, kw] → a tile of every depth
+    slice of every input channel; [in, k] stays 2-D."""
     if w is None:
         return None
     w = np.asarray(w, float)
     if w.ndim == 2:
         return w
+    w = w.reshape(-1, *w.shape[-2:])
     n, kh, kw = w.shape
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
@@ -313,8 +315,8 @@ def _filter_figure(pair: dict, probe: int) -> go.Figure:
         act = pair.get(key)
         if act is not None and probe < len(act):
             a = np.asarray(act[probe], float)
-            fig.add_trace(go.Heatmap(z=a if a.ndim == 2 else a[None], colorscale="Viridis", showscale=False),
-                          row=1, col=col)
+            z = a if a.ndim == 2 else _mosaic(a) if a.ndim > 2 else a[None]  # a 3-D conv's map: its depth slices
+            fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", showscale=False), row=1, col=col)
     fig.update_yaxes(autorange="reversed", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
     status = pair.get("status")
