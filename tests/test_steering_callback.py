@@ -11,7 +11,7 @@ import torch
 
 from revacnn import ReVACNNCallback, load_steered
 from revacnn.client import RunClient
-from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
 
 
 class Script(pl.Callback):
@@ -196,6 +196,46 @@ def test_a_weights_only_checkpoint_of_a_steered_model_loads_offline(tmp_path):
         assert torch.equal(load_steered(saver.best_model_path, ClassifierModule(ReVACNNNet())).eval()(images),
                            expected)
     assert "on_save_checkpoint" not in vars(model) and "on_load_checkpoint" not in vars(model)  # put back
+
+
+class DecayGroups(ClassifierModule):
+    """Weight decay by name (every ``…weight``, biases none) or by ndim (``p.ndim > 1``: conv and linear weights
+    only, timm's rule), as recipes configure it."""
+
+    def __init__(self, net, rule: str) -> None:
+        super().__init__(net, lr=0.05)
+        self.rule = rule
+
+    def configure_optimizers(self):
+        decays = [name.endswith("weight") if self.rule == "name" else p.ndim > 1 for name, p in self.named_parameters()]
+        params = list(self.parameters())
+        return torch.optim.AdamW([{"params": [p for p, d in zip(params, decays) if d], "weight_decay": 0.05},
+                                  {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}],
+                                 lr=1e-3)
+
+
+@pytest.mark.parametrize("net, rule, after, batchnorm", [
+    (ReVACNNNet, "name", "net.conv2", False), (ReVACNNNet, "ndim", "net.conv2", True),
+    (SmallResNet, "name", "net.layer1.0.conv2", True), (SmallResNet, "ndim", "net.layer1.0.conv1", True)])
+def test_a_run_with_decay_groups_resumes_after_insert_layer(tmp_path, net, rule, after, batchnorm):
+    """An inserted layer's parameters joined the group of the parameter before them: the new conv's weight went
+    with the anchor's bias (no decay), so the optimizer ``configure_optimizers`` builds on resume had groups of
+    other sizes than the saved state, and the resume failed ("a parameter group that doesn't match the size")."""
+    torch.manual_seed(3)
+    trainer, model, script = fit(tmp_path, {3: [("insert_layer", {"after": after, "batchnorm": batchnorm})]},
+                                 epochs=1, batches=6, model=DecayGroups(net(), rule))
+    assert [ack["status"] for ack in script.acks] == ["done"], script.acks
+    decayed = {name for name, p in model.named_parameters()
+               if any(p is q for q in trainer.optimizers[0].param_groups[0]["params"])}
+    inserted = script.acks[0]["result"]["changes"]["inserted"][0]
+    assert f"{inserted}.weight" in decayed and f"{inserted}.bias" not in decayed
+    path = tmp_path / "steered.ckpt"
+    trainer.save_checkpoint(path)
+    resumed, resumed_model, _ = fit(tmp_path, {}, epochs=2, batches=6, ckpt_path=path,
+                                    model=DecayGroups(net(), rule))
+    assert resumed.global_step == 12
+    for mine, saved in zip(resumed.optimizers[0].param_groups, trainer.optimizers[0].param_groups):
+        assert [p.shape for p in mine["params"]] == [p.shape for p in saved["params"]]
 
 
 @pytest.mark.parametrize("holder", ["StochasticWeightAveraging", "ModelPruning"])

@@ -85,32 +85,36 @@ def remove_params(optimizers, params) -> None:
 
 
 def insert_params(optimizers, module: nn.Module, new_params) -> None:
-    """Add new parameters to the group holding their nearest predecessor in ``module.parameters()`` order, right
-    after it (so a group that held all parameters in module order still does); fresh (empty) state."""
+    """Add new parameters (an inserted layer's) to the optimizer group a ``configure_optimizers`` would most likely
+    put them in, keeping each group in module order; fresh (empty) state.
+
+    Each new parameter joins the group of the nearest existing parameter in the same role: the same local name
+    (``weight``, ``bias``) in a module of the same type, nearest in ``module.parameters()`` order — the conv it was
+    inserted after for a new conv, an existing BatchNorm for a new BatchNorm. So the usual groupings carry over
+    (no weight decay on biases and norm parameters, by name or by ndim; a lower lr for a backbone than a head), and
+    the optimizer that ``configure_optimizers`` builds on resume has the same groups as the saved state. Where the
+    model holds no parameter in that role (a BatchNorm inserted into a model without one), it joins the group of
+    the parameter before it. Within its group it goes after the last member that precedes it in module order.
+    """
     if not optimizers:
         return
     order = list(module.parameters())
-    new_ids = {id(p) for p in new_params}
+    position = {id(p): i for i, p in enumerate(order)}
+    role = {id(p): (type(owner), local) for owner in module.modules()
+            for local, p in owner.named_parameters(recurse=False)}
     for p in new_params:
-        pos = next(i for i, q in enumerate(order) if q is p)
-        placed = False
-        for q in reversed(order[:pos]):
-            where = locate(optimizers, q)
-            if where is not None:
-                where[1]["params"].insert(where[2] + 1, p)
-                placed = True
-                break
-        if not placed:
-            for q in order[pos + 1:]:
-                if id(q) in new_ids:
-                    continue
-                where = locate(optimizers, q)
-                if where is not None:
-                    where[1]["params"].insert(where[2], p)
-                    placed = True
-                    break
-        if not placed:
-            optimizers[0].param_groups[0]["params"].append(p)
+        pos = position[id(p)]
+        held = [(q, where[1]) for q in order if q is not p for where in [locate(optimizers, q)] if where is not None]
+        alike = [(q, group) for q, group in held if role[id(q)] == role[id(p)]]
+        before = [(q, group) for q, group in held if position[id(q)] < pos]
+        if alike:  # the nearest, the earlier one on a tie
+            group = min(alike, key=lambda item: (abs(position[id(item[0])] - pos), position[id(item[0])]))[1]
+        elif held:
+            group = (before or held)[-1 if before else 0][1]
+        else:
+            group = optimizers[0].param_groups[0]
+        preceding = [i for i, q in enumerate(group["params"]) if position.get(id(q), -1) < pos]
+        group["params"].insert(preceding[-1] + 1 if preceding else 0, p)
 
 
 # ----------------------------------------------------------------------------------------------- hyper-parameters
