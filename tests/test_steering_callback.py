@@ -127,6 +127,12 @@ def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
         layers = structures[m.body["revision"]]
         assert m.body["layer_names"] == [layer["name"] for layer in layers], m.body["step"]
         assert m.arrays["filters"].shape == (5, sum(layer["out"] for layer in layers))
+    # conv1, moved into a Sequential as conv1.0, keeps its filters' ids (new ones had made all 16 "new", and the
+    # comparison of a snapshot before with one after lost the layer); the inserted conv1.2 gets fresh ids
+    ids = {revision: {layer["name"]: layer["filter_ids"] for layer in layers} for revision, layers in structures.items()}
+    assert ids[1]["net.conv1.0"] == ids[0]["net.conv1"] == list(range(16))
+    assert ids[1]["net.conv2"] == ids[0]["net.conv2"]
+    assert set(ids[1]["net.conv1.2"]).isdisjoint(i for layer in ids[0].values() for i in layer)
 
 
 def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp_path):

@@ -972,6 +972,11 @@ class ReVACNNCallback(Callback):
     def _after_structural_change(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  ack: dict[str, Any]) -> None:
         """Follow a change of shapes: filter ids, hooks, DDP wrapper, compiled graphs, and a new structure."""
+        # insert_layer moves its anchor into a Sequential (``conv2`` → ``conv2.0``): the same filters, new name
+        for old_name, new_name in ((ack.get("changes") or {}).get("renamed") or {}).items():
+            for by_layer in (self.filter_ids, self._snapshot_previous):
+                if old_name in by_layer:
+                    by_layer[new_name] = by_layer.pop(old_name)
         for name, mapping in (ack.get("filter_maps") or {}).items():
             old = self.filter_ids.get(name, [])
             kept = [old[index] for index in mapping.get("kept", []) if index < len(old)]
