@@ -149,6 +149,7 @@ class LayerComparison:
     act_cos: float | None
     norm_a: np.ndarray = field(default=None)   # [len(ids_a)] filter norms in a
     norm_b: np.ndarray = field(default=None)
+    name_a: str | None = None   # its name in a, when it was renamed between the two (insert_layer: conv2 → conv2.0)
 
     def summary(self) -> dict[str, Any]:
         return {"layer": self.name, "kind": self.kind, "kept": len(self.kept), "new": len(self.new),
@@ -188,12 +189,14 @@ class SnapshotComparison:
                        rel_l2=relative_l2(wa, wb), cosine=cosine(wa, wb))
         else:
             status = "new" if filter_id in comp.new else "removed"
-            snap, ids = (self.b, comp.ids_b) if status == "new" else (self.a, comp.ids_a)
-            w = snap["arrays"][f"weight/{layer}"][ids.index(filter_id)].astype(np.float64)
+            snap, ids, name = (self.b, comp.ids_b, layer) if status == "new" else (self.a, comp.ids_a,
+                                                                                  comp.name_a or layer)
+            w = snap["arrays"][f"weight/{name}"][ids.index(filter_id)].astype(np.float64)
             out.update(a=w if status == "removed" else None, b=w if status == "new" else None, diff=None, log=None,
                        kind=None, status=status)
-        for key, snap, ids in (("act_a", self.a, comp.ids_a), ("act_b", self.b, comp.ids_b)):
-            act = snap["arrays"].get(f"act/{layer}")
+        for key, snap, ids, name in (("act_a", self.a, comp.ids_a, comp.name_a or layer),
+                                     ("act_b", self.b, comp.ids_b, layer)):
+            act = snap["arrays"].get(f"act/{name}")
             out[key] = act[:, ids.index(filter_id)] if act is not None and filter_id in ids else None
         return out
 
@@ -221,15 +224,28 @@ def compare_snapshots(snap_a: dict, snap_b: dict, structures_a: list, structures
                                                                  n not in {l["name"] for l in struct_b["layers"]}]
     layers_b = {layer["name"]: layer for layer in struct_b["layers"]}
     for name in order:
-        la, lb = layers_a.get(name), layers_b.get(name)
-        wa_full = snap_a["arrays"].get(f"weight/{name}")
+        lb = layers_b.get(name)
+        name_a = name if name in layers_a or lb is None else _renamed_from(lb, layers_a, set(layers_b))
+        la = layers_a.get(name_a)
+        wa_full = snap_a["arrays"].get(f"weight/{name_a}")
         wb_full = snap_b["arrays"].get(f"weight/{name}")
         if la is None or lb is None or wa_full is None or wb_full is None:
             continue
         result.layers[name] = _compare_layer(name, la, lb, struct_a, struct_b, wa_full, wb_full,
-                                             snap_a["arrays"].get(f"act/{name}") if probes else None,
+                                             snap_a["arrays"].get(f"act/{name_a}") if probes else None,
                                              snap_b["arrays"].get(f"act/{name}") if probes else None)
+        result.layers[name].name_a = name_a if name_a != name else None
     return result
+
+
+def _renamed_from(layer_b: dict, layers_a: dict[str, dict], names_b: set[str]) -> str | None:
+    """The layer of ``a`` that ``layer_b`` was called before a rename: of those gone from ``b``, the one sharing the
+    most filter ids with it (insert_layer keeps the anchor's ids when it moves it into a Sequential)."""
+    ids_b = set(layer_b.get("filter_ids") or [])
+    shared = {name: len(ids_b & set(layer.get("filter_ids") or [])) for name, layer in layers_a.items()
+              if name not in names_b}
+    best = max(shared, key=shared.get, default=None)
+    return best if best is not None and shared[best] > 0 else None
 
 
 def _compare_layer(name, la, lb, struct_a, struct_b, wa_full, wb_full, act_a, act_b) -> LayerComparison:
