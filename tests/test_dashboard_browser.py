@@ -364,8 +364,9 @@ def test_replay_of_the_recorded_run(setup):
         assert page.get_attribute(f"#{group}", "title").startswith("a recorded run cannot be steered"), group
     banner = page.inner_text("#conn-banner")
     assert "snapshots; showing step" in banner
-    # that trainer was killed: its recording says running, and the summary says that is not the run's state now
-    assert re.search(r"state running at its last write, \d\d:\d\d:\d\d \(recording not closed\)",
+    # that trainer was killed: its recording says running (or validating, if the kill came during a validation),
+    # and the summary says that is not the run's state now
+    assert re.search(r"state (running|validating) at its last write, \d\d:\d\d:\d\d \(recording not closed\)",
                      page.inner_text("#run-summary")), page.inner_text("#run-summary")
     replay = [s for s in hub.runs.values() if s.source == "replay"][0]
     steps = replay.scalars_since(0)[0]["step"]
