@@ -109,8 +109,10 @@ def insert_params(optimizers, module: nn.Module, new_params) -> None:
         before = [(q, group) for q, group in held if position[id(q)] < pos]
         if alike:  # the nearest, the earlier one on a tie
             group = min(alike, key=lambda item: (abs(position[id(item[0])] - pos), position[id(item[0])]))[1]
+        elif before:
+            group = before[-1][1]
         elif held:
-            group = (before or held)[-1 if before else 0][1]
+            group = held[0][1]
         else:
             group = optimizers[0].param_groups[0]
         preceding = [i for i, q in enumerate(group["params"]) if position.get(id(q), -1) < pos]
