@@ -102,6 +102,27 @@ def test_batch_size_changes_at_the_next_epoch_and_is_acknowledged_then(tmp_path)
     assert ack["status"] == "done" and ack["result"] == {"batch_size": 16, "epoch": 1}
 
 
+class FixedBatches(DigitsDataModule):
+    """Has a ``batch_size`` attribute, but its training loader does not read it."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=32, shuffle=True)
+
+
+def test_a_batch_size_the_training_loader_ignores_is_refused_and_put_back(tmp_path):
+    """The ack said done, and every later batch still had 32 images."""
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    script = Script(callback, {2: [("set_batch_size", {"batch_size": 16})]})
+    data = FixedBatches(batch_size=32)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, logger=False,
+                         callbacks=[callback, script], default_root_dir=tmp_path, enable_checkpointing=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet()), data)
+    ack = next(ack for ack in script.acks if ack["op"] == "set_batch_size")
+    assert ack["status"] == "error" and "still has batch size 32" in ack["error"], ack
+    assert data.batch_size == 32
+
+
 def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
     """A step's per-filter data is published once Lightning has finished the step, after a command applied before
     the next batch may have changed the layers: its names and widths must still be those of its own revision."""

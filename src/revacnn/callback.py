@@ -283,8 +283,9 @@ class ReVACNNCallback(Callback):
         self._filter_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._snapshot_previous: dict[str, torch.Tensor] = {}
         self._snapshot_requested = False
-        self._pending_batch_size: tuple[dict[str, Any], int] | None = None
-        self._batch_size_applied: tuple[dict[str, Any], int] | None = None
+        # (command, new size, the attribute's value before it)
+        self._pending_batch_size: tuple[dict[str, Any], int, Any] | None = None
+        self._batch_size_applied: tuple[dict[str, Any], int, Any] | None = None
         self._val_metric_names: set[str] = set()
         self._metrics_before_validation: dict[str, Any] = {}
         self._held_commands: list[dict[str, Any]] = []
@@ -595,8 +596,17 @@ class ReVACNNCallback(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._batch_size_applied is not None:
-            command, size = self._batch_size_applied
+            command, size, before = self._batch_size_applied
             self._batch_size_applied = None
+            loaded = _loader_batch_size(trainer)  # 0: not readable (a batch sampler, several loaders)
+            if loaded and loaded != size:  # a train_dataloader() that does not read the attribute: put it back
+                from pytorch_lightning.utilities.parsing import lightning_setattr
+
+                lightning_setattr(pl_module, "batch_size", before)
+                self._ack(command, "error", trainer, error=f"set_batch_size: the training loader rebuilt for epoch "
+                          f"{trainer.current_epoch} still has batch size {loaded}: train_dataloader() does not read "
+                          f"the 'batch_size' attribute, which is back at {before!r}")
+                return
             self._ack(command, "done", trainer, result={"batch_size": size, "epoch": trainer.current_epoch})
             self._telemetry(trainer, lambda: self._publish_hparams(trainer))
 
@@ -943,7 +953,7 @@ class ReVACNNCallback(Callback):
 
     def _set_batch_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule, command: dict[str, Any],
                         args: dict[str, Any]) -> None:
-        from pytorch_lightning.utilities.parsing import lightning_hasattr, lightning_setattr
+        from pytorch_lightning.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 
         size = args.get("batch_size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -953,8 +963,9 @@ class ReVACNNCallback(Callback):
             self._ack(command, "error", trainer, error="neither the LightningModule, its hparams nor the datamodule "
                                                        "has a 'batch_size' attribute to change")
             return
+        before = lightning_getattr(pl_module, "batch_size")
         lightning_setattr(pl_module, "batch_size", size)
-        self._pending_batch_size = (command, size)  # acknowledged when the next epoch starts with it
+        self._pending_batch_size = (command, size, before)  # acknowledged when the next epoch starts with it
 
     def _steering_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any):
         if self.engine is None:
