@@ -81,6 +81,13 @@ def test_lambdalr_continues_from_new_value():
 @pytest.mark.parametrize("make", [
     lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
     lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20),
+    # these three overrode the new lr at their next step: CyclicLR from its max_lrs, the composite ones from the
+    # schedulers inside them
+    lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3),
+    lambda o: torch.optim.lr_scheduler.SequentialLR(o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=3),
+                                                        torch.optim.lr_scheduler.StepLR(o, 2)], milestones=[5]),
+    lambda o: torch.optim.lr_scheduler.ChainedScheduler([torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
+                                                         torch.optim.lr_scheduler.StepLR(o, 2)]),
 ])
 def test_other_schedulers_scale_with_the_change(make):
     results = []

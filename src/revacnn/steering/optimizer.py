@@ -151,6 +151,21 @@ def _ratio(new: float, old: float) -> float | None:
     return None if old == 0 or not math.isfinite(old) else new / old
 
 
+def _every_scheduler(schedulers):
+    """The schedulers, and the ones inside SequentialLR and ChainedScheduler (which compute from their own)."""
+    for sched in schedulers:
+        yield sched
+        yield from _every_scheduler(getattr(sched, "_schedulers", None) or [])
+
+
+def _rescale(sched, keys: tuple[str, ...], gi: int, ratio: float | None, new: float) -> None:
+    """Scale a scheduler's per-group values (``base_lrs`` …) for group ``gi`` by ``ratio``, or set them to ``new``."""
+    for key in keys:
+        values = getattr(sched, key, None)
+        if isinstance(values, list) and gi < len(values):
+            values[gi] = values[gi] * ratio if ratio is not None else new
+
+
 def set_hparams(optimizers, schedulers, values: dict, groups: list[int] | None) -> dict:
     """Set lr / momentum / weight_decay now, and rescale schedulers' bases so they continue from the new value."""
     changed = []
@@ -166,11 +181,10 @@ def set_hparams(optimizers, schedulers, values: dict, groups: list[int] | None) 
                 for key in ("initial_lr", "max_lr", "min_lr"):
                     if key in group:
                         group[key] = group[key] * ratio if ratio is not None else new
-                for sched in schedulers:
+                for sched in _every_scheduler(schedulers):
                     if getattr(sched, "optimizer", None) is not opt:
                         continue
-                    if hasattr(sched, "base_lrs"):
-                        sched.base_lrs[gi] = sched.base_lrs[gi] * ratio if ratio is not None else new
+                    _rescale(sched, ("base_lrs", "max_lrs"), gi, ratio, new)  # max_lrs: CyclicLR's peaks
                     if getattr(sched, "_last_lr", None) is not None:
                         sched._last_lr[gi] = new
                 entry["lr"] = [old, new]
