@@ -325,3 +325,62 @@ def test_layers_the_module_freezes_are_shown_frozen_and_can_be_unfrozen(tmp_path
                                               {"net.conv2": "all"}], frozen
     assert [ack["result"]["changes"]["were_frozen_by_the_module"] for ack in script.acks] == [["net.conv1"]]
     assert model.net.conv1.weight.requires_grad and not model.net.conv2.weight.requires_grad
+
+
+class HiddenLayerNet(torch.nn.Module):
+    """A conv feature extractor with a hidden fully connected layer before the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = torch.nn.Linear(8 * 8 * 8, 24), torch.nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 4)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_the_neurons_of_a_hidden_linear_layer_are_steered_like_filters(tmp_path):
+    """Widening, pruning and freezing a hidden Linear layer's neurons went through the callback's structure,
+    per-filter telemetry and change log: the ids follow the neurons, and a checkpoint loads into a fresh model."""
+    from conftest import Listener
+
+    callback = ReVACNNCallback(filters_every=1, snapshot_every=0, record=False)
+    listener = Listener(lambda: callback.connection_file).start()
+    script = Script(callback, {2: [("widen", {"layer": "net.fc1", "count": 4})],
+                               4: [("remove_filters", {"layer": "net.fc1", "filters": [0, 1]})],
+                               5: [("freeze", {"layer": "net.fc1", "filters": [2]})]})
+    model = ClassifierModule(HiddenLayerNet(), lr=0.05)
+    trainer = pl.Trainer(max_steps=9, callbacks=[callback, script], default_root_dir=tmp_path, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    frozen_row = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 7:
+                frozen_row["before"] = pl_module.net.fc1.weight[2].detach().clone()
+
+    trainer.callbacks.append(Watch())
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    messages = listener.join()
+    assert [(ack["op"], ack["status"]) for ack in script.acks] == [("widen", "done"), ("remove_filters", "done"),
+                                                                    ("freeze", "done")], script.acks
+    assert model.net.fc1.weight.shape == (26, 512) and model.net.fc2.weight.shape == (10, 26)
+    assert torch.equal(model.net.fc1.weight[2], frozen_row["before"])
+    structures = {m.body["revision"]: {layer["name"]: layer for layer in m.body["layers"]}
+                  for m in messages if m.type == "structure"}
+    ids = [structures[revision]["net.fc1"]["filter_ids"] for revision in sorted(structures)]
+    assert [len(i) for i in ids] == [24, 28, 26]
+    assert ids[1][:24] == ids[0] and ids[2] == ids[1][2:]                  # the removed two were neurons 0 and 1
+    assert structures[max(structures)]["net.fc1"]["frozen"] == [2]
+    last = [m for m in messages if m.type == "step"][-1]
+    assert last.arrays["filters"].shape[1] == 8 + 26 + 10
+
+    path = tmp_path / "steered.ckpt"
+    trainer.save_checkpoint(path)
+    images = torch.randn(4, 3, 32, 32)
+    model.eval()
+    offline = load_steered(path, ClassifierModule(HiddenLayerNet())).eval()
+    with torch.no_grad():
+        assert torch.equal(offline(images), model(images))

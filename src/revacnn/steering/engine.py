@@ -22,11 +22,12 @@ from torch.nn.utils import parametrize
 from . import commands as C
 from .errors import SteeringError
 from .freezing import FreezeManager
-from .graph import Group, eager, trace
+from .graph import CONVS, Group, eager, trace
 from .optimizer import (apply_records, check_supported, insert_params, locate, remove_params, reset_state_rows,
                         set_hparams, validate_hparams)
 from .surgery import resize_channels, splice_insert, splice_remove
 
+FILTER_LAYERS = (*CONVS, nn.Linear)  # layers whose filters (neurons) are the rows of their weight
 RELU_NODES = {"ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1"}
 MAX_COUNT = 4096
 
@@ -113,15 +114,17 @@ class SteeringEngine:
         try:
             mod = self.module.get_submodule(name)
         except AttributeError:
-            convs = [n for n, m in self.module.named_modules() if isinstance(m, nn.Conv2d)]
-            raise SteeringError(f"{op}: unknown layer {name!r}; conv layers are: {', '.join(convs)}") from None
+            layers = [n for n, m in self.module.named_modules() if isinstance(m, FILTER_LAYERS)]
+            raise SteeringError(f"{op}: unknown layer {name!r}; conv and Linear layers are: {', '.join(layers)}"
+                                ) from None
         if kind is not None and not isinstance(mod, kind):
             raise SteeringError(f"{op}: layer {name!r} is a {type(mod).__name__}; {what or 'unsupported layer type'}")
         return mod
 
-    def _conv(self, name: str, op: str) -> nn.Conv2d:
-        mod = self._layer(name, op, nn.Conv2d, f"{op} needs a Conv2d layer")
-        return mod
+    def _filter_layer(self, name: str, op: str) -> nn.Module:
+        """The layer ``name`` if its filters are the rows of its weight: a Conv1d/2d/3d (filters) or a Linear
+        (neurons); not a transposed conv, whose weight holds its filters on dim 1."""
+        return self._layer(name, op, FILTER_LAYERS, f"{op} needs a conv (1-D, 2-D or 3-D) or Linear layer")
 
     def _check_held_weights(self, name: str, op: str) -> None:
         """Refuse a layer whose weight or bias is computed on each forward (pruning masks, weight_norm,
@@ -208,10 +211,10 @@ class SteeringEngine:
         return result, self._delta(before, after), compiled
 
     def _group(self, name: str, op: str) -> Group:
-        conv = self._conv(name, op)
+        layer = self._filter_layer(name, op)
         check_supported(self.optimizers, f"{op} {name}")
-        if conv.groups != 1:
-            raise SteeringError(f"{op}: {name} is a grouped/depthwise conv (groups={conv.groups}); unsupported")
+        if getattr(layer, "groups", 1) != 1:
+            raise SteeringError(f"{op}: {name} is a grouped/depthwise conv (groups={layer.groups}); unsupported")
         t = self._trace(op)
         group = t.groups.get(name)
         if group is None:
@@ -262,10 +265,11 @@ class SteeringEngine:
         if "layer" not in args or "filters" not in args:
             raise SteeringError(f"{op}: needs 'layers' (a list of names) or 'layer' with 'filters'")
         name = C.get_str(args, "layer", op)
-        conv = self._layer(name, op, nn.Conv2d, "single filters can be (un)frozen only in a Conv2d layer")
+        layer = self._layer(name, op, FILTER_LAYERS,
+                            "single filters can be (un)frozen only in a conv (1-D, 2-D or 3-D) or Linear layer")
         self._check_held_weights(name, op)
-        filters = C.get_int_list(args, "filters", op, upper=conv.out_channels, what="filter")
-        return [(name, conv)], filters
+        filters = C.get_int_list(args, "filters", op, upper=layer.weight.shape[0], what="filter")
+        return [(name, layer)], filters
 
     def _op_freeze(self, args):
         mods, filters = self._freeze_targets(args, "freeze")
@@ -382,10 +386,10 @@ class SteeringEngine:
     def _op_remove_filters(self, args):
         op = "remove_filters"
         name = C.get_str(args, "layer", op)
-        conv = self._conv(name, op)
-        filters = C.get_int_list(args, "filters", op, upper=conv.out_channels, what="filter")
-        if len(filters) >= conv.out_channels:
-            raise SteeringError(f"remove_filters: cannot remove all {conv.out_channels} filters of {name}")
+        width = self._filter_layer(name, op).weight.shape[0]
+        filters = C.get_int_list(args, "filters", op, upper=width, what="filter")
+        if len(filters) >= width:
+            raise SteeringError(f"remove_filters: cannot remove all {width} filters of {name}")
         group = self._group(name, op)
         kept = [i for i in range(group.channels) if i not in set(filters)]
         plan = {"op": "remove_filters", "layer": name, "filters": sorted(filters),
@@ -401,12 +405,11 @@ class SteeringEngine:
         op = "insert_layer"
         name = C.get_str(args, "after", op)
         batchnorm = C.get_bool(args, "batchnorm", op, False)
-        conv = self._conv(name, op)
+        conv = self._layer(name, op, CONVS, "insert_layer needs a conv layer (1-D, 2-D or 3-D)")
         check_supported(self.optimizers, f"{op} after {name}")
         if conv.groups != 1:
             raise SteeringError(f"insert_layer: {name} is a grouped/depthwise conv (groups={conv.groups}); unsupported")
-        kh, kw = conv.kernel_size
-        if kh % 2 == 0 or kw % 2 == 0:
+        if any(k % 2 == 0 for k in conv.kernel_size):
             raise SteeringError(f"insert_layer: {name} has an even kernel {conv.kernel_size}; an identity conv of "
                                 "that size has no centre tap")
         t = self._trace(op)
@@ -439,8 +442,9 @@ class SteeringEngine:
     def _op_remove_layer(self, args):
         op = "remove_layer"
         name = C.get_str(args, "layer", op)
-        mod = self._layer(name, op, (nn.Conv2d, _BatchNorm), "remove_layer supports Conv2d and BatchNorm layers")
-        if isinstance(mod, nn.Conv2d):
+        mod = self._layer(name, op, (*CONVS, _BatchNorm),
+                          "remove_layer supports conv (1-D, 2-D or 3-D) and BatchNorm layers")
+        if isinstance(mod, CONVS):
             if mod.groups != 1:
                 raise SteeringError(f"remove_layer: {name} is a grouped/depthwise conv (groups={mod.groups}); only an "
                                     "ungrouped layer with in == out channels can be removed")
@@ -470,21 +474,22 @@ class SteeringEngine:
     def _op_reinit_filters(self, args):
         op = "reinit_filters"
         name = C.get_str(args, "layer", op)
-        conv = self._conv(name, op)
+        layer = self._filter_layer(name, op)
         self._check_held_weights(name, op)
-        filters = C.get_int_list(args, "filters", op, upper=conv.out_channels, what="filter")
+        filters = C.get_int_list(args, "filters", op, upper=layer.weight.shape[0], what="filter")
         mode = C.get_choice(args, "mode", op, ("neighbours", "values", "random"))
         allowed = {"neighbours": {"neighbours", "distances"}, "values": {"values"}, "random": {"seed"}}[mode]
         extra = sorted({"neighbours", "distances", "values", "seed"} & set(args) - allowed)
         if extra:
             raise SteeringError(f"reinit_filters: field(s) {', '.join(extra)} do not apply to mode {mode!r}")
-        w = conv.weight
+        w = layer.weight
         shape = tuple(w.shape[1:])
+        parts = "in_features" if isinstance(layer, nn.Linear) else "in_channels × kernel size"
         new_w, new_b = [], []
         if mode == "neighbours":
             if "neighbours" not in args or "distances" not in args:
                 raise SteeringError("reinit_filters: mode 'neighbours' needs 'neighbours' and 'distances'")
-            nbrs = C.get_int_list(args, "neighbours", op, upper=conv.out_channels, what="neighbour filter")
+            nbrs = C.get_int_list(args, "neighbours", op, upper=layer.weight.shape[0], what="neighbour filter")
             dists = args["distances"]
             if not isinstance(dists, (list, tuple)) or len(dists) != len(nbrs):
                 raise SteeringError(f"reinit_filters: 'distances' must be a list of {len(nbrs)} numbers, one per "
@@ -493,10 +498,10 @@ class SteeringEngine:
             inv = torch.tensor([1.0 / d for d in weights], dtype=torch.float64)
             inv = inv / inv.sum()
             idx = torch.as_tensor(nbrs, device=w.device)
-            avg_w = (w.detach().index_select(0, idx).double() * inv.to(w.device).view(-1, 1, 1, 1)).sum(0).to(w)
+            avg_w = (w.detach().index_select(0, idx).double() * inv.to(w.device).view(-1, *[1] * len(shape))).sum(0).to(w)
             avg_b = None
-            if conv.bias is not None:
-                avg_b = (conv.bias.detach().index_select(0, idx).double() * inv.to(w.device)).sum().to(w)
+            if layer.bias is not None:
+                avg_b = (layer.bias.detach().index_select(0, idx).double() * inv.to(w.device)).sum().to(w)
             new_w = [avg_w] * len(filters)
             new_b = [avg_b] * len(filters)
         elif mode == "values":
@@ -514,7 +519,7 @@ class SteeringEngine:
                                         f"({exc})") from None
                 if tuple(tv.shape) != shape:
                     raise SteeringError(f"reinit_filters: a filter in 'values' has shape {list(tv.shape)}, "
-                                        f"expected {list(shape)} (in_channels × kh × kw)")
+                                        f"expected {list(shape)} ({parts})")
                 if not torch.isfinite(tv).all():
                     raise SteeringError("reinit_filters: 'values' contains NaN or infinity")
                 new_w.append(tv.to(w))
@@ -522,19 +527,19 @@ class SteeringEngine:
         else:
             seed = C.get_int(args, "seed", op, default=0)
             gen = torch.Generator().manual_seed(seed)
-            bound = 1.0 / math.sqrt(max(1, w[0].numel()))  # PyTorch's default conv init range
+            bound = 1.0 / math.sqrt(max(1, w[0].numel()))  # PyTorch's default init range of conv and Linear weights
             for _ in filters:
                 new_w.append((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(w))
-                new_b.append(None if conv.bias is None else
+                new_b.append(None if layer.bias is None else
                              (torch.rand((), generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(w))
         before = self._outputs()
         with torch.no_grad():
             for f, nw, nb in zip(filters, new_w, new_b):
-                conv.weight[f] = nw
+                layer.weight[f] = nw
                 if nb is not None:
-                    conv.bias[f] = nb
-        reset_state_rows(self.optimizers, conv.weight, filters)
-        if conv.bias is not None:
-            reset_state_rows(self.optimizers, conv.bias, filters)
+                    layer.bias[f] = nb
+        reset_state_rows(self.optimizers, layer.weight, filters)
+        if layer.bias is not None:
+            reset_state_rows(self.optimizers, layer.bias, filters)
         delta = self._delta(before, self._outputs())
         return False, {"layer": name, "filters": filters, "mode": mode, "output_max_abs_change": delta}, {}

@@ -1,13 +1,15 @@
-"""Coupling analysis: which layers must change together when a conv layer's output channels change.
+"""Coupling analysis: which layers must change together when a layer's output channels change.
 
 A forward pass on the example input (eval mode, no state changes) is recorded with forward hooks on every leaf
-module; from each *reader* (a Conv2d or Linear) the autograd graph is walked back through ``grad_fn.next_functions``
-to the *producers* (Conv2d/Linear outputs) whose channels it sees. Channel-preserving nodes (activations, pooling,
-dropout, scalar arithmetic) are passed through, BatchNorm modules are collected and passed through, additions
-couple their operands (a residual stream), and a view/flatten feeding a Linear gives the HW factor (NCHW: channel c
-owns columns c·HW…(c+1)·HW−1). Anything else (concat, permute, products of two tensors, functional batch norm, an
-unknown module with parameters, a module called twice) makes the groups it touches *unsupported*, with the reason.
-Works with functional ops in ``forward`` and needs no change to the user's model.
+module; from each *reader* (a Conv1d/2d/3d or Linear) the autograd graph is walked back through
+``grad_fn.next_functions`` to the *producers* (conv and Linear outputs) whose channels it sees. Channel-preserving
+nodes (activations, pooling, dropout, scalar arithmetic) are passed through, BatchNorm modules are collected and
+passed through, additions couple their operands (a residual stream), and a view/flatten feeding a Linear gives the
+spatial factor HW (channels first: channel c owns columns c·HW…(c+1)·HW−1). A Linear's channels are its output
+features when its output is ``[batch, features]``. Anything else (concat, permute, products of two tensors,
+functional batch norm, an unknown module with parameters, a module called twice, a Linear applied to tokens) makes
+the groups it touches *unsupported*, with the reason. Works with functional ops in ``forward`` and needs no change
+to the user's model.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ PRESERVING = {
     "HardtanhBackward1", "EluBackward0", "EluBackward1", "SiluBackward0", "HardswishBackward0", "MishBackward0",
     "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
     "AdaptiveMaxPool2DBackward0", "NativeDropoutBackward0", "CloneBackward0", "DivBackward1", "MulBackward1",
-    "AddBackward1", "SubBackward1", "NegBackward0", "ToCopyBackward0",
+    "AddBackward1", "SubBackward1", "NegBackward0", "ToCopyBackward0", "MaxPool3DWithIndicesBackward0",
+    "AvgPool3DBackward0", "AdaptiveAvgPool3DBackward0", "AdaptiveMaxPool3DBackward0",
 }
+SQUEEZES = {"SqueezeBackward1", "UnsqueezeBackward0"}  # 1-D pooling runs as unsqueeze → 2-D pool → squeeze
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # not the transposed ones: their filters are not weight rows
 COUPLING = {"AddBackward0", "SubBackward0"}
 SCALAR_BINARY = {"MulBackward0", "DivBackward0"}  # preserving only when the second operand is a constant
 VIEWS = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "FlattenBackward0"}
@@ -97,6 +102,8 @@ def _walk(start, out_of: dict[int, str], bn_in: dict[str, object], kinds: dict[s
             stack.extend(nexts)
         elif tname in SCALAR_BINARY and len(nexts) == 2 and nexts[1] is None:
             stack.append(nexts[0])
+        elif tname in SQUEEZES and _keeps_channel_dim(node):
+            stack.extend(nexts[:1])
         elif tname in VIEWS:
             views.append(node)
             stack.extend(nexts[:1])
@@ -108,6 +115,20 @@ def _walk(start, out_of: dict[int, str], bn_in: dict[str, object], kinds: dict[s
             problems.append(f"unsupported operation {tname}")
             stack.extend(nexts)
     return producers, bns, problems, views, reached_input
+
+
+def _keeps_channel_dim(node) -> bool:
+    """Whether a squeeze/unsqueeze node leaves dims 0 and 1 (batch, channels) where they are: its dim is ≥ 2, or,
+    for an unsqueeze, −1 or −2 (what 1-D pooling inserts behind a ``[N, C, L]`` map). Dims are saved as unsigned
+    64-bit values, negative ones wrapped."""
+    dim = getattr(node, "_saved_dim", None)
+    if not isinstance(dim, int):
+        return False
+    if dim >= 2 ** 63:
+        dim -= 2 ** 64
+    if dim < 0 and type(node).__name__ == "SqueezeBackward1":
+        dim += len(getattr(node, "_saved_self_sym_sizes", ()))
+    return dim >= 2 or (type(node).__name__ == "UnsqueezeBackward0" and dim in (-1, -2))
 
 
 def eager():
@@ -137,7 +158,7 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
 
     handles = []
     for name, mod in module.named_modules():
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, CONVS):
             kinds[name] = "conv"
         elif isinstance(mod, nn.Linear):
             kinds[name] = "linear"
@@ -219,9 +240,10 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
             g.producers.append(name)
             groups[name] = g
             mod = module.get_submodule(name)
-            if kind == "linear":
-                g.problems.append(f"{name} is a Linear layer (only conv channels are steered)")
-            elif mod.groups != 1:
+            if kind == "linear" and len(out_shape[name]) != 2:
+                g.problems.append(f"{name} is a Linear layer with a {list(out_shape[name])} output (its channels "
+                                  "can be changed only when it outputs [batch, features])")
+            elif kind == "conv" and mod.groups != 1:
                 g.problems.append(f"{name} is a grouped/depthwise conv (groups={mod.groups})")
             if calls.get(name, 0) > 1:
                 g.problems.append(f"{name} is called {calls[name]} times in forward (shared weights)")
@@ -241,6 +263,8 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
                 g.problems.append(f"{name} reads the channels through a reshape")
             if mod.groups != 1:
                 g.problems.append(f"reader {name} is a grouped/depthwise conv (groups={mod.groups})")
+            elif mod.in_channels != g.channels:
+                g.problems.append(f"{name} reads {mod.in_channels} channels, not the {g.channels} produced")
             g.readers.append((name, 0))
         else:
             ok = len(views) <= 1
@@ -260,9 +284,8 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
             g.problems.append(f"reader {name} is called {calls[name]} times in forward")
     for producers, bns, problems, views, reached_input in out_walks:
         for p in producers:
-            if kinds[p] == "conv":
-                groups[p].problems.append(f"{p}'s channels reach the model output directly")
-                groups[p].batchnorms.extend(b for b in bns if b not in groups[p].batchnorms)
+            groups[p].problems.append(f"{p}'s channels reach the model output directly")
+            groups[p].batchnorms.extend(b for b in bns if b not in groups[p].batchnorms)
     for name, kind in kinds.items():
         if kind == "bn" and name not in {b for g in groups.values() for b in g.batchnorms}:
             node = bn_in.get(name)

@@ -31,11 +31,13 @@ def select(t: torch.Tensor, dim: int, index: list[int], scale: list[float] | Non
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """``channels_last`` for a 4-D tensor laid out channels-last (and not also plain contiguous, as a tensor with
-    single-element dims can be), else ``contiguous_format``: what a replacement of ``t`` should be laid out as, so
-    a channels-last model does not get NCHW layers (each one a layout conversion per forward)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
+    """``channels_last`` (``channels_last_3d``) for a 4-D (5-D) tensor laid out channels-last, and not also plain
+    contiguous as a tensor with single-element dims can be; else ``contiguous_format``: what a replacement of ``t``
+    should be laid out as, so a channels-last model does not get NCHW layers (each one a layout conversion per
+    forward)."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if last is not None and not t.is_contiguous() and t.is_contiguous(memory_format=last):
+        return last
     return torch.contiguous_format
 
 
@@ -48,33 +50,37 @@ def flatten_index(index: list[int], hw: int, scale: list[float] | None = None):
     return cols, (None if scale is None else [s for s in scale for _ in range(hw)])
 
 
-def identity_conv(like: nn.Conv2d) -> nn.Conv2d:
-    """A C→C conv with ``like``'s kernel size: 1 at the kernel centre k//2 of the diagonal, zero elsewhere,
+def identity_conv(like: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> nn.Module:
+    """A C→C conv of ``like``'s class and kernel size: 1 at the kernel centre k//2 of the diagonal, zero elsewhere,
     padding k//2, stride 1, zero bias when ``like`` has a bias.
 
     Preserves: its input exactly (it is the identity map) for any input, on ``like``'s device, dtype and weight
     memory format.
     """
     c = like.out_channels
-    kh, kw = like.kernel_size
-    conv = nn.Conv2d(c, c, (kh, kw), padding=(kh // 2, kw // 2), bias=like.bias is not None,
-                     device=like.weight.device, dtype=like.weight.dtype).to(memory_format=memory_format_of(like.weight))
+    kernel = tuple(like.kernel_size)
+    conv = type(like)(c, c, kernel, padding=tuple(k // 2 for k in kernel), bias=like.bias is not None,
+                      device=like.weight.device, dtype=like.weight.dtype)
+    conv.to(memory_format=memory_format_of(like.weight))
     with torch.no_grad():
         conv.weight.zero_()
+        centre = tuple(k // 2 for k in kernel)
         for i in range(c):
-            conv.weight[i, i, kh // 2, kw // 2] = 1.0
+            conv.weight[(i, i, *centre)] = 1.0
         if conv.bias is not None:
             conv.bias.zero_()
     return conv
 
 
-def identity_bn(channels: int, like: nn.Parameter) -> nn.BatchNorm2d:
-    """BatchNorm2d that is the identity in eval mode: running mean 0, var 1, gamma √(1+eps), beta 0.
+def identity_bn(channels: int, like: nn.Parameter) -> nn.Module:
+    """BatchNorm1d/2d/3d (for a conv weight ``like`` of 3, 4 or 5 dims) that is the identity in eval mode: running
+    mean 0, var 1, gamma √(1+eps), beta 0.
 
     Preserves: its input exactly in eval mode (up to one rounding of √(1+eps)); in train mode it normalises by
     batch statistics and is therefore not function-preserving.
     """
-    bn = nn.BatchNorm2d(channels, device=like.device, dtype=like.dtype)
+    kind = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[like.dim()]
+    bn = kind(channels, device=like.device, dtype=like.dtype)
     with torch.no_grad():
         bn.weight.fill_(math.sqrt(1.0 + bn.eps))
         bn.bias.zero_()
@@ -97,7 +103,7 @@ def _replace(mod: nn.Module, attr: str, new: torch.Tensor, dim: int, index: list
 
 def fix_attributes(mod: nn.Module) -> None:
     """Update a layer's size attributes (out/in channels, features) from its current weight shapes."""
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         mod.out_channels = mod.weight.shape[0]
         mod.in_channels = mod.weight.shape[1] * mod.groups
     elif isinstance(mod, nn.Linear):
@@ -109,10 +115,11 @@ def fix_attributes(mod: nn.Module) -> None:
 def resize_channels(module: nn.Module, plan: dict) -> list:
     """Re-index one channel group: ``plan["index"][j]`` is the old channel that new channel j comes from.
 
-    - producers (Conv2d): weight rows and bias entries re-indexed (copies are exact duplicates);
+    - producers (conv, or Linear with a ``[batch, features]`` output): weight rows and bias entries re-indexed
+      (copies are exact duplicates);
     - batchnorms: gamma, beta, running_mean, running_var re-indexed (num_batches_tracked kept);
-    - readers: input slices re-indexed and multiplied by ``plan["in_scale"][j]`` (Conv2d: dim 1; Linear after
-      flatten: the hw columns of each channel).
+    - readers: input slices re-indexed and multiplied by ``plan["in_scale"][j]`` (conv: dim 1; Linear: its
+      columns, or after a flatten the hw columns of each channel).
 
     Preserves: every kept slice bitwise (except reader slices whose scale is not 1); with index = a Net2Net
     mapping and scales summing to 1 over the copies of each source, the network function exactly (up to float
