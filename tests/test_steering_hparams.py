@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -104,13 +103,22 @@ def test_other_schedulers_scale_with_the_change(make):
     assert results[1] == pytest.approx(results[0] * 0.5, rel=1e-6)
 
 
-def test_onecycle_momentum_bounds_rescaled():
-    module, opt = _opt("sgd", lr=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
-    engine = SteeringEngine(module, [opt], [sched])
-    _tick(opt, sched, 3)
-    old = opt.param_groups[0]["momentum"]
-    assert engine.apply(cmd("set_hparams", momentum=old / 2))["ok"]
-    _tick(opt, sched, 1)
-    assert opt.param_groups[0]["momentum"] < old / 2 + 0.05
-    assert math.isfinite(opt.param_groups[0]["momentum"])
+@pytest.mark.parametrize("make", [
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20),
+    # CyclicLR cycles momentum from its own base_momentums / max_momentums: it set the old cycle back
+    lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3),
+])
+def test_cycled_momentum_scales_with_the_change(make):
+    results = []
+    for change in (False, True):
+        module, opt = _opt("sgd", lr=0.1)
+        sched = make(opt)
+        engine = SteeringEngine(module, [opt], [sched])
+        _tick(opt, sched, 4)
+        current = opt.param_groups[0]["momentum"]
+        if change:
+            assert engine.apply(cmd("set_hparams", momentum=current * 0.5))["ok"]
+            assert opt.param_groups[0]["momentum"] == pytest.approx(current * 0.5)
+        _tick(opt, sched, 2)
+        results.append(opt.param_groups[0]["momentum"])
+    assert results[0] > 0.5 and results[1] == pytest.approx(results[0] * 0.5, rel=1e-6)

@@ -200,6 +200,9 @@ def set_hparams(optimizers, schedulers, values: dict, groups: list[int] | None) 
                 for key in ("max_momentum", "base_momentum"):  # OneCycleLR with cycle_momentum
                     if key in group:
                         group[key] = group[key] * ratio if ratio is not None else new
+                for sched in _every_scheduler(schedulers):  # CyclicLR cycles momentum from its own lists
+                    if getattr(sched, "optimizer", None) is opt:
+                        _rescale(sched, ("base_momentums", "max_momentums"), gi, ratio, new)
                 entry["momentum"] = [old, new]
             if "weight_decay" in values:
                 entry["weight_decay"] = [float(group["weight_decay"]), values["weight_decay"]]
