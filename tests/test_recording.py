@@ -333,6 +333,73 @@ def test_steered_run_keeps_filter_ids(tmp_path):
         assert np.isnan(value) == (step <= 30)
 
 
+def _rename_ack(seq, step, old, new):
+    result = {"structural": True, "changes": {"after": old, "anchor": old, "renamed": {old: new},
+                                              "inserted": [old + ".2"]}, "filter_maps": {}, "revision": 1}
+    return Message("ack", {"id": f"c{seq}", "op": "insert_layer", "status": "done", "step": step, "error": None,
+                           "result": result}, run=RUN, seq=seq, time=1000.0 + seq)
+
+
+def test_a_renamed_layer_has_one_series_across_the_rename(tmp_path):
+    """insert_layer renames net.conv2 to net.conv2.0 (same filters, same ids): its series was split in two, the
+    explorer listed both names, and the buckets around the change were cut short."""
+    rng = np.random.default_rng(6)
+    inserted = layer("net.conv2.2", range(66, 86))
+    after = [DEMO[0], layer("net.conv2.0", range(16, 36)), inserted, DEMO[2], DEMO[3]]
+    rec = RunRecorder(tmp_path / "run", full_records=20, keep_buckets=20, levels=3)
+    seq, sent = 1, []
+    rec.submit(structure(seq, 0, 0, DEMO))
+    for step in range(1, 61):
+        if step == 26:        # the command is applied before batch 26 (ack, new structure), then the steps go on
+            rec.submit(_rename_ack(seq + 1, 25, "net.conv2", "net.conv2.0"))
+            rec.submit(structure(seq + 2, 25, 1, after))
+            seq += 2
+        seq += 1
+        current = DEMO if step < 26 else after
+        message = step_message(seq, step, current, rng)
+        rec.submit(message)
+        name = "net.conv2" if step < 26 else "net.conv2.0"
+        sent.append((step, expected_columns(current, message.arrays["filters"])[name][1][2].copy()))
+    rec.close()
+    run = open_run(tmp_path / "run")
+    assert run.renames() == {"net.conv2.0": "net.conv2"}
+    assert run.layer_names() == ["net.conv1", "net.conv2.0", "net.conv2.2", "net.conv3", "net.fc"]
+    raw = run.filter_series("net.conv2.0", "weight_norm")
+    assert raw["step"].tolist() == list(range(1, 61))
+    np.testing.assert_array_equal(raw["values"], np.stack([v for _, v in sent]))
+    series = run.filter_series("net.conv2.0", "weight_norm", resolution=6)     # the buckets of 10 records
+    np.testing.assert_array_equal(series["filter_ids"], range(16, 36))
+    assert series["step"][0] == 1 and series["step_end"][-1] == 60 and series["count"].sum() == 60
+    for row in range(len(series["step"])):            # every bucket, those across step 26 too, is exact
+        count, mean, low, high = _buckets_expected(sent, series["step"][row], series["step_end"][row])
+        assert count == series["count"][row]
+        np.testing.assert_allclose(series["values"][row], mean.astype(np.float32), rtol=1e-5)
+        np.testing.assert_array_equal(series["max"][row], high.astype(np.float32))
+    assert list(zip(series["step"][:3], series["step_end"][:3])) == [(1, 10), (11, 20), (21, 30)]
+    per_layer = run.layer_series()
+    assert per_layer["layers"] == run.layer_names()
+    column = per_layer["values"][:, per_layer["layers"].index("net.conv2.0")]
+    assert not np.isnan(column).any() and np.isnan(per_layer["values"][:25, 2]).all()
+
+    # a resumed run (from a checkpoint at step 40) records into the same directory; its recorder never saw the
+    # ack, so it writes under the new name: the reader joins both, the resumed timeline replacing steps 41-60
+    resumed = RunRecorder(tmp_path / "run", full_records=20, keep_buckets=20, levels=3)
+    resumed.submit(structure(100, 40, 1, after))
+    for step in range(41, 71):
+        message = step_message(100 + step, step, after, rng)
+        resumed.submit(message)
+        sent = [(s, v) for s, v in sent if s != step]
+        sent.append((step, expected_columns(after, message.arrays["filters"])["net.conv2.0"][1][2].copy()))
+    resumed.close()
+    run = open_run(tmp_path / "run")
+    assert run.layer_names() == ["net.conv1", "net.conv2.0", "net.conv2.2", "net.conv3", "net.fc"]
+    recent = run.filter_series("net.conv2.0", "weight_norm", start=31)
+    raw = recent["count"] == 1 if "count" in recent else np.ones(len(recent["step"]), bool)
+    assert recent["step"][raw][-30:].tolist() == list(range(41, 71))
+    for step, values in zip(recent["step"][raw], recent["values"][raw]):
+        np.testing.assert_array_equal(values, dict(sent)[int(step)])
+
+
 def test_buckets_stay_exact_when_each_record_is_flushed_alone_and_ids_change_inside_a_bucket(tmp_path):
     """A record per flush (a slow run) and widenings that fall inside a 10-record bucket: every bucket still
     aggregates exactly its records, each filter id over the records that had it."""

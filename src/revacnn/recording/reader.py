@@ -145,6 +145,7 @@ class RunReader:
             raise FileNotFoundError(f"{self.path} is not a revacnn run directory (no {MARKER})")
         self._streams = {name: _Segments(self.path / name) for name in ("events", "scalars", "layers", "val")}
         self._filters: dict[tuple[str, int], _Segments] = {}
+        self._renames: tuple[tuple, dict[str, str]] | None = None
         self.info: dict[str, Any] = {}
         self.refresh()
 
@@ -169,7 +170,7 @@ class RunReader:
         """One layer's per-filter rows at one pyramid level as a pyarrow Table (list columns; ``filter_ids`` of each
         segment in its schema metadata, also added here as a list column)."""
         tables = []
-        for _, segment in self._filter_segments(layer, level):
+        for segment in self._lineage_segments(layer, level):
             ids = pa.array([segment.ids.tolist()] * segment.table.num_rows, pa.list_(pa.int64()))
             tables.append(segment.table.append_column("filter_ids", ids).replace_schema_metadata(None))
         if not tables:
@@ -198,12 +199,46 @@ class RunReader:
         return [(row["step"], row["body"]) for row in self._events("hparams")]
 
     def layer_names(self) -> list[str]:
-        """Monitored layers of the latest structure, plus any layer that has per-filter data on disk."""
-        names = []
+        """Every monitored layer of every structure under its latest name (a layer a command renamed is listed once;
+        its series are read across the rename), in forward order: a layer inserted later comes after the layer it
+        followed, a removed one stays where it was."""
+        later = {old: new for new, old in self.renames().items()}
+        names: list[str] = []
         for _, body in self.structures():
+            previous = None
             for layer in body.get("layers", []):
-                if layer["name"] not in names:
-                    names.append(layer["name"])
+                name, seen = layer["name"], set()
+                while name in later and name not in seen:
+                    seen.add(name)
+                    name = later[name]
+                if name not in names:   # a layer new in this structure goes after the one before it there
+                    names.insert(names.index(previous) + 1 if previous in names else len(names), name)
+                previous = name
+        return names
+
+    def renames(self) -> dict[str, str]:
+        """New name → previous name of every layer a done command renamed (``insert_layer`` moves ``conv2`` into a
+        Sequential as ``conv2.0``; the layer keeps its filters and their ids)."""
+        events = self._streams["events"]
+        version = tuple((path, events.cache[path][0]) for path, _ in events.read())    # (inode, size, mtime)
+        if self._renames is not None and self._renames[0] == version:   # asked per layer: parse the acks once
+            return dict(self._renames[1])
+        out = {}
+        for entry in self.steering_log():
+            result = entry.get("result") if entry.get("status") == "done" else None
+            renamed = ((result or {}).get("changes") or {}).get("renamed") if isinstance(result, dict) else None
+            for old, new in (renamed.items() if isinstance(renamed, dict) else ()):
+                if isinstance(old, str) and isinstance(new, str) and old != new:
+                    out[new] = old
+        self._renames = (version, out)
+        return dict(out)
+
+    def lineage(self, layer: str) -> list[str]:
+        """The names ``layer`` had, oldest first, ending with ``layer`` itself."""
+        renamed = self.renames()
+        names = [layer]
+        while names[0] in renamed and renamed[names[0]] not in names:
+            names.insert(0, renamed[names[0]])
         return names
 
     def steering_log(self) -> list[dict]:
@@ -247,7 +282,8 @@ class RunReader:
     def layer_series(self, field: str = "grad_weight_ratio", start: int | None = None,
                      stop: int | None = None) -> dict[str, Any]:
         """Per-layer ‖g‖₂/‖w‖₂ (the step message's ``layers`` buffer) of every per-filter step: ``{"step": [T],
-        "layers": [L names], "values": [T, L] float32}`` (NaN where a layer did not exist)."""
+        "layers": [L names], "values": [T, L] float32}`` (NaN where a layer did not exist), layers as in
+        ``layer_names``, a renamed layer's column continuing those of its earlier names."""
         if field not in ("grad_weight_ratio", "layers"):
             raise KeyError(f"unknown per-layer field {field!r} (recorded: 'grad_weight_ratio')")
         table = self.table("layers")
@@ -255,9 +291,19 @@ class RunReader:
             return {"step": np.zeros(0, np.int64), "layers": [], "values": np.zeros((0, 0), np.float32)}
         steps = table.column("step").to_numpy()
         mask = _latest_timeline(steps) & _range_mask(steps, start, stop)
-        names = [name for name in table.column_names if name not in ("step", "time")]
-        values = np.stack([_column_numpy(table.column(name)).astype(np.float32) for name in names], axis=1) \
-            if names else np.zeros((len(steps), 0), np.float32)
+        recorded = [name for name in table.column_names if name not in ("step", "time")]
+        renamed_away = set(self.renames().values())
+        names = [name for name in self.layer_names() if any(n in recorded for n in self.lineage(name))]
+        names += [name for name in recorded if name not in names and name not in renamed_away]
+        columns = []
+        for name in names:      # a renamed layer's column continues the columns of its earlier names
+            column = np.full(len(steps), np.nan, np.float32)
+            for earlier in self.lineage(name):
+                if earlier in recorded:
+                    values = _column_numpy(table.column(earlier)).astype(np.float32)
+                    column = np.where(np.isnan(values), column, values)
+            columns.append(column)
+        values = np.stack(columns, axis=1) if columns else np.zeros((len(steps), 0), np.float32)
         return {"step": steps[mask], "layers": names, "values": values[mask]}
 
     # -- per-filter series ------------------------------------------------------------------------------------
@@ -267,9 +313,13 @@ class RunReader:
             self._filters[key] = _Segments(self.path / "filters" / quote_layer(layer) / f"L{level}", _FilterSegment)
         return self._filters[key].read()
 
+    def _lineage_segments(self, layer: str, level: int) -> list[_FilterSegment]:
+        """One level's segments of a layer under each name it had, in order: a recorder writes a renamed layer on
+        under its first name, and one that resumed after the rename under the new one."""
+        return [segment for name in self.lineage(layer) for _, segment in self._filter_segments(name, level)]
+
     def _levels(self, layer: str) -> list[list[_FilterSegment]]:
-        levels = [[segment for _, segment in self._filter_segments(layer, level)]
-                  for level in range(int(self.info.get("levels") or 1))]
+        levels = [self._lineage_segments(layer, level) for level in range(int(self.info.get("levels") or 1))]
         while levels and not levels[-1]:
             levels.pop()
         return levels
@@ -284,7 +334,8 @@ class RunReader:
 
     def filter_series(self, layer, field: str, start: int | None = None, stop: int | None = None,
                       resolution: int | None = None) -> dict[str, np.ndarray]:
-        """Per-filter series of one layer (name, or index into the latest structure) for ``start <= step < stop``.
+        """Per-filter series of one layer (name, or index into the latest structure) for ``start <= step < stop``,
+        across the names a command gave it.
 
         Returns ``{"step": [T], "filter_ids": [F], "values": [T, F] float32}``; columns are filter ids in order of
         first appearance, NaN where a filter did not exist. With ``resolution=None`` every recorded row is returned at

@@ -456,6 +456,7 @@ class RunRecorder:
         self._layer_ids: dict[str, np.ndarray] = {}
         self._ids_by_revision: dict[int, dict[str, np.ndarray]] = {}
         self._series: dict[str, _LayerSeries] = {}
+        self._first_name: dict[str, str] = {}          # a layer renamed by steering -> the name its series has
         self._streams: dict[str, _Stream] = {}
         self._pending: dict[str, list] = {"events": [], "scalars": [], "layers": [], "val": []}
         self._scalar_columns: dict[str, None] = {}     # an ordered set: columns in order of appearance
@@ -637,6 +638,9 @@ class RunRecorder:
             self._pending["val"].append((body.get("step"), body.get("epoch"), message.time, message.seq,
                                          _json(body), pred, label))
             self._event(message)
+        elif kind == "ack":
+            self._follow_renames(body)
+            self._event(message)
         elif kind == "status":
             state = body.get("state")
             last_state, last_time = self._last_status
@@ -645,6 +649,17 @@ class RunRecorder:
                 self._event(message)
         else:
             self._event(message)
+
+    def _follow_renames(self, ack: dict) -> None:
+        """A layer renamed by a command (insert_layer moves ``conv2`` into a Sequential as ``conv2.0``) keeps its
+        filters and their ids: its per-filter series goes on in the directory of its first name, so the record and
+        its buckets continue across the change (readers follow the renames in the acks)."""
+        result = ack.get("result") if ack.get("status") == "done" else None
+        renamed = ((result or {}).get("changes") or {}).get("renamed") if isinstance(result, dict) else None
+        if isinstance(renamed, dict):
+            for old, new in renamed.items():
+                if isinstance(old, str) and isinstance(new, str):
+                    self._first_name[new] = self._first_name.get(old, old)
 
     def _handle_step(self, message: Message) -> None:
         body = message.body
@@ -669,13 +684,14 @@ class RunRecorder:
             else:
                 start = 0
                 for name, width in zip(names, widths):
-                    series = self._series.get(name)
+                    first = self._first_name.get(name, name)
+                    series = self._series.get(first)
                     if series is None or series.fields != fields:
                         if series is not None:
                             series.write()
                             series.close()
-                        series = self._series[name] = _LayerSeries(
-                            self.run_dir, name, fields, pa.float16() if self.float16_filters else pa.float32(),
+                        series = self._series[first] = _LayerSeries(
+                            self.run_dir, first, fields, pa.float16() if self.float16_filters else pa.float32(),
                             self.levels, self.keep)
                     series.add(step, message.time, layer_ids[name], filters[:, start:start + width].copy())
                     start += width
