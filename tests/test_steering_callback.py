@@ -222,7 +222,47 @@ def test_a_weights_only_checkpoint_of_a_steered_model_loads_offline(tmp_path):
         expected = model.eval()(images)
         assert torch.equal(load_steered(saver.best_model_path, ClassifierModule(ReVACNNNet())).eval()(images),
                            expected)
-    assert "on_save_checkpoint" not in vars(model) and "on_load_checkpoint" not in vars(model)  # put back
+    assert "on_load_checkpoint" not in vars(model)                     # put back; the save hook stays (below)
+
+
+def test_a_steered_model_saves_its_change_log_after_the_fit_and_into_the_next_one(tmp_path):
+    """Once the fit was over, the module's hooks were put back: a weights-only checkpoint saved then, or any
+    checkpoint of a second fit with a new callback, held steered shapes without the log that rebuilds them."""
+    import copy
+    import pickle
+
+    torch.manual_seed(3)
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    script = Script(callback, {3: [("widen", {"layer": "net.conv2", "count": 2})]})
+    model = ClassifierModule(ReVACNNNet(), lr=0.05)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, logger=False,
+                         callbacks=[callback, script], default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert [ack["status"] for ack in script.acks] == ["done"]
+    images = torch.randn(4, 3, 32, 32)
+    after_fit = tmp_path / "after_fit.ckpt"
+    trainer.save_checkpoint(after_fit, weights_only=True)
+    with torch.no_grad():
+        expected = model.eval()(images)
+        assert torch.equal(load_steered(after_fit, ClassifierModule(ReVACNNNet())).eval()(images), expected)
+    assert copy.deepcopy(model).net.conv2.weight.shape[0] == 22 and pickle.loads(pickle.dumps(model)) is not None
+
+    second = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)   # a new Trainer, a new callback
+    script = Script(second, {2: [("widen", {"layer": "net.conv3", "count": 1})]})
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
+                         callbacks=[second, script], default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model.train(), DigitsDataModule(batch_size=32))
+    assert [ack["status"] for ack in script.acks] == ["done"]
+    full = tmp_path / "second.ckpt"
+    trainer.save_checkpoint(full)
+    assert [entry["layer"] for entry in torch.load(full, weights_only=True)["revacnn"]["changelog"]] == \
+        ["net.conv2", "net.conv3"]
+    with torch.no_grad():
+        assert torch.equal(load_steered(full, ClassifierModule(ReVACNNNet())).eval()(images), model.eval()(images))
+    assert len(vars(model)["on_save_checkpoint"].changelog) == 2      # one hook left, not one per fit
+    assert vars(model)["on_save_checkpoint"].own_hook is None
 
 
 class DecayGroups(ClassifierModule):

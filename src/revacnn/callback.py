@@ -136,6 +136,23 @@ def _unused_run_dir(log_dir: Path) -> Path:
     return candidate
 
 
+class _SavesChangelog:
+    """Left as the ``on_save_checkpoint`` of a module that a fit steered, once the fit is over: the module's shapes
+    are no longer its class's, and a checkpoint saved later (``trainer.save_checkpoint(path, weights_only=True)``)
+    still needs the change log that rebuilds them. It then calls the module's own hook. A later fit takes the log
+    over and takes this off. Plain attributes, so the module still pickles and deep-copies."""
+
+    def __init__(self, module: nn.Module, changelog: list[dict[str, Any]], run_id: str, own_hook: Any) -> None:
+        self.module = module
+        self.changelog = changelog
+        self.run_id = run_id
+        self.own_hook = own_hook          # the module's instance-level hook, if it had one
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["revacnn"] = {"changelog": list(self.changelog), "run_id": self.run_id}
+        (self.own_hook or type(self.module).on_save_checkpoint.__get__(self.module))(checkpoint)
+
+
 class _AwaitingStep(NamedTuple):
     """A step read at its end, waiting for Lightning to finish it (its logged metrics)."""
 
@@ -343,7 +360,7 @@ class ReVACNNCallback(Callback):
 
     def _wrap_checkpoint_hooks(self, pl_module: pl.LightningModule) -> None:
         """Wrap the module's two checkpoint hooks on this instance (the user's class is untouched; ``_close`` puts
-        the instance back as it was).
+        the instance back as it was, but for a steered module's ``_SavesChangelog``).
 
         - ``on_load_checkpoint``: on resume, re-apply a steered run's structural changes before Lightning loads the
           weights (it calls this hook just before loading the state_dict; a callback's own hooks run after it, too
@@ -352,6 +369,13 @@ class ReVACNNCallback(Callback):
           ``on_save_checkpoint`` for full checkpoints only, so a ``ModelCheckpoint(save_weights_only=True)`` file
           held a steered model's weights without the log that rebuilds its shapes (``load_steered`` failed on it).
         """
+        left = pl_module.__dict__.get("on_save_checkpoint")
+        if isinstance(left, _SavesChangelog):     # an earlier fit steered this module: its changes go on from here
+            if not self.changelog:
+                self.changelog = list(left.changelog)
+            del pl_module.__dict__["on_save_checkpoint"]
+            if left.own_hook is not None:
+                pl_module.on_save_checkpoint = left.own_hook
         original_load, original_save = pl_module.on_load_checkpoint, pl_module.on_save_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
@@ -508,10 +532,14 @@ class ReVACNNCallback(Callback):
 
     def _close(self, trainer: pl.Trainer) -> None:
         """Undo what ``setup`` and ``on_train_start`` did, and send and write what is queued; idempotent."""
-        if self._patched_module is not None:
+        module = self._patched_module
+        if module is not None:
             for name in ("on_load_checkpoint", "on_save_checkpoint"):
-                self._patched_module.__dict__.pop(name, None)
-            self._patched_module.__dict__.update(self._instance_hooks)
+                module.__dict__.pop(name, None)
+            module.__dict__.update(self._instance_hooks)
+            if self.changelog:
+                module.on_save_checkpoint = _SavesChangelog(module, list(self.changelog), self.run_id,
+                                                            self._instance_hooks.get("on_save_checkpoint"))
             self._patched_module = None
         if self.probe is not None:
             self.probe.detach()
