@@ -265,6 +265,20 @@ def test_a_steered_model_saves_its_change_log_after_the_fit_and_into_the_next_on
     assert vars(model)["on_save_checkpoint"].own_hook is None
 
 
+def test_the_same_steered_instance_resumes_from_its_own_checkpoint(tmp_path):
+    """Fitting the steered module itself again from its checkpoint replayed the change log onto shapes that had
+    it already (removing filters a second time), and the weights no longer fitted."""
+    torch.manual_seed(3)
+    plan = {3: [("remove_filters", {"layer": "net.conv2", "filters": [0, 5]})]}
+    model = ClassifierModule(ReVACNNNet(), lr=0.05)
+    trainer, model, script = fit(tmp_path, plan, epochs=1, batches=6, model=model)
+    assert [ack["status"] for ack in script.acks] == ["done"]
+    path = tmp_path / "steered.ckpt"
+    trainer.save_checkpoint(path)
+    trainer, model, _ = fit(tmp_path, {}, epochs=2, batches=6, model=model, ckpt_path=path)
+    assert trainer.global_step == 12 and model.net.conv2.weight.shape[0] == 18
+
+
 class DecayGroups(ClassifierModule):
     """Weight decay by name (every ``…weight``, biases none) or by ndim (``p.ndim > 1``: conv and linear weights
     only, timm's rule), as recipes configure it."""

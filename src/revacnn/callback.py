@@ -136,6 +136,13 @@ def _unused_run_dir(log_dir: Path) -> Path:
     return candidate
 
 
+def _shaped_like(module: nn.Module, state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``module`` has exactly the entries and shapes of a saved ``state_dict``."""
+    own = module.state_dict()
+    return own.keys() == state_dict.keys() and all(
+        tuple(value.shape) == tuple(getattr(state_dict[key], "shape", ())) for key, value in own.items())
+
+
 class _SavesChangelog:
     """Left as the ``on_save_checkpoint`` of a module that a fit steered, once the fit is over: the module's shapes
     are no longer its class's, and a checkpoint saved later (``trainer.save_checkpoint(path, weights_only=True)``)
@@ -380,12 +387,13 @@ class ReVACNNCallback(Callback):
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             changelog = (checkpoint.get("revacnn") or {}).get("changelog", [])
-            if changelog:
+            if changelog and not _shaped_like(pl_module, checkpoint.get("state_dict") or {}):
                 from revacnn.steering import replay_changelog
 
                 replay_changelog(pl_module, changelog)
-                self.changelog = list(changelog)
                 rank_zero_info(f"revacnn: replayed {len(changelog)} structural change(s) before loading weights")
+            if changelog:   # (a module already steered so, e.g. the same instance fitted again, is not re-steered)
+                self.changelog = list(changelog)
             original_load(checkpoint)
 
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
