@@ -255,6 +255,18 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def _remove_while_written(path: Path) -> None:
+    """``rmtree`` of a directory a live recorder keeps adding files to: a file made between one pass's listing and
+    its ``rmdir`` fails that pass ("Directory not empty"); a later one removes it."""
+    for _ in range(50):
+        try:
+            shutil.rmtree(path)
+            return
+        except OSError:
+            time.sleep(0.02)
+    shutil.rmtree(path)
+
+
 def test_recording_disk_full_and_directory_vanishing(tmp_path, small_disk):
     full, full_dir = start_trainer(tmp_path / "full", "--max-steps", "250", "--run-dir", str(small_disk / "rec"),
                                    "--filters-every", "1", "--snapshot-every", "10")
@@ -263,7 +275,7 @@ def test_recording_disk_full_and_directory_vanishing(tmp_path, small_disk):
     with RunClient(gone_dir) as client:
         client.connect(timeout=20)
         time.sleep(1.0)
-        shutil.rmtree(gone_dir.parent)  # the recording's directory vanishes mid-run
+        _remove_while_written(gone_dir.parent)  # the recording's directory vanishes mid-run
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             message = client.recv(0.2)
