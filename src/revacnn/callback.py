@@ -137,9 +137,10 @@ def _unused_run_dir(log_dir: Path) -> Path:
 
 
 def _shaped_like(module: nn.Module, state_dict: Mapping[str, Any]) -> bool:
-    """Whether ``module`` has exactly the entries and shapes of a saved ``state_dict``."""
+    """Whether ``module`` has exactly the entries and shapes of a saved ``state_dict`` (not while it has lazy,
+    still shapeless, parameters)."""
     own = module.state_dict()
-    return own.keys() == state_dict.keys() and all(
+    return own.keys() == state_dict.keys() and not any(is_lazy(value) for value in own.values()) and all(
         tuple(value.shape) == tuple(getattr(state_dict[key], "shape", ())) for key, value in own.items())
 
 
