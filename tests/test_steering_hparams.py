@@ -89,18 +89,26 @@ def test_lambdalr_continues_from_new_value():
                                                          torch.optim.lr_scheduler.StepLR(o, 2)]),
 ])
 def test_other_schedulers_scale_with_the_change(make):
+    unchanged, halved = _halved_mid_schedule(make, "lr", after=3)
+    assert halved == pytest.approx(unchanged * 0.5, rel=1e-6)
+
+
+def _halved_mid_schedule(make, key: str, after: int) -> tuple[float, float]:
+    """``key`` of group 0 ``after`` scheduler steps past step 4, without and with a ``set_hparams`` halving it at
+    step 4 (checked to take effect at once)."""
     results = []
     for change in (False, True):
         module, opt = _opt("sgd", lr=0.1)
         sched = make(opt)
         engine = SteeringEngine(module, [opt], [sched])
         _tick(opt, sched, 4)
-        current = opt.param_groups[0]["lr"]
+        current = opt.param_groups[0][key]
         if change:
-            assert engine.apply(cmd("set_hparams", lr=current * 0.5))["ok"]
-        _tick(opt, sched, 3)
-        results.append(opt.param_groups[0]["lr"])
-    assert results[1] == pytest.approx(results[0] * 0.5, rel=1e-6)
+            assert engine.apply(cmd("set_hparams", **{key: current * 0.5}))["ok"]
+            assert opt.param_groups[0][key] == pytest.approx(current * 0.5)
+        _tick(opt, sched, after)
+        results.append(opt.param_groups[0][key])
+    return results[0], results[1]
 
 
 @pytest.mark.parametrize("make", [
@@ -109,16 +117,5 @@ def test_other_schedulers_scale_with_the_change(make):
     lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3),
 ])
 def test_cycled_momentum_scales_with_the_change(make):
-    results = []
-    for change in (False, True):
-        module, opt = _opt("sgd", lr=0.1)
-        sched = make(opt)
-        engine = SteeringEngine(module, [opt], [sched])
-        _tick(opt, sched, 4)
-        current = opt.param_groups[0]["momentum"]
-        if change:
-            assert engine.apply(cmd("set_hparams", momentum=current * 0.5))["ok"]
-            assert opt.param_groups[0]["momentum"] == pytest.approx(current * 0.5)
-        _tick(opt, sched, 2)
-        results.append(opt.param_groups[0]["momentum"])
-    assert results[0] > 0.5 and results[1] == pytest.approx(results[0] * 0.5, rel=1e-6)
+    unchanged, halved = _halved_mid_schedule(make, "momentum", after=2)
+    assert unchanged > 0.5 and halved == pytest.approx(unchanged * 0.5, rel=1e-6)

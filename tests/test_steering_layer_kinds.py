@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from steering_util import assert_optimizer_consistent, cmd, make_optimizer
+from steering_util import assert_optimizer_consistent, cmd, eval_out, make_optimizer
+from steering_util import step as train_step
 from torch import nn
 
 from revacnn.steering import SteeringEngine
@@ -86,21 +87,6 @@ def setup(kind: str, opt: str = "sgd", steps: int = 3):
     for _ in range(steps):
         train_step(module, optimizer, x, y)
     return module, optimizer, x, y, SteeringEngine(module, [optimizer], example_input=x)
-
-
-def train_step(module, optimizer, x, y) -> float:
-    module.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(module(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def eval_out(module, x):
-    module.eval()
-    with torch.no_grad():
-        return module(x)
 
 
 @pytest.mark.parametrize("kind,layer", list(GROUPS))
