@@ -170,7 +170,7 @@ class RunReader:
         """One layer's per-filter rows at one pyramid level as a pyarrow Table (list columns; ``filter_ids`` of each
         segment in its schema metadata, also added here as a list column)."""
         tables = []
-        for segment in self._lineage_segments(layer, level):
+        for segment in self._lineage_segments(self.lineage(layer), level):
             ids = pa.array([segment.ids.tolist()] * segment.table.num_rows, pa.list_(pa.int64()))
             tables.append(segment.table.append_column("filter_ids", ids).replace_schema_metadata(None))
         if not tables:
@@ -313,13 +313,18 @@ class RunReader:
             self._filters[key] = _Segments(self.path / "filters" / quote_layer(layer) / f"L{level}", _FilterSegment)
         return self._filters[key].read()
 
-    def _lineage_segments(self, layer: str, level: int) -> list[_FilterSegment]:
-        """One level's segments of a layer under each name it had, in order: a recorder writes a renamed layer on
-        under its first name, and one that resumed after the rename under the new one."""
-        return [segment for name in self.lineage(layer) for _, segment in self._filter_segments(name, level)]
+    def _lineage_segments(self, names: list[str], level: int) -> list[_FilterSegment]:
+        """One level's segments of a layer under each name it had (``lineage``), in order: a recorder writes a
+        renamed layer on under its first name, and one that resumed after the rename under the new one."""
+        return [segment for name in names for _, segment in self._filter_segments(name, level)]
 
     def _levels(self, layer: str) -> list[list[_FilterSegment]]:
-        levels = [self._lineage_segments(layer, level) for level in range(int(self.info.get("levels") or 1))]
+        """Every level's segments, read coarsest first and back to back: a bucket is written after the records it
+        holds, so the finer levels, read last, are at least as new as the coarse ones and nothing falls between
+        (read the other way round, records written in between showed up as buckets only)."""
+        names = self.lineage(layer)
+        levels = [self._lineage_segments(names, level) for level in reversed(range(int(self.info.get("levels") or 1)))]
+        levels.reverse()
         while levels and not levels[-1]:
             levels.pop()
         return levels
