@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, quote_layer, read_segment
+from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, quote_layer, read_segment, renamed_by
 
 __all__ = ["list_runs", "open_run", "RunReader"]
 
@@ -225,11 +225,7 @@ class RunReader:
             return dict(self._renames[1])
         out = {}
         for entry in self.steering_log():
-            result = entry.get("result") if entry.get("status") == "done" else None
-            renamed = ((result or {}).get("changes") or {}).get("renamed") if isinstance(result, dict) else None
-            for old, new in (renamed.items() if isinstance(renamed, dict) else ()):
-                if isinstance(old, str) and isinstance(new, str) and old != new:
-                    out[new] = old
+            out.update({new: old for old, new in renamed_by(entry).items()})
         self._renames = (version, out)
         return dict(out)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..protocol import FILTER_FIELDS, Message
-from .format import COMMIT_COLUMN, COMMIT_MAGIC, FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, segment_name
+from .format import COMMIT_COLUMN, COMMIT_MAGIC, FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, renamed_by, segment_name
 
 log = logging.getLogger(__name__)
 
@@ -654,12 +654,8 @@ class RunRecorder:
         """A layer renamed by a command (insert_layer moves ``conv2`` into a Sequential as ``conv2.0``) keeps its
         filters and their ids: its per-filter series goes on in the directory of its first name, so the record and
         its buckets continue across the change (readers follow the renames in the acks)."""
-        result = ack.get("result") if ack.get("status") == "done" else None
-        renamed = ((result or {}).get("changes") or {}).get("renamed") if isinstance(result, dict) else None
-        if isinstance(renamed, dict):
-            for old, new in renamed.items():
-                if isinstance(old, str) and isinstance(new, str):
-                    self._first_name[new] = self._first_name.get(old, old)
+        for old, new in renamed_by(ack).items():
+            self._first_name[new] = self._first_name.get(old, old)
 
     def _handle_step(self, message: Message) -> None:
         body = message.body
