@@ -304,9 +304,9 @@ def median_interval(values: list[float], resamples: int = 5000, seed: int = 0) -
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
-def run_windows(make_callbacks, args, data, root: str, pairs: int) -> AlternatingWindows:
+def run_windows(make_callbacks, args, data, root: str, pairs: int, sync_debug: bool) -> AlternatingWindows:
     """One fit: the warm-up window, then ``pairs`` on windows, each between two off windows."""
-    windows = AlternatingWindows(make_callbacks(), args.window, args.settle, args.sync_debug)
+    windows = AlternatingWindows(make_callbacks(), args.window, args.settle, sync_debug)
     _trainer(args, root, args.window * (2 * pairs + 2), [windows]).fit(_model(args), data)
     return windows
 
@@ -327,14 +327,18 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sync-debug", action="store_true",
-                        help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end "
-                             "(GPU only)")
+                        help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end of "
+                             "each revacnn fit, on and off windows alike (GPU only): any host sync fails the run")
     parser.add_argument("--breakdown", action="store_true",
                         help="then time each part of the callback per step (hooks, forward hooks, threads)")
     parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE…]",
                         help="one more revacnn configuration with these ReVACNNCallback arguments (integers), e.g. "
                              "--also filters_every=20,snapshot_every=200 to price a cadence; repeatable")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    if args.sync_debug and args.device != "cuda":
+        parser.error("--sync-debug needs --device cuda")
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, got {args.pairs}")
     revacnn_configs = dict(REVACNN_CONFIGS)
@@ -351,7 +355,9 @@ def main(argv=None) -> None:
         for name, make_callbacks in configurations(root, revacnn_configs).items():
             pairs = args.pairs if name.startswith("revacnn") else max(5, args.pairs // 4)
             started = time.perf_counter()
-            windows = run_windows(make_callbacks, args, data, root, pairs)
+            # TensorBoard's histograms read every tensor back to the host, so only revacnn is held to no syncs
+            sync_debug = args.sync_debug and name.startswith("revacnn")
+            windows = run_windows(make_callbacks, args, data, root, pairs, sync_debug)
             ratios = windows.ratios()
             low, high = median_interval(ratios)
             half = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
@@ -361,8 +367,11 @@ def main(argv=None) -> None:
                         f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} |")
             print(f"{name}: {len(ratios)} windows in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
-    print(f"\n{args.model} on {args.device}, batch {args.batch_size}, windows of {args.window} steps "
-          f"({args.settle} untimed), torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"\n{args.model} on {args.device} ({device}), batch {args.batch_size}, windows of {args.window} steps "
+          f"({args.settle} untimed), torch {torch.__version__}"
+          f"{'; sync debug mode error in the revacnn fits, from the first timed window on' if args.sync_debug else ''}"
+          "\n")
     print("| configuration | ratio: median of on ÷ neighbouring off windows | 95 % CI of the median | "
           "mean ± 95 % | steps/s off / on (medians) | on windows | idle threads' CPU in off windows, ms/step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -79,14 +79,16 @@ def test_unknown_strategy_is_refused():
 
 
 @pytest.mark.parametrize("size", [1, 7, 1200, 10_000])
-def test_tensor_stats_on_cpu_equal_torch_quantile_and_independent_values(size):
-    from revacnn.probes import tensor_stats
+@pytest.mark.parametrize("path", ["numpy (CPU)", "torch (other devices, run here on the CPU)"])
+def test_tensor_stats_equal_torch_quantile_and_independent_values(size, path):
+    from revacnn.probes import tensor_stats, torch_stats
     from revacnn.protocol import STAT_FIELDS
 
     torch.manual_seed(size)
     tensor = torch.randn(size) * 3
     tensor[::5] = 0.0
-    stats = dict(zip(STAT_FIELDS, tensor_stats(tensor.reshape(-1, 1)).tolist()))
+    stats_of = tensor_stats if path.startswith("numpy") else lambda t: torch_stats(t.reshape(-1), t.reshape(-1))
+    stats = dict(zip(STAT_FIELDS, stats_of(tensor.reshape(-1, 1)).tolist()))
     quartiles = torch.quantile(tensor, torch.tensor([0.25, 0.5, 0.75])).tolist()
     values = tensor.double().numpy()
     want = {"min": values.min(), "max": values.max(), "mean": values.mean(), "median": quartiles[1],

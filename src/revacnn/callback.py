@@ -301,6 +301,7 @@ class ReVACNNCallback(Callback):
         self.paused = False
         self._state = "starting"
         self._probe_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._probe_labels: list[int] = []
         self._probe_error: str | None = None
         self._val_subset: tuple[torch.Tensor, np.ndarray] | None = None   # images (host), their classes
         self._val_error: str | None = None
@@ -514,6 +515,8 @@ class ReVACNNCallback(Callback):
         if self.probe_images:
             self._probe_batch = (all_images[: self.probe_images].to(device),
                                  None if all_labels is None else all_labels[: self.probe_images].to(device))
+            # Read here, from host memory: a snapshot reading them off the device would sync.
+            self._probe_labels = [] if all_labels is None else all_labels[: self.probe_images].tolist()
         if self.val_subset and all_labels is not None:
             # Each validation moves them over in chunks (pinned: the copies are asynchronous).
             kept = all_images[: self.val_subset]
@@ -844,7 +847,7 @@ class ReVACNNCallback(Callback):
             copy.add(f"act/{name}", activations[name])
             copy.add(f"actgrad/{name}", activation_grads.get(name, torch.zeros_like(activations[name])))
         copy.add("probe_images", images)
-        body["probe_labels"] = [] if labels is None else labels.tolist()
+        body["probe_labels"] = self._probe_labels
         if skipped:
             body["probe_skipped"] = skipped
 

@@ -196,11 +196,11 @@ class FilterProbe:
             terms[3].square_()
         else:
             terms[3].zero_()
-        sums = torch.segment_reduce(terms, "sum", lengths=segments.row_lengths_4, axis=1)
+        # unsafe: the lengths are ours and valid; the checks it skips read them back to the host (a sync per call)
+        sums = torch.segment_reduce(terms, "sum", lengths=segments.row_lengths_4, axis=1, unsafe=True)
         if any(frozen):  # no gradient (frozen): report zeros, not the weight values used as a placeholder
-            mask = torch.repeat_interleave(torch.tensor([not f for f in frozen], device=device, dtype=torch.float32),
-                                           segments.layer_counts)
-            sums[:2] *= mask
+            sums[:2] *= to_device(np.repeat([0.0 if f else 1.0 for f in frozen], segments.layer_rows)
+                                  .astype(np.float32), device)
         grad_abs, grad_sq, weight_sq, change = sums
         weight_norm = weight_sq.sqrt()
         update = change.sqrt() / previous[1].clamp_min(1e-12) if previous is not None else torch.zeros_like(change)
@@ -208,7 +208,7 @@ class FilterProbe:
                                 for values, rows in zip(activations, segments.layer_rows)])
         filters = torch.stack([grad_abs / segments.row_lengths_float, grad_sq / segments.row_lengths_float,
                                weight_norm, update, activation])
-        per_layer = torch.segment_reduce(sums[1:3], "sum", lengths=segments.layer_counts_2, axis=1)
+        per_layer = torch.segment_reduce(sums[1:3], "sum", lengths=segments.layer_counts_2, axis=1, unsafe=True)
         return filters, (per_layer[0] / per_layer[1].clamp_min(1e-24)).sqrt(), weight_norm
 
     @staticmethod
@@ -271,16 +271,23 @@ class _Segments(NamedTuple):
     @classmethod
     def of(cls, shapes: Sequence[tuple[int, ...]], device: torch.device) -> "_Segments":
         rows = [math.prod(shape[1:]) for shape in shapes]
-        row_lengths = torch.tensor([row for row, shape in zip(rows, shapes) for _ in range(shape[0])],
-                                   device=device)
-        layer_counts = torch.tensor([shape[0] for shape in shapes], device=device)
         lengths = np.array([row for row, shape in zip(rows, shapes) for _ in range(shape[0])], np.int64)
         counts = np.array([shape[0] for shape in shapes], np.int64)
+        row_lengths, layer_counts = to_device(lengths, device), to_device(counts, device)
         return cls([math.prod(shape) for shape in shapes], [shape[0] for shape in shapes], layer_counts,
                    layer_counts.expand(2, -1).contiguous(), row_lengths.float(), row_lengths.expand(4, -1).contiguous(),
                    np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths.astype(np.float64),
                    np.concatenate([[0], np.cumsum(counts)[:-1]]), bool(lengths.size and lengths.min() > 0
                                                                        and counts.min() > 0))
+
+
+def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of ``values`` on ``device``, uploaded without waiting for the device: on CUDA through pinned memory,
+    asynchronously (a plain ``torch.tensor(..., device=...)`` is a blocking copy, i.e. a host sync)."""
+    host = torch.from_numpy(np.array(values, copy=True))
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def tensor_stats(tensor: torch.Tensor) -> torch.Tensor:
@@ -289,7 +296,8 @@ def tensor_stats(tensor: torch.Tensor) -> torch.Tensor:
     Quartiles interpolate linearly (``torch.quantile``'s default); tensors over 2**24 elements take them from a fixed
     stride sample. On CPU the statistics are computed in numpy over the same memory, its per-call cost being a
     fraction of torch's: ``np.sort`` (vectorised) then three reads, 4–7× faster than ``np.partition`` at the six
-    indices the quartiles need, and than ``torch.quantile``.
+    indices the quartiles need, and than ``torch.quantile``. On other devices they are computed there, with no
+    value read back (``torch_stats``).
     """
     flat = tensor.detach().reshape(-1).float()
     if flat.numel() == 0:
@@ -305,8 +313,24 @@ def tensor_stats(tensor: torch.Tensor) -> torch.Tensor:
             values.min(), values.max(), mean, quartiles[1], quartiles[0], quartiles[2],
             np.sqrt(np.dot(centred, centred) / wide.size), np.abs(wide).sum(), np.sqrt(np.dot(wide, wide)),
             np.count_nonzero(values), values.size], np.float32))
-    quartiles = torch.quantile(sample, torch.tensor([0.25, 0.5, 0.75], device=flat.device))
-    count = torch.tensor(float(flat.numel()), device=flat.device)
+    return torch_stats(flat, sample)
+
+
+def torch_stats(flat: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """``tensor_stats`` of a non-empty flat float tensor in torch, on its device, with quartiles from ``sample``.
+
+    Nothing is read back to the host: the quartiles come from one sort and reads at indices known from the size
+    (``torch.quantile`` with a tensor of quantiles on a GPU reads them back to check their range), and the count is
+    filled on the device (not uploaded)."""
+    ordered = torch.sort(sample).values
+    last = ordered.numel() - 1
+    quartiles = []
+    for q in (0.25, 0.5, 0.75):
+        position = q * last
+        low = math.floor(position)
+        high = min(low + 1, last)
+        quartiles.append(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+    count = torch.full((), float(flat.numel()), device=flat.device)
     return torch.stack([
         flat.min(), flat.max(), flat.mean(), quartiles[1], quartiles[0], quartiles[2],
         flat.std(correction=0), flat.abs().sum(), torch.linalg.vector_norm(flat), (flat != 0).sum().float(), count,

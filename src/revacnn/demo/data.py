@@ -37,8 +37,10 @@ class DigitsDataModule(pl.LightningDataModule):
     """sklearn's digits as a 10-class image task: a fixed, seeded split into 1,497 train and 300 validation images."""
 
     def __init__(self, batch_size: int = 32, image_size: int = 32, channels: int = 3, val_size: int = 300,
-                 seed: int = 0, num_workers: int = 0) -> None:
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool | None = None) -> None:
         super().__init__()
+        # Pinned batches make the host→GPU copy asynchronous; the default pins them when there is a GPU.
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.batch_size = batch_size
         self.image_size = image_size
         self.channels = channels
@@ -59,10 +61,10 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
 
 def load_cifar10_folder(folder: str | Path, train: bool = True, limit: int | None = None
@@ -106,12 +108,13 @@ class CIFAR10Folder(pl.LightningDataModule):
     """CIFAR-10 from a local ``cifar-10-batches-bin`` folder (nothing is downloaded)."""
 
     def __init__(self, folder: str | Path, batch_size: int = 64, train_limit: int | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, pin_memory: bool | None = None) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.batch_size = batch_size
         self.train_limit = train_limit
         self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -122,7 +125,7 @@ class CIFAR10Folder(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers, pin_memory=self.pin_memory)
