@@ -16,13 +16,19 @@ def small_net() -> nn.Module:
                          nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # the GPU run of benchmarks/RESULTS.md
+
+
+def host(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy().astype(np.float64)
+
+
 def expected(net: nn.Module, before: dict[str, np.ndarray] | None, activations: dict[str, np.ndarray]):
     """Per filter, from the module's own tensors: mean |g|, mean g², ‖w‖, ‖w − w_prev‖/‖w_prev‖, mean |a|."""
     columns, ratios = [], []
     for name, module in discover_layers(net):
-        w = module.weight.detach().numpy().reshape(module.weight.shape[0], -1).astype(np.float64)
-        g = (np.zeros_like(w) if module.weight.grad is None
-             else module.weight.grad.numpy().reshape(w.shape).astype(np.float64))
+        w = host(module.weight).reshape(module.weight.shape[0], -1)
+        g = np.zeros_like(w) if module.weight.grad is None else host(module.weight.grad).reshape(w.shape)
         update = (np.zeros(len(w)) if before is None
                   else np.linalg.norm(w - before[name], axis=1) / np.linalg.norm(before[name], axis=1))
         columns.append(np.stack([np.abs(g).mean(1), (g ** 2).mean(1), np.linalg.norm(w, axis=1), update,
@@ -31,46 +37,81 @@ def expected(net: nn.Module, before: dict[str, np.ndarray] | None, activations: 
     return np.concatenate(columns, axis=1), np.array(ratios)
 
 
-def step(net, probe, optimizer, images):
-    """Arm, forward (recording |activation| independently), backward, measure; then an optimizer step."""
+def step(net, probe, optimizer, batches):
+    """Arm, forward and backward each batch (an accumulated gradient), recording each forward's mean |activation|
+    per channel independently, and measure; then an optimizer step. The expected activation of a filter is the mean
+    of its means over the batches."""
     seen = {}
-    handles = [module.register_forward_hook(
-        lambda m, i, o, name=name: seen.__setitem__(name, o.detach().abs().numpy().astype(np.float64)
-                                                    .swapaxes(0, 1).reshape(o.shape[1], -1).mean(1)
-                                                    if o.dim() == 4 else o.detach().abs().numpy().mean(0)))
-        for name, module in discover_layers(net)]
+
+    def record(name, output):
+        values = np.abs(host(output))
+        means = values.swapaxes(0, 1).reshape(output.shape[1], -1).mean(1) if output.dim() == 4 else values.mean(0)
+        seen.setdefault(name, []).append(means)
+
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: record(name, o))
+               for name, module in discover_layers(net)]
     probe.arm()
     optimizer.zero_grad()
-    net(images).square().mean().backward()
+    for images in batches:
+        net(images).square().mean().backward()
     for handle in handles:
         handle.remove()
     filters, layer_ratio = probe.measure()
-    return filters.numpy(), layer_ratio.numpy(), seen
+    return host(filters), host(layer_ratio), {name: np.mean(means, axis=0) for name, means in seen.items()}
 
 
-@pytest.mark.parametrize("strategy", [None, "numpy", "segments"])
-def test_per_filter_fields_equal_independent_values_over_steps_and_with_a_frozen_layer(strategy):
-    net = small_net()
+@pytest.mark.parametrize("device,strategy", [("cpu", None), ("cpu", "numpy"), ("cpu", "segments"),
+                                             *((device, None) for device in DEVICES[1:])])
+def test_per_filter_fields_equal_independent_values_over_steps_and_with_a_frozen_layer(device, strategy):
+    net = small_net().to(device)
     layers = discover_layers(net)
     probe = FilterProbe(layers, strategy=strategy)
     probe.attach()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
-    images = torch.randn(4, 3, 8, 8)
+    images = torch.randn(4, 3, 8, 8, device=device)
     before = None
-    for index in range(3):
+    for index in range(4):
         if index == 2:  # freeze the middle conv: no gradient, reported as zeros
             net[2].weight.requires_grad_(False)
             net[2].weight.grad = None
-        filters, layer_ratio, activations = step(net, probe, optimizer, images)
+        # the last step accumulates two batches of different sizes
+        batches = [images] if index < 3 else [images, images[:2] * 3]
+        filters, layer_ratio, activations = step(net, probe, optimizer, batches)
         want, want_ratio = expected(net, before, activations)
         np.testing.assert_allclose(filters, want, rtol=2e-5, atol=1e-7)
         np.testing.assert_allclose(layer_ratio, want_ratio, rtol=2e-5, atol=1e-7)
-        if index == 2:
+        if index >= 2:
             assert not filters[:2, 6:10].any() and filters[2, 6:10].all()
-        before = {name: module.weight.detach().numpy().reshape(module.weight.shape[0], -1).astype(np.float64)
-                  for name, module in layers}
+        before = {name: host(module.weight).reshape(module.weight.shape[0], -1) for name, module in layers}
         optimizer.step()
         assert filters.shape == (5, 6 + 4 + 5)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("count", [1, 3])
+def test_flatten_copies_the_tensors_one_after_the_other(count, contiguous):
+    from revacnn.probes import flatten
+
+    tensors = [torch.randn(4, 3, 2) if contiguous else torch.randn(4, 3, 2).transpose(0, 2) for _ in range(count)]
+    flat = flatten(tensors)
+    assert torch.equal(flat, torch.cat([tensor.contiguous().view(-1) for tensor in tensors]))
+    tensors[0].fill_(7.0)  # the result is a copy: the measured weights are kept to compare with the next ones
+    assert not torch.any(flat == 7.0)
+
+
+def test_a_single_monitored_layer_reports_its_update_ratio():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    probe = FilterProbe([("fc", layer)], strategy="segments")
+    layer(torch.randn(5, 6)).sum().backward()
+    probe.measure()
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.1)
+    filters, _ = probe.measure()
+    want = (layer.weight.detach() - before).norm(dim=1) / before.norm(dim=1)
+    assert torch.allclose(filters[3], want, rtol=1e-5)
+    assert filters[3].min() > 0
 
 
 def test_unknown_strategy_is_refused():

@@ -73,3 +73,17 @@ def test_a_step_without_a_loss_has_loss_none():
     batch.add(_row(1), [("acc", 1.0)], now=0.0)
     (row,), = [m.body["rows"] for m in (pending.resolve() for pending in published)]
     assert row["loss"] is None and row["metrics"] == {"acc": 1.0}
+
+
+def test_device_values_are_stacked_once_per_step_as_float32_copies():
+    """Values on an accelerator are stacked by ``stack_on_device`` (run here on CPU tensors): one float32 vector
+    whatever their dtypes and single-element shapes, copied, so a value updated in place later keeps its step's."""
+    from revacnn.scalars import stack_on_device
+
+    running = torch.tensor([0.25])  # a [1]-shaped buffer a module logs and updates in place
+    values = [torch.tensor(1.5, dtype=torch.float16), running, torch.tensor(3, dtype=torch.int64),
+              torch.tensor(2.0, dtype=torch.float64, requires_grad=True) * 2]
+    stacked = stack_on_device(values)
+    running += 1.0
+    assert stacked.dtype == torch.float32 and not stacked.requires_grad
+    assert stacked.tolist() == [1.5, 0.25, 3.0, 4.0]

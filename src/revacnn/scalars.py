@@ -21,14 +21,15 @@ from revacnn.transfer import HostCopy, PendingMessage
 
 
 def pack_scalars(values: Iterable[tuple[Hashable, Any]]
-                 ) -> tuple[list[Hashable], torch.Tensor | None, list[Hashable], list[float]]:
+                 ) -> tuple[list[Hashable], list[torch.Tensor], list[Hashable], list[float]]:
     """Split single-element values into device ones and host ones: ``(device names, device values, host names,
     host values)``. ``scalar_values`` reads them back from device names followed by host names.
 
     A tensor on the CPU is read where it is (host memory: ``item()`` neither copies nor waits for a
-    device); tensors on an accelerator are stacked there into one float32 tensor, which rides the message's single
-    host copy; values on several accelerators meet on the first one's. Host values never go to the device: a
-    blocking upload would sync. Other values (not single numbers) are left out.
+    device); tensors on an accelerator are kept as they are, to be stacked there (``stack_on_device``) into the
+    message's single host copy. Host values never go to the device: a blocking upload would sync. Other values (not
+    single numbers) are left out. No torch operation runs here: on a GPU each one is a launch's worth of CPU time,
+    and a ``steps`` message stacks the values of all its rows at once.
     """
     names, on_device, host_names, on_host = [], [], [], []
     for name, value in values:
@@ -40,23 +41,31 @@ def pack_scalars(values: Iterable[tuple[Hashable, Any]]
                 on_host.append(value.item())
             else:
                 names.append(name)
-                on_device.append(value.detach().reshape(()))
+                on_device.append(value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             host_names.append(name)
             on_host.append(float(value))
-    stacked = None
-    if on_device:
-        device = on_device[0].device
-        stacked = torch.stack([value.to(device=device, dtype=torch.float32) for value in on_device])
-    return names, stacked, host_names, on_host
+    return names, on_device, host_names, on_host
+
+
+@torch.no_grad()
+def stack_on_device(values: list[torch.Tensor]) -> torch.Tensor:
+    """Single-element device tensors as one float32 vector: one stack on the first one's device (others are moved
+    there, as values on several accelerators are), so a single launch on a GPU. Mixed dtypes meet by type
+    promotion, then float32. The stack is a copy: a value updated in place later does not change it."""
+    device = values[0].device
+    flat = [value.reshape(()) if value.dim() else value for value in values]
+    if any(value.device != device for value in flat):
+        flat = [value.to(device) for value in flat]
+    return torch.stack(flat).float()
 
 
 def add_scalars(copy: HostCopy, values: Iterable[tuple[Hashable, Any]]) -> list[Hashable]:
     """Put the single-element values into ``copy`` (arrays ``scalars`` and ``host_scalars``); returns their names
     in the order ``scalar_values`` reads them back."""
     device_names, on_device, host_names, on_host = pack_scalars(values)
-    if on_device is not None:
-        copy.add("scalars", on_device)
+    if on_device:
+        copy.add("scalars", stack_on_device(on_device))
     if on_host:
         copy.add("host_scalars", np.array(on_host, np.float32))
     return device_names + host_names
@@ -92,7 +101,9 @@ class StepBatch:
     def add(self, row: dict[str, Any], values: Iterable[tuple[str, Any]], now: float) -> None:
         """One step: ``row`` holds its plain fields, ``values`` its scalars (loss and metrics); ``now`` is
         ``time.perf_counter()``. Publishes the batch when it is due."""
-        self._rows.append((row, *pack_scalars(values)))
+        # Stacked now, not at the flush: the stack copies the values as they are at this step.
+        device_names, on_device, host_names, on_host = pack_scalars(values)
+        self._rows.append((row, device_names, stack_on_device(on_device) if on_device else None, host_names, on_host))
         if len(self._rows) >= self.max_rows or now - self._last_flush >= self.interval:
             self.flush(now)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from revacnn.probes import flatten
 from revacnn.protocol import Message
 
 
@@ -65,7 +66,8 @@ class HostCopy:
             return PendingArrays(None, [], None, self._on_host)
         device = self._parts[0][1].device
         layout = [(name, tuple(tensor.shape), tensor.numel()) for name, tensor in self._parts]
-        flat = torch.cat([tensor.reshape(-1).to(device=device, dtype=torch.float32) for _, tensor in self._parts])
+        tensors = [tensor if tensor.device == device else tensor.to(device) for _, tensor in self._parts]
+        flat = flatten(tensors).float()
         if flat.device.type == "cuda":
             host = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=True)
             host.copy_(flat, non_blocking=True)
