@@ -119,7 +119,7 @@ class AlternatingWindows(pl.Callback):
     PER_BATCH = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                  "on_before_zero_grad", "on_train_batch_end")
     LIFECYCLE = ("setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_epoch_start",
-                 "on_train_epoch_end", "on_validation_start", "on_validation_end", "on_exception")
+                 "on_train_epoch_end", "on_validation_start", "on_validation_end")
 
     def __init__(self, callbacks: list[pl.Callback], window: int, settle: int, sync_debug: bool = False) -> None:
         if not 0 <= settle < window:
@@ -180,6 +180,12 @@ class AlternatingWindows(pl.Callback):
             for callback in self.callbacks:
                 callback.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
+    def on_exception(self, trainer, pl_module, exception):
+        if self.sync_debug:  # Lightning's tear-down after an error moves the optimizer's state to the CPU
+            torch.cuda.set_sync_debug_mode(0)
+        for callback in self.callbacks:
+            callback.on_exception(trainer, pl_module, exception)
+
     def on_train_end(self, trainer, pl_module):
         _drain_device()
         self._close_step(time.perf_counter(), trainer.global_step)
@@ -215,9 +221,9 @@ class Breakdown(StepTimer):
         self.threads_after: dict[str, float] = {}
         for hook in self.HOOKS:
             setattr(callback, hook, self._timed(hook, getattr(callback, hook)))
-        original = channel_abs_mean = probes.channel_abs_mean
-        self._restore = lambda: setattr(probes, "channel_abs_mean", original)
-        probes.channel_abs_mean = self._timed("forward hooks (mean abs activation per channel)", channel_abs_mean)
+        original = probes.channel_abs_sum
+        self._restore = lambda: setattr(probes, "channel_abs_sum", original)
+        probes.channel_abs_sum = self._timed("forward hooks (|activation| per channel)", original)
 
     def _timed(self, name, function):
         def timed(*args, **kwargs):
@@ -287,7 +293,7 @@ def breakdown(args, data, root: str, revacnn_configs: dict[str, dict]) -> None:
 
 def _model(args) -> ClassifierModule:
     torch.manual_seed(0)
-    return ClassifierModule(SmallResNet((32, 64, 128)) if args.model == "resnet" else ReVACNNNet(), lr=0.02)
+    return ClassifierModule(SmallResNet(args.widths) if args.model == "resnet" else ReVACNNNet(), lr=0.02)
 
 
 def _trainer(args, root: str, max_steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
@@ -315,7 +321,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=60,
                         help="on windows per configuration, each between two off windows (default 60; the "
-                             "TensorBoard comparison, far from 1, gets a quarter)")
+                             "TensorBoard comparison, far from 1, gets a quarter: --tensorboard-pairs)")
     parser.add_argument("--window", type=int, default=130,
                         help="steps per window (default 130: not a multiple of 100, so snapshots fall at every "
                              "phase of the windows in turn)")
@@ -325,7 +331,16 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps before a --breakdown run's (default 20)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet"))
+    parser.add_argument("--widths", default="32,64,128",
+                        help="--model resnet: channels of its stages, two basic blocks each (default 32,64,128; "
+                             "64,128,256,512 is ResNet-18's shape)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="side of the (upsampled) digits images (default 32; larger images make a GPU's step "
+                             "its own work rather than Python's)")
+    parser.add_argument("--tensorboard-pairs", type=int, default=None,
+                        help="on windows of the TensorBoard comparison (default a quarter of --pairs, at least 5; "
+                             "0 leaves it out)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end of "
                              "each revacnn fit, on and off windows alike (GPU only): any host sync fails the run")
@@ -341,6 +356,12 @@ def main(argv=None) -> None:
         parser.error("--sync-debug needs --device cuda")
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, got {args.pairs}")
+    try:
+        args.widths = tuple(int(width) for width in args.widths.split(","))
+    except ValueError:
+        parser.error(f"--widths takes channel counts separated by commas, e.g. 64,128,256,512, got {args.widths!r}")
+    if args.tensorboard_pairs is None:
+        args.tensorboard_pairs = max(5, args.pairs // 4)
     revacnn_configs = dict(REVACNN_CONFIGS)
     for spec in args.also:
         try:
@@ -348,12 +369,22 @@ def main(argv=None) -> None:
         except ValueError:
             parser.error(f"--also takes KEY=VALUE pairs with integer values, separated by commas, got {spec!r}")
         revacnn_configs["revacnn " + ", ".join(f"{key} {value}" for key, value in kwargs.items())] = kwargs
-    data = DigitsDataModule(batch_size=args.batch_size)
+    data = DigitsDataModule(batch_size=args.batch_size, image_size=args.image_size)
     data.setup()
-    rows = []
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    model = f"resnet {'-'.join(map(str, args.widths))}" if args.model == "resnet" else args.model
+    print(f"\n{model} on {args.device} ({device}), batch {args.batch_size} of {args.image_size}×{args.image_size}, "
+          f"windows of {args.window} steps ({args.settle} untimed), torch {torch.__version__}"
+          f"{'; sync debug mode error in the revacnn fits, from the first timed window on' if args.sync_debug else ''}"
+          "\n")
+    print("| configuration | ratio: median of on ÷ neighbouring off windows | 95 % CI of the median | "
+          "mean ± 95 % | steps/s off / on (medians) | on windows | idle threads' CPU in off windows, ms/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     with tempfile.TemporaryDirectory() as root:
         for name, make_callbacks in configurations(root, revacnn_configs).items():
-            pairs = args.pairs if name.startswith("revacnn") else max(5, args.pairs // 4)
+            pairs = args.pairs if name.startswith("revacnn") else args.tensorboard_pairs
+            if not pairs:
+                continue
             started = time.perf_counter()
             # TensorBoard's histograms read every tensor back to the host, so only revacnn is held to no syncs
             sync_debug = args.sync_debug and name.startswith("revacnn")
@@ -362,20 +393,12 @@ def main(argv=None) -> None:
             low, high = median_interval(ratios)
             half = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
             idle = 1000.0 * windows.idle_thread_s / max(1, windows.idle_steps)
-            rows.append(f"| {name} | {statistics.median(ratios):.3f} | {low:.3f}–{high:.3f} | "
-                        f"{statistics.mean(ratios):.3f} ± {half:.3f} | {windows.rate(False):.1f} / "
-                        f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} |")
+            # each row as soon as it is measured: a run cut short keeps the rows it finished
+            print(f"| {name} | {statistics.median(ratios):.3f} | {low:.3f}–{high:.3f} | "
+                  f"{statistics.mean(ratios):.3f} ± {half:.3f} | {windows.rate(False):.1f} / "
+                  f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} |", flush=True)
             print(f"{name}: {len(ratios)} windows in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"\n{args.model} on {args.device} ({device}), batch {args.batch_size}, windows of {args.window} steps "
-          f"({args.settle} untimed), torch {torch.__version__}"
-          f"{'; sync debug mode error in the revacnn fits, from the first timed window on' if args.sync_debug else ''}"
-          "\n")
-    print("| configuration | ratio: median of on ÷ neighbouring off windows | 95 % CI of the median | "
-          "mean ± 95 % | steps/s off / on (medians) | on windows | idle threads' CPU in off windows, ms/step |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
     if args.breakdown:
         with tempfile.TemporaryDirectory() as root:
             breakdown(args, data, root, revacnn_configs)
