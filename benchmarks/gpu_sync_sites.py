@@ -121,6 +121,16 @@ def main(argv=None) -> int:
     sites = SyncSites(phase)
     warnings.showwarning = sites.showwarning
     warnings.simplefilter("always")
+    # A sync that must be seen: without it a run that captures nothing would pass as one that found nothing.
+    torch.cuda.set_sync_debug_mode("warn")
+    torch.ones(1, device="cuda").item()
+    torch.cuda.set_sync_debug_mode(0)
+    if not sites.count:
+        print("FAIL: a planted .item() raised no sync-debug warning that this script saw; it cannot find syncs here "
+              f"(warnings.showwarning is {warnings.showwarning!r}, filters {warnings.filters[:3]})")
+        return 2
+    sites.count.clear()
+    sites.stacks.clear()
     with tempfile.TemporaryDirectory() as root:
         for model_name in args.model or ["revacnn", "resnet"]:
             torch.cuda.set_sync_debug_mode("warn")
