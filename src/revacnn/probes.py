@@ -71,7 +71,7 @@ def channel_abs_sum(output: torch.Tensor, channels_first: bool) -> tuple[torch.T
 
     Off the CPU this is one kernel that reads the activation once (an L1 norm per channel); ``abs().mean()`` would
     write and read an |activation| tensor as large as the activation (three times the memory traffic, two launches),
-    which on a GPU is most of what the per-filter data costs a large model. On the CPU the two-pass form is the
+    which on a GPU is the larger part of what per-filter data costs a large model (benchmarks/RESULTS.md, GPU). On the CPU the two-pass form is the
     faster one (the L1 norm over non-contiguous dims is 1.5–2.5× slower there).
     """
     output = output.detach()
@@ -112,7 +112,7 @@ class FilterProbe:
         # call's count of values per channel; that count; the number of calls. The mean of the calls' means is
         # Σ / (count · calls), divided out once for every layer in ``measure``.
         self._activations: dict[str, list] = {}
-        self._divisor_cache: tuple | None = None
+        self._per_filter_cache: dict[tuple, torch.Tensor] = {}
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # flat weights and their row norms
         self._held: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # weight, grad as their optimizer stepped
         self._segment_cache: tuple | None = None
@@ -189,29 +189,37 @@ class FilterProbe:
         grads = flatten([grad for _, grad in by_filter]).float()
         segments = self._segments([weight.shape for weight, _ in by_filter], weights.device)
         previous = self._previous if self._previous is not None and self._previous[0].shape == weights.shape else None
+        # no gradient (frozen): its gradient fields are reported as zeros, not the weight values used as a placeholder
         frozen = [grad is None for _, grad in pairs]
+        grad_mask = self._per_filter([0.0 if f else 1.0 for f in frozen], segments, weights.device) \
+            if any(frozen) else None
         entries = [self._activations.get(name) for name, _ in self.layers]
         activations = [None if entry is None else entry[0] for entry in entries]
-        divisor = self._divisor([1 if entry is None else max(entry[1] * entry[2], 1) for entry in entries],
-                                segments, weights.device)
+        divisor = self._per_filter([1 if entry is None else max(entry[1] * entry[2], 1) for entry in entries],
+                                   segments, weights.device)
         self._activations = {}
         numpy_possible = weights.device.type == "cpu" and segments.all_nonempty
         reduce = self._reduce_numpy if numpy_possible and self.strategy != "segments" else self._reduce_segments
-        filters, layer_ratio, weight_norm = reduce(weights, grads, previous, frozen, activations, divisor, segments)
+        filters, layer_ratio, weight_norm = reduce(weights, grads, previous, grad_mask, activations, divisor, segments)
         self._previous = (weights, weight_norm)  # ``weights`` is a fresh concatenation: nothing else writes to it
         return filters, layer_ratio
 
-    def _divisor(self, per_layer: list[int], segments: "_Segments", device: torch.device) -> torch.Tensor:
-        """Per filter, what its layer's activation sum is divided by; on ``device``, made once per value (a batch
-        size seldom changes)."""
+    def _per_filter(self, per_layer: list[float], segments: "_Segments", device: torch.device) -> torch.Tensor:
+        """One float32 value per layer, repeated for each of its filters, on ``device``: made and uploaded once per
+        distinct value (the activations' divisors change with the batch size, the gradient mask when a layer is
+        frozen or thawed), so a step's measurement uploads nothing."""
         key = (tuple(per_layer), tuple(segments.layer_rows), device)
-        if self._divisor_cache is None or self._divisor_cache[0] != key:
-            values = np.repeat(np.array(per_layer, np.float32), segments.layer_rows)
-            self._divisor_cache = (key, to_device(values, device))
-        return self._divisor_cache[1]
+        vector = self._per_filter_cache.get(key)
+        if vector is None:
+            if len(self._per_filter_cache) >= 16:  # bounded: an odd last batch per epoch, a few frozen sets
+                self._per_filter_cache.clear()
+            vector = to_device(np.repeat(np.array(per_layer, np.float32), segments.layer_rows), device)
+            self._per_filter_cache[key] = vector
+        return vector
 
     @staticmethod
-    def _reduce_segments(weights: torch.Tensor, grads: torch.Tensor, previous: tuple | None, frozen: list[bool],
+    def _reduce_segments(weights: torch.Tensor, grads: torch.Tensor, previous: tuple | None,
+                         grad_mask: torch.Tensor | None,
                          activations: list[torch.Tensor | None], divisor: torch.Tensor, segments: _Segments
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """On any device, in torch: a fixed number of kernels however many layers there are."""
@@ -227,9 +235,8 @@ class FilterProbe:
             terms[3].zero_()
         # unsafe: the lengths are ours and valid; the checks it skips read them back to the host (a sync per call)
         sums = torch.segment_reduce(terms, "sum", lengths=segments.row_lengths_4, axis=1, unsafe=True)
-        if any(frozen):  # no gradient (frozen): report zeros, not the weight values used as a placeholder
-            sums[:2] *= to_device(np.repeat([0.0 if f else 1.0 for f in frozen], segments.layer_rows)
-                                  .astype(np.float32), device)
+        if grad_mask is not None:
+            sums[:2] *= grad_mask
         grad_abs, grad_sq, weight_sq, change = sums
         weight_norm = weight_sq.sqrt()
         update = change.sqrt() / previous[1].clamp_min(1e-12) if previous is not None else torch.zeros_like(change)
@@ -241,7 +248,8 @@ class FilterProbe:
         return filters, (per_layer[0] / per_layer[1].clamp_min(1e-24)).sqrt(), weight_norm
 
     @staticmethod
-    def _reduce_numpy(weights: torch.Tensor, grads: torch.Tensor, previous: tuple | None, frozen: list[bool],
+    def _reduce_numpy(weights: torch.Tensor, grads: torch.Tensor, previous: tuple | None,
+                      grad_mask: torch.Tensor | None,
                       activations: list[torch.Tensor | None], divisor: torch.Tensor, segments: _Segments
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CPU only, the same sums in numpy on the same memory (``Tensor.numpy()`` shares it): on a CPU every op
@@ -259,8 +267,8 @@ class FilterProbe:
         else:
             terms[3] = 0.0
         sums = np.add.reduceat(terms, segments.row_starts, axis=1, dtype=np.float64)
-        if any(frozen):  # no gradient (frozen): report zeros, not the weight values used as a placeholder
-            sums[:2] *= np.repeat([0.0 if f else 1.0 for f in frozen], segments.layer_rows)
+        if grad_mask is not None:
+            sums[:2] *= grad_mask.numpy()
         filters = np.empty((5, sums.shape[1]), np.float32)
         np.divide(sums[:2], segments.row_lengths_numpy, out=filters[:2], casting="same_kind")
         np.sqrt(sums[2], out=filters[2], casting="same_kind")
@@ -287,9 +295,7 @@ class FilterProbe:
 class _Segments(NamedTuple):
     """How the flat buffer of every monitored weight splits into layers and filters."""
 
-    numels: list[int]                  # coefficients per layer
     layer_rows: list[int]              # filters per layer
-    layer_counts: torch.Tensor         # [L] filters per layer
     layer_counts_2: torch.Tensor       # [2, L], for reducing two per-filter fields per layer at once
     row_lengths_float: torch.Tensor    # [F] coefficients per filter
     row_lengths_4: torch.Tensor        # [4, F] coefficients per filter, for the four summed terms at once
@@ -304,11 +310,10 @@ class _Segments(NamedTuple):
         lengths = np.array([row for row, shape in zip(rows, shapes) for _ in range(shape[0])], np.int64)
         counts = np.array([shape[0] for shape in shapes], np.int64)
         row_lengths, layer_counts = to_device(lengths, device), to_device(counts, device)
-        return cls([math.prod(shape) for shape in shapes], [shape[0] for shape in shapes], layer_counts,
-                   layer_counts.expand(2, -1).contiguous(), row_lengths.float(), row_lengths.expand(4, -1).contiguous(),
-                   np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths.astype(np.float64),
-                   np.concatenate([[0], np.cumsum(counts)[:-1]]), bool(lengths.size and lengths.min() > 0
-                                                                       and counts.min() > 0))
+        return cls([shape[0] for shape in shapes], layer_counts.expand(2, -1).contiguous(), row_lengths.float(),
+                   row_lengths.expand(4, -1).contiguous(), np.concatenate([[0], np.cumsum(lengths)[:-1]]),
+                   lengths.astype(np.float64), np.concatenate([[0], np.cumsum(counts)[:-1]]),
+                   bool(lengths.size and lengths.min() > 0 and counts.min() > 0))
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
