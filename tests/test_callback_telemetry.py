@@ -304,9 +304,11 @@ def test_scalars_pack_single_values_in_name_order_and_skip_the_rest():
     np.testing.assert_array_equal(arrays["host_scalars"], np.array([0.5, 0.25, 3.0, 1.5], np.float32))
     assert scalar_values(names, arrays) == {"loss": 0.5, "acc": 0.25, "count": 3.0, "half": 1.5}
     assert arrays == {}                                   # taken out: what is left are the message's arrays
-    assert scalar_values(["a", "b", "c"], {"scalars": np.array([1.0, np.nan], np.float32),
-                                            "host_scalars": np.array([3.0], np.float32)}) == {
-        "a": 1.0, "b": None, "c": 3.0}                   # device values first, then host ones; NaN → None
+    not_finite = set()
+    assert scalar_values(["a", "b", "c", "d"], {"scalars": np.array([1.0, np.nan], np.float32),
+                                                 "host_scalars": np.array([3.0, -np.inf], np.float32)},
+                         not_finite) == {"a": 1.0, "b": None, "c": 3.0, "d": None}  # device values first; NaN → None
+    assert not_finite == {"b", "d"}
 
 
 def test_host_copy_carries_numpy_parts_beside_the_packed_tensors():

@@ -31,10 +31,13 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
     return False
 
 
-def step_message(step: int, loss: float, per_filter: bool = False) -> Message:
+def step_message(step: int, loss: float | None, per_filter: bool = False) -> Message:
+    """A ``step`` message as the callback sends it: a NaN or infinite ``loss`` goes as nil, named in ``not_finite``."""
     body = {"step": step, "epoch": 0, "batch": step, "loss": loss, "metrics": {"train_acc": 0.5},
             "groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}], "batch_size": 32, "samples_per_s": 100.0,
             "per_filter": per_filter}
+    if loss is not None and not np.isfinite(loss):
+        body.update(loss=None, not_finite=["loss"])
     arrays = {}
     if per_filter:
         body["layer_names"] = ["net.conv1", "net.conv2"]
@@ -98,10 +101,16 @@ def test_a_step_already_charted_is_not_charted_again_but_its_filters_are_kept():
     assert state.filters_by_layer()["net.conv1"]["grad_abs_mean"].tolist() == [0, 1, 2, 3]
 
 
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize("losses,since", [
-    ([2.3, 2.1, None, None, None, None], 3),        # diverged at step 3: NaN losses arrive as nil
-    ([2.3, None, None, 2.0, None, None], None),     # a step without a loss now and then is not a divergence
-    ([2.3, 2.1, None, 1.9, 1.8, 1.7], None),
+    ([2.3, 2.1, NAN, NAN, NAN, NAN], 3),            # diverged at step 3
+    ([NAN, INF, NAN, NAN], 1),                      # from the first step on
+    ([2.3, NAN, None, NAN, NAN], 2),                # a step without a loss neither ends nor starts a streak
+    ([2.3, NAN, NAN, NAN, 2.0, 1.9], None),         # it came back: the banner goes
+    ([2.3, NAN, NAN, 2.0, NAN, NAN], None),         # never three in a row
+    ([2.3, None, None, None, None, None], None),    # a module that stopped returning its loss did not diverge
     ([None, None, None, None, None, None], None),   # a module that never returns a loss (nothing to chart)
 ])
 def test_the_banner_says_since_when_a_run_has_no_finite_loss(losses, since):

@@ -53,13 +53,16 @@ def test_rows_keep_their_own_values_read_at_their_step():
         values = [("loss", loss), ("train_acc", torch.tensor([step / 4])), ("lr_scale", step)]
         if step == 2:
             values.append(("rare", torch.tensor(math.nan)))   # logged on one step only; NaN travels as None
+        if step == 3:
+            values[0] = ("loss", torch.tensor(math.inf))      # named in the row's not_finite
         batch.add(_row(step), values, now=0.0 if step == 1 else 1.0)
-    loss.add_(100.0)                                      # changing a tensor later does not change what was read
+    values[1][1].add_(100.0)                              # changing a tensor later does not change what was read
     batch.flush()
     steps, messages = _rows(published)
     assert steps == [[1], [2, 3]]
     rows = [row for m in messages for row in m.body["rows"]]
-    assert [row["loss"] for row in rows] == [0.5, 1.0, 1.5]
+    assert [row["loss"] for row in rows] == [0.5, 1.0, None]
+    assert [row.get("not_finite") for row in rows] == [None, ["rare"], ["loss"]]
     assert [row["metrics"] for row in rows] == [{"train_acc": 0.25, "lr_scale": 1.0},
                                                 {"train_acc": 0.5, "lr_scale": 2.0, "rare": None},
                                                 {"train_acc": 0.75, "lr_scale": 3.0}]
@@ -72,7 +75,7 @@ def test_a_step_without_a_loss_has_loss_none():
     batch, published = _batch()
     batch.add(_row(1), [("acc", 1.0)], now=0.0)
     (row,), = [m.body["rows"] for m in (pending.resolve() for pending in published)]
-    assert row["loss"] is None and row["metrics"] == {"acc": 1.0}
+    assert row["loss"] is None and row["metrics"] == {"acc": 1.0} and "not_finite" not in row
 
 
 def test_device_values_are_stacked_once_per_step_as_float32_copies():

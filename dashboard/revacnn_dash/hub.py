@@ -135,17 +135,21 @@ def load_replay(state: RunState, reader, step: int | None = None) -> None:
         scal = reader.scalars()
         if scal and "step" in scal:
             nan = np.full(len(scal["step"]), np.nan)
-            acc = scal.get(metric_name(scal, "acc", "train"), nan)
-            loss = scal.get("loss", nan)
-            if not np.isfinite(np.asarray(loss, dtype=float)).any():  # steps returned none: the loss they logged
-                loss = scal.get(metric_name([name for name in scal if name != "loss"], "loss", "train"), nan)
+            logged = [name for name in scal if not name.startswith("not_finite/")]  # which values were NaN or ±inf
+            acc = scal.get(metric_name(logged, "acc", "train"), nan)
+            loss, loss_name = scal.get("loss", nan), "loss"
+            if not np.isfinite(np.asarray(loss, dtype=float)).any() and "not_finite/loss" not in scal:
+                loss_name = metric_name([name for name in logged if name != "loss"], "loss", "train")
+                loss = scal.get(loss_name, nan)  # the steps returned none: the loss they logged
+            not_finite = scal.get(f"not_finite/{loss_name}", nan) == 1.0
             for i in range(len(scal["step"])):
                 state.append_scalars({"step": scal["step"][i], "loss": loss[i],
                                       "train_acc": acc[i], "lr": _col(scal, "lr/0", i),
                                       "momentum": _col(scal, "momentum/0", i),
                                       "weight_decay": _col(scal, "weight_decay/0", i),
                                       "batch_size": _col(scal, "batch_size", i),
-                                      "samples_per_s": _col(scal, "samples_per_s", i)})
+                                      "samples_per_s": _col(scal, "samples_per_s", i)},
+                                     loss_not_finite=bool(not_finite[i]))
         val = reader.val_predictions()  # the latest timeline: a resumed run's validations replace the abandoned ones
         columns = {kind: val["metrics"].get(metric_name(val["metrics"], kind, "val")) for kind in ("loss", "acc")}
         for i, row_step in enumerate(val["steps"].tolist()):

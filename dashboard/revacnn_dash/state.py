@@ -102,7 +102,7 @@ def command_label(op: str, args: dict[str, Any]) -> str:
     return op
 
 
-DIVERGED_AFTER = 3   # steps in a row without a finite loss (after one with) that the banner calls a diverged run
+DIVERGED_AFTER = 3   # steps in a row with a NaN or infinite loss that the banner calls a diverged run
 
 
 class Ring:
@@ -152,7 +152,6 @@ class RunState:
         self.scalar_capacity = scalar_capacity
         self.scalars = Ring(SCALAR_KEYS, scalar_capacity)
         self.last_scalar_step: int | None = None    # the newest step charted
-        self._loss_seen_finite = False                # a diverged run: a finite loss, then none for a while
         self._loss_not_finite: tuple[int | None, int] = (None, 0)  # first step of the current streak, its length
         self.val: collections.deque[dict[str, Any]] = collections.deque(maxlen=5000)
         self.filter_steps: collections.deque[tuple[int, int, np.ndarray, list[str]]] = collections.deque(
@@ -193,7 +192,7 @@ class RunState:
         self.structure = self.hparams = self.status = None
         self.scalars = Ring(SCALAR_KEYS, self.scalar_capacity)
         self.last_scalar_step = None
-        self._loss_seen_finite, self._loss_not_finite = False, (None, 0)
+        self._loss_not_finite = (None, 0)
         self.val.clear()
         self.filter_steps.clear()
         self.layer_ratio = {}
@@ -249,9 +248,11 @@ class RunState:
         group = groups[0] if isinstance(groups[0], dict) else {}
         metrics = b.get("metrics") or {}
         acc = metrics.get(metric_name(metrics, "acc", "train"))
-        loss = b.get("loss")
-        if loss is None:  # the step returned none (manual optimization): the loss it logged, if any
-            loss = metrics.get(metric_name(metrics, "loss", "train"))
+        not_finite = b.get("not_finite") if isinstance(b.get("not_finite"), list) else ()
+        loss, loss_name = b.get("loss"), "loss"
+        if loss is None and "loss" not in not_finite:  # the step returned none (manual optimization): the loss it
+            loss_name = metric_name(metrics, "loss", "train")  # logged, if any
+            loss = metrics.get(loss_name)
         step = b.get("step")
         # A step already charted (a state snapshot re-sent on reconnecting to the same run) is not charted again.
         if not isinstance(step, int) or self.last_scalar_step is None or step > self.last_scalar_step:
@@ -259,20 +260,20 @@ class RunState:
             self.append_scalars({"step": step, "loss": loss, "train_acc": acc,
                                  "lr": group.get("lr"), "momentum": group.get("momentum"),
                                  "weight_decay": group.get("weight_decay"), "batch_size": b.get("batch_size"),
-                                 "samples_per_s": b.get("samples_per_s")})
+                                 "samples_per_s": b.get("samples_per_s")},
+                                loss_not_finite=loss_name in not_finite)
 
-    def append_scalars(self, row: dict[str, Any]) -> None:
+    def append_scalars(self, row: dict[str, Any], loss_not_finite: bool = False) -> None:
         """One step's row onto the charts, noting where the loss stopped being finite: a diverged run's chart just
-        stops, so the banner says since when. The wire carries a NaN or infinite loss as nil, like a step that
-        returned none; a streak of ``DIVERGED_AFTER`` steps without a finite loss, after one with, tells them apart
-        from a module that returns none now and then."""
+        stops, so the banner says since when. The wire carries a NaN or infinite loss as nil and names it in the
+        row's ``not_finite`` (``loss_not_finite``); a step that returned no loss neither starts nor ends a streak."""
         self.scalars.append(row)
         loss = row.get("loss")
-        if loss is not None and math.isfinite(loss):
-            self._loss_seen_finite, self._loss_not_finite = True, (None, 0)
-        elif self._loss_seen_finite:
+        if loss_not_finite:
             first, length = self._loss_not_finite
             self._loss_not_finite = (row.get("step") if length == 0 else first, length + 1)
+        elif loss is not None and math.isfinite(loss):
+            self._loss_not_finite = (None, 0)
 
     @property
     def loss_not_finite_since(self) -> int | None:

@@ -684,7 +684,10 @@ class ReVACNNCallback(Callback):
             body["pred_error"] = self._val_error
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            body["metrics"] = scalar_values(scalar_names, arrays)
+            not_finite: set = set()
+            body["metrics"] = scalar_values(scalar_names, arrays, not_finite)
+            if not_finite:
+                body["not_finite"] = sorted(not_finite)
             return {name: array.astype(np.int16) for name, array in arrays.items()}
 
         self.publisher.publish(PendingMessage("val", body, copy.launch(), finalize))
@@ -782,7 +785,10 @@ class ReVACNNCallback(Callback):
         publisher = self.publisher
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            scalars = scalar_values(scalar_names, arrays)
+            not_finite: set = set()
+            scalars = scalar_values(scalar_names, arrays, not_finite)
+            if not_finite:
+                body["not_finite"] = sorted(not_finite)
             body["loss"] = scalars.pop("loss", None)
             body["metrics"] = scalars
             body["drops"] = publisher._drop_counts()

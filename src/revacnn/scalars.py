@@ -71,13 +71,24 @@ def add_scalars(copy: HostCopy, values: Iterable[tuple[Hashable, Any]]) -> list[
     return device_names + host_names
 
 
-def scalar_values(names: list[Hashable], arrays: dict[str, np.ndarray]) -> dict[Hashable, float | None]:
-    """Name → value of what ``add_scalars`` packed, taken out of ``arrays``; NaN and ±inf become None."""
+def scalar_values(names: list[Hashable], arrays: dict[str, np.ndarray], not_finite: set[Hashable] | None = None
+                  ) -> dict[Hashable, float | None]:
+    """Name → value of what ``add_scalars`` packed, taken out of ``arrays``; NaN and ±inf become None (the wire's
+    nil), and their names are added to ``not_finite`` when one is given: nil alone would not tell a diverged loss
+    from a step that returned none."""
     parts = [arrays.pop(key) for key in ("scalars", "host_scalars") if key in arrays]
     if not parts:
         return {}
     values = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return {name: (value if math.isfinite(value) else None) for name, value in zip(names, values.tolist())}
+    read = {}
+    for name, value in zip(names, values.tolist()):
+        if math.isfinite(value):
+            read[name] = value
+        else:
+            read[name] = None
+            if not_finite is not None:
+                not_finite.add(name)
+    return read
 
 
 class StepBatch:
@@ -133,11 +144,14 @@ class StepBatch:
 
         def finalize(body: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = [dict(row, loss=None, metrics={}) for row in bodies]
-            for (index, name), value in scalar_values(names, arrays).items():
+            not_finite: set[Hashable] = set()
+            for (index, name), value in scalar_values(names, arrays, not_finite).items():
                 if name == "loss":
                     out[index]["loss"] = value
                 else:
                     out[index]["metrics"][name] = value
+            for index, name in sorted(not_finite, key=str):
+                out[index].setdefault("not_finite", []).append(name)
             body["rows"] = out
             body["drops"] = drops()
             return arrays

@@ -261,7 +261,8 @@ class RunReader:
     def scalars(self, start: int | None = None, stop: int | None = None, every: int = 1) -> dict[str, np.ndarray]:
         """Step scalars as numpy columns (``start <= step < stop``, every ``every``-th row): step, time, seq, epoch,
         batch, loss, samples_per_s, batch_size, per_filter, drops_*, ``lr/<group>``, ``momentum/<group>``,
-        ``weight_decay/<group>`` and one column per logged metric. Missing values are NaN."""
+        ``weight_decay/<group>``, one column per logged metric, and ``not_finite/<name>`` (1.0 where the loss or that
+        metric was NaN or ±inf, which the wire sends as nil; NaN elsewhere). Missing values are NaN."""
         table = self.table("scalars")
         if table is None:
             return {"step": np.zeros(0, np.int64)}

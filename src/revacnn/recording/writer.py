@@ -83,6 +83,8 @@ def _scalar_row(body: dict[str, Any], sent: float, seq: int, drops: Any) -> dict
             row[f"{key}/{g}"] = group.get(key) if isinstance(group, dict) else None
     for name, value in (body.get("metrics") or {}).items():
         row[name if name not in row else f"metrics/{name}"] = value
+    for name in body.get("not_finite") or []:  # its value is nil on the wire (NaN or ±inf): 1.0 says which
+        row[f"not_finite/{name}"] = 1.0
     return row
 
 
