@@ -366,9 +366,9 @@ def tensor_stats(tensor: torch.Tensor) -> torch.Tensor:
 def torch_stats(flat: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """``tensor_stats`` of a non-empty flat float tensor in torch, on its device, with quartiles from ``sample``.
 
-    Nothing is read back to the host: the quartiles come from one sort and reads at indices known from the size
-    (``torch.quantile`` with a tensor of quantiles on a GPU reads them back to check their range), and the count is
-    filled on the device (not uploaded)."""
+    Nothing crosses between host and device: the quartiles come from one sort and reads at indices known from the
+    size (``torch.quantile`` needs its quantiles as a device tensor, i.e. an upload), and the count is filled on the
+    device."""
     ordered = torch.sort(sample).values
     last = ordered.numel() - 1
     quartiles = []
