@@ -283,6 +283,11 @@ class Breakdown(StepTimer):
 
 def breakdown(args, data, root: str, revacnn_configs: dict[str, dict]) -> None:
     print("\nWhere the time goes (one instrumented run per configuration; ms per timed step)\n")
+    if args.device == "cuda":  # what the host-side timers cannot see
+        print("On a GPU the hooks' times are their host side only. Where the GPU is the bottleneck, the training "
+              "thread runs ahead until CUDA's launch queue is full and every launch then waits for a slot, the "
+              "hooks' included: their times hold GPU time that is not theirs, and the implied ratio is no "
+              "estimate. The windowed ratios above are.\n")
     for name, kwargs in revacnn_configs.items():
         callback = ReVACNNCallback(**kwargs)
         timer = Breakdown(args.warmup, callback)
