@@ -11,6 +11,12 @@ queued (the recorder writes every 0.5 s) drains there, not in the next window's 
 see — the CPU the callback's idle threads take in off windows too (their periodic wakes) — is measured and reported
 beside the ratio, in ms per step: subtract it from the ratio as a fraction of the step.
 
+``--ablate`` adds the every-step configuration three more times with parts of its per-filter measurement replaced by
+stand-ins that cost next to nothing: the mean |activation| per channel (the forward hooks' reduction), the per-filter
+sums over weights and gradients (``FilterProbe.measure``), and both. What those configurations publish is wrong
+(zeros; one step's values repeated): they exist to price each part, and the last one measures the floor that the
+rest of the machinery — scalars, per-filter messages, the recorder, snapshots — sets on its own.
+
 ``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its time goes per
 step: wall and CPU time in each callback hook and forward hook on the training thread, and the CPU time of the I/O
 and recorder threads (Linux: read from /proc) — the figures to act on when a ratio is short — and their sum as an
@@ -19,6 +25,7 @@ implied ratio, a second estimate of the same quantity.
     python benchmarks/overhead.py                       # CPU, the figures in benchmarks/RESULTS.md
     python benchmarks/overhead.py --breakdown           # … and where the time goes
     python benchmarks/overhead.py --also filters_every=20,snapshot_every=200   # … and what another cadence costs
+    python benchmarks/overhead.py --ablate              # … and what each part of every-step telemetry costs
     python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
 """
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import random
 import statistics
@@ -96,6 +104,45 @@ REVACNN_CONFIGS = {
     "revacnn default (filters every 50, snapshots every 500, recording on)": {},
     "revacnn every step (filters every step, snapshots every 50)": {"filters_every": 1, "snapshot_every": 50},
 }
+
+
+EVERY_STEP = REVACNN_CONFIGS["revacnn every step (filters every step, snapshots every 50)"]
+ABLATIONS = {
+    "ablation: every step, mean abs(activation) stood in (zeros)": {"activation"},
+    "ablation: every step, per-filter sums stood in (one step's, repeated)": {"sums"},
+    "ablation: every step, both stood in (the floor of the rest)": {"activation", "sums"},
+}
+
+
+@contextlib.contextmanager
+def stand_ins(parts: set[str]):
+    """Replace ``parts`` of the per-filter measurement with stand-ins that cost next to nothing, for pricing them:
+    ``"activation"``, the forward hooks' |activation| reduction (a cached zero vector per channel count instead);
+    ``"sums"``, ``FilterProbe.measure`` (its first result, returned again every step). Restored on exit."""
+    original_reduction, original_measure = probes.channel_abs_sum, probes.FilterProbe.measure
+    zeros: dict[int, torch.Tensor] = {}
+    first: dict[int, tuple] = {}
+
+    def zero_reduction(output: torch.Tensor, channels_first: bool) -> tuple[torch.Tensor, int]:
+        channels = output.shape[1] if channels_first and output.dim() > 2 else output.shape[-1]
+        if channels not in zeros:
+            zeros[channels] = torch.zeros(channels, device=output.device)
+        return zeros[channels], 1
+
+    def repeated_measure(probe: probes.FilterProbe) -> tuple[torch.Tensor, torch.Tensor]:
+        if id(probe) not in first:
+            first[id(probe)] = original_measure(probe)
+        probe.armed, probe._activations, probe._held = False, {}, {}  # what measure leaves behind
+        return first[id(probe)]
+
+    if "activation" in parts:
+        probes.channel_abs_sum = zero_reduction
+    if "sums" in parts:
+        probes.FilterProbe.measure = repeated_measure
+    try:
+        yield
+    finally:
+        probes.channel_abs_sum, probes.FilterProbe.measure = original_reduction, original_measure
 
 
 def configurations(logdir: str, revacnn_configs: dict[str, dict]):
@@ -322,6 +369,18 @@ def run_windows(make_callbacks, args, data, root: str, pairs: int, sync_debug: b
     return windows
 
 
+def report_row(name: str, windows: AlternatingWindows, started: float) -> None:
+    """One configuration's row of the table, printed as soon as it is measured: a run cut short keeps its rows."""
+    ratios = windows.ratios()
+    low, high = median_interval(ratios)
+    half = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+    idle = 1000.0 * windows.idle_thread_s / max(1, windows.idle_steps)
+    print(f"| {name} | {statistics.median(ratios):.3f} | {low:.3f}–{high:.3f} | "
+          f"{statistics.mean(ratios):.3f} ± {half:.3f} | {windows.rate(False):.1f} / "
+          f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} |", flush=True)
+    print(f"{name}: {len(ratios)} windows in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=60,
@@ -349,6 +408,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sync-debug", action="store_true",
                         help="torch.cuda.set_sync_debug_mode('error') from the first timed window to the end of "
                              "each revacnn fit, on and off windows alike (GPU only): any host sync fails the run")
+    parser.add_argument("--ablate", action="store_true",
+                        help="then price the parts of every-step telemetry: the every-step configuration again with "
+                             "the mean |activation|, the per-filter sums, and both replaced by stand-ins that cost "
+                             "next to nothing (what those runs publish is wrong; they exist to be timed)")
     parser.add_argument("--breakdown", action="store_true",
                         help="then time each part of the callback per step (hooks, forward hooks, threads)")
     parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE…]",
@@ -393,17 +456,13 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             # TensorBoard's histograms read every tensor back to the host, so only revacnn is held to no syncs
             sync_debug = args.sync_debug and name.startswith("revacnn")
-            windows = run_windows(make_callbacks, args, data, root, pairs, sync_debug)
-            ratios = windows.ratios()
-            low, high = median_interval(ratios)
-            half = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
-            idle = 1000.0 * windows.idle_thread_s / max(1, windows.idle_steps)
-            # each row as soon as it is measured: a run cut short keeps the rows it finished
-            print(f"| {name} | {statistics.median(ratios):.3f} | {low:.3f}–{high:.3f} | "
-                  f"{statistics.mean(ratios):.3f} ± {half:.3f} | {windows.rate(False):.1f} / "
-                  f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} |", flush=True)
-            print(f"{name}: {len(ratios)} windows in {time.perf_counter() - started:.0f} s", file=sys.stderr,
-                  flush=True)
+            report_row(name, run_windows(make_callbacks, args, data, root, pairs, sync_debug), started)
+        for name, parts in (ABLATIONS.items() if args.ablate else ()):
+            started = time.perf_counter()
+            with stand_ins(parts):
+                windows = run_windows(lambda: [ReVACNNCallback(**EVERY_STEP)], args, data, root, args.pairs,
+                                      args.sync_debug)
+            report_row(name, windows, started)
     if args.breakdown:
         with tempfile.TemporaryDirectory() as root:
             breakdown(args, data, root, revacnn_configs)

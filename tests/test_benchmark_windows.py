@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
+from revacnn import probes
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+from revacnn.probes import FilterProbe
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 _spec = importlib.util.spec_from_file_location("revacnn_benchmark_overhead", _PATH)
@@ -78,3 +81,36 @@ def test_per_batch_hooks_run_only_in_on_windows_and_on_windows_pair_with_both_ne
     expected = [rates[index] / ((rates[index - 1] + rates[index + 1]) / 2) for index in (2, 4, 6)]
     assert windows.ratios() == expected
     assert windows.rate(True) == sorted(rates[index] for index in (2, 4, 6))[1]
+
+
+def _measured_step(probe: FilterProbe, layer: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    layer.weight.grad = None
+    probe.arm()
+    layer(torch.randn(4, 1, 6, 6)).sum().backward()
+    return probe.measure()
+
+
+def test_ablation_stand_ins_replace_only_the_parts_named_and_are_put_back():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(1, 3, 3)
+    probe = FilterProbe([("conv", layer)])
+    probe.attach()
+    reduction, measure = probes.channel_abs_sum, FilterProbe.measure
+
+    with overhead.stand_ins({"activation"}):
+        filters, _ = _measured_step(probe, layer)
+    assert torch.all(filters[4] == 0)                          # mean |activation| stood in by zeros
+    assert torch.all(filters[0] > 0) and torch.all(filters[2] > 0)   # the sums still computed
+
+    with overhead.stand_ins({"sums"}):
+        first = _measured_step(probe, layer)
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        again = _measured_step(probe, layer)
+        assert not probe.armed and probe._activations == {}
+    assert again[0] is first[0] and again[1] is first[1]     # one step's values, returned again
+    assert torch.all(first[0][4] > 0)                          # … its real mean |activation|
+
+    assert probes.channel_abs_sum is reduction and FilterProbe.measure is measure
+    after, _ = _measured_step(probe, layer)
+    assert after is not first[0] and torch.all(after[4] > 0) and torch.all(after[3] > 0)
