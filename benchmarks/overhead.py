@@ -17,6 +17,12 @@ sums over weights and gradients (``FilterProbe.measure``), and both. What those 
 (zeros; one step's values repeated): they exist to price each part, and the last one measures the floor that the
 rest of the machinery — scalars, per-filter messages, the recorder, snapshots — sets on its own.
 
+``--floor`` prices the other side: the per-filter measurement alone, with nothing of the callback around it. The same
+model and optimizer train in a plain PyTorch loop, in blocks of 30 steps that measure nothing, that call
+``FilterProbe.measure`` after every backward pass (the per-filter sums), or that also arm its forward hooks (mean
+|activation|); each measuring block is paired with the blocks either side that measure nothing. However the
+publishing, recording and snapshots were done, every-step telemetry could not cost less than that.
+
 ``--breakdown`` then runs each revacnn configuration once more, instrumented, and prints where its time goes per
 step: wall and CPU time in each callback hook and forward hook on the training thread, and the CPU time of the I/O
 and recorder threads (Linux: read from /proc) — the figures to act on when a ratio is short — and their sum as an
@@ -26,6 +32,7 @@ implied ratio, a second estimate of the same quantity.
     python benchmarks/overhead.py --breakdown           # … and where the time goes
     python benchmarks/overhead.py --also filters_every=20,snapshot_every=200   # … and what another cadence costs
     python benchmarks/overhead.py --ablate              # … and what each part of every-step telemetry costs
+    python benchmarks/overhead.py --floor               # … and what measuring alone costs, outside Lightning
     python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
 """
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import os
 import random
 import statistics
@@ -44,6 +52,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from revacnn import ReVACNNCallback, probes
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
@@ -145,6 +154,77 @@ def stand_ins(parts: set[str]):
         probes.channel_abs_sum, probes.FilterProbe.measure = original_reduction, original_measure
 
 
+FLOOR_BLOCK = 30
+#: The floor's modes: whether the forward hooks are armed (mean |activation|) besides the per-filter sums.
+FLOOR_MODES = {
+    "floor, plain PyTorch loop: per-filter sums alone (FilterProbe.measure every step)": False,
+    "floor, plain PyTorch loop: per-filter sums and mean abs(activation) (FilterProbe armed every step)": True,
+}
+
+
+def measurement_floor(rounds: int, run_block, block: int = FLOOR_BLOCK) -> dict[str, PairedWindows]:
+    """What the per-filter measurement costs on its own, with nothing published, recorded or snapshotted.
+
+    ``run_block(mode, steps)`` trains ``steps`` steps and returns the seconds they took: ``mode`` None measures
+    nothing, False calls ``FilterProbe.measure`` after each backward pass (the per-filter sums over weights and
+    gradients), True also arms the forward hooks before each forward (mean |activation| per channel), as the
+    callback does at every step. After one untimed block of each, blocks run off, the first mode, off, the second,
+    off, … ``rounds`` times, and each mode's blocks are paired with the off blocks either side of them: ``1 −
+    ratio`` is the least that every-step telemetry costs, however its publishing is done.
+    """
+    modes = list(FLOOR_MODES.values())
+    for mode in (None, *modes):
+        run_block(mode, block)
+    timed = [(None, run_block(None, block))]
+    for _ in range(rounds):
+        for mode in modes:
+            timed.append((mode, run_block(mode, block)))
+            timed.append((None, run_block(None, block)))
+    results = {}
+    for name, mode in FLOOR_MODES.items():
+        paired = PairedWindows()
+        paired.windows.append([False, 0, 0.0])  # the warm-up's place
+        for index, (this, seconds) in enumerate(timed):
+            if this is not None and this == mode:
+                paired.windows += [[False, block, timed[index - 1][1]], [True, block, seconds],
+                                   [False, block, timed[index + 1][1]]]
+        results[name] = paired
+    return results
+
+
+def plain_loop(args, data):
+    """``run_block`` for ``measurement_floor``: the benchmark's model and optimizer trained in plain PyTorch on
+    ``args.device``, on the first 16 training batches in turn, with a ``FilterProbe`` on its monitored layers (its
+    forward hooks attached only for the armed mode, so the other modes pay nothing for them)."""
+    device = torch.device(args.device)
+    module = _model(args).to(device)
+    optimizer = module.configure_optimizers()
+    probe = probes.FilterProbe(probes.discover_layers(module))
+    batches = [(images.to(device), labels.to(device))
+               for images, labels in itertools.islice(iter(data.train_dataloader()), 16)]
+
+    def run_block(mode: bool | None, steps: int) -> float:
+        if mode:
+            probe.attach()
+        else:
+            probe.detach()
+        _drain_device()
+        started = time.perf_counter()
+        for index in range(steps):
+            images, labels = batches[index % len(batches)]
+            if mode:
+                probe.arm()
+            optimizer.zero_grad()
+            F.cross_entropy(module(images), labels).backward()
+            if mode is not None:
+                probe.measure()
+            optimizer.step()
+        _drain_device()
+        return time.perf_counter() - started
+
+    return run_block
+
+
 def configurations(logdir: str, revacnn_configs: dict[str, dict]):
     return {
         **{name: (lambda kwargs=kwargs: [ReVACNNCallback(**kwargs)]) for name, kwargs in revacnn_configs.items()},
@@ -153,7 +233,31 @@ def configurations(logdir: str, revacnn_configs: dict[str, dict]):
     }
 
 
-class AlternatingWindows(pl.Callback):
+class PairedWindows:
+    """Timed windows, on and off in turn, each on window paired with the off windows either side of it.
+
+    ``windows`` holds ``[on, timed steps, timed seconds]`` per window; the first is a warm-up and never used.
+    ``idle_thread_s`` over ``idle_steps`` is CPU that the pairing cannot see (threads busy in off windows too).
+    """
+
+    def __init__(self) -> None:
+        self.windows: list[list] = []
+        self.idle_thread_s = 0.0
+        self.idle_steps = 0
+
+    def ratios(self) -> list[float]:
+        """Steps/s of each on window ÷ the mean of its two neighbouring off windows'."""
+        rates = [(on, steps / seconds) for on, steps, seconds in self.windows[1:] if steps and seconds > 0]
+        return [rates[i][1] / ((rates[i - 1][1] + rates[i + 1][1]) / 2) for i in range(1, len(rates) - 1)
+                if rates[i][0] and not rates[i - 1][0] and not rates[i + 1][0]]
+
+    def rate(self, on: bool) -> float:
+        """Median steps/s of the on (or off) windows."""
+        return statistics.median(steps / seconds for state, steps, seconds in self.windows[1:]
+                                 if state == on and steps and seconds > 0)
+
+
+class AlternatingWindows(PairedWindows, pl.Callback):
     """Calls ``callbacks``' per-batch hooks only in every other window of ``window`` steps, and times each window.
 
     Window 0 (off, not timed) is the warm-up; then off and on windows alternate, starting and ending off. Lifecycle
@@ -173,9 +277,7 @@ class AlternatingWindows(pl.Callback):
             raise ValueError(f"settle must be in [0, window), got {settle} with window {window}")
         self.callbacks, self.window, self.settle, self.sync_debug = callbacks, window, settle, sync_debug
         self.on = False
-        self.windows: list[list] = []        # [on, timed steps, timed seconds] per window
-        self.idle_thread_s = 0.0             # revacnn threads' CPU during the off windows' timed steps
-        self.idle_steps = 0
+        PairedWindows.__init__(self)         # idle: the revacnn threads' CPU in the off windows' timed steps
         self._last: float | None = None
         self._threads_at: dict[str, float] | None = None
         for hook in self.LIFECYCLE:
@@ -242,18 +344,6 @@ class AlternatingWindows(pl.Callback):
             self._threads()
         for callback in self.callbacks:
             callback.on_train_end(trainer, pl_module)
-
-    def ratios(self) -> list[float]:
-        """Steps/s of each on window ÷ the mean of its two neighbouring off windows'."""
-        rates = [(on, steps / seconds) for on, steps, seconds in self.windows[1:] if steps and seconds > 0]
-        return [rates[i][1] / ((rates[i - 1][1] + rates[i + 1][1]) / 2) for i in range(1, len(rates) - 1)
-                if rates[i][0] and not rates[i - 1][0] and not rates[i + 1][0]]
-
-    def rate(self, on: bool) -> float:
-        """Median steps/s of the on (or off) windows."""
-        return statistics.median(steps / seconds for state, steps, seconds in self.windows[1:]
-                                 if state == on and steps and seconds > 0)
-
 
 class Breakdown(StepTimer):
     """StepTimer that also times ReVACNNCallback's hooks and forward hooks, and the CPU of its threads."""
@@ -369,7 +459,7 @@ def run_windows(make_callbacks, args, data, root: str, pairs: int, sync_debug: b
     return windows
 
 
-def report_row(name: str, windows: AlternatingWindows, started: float) -> None:
+def report_row(name: str, windows: PairedWindows, started: float) -> None:
     """One configuration's row of the table, printed as soon as it is measured: a run cut short keeps its rows."""
     ratios = windows.ratios()
     low, high = median_interval(ratios)
@@ -412,6 +502,10 @@ def main(argv=None) -> None:
                         help="then price the parts of every-step telemetry: the every-step configuration again with "
                              "the mean |activation|, the per-filter sums, and both replaced by stand-ins that cost "
                              "next to nothing (what those runs publish is wrong; they exist to be timed)")
+    parser.add_argument("--floor", action="store_true",
+                        help="then the per-filter measurement alone, in a plain PyTorch loop (no Lightning, nothing "
+                             "published or recorded; --pairs rounds of blocks of %d steps): the least that every-step "
+                             "telemetry can cost" % FLOOR_BLOCK)
     parser.add_argument("--breakdown", action="store_true",
                         help="then time each part of the callback per step (hooks, forward hooks, threads)")
     parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE…]",
@@ -463,6 +557,10 @@ def main(argv=None) -> None:
                 windows = run_windows(lambda: [ReVACNNCallback(**EVERY_STEP)], args, data, root, args.pairs,
                                       args.sync_debug)
             report_row(name, windows, started)
+    if args.floor:
+        started = time.perf_counter()
+        for name, paired in measurement_floor(args.pairs, plain_loop(args, data)).items():
+            report_row(name, paired, started)
     if args.breakdown:
         with tempfile.TemporaryDirectory() as root:
             breakdown(args, data, root, revacnn_configs)

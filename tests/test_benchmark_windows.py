@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -114,3 +116,55 @@ def test_ablation_stand_ins_replace_only_the_parts_named_and_are_put_back():
     assert probes.channel_abs_sum is reduction and FilterProbe.measure is measure
     after, _ = _measured_step(probe, layer)
     assert after is not first[0] and torch.all(after[4] > 0) and torch.all(after[3] > 0)
+
+
+def test_floor_pairs_each_mode_with_the_off_blocks_either_side():
+    seconds = iter([9.0, 9.0, 9.0,            # the untimed block of each mode
+                    1.0, 2.0, 1.2, 3.0, 1.4,  # off, sums, off, armed, off
+                    2.5, 1.6, 4.0, 1.8])      # … the second round: sums, off, armed, off
+    calls = []
+
+    def run_block(mode, steps):
+        calls.append((mode, steps))
+        return next(seconds)
+
+    floor = overhead.measurement_floor(2, run_block, block=5)
+    assert calls == [(None, 5), (False, 5), (True, 5)] + [(None, 5), (False, 5), (None, 5), (True, 5)] * 2 + [
+        (None, 5)]
+    sums, armed = (floor[name] for name in overhead.FLOOR_MODES)
+
+    def ratio(on: float, before: float, after: float) -> float:  # of rates, i.e. steps / seconds
+        return (5 / on) / ((5 / before + 5 / after) / 2)
+
+    assert sums.ratios() == pytest.approx([ratio(2.0, 1.0, 1.2), ratio(2.5, 1.4, 1.6)])
+    assert armed.ratios() == pytest.approx([ratio(3.0, 1.2, 1.4), ratio(4.0, 1.6, 1.8)])
+
+
+def test_floor_loop_measures_as_its_mode_says_and_trains():
+    args = SimpleNamespace(device="cpu", model="revacnn", widths=(8,))
+    data = DigitsDataModule(batch_size=8)
+    data.setup()
+    measured = []
+    original = FilterProbe.measure
+
+    def spy(probe):
+        result = original(probe)
+        measured.append((len(probe._handles), result[0][4].clone(), result[0][2].clone()))
+        return result
+
+    FilterProbe.measure = spy
+    try:
+        run_block = overhead.plain_loop(args, data)
+        assert run_block(None, 2) > 0 and measured == []
+        run_block(False, 2)
+        assert [hooks for hooks, _, _ in measured] == [0, 0]        # sums only: no forward hooks attached
+        assert all(torch.all(activation == 0) for _, activation, _ in measured)
+        assert not torch.equal(measured[0][2], measured[1][2])     # the optimizer stepped between: new weight norms
+        measured.clear()
+        run_block(True, 2)
+        assert [hooks for hooks, _, _ in measured] == [4, 4]        # the demo net's 3 convs and its linear layer
+        assert all(torch.all(activation > 0) for _, activation, _ in measured)
+        run_block(None, 1)
+        assert len(measured) == 2
+    finally:
+        FilterProbe.measure = original
