@@ -1,4 +1,5 @@
-"""What the browser tests share: Debian's Chromium for Playwright, its flags, and a free port.
+"""What the browser and process tests share: Debian's Chromium for Playwright, its flags, a free port, and Ctrl-C as a
+terminal delivers it.
 
 Playwright never downloads a browser here; Debian's ``chromium`` package is used (``.ci/setup`` installs it). On CI
 (``CI`` set) a missing Chromium fails the browser tests instead of skipping them, so a broken set-up cannot pass.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 
 import pytest
@@ -31,3 +33,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT, as Ctrl-C would: its SIGINT back at the default.
+
+    A test run started in the background (``nohup pytest … &``) has SIGINT ignored, as a non-interactive shell does
+    for its background jobs, and a child inherits that: it would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

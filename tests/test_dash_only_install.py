@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from browser_support import free_port
+from browser_support import free_port, sigint_as_in_a_terminal
 from revacnn import ReVACNNCallback
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from test_dashboard_state import wait_for
@@ -60,8 +60,8 @@ def test_the_dash_extra_alone_serves_and_reads_a_recording_without_torch(tmp_pat
     log = tmp_path / "dash.log"
     process = subprocess.Popen([str(env_dir / "bin" / "revacnn-dash"), "--logdir", str(tmp_path / "logs"), "--port",
                                 str(port), "--no-umap-warmup"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True, env={k: v for k, v in os.environ.items()
-                                                            if k not in ("PYTHONPATH", "VIRTUAL_ENV")})
+                               start_new_session=True, preexec_fn=sigint_as_in_a_terminal,
+                               env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")})
     try:
         wait_for(lambda: f"127.0.0.1:{port}" in log.read_text() or process.poll() is not None, timeout=60)
         assert process.poll() is None, log.read_text()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_support import free_port
+from browser_support import free_port, sigint_as_in_a_terminal
 from test_dashboard_state import wait_for
 
 
@@ -55,10 +55,10 @@ def serves(port: int) -> bool:
 def test_the_dashboard_stops_quietly_and_takes_its_helper_processes_with_it(tmp_path, stop, code):
     port = free_port()
     log = tmp_path / "dash.log"
-    # Its own process group, as a terminal gives a command; SIGINT not ignored (a background shell ignores it).
+    # Its own process group, as a terminal gives a command
     process = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--logdir", str(tmp_path), "--port",
                                 str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               preexec_fn=sigint_as_in_a_terminal)
     try:
         assert wait_for(lambda: serves(port), 60), log.read_text()
         # The UMAP warm-up's helper starts at once and compiles numba code for ~10-25 s: stop the dashboard mid-job,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_support import free_port
+from browser_support import free_port, sigint_as_in_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,8 @@ def start_demo(tmp_path: Path, port: int, *args: str) -> tuple[subprocess.Popen,
     env = {**os.environ, "PATH": "/usr/bin:/bin"}            # no venv on PATH: only this interpreter finds revacnn
     process = subprocess.Popen(demo_command("--root", str(tmp_path / "run"), "--port", str(port), *args),
                                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                               start_new_session=True)   # its own group: a failed test kills what it left (below)
+                               start_new_session=True,   # its own group: a failed test kills what it left (below)
+                               preexec_fn=sigint_as_in_a_terminal)
     return process, log
 
 
