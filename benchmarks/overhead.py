@@ -345,6 +345,7 @@ class AlternatingWindows(PairedWindows, pl.Callback):
         for callback in self.callbacks:
             callback.on_train_end(trainer, pl_module)
 
+
 class Breakdown(StepTimer):
     """StepTimer that also times ReVACNNCallback's hooks and forward hooks, and the CPU of its threads."""
 
