@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from revacnn.shapes import resnet50_layers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # ResNet-50 layer shapes, shared with the tests
+from model_shapes import resnet50_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
@@ -60,7 +61,7 @@ def structure_body(model: str) -> dict:
 
 
 def step_message(model: str, step: int, rng: np.random.Generator):
-    from revacnn.protocol import Message
+    from revacnn.wire.protocol import Message
 
     layers = MODELS[model]
     total = sum(out for _, out in layers)
@@ -115,9 +116,9 @@ def open_live_page(playwright, port: int, dash: subprocess.Popen, deadline: floa
 def latency(refresh_ms: int, steps: int, spacing: tuple[float, float], tmp: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
-    from revacnn.connection import ConnectionInfo
-    from revacnn.protocol import Message
-    from revacnn.publisher import Publisher
+    from revacnn.wire.connection import ConnectionInfo
+    from revacnn.wire.protocol import Message
+    from revacnn.wire.publisher import Publisher
 
     pub = Publisher("latency-bench", heartbeat_s=1.0).start()
     pub.set_status(state="running", step=0)
@@ -256,7 +257,7 @@ def training_latency(refresh_ms: int, seconds: float, tmp: Path) -> dict:
 
 # -- (b) server side ---------------------------------------------------------------------------------------------
 def server_side(model: str, updates: int = 10) -> dict:
-    from revacnn.protocol import Message
+    from revacnn.wire.protocol import Message
     from revacnn_dash.app import _network_figure, create_app
     from revacnn_dash.hub import Hub
     from revacnn_dash.state import RunState
@@ -328,7 +329,7 @@ def _proc_kb(field: str) -> int:
 
 
 def memory_child(model: str, steps: int) -> None:
-    from revacnn.protocol import Message
+    from revacnn.wire.protocol import Message
     from revacnn_dash.app import create_app
     from revacnn_dash.hub import Hub
     from revacnn_dash.state import RunState

@@ -33,13 +33,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "dashboard"))
 
-from revacnn.protocol import FILTER_FIELDS, Message  # noqa: E402
+from revacnn.wire.protocol import FILTER_FIELDS, Message  # noqa: E402
 from revacnn.recording import RunRecorder  # noqa: E402
 from revacnn.recording.reader import open_run  # noqa: E402
 from revacnn_dash.analysis.compare import compare_snapshots  # noqa: E402
 from revacnn_dash.analysis.explorer import build_tree, filter_chart, layer_overview  # noqa: E402
 from revacnn_dash.analysis.tracking import anomalies, cube  # noqa: E402
-from revacnn.shapes import resnet50_layers  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # ResNet-50 layer shapes, shared with the tests
+from model_shapes import resnet50_layers  # noqa: E402
 
 
 def structure(layers, ids, revision, step):

@@ -54,7 +54,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from revacnn import ReVACNNCallback, probes
+from revacnn import ReVACNNCallback
+from revacnn.telemetry import probes
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
 
 

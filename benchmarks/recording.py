@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from revacnn.protocol import FILTER_FIELDS, Message
+from revacnn.wire.protocol import FILTER_FIELDS, Message
 from revacnn.recording import RunRecorder
 from revacnn.recording.reader import open_run
-from revacnn.shapes import resnet50_layers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # ResNet-50 layer shapes, shared with the tests
+from model_shapes import resnet50_layers  # noqa: E402
 
 
 MODELS = {"demo": [16, 20, 20, 10], "resnet50": [layer["out"] for layer in resnet50_layers()]}

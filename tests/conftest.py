@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from revacnn.client import RunClient
+from revacnn.wire.client import RunClient
 
 
 class Listener:

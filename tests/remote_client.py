@@ -13,9 +13,9 @@ import time
 
 import zmq
 
-from revacnn.client import ConnectionFailed, RunClient
-from revacnn.connection import ConnectionInfo, load_keypair, load_public_key
-from revacnn.protocol import Codec, Message
+from revacnn.wire.client import ConnectionFailed, RunClient
+from revacnn.wire.connection import ConnectionInfo, load_keypair, load_public_key
+from revacnn.wire.protocol import Codec, Message
 
 
 def intruder(info: ConnectionInfo, secret_file: str) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 
 from revacnn import ReVACNNCallback
 from revacnn.callback import Schedule
-from revacnn.client import RunClient
+from revacnn.wire.client import RunClient
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording.reader import open_run
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from revacnn.protocol import FILTER_FIELDS, Message
+from revacnn.wire.protocol import FILTER_FIELDS, Message
 from revacnn.recording import RunRecorder
 from revacnn.recording.reader import open_run
 from revacnn_dash.analysis.compare import compare_snapshots, cosine, log_change, relative_l2, zero_floor
@@ -39,7 +39,7 @@ def recorded_run() -> Path:
     import torch
 
     from revacnn import ReVACNNCallback
-    from revacnn.client import RunClient
+    from revacnn.wire.client import RunClient
     from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 
     class Steer(pl.Callback):

@@ -13,9 +13,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from revacnn import probes
+from revacnn.telemetry import probes
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
-from revacnn.probes import FilterProbe
+from revacnn.telemetry.probes import FilterProbe
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 _spec = importlib.util.spec_from_file_location("revacnn_benchmark_overhead", _PATH)

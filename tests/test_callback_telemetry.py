@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from revacnn import ReVACNNCallback
-from revacnn.scalars import add_scalars, scalar_values
+from revacnn.telemetry.scalars import add_scalars, scalar_values
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
-from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS
-from revacnn.transfer import HostCopy
+from revacnn.wire.protocol import FILTER_FIELDS, STAT_FIELDS
+from revacnn.telemetry.transfer import HostCopy
 
 LAYERS = ["net.conv1", "net.conv2", "net.conv3", "net.fc"]
 FILTERS_EVERY, SNAPSHOT_EVERY = 5, 20

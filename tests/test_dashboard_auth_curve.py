@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from revacnn.connection import ConnectionInfo, CurveServerKeys, allow_key, generate_keypair
-from revacnn.protocol import Message
-from revacnn.publisher import Publisher
+from revacnn.wire.connection import ConnectionInfo, CurveServerKeys, allow_key, generate_keypair
+from revacnn.wire.protocol import Message
+from revacnn.wire.publisher import Publisher
 from revacnn_dash.app import banner_children
 from revacnn_dash.hub import Hub
 

@@ -170,7 +170,7 @@ def test_only_the_shown_tab_is_polled(setup):
 
 
 def test_add_filter_on_conv2_changes_the_trainers_model(setup):
-    from revacnn.client import RunClient
+    from revacnn.wire.client import RunClient
 
     page = setup["page"]
     # click the first conv2 node (trace order: conv1 nodes 0-15, conv2 nodes 16-35)

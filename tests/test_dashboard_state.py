@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from revacnn.connection import ConnectionInfo
-from revacnn.protocol import Message
-from revacnn.publisher import Publisher
+from revacnn.wire.connection import ConnectionInfo
+from revacnn.wire.protocol import Message
+from revacnn.wire.publisher import Publisher
 from revacnn_dash.state import FINISHED, LIVE, UNREACHABLE, RunState, metric_name
 from revacnn_dash.worker import RunWorker, resolve_target
 
@@ -331,7 +331,7 @@ def test_a_server_of_another_protocol_version_is_reported_as_incompatible():
 
     import zmq
 
-    from revacnn.protocol import Codec
+    from revacnn.wire.protocol import Codec
     from revacnn_dash.state import INCOMPATIBLE
 
     context = zmq.Context()

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from revacnn import shapes
+import model_shapes as shapes
 from revacnn_dash.viewmodel import (activation_image, align_to_previous, compute_embedding, default_expanded,
                                     filter_image, fit_rows, jitter_pixels, missing_maps_reason, mosaic,
                                     nearest_neighbours, network_model, png_bytes, procrustes_align, redundancy,

@@ -79,7 +79,7 @@ def send_and_wait(client, commands, timeout=60.0):
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_steering_under_ddp_keeps_ranks_bitwise_equal(tmp_path, accumulate):
     """With gradient accumulation, too: rank 0 takes commands only where a step starts, and so must every rank."""
-    from revacnn.client import RunClient
+    from revacnn.wire.client import RunClient
 
     process = start(tmp_path, "--epochs", "2", "--batches", "40", "--slow", "0.05", "--accumulate", str(accumulate))
     deadline = time.monotonic() + 120

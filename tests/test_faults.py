@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from revacnn.client import ConnectionFailed, RunClient
+from revacnn.wire.client import ConnectionFailed, RunClient
 from revacnn.recording import open_run
 
 HERE = Path(__file__).parent
@@ -49,7 +49,7 @@ def assert_every_step_recorded(run_dir: Path, last: int) -> None:
 
 CLIENT = textwrap.dedent("""
     import sys, time
-    from revacnn.client import RunClient
+    from revacnn.wire.client import RunClient
     started = time.monotonic()
     with RunClient(sys.argv[1]) as client:
         client.connect(timeout=10)
@@ -118,8 +118,8 @@ def test_trainer_sigkill_client_sees_heartbeats_stop(tmp_path):
 STALLED = textwrap.dedent("""
     import json, resource, sys, time
     import numpy as np
-    from revacnn.protocol import Message
-    from revacnn.publisher import Publisher
+    from revacnn.wire.protocol import Message
+    from revacnn.wire.publisher import Publisher
 
     def rss():
         with open("/proc/self/status") as handle:
@@ -301,7 +301,7 @@ def test_an_internal_error_in_telemetry_stops_telemetry_not_the_training(tmp_pat
 
     from revacnn import ReVACNNCallback
     from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
-    from revacnn.probes import FilterProbe
+    from revacnn.telemetry.probes import FilterProbe
 
     measured = []
     original = FilterProbe.measure

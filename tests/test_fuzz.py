@@ -19,9 +19,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from revacnn.client import RunClient
-from revacnn.protocol import ALLOWED_DTYPES, MESSAGE_TYPES, Codec, Message, ProtocolError, validate_request
-from revacnn.publisher import Publisher
+from revacnn.wire.client import RunClient
+from revacnn.wire.protocol import ALLOWED_DTYPES, MESSAGE_TYPES, Codec, Message, ProtocolError, validate_request
+from revacnn.wire.publisher import Publisher
 
 EXAMPLES = {"frames": 4000, "headers": 1500, "requests": 1500, "router": 1000, "steering": 1500, "client": 500}
 

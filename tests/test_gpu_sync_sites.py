@@ -9,7 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from revacnn import ReVACNNCallback, probes
+from revacnn import ReVACNNCallback
+from revacnn.telemetry import probes
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sync_sites.py"
 _spec = importlib.util.spec_from_file_location("revacnn_benchmark_gpu_sync_sites", _PATH)
@@ -47,6 +48,6 @@ def test_each_sync_is_booked_to_its_phase_and_to_the_revacnn_frame_that_made_it(
     booked = {(phase, owner, where.split(":")[0], where.split(" in ")[1]): times
               for (phase, owner, where, _thread), times in sites.count.items()}
     # the innermost frame of revacnn's own: the planted functions are this file's, so their callers are named
-    assert booked == {("training loop", "revacnn", "revacnn/probes.py", "record"): 100,
+    assert booked == {("training loop", "revacnn", "revacnn/telemetry/probes.py", "record"): 100,
                       ("validation", "revacnn", "revacnn/callback.py", "<lambda>"): 1}
     assert sites.phase.name == "fit end"

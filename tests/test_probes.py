@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from revacnn.probes import FilterProbe, discover_layers
+from revacnn.telemetry.probes import FilterProbe, discover_layers
 
 
 def small_net() -> nn.Module:
@@ -90,7 +90,7 @@ def test_per_filter_fields_equal_independent_values_over_steps_and_with_a_frozen
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("count", [1, 3])
 def test_flatten_copies_the_tensors_one_after_the_other(count, contiguous):
-    from revacnn.probes import flatten
+    from revacnn.telemetry.probes import flatten
 
     tensors = [torch.randn(4, 3, 2) if contiguous else torch.randn(4, 3, 2).transpose(0, 2) for _ in range(count)]
     flat = flatten(tensors)
@@ -122,8 +122,8 @@ def test_unknown_strategy_is_refused():
 @pytest.mark.parametrize("size", [1, 7, 1200, 10_000])
 @pytest.mark.parametrize("path", ["numpy (CPU)", "torch (other devices, run here on the CPU)"])
 def test_tensor_stats_equal_torch_quantile_and_independent_values(size, path):
-    from revacnn.probes import tensor_stats, torch_stats
-    from revacnn.protocol import STAT_FIELDS
+    from revacnn.telemetry.probes import tensor_stats, torch_stats
+    from revacnn.wire.protocol import STAT_FIELDS
 
     torch.manual_seed(size)
     tensor = torch.randn(size) * 3
@@ -171,7 +171,7 @@ def test_a_transposed_conv_is_measured_per_output_channel(strategy, groups):
 def test_logits_are_found_in_what_forward_returns():
     from types import SimpleNamespace
 
-    from revacnn.probes import logits_of
+    from revacnn.telemetry.probes import logits_of
 
     logits = torch.randn(4, 10)
     assert logits_of(logits) is logits

@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from revacnn.protocol import Codec, Message, ProtocolError, validate_request
+from revacnn.wire.protocol import Codec, Message, ProtocolError, validate_request
 
 
 def frames_of(header: dict, *buffers: bytes, signature: bytes = b"") -> list[bytes]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from revacnn.protocol import FILTER_FIELDS, Message
+from revacnn.wire.protocol import FILTER_FIELDS, Message
 from revacnn.recording import RunRecorder
 from revacnn.recording.format import list_segments, read_segment
 from revacnn.recording.reader import list_runs, open_run
@@ -473,7 +473,7 @@ def test_read_while_written_grows_monotonically(tmp_path):
 CHILD = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from revacnn.protocol import Message
+    from revacnn.wire.protocol import Message
     from revacnn.recording import RunRecorder
     layers = [{"name": "c", "out": 6, "filter_ids": list(range(6))}, {"name": "f", "out": 3, "filter_ids": [6, 7, 8]}]
     rec = RunRecorder(sys.argv[1], full_records=200, keep_buckets=50, levels=3)

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from revacnn import ReVACNNCallback
-from revacnn.client import RunClient
+from revacnn.wire.client import RunClient
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording.reader import list_runs, open_run
 from test_callback_telemetry import Witness

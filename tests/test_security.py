@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from revacnn.cli import main as cli_main
-from revacnn.client import ConnectionFailed, RunClient
-from revacnn.connection import (
+from revacnn.wire.client import ConnectionFailed, RunClient
+from revacnn.wire.connection import (
     ConnectionInfo,
     CurveServerKeys,
     allow_key,
@@ -19,8 +19,8 @@ from revacnn.connection import (
     load_keypair,
     load_public_key,
 )
-from revacnn.protocol import Codec, Message
-from revacnn.publisher import Publisher
+from revacnn.wire.protocol import Codec, Message
+from revacnn.wire.publisher import Publisher
 
 
 @pytest.fixture

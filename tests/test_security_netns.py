@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from revacnn.connection import allow_key, generate_keypair
+from revacnn.wire.connection import allow_key, generate_keypair
 from revacnn.recording import open_run
 
 HERE = Path(__file__).parent

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from revacnn import ReVACNNCallback, load_steered
-from revacnn.client import RunClient
+from revacnn.wire.client import RunClient
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from revacnn.scalars import StepBatch
+from revacnn.telemetry.scalars import StepBatch
 
 
 def _batch(**kwargs):
@@ -81,7 +81,7 @@ def test_a_step_without_a_loss_has_loss_none():
 def test_device_values_are_stacked_once_per_step_as_float32_copies():
     """Values on an accelerator are stacked by ``stack_on_device`` (run here on CPU tensors): one float32 vector
     whatever their dtypes and single-element shapes, copied, so a value updated in place later keeps its step's."""
-    from revacnn.scalars import stack_on_device
+    from revacnn.telemetry.scalars import stack_on_device
 
     running = torch.tensor([0.25])  # a [1]-shaped buffer a module logs and updates in place
     values = [torch.tensor(1.5, dtype=torch.float16), running, torch.tensor(3, dtype=torch.int64),

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import zmq
 
-from revacnn.client import ConnectionFailed, RunClient
-from revacnn.connection import ConnectionInfo
-from revacnn.protocol import Codec, Message
-from revacnn.publisher import Publisher
+from revacnn.wire.client import ConnectionFailed, RunClient
+from revacnn.wire.connection import ConnectionInfo
+from revacnn.wire.protocol import Codec, Message
+from revacnn.wire.publisher import Publisher
 
 
 @pytest.fixture

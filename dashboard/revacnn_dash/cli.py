@@ -22,8 +22,8 @@ import signal
 import socket
 import sys
 
-from revacnn.client import CLIENT_KEY_ENV
-from revacnn.publisher import is_loopback
+from revacnn.wire.client import CLIENT_KEY_ENV
+from revacnn.wire.publisher import is_loopback
 
 from .auth import ENV_TOKEN, generate_token
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from revacnn.protocol import Message
+from revacnn.wire.protocol import Message
 
 from .embedding import EmbeddingService
 from .state import FILTER_FIELDS, REPLAY, RunState, metric_name
@@ -22,7 +22,7 @@ class Hub:
         # RunClient's CURVE options for every live run: client_keys, server_key, host (docs/remote.md).
         self.client_options = {k: v for k, v in (client_options or {}).items() if v is not None}
         if self.client_options.get("client_keys") is not None:
-            from revacnn.connection import load_keypair
+            from revacnn.wire.connection import load_keypair
 
             load_keypair(self.client_options["client_keys"])   # a bad key file fails at start, not per run
         self.runs: dict[str, RunState] = {}

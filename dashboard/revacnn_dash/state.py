@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from revacnn.protocol import Message
+from revacnn.wire.protocol import Message
 
 #: Connection states shown in the banner.
 CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (

@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from revacnn.client import ConnectionFailed, RunClient
-from revacnn.connection import CONNECTION_FILE_NAME
+from revacnn.wire.client import ConnectionFailed, RunClient
+from revacnn.wire.connection import CONNECTION_FILE_NAME
 
 from .state import FINISHED, INCOMPATIBLE, LIVE, UNREACHABLE, RunState
 

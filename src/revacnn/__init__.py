@@ -1,6 +1,6 @@
 """revacnn: watch and steer the training of convolutional networks while it runs.
 
-The torch-free parts (``revacnn.protocol``, ``revacnn.client``, ``revacnn.recording.reader``) import without torch, so a
+The torch-free parts (``revacnn.wire.protocol``, ``revacnn.wire.client``, ``revacnn.recording.reader``) import without torch, so a
 laptop with ``revacnn[dash]`` can use them. The training side (``ReVACNNCallback``, ``revacnn.steering``) is loaded
 on first use.
 """
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ReVACNNCallback": ("revacnn.callback", "ReVACNNCallback"),
-    "RunClient": ("revacnn.client", "RunClient"),
+    "RunClient": ("revacnn.wire.client", "RunClient"),
     "load_steered": ("revacnn.steering.changelog", "load_steered"),
 }
 

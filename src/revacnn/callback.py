@@ -1,7 +1,7 @@
 """``ReVACNNCallback``: watch and steer a Lightning run while it trains.
 
-Hooks stay thin: they decide what is due (``Schedule``), ask ``revacnn.probes`` for device tensors, hand one packed
-host copy to the I/O thread (``revacnn.publisher``), and apply steering commands at the safe point before each
+Hooks stay thin: they decide what is due (``Schedule``), ask ``revacnn.telemetry.probes`` for device tensors, hand one packed
+host copy to the I/O thread (``revacnn.wire.publisher``), and apply steering commands at the safe point before each
 batch (``revacnn.steering``). Only global rank 0 measures, publishes and records; every rank takes part in the
 command broadcast so that all of them steer identically at the same step.
 """
@@ -28,15 +28,15 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from revacnn.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServerKeys
-from revacnn.probes import (FilterProbe, discover_layers, eval_mode, filter_change, filter_count, filters_first,
+from revacnn.wire.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServerKeys
+from revacnn.telemetry.probes import (FilterProbe, discover_layers, eval_mode, filter_change, filter_count, filters_first,
                             logits_of, probe_pass, tensor_stats)
-from revacnn.protocol import FILTER_FIELDS, STAT_FIELDS, Message
-from revacnn.publisher import Publisher
-from revacnn.scalars import StepBatch, add_scalars, scalar_values
+from revacnn.wire.protocol import FILTER_FIELDS, STAT_FIELDS, Message
+from revacnn.wire.publisher import Publisher
+from revacnn.telemetry.scalars import StepBatch, add_scalars, scalar_values
 from revacnn.steering.commands import STRUCTURAL_OPS
-from revacnn.structure import layer_description, trace
-from revacnn.transfer import HostCopy, PendingMessage
+from revacnn.telemetry.structure import layer_description, trace
+from revacnn.telemetry.transfer import HostCopy, PendingMessage
 
 log = logging.getLogger(__name__)
 

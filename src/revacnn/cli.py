@@ -123,7 +123,7 @@ NAME.key is public and may be copied anywhere; NAME.key_secret is secret (mode 0
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
-    from revacnn.connection import generate_keypair, load_public_key
+    from revacnn.wire.connection import generate_keypair, load_public_key
 
     try:
         public, secret = generate_keypair(args.out, args.name, force=args.force)
@@ -136,7 +136,7 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _keys_allow(args: argparse.Namespace) -> int:
-    from revacnn.connection import allow_key, load_public_key
+    from revacnn.wire.connection import allow_key, load_public_key
 
     try:
         target = allow_key(args.public_key_file, args.keys_dir, name=args.name)
@@ -149,7 +149,7 @@ def _keys_allow(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    from revacnn.connection import SERVER_KEY_NAME, allowed_keys, load_public_key
+    from revacnn.wire.connection import SERVER_KEY_NAME, allowed_keys, load_public_key
 
     directory = Path(args.keys_dir).expanduser()
     server = directory / f"{SERVER_KEY_NAME}.key"
@@ -162,7 +162,7 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    from revacnn.connection import ALLOWED_DIR_NAME
+    from revacnn.wire.connection import ALLOWED_DIR_NAME
 
     name = args.name if args.name.endswith(".key") else f"{args.name}.key"
     target = Path(args.keys_dir).expanduser() / ALLOWED_DIR_NAME / Path(name).name
@@ -175,7 +175,7 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _add_keys(commands) -> None:
-    from revacnn.connection import default_keys_dir
+    from revacnn.wire.connection import default_keys_dir
 
     keys = commands.add_parser("keys", help="CURVE keys for remote use: generate, allow, list, revoke",
                                description="Manage CURVE keys: the trainer's keypair and the allow-list of client "

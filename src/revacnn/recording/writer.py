@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..protocol import FILTER_FIELDS, Message
+from ..wire.protocol import FILTER_FIELDS, Message
 from .format import COMMIT_COLUMN, COMMIT_MAGIC, FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, renamed_by, segment_name
 
 log = logging.getLogger(__name__)

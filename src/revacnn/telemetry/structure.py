@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from revacnn.probes import eval_mode, filter_count
+from revacnn.telemetry.probes import eval_mode, filter_count
 
 _MAX_GRAPH_NODES = 200_000
 INPUT = "input"  # the model input, as an edge source

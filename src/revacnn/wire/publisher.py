@@ -20,8 +20,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from revacnn import __version__
-from revacnn.connection import CurveServerKeys
-from revacnn.protocol import (
+from revacnn.wire.connection import CurveServerKeys
+from revacnn.wire.protocol import (
     SUPPORTED_VERSIONS,
     TOPIC_PREFIX,
     Codec,

@@ -17,7 +17,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from revacnn.protocol import PROTOCOL_VERSION
+from revacnn.wire.protocol import PROTOCOL_VERSION
 
 CONNECTION_FILE_NAME = "connection.json"
 SERVER_KEY_NAME = "server"

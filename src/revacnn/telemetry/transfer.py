@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from revacnn.probes import flatten
-from revacnn.protocol import Message
+from revacnn.telemetry.probes import flatten
+from revacnn.wire.protocol import Message
 
 
 class PendingArrays:

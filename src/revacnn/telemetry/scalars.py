@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from revacnn.transfer import HostCopy, PendingMessage
+from revacnn.telemetry.transfer import HostCopy, PendingMessage
 
 
 def pack_scalars(values: Iterable[tuple[Hashable, Any]]

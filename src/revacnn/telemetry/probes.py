@@ -1,7 +1,7 @@
 """Quantities: what is measured on the device, per monitored layer and per filter (docs/protocol.md §4).
 
 Every function here returns device tensors and never reads a value back to the host; the callback decides when
-each quantity is due and packs the results into one host copy (``revacnn.transfer``).
+each quantity is due and packs the results into one host copy (``revacnn.telemetry.transfer``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revacnn.protocol import STAT_FIELDS
+from revacnn.wire.protocol import STAT_FIELDS
 
 MONITORED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs; larger tensors are sampled with a fixed stride
