@@ -22,7 +22,7 @@ temp file + rename), and whole finished per-filter segments are deleted once coa
 from __future__ import annotations
 
 import os
-import re
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +40,12 @@ TERMINAL_STATES = ("finished", "stopped", "failed")
 COMMIT_COLUMN = "_commit"
 COMMIT_MAGIC = 0x52455641434E4E31   # "REVACNN1"
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
 
 def quote_layer(name: str) -> str:
-    """A layer name as a directory name: every character outside [A-Za-z0-9._-] becomes %XX (UTF-8)."""
-    out = []
-    for char in name:
-        if _SAFE.match(char) or char == "%":
-            out.extend(f"%{byte:02X}" for byte in char.encode())
-        else:
-            out.append(char)
-    text = "".join(out)
+    """A layer name as a directory name: every character outside [A-Za-z0-9._-] becomes %XX (UTF-8).
+
+    ``urllib.parse.quote`` never quotes ``~``; directories written before quote it, so it is quoted here too."""
+    text = urllib.parse.quote(name, safe="").replace("~", "%7E")
     return text if text not in ("", ".", "..") else "%" + text.encode().hex()
 
 
