@@ -1,16 +1,19 @@
 """Run recording: ``RunRecorder`` writes a run directory; ``reader.open_run`` / ``reader.list_runs`` read it back.
 
-Nothing here imports torch. Layout, crash-safety and downsampling policy: docs/design.md, "Recording".
+Nothing here imports torch, and importing the package loads nothing more (pyarrow loads with the writer or the
+reader; ``lineage`` needs neither). Layout, crash-safety and downsampling policy: docs/design.md, "Recording".
 """
 
 from __future__ import annotations
-
-from .writer import RunRecorder
 
 __all__ = ["RunRecorder", "list_runs", "open_run"]
 
 
 def __getattr__(name: str):
+    if name == "RunRecorder":
+        from .writer import RunRecorder
+
+        return RunRecorder
     if name in ("list_runs", "open_run", "RunReader"):
         from . import reader
 

@@ -49,16 +49,6 @@ def quote_layer(name: str) -> str:
     return text if text not in ("", ".", "..") else "%" + text.encode().hex()
 
 
-def renamed_by(ack: dict) -> dict[str, str]:
-    """Old name → new name of the layers a command's ack says it renamed (``insert_layer`` moves ``conv2`` into a
-    Sequential as ``conv2.0``, keeping its filters and their ids); empty unless the ack is ``done``."""
-    result = ack.get("result") if ack.get("status") == "done" else None
-    renamed = (result.get("changes") or {}).get("renamed") if isinstance(result, dict) else None
-    if not isinstance(renamed, dict):
-        return {}
-    return {old: new for old, new in renamed.items() if isinstance(old, str) and isinstance(new, str) and old != new}
-
-
 def segment_name(index: int) -> str:
     return f"seg-{index:06d}{SEGMENT_SUFFIX}"
 

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, quote_layer, read_segment, renamed_by
+from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, quote_layer, read_segment
+from .lineage import renamed_by
 
 __all__ = ["list_runs", "open_run", "RunReader"]
 

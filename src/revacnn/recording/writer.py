@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..wire.protocol import FILTER_FIELDS, Message
-from .format import COMMIT_COLUMN, COMMIT_MAGIC, FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, renamed_by, segment_name
+from .format import COMMIT_COLUMN, COMMIT_MAGIC, FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, list_segments, quote_layer, segment_name
+from .lineage import renamed_by
 
 log = logging.getLogger(__name__)
 
