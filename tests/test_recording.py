@@ -624,12 +624,12 @@ def test_write_error_on_full_disk_is_contained(tmp_path, monkeypatch):
     for i in range(10):
         rec.submit(step_message(i + 2, i + 1, DEMO, rng))
     assert rec.flush(timeout=5)
-    import revacnn.recording.writer as writer
+    import revacnn.recording.stream as stream
 
     def full(self, batch):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writer._Stream, "append", full)
+    monkeypatch.setattr(stream.SegmentStream, "append", full)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(10, 20):

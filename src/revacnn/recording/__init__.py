@@ -2,6 +2,11 @@
 
 Nothing here imports torch, and importing the package loads nothing more (pyarrow loads with the writer or the
 reader; ``lineage`` needs neither). Layout, crash-safety and downsampling policy: docs/design.md, "Recording".
+
+Write side: writer.py (``RunRecorder``, the background thread) → run_writer.py (messages into rows) → rows.py,
+pyramid.py (per-filter level pyramid), snapshots.py → stream.py (segment files). Read side: reader.py
+(``RunReader``) → filter_series.py (the pyramid read back), snapshots.py → segment_cache.py. Shared: format.py (the
+layout), timeline.py (which rows a reader returns), lineage.py (layers renamed by a command).
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ temp file + rename), and whole finished per-filter segments are deleted once coa
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +49,27 @@ def quote_layer(name: str) -> str:
     ``urllib.parse.quote`` never quotes ``~``; directories written before quote it, so it is quoted here too."""
     text = urllib.parse.quote(name, safe="").replace("~", "%7E")
     return text if text not in ("", ".", "..") else "%" + text.encode().hex()
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON of a message body or schema metadata; numpy values become plain numbers and lists."""
+    return json.dumps(value, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace ``path`` with ``data`` as JSON: a temp file renamed over it, so a reader sees the old or the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, path)          # atomic; no fsync (it can stall for seconds on a busy disk)
 
 
 def segment_name(index: int) -> str:

@@ -8,103 +8,25 @@ is ignored. Layout and policies: docs/design.md, "Recording".
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, quote_layer, read_segment
-from .lineage import renamed_by
+from .filter_series import PyramidSegments, read_filter_series
+from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, read_segment
+from .lineage import latest_name, names_before, renamed_by
+from .segment_cache import SegmentCache
+from .snapshots import read_snapshot, snapshot_files
+from .timeline import in_step_range, latest_timeline
 
 __all__ = ["list_runs", "open_run", "RunReader"]
 
 LIVE_SECONDS = 30.0
-
-
-class _Segments:
-    """The readable segments of one stream, cached by (inode, size, mtime); ``parse`` turns a segment's Table into data."""
-
-    def __init__(self, directory: Path, parse: Callable[[pa.Table], Any] | None = None):
-        self.directory = directory
-        self.parse = parse
-        self.cache: dict[Path, tuple] = {}
-
-    def read(self) -> list[tuple[Path, Any]]:
-        out = []
-        paths = list_segments(self.directory)
-        for path in paths:
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:       # retired between listing and reading
-                continue
-            key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)   # a re-packed segment is a new inode
-            cached = self.cache.get(path)
-            if cached is None or cached[0] != key:
-                schema, table, _ = read_segment(path)
-                data = None
-                if table is not None and table.num_rows:
-                    data = self.parse(table) if self.parse else table
-                cached = (key, data)
-                self.cache[path] = cached
-            if cached[1] is not None:
-                out.append((path, cached[1]))
-        for path in set(self.cache) - set(paths):
-            del self.cache[path]
-        return out
-
-    def table(self) -> pa.Table | None:
-        tables = [data for _, data in self.read()]
-        if not tables:
-            return None
-        if len(tables) == 1:
-            return tables[0]
-        return pa.concat_tables(tables, promote_options="permissive")
-
-
-class _FilterSegment:
-    """One segment of one pyramid level of one layer's per-filter series."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
-        self._columns: dict[str, np.ndarray] = {}
-        meta = table.schema.metadata or {}
-        self.ids = np.asarray(json.loads(meta.get(b"filter_ids", b"[]")), np.int64)
-        self.level = int(meta.get(b"level", b"0"))
-        self.starts = self.table.column("step").to_numpy()
-        if self.level:
-            self.ends = self.table.column("step_end").to_numpy()
-            self.counts = self.table.column("count").to_numpy()
-        else:
-            self.ends = self.starts
-            self.counts = np.ones(len(self.starts), np.int64)
-
-    def parts(self, name: str) -> list[tuple[int, np.ndarray]]:
-        """One list column as ``[(first row, [rows, F] array), …]``: zero-copy views of the memory-mapped batches,
-        or, for a segment of many small batches (a slowly training run), one contiguous copy made once and cached."""
-        if name not in self._columns:
-            width = len(self.ids)
-            chunks = self.table.column(name).chunks
-            arrays = []
-            for chunk in chunks:
-                flat = chunk.values           # batches read from IPC have offset 0; slice if not
-                if chunk.offset or len(flat) != len(chunk) * width:
-                    flat = flat.slice(chunk.offset * width, len(chunk) * width)
-                arrays.append(flat.to_numpy(zero_copy_only=False).reshape(-1, width))
-            if len(arrays) > 32:
-                arrays = [np.concatenate(arrays)]
-            starts = np.cumsum([0] + [len(a) for a in arrays[:-1]]).tolist()
-            self._columns[name] = list(zip(starts, arrays))
-        return self._columns[name]
-
-    def column(self, name: str) -> np.ndarray:
-        """[rows, F] float array of one list column."""
-        parts = self.parts(name)
-        return parts[0][1] if len(parts) == 1 else np.concatenate([a for _, a in parts])
 
 
 def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -115,27 +37,6 @@ def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.to_pylist(), dtype=object)
 
 
-def _latest_timeline(steps: np.ndarray) -> np.ndarray:
-    """Which rows, given in the order they were written, no later row supersedes. A run resumed from a checkpoint
-    into the same recording starts again at an earlier step, and what it writes replaces every row written before
-    from that step on (the branch the checkpoint abandoned), as TensorBoard purges on a restart; so does a new run
-    recorded into a directory named for an older one. One run's rows, whose steps only grow, all pass."""
-    keep = np.ones(len(steps), bool)
-    if len(steps) > 1:
-        later_min = np.minimum.accumulate(steps[::-1])[::-1]
-        keep[:-1] = steps[:-1] < later_min[1:]
-    return keep
-
-
-def _range_mask(steps: np.ndarray, start: int | None, stop: int | None, ends: np.ndarray | None = None):
-    ends = steps if ends is None else ends
-    mask = np.ones(len(steps), bool)
-    if start is not None:
-        mask &= ends >= start
-    if stop is not None:
-        mask &= steps < stop
-    return mask
-
 
 class RunReader:
     """Reads one run directory (see module docstring). Every accessor sees what has been appended so far."""
@@ -144,8 +45,8 @@ class RunReader:
         self.path = Path(path)
         if not (self.path / MARKER).is_file():
             raise FileNotFoundError(f"{self.path} is not a revacnn run directory (no {MARKER})")
-        self._streams = {name: _Segments(self.path / name) for name in ("events", "scalars", "layers", "val")}
-        self._filters: dict[tuple[str, int], _Segments] = {}
+        self._streams = {name: SegmentCache(self.path / name) for name in ("events", "scalars", "layers", "val")}
+        self._filters = PyramidSegments(self.path)
         self._renames: tuple[tuple, dict[str, str]] | None = None
         self.info: dict[str, Any] = {}
         self.refresh()
@@ -171,7 +72,7 @@ class RunReader:
         """One layer's per-filter rows at one pyramid level as a pyarrow Table (list columns; ``filter_ids`` of each
         segment in its schema metadata, also added here as a list column)."""
         tables = []
-        for segment in self._lineage_segments(self.lineage(layer), level):
+        for segment in self._filters.segments(self.lineage(layer), level):
             ids = pa.array([segment.ids.tolist()] * segment.table.num_rows, pa.list_(pa.int64()))
             tables.append(segment.table.append_column("filter_ids", ids).replace_schema_metadata(None))
         if not tables:
@@ -208,10 +109,7 @@ class RunReader:
         for _, body in self.structures():
             previous = None
             for layer in body.get("layers", []):
-                name, seen = layer["name"], set()
-                while name in later and name not in seen:
-                    seen.add(name)
-                    name = later[name]
+                name = latest_name(layer["name"], later)
                 if name not in names:   # a layer new in this structure goes after the one before it there
                     names.insert(names.index(previous) + 1 if previous in names else len(names), name)
                 previous = name
@@ -232,11 +130,7 @@ class RunReader:
 
     def lineage(self, layer: str) -> list[str]:
         """The names ``layer`` had, oldest first, ending with ``layer`` itself."""
-        renamed = self.renames()
-        names = [layer]
-        while names[0] in renamed and renamed[names[0]] not in names:
-            names.insert(0, renamed[names[0]])
-        return names
+        return names_before(layer, self.renames())
 
     def steering_log(self) -> list[dict]:
         """Final acks of every command, in order: seq, time, step, id, op, status, error, result, req."""
@@ -268,7 +162,7 @@ class RunReader:
         if table is None:
             return {"step": np.zeros(0, np.int64)}
         steps = table.column("step").to_numpy(zero_copy_only=False)
-        index = np.nonzero(_latest_timeline(steps) & _range_mask(steps, start, stop))[0][::max(1, int(every))]
+        index = np.nonzero(latest_timeline(steps) & in_step_range(steps, start, stop))[0][::max(1, int(every))]
         table = table.take(pa.array(index, pa.int64()))
         return {name: _column_numpy(table.column(name)) for name in table.column_names}
 
@@ -288,7 +182,7 @@ class RunReader:
         if table is None:
             return {"step": np.zeros(0, np.int64), "layers": [], "values": np.zeros((0, 0), np.float32)}
         steps = table.column("step").to_numpy()
-        mask = _latest_timeline(steps) & _range_mask(steps, start, stop)
+        mask = latest_timeline(steps) & in_step_range(steps, start, stop)
         recorded = [name for name in table.column_names if name not in ("step", "time")]
         renamed_away = set(self.renames().values())
         names = [name for name in self.layer_names() if any(n in recorded for n in self.lineage(name))]
@@ -304,28 +198,6 @@ class RunReader:
         values = np.stack(columns, axis=1) if columns else np.zeros((len(steps), 0), np.float32)
         return {"step": steps[mask], "layers": names, "values": values[mask]}
 
-    # -- per-filter series ------------------------------------------------------------------------------------
-    def _filter_segments(self, layer: str, level: int) -> list[tuple[Path, _FilterSegment]]:
-        key = (layer, level)
-        if key not in self._filters:
-            self._filters[key] = _Segments(self.path / "filters" / quote_layer(layer) / f"L{level}", _FilterSegment)
-        return self._filters[key].read()
-
-    def _lineage_segments(self, names: list[str], level: int) -> list[_FilterSegment]:
-        """One level's segments of a layer under each name it had (``lineage``), in order: a recorder writes a
-        renamed layer on under its first name, and one that resumed after the rename under the new one."""
-        return [segment for name in names for _, segment in self._filter_segments(name, level)]
-
-    def _levels(self, layer: str) -> list[list[_FilterSegment]]:
-        """Every level's segments, read coarsest first and back to back: a bucket is written after the records it
-        holds, so the finer levels, read last, are at least as new as the coarse ones and nothing falls between
-        (read the other way round, records written in between showed up as buckets only)."""
-        names = self.lineage(layer)
-        levels = [self._lineage_segments(names, level) for level in reversed(range(int(self.info.get("levels") or 1)))]
-        levels.reverse()
-        while levels and not levels[-1]:
-            levels.pop()
-        return levels
 
     def _resolve_layer(self, layer) -> str:
         if isinstance(layer, (int, np.integer)):
@@ -348,184 +220,21 @@ class RunReader:
         ``values`` holds bucket means and ``min``, ``max`` [T, F], ``step_end`` and ``count`` [T] are added
         (``step`` is then the bucket's first step).
         """
-        name = self._resolve_layer(layer)
-        levels = self._levels(name)
-        empty = {"step": np.zeros(0, np.int64), "filter_ids": np.zeros(0, np.int64),
-                 "values": np.zeros((0, 0), np.float32)}
-        if not levels:
-            return empty
-        rows = []   # per level: (starts, ends, segment index, row index)
-        for segments in levels:
-            if segments:
-                starts = np.concatenate([s.starts for s in segments])
-                ends = np.concatenate([s.ends for s in segments])
-                seg = np.concatenate([np.full(len(s.starts), i) for i, s in enumerate(segments)])
-                row = np.concatenate([np.arange(len(s.starts)) for s in segments])
-            else:
-                starts = ends = seg = row = np.zeros(0, np.int64)
-            rows.append((starts, ends, seg, row))
-        rows[0] = tuple(column[_latest_timeline(rows[0][0])] for column in rows[0])  # single records, in order
-        choice = None
-        for level in range(len(levels)):
-            selection = self._merge(rows, level)
-            count = sum(int(np.count_nonzero(mask & _range_mask(rows[k][0], start, stop, rows[k][1])))
-                        for k, mask in selection.items())
-            selection = {k: mask & _range_mask(rows[k][0], start, stop, rows[k][1]) for k, mask in selection.items()}
-            if resolution is None or count <= resolution or level == len(levels) - 1:
-                choice = selection
-                break
-        parts = [(rows[k][0][mask], np.full(int(mask.sum()), k), rows[k][2][mask], rows[k][3][mask])
-                 for k, mask in choice.items() if mask.any()]
-        if not parts:
-            return empty
-        steps, row_level, row_seg, row_in_seg = (np.concatenate(column) for column in zip(*parts))
-        order = np.argsort(steps, kind="stable")
-        steps, row_level, row_seg, row_in_seg = steps[order], row_level[order], row_seg[order], row_in_seg[order]
-        downsampled = bool(np.any(row_level > 0))
-        # (level, segment) groups in order of first appearance; filter ids in order of first appearance
-        key = row_level * (1 << 32) + row_seg
-        _, first_index = np.unique(key, return_index=True)
-        group_keys = [(int(row_level[i]), int(row_seg[i])) for i in sorted(first_index)]
-        ids: dict[int, int] = {}
-        for k, s in group_keys:
-            for fid in levels[k][s].ids.tolist():
-                if fid not in ids:
-                    ids[fid] = len(ids)
-        n, width = len(steps), len(ids)
-        # every cell is written unless some segment lacks some filter ids (steering): then start from NaN
-        covered = all(len(levels[k][s].ids) == width for k, s in group_keys)
-        blank = np.empty if covered else (lambda shape, dtype: np.full(shape, np.nan, dtype))
-        values = blank((n, width), np.float32)
-        low = blank((n, width), np.float32) if downsampled else None
-        high = blank((n, width), np.float32) if downsampled else None
-        ends = np.empty(n, np.int64)
-        counts = np.empty(n, np.int64)
-        for k, s in group_keys:
-            out_rows = np.nonzero(key == k * (1 << 32) + s)[0]
-            seg_rows = row_in_seg[out_rows]
-            segment = levels[k][s]
-            cols = np.asarray([ids[int(fid)] for fid in segment.ids], np.int64)
-            contiguous = len(cols) and cols[-1] - cols[0] + 1 == len(cols) and np.all(np.diff(cols) == 1)
-            col_index = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
-            row_block = (slice(int(out_rows[0]), int(out_rows[-1]) + 1)
-                         if out_rows[-1] - out_rows[0] + 1 == len(out_rows) else out_rows)
-            seg_block = (slice(int(seg_rows[0]), int(seg_rows[-1]) + 1)
-                         if seg_rows[-1] - seg_rows[0] + 1 == len(seg_rows) else seg_rows)
-
-            def put(target, column):
-                if isinstance(row_block, slice) and isinstance(col_index, slice) and isinstance(seg_block, slice):
-                    first, last = seg_block.start, seg_block.stop      # copy straight from each batch
-                    for offset, part in segment.parts(column):
-                        lo, hi = max(first, offset), min(last, offset + len(part))
-                        if lo < hi:
-                            out = row_block.start + lo - first
-                            target[out:out + hi - lo, col_index] = part[lo - offset:hi - offset]
-                    return
-                data = segment.column(column)[seg_block]
-                if isinstance(row_block, slice) and isinstance(col_index, slice):
-                    target[row_block, col_index] = data
-                else:
-                    target[np.ix_(np.arange(n)[row_block], np.arange(width)[col_index])] = data
-
-            put(values, field)
-            if downsampled:
-                put(low, field if k == 0 else field + "/min")
-                put(high, field if k == 0 else field + "/max")
-            ends[out_rows] = segment.ends[seg_rows]
-            counts[out_rows] = segment.counts[seg_rows]
-        out = {"step": steps, "filter_ids": np.fromiter(ids, np.int64, width), "values": values}
-        if resolution is not None and n > resolution:
-            return self._rebucket(out, low, high, ends, counts, resolution)
-        if downsampled:
-            out.update({"min": low, "max": high, "step_end": ends, "count": counts})
-        return out
-
-    @staticmethod
-    def _merge(rows, level: int) -> dict[int, np.ndarray]:
-        """Rows of every level that together cover the run once: level ``level`` where it has data, coarser
-        levels before it, finer levels after its last complete bucket."""
-        selection = {k: np.zeros(len(rows[k][0]), bool) for k in range(len(rows))}
-        starts, ends = rows[level][0], rows[level][1]
-        selection[level][:] = True
-        first = starts[0] if len(starts) else math.inf
-        last = ends[-1] if len(ends) else -math.inf
-        for k in range(level + 1, len(rows)):
-            older = rows[k][0] < first
-            if not older.any():
-                continue
-            boundary = rows[k][1][older][-1]
-            for j in selection:          # finer rows the last older bucket already covers
-                if j < k:
-                    selection[j] &= rows[j][0] > boundary
-            selection[k] = older
-            first = rows[k][0][older][0]
-        for k in range(level - 1, -1, -1):
-            newer = rows[k][0] > last
-            selection[k] |= newer
-            if newer.any():
-                last = rows[k][1][newer][-1]
-        return selection
-
-    @staticmethod
-    def _rebucket(out, low, high, ends, counts, resolution: int) -> dict[str, np.ndarray]:
-        values = out["values"]
-        if low is None:
-            low, high = values, values
-        n = len(values)
-        size = math.ceil(n / resolution)
-        groups = np.arange(n) // size
-        bounds = np.r_[0, np.nonzero(np.diff(groups))[0] + 1]
-        weights = np.where(np.isnan(values), 0.0, counts[:, None].astype(np.float64))
-        total = np.add.reduceat(weights, bounds, axis=0)
-        summed = np.add.reduceat(np.nan_to_num(values.astype(np.float64)) * weights, bounds, axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (summed / total).astype(np.float32)
-        mean[total == 0] = np.nan
-        new_low = np.fmin.reduceat(low, bounds, axis=0)
-        new_high = np.fmax.reduceat(high, bounds, axis=0)
-        last = np.r_[bounds[1:] - 1, n - 1]
-        return {"step": out["step"][bounds], "filter_ids": out["filter_ids"], "values": mean, "min": new_low,
-                "max": new_high, "step_end": ends[last], "count": np.add.reduceat(counts, bounds)}
+        names = self.lineage(self._resolve_layer(layer))
+        levels = self._filters.levels(names, int(self.info.get("levels") or 1))
+        return read_filter_series(levels, field, start, stop, resolution)
 
     # -- snapshots --------------------------------------------------------------------------------------------
-    def _snapshot_files(self) -> list[tuple[int, int, Path]]:
-        directory = self.path / "snapshots"
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        written = []
-        for name in names:
-            if name.startswith("snapshot-") and name.endswith(".safetensors"):
-                try:
-                    _, step, seq = name[:-len(".safetensors")].split("-")
-                    path = directory / name
-                    written.append((path.stat().st_mtime_ns, int(step), int(seq), path))
-                except (ValueError, FileNotFoundError):
-                    continue
-        written.sort()  # in the order written (a resumed run's ``seq`` starts again)
-        latest = _latest_timeline(np.asarray([step for _, step, _, _ in written], np.int64))
-        return sorted((step, seq, path) for (_, step, seq, path), keep in zip(written, latest) if keep)
-
     def snapshot_steps(self) -> list[int]:
-        return sorted({step for step, _, _ in self._snapshot_files()})
+        return sorted({step for step, _, _ in snapshot_files(self.path)})
 
     def snapshot(self, step: int) -> dict[str, Any]:
         """The snapshot taken at ``step`` (by the run that wrote last, where a resumed run took one there too):
         ``{"body", "arrays", "step", "seq", "time"}``."""
-        from safetensors import safe_open
-
-        files = [f for f in self._snapshot_files() if f[0] == int(step)]
+        files = [f for f in snapshot_files(self.path) if f[0] == int(step)]
         if not files:
             raise KeyError(f"no snapshot at step {step}")
-        path = files[-1][2]
-        arrays = {}
-        with safe_open(str(path), framework="numpy") as handle:
-            meta = handle.metadata() or {}
-            for key in handle.keys():
-                arrays[key] = handle.get_tensor(key)
-        return {"body": json.loads(meta.get("body", "{}")), "arrays": arrays, "step": int(meta.get("step", step)),
-                "seq": int(meta.get("seq", 0)), "time": float(meta.get("time", "nan"))}
+        return read_snapshot(files[-1][2], step)
 
     # -- validation -------------------------------------------------------------------------------------------
     def val_predictions(self) -> dict[str, Any]:
@@ -535,7 +244,7 @@ class RunReader:
         if table is None:
             return {"steps": np.zeros(0, np.int64), "epochs": np.zeros(0), "pred": np.zeros((0, 0), np.int16),
                     "label": np.zeros(0, np.int16), "metrics": {}, "error": None}
-        latest = _latest_timeline(_column_numpy(table.column("step")))
+        latest = latest_timeline(_column_numpy(table.column("step")))
         if not latest.all():
             table = table.filter(pa.array(latest))
         steps = _column_numpy(table.column("step"))
