@@ -27,7 +27,8 @@ def layout(source: RunSource) -> html.Div:
     options = source.options()
     return html.Div(id="ane-page", children=[
         html.H3("Training-log explorer"),
-        html.Div([dcc.Dropdown(id="ane-run", options=options, value=options[0]["value"] if options else None, clearable=False,
+        html.Div([dcc.Dropdown(id="ane-run", options=options, value=options[0]["value"] if options else None,
+                               clearable=False,
                                style={"width": "360px"}),
                   html.Span("overview field "),
                   dcc.Dropdown(id="ane-field", value="grad_weight_ratio", clearable=False, style={"width": "200px"},
@@ -81,7 +82,8 @@ def register(app, source: RunSource, page_tick: str | None = None) -> None:
                      State("ane-run", "value"), State("ane-live", "data"),
                      prevent_initial_call=True)(bound(follow_explorer, source))
     app.callback(Output("ane-node", "data"), Input("ane-run", "value"),
-                 Input({"type": "ane-node", "node": ALL}, "n_clicks"), State("ane-node", "data"))(bound(focus_node, source))
+                 Input({"type": "ane-node", "node": ALL}, "n_clicks"),
+                 State("ane-node", "data"))(bound(focus_node, source))
     app.callback(Output("ane-tree", "children"), Output("ane-crumbs", "children"), Input("ane-node", "data"),
                  Input("ane-live", "data"), State("ane-run", "value"))(bound(tree_view, source))
     app.callback(Output("ane-pins", "data"), Input("ane-multiples", "clickData"),

@@ -9,11 +9,11 @@ from .common import bound
 
 
 def register(app, hub) -> None:
-    app.callback(Output("emb-layer", "options"), Output("emb-layer", "value"), Output("emb-probe", "options"),
-                 Output("fil-layer", "options"), Output("fil-layer", "value"), Output("fil-probe", "options"),
-                 Input("tick-layers", "data"), Input("run-select", "value"), State("emb-layer", "value"),
-                 State("fil-layer", "value"), State("emb-layer", "options"),
-                 State("emb-probe", "options"))(bound(layer_options, hub))
+    menus = [Output(f"{view}-{menu}", prop) for view in ("emb", "fil")
+             for menu, prop in (("layer", "options"), ("layer", "value"), ("probe", "options"))]
+    app.callback(*menus, Input("tick-layers", "data"), Input("run-select", "value"), State("emb-layer", "value"),
+                 State("fil-layer", "value"), State("emb-layer", "options"), State("emb-probe", "options")
+                 )(bound(layer_options, hub))
 
 
 def layer_options(hub, _n, key, emb_layer, fil_layer, old_opts, old_probes):
