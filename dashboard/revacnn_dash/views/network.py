@@ -168,33 +168,44 @@ def network_details(hub, selected, _n, probe, key, tab):
     filt_src = act_src = ""
     probes, shown = [], no_update
     if snap is not None:
-        w = snap.arrays.get("weight/" + name)
         i = sel[0]
-        if w is not None and i < len(w):
-            image = filter_image(w[i])
-            filt_src = (data_uri(image, scale=max(1, min(96 // w.shape[-1], 300 // image.shape[1])))
-                        if w.ndim >= 4 else data_uri(fit_rows(image, width=300)))
+        filt_src = filter_src(snap.arrays.get("weight/" + name), i)
         a = snap.arrays.get("act/" + name)
         if a is not None:
             classes = snap.body.get("probe_labels") or []  # empty where the labels are not class indices
             probes = [{"label": f"#{p} (label {classes[p]})" if p < len(classes) else f"#{p}", "value": p}
                       for p in range(len(a))]
             p = shown = int(probe or 0) if int(probe or 0) < len(a) else 0
-            if a.ndim == 4 and i < a.shape[1]:
-                act_src = data_uri(to_uint8(a[p, i]), scale=max(1, 96 // a.shape[-1]))
-            elif a.ndim > 4 and i < a.shape[1]:  # a 3-D conv: the filter's depth slices in a row
-                image = activation_image(a[p, i][None])
-                act_src = data_uri(image, scale=max(1, min(96 // a.shape[-1], 300 // image.shape[1])))
-            elif a.ndim == 2:  # a Linear: one value per filter
-                act_src = data_uri(fit_rows(to_uint8(a[p][None, :]), width=300))
-            elif a.ndim == 3 and i < a.shape[1]:  # a Conv1d, or a Linear on tokens: the filter's sequence
-                act_src = data_uri(fit_rows(to_uint8(a[p, i][None, :]), width=300))
+            act_src = activation_src(a, p, i)
         missing = missing_maps_reason(snap.body, snap.arrays, name)
         lines.append(html.Div(f"snapshot at step {snap.body.get('step')}" + (f" · {missing}" if missing else ""),
                               style={"color": "#777"}))
     # The value goes out with the options: the dropdown drops a value its options (empty until a layer is
     # picked) do not hold, and showed an empty box over probe image 0's map.
     return lines, filt_src, act_src, probes, shown
+
+
+def filter_src(w, i: int) -> str:
+    """Filter ``i`` of the weights ``w`` as an image (a data URI), "" when there is none."""
+    if w is None or i >= len(w):
+        return ""
+    image = filter_image(w[i])
+    return (data_uri(image, scale=max(1, min(96 // w.shape[-1], 300 // image.shape[1])))
+            if w.ndim >= 4 else data_uri(fit_rows(image, width=300)))
+
+
+def activation_src(a, p: int, i: int) -> str:
+    """Filter ``i``'s activation for probe image ``p`` as an image (a data URI), "" when there is none."""
+    if a.ndim == 4 and i < a.shape[1]:
+        return data_uri(to_uint8(a[p, i]), scale=max(1, 96 // a.shape[-1]))
+    if a.ndim > 4 and i < a.shape[1]:  # a 3-D conv: the filter's depth slices in a row
+        image = activation_image(a[p, i][None])
+        return data_uri(image, scale=max(1, min(96 // a.shape[-1], 300 // image.shape[1])))
+    if a.ndim == 2:  # a Linear: one value per filter
+        return data_uri(fit_rows(to_uint8(a[p][None, :]), width=300))
+    if a.ndim == 3 and i < a.shape[1]:  # a Conv1d, or a Linear on tokens: the filter's sequence
+        return data_uri(fit_rows(to_uint8(a[p, i][None, :]), width=300))
+    return ""
 
 
 def network_commands(hub, *args):
