@@ -258,9 +258,10 @@ def training_latency(refresh_ms: int, seconds: float, tmp: Path) -> dict:
 # -- (b) server side ---------------------------------------------------------------------------------------------
 def server_side(model: str, updates: int = 10) -> dict:
     from revacnn.wire.protocol import Message
-    from revacnn_dash.app import _network_figure, create_app
-    from revacnn_dash.hub import Hub
-    from revacnn_dash.state import RunState
+    from revacnn_dash.app import create_app
+    from revacnn_dash.figures.network import network_figure as _network_figure
+    from revacnn_dash.data.hub import Hub
+    from revacnn_dash.data.state import RunState
     from revacnn_dash.viewmodel import default_expanded, network_model
 
     rng = np.random.default_rng(0)
@@ -331,8 +332,8 @@ def _proc_kb(field: str) -> int:
 def memory_child(model: str, steps: int) -> None:
     from revacnn.wire.protocol import Message
     from revacnn_dash.app import create_app
-    from revacnn_dash.hub import Hub
-    from revacnn_dash.state import RunState
+    from revacnn_dash.data.hub import Hub
+    from revacnn_dash.data.state import RunState
 
     hub = Hub([], warm_umap=False)
     create_app(hub)

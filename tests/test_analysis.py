@@ -446,7 +446,7 @@ def test_the_explorer_and_the_comparison_follow_a_run_still_being_recorded(tmp_p
     LIVE_REFRESH_S, and only when it got data — and the comparison's step menus list the new snapshots."""
     from revacnn_dash.analysis.pages import LIVE_REFRESH_S
     from revacnn_dash.app import create_app
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.data.hub import Hub
 
     run_dir = tmp_path / "logs" / "run"
     recorder = RunRecorder(run_dir)

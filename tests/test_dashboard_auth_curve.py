@@ -10,8 +10,8 @@ import pytest
 from revacnn.wire.connection import ConnectionInfo, CurveServerKeys, allow_key, generate_keypair
 from revacnn.wire.protocol import Message
 from revacnn.wire.publisher import Publisher
-from revacnn_dash.app import banner_children
-from revacnn_dash.hub import Hub
+from revacnn_dash.views.header import banner_children
+from revacnn_dash.data.hub import Hub
 
 
 @pytest.fixture(scope="module")

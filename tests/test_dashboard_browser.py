@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     import waitress
 
     from revacnn_dash.app import create_app
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.data.hub import Hub
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(tmp_path_factory.mktemp("run"))

@@ -12,8 +12,8 @@ import pytest
 from revacnn.wire.connection import ConnectionInfo
 from revacnn.wire.protocol import Message
 from revacnn.wire.publisher import Publisher
-from revacnn_dash.state import FINISHED, LIVE, UNREACHABLE, RunState, metric_name
-from revacnn_dash.worker import RunWorker, resolve_target
+from revacnn_dash.data.state import FINISHED, LIVE, UNREACHABLE, RunState, metric_name
+from revacnn_dash.data.worker import RunWorker, resolve_target
 
 STRUCTURE = {"revision": 0, "model": "M", "layers": [
     {"name": "net.conv1", "type": "Conv2d", "kind": "conv", "in": 3, "out": 4, "frozen": None,
@@ -115,7 +115,7 @@ NAN, INF = float("nan"), float("inf")
 ])
 def test_the_banner_says_since_when_a_run_has_no_finite_loss(losses, since):
     """A diverged run's loss chart just stopped: nothing said the loss had become NaN."""
-    from revacnn_dash.app import banner_children
+    from revacnn_dash.views.header import banner_children
 
     state = RunState("x")
     for step, loss in enumerate(losses, start=1):
@@ -132,7 +132,7 @@ def test_a_replayed_diverged_run_says_since_when_it_has_no_finite_loss(tmp_path)
 
     from revacnn import ReVACNNCallback
     from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.data.hub import Hub
 
     callback = ReVACNNCallback(snapshot_every=0)
     trainer = pl.Trainer(max_steps=8, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path,
@@ -281,7 +281,7 @@ def test_unreachable_target_is_reported_with_the_reason(tmp_path):
 
 
 def test_dashboard_never_imports_torch():
-    code = ("import sys, revacnn_dash.app, revacnn_dash.cli, revacnn_dash.hub, revacnn_dash.worker; "
+    code = ("import sys, revacnn_dash.app, revacnn_dash.cli, revacnn_dash.data.hub, revacnn_dash.data.worker; "
             "bad = [m for m in ('torch', 'pytorch_lightning', 'lightning') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -332,7 +332,7 @@ def test_a_server_of_another_protocol_version_is_reported_as_incompatible():
     import zmq
 
     from revacnn.wire.protocol import Codec
-    from revacnn_dash.state import INCOMPATIBLE
+    from revacnn_dash.data.state import INCOMPATIBLE
 
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
@@ -367,7 +367,7 @@ def test_a_server_of_another_protocol_version_is_reported_as_incompatible():
 
 
 def test_hub_shows_several_live_runs():
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.data.hub import Hub
 
     a = Publisher("run-a", heartbeat_s=0.2).start()
     b = Publisher("run-b", heartbeat_s=0.2).start()
@@ -391,7 +391,7 @@ def training_chart(state: RunState):
     """A hub showing ``state`` and a function that makes the page's training-chart request with a cursor,
     returning the figure (or Patch) and the new cursor."""
     from revacnn_dash.app import create_app
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.data.hub import Hub
 
     hub = Hub([], warm_umap=False)
     hub.runs[state.key] = state

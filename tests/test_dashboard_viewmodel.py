@@ -215,7 +215,7 @@ def test_missing_activation_maps_say_why():
 
 
 def test_resnet50_network_figure_builds_within_a_second():
-    from revacnn_dash.app import _network_figure
+    from revacnn_dash.figures.network import network_figure as _network_figure
 
     layers = resnet50_layers()
     names = [l["name"] for l in layers]
@@ -294,7 +294,7 @@ def test_tsne_runs_in_a_helper_process_and_is_seeded_from_the_previous_layout():
 
 
 def test_embedding_figure_colours_by_cluster_or_gradient():
-    from revacnn_dash.app import _embedding_figure
+    from revacnn_dash.figures.embedding import embedding_figure as _embedding_figure
 
     result = {"coords": [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "ids": [7, 8, 9], "grad": [0.1, 0.2, 0.3],
               "cluster": [0, 1, 0]}
@@ -307,7 +307,7 @@ def test_embedding_figure_colours_by_cluster_or_gradient():
 
 
 def test_commands_applied_at_one_step_share_one_chart_marker():
-    from revacnn_dash.app import _markers
+    from revacnn_dash.figures.training import markers as _markers
 
     events = [{"step": 5, "label": "pause"}, {"step": 5, "label": "reinit net.conv2[5]"},
               {"step": 9, "label": "set lr=0.01"}, {"step": 5, "label": "resume"}]

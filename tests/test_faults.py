@@ -338,8 +338,8 @@ def test_an_internal_error_in_telemetry_stops_telemetry_not_the_training(tmp_pat
     np.testing.assert_array_equal(run.scalars()["step"], [1])      # read before the fault; step 2 was not finished
     assert run.snapshot_steps() == [1, 2] and len(run.val_predictions()["steps"]) == 0
     assert [(entry["op"], entry["status"]) for entry in run.steering_log()] == [("set_hparams", "done")]
-    from revacnn_dash.app import banner_children
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.views.header import banner_children
+    from revacnn_dash.data.hub import Hub
 
     hub = Hub([], logdir=str(tmp_path), warm_umap=False)      # and the dashboard says so in its banner
     try:

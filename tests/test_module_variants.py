@@ -157,7 +157,7 @@ def replaying_dashboard(logdir):
     """The dashboard replaying the one run recorded under ``logdir``: ``(call, key)``, where ``call(output, inputs,
     state)`` makes one Dash callback request through Flask's test client and ``key`` is the run's menu value."""
     from revacnn_dash.app import create_app
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.data.hub import Hub
     from test_analysis import dash_call
 
     hub = Hub([], logdir=str(logdir), warm_umap=False)
@@ -216,7 +216,7 @@ def test_a_layer_name_not_in_the_model_is_refused_with_the_names_there_are(tmp_p
 
 def test_the_dashboard_shows_a_run_without_monitored_layers(tmp_path):
     """Its layer menus raised IndexError on every tick (HTTP 500); the views now say why they are empty."""
-    from revacnn_dash.app import NO_LAYER
+    from revacnn_dash.figures.network import NO_LAYER
 
     with pytest.warns(UserWarning, match="no layer to monitor"):
         fit(tmp_path, NoMonitoredLayer(), DigitsDataModule(batch_size=16))
@@ -617,7 +617,7 @@ def test_the_dashboard_draws_a_3d_convs_filters_and_maps(tmp_path):
 
     # the snapshot comparison's filter view: A, B, B − A, ln(|b|/|a|) as tiles of the 3 depth slices, and the maps
     from revacnn_dash.analysis.compare import compare_snapshots
-    from revacnn_dash.analysis.pages import _filter_figure
+    from revacnn_dash.figures.comparison_charts import filter_figure as _filter_figure
 
     pair = compare_snapshots(run.snapshot(1), run.snapshot(4), run.structures()).filter_pair("net.c3", 1)
     figure = _filter_figure(pair, probe=0)

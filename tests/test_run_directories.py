@@ -123,7 +123,7 @@ def test_a_run_resumed_into_its_recording_replaces_the_steps_the_checkpoint_aban
     assert run.snapshot_steps() == [1, 2, 4, 6, 8]
     np.testing.assert_array_equal(run.snapshot(6)["arrays"]["weight/net.conv1"], second.weight[6])
     assert run.last_step() == 9
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.data.hub import Hub
 
     hub = Hub([], logdir=str(tmp_path), warm_umap=False)
     try:
@@ -141,8 +141,8 @@ def test_a_resumed_fit_says_which_run_it_continues(tmp_path, caplog, first_watch
     nothing of the run it continues. It now does: in the log, in its heartbeat (kept by the recording), and in the
     dashboard's run summary. A checkpoint saved without the callback has no run to name."""
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from revacnn_dash.app import resumed_text
-    from revacnn_dash.hub import Hub
+    from revacnn_dash.views.header import resumed_text
+    from revacnn_dash.data.hub import Hub
 
     def fit_digits(max_steps, *callbacks, ckpt_path=None):
         trainer = pl.Trainer(max_steps=max_steps, limit_val_batches=0, callbacks=list(callbacks),

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import waitress
 
     from .app import create_app
-    from .hub import Hub
+    from .data.hub import Hub
 
     try:
         client_options = dict(client_keys=args.client_key, server_key=args.server_key, host=args.remote_host)

@@ -1,6 +1,6 @@
 """The bounded, thread-safe state of one run as the dashboard sees it.
 
-An I/O thread (``revacnn_dash.worker``) applies protocol messages here; Dash callbacks read copies. Nothing grows
+An I/O thread (``revacnn_dash.data.worker``) applies protocol messages here; Dash callbacks read copies. Nothing grows
 without bound: step scalars and per-filter arrays live in ring buffers, the event log is capped, and only the latest
 snapshot is kept (plus its step list for the replay of recorded runs).
 """
@@ -144,7 +144,6 @@ class RunState:
         self.conn_message = "" if source == "replay" else f"connecting to {target}…"
         self.generation = 0            # +1 whenever the history is reset (a new trainer process)
         self.run_id = ""
-        self.welcome: dict[str, Any] = {}
         self.structure: dict[str, Any] | None = None
         self.hparams: dict[str, Any] | None = None
         self.status: dict[str, Any] | None = None
@@ -158,21 +157,18 @@ class RunState:
             maxlen=filter_capacity)   # (step, revision, [5, F] array, layer names)
         self.layer_ratio: dict[str, float] = {}
         self.snapshot: Message | None = None
-        self.snapshot_count = 0
         self.events: collections.OrderedDict[str, Event] = collections.OrderedDict()
         self.event_capacity = event_capacity
         self.outbox: collections.deque[str] = collections.deque(maxlen=100)
         self.log: collections.deque[tuple[float, str]] = collections.deque(maxlen=200)
         self.gaps = 0
         self.messages = 0
-        self.change_counter = 0        # +1 on anything a view may redraw for
 
     # -- connection ------------------------------------------------------------------------------------------------
     def set_connection(self, conn: str, message: str) -> None:
         with self.lock:
             if (conn, message) != (self.conn, self.conn_message):
                 self.log.append((time.time(), f"{conn}: {message}"))
-                self.change_counter += 1
             self.conn, self.conn_message = conn, message
 
     def connected(self, welcome: dict[str, Any]) -> None:
@@ -183,7 +179,6 @@ class RunState:
                 self._reset_history()
                 self.log.append((time.time(), f"trainer restarted: run {self.run_id} → {run_id}"))
             self.run_id = run_id
-            self.welcome = dict(welcome)
             self.last_heard = time.monotonic()
             self.set_connection(LIVE, f"connected to run {run_id}")
 
@@ -204,13 +199,15 @@ class RunState:
 
     # -- messages --------------------------------------------------------------------------------------------------
     def apply(self, message: Message) -> None:
+        """One message into the state: a live one from the I/O thread, or a recorded one replayed
+        (``data.replay``), which is not counted as heard."""
         with self.lock:
-            self.messages += 1
-            self.last_heard = time.monotonic()
+            if self.source != "replay":
+                self.messages += 1
+                self.last_heard = time.monotonic()
             handler = getattr(self, "_on_" + message.type, None)
             if handler is not None:
                 handler(message)
-                self.change_counter += 1
 
     def _on_structure(self, m: Message) -> None:
         self.structure = m.body
@@ -220,6 +217,8 @@ class RunState:
 
     def _on_status(self, m: Message) -> None:
         self.status = m.body
+        if self.source == "replay":   # a recording's last status: the replay sets the connection line itself
+            return
         state = m.body.get("state")
         if state in TERMINAL_STATES:
             msg = m.body.get("message") or ""
@@ -280,12 +279,8 @@ class RunState:
         first, length = self._loss_not_finite
         return first if length >= DIVERGED_AFTER else None
 
-    def _on_step_filters(self, m: Message) -> None:
-        self._on_step(m)
-
     def _on_snapshot(self, m: Message) -> None:
         self.snapshot = m
-        self.snapshot_count += 1
 
     def _on_val(self, m: Message) -> None:
         metrics = m.body.get("metrics") or {}
@@ -316,7 +311,6 @@ class RunState:
         self.events[command_id] = event
         while len(self.events) > self.event_capacity:
             self.events.popitem(last=False)
-        self.change_counter += 1
         return event
 
     def submit(self, op: str, args: dict[str, Any] | None = None) -> str:
@@ -344,7 +338,6 @@ class RunState:
             event = self.events.get(command_id)
             if event is not None and event.status == "pending":
                 event.status, event.error, event.updated = "error", error, time.time()
-                self.change_counter += 1
 
     # -- reading (copies, under the lock) ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

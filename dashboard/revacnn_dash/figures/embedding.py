@@ -1,0 +1,29 @@
+"""The embedding view's figure: one point per filter of a layer, placed by PCA, t-SNE or UMAP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+
+def embedding_figure(result: dict[str, Any], colour: str, layer: str, source: str, method: str, step) -> go.Figure:
+    coords = np.array(result["coords"], dtype=float)
+    if colour == "cluster" and "cluster" in result:
+        palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
+        marker = {"size": 12, "color": [palette[int(k) % len(palette)] for k in result["cluster"]]}
+    else:
+        marker = {"size": 12, "color": result["grad"], "colorscale": "Inferno", "showscale": True,
+                  "colorbar": {"title": {"text": "mean |grad|"}}}
+    ids = result["ids"]
+    fig = go.Figure(go.Scatter(
+        x=coords[:, 0], y=coords[:, 1], mode="markers+text", text=[str(i) for i in range(len(coords))],
+        textposition="top center", textfont={"size": 9}, customdata=ids,
+        hovertemplate="filter %{text} (id %{customdata})<extra></extra>",
+        marker=marker))
+    fig.update_layout(
+        margin={"l": 30, "r": 10, "t": 30, "b": 30}, title={"text": f"{method.upper()} · {layer} · {source} · "
+                                                                    f"step {step}", "font": {"size": 13}},
+        uirevision=f"{layer}-{source}-{method}", plot_bgcolor="#fafafa", hovermode="closest")
+    return fig

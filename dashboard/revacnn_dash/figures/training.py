@@ -1,0 +1,68 @@
+"""The training view's chart: loss, accuracy and learning rate over steps, with a marker per applied command.
+
+The chart grows in the browser with ``Patch`` (views/training.py); these builders draw it whole, and the markers
+alone when the commands change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+
+def finite_list(arr: np.ndarray) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(arr, dtype=float)]
+
+
+def markers(events: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """A dotted line and a label per step of the last 60 applied commands; commands applied at one step (pause,
+    re-initialise, resume) share the line, their labels side by side, so none is drawn over another."""
+    by_step: dict[int, list[str]] = {}
+    for e in events[-60:]:
+        by_step.setdefault(e["step"], []).append(e["label"])
+    shapes, notes = [], []
+    for step, labels in by_step.items():
+        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0,
+                       "y1": 1, "line": {"color": "rgba(198,40,40,0.6)", "width": 1, "dash": "dot"}})
+        notes.append({"x": step, "xref": "x", "y": 1.0, "yref": "paper", "text": "<br>".join(labels),
+                      "showarrow": False, "textangle": -90, "xanchor": "right", "yanchor": "top",
+                      "font": {"size": 10, "color": "#c62828"}})
+    return shapes, notes
+
+
+def has_accuracy(cols: dict[str, np.ndarray], val: list[dict]) -> bool:
+    train = np.asarray(cols.get("train_acc", []), dtype=float)
+    return bool(np.isfinite(train).any()) or any(v.get("val_acc") is not None and np.isfinite(v["val_acc"])
+                                                  for v in val)
+
+
+def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[dict]) -> go.Figure:
+    # axis titles rather than subplot titles: those are annotations, and the steering markers' Patch replaces them
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04, row_heights=[0.45, 0.35, 0.2])
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    if has_accuracy(cols, val):
+        fig.update_yaxes(title_text="accuracy", row=2, col=1)
+    else:  # a GAN, a regression, an autoencoder: say so, instead of an empty axis from -1 to 4
+        fig.update_yaxes(title_text="accuracy (none logged)", range=[0, 1], row=2, col=1)
+    # log: a constant lr gets a readable axis (linear autorange drew 0.02 on -0.5..1), and a 10× change reads the
+    # same at any lr
+    fig.update_yaxes(title_text="lr", type="log", row=3, col=1)
+    x = finite_list(cols["step"])
+    fig.add_trace(go.Scatter(x=x, y=finite_list(cols["loss"]), name="train loss", mode="lines",
+                             line={"width": 1, "color": "#1f77b4"}), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[v["step"] for v in val], y=[v["val_loss"] for v in val], name="val loss",
+                             mode="lines+markers", line={"color": "#ff7f0e"}), row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=finite_list(cols["train_acc"]), name="train acc", mode="lines",
+                             line={"width": 1, "color": "#2ca02c"}), row=2, col=1)
+    fig.add_trace(go.Scatter(x=[v["step"] for v in val], y=[v["val_acc"] for v in val], name="val acc",
+                             mode="lines+markers", line={"color": "#d62728"}), row=2, col=1)
+    fig.add_trace(go.Scatter(x=x, y=finite_list(cols["lr"]), name="lr", mode="lines", line={"color": "#9467bd"}),
+                  row=3, col=1)
+    shapes, notes = markers(events)
+    fig.update_layout(margin={"l": 60, "r": 10, "t": 30, "b": 30}, uirevision="training",
+                      legend={"orientation": "h", "y": -0.06}, shapes=shapes, annotations=notes)
+    fig.update_xaxes(title_text="step", row=3, col=1)
+    return fig

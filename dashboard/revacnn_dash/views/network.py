@@ -1,0 +1,254 @@
+"""The network view: the layers and their filters as a graph (nodes shake in proportion to their mean squared
+gradient: the jitter runs in the browser), a node's or layer's details and images, and the structural commands
+(freeze, remove, widen, insert or remove a layer) on the selection."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from dash import ClientsideFunction, Input, Output, State, ctx, dcc, html, no_update
+
+from ..figures.network import NODES_UID, network_figure
+from ..viewmodel import (activation_image, data_uri, default_expanded, filter_image, fit_rows, jitter_pixels,
+                         layer_tree, missing_maps_reason, network_model, to_uint8)
+from .common import bound, button, img, number, steering_controls
+
+
+def layout() -> html.Div:
+    return html.Div([
+        html.Div([
+            html.Div([
+                button("Expand all", "btn-expand-all"), button("Collapse all", "btn-collapse-all"),
+                button("Default grouping", "btn-default-grouping"),
+                html.Span(" Click a node for its details and actions; click a ▸ group to open it. Nodes shake in "
+                          "proportion to their mean squared gradient; paths: top 50% by activation; ❄ = frozen.",
+                          style={"color": "#666", "fontSize": "12px"}),
+            ]),
+            dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False},
+                      clear_on_unhover=True),
+        ], style={"flex": "3", "minWidth": "0"}),
+        html.Div([
+            html.H4("Details", style={"margin": "4px 0"}),
+            dcc.Dropdown(id="net-layer", placeholder="layer", clearable=False),
+            html.Div(id="net-details", style={"fontSize": "13px"}),
+            html.Div([html.Div("filter (weights)", style={"fontSize": "11px"}), img("net-filter-img"),
+                      html.Div("activation map (probe image)", style={"fontSize": "11px"}),
+                      dcc.Dropdown(id="net-probe", value=0, clearable=False, style={"width": "160px"}),
+                      img("net-act-img")]),
+            html.Hr(),
+            steering_controls("steer-network", [
+                html.Div([button("Freeze filter", "btn-freeze-filter"), button("Unfreeze filter",
+                                                                               "btn-unfreeze-filter"),
+                          button("Remove filter", "btn-remove-filter")]),
+                html.Div([button("Freeze layer", "btn-freeze-layer"), button("Unfreeze layer",
+                                                                             "btn-unfreeze-layer")]),
+                html.Div([number("widen-k", "k", step=1, width="60px"), button("Add filter(s)", "btn-widen")]),
+                html.Div([button("Insert layer after", "btn-insert-layer"),
+                          dcc.Checklist(id="insert-bn", options=[{"label": " with BatchNorm", "value": "bn"}],
+                                        value=[], inline=True, style={"display": "inline-block"}),
+                          button("Remove layer", "btn-remove-layer")]),
+            ]),
+            html.Div(id="net-feedback", style={"color": "#555", "fontSize": "13px", "marginTop": "4px"}),
+        ], style={"flex": "1", "minWidth": "280px", "padding": "6px", "borderLeft": "1px solid #ddd"}),
+    ], style={"display": "flex", "gap": "8px"})
+
+
+def register(app, hub) -> None:
+    app.callback(Output("net-graph", "figure"), Output("net-anim", "data"), Output("net-sig", "data"),
+                 Output("net-layer", "options"),
+                 Input("tick-network", "data"), Input("net-expanded", "data"), Input("run-select", "value"),
+                 State("tabs", "value"), State("net-sig", "data"))(bound(network_view, hub))
+    app.clientside_callback(ClientsideFunction("revacnn", "jitter"), Output("net-anim-out", "data"),
+                            Input("net-anim", "data"))
+    app.callback(Output("net-expanded", "data"), Output("net-selected", "data"), Output("net-layer", "value"),
+                 Input("net-graph", "clickData"), Input("btn-expand-all", "n_clicks"),
+                 Input("btn-collapse-all", "n_clicks"), Input("btn-default-grouping", "n_clicks"),
+                 Input("net-layer", "value"),
+                 State("net-expanded", "data"), State("run-select", "value"), State("net-selected", "data"),
+                 prevent_initial_call=True)(bound(network_click, hub))
+    app.callback(Output("net-details", "children"), Output("net-filter-img", "src"), Output("net-act-img", "src"),
+                 Output("net-probe", "options"), Output("net-probe", "value"),
+                 Input("net-selected", "data"), Input("tick-network", "data"), Input("net-probe", "value"),
+                 State("run-select", "value"), State("tabs", "value"))(bound(network_details, hub))
+    app.callback(Output("net-feedback", "children"),
+                 Input("btn-freeze-filter", "n_clicks"), Input("btn-unfreeze-filter", "n_clicks"),
+                 Input("btn-remove-filter", "n_clicks"), Input("btn-freeze-layer", "n_clicks"),
+                 Input("btn-unfreeze-layer", "n_clicks"), Input("btn-widen", "n_clicks"),
+                 Input("btn-insert-layer", "n_clicks"), Input("btn-remove-layer", "n_clicks"),
+                 Input("run-select", "value"), State("net-selected", "data"), State("widen-k", "value"),
+                 State("insert-bn", "value"), prevent_initial_call=True)(bound(network_commands, hub))
+
+
+def network_view(hub, _n, expanded, key, tab, sig):
+    state = hub.get(key)
+    if state is None or state.structure is None or tab != "network":
+        return no_update, no_update, no_update, no_update
+    structure = state.structure
+    latest = state.latest_filters()
+    names = [l["name"] for l in structure["layers"]]
+    if expanded is None or expanded.get("key") != key:
+        exp = default_expanded(names)
+    else:
+        exp = expanded["ids"]
+    new_sig = [key, state.generation, structure.get("revision"), latest[0] if latest else None, exp,
+               [l.get("frozen") for l in structure["layers"]], [l["out"] for l in structure["layers"]]]
+    if new_sig == sig:
+        return no_update, no_update, no_update, no_update
+    fields = state.filters_by_layer()
+    model = network_model(structure, fields, exp)
+    fig, _ = network_figure(model)
+    anim = {"uid": NODES_UID, "amp": jitter_pixels([n["jitter"] for n in model["nodes"]]),
+            "t": time.time()}
+    options = [{"label": f"{l['name']} ({l['type']}, {l['out']} out)", "value": l["name"]}
+               for l in structure["layers"]]
+    return fig, anim, new_sig, options
+
+
+def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
+    state = hub.get(key)
+    if state is None or state.structure is None:
+        return no_update, no_update, no_update
+    names = [l["name"] for l in state.structure["layers"]]
+    exp = expanded["ids"] if expanded and expanded.get("key") == key else default_expanded(names)
+    trigger = ctx.triggered_id
+    if trigger == "btn-expand-all":
+        return {"key": key, "ids": all_groups(names)}, no_update, no_update
+    if trigger == "btn-collapse-all":
+        return {"key": key, "ids": [""]}, no_update, no_update
+    if trigger == "btn-default-grouping":
+        return {"key": key, "ids": default_expanded(names)}, no_update, no_update
+    if trigger == "net-layer":
+        if selected and selected.get("layer") == layer_value:
+            return no_update, no_update, no_update
+        return no_update, {"layer": layer_value, "filters": None}, no_update
+    if not click or not click.get("points"):
+        return no_update, no_update, no_update
+    cd = click["points"][0].get("customdata")
+    if not cd:
+        return no_update, no_update, no_update
+    layer, start, count, group = cd
+    new_exp = no_update
+    if group:
+        new_exp = {"key": key, "ids": sorted(set(exp) | ancestors(group))}
+    if layer:
+        sel = {"layer": layer, "filters": list(range(int(start), int(start) + int(count))) if count else None}
+        return new_exp, sel, layer
+    return new_exp, no_update, no_update
+
+
+def network_details(hub, selected, _n, probe, key, tab):
+    state = hub.get(key)
+    if state is None or tab != "network" and ctx.triggered_id == "tick-network":
+        return no_update, no_update, no_update, no_update, no_update
+    if not selected or not selected.get("layer") or state.structure is None:
+        return html.Div("click a node or pick a layer", style={"color": "#777"}), "", "", [], no_update
+    name = selected["layer"]
+    layer = next((l for l in state.structure["layers"] if l["name"] == name), None)
+    if layer is None:
+        return html.Div(f"{name} is no longer in the model"), "", "", [], no_update
+    filters = selected.get("filters")
+    fields = state.filters_by_layer().get(name, {})
+    lines = [html.Div([html.B(name), f" — {layer['type']} {layer.get('in')}→{layer['out']}, kernel "
+                                     f"{layer.get('kernel')}, {layer.get('params')} params, frozen: "
+                                     f"{layer.get('frozen') or 'no'}"])]
+    ratio = state.layer_ratio.get(name)
+    if ratio is not None:
+        lines.append(html.Div(f"layer ‖g‖/‖w‖ = {ratio:.3g}"))
+    sel = filters if filters else list(range(int(layer["out"])))
+    if fields:
+        rows = []
+        for f, arr in fields.items():
+            vals = arr[[i for i in sel if i < len(arr)]]
+            rows.append(html.Tr([html.Td(f), html.Td(f"{float(np.mean(vals)):.4g}" if len(vals) else "–")]))
+        lines.append(html.Div(f"filter {sel[0]}" if filters and len(filters) == 1 else
+                              f"{'filters ' + str(sel[0]) + '–' + str(sel[-1]) if filters else 'layer mean'}"))
+        lines.append(html.Table(rows, className="net-stats"))
+    snap = state.snapshot
+    filt_src = act_src = ""
+    probes, shown = [], no_update
+    if snap is not None:
+        i = sel[0]
+        filt_src = filter_src(snap.arrays.get("weight/" + name), i)
+        a = snap.arrays.get("act/" + name)
+        if a is not None:
+            classes = snap.body.get("probe_labels") or []  # empty where the labels are not class indices
+            probes = [{"label": f"#{p} (label {classes[p]})" if p < len(classes) else f"#{p}", "value": p}
+                      for p in range(len(a))]
+            p = shown = int(probe or 0) if int(probe or 0) < len(a) else 0
+            act_src = activation_src(a, p, i)
+        missing = missing_maps_reason(snap.body, snap.arrays, name)
+        lines.append(html.Div(f"snapshot at step {snap.body.get('step')}" + (f" · {missing}" if missing else ""),
+                              style={"color": "#777"}))
+    # The value goes out with the options: the dropdown drops a value its options (empty until a layer is
+    # picked) do not hold, and showed an empty box over probe image 0's map.
+    return lines, filt_src, act_src, probes, shown
+
+
+def filter_src(w, i: int) -> str:
+    """Filter ``i`` of the weights ``w`` as an image (a data URI), "" when there is none."""
+    if w is None or i >= len(w):
+        return ""
+    image = filter_image(w[i])
+    return (data_uri(image, scale=max(1, min(96 // w.shape[-1], 300 // image.shape[1])))
+            if w.ndim >= 4 else data_uri(fit_rows(image, width=300)))
+
+
+def activation_src(a, p: int, i: int) -> str:
+    """Filter ``i``'s activation for probe image ``p`` as an image (a data URI), "" when there is none."""
+    if a.ndim == 4 and i < a.shape[1]:
+        return data_uri(to_uint8(a[p, i]), scale=max(1, 96 // a.shape[-1]))
+    if a.ndim > 4 and i < a.shape[1]:  # a 3-D conv: the filter's depth slices in a row
+        image = activation_image(a[p, i][None])
+        return data_uri(image, scale=max(1, min(96 // a.shape[-1], 300 // image.shape[1])))
+    if a.ndim == 2:  # a Linear: one value per filter
+        return data_uri(fit_rows(to_uint8(a[p][None, :]), width=300))
+    if a.ndim == 3 and i < a.shape[1]:  # a Conv1d, or a Linear on tokens: the filter's sequence
+        return data_uri(fit_rows(to_uint8(a[p, i][None, :]), width=300))
+    return ""
+
+
+def network_commands(hub, *args):
+    key, selected, k, bn = args[8:]
+    state = hub.get(key)
+    trigger = ctx.triggered_id
+    if trigger == "run-select":
+        return ""
+    if state is None or not trigger:
+        return no_update
+    if not selected or not selected.get("layer"):
+        return "select a layer or filter first (click a node)"
+    layer = selected["layer"]
+    filters = selected.get("filters")
+    if trigger in ("btn-freeze-filter", "btn-unfreeze-filter", "btn-remove-filter") and not filters:
+        return "select a filter first (click a filter node)"
+    op, cargs = {
+        "btn-freeze-filter": ("freeze", {"layer": layer, "filters": filters}),
+        "btn-unfreeze-filter": ("unfreeze", {"layer": layer, "filters": filters}),
+        "btn-remove-filter": ("remove_filters", {"layer": layer, "filters": filters}),
+        "btn-freeze-layer": ("freeze", {"layers": [layer]}),
+        "btn-unfreeze-layer": ("unfreeze", {"layers": [layer]}),
+        "btn-widen": ("widen", {"layer": layer, "count": int(k or 1)}),
+        "btn-insert-layer": ("insert_layer", {"after": layer, "batchnorm": "bn" in (bn or [])}),
+        "btn-remove-layer": ("remove_layer", {"layer": layer}),
+    }[trigger]
+    state.submit(op, cargs)
+    return f"sent {op} {cargs} — see the event log for the ack"
+
+
+def ancestors(group: str) -> set[str]:
+    parts = group.split(".")
+    return {".".join(parts[:i]) for i in range(len(parts) + 1)}
+
+
+def all_groups(names: list[str]) -> list[str]:
+    out = []
+
+    def walk(node):
+        out.append(node.id)
+        for child in node.children.values():
+            if len(child.layers) > 1:
+                walk(child)
+
+    walk(layer_tree(names))
+    return out

@@ -1,0 +1,42 @@
+"""The page around the views: the header, the refresh tick and its per-tab ticks, the views' stores, the tabs and
+the event log.
+
+One ``dcc.Interval`` drives updates: the header and event log on every tick, a tab's views only while that tab is
+shown (the browser passes the tick on: assets/revacnn.js, ``tabTicks``; a hidden tab costs no request).
+"""
+
+from __future__ import annotations
+
+from dash import ClientsideFunction, Input, Output, dcc, html
+
+from . import compare, embedding, events, explore, filters, header, network, training
+
+#: The per-tab ticks, in the order of ``tabTicks``' outputs. "layers" feeds the layer menus of the embedding and
+#: filters tabs.
+TAB_TICKS = ("training", "network", "embedding", "filters", "layers", "explore", "compare")
+
+
+def layout(analysis, interval_ms: int) -> html.Div:
+    return html.Div([
+        *header.layout(),
+        dcc.Interval(id="tick", interval=interval_ms),
+        *[dcc.Store(id=f"tick-{name}") for name in TAB_TICKS],
+        dcc.Store(id="train-cursor"), dcc.Store(id="net-expanded"), dcc.Store(id="net-sig"),
+        dcc.Store(id="net-selected"), dcc.Store(id="net-anim"), dcc.Store(id="net-anim-out"),
+        dcc.Store(id="fil-sig"), dcc.Store(id="event-sig"),
+        dcc.Tabs(id="tabs", value="training", children=[
+            dcc.Tab(label="Training", value="training", children=training.layout()),
+            dcc.Tab(label="Network", value="network", children=network.layout()),
+            dcc.Tab(label="Embedding", value="embedding", children=embedding.layout()),
+            dcc.Tab(label="Filters", value="filters", children=filters.layout()),
+            dcc.Tab(label="Compare snapshots", value="compare", children=compare.layout(analysis)),
+            dcc.Tab(label="Explore log", value="explore", children=explore.layout(analysis)),
+        ]),
+        *events.layout(),
+    ], style={"fontFamily": "sans-serif", "margin": "8px"})
+
+
+def register(app) -> None:
+    app.clientside_callback(ClientsideFunction("revacnn", "tabTicks"),
+                            *[Output(f"tick-{name}", "data") for name in TAB_TICKS],
+                            Input("tick", "n_intervals"), Input("tabs", "value"))
