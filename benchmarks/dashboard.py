@@ -261,7 +261,8 @@ def server_side(model: str, updates: int = 10) -> dict:
     from revacnn_dash.app import _network_figure, create_app
     from revacnn_dash.hub import Hub
     from revacnn_dash.state import RunState
-    from revacnn_dash.viewmodel import default_expanded, network_model
+    from revacnn_dash.compute.layers import default_expanded
+    from revacnn_dash.viewmodels.network import network_model
 
     rng = np.random.default_rng(0)
     hub = Hub([], warm_umap=False)

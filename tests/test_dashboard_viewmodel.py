@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 import model_shapes as shapes
-from revacnn_dash.viewmodel import (activation_image, align_to_previous, compute_embedding, default_expanded,
-                                    filter_image, fit_rows, jitter_pixels, missing_maps_reason, mosaic,
-                                    nearest_neighbours, network_model, png_bytes, procrustes_align, redundancy,
-                                    top_half, visible_columns)
+from revacnn_dash.compute.embeddings import (align_to_previous, compute_embedding, missing_maps_reason,
+                                             nearest_neighbours, procrustes_align)
+from revacnn_dash.compute.layers import default_expanded, visible_columns
+from revacnn_dash.compute.redundancy import redundancy
+from revacnn_dash.viewmodels.images import activation_image, filter_image, fit_rows, mosaic, png_bytes
+from revacnn_dash.viewmodels.network import jitter_pixels, network_model, top_half
 
 
 def resnet50_layers() -> list[dict]:
@@ -241,7 +243,7 @@ def computed(service, args, timeout: float = 10.0, interval: float = 0.02):
 
 
 def test_embedding_service_computes_off_thread_and_caches():
-    from revacnn_dash.embedding import EmbeddingService
+    from revacnn_dash.compute.embedding_service import EmbeddingService
 
     service = EmbeddingService()
     rng = np.random.default_rng(5)
@@ -276,7 +278,7 @@ def test_embedding_service_computes_off_thread_and_caches():
 def test_tsne_runs_in_a_helper_process_and_is_seeded_from_the_previous_layout():
     import os
 
-    from revacnn_dash.embedding import EmbeddingService
+    from revacnn_dash.compute.embedding_service import EmbeddingService
 
     service = EmbeddingService()
     try:

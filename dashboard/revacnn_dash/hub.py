@@ -11,7 +11,7 @@ import numpy as np
 
 from revacnn.wire.protocol import Message
 
-from .embedding import EmbeddingService
+from .compute.embedding_service import EmbeddingService
 from .state import FILTER_FIELDS, REPLAY, RunState, metric_name
 from .worker import RunWorker
 
