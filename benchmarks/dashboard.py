@@ -259,10 +259,11 @@ def training_latency(refresh_ms: int, seconds: float, tmp: Path) -> dict:
 def server_side(model: str, updates: int = 10) -> dict:
     from revacnn.wire.protocol import Message
     from revacnn_dash.app import create_app
-    from revacnn_dash.figures.network import network_figure as _network_figure
+    from revacnn_dash.compute.layers import default_expanded
     from revacnn_dash.data.hub import Hub
     from revacnn_dash.data.state import RunState
-    from revacnn_dash.viewmodel import default_expanded, network_model
+    from revacnn_dash.figures.network import network_figure as _network_figure
+    from revacnn_dash.viewmodels.network import network_model
 
     rng = np.random.default_rng(0)
     hub = Hub([], warm_umap=False)

@@ -512,3 +512,9 @@ def test_the_explorer_and_the_comparison_follow_a_run_still_being_recorded(tmp_p
     assert snapshot_steps(second) == ([10, 20], None)    # the new snapshot listed; the chosen step kept (not resent)
     recorder.close()
     hub.stop()
+
+
+def test_tree_lists_nodes_in_the_order_their_names_first_appear():
+    tree = build_tree(["a.x", "b.y", "a.z"])
+    assert list(tree["nodes"]) == ["model", "a", "a.x", "b.y", "a.z"]       # "b" holds one node: collapsed
+    assert tree["nodes"]["a"]["children"] == ["a.x", "a.z"] and tree["nodes"]["model"]["children"] == ["a", "b.y"]

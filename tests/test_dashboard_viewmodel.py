@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 import model_shapes as shapes
-from revacnn_dash.viewmodel import (activation_image, align_to_previous, compute_embedding, default_expanded,
-                                    filter_image, fit_rows, jitter_pixels, missing_maps_reason, mosaic,
-                                    nearest_neighbours, network_model, png_bytes, procrustes_align, redundancy,
-                                    top_half, visible_columns)
+from revacnn_dash.compute.embeddings import (align_to_previous, compute_embedding, missing_maps_reason,
+                                             nearest_neighbours, procrustes_align)
+from revacnn_dash.compute.layers import default_expanded, visible_columns
+from revacnn_dash.compute.redundancy import redundancy
+from revacnn_dash.viewmodels.images import activation_image, filter_image, fit_rows, mosaic, png_bytes
+from revacnn_dash.viewmodels.network import jitter_pixels, network_model, top_half
 
 
 def resnet50_layers() -> list[dict]:
@@ -241,7 +243,7 @@ def computed(service, args, timeout: float = 10.0, interval: float = 0.02):
 
 
 def test_embedding_service_computes_off_thread_and_caches():
-    from revacnn_dash.embedding import EmbeddingService
+    from revacnn_dash.compute.embedding_service import EmbeddingService
 
     service = EmbeddingService()
     rng = np.random.default_rng(5)
@@ -276,7 +278,7 @@ def test_embedding_service_computes_off_thread_and_caches():
 def test_tsne_runs_in_a_helper_process_and_is_seeded_from_the_previous_layout():
     import os
 
-    from revacnn_dash.embedding import EmbeddingService
+    from revacnn_dash.compute.embedding_service import EmbeddingService
 
     service = EmbeddingService()
     try:
@@ -335,3 +337,26 @@ def test_rows_are_laid_out_to_a_readable_width():
     assert many.shape == (120 * 4, 50 * 8)
     odd = fit_rows(long[:, :1001], width=500)  # bins of 3, the last one short
     assert odd.shape == (48, 334) and odd[0, -1] == round(long[0, 999:1001].mean())
+
+
+def test_lru_cache_drops_the_least_recently_used():
+    from revacnn_dash.compute.cache import LRUCache
+    cache = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1           # "a" is now the most recent
+    cache.put("c", 3)
+    assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
+    assert cache.get("b", "missing") == "missing"
+
+
+def test_group_helpers_and_float_mosaic_without_border():
+    from revacnn_dash.compute.layers import expandable_groups, group_ancestors
+    names = ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "fc"]
+    assert expandable_groups(names) == ["", "layer1", "layer1.0"]
+    assert group_ancestors("layer1.0") == {"", "layer1", "layer1.0"}
+    tiles = [np.full((2, 2), float(i)) for i in range(3)]
+    grid = mosaic(tiles, ncols=2, pad=1, fill=np.nan, border=False)
+    assert grid.shape == (6, 6) and grid.dtype == np.float64      # a gutter after every tile, none before
+    assert grid[0, 0] == 0.0 and grid[0, 3] == 1.0 and grid[3, 0] == 2.0 and np.isnan(grid[2, 0])
+    assert np.isnan(grid[3:5, 3:5]).all()

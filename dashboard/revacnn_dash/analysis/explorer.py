@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..compute.layers import TreeNode, layer_tree
+
 __all__ = ["build_tree", "node_layers", "bucket_quantiles", "layer_overview", "filter_chart", "order_filters",
            "horizon_bands", "derived_cosine", "CHART_FIELDS", "steering_events"]
 
@@ -23,19 +25,24 @@ def build_tree(layer_names: list[str], root: str = "model") -> dict[str, Any]:
     ``{"root": id, "nodes": {id: {"id", "name", "parent", "children": [ids], "layer": name | None, "depth"}}}``.
     A node id is the dotted prefix (the root is ``root``). Prefixes with a single child that is not a layer are
     collapsed into that child (``net`` in ``net.layer1.0.conv1`` is not a level of its own)."""
-    nodes: dict[str, dict[str, Any]] = {root: {"id": root, "name": root, "parent": None, "children": [],
-                                               "layer": None, "depth": 0}}
+    monitored = set(layer_names)
+    nodes: dict[str, dict[str, Any]] = {}
+
+    def add(node: TreeNode, parent: str | None) -> None:
+        node_id = node.id if node.path else root
+        nodes[node_id] = {"id": node_id, "name": node.path[-1] if node.path else root, "parent": parent,
+                          "children": [child.id for child in node.children.values()],
+                          "layer": node.id if node.path and node.id in monitored else None, "depth": 0}
+        for child in node.children.values():
+            add(child, node_id)
+
+    add(layer_tree(layer_names, strip_common=False), None)
+    first_seen = {root: 0}                 # the index lists nodes in the order their names first appear
     for name in layer_names:
         parts = name.split(".")
-        parent = root
         for k in range(1, len(parts) + 1):
-            node_id = ".".join(parts[:k])
-            if node_id not in nodes:
-                nodes[node_id] = {"id": node_id, "name": parts[k - 1], "parent": parent, "children": [],
-                                  "layer": None, "depth": 0}
-                nodes[parent]["children"].append(node_id)
-            parent = node_id
-        nodes[name]["layer"] = name
+            first_seen.setdefault(".".join(parts[:k]), len(first_seen))
+    nodes = {node_id: nodes[node_id] for node_id in sorted(nodes, key=first_seen.__getitem__)}
     # collapse pass-through prefixes
     changed = True
     while changed:

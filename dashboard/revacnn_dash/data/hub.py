@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..embedding import EmbeddingService
+from ..compute.embedding_service import EmbeddingService
 from .replay import load_replay
 from .state import REPLAY, RunState
 from .worker import RunWorker

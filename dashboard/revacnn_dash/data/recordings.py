@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+
 from pathlib import Path
 from typing import Any
 
 from revacnn.recording.reader import list_runs, open_run
+
+from ..compute.cache import LRUCache
 
 LIVE_REFRESH_S = 5.0    # a page follows a run still being recorded at most this often (its views re-read the log)
 
@@ -21,7 +23,7 @@ class RunSource:
     def __init__(self, paths) -> None:
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self._readers: dict[str, Any] = {}
-        self._cache: OrderedDict = OrderedDict()
+        self._cache = LRUCache(16)
         self._lock = threading.Lock()
 
     def runs(self) -> list[dict]:
@@ -52,17 +54,14 @@ class RunSource:
             return 0.0
 
     def cached(self, key, make):
+        missing = object()
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        value = make()
-        with self._lock:
-            self._cache[key] = value
-            while len(self._cache) > 16:
-                self._cache.popitem(last=False)
+            value = self._cache.get(key, missing)
+        if value is missing:
+            value = make()
+            with self._lock:
+                self._cache.put(key, value)
         return value
-
 
     def follow(self, runs: list[str | None], live: dict | None) -> dict | None:
         """A new ``*-live`` marker when a shown run's directory got data since the last one, at most every

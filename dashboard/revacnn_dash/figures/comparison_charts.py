@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..analysis.compare import log_change, zero_floor
+from ..viewmodels.images import mosaic
 
 MEASURES = {"rel_l2": "relative L2 ‖b−a‖/‖a‖", "one_minus_cos": "1 − cosine", "log_median": "median |ln(|b|/|a|)|",
             "sign_flips": "share of sign flips"}
@@ -103,14 +104,7 @@ def channel_mosaic(w: np.ndarray | None) -> np.ndarray | None:
     if w.ndim == 2:
         return w
     w = w.reshape(-1, *w.shape[-2:])
-    n, kh, kw = w.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    out = np.full((rows * (kh + 1), cols * (kw + 1)), np.nan)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        out[r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = w[i]
-    return out
+    return mosaic(list(w), ncols=int(np.ceil(np.sqrt(len(w)))), pad=1, fill=np.nan, border=False)
 
 
 def filter_figure(pair: dict, probe: int) -> go.Figure:

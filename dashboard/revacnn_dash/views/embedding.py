@@ -10,7 +10,8 @@ from dash import ClientsideFunction, Input, Output, State, dcc, html, no_update
 
 from ..figures.embedding import embedding_figure
 from ..figures.network import NO_LAYER
-from ..viewmodel import data_uri, filter_image, missing_maps_reason, nearest_neighbours
+from ..compute.embeddings import missing_maps_reason, nearest_neighbours
+from ..viewmodels.images import data_uri, filter_image
 from .common import bound, img, monitors_no_layer
 
 

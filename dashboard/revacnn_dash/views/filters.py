@@ -8,8 +8,9 @@ from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 
 from ..figures.network import NO_LAYER
 from ..figures.tables import hints_table
-from ..viewmodel import activation_image, data_uri, filter_image, fit_rows, missing_maps_reason, mosaic, redundancy, \
-    to_uint8
+from ..compute.embeddings import missing_maps_reason
+from ..compute.redundancy import redundancy
+from ..viewmodels.images import activation_image, data_uri, filter_image, fit_rows, mosaic, to_uint8
 from .common import bound, img, monitors_no_layer, steering_controls
 
 

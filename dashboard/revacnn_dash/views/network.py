@@ -10,8 +10,10 @@ import numpy as np
 from dash import ClientsideFunction, Input, Output, State, ctx, dcc, html, no_update
 
 from ..figures.network import NODES_UID, network_figure
-from ..viewmodel import (activation_image, data_uri, default_expanded, filter_image, fit_rows, jitter_pixels,
-                         layer_tree, missing_maps_reason, network_model, to_uint8)
+from ..compute.embeddings import missing_maps_reason
+from ..compute.layers import default_expanded, expandable_groups, group_ancestors
+from ..viewmodels.images import activation_image, data_uri, filter_image, fit_rows, to_uint8
+from ..viewmodels.network import jitter_pixels, network_model
 from .common import bound, button, img, number, steering_controls
 
 
@@ -113,7 +115,7 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
     exp = expanded["ids"] if expanded and expanded.get("key") == key else default_expanded(names)
     trigger = ctx.triggered_id
     if trigger == "btn-expand-all":
-        return {"key": key, "ids": all_groups(names)}, no_update, no_update
+        return {"key": key, "ids": expandable_groups(names)}, no_update, no_update
     if trigger == "btn-collapse-all":
         return {"key": key, "ids": [""]}, no_update, no_update
     if trigger == "btn-default-grouping":
@@ -130,7 +132,7 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
     layer, start, count, group = cd
     new_exp = no_update
     if group:
-        new_exp = {"key": key, "ids": sorted(set(exp) | ancestors(group))}
+        new_exp = {"key": key, "ids": sorted(set(exp) | group_ancestors(group))}
     if layer:
         sel = {"layer": layer, "filters": list(range(int(start), int(start) + int(count))) if count else None}
         return new_exp, sel, layer
@@ -234,21 +236,3 @@ def network_commands(hub, *args):
     }[trigger]
     state.submit(op, cargs)
     return f"sent {op} {cargs} — see the event log for the ack"
-
-
-def ancestors(group: str) -> set[str]:
-    parts = group.split(".")
-    return {".".join(parts[:i]) for i in range(len(parts) + 1)}
-
-
-def all_groups(names: list[str]) -> list[str]:
-    out = []
-
-    def walk(node):
-        out.append(node.id)
-        for child in node.children.values():
-            if len(child.layers) > 1:
-                walk(child)
-
-    walk(layer_tree(names))
-    return out

@@ -16,20 +16,22 @@ import queue
 import signal
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from .viewmodel import align_to_previous, compute_embedding, embedding_features, kmeans_labels
+from .cache import LRUCache
+from .embeddings import align_to_previous, compute_embedding, embedding_features, kmeans_labels
 
 
 class EmbeddingService:
+    """A worker thread computing filter embeddings on request, its results in an LRU cache, its t-SNE and UMAP
+    runs in helper processes."""
+
     def __init__(self, cache_size: int = 64) -> None:
         self.jobs: queue.Queue = queue.Queue()
-        self.cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
-        self.cache_size = cache_size
+        self.cache = LRUCache(cache_size)
         self.pending: set[tuple] = set()
         self.previous: dict[tuple, dict[int, tuple[float, float]]] = {}   # (run, layer, source, method) → layout
         self.lock = threading.Lock()
@@ -86,8 +88,7 @@ class EmbeddingService:
         key = (run, snap_key, layer, source, method, probe, colour)
         with self.lock:
             if key in self.cache:
-                self.cache.move_to_end(key)
-                return self.cache[key]
+                return self.cache.get(key)
             if key not in self.pending:
                 self.pending.add(key)
                 self.jobs.put((key, arrays, list(ids)))
@@ -109,9 +110,7 @@ class EmbeddingService:
             result["seconds"] = time.monotonic() - started
             with self.lock:
                 self.pending.discard(key)
-                self.cache[key] = result
-                while len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
+                self.cache.put(key, result)
 
     def _compute(self, run: str, arrays: dict[str, np.ndarray], ids: list[int], layer: str, source: str,
                  method: str, probe: int, colour: str) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""Filter embeddings: the features of one layer's filters, their 2-D layout (PCA, t-SNE or UMAP), Procrustes
+alignment onto the previous layout so that a fresh one does not jump, neighbours and clusters in it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.linalg import orthogonal_procrustes
+
+SOURCE_PREFIX = {"weight": "weight/", "grad": "grad/", "act": "act/", "actgrad": "actgrad/"}
+
+
+def embedding_features(arrays: dict[str, np.ndarray], layer: str, source: str, probe: int = 0) -> np.ndarray | None:
+    """One row per filter: ``weight`` (coefficients), ``grad`` (filter gradients), ``act`` (activation map of probe
+    image ``probe``) or ``actgrad`` (activation-gradient map)."""
+    arr = arrays.get(SOURCE_PREFIX[source] + layer)
+    if arr is None:
+        return None
+    arr = np.asarray(arr, dtype=np.float64)
+    if source in ("act", "actgrad"):
+        if arr.ndim < 2 or probe >= arr.shape[0]:
+            return None
+        arr = arr[probe]
+    return arr.reshape(arr.shape[0], -1)
+
+
+def missing_maps_reason(body: dict[str, Any], arrays: dict[str, np.ndarray], layer: str) -> str | None:
+    """Why a snapshot carries no activation maps of ``layer`` (None when it has them): the probe pass failed or had
+    no images (``probe_error``), or the layer's maps would have passed the snapshot's ``max_activation_bytes``
+    (``probe_skipped``)."""
+    if f"act/{layer}" in arrays:
+        return None
+    if body.get("probe_error"):
+        return f"no activation maps in this snapshot: {body['probe_error']}"
+    if layer in (body.get("probe_skipped") or []):
+        return (f"no activation maps of {layer}: they would pass the snapshot's limit on map sizes "
+                f"(ReVACNNCallback(max_activation_bytes=…), 64 MiB by default)")
+    return f"no activation maps of {layer} in this snapshot (the probe pass did not reach it)"
+
+
+def _similarity_transform(new: np.ndarray, previous: np.ndarray):
+    """The least-squares rotation/reflection ``r``, scale and the two centroids mapping ``new`` onto ``previous``
+    (rows matched), or None when ``new`` is a single point."""
+    mu_n, mu_p = new.mean(0), previous.mean(0)
+    a, b = new - mu_n, previous - mu_p
+    norm_a = np.linalg.norm(a)
+    if norm_a == 0:
+        return None
+    r, singular_sum = orthogonal_procrustes(a, b)
+    return r, singular_sum / norm_a ** 2, mu_n, mu_p
+
+
+def procrustes_align(new: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Rotate/reflect, scale and translate ``new`` (n×2) onto ``previous`` (same rows) by least squares, so that a
+    fresh layout does not jump. Returns the transformed ``new``."""
+    new = np.asarray(new, float)
+    previous = np.asarray(previous, float)
+    fit = _similarity_transform(new, previous)
+    if fit is None:
+        return np.tile(previous.mean(0), (len(new), 1))
+    r, scale, mu_n, mu_p = fit
+    return scale * (new - mu_n) @ r + mu_p
+
+
+def align_to_previous(coords: np.ndarray, ids: list[int], previous: dict[int, tuple[float, float]] | None
+                      ) -> np.ndarray:
+    """Align on the filters present in both layouts (matched by stable filter id); new filters follow along."""
+    if not previous:
+        return coords
+    common = [i for i, fid in enumerate(ids) if fid in previous]
+    if len(common) < 3:
+        return coords
+    fit = _similarity_transform(coords[common], np.array([previous[ids[i]] for i in common]))
+    if fit is None:
+        return coords
+    r, scale, mu_n, mu_p = fit
+    return scale * (coords - mu_n) @ r + mu_p
+
+
+def compute_embedding(x: np.ndarray, method: str, seed: int = 0, init: np.ndarray | None = None) -> np.ndarray:
+    """2-D coordinates for the rows of ``x`` (n×d). PCA, t-SNE (seeded with ``init`` when given) or UMAP. NaN and
+    ±inf (a diverged run) count as 0: as the largest floats they overflowed the decomposition."""
+    n = x.shape[0]
+    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if n < 3:
+        return np.column_stack([np.arange(n, dtype=float), np.zeros(n)])
+    x = x - x.mean(0)
+    if method == "pca" or x.shape[1] < 2:
+        return _pca(x)
+    if method == "tsne":
+        return _tsne(x, seed, init)
+    if method == "umap":
+        import warnings
+
+        import umap
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        return umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed,
+                         init="spectral" if n > 4 else "random").fit_transform(x)
+    raise ValueError(f"unknown embedding method {method!r}")
+
+
+def _pca(x: np.ndarray) -> np.ndarray:
+    """Scores of the centred rows of ``x`` on their first two principal components (a zero second column for
+    one-feature rows). Tall inputs go to scikit-learn's PCA, which eigendecomposes the d×d covariance; for wide ones
+    (more features than filters: a 3×3 conv with many inputs) it has no cheap solver — its full SVD is ~5× slower
+    and the randomized one differs visibly — so they use the eigenvectors of the smaller n×n Gram matrix."""
+    n, d = x.shape
+    if d > n:
+        vals, vecs = np.linalg.eigh(x @ x.T)
+        return vecs[:, ::-1][:, :2] * np.sqrt(np.clip(vals[::-1][:2], 0, None))
+    from sklearn.decomposition import PCA
+    out = PCA(n_components=min(2, d), svd_solver="covariance_eigh").fit_transform(x)
+    if out.shape[1] < 2:
+        out = np.column_stack([out, np.zeros(n)])
+    return out
+
+
+def _tsne(x: np.ndarray, seed: int, init: np.ndarray | None) -> np.ndarray:
+    from sklearn.manifold import TSNE
+    n = x.shape[0]
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    if init is not None and init.shape == (n, 2):
+        # a warm start from the previous layout: no early exaggeration, so the layout stays where it was
+        return TSNE(n_components=2, perplexity=perplexity, init=np.asarray(init, float), random_state=seed,
+                    max_iter=250, early_exaggeration=1.0).fit_transform(x)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500).fit_transform(x)
+
+
+def nearest_neighbours(coords: np.ndarray, point: tuple[float, float], exclude: int, k: int = 4
+                       ) -> tuple[list[int], list[float]]:
+    """The ``k`` filters nearest to ``point`` in the embedding, never ``exclude`` (the dragged filter itself:
+    the original took the 5th when it was among the 4)."""
+    d = np.hypot(coords[:, 0] - point[0], coords[:, 1] - point[1])
+    order = [int(i) for i in np.argsort(d, kind="stable") if int(i) != exclude][:k]
+    return order, [float(d[i]) for i in order]
+
+
+def kmeans_labels(x: np.ndarray, k: int = 4, seed: int = 0) -> np.ndarray:
+    """Cluster labels of the rows of ``x`` (k-means, at most ``k`` clusters)."""
+    from sklearn.cluster import KMeans
+    k = max(1, min(k, len(x)))
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)

@@ -1,0 +1,183 @@
+"""The network view's model: one column per visible layer or collapsed group, one node per filter (or bin of
+filters, or layer of a group) with its statistics, the paths drawn between consecutive columns, and how much
+each node shakes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..compute.layers import visible_columns
+
+# a group node's statistics: the mean over its layers of each layer's mean
+GROUP_FIELDS = ("grad_sq_mean", "act_abs_mean", "grad_abs_mean", "update_ratio")
+
+
+def top_half(strength: np.ndarray) -> np.ndarray:
+    """Indices of the strongest ceil(n/2) entries, ranked numerically (ties by index), in ascending index order.
+    (The original ranked the numbers as strings; we do not.) NaNs rank last."""
+    s = np.asarray(strength, dtype=float)
+    n = len(s)
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    key = np.where(np.isnan(s), -np.inf, s)
+    order = np.lexsort((np.arange(n), -key))
+    return np.sort(order[: math.ceil(n / 2)])
+
+
+def _bins(n: int, max_nodes: int) -> list[tuple[int, int]]:
+    if n <= max_nodes:
+        return [(i, i + 1) for i in range(n)]
+    edges = np.linspace(0, n, max_nodes + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _frozen_mask(layer: dict[str, Any]) -> np.ndarray:
+    out = int(layer.get("out", 0))
+    frozen = layer.get("frozen")
+    mask = np.zeros(out, dtype=bool)
+    if frozen == "all":
+        mask[:] = True
+    elif isinstance(frozen, list):
+        for i in frozen:
+            if 0 <= int(i) < out:
+                mask[int(i)] = True
+    return mask
+
+
+def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndarray]], expanded: Iterable[str],
+                  max_nodes: int = 64, max_lines: int = 3000) -> dict[str, Any]:
+    """Positions, sizes and stats of every visible node, and the paths to draw between consecutive columns.
+
+    ``fields`` = ``{layer: {field: array[out]}}`` (``RunState.filters_by_layer``). Returns plain lists:
+    ``nodes`` (x, y, jitter, strength, frozen, layer, filters, label), ``columns`` and ``paths``
+    (src node index, dst node index, width 0–1)."""
+    layers = {l["name"]: l for l in structure.get("layers", [])}
+    names = [l["name"] for l in structure.get("layers", [])]
+    columns = visible_columns(names, expanded)
+    nodes: list[dict[str, Any]] = []
+    col_nodes: list[list[int]] = []
+    for ci, col in enumerate(columns):
+        if col["kind"] == "layer":
+            members = _layer_column(col, layers[col["layers"][0]], fields, max_nodes)
+        else:
+            members = _group_column(col, layers, fields, max_nodes)
+        n = len(members)
+        ids = []
+        for i, m in enumerate(members):
+            m["x"] = float(ci)
+            m["y"] = 1.0 - (i + 0.5) / n if n else 0.5
+            m["column"] = ci
+            ids.append(len(nodes))
+            nodes.append(m)
+        col["x"] = float(ci)
+        col_nodes.append(ids)
+    paths = _paths(structure, columns, nodes, col_nodes, max_lines)
+    return {"columns": columns, "nodes": nodes, "paths": paths}
+
+
+def _layer_column(col: dict[str, Any], layer: dict[str, Any], fields: dict[str, dict[str, np.ndarray]],
+                  max_nodes: int) -> list[dict[str, Any]]:
+    """A layer's column: a node per filter, or per bin of filters past ``max_nodes``; sets the column's caption
+    and frozen flags."""
+    name = layer["name"]
+    out = int(layer["out"])
+    f = fields.get(name, {})
+    frozen = _frozen_mask(layer)
+    members = []
+    for a, b in _bins(out, max_nodes):
+        members.append({
+            "layer": name, "filters": list(range(a, b)),
+            "label": f"{name}[{a}]" if b - a == 1 else f"{name}[{a}–{b - 1}]",
+            "jitter": _mean(f.get("grad_sq_mean"), a, b), "strength": _mean(f.get("act_abs_mean"), a, b),
+            "grad": _mean(f.get("grad_abs_mean"), a, b), "update": _mean(f.get("update_ratio"), a, b),
+            "norm": _mean(f.get("weight_norm"), a, b), "frozen": bool(frozen[a:b].all()) if b > a else False})
+    col["frozen"] = layer.get("frozen") == "all"
+    col["partly_frozen"] = bool(frozen.any())
+    col["caption"] = f"{out}" if len(members) == out else f"{out} (in {len(members)} bins)"
+    return members
+
+
+def _group_column(col: dict[str, Any], layers: dict[str, dict[str, Any]], fields: dict[str, dict[str, np.ndarray]],
+                  max_nodes: int) -> list[dict[str, Any]]:
+    """A collapsed group's column: a node per layer inside, or per bin of layers past ``max_nodes``."""
+    lnames = col["layers"]
+    members = []
+    for a, b in _bins(len(lnames), max_nodes):
+        group = lnames[a:b]
+        stats: dict[str, list[float]] = {k: [] for k in GROUP_FIELDS}
+        for n in group:
+            for k in stats:
+                if k in fields.get(n, {}):
+                    stats[k].append(float(np.mean(fields[n][k])))
+        members.append({
+            "layer": group[0] if len(group) == 1 else None, "group": col["id"], "layers": group,
+            "filters": None, "label": group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}",
+            "jitter": _avg(stats["grad_sq_mean"]), "strength": _avg(stats["act_abs_mean"]),
+            "grad": _avg(stats["grad_abs_mean"]), "update": _avg(stats["update_ratio"]),
+            "norm": None, "frozen": all(layers[n].get("frozen") == "all" for n in group),
+            "out": sum(int(layers[n]["out"]) for n in group)})
+    col["frozen"] = all(layers[n].get("frozen") == "all" for n in lnames)
+    col["partly_frozen"] = any(layers[n].get("frozen") for n in lnames)
+    col["caption"] = f"{len(lnames)} layers"
+    return members
+
+
+def _paths(structure: dict[str, Any], columns: list[dict[str, Any]], nodes: list[dict[str, Any]],
+           col_nodes: list[list[int]], max_lines: int) -> list[tuple[int, int, float]]:
+    """Paths between consecutive connected columns, from the stronger half of the source column's nodes; thickness
+    from the source's activation strength, at most ``max_lines`` in all."""
+    col_of = {}
+    for ci, col in enumerate(columns):
+        for n in col["layers"]:
+            col_of[n] = ci
+    linked = set()
+    for a, b in structure.get("layer_edges", []):
+        if a in col_of and b in col_of and col_of[b] == col_of[a] + 1:
+            linked.add(col_of[a])
+    if not structure.get("layer_edges"):
+        linked = set(range(len(columns) - 1))
+    paths: list[tuple[int, int, float]] = []
+    per_pair = max(1, max_lines // max(1, len(linked)))
+    for ci in sorted(linked):
+        src, dst = col_nodes[ci], col_nodes[ci + 1]
+        strength = np.array([nodes[i]["strength"] if nodes[i]["strength"] is not None else np.nan for i in src])
+        if np.all(np.isnan(strength)):
+            continue
+        chosen = [src[i] for i in top_half(strength)]
+        top = np.nanmax(strength) or 1.0
+        budget = max(1, per_pair // max(1, len(chosen)))
+        targets = dst if len(dst) <= budget else [dst[int(j)] for j in np.linspace(0, len(dst) - 1, budget)]
+        for s in chosen:
+            w = float(nodes[s]["strength"] / top) if top > 0 else 0.0
+            for t in targets:
+                paths.append((s, t, w))
+    return paths
+
+
+def _mean(arr: np.ndarray | None, a: int, b: int) -> float | None:
+    if arr is None or b > len(arr):
+        return None
+    return float(np.mean(arr[a:b]))
+
+
+def _avg(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def jitter_pixels(jitter: list[float | None], max_px: float = 8.0, reference_quantile: float = 0.9) -> list[float]:
+    """Shake amplitude in pixels, proportional to the mean squared gradient. The scale is set so that the node at the
+    ``reference_quantile`` of the visible ones shakes ``max_px``; larger ones are clipped there (squared gradients
+    are heavy-tailed: scaling by the maximum would leave all but one or two nodes still)."""
+    arr = np.array([np.nan if v is None else v for v in jitter], dtype=float)
+    finite = arr[np.isfinite(arr)]
+    if not len(finite):
+        return [0.0] * len(jitter)
+    ref = float(np.quantile(finite, reference_quantile, method="lower"))
+    if not ref > 0:
+        ref = float(finite.max())
+    if not ref > 0:
+        return [0.0] * len(jitter)
+    return [0.0 if not np.isfinite(v) else float(min(max_px, max_px * v / ref)) for v in arr]
