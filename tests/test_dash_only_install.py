@@ -11,7 +11,6 @@ import urllib.request
 import venv
 from pathlib import Path
 
-
 from browser_support import free_port, sigint_as_in_a_terminal
 from revacnn import ReVACNNCallback
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
