@@ -1,9 +1,23 @@
-"""Shared helpers: a listener that collects a run's messages on a real RunClient in a background thread."""
+"""Shared fixtures, and the test tiers.
+
+Every test gets one tier marker, so ``pytest -m unit`` (seconds) or ``pytest -m "not browser and not ddp"`` (the
+development loop) selects a tier without moving files (docs/testing.md):
+
+- ``browser`` and ``ddp``: set by the module's ``pytestmark`` (headless Chromium; a 2-process DDP job);
+- ``integration``: the test, a fixture it uses or a helper it calls builds a real Trainer, opens sockets or starts
+  a process (found in their source, see ``INTEGRATION_SIGNS``);
+- ``unit``: everything else (plain objects, in-memory messages, the steering engine on a bare optimizer).
+
+Also: a listener that collects a run's messages on a real RunClient in a background thread.
+"""
 
 from __future__ import annotations
 
+import inspect
+import re
 import threading
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -78,3 +92,57 @@ def listener_for():
 @pytest.fixture
 def tmp_root(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# What in a test's source (or its fixtures' and helpers') makes it an integration test: a real Trainer or its fit,
+# LightningCLI, sockets (the wire, the dashboard's server), or a child process.
+INTEGRATION_SIGNS = re.compile(
+    r"Trainer\(|\.fit\(|LightningCLI|RunClient|Publisher\(|listener_for|Listener\(|subprocess|Popen|zmq|socket"
+    r"|urlopen|free_port|Hub\(|serve\(")
+TIER_MARKERS = ("browser", "ddp")
+
+
+@lru_cache(maxsize=None)
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _reaches_integration(function, module, seen: set) -> bool:
+    """Whether ``function``'s source, or that of a function or class of its module it names, shows an integration sign
+    (followed through the module's own names, each once)."""
+    if function in seen:
+        return False
+    seen.add(function)
+    source = _source(function)
+    if INTEGRATION_SIGNS.search(source):
+        return True
+    for name in set(re.findall(r"\b([A-Za-z_]\w*)\b", source)):
+        helper = getattr(module, name, None)
+        if (inspect.isfunction(helper) or inspect.isclass(helper)) and getattr(helper, "__module__", None) in (
+                module.__name__, "steering_util", "helpers"):
+            if _reaches_integration(helper, module, seen):
+                return True
+    return False
+
+
+def _is_integration(item) -> bool:
+    module = item.module
+    seen: set = set()
+    if _reaches_integration(item.function, module, seen):
+        return True
+    fixtures = getattr(item, "_fixtureinfo", None)
+    for name in (fixtures.names_closure if fixtures else ()):
+        for definition in fixtures.name2fixturedefs.get(name, ()):
+            if _reaches_integration(definition.func, module, seen):
+                return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in TIER_MARKERS):
+            continue
+        item.add_marker(pytest.mark.integration if _is_integration(item) else pytest.mark.unit)

@@ -8,8 +8,6 @@ optimizer steps. A steering command that arrives between two accumulated batches
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -22,6 +20,8 @@ from revacnn.callback import Schedule
 from revacnn.wire.client import RunClient
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording.reader import open_run
+
+from helpers import quiet_trainer, wait_for
 
 ACCUMULATE, BATCHES = 3, 7
 WINDOWS = [[0, 1, 2], [3, 4, 5], [6]]  # the batches of optimizer steps 1, 2 and 3
@@ -68,9 +68,7 @@ class SendBetweenAccumulatedBatches(pl.Callback):
             self.client = RunClient(self.callback.connection_file)
             self.client.connect()
             self.command_id = self.client.send_command("set_hparams", {"lr": 0.01})
-            deadline = time.monotonic() + 5
-            while not self.callback.publisher._commands and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: self.callback.publisher._commands, timeout=5, interval=0.01)
             assert self.callback.publisher._commands, "the command did not reach the run"
 
     def on_train_end(self, trainer, pl_module):
@@ -84,10 +82,9 @@ def accumulated(tmp_path_factory):
     callback = ReVACNNCallback(filters_every=1, snapshot_every=2)
     witness = AccumulationWitness()
     sender = SendBetweenAccumulatedBatches(callback)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=BATCHES, accumulate_grad_batches=ACCUMULATE,
-                         callbacks=[callback, witness, sender], default_root_dir=tmp_path_factory.mktemp("accumulated"),
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, logger=False)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=BATCHES, accumulate_grad_batches=ACCUMULATE,
+                            callbacks=[callback, witness, sender],
+                            default_root_dir=tmp_path_factory.mktemp("accumulated"), limit_val_batches=0)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), data)
     return {"run": open_run(callback.run_dir), "witness": witness, "sender": sender}
 
@@ -153,8 +150,7 @@ class TwoOptimizers(pl.LightningModule):
 def test_two_optimizer_steps_per_batch_still_meet_every_schedule(tmp_path):
     """Global steps go 2, 4, 6, …: a schedule of every 4 (or 3) steps is met by the batch whose steps cross it."""
     callback = ReVACNNCallback(filters_every=4, snapshot_every=3)
-    trainer = pl.Trainer(max_steps=16, callbacks=[callback], default_root_dir=tmp_path, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, logger=False)
+    trainer = quiet_trainer(max_steps=16, callbacks=[callback], default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(TwoOptimizers(), DigitsDataModule(batch_size=16))
     run = open_run(callback.run_dir)
     np.testing.assert_array_equal(run.scalars()["step"], [2, 4, 6, 8, 10, 12, 14, 16])
@@ -191,9 +187,7 @@ def test_with_two_optimizers_each_layer_is_measured_as_its_own_optimizer_steps_i
     gradient left from the batch before (zeros at the first step)."""
     torch.manual_seed(2)
     callback, witness = ReVACNNCallback(filters_every=2, snapshot_every=0), GradientsAsEachOptimizerSteps()
-    trainer = pl.Trainer(max_steps=8, callbacks=[callback, witness], default_root_dir=tmp_path, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=8, callbacks=[callback, witness], default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(TwoOptimizers(), DigitsDataModule(batch_size=16))
     run = open_run(callback.run_dir)
     for name in ("head", "net.conv1"):
@@ -226,9 +220,8 @@ def test_gradients_are_published_as_back_propagated_before_clipping(tmp_path):
     """docs/protocol.md says the per-filter gradients are the loss's, read before Lightning clips them."""
     torch.manual_seed(4)
     callback, witness = ReVACNNCallback(filters_every=1, snapshot_every=0), GradientsBeforeAndAfterClipping()
-    trainer = pl.Trainer(max_steps=3, gradient_clip_val=1e-3, callbacks=[callback, witness], default_root_dir=tmp_path,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=3, gradient_clip_val=1e-3, callbacks=[callback, witness],
+                            default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
     series = open_run(callback.run_dir).filter_series("net.conv1", "grad_abs_mean")
     np.testing.assert_array_equal(series["step"], [1, 2, 3])

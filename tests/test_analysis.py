@@ -25,6 +25,8 @@ from revacnn_dash.analysis.explorer import (bucket_quantiles, build_tree, derive
 from revacnn_dash.analysis.observations import channel_concentration, hopkins, mean_nn_cosine, track_observations
 from revacnn_dash.analysis.tracking import anomalies, cube, stable_flips, top_changed
 
+from helpers import quiet_trainer
+
 ROOT = Path(__file__).resolve().parents[1]
 _RUNS: dict[str, Path] = {}
 
@@ -61,9 +63,8 @@ def recorded_run() -> Path:
     atexit.register(shutil.rmtree, root, True)
     torch.manual_seed(1)
     callback = ReVACNNCallback(filters_every=1, snapshot_every=10)
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=10, callbacks=[callback, Steer(callback)],
-                         default_root_dir=root, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, logger=pl.loggers.CSVLogger(root))
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=10, callbacks=[callback, Steer(callback)],
+                            default_root_dir=root, num_sanity_val_steps=0, logger=pl.loggers.CSVLogger(root))
     trainer.fit(ClassifierModule(ReVACNNNet(image_size=16), lr=0.05), DigitsDataModule(batch_size=32, image_size=16))
     _RUNS["steered"] = Path(callback.run_dir)
     return _RUNS["steered"]
@@ -229,9 +230,7 @@ def test_a_layer_renamed_by_insert_layer_is_compared_with_itself(tmp_path):
     torch.manual_seed(2)
     callback = ReVACNNCallback(filters_every=0, snapshot_every=4, run_dir=tmp_path / "run")
     script = Script(callback, {5: [("insert_layer", {"after": "net.conv1"})]})
-    trainer = pl.Trainer(max_steps=8, callbacks=[callback, script], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                         num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_steps=8, callbacks=[callback, script], limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=32))
     assert [ack["status"] for ack in script.acks] == ["done"]
     run = open_run(callback.run_dir)
@@ -500,7 +499,7 @@ def test_the_explorer_and_the_comparison_follow_a_run_still_being_recorded(tmp_p
     assert first is not None
     assert validations(first).startswith("1 validation samples × 12 images")
     assert follow(first) is None                         # nothing new: no refresh
-    time.sleep(0.05)
+    time.sleep(0.05)  # what is recorded next gets a later modification time than the marker saw
     validate(20)
     snapshot(20)
     assert recorder.flush(10)

@@ -17,6 +17,8 @@ from revacnn.telemetry import probes
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.telemetry.probes import FilterProbe
 
+from helpers import quiet_trainer
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 _spec = importlib.util.spec_from_file_location("revacnn_benchmark_overhead", _PATH)
 overhead = importlib.util.module_from_spec(_spec)
@@ -60,10 +62,8 @@ def test_per_batch_hooks_run_only_in_on_windows_and_on_windows_pair_with_both_ne
     counting = Counting()
     windows = overhead.AlternatingWindows([counting], window, settle)
     torch.manual_seed(0)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=window * (2 * pairs + 2), max_epochs=-1,
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[windows])
+    trainer = quiet_trainer(accelerator="cpu", devices=1, max_steps=window * (2 * pairs + 2), max_epochs=-1,
+                            limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[windows])
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.02), DigitsDataModule(batch_size=8))
 
     # windows 0 (warm-up) and 1 are off, then on and off alternate: on windows are 2, 4, 6; the fit ends with 7 off

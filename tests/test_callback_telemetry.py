@@ -20,6 +20,8 @@ from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.wire.protocol import FILTER_FIELDS, STAT_FIELDS
 from revacnn.telemetry.transfer import HostCopy
 
+from helpers import quiet_trainer
+
 LAYERS = ["net.conv1", "net.conv2", "net.conv3", "net.fc"]
 FILTERS_EVERY, SNAPSHOT_EVERY = 5, 20
 
@@ -112,9 +114,8 @@ def run(tmp_path_factory):
     witness = Witness(data)
     callback = ReVACNNCallback(filters_every=FILTERS_EVERY, snapshot_every=SNAPSHOT_EVERY, record=False)
     listener = Listener(lambda: callback.connection_file).start()
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=15, callbacks=[callback, witness], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=root, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=15, callbacks=[callback, witness], default_root_dir=root,
+                            num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), data)
     messages = listener.join()
     return {"callback": callback, "witness": witness, "listener": listener, "messages": messages, "root": root}
@@ -181,9 +182,8 @@ def test_metrics_are_those_of_their_own_step_when_lightning_keeps_no_dict(tmp_pa
     witness = Witness(data)
     callback = ReVACNNCallback(filters_every=4, snapshot_every=0, record=False)
     listener = Listener(lambda: callback.connection_file).start()
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=6, callbacks=[callback, witness], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=6, callbacks=[callback, witness],
+                            default_root_dir=tmp_path, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), data)
     steps = step_bodies(listener.join())
     assert sorted(steps) == list(range(1, 13))
@@ -260,9 +260,8 @@ def test_probe_maps_past_max_activation_bytes_are_left_out_and_named(tmp_path):
 
     conv1_bytes = 8 * 16 * 32 * 32 * 4 * 2
     callback = ReVACNNCallback(filters_every=0, snapshot_every=2, max_activation_bytes=conv1_bytes)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[callback],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[callback],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
     snapshot = open_run(callback.run_dir).snapshot(2)
     assert snapshot["arrays"]["act/net.conv1"].shape == (8, 16, 32, 32)

@@ -11,21 +11,18 @@ import urllib.request
 import venv
 from pathlib import Path
 
-import pytorch_lightning as pl
-
 from browser_support import free_port, sigint_as_in_a_terminal
 from revacnn import ReVACNNCallback
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
-from test_dashboard_state import wait_for
+from helpers import quiet_trainer, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def record_a_run(root: Path) -> Path:
     callback = ReVACNNCallback(filters_every=2, snapshot_every=4, run_dir=root / "logs" / "run")
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback],
+                            num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
     return callback.run_dir
 

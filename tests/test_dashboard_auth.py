@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium
+from helpers import wait_for
 from revacnn_dash.auth import COOKIE_PREFIX, cookie_value
 from revacnn_dash.cli import parse_args
 
@@ -60,14 +60,16 @@ def served(tmp_path_factory):
                              "--port", str(port), "--token", TOKEN, "--no-umap-warmup", "--threads", "2"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         try:
             requests.get(base + "/", timeout=1)
-            break
+            return True
         except requests.ConnectionError:
             assert proc.poll() is None, (logdir / "dash.log").read_text()
-            time.sleep(0.2)
+            return False
+
+    wait_for(serving, timeout=60, interval=0.2)
     log.seek(0)
     yield base, log.read()
     proc.terminate()

@@ -3,8 +3,6 @@ badge; an unlisted key shows RunClient's refusal text verbatim in the banner; --
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from revacnn.wire.connection import ConnectionInfo, CurveServerKeys, allow_key, generate_keypair
@@ -12,6 +10,8 @@ from revacnn.wire.protocol import Message
 from revacnn.wire.publisher import Publisher
 from revacnn_dash.views.header import banner_children
 from revacnn_dash.data.hub import Hub
+
+from helpers import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,9 @@ def curve_run(tmp_path_factory):
 
 
 def _wait(state, predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = state.summary()
-        if predicate(s):
-            return s
-        time.sleep(0.1)
+    summary = wait_for(lambda: s if predicate(s := state.summary()) else None, timeout, interval=0.1)
+    if summary:
+        return summary
     raise AssertionError(f"banner stuck at {state.summary()['conn']}: {state.summary()['conn_message']}")
 
 

@@ -15,20 +15,13 @@ from revacnn.wire.publisher import Publisher
 from revacnn_dash.data.state import FINISHED, LIVE, UNREACHABLE, RunState, metric_name
 from revacnn_dash.data.worker import RunWorker, resolve_target
 
+from helpers import quiet_trainer, wait_for
+
 STRUCTURE = {"revision": 0, "model": "M", "layers": [
     {"name": "net.conv1", "type": "Conv2d", "kind": "conv", "in": 3, "out": 4, "frozen": None,
      "filter_ids": [0, 1, 2, 3]},
     {"name": "net.conv2", "type": "Conv2d", "kind": "conv", "in": 4, "out": 2, "frozen": "all",
      "filter_ids": [4, 5]}], "layer_edges": [["input", "net.conv1"], ["net.conv1", "net.conv2"]]}
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def step_message(step: int, loss: float | None, per_filter: bool = False) -> Message:
@@ -128,16 +121,13 @@ def test_the_banner_says_since_when_a_run_has_no_finite_loss(losses, since):
 
 
 def test_a_replayed_diverged_run_says_since_when_it_has_no_finite_loss(tmp_path):
-    import pytorch_lightning as pl
-
+    
     from revacnn import ReVACNNCallback
     from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
     from revacnn_dash.data.hub import Hub
 
     callback = ReVACNNCallback(snapshot_every=0)
-    trainer = pl.Trainer(max_steps=8, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=8, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=1e4), DigitsDataModule(batch_size=32))   # diverges at once
     hub = Hub([], logdir=str(tmp_path), warm_umap=False)
     try:
@@ -192,7 +182,7 @@ def test_resolve_target_finds_the_newest_connection_file(tmp_path):
         d.mkdir(parents=True)
         ConnectionInfo(protocol=1, run_id=f"r{i}", telemetry="tcp://127.0.0.1:1", control="tcp://127.0.0.1:2"
                        ).write(d / "connection.json")
-        time.sleep(0.02)
+        time.sleep(0.02)  # the newer file gets a later modification time, which is what "newest" reads
     assert resolve_target(str(tmp_path)) == str(new / "connection.json")
     assert resolve_target(str(old)) == str(old / "connection.json")
     assert resolve_target("tcp://127.0.0.1:5") == "tcp://127.0.0.1:5"
@@ -219,7 +209,7 @@ def test_worker_drains_telemetry_and_round_trips_a_command(publisher):
         assert state.run_id == "run-a"
         for i in range(1, 21):
             publisher.publish(step_message(i, 1.0 / i, per_filter=(i % 10 == 0)))
-            time.sleep(0.005)
+            time.sleep(0.005)  # paces the steps as a trainer does, rather than all in one send
         assert wait_for(lambda: state.scalars.total >= 20)
         cols, _, _ = state.scalars_since(0)
         assert cols["step"][-1] == 20 and cols["loss"][-1] == pytest.approx(0.05)
@@ -310,14 +300,14 @@ def test_cli_serves_the_page_on_loopback_and_prints_the_url(tmp_path):
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"revacnn-dash: serving on http://127.0.0.1:{port}/"), line
-        deadline = time.monotonic() + 20
-        body = ""
-        while time.monotonic() < deadline:
+
+        def page() -> str:
             try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
-                break
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
             except OSError:
-                time.sleep(0.2)
+                return ""
+
+        body = wait_for(page, timeout=20, interval=0.2)
         assert "<title>revacnn</title>" in body
         layout = urllib.request.urlopen(f"http://127.0.0.1:{port}/_dash-layout", timeout=5).read().decode()
         assert "net-graph" in layout and "train-graph" in layout and "emb-graph" in layout

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import model_shapes as shapes
+from helpers import wait_for
 from revacnn_dash.compute.embeddings import (align_to_previous, compute_embedding, missing_maps_reason,
                                              nearest_neighbours, procrustes_align)
 from revacnn_dash.compute.layers import default_expanded, visible_columns
@@ -234,12 +235,7 @@ def test_resnet50_network_figure_builds_within_a_second():
 
 def computed(service, args, timeout: float = 10.0, interval: float = 0.02):
     """The embedding service's result for ``args`` once its worker has computed it (None after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    result = service.request(*args)
-    while result is None and time.monotonic() < deadline:
-        time.sleep(interval)
-        result = service.request(*args)
-    return result
+    return wait_for(lambda: service.request(*args), timeout, interval)
 
 
 def test_embedding_service_computes_off_thread_and_caches():
@@ -263,8 +259,7 @@ def test_embedding_service_computes_off_thread_and_caches():
     assert second["aligned"] is True
     assert np.allclose(np.array(second["coords"]), np.array(result["coords"]), atol=1e-6)
     missing = ("run", (0, 1), arrays, list(range(12)), "c", "act", "pca", 0, "grad")
-    service.request(*missing)
-    time.sleep(0.3)
+    computed(service, missing)
     assert "no act data" in service.request(*missing)["error"]
     # a diverged run: filters holding NaN or inf are counted (the status line says so), not silently drawn at zero
     diverged = dict(arrays, **{"weight/c": arrays["weight/c"].copy()})

@@ -8,13 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from browser_support import free_port, sigint_as_in_a_terminal
+from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,13 +42,11 @@ def kill_group(process: subprocess.Popen) -> None:
         pass
 
 
-def wait_for(condition, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
+def wait_or_show_log(condition, timeout: float, what: str, log: Path):
+    """``condition()``'s first true value; fails with ``what`` and the end of the demo's log after ``timeout`` s."""
+    value = wait_for(condition, timeout, interval=0.3)
+    if value:
+        return value
     raise AssertionError(f"{what} within {timeout} s; the demo printed:\n{log.read_text()[-3000:]}")
 
 
@@ -76,17 +74,17 @@ def test_demo_trains_serves_the_page_and_stops_on_ctrl_c_without_the_venv_on_pat
     port = free_port()
     process, log = start_demo(tmp_path, port, "--epochs", "2", "--slow", "0")
     try:
-        wait_for(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
+        wait_or_show_log(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
                  "the demo printed no dashboard URL", log)
         assert page_status(port) == 200                      # the URL works the moment it is printed
-        wait_for(lambda: "training finished" in log.read_text(), 120, "training did not finish", log)
+        wait_or_show_log(lambda: "training finished" in log.read_text(), 120, "training did not finish", log)
         run = tmp_path / "run" / "lightning_logs" / "version_0" / "revacnn"
         assert (run / "connection.json").exists()
         assert page_status(port) == 200                      # the dashboard outlives the training
         assert process.poll() is None
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
-        wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
+        wait_or_show_log(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
         assert page_status(port) is None
     finally:
         kill_group(process)
@@ -105,7 +103,8 @@ def test_demo_reports_a_busy_port_and_stops_its_trainer(tmp_path):
         text = log.read_text()
         assert f"revacnn-dash: cannot serve on 127.0.0.1:{port}: Address already in use" in text, text[-3000:]
         assert "revacnn demo: the dashboard exited (code 1" in text
-        wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "the trainer outlived the demo", log)
+        wait_or_show_log(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "the trainer outlived the demo",
+                         log)
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
@@ -113,7 +112,7 @@ def test_ctrl_c_or_sigterm_stops_the_demo_and_its_children_in_order(tmp_path, st
     port = free_port()
     process, log = start_demo(tmp_path, port, "--epochs", "50")
     try:
-        wait_for(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
+        wait_or_show_log(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
                  "the demo printed no dashboard URL", log)
         assert processes_mentioning(str(tmp_path / "run"))   # the trainer and the dashboard are running
         if stop == "ctrl-c":
@@ -121,7 +120,7 @@ def test_ctrl_c_or_sigterm_stops_the_demo_and_its_children_in_order(tmp_path, st
         else:
             process.terminate()                      # `kill`: the demo alone
         assert process.wait(30) == 0
-        wait_for(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
+        wait_or_show_log(lambda: not processes_mentioning(str(tmp_path / "run")), 15, "a child outlived the demo", log)
         assert page_status(port) is None
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]

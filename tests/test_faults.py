@@ -23,6 +23,8 @@ import pytest
 from revacnn.wire.client import ConnectionFailed, RunClient
 from revacnn.recording import open_run
 
+from helpers import quiet_trainer, wait_for
+
 HERE = Path(__file__).parent
 PY = sys.executable
 
@@ -138,9 +140,9 @@ STALLED = textwrap.dedent("""
             pub.publish(Message("snapshot", {"step": step}, snapshot))
         if step == 1000:
             figures["rss_1k_mb"] = rss()
-        time.sleep(0.0002)
+        time.sleep(0.0002)                      # paces the steps as a fast trainer makes them
     figures["seconds"] = time.monotonic() - started
-    time.sleep(0.5)
+    time.sleep(0.5)                             # the I/O thread sends or drops the last ones: memory is read after
     figures["rss_end_mb"] = rss()
     figures["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     figures["queue_drops"] = pub.drops["telemetry"]
@@ -263,7 +265,7 @@ def _remove_while_written(path: Path) -> None:
             shutil.rmtree(path)
             return
         except OSError:
-            time.sleep(0.02)
+            time.sleep(0.02)  # paces the retries: the recorder adds its next file in the meantime
     shutil.rmtree(path)
 
 
@@ -274,7 +276,7 @@ def test_recording_disk_full_and_directory_vanishing(tmp_path, small_disk):
     statuses = []
     with RunClient(gone_dir) as client:
         client.connect(timeout=20)
-        time.sleep(1.0)
+        time.sleep(1.0)  # the run records for a while first: the directory must vanish mid-run, not before it
         _remove_while_written(gone_dir.parent)  # the recording's directory vanishes mid-run
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -321,13 +323,10 @@ def test_an_internal_error_in_telemetry_stops_telemetry_not_the_training(tmp_pat
                 with RunClient(callback.connection_file) as client:
                     client.connect()
                     client.send_command("set_hparams", {"lr": 0.01})
-                    deadline = time.monotonic() + 5
-                    while not callback.publisher._commands and time.monotonic() < deadline:
-                        time.sleep(0.01)
+                    wait_for(lambda: callback.publisher._commands, timeout=5, interval=0.01)
 
-    trainer = pl.Trainer(max_steps=8, limit_val_batches=1, val_check_interval=4, num_sanity_val_steps=0,
-                         callbacks=[callback, SteerAfterTheFault()], default_root_dir=tmp_path, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=8, limit_val_batches=1, val_check_interval=4, num_sanity_val_steps=0,
+                            callbacks=[callback, SteerAfterTheFault()], default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match=r"telemetry stopped after an internal error \(RuntimeError: injected fault\)"):
         trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=16))
     assert trainer.global_step == 8 and len(measured) == 3

@@ -16,6 +16,8 @@ from revacnn import ReVACNNCallback
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording.reader import open_run
 
+from helpers import quiet_trainer
+
 KEPT = 40  # validation images whose predictions are published
 
 
@@ -43,9 +45,8 @@ def fit(tmp_path, module, data, *extra_callbacks, precision="32-true"):
     """One epoch of 4 steps and a validation; ``data`` is a datamodule or a (train, val) pair of loaders."""
     torch.manual_seed(3)
     callback = ReVACNNCallback(filters_every=1, snapshot_every=4, val_subset=KEPT)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=3, precision=precision,
-                         callbacks=[callback, *extra_callbacks], default_root_dir=tmp_path, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, logger=False)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=3, precision=precision,
+                            callbacks=[callback, *extra_callbacks], default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(module, *data) if isinstance(data, tuple) else trainer.fit(module, data)
     return open_run(callback.run_dir)
 
@@ -207,8 +208,7 @@ def test_a_module_without_monitored_layers_publishes_its_scalars(tmp_path):
 
 def test_a_layer_name_not_in_the_model_is_refused_with_the_names_there_are(tmp_path):
     callback = ReVACNNCallback(layers=["conv9"])
-    trainer = pl.Trainer(max_steps=1, callbacks=[callback], default_root_dir=tmp_path, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=1, callbacks=[callback], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"not found in ClassifierModule: conv9 \(its Conv2d and Linear layers: "
                                          r"net.conv1, net.conv2, net.conv3, net.fc\)"):
         trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
@@ -341,9 +341,8 @@ def test_lazy_layers_are_watched_from_the_step_that_gives_them_their_shapes(tmp_
     def train(callbacks):
         torch.manual_seed(5)
         module = ClassifierModule(LazyNet())
-        trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=callbacks,
-                             default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer = quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=callbacks,
+                                default_root_dir=tmp_path, num_sanity_val_steps=0)
         trainer.fit(module, DigitsDataModule(batch_size=16))
         return module
 
@@ -514,9 +513,8 @@ def test_transposed_and_1d_convs_chosen_by_type_are_watched_per_output_channel(t
     module = ClassifierModule(UpsamplingNet())
     callback = ReVACNNCallback([torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Conv1d, torch.nn.Linear],
                                filters_every=1, snapshot_every=4)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback],
-                         default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(module, DigitsDataModule(batch_size=16))
     run = open_run(callback.run_dir)
     assert run.status()["state"] == "finished" and "telemetry_error" not in run.status()
@@ -590,9 +588,8 @@ def test_the_dashboard_draws_a_3d_convs_filters_and_maps(tmp_path):
 
     torch.manual_seed(4)
     callback = ReVACNNCallback([torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear], filters_every=1, snapshot_every=4)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback],
-                         default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[callback],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(VolumeNet()), DigitsDataModule(batch_size=16))
     run = open_run(callback.run_dir)
     assert run.snapshot(4)["arrays"]["act/net.c3"].shape == (8, 4, 3, 32, 32)

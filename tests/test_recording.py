@@ -23,6 +23,8 @@ from revacnn.recording import RunRecorder
 from revacnn.recording.format import list_segments, read_segment
 from revacnn.recording.reader import list_runs, open_run
 
+from helpers import wait_for
+
 RUN = "test-run"
 
 
@@ -438,7 +440,7 @@ def _writer_thread(run_dir, n, layers, stop_event):
     rec.submit(structure(1, 0, 0, layers))
     for i in range(n):
         rec.submit(step_message(i + 2, i + 1, layers, rng))
-        time.sleep(0.002)
+        time.sleep(0.002)  # paces the steps, so the reader meets the recording at many points of its growth
     rec.close()
     stop_event.set()
 
@@ -448,8 +450,7 @@ def test_read_while_written_grows_monotonically(tmp_path):
     done = threading.Event()
     thread = threading.Thread(target=_writer_thread, args=(tmp_path / "run", 600, layers, done))
     thread.start()
-    while not (tmp_path / "run" / "run.json").exists():
-        time.sleep(0.01)
+    wait_for(lambda: (tmp_path / "run" / "run.json").exists(), timeout=60, interval=0.01)
     run = open_run(tmp_path / "run")
     seen_scalars, seen_filters, observations = 0, 0, 0
     while not done.is_set() or observations < 3:
@@ -462,7 +463,7 @@ def test_read_while_written_grows_monotonically(tmp_path):
         if 0 < n < 600:
             observations += 1
         seen_scalars, seen_filters = n, m
-        time.sleep(0.02)
+        time.sleep(0.02)  # paces the reads: each sees the recording some steps further on
         if done.is_set():
             break
     thread.join()
@@ -503,7 +504,7 @@ def test_sigkill_reads_back(tmp_path, attempt):
     child = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True)
     first = child.stdout.readline()            # the child is writing
     assert first.startswith("1 ")
-    time.sleep(random.uniform(1.2, 2.5))
+    time.sleep(random.uniform(1.2, 2.5))      # killed at a random point of its writing, on purpose
     kill_time = time.time()
     os.kill(child.pid, signal.SIGKILL)
     rest = child.stdout.read()
@@ -605,7 +606,7 @@ def test_directory_removed_sets_error_without_raising(tmp_path):
         warnings.simplefilter("always")
         for i in range(5, 40):
             rec.submit(step_message(i + 2, i + 1, DEMO, rng))
-            time.sleep(0.005)
+            time.sleep(0.005)  # paces the steps over several flushes, each meeting the vanished directory
         assert rec.flush(timeout=5)
         after = [rec.submit(step_message(i + 2, i + 1, DEMO, rng)) for i in range(40, 45)]
         rec.close()
@@ -707,7 +708,7 @@ def test_list_runs_finds_nested_runs(tmp_path):
     finished.submit(step_message(2, 7, DEMO, rng))
     finished.submit(Message("status", {"state": "finished", "step": 7}, run="first", seq=3, time=1.0))
     finished.close()
-    time.sleep(0.01)
+    time.sleep(0.01)  # the live run's files get a later modification time
     live = RunRecorder(tmp_path / "lightning_logs" / "version_1" / "revacnn")
     live.submit(Message("status", {"state": "running", "step": 3}, run="second", seq=1, time=2.0))
     live.submit(step_message(2, 3, DEMO, rng))
@@ -741,16 +742,14 @@ def test_writer_wakes_per_interval_and_early_for_large_backlogs_and_flush(tmp_pa
     try:
         rec.submit(structure(1, 0, 0, DEMO))
         rec.submit(step_message(2, 1, DEMO, rng))
-        time.sleep(0.5)
+        time.sleep(0.5)  # time in which nothing may happen: there is no condition to wait for
         assert rec.queue_length == 2           # still waiting for the 60 s interval
         assert rec.flush(timeout=5)
         assert rec.queue_length == 0
         assert list(open_run(tmp_path / "run").scalars()["step"]) == [1]
         monkeypatch.setattr(writer, "_EARLY_FLUSH_BYTES", 1000)   # a per-filter step message carries ~1.6 kB
         rec.submit(step_message(3, 2, DEMO, rng))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and list(open_run(tmp_path / "run").scalars()["step"]) != [1, 2]:
-            time.sleep(0.05)
+        wait_for(lambda: list(open_run(tmp_path / "run").scalars()["step"]) == [1, 2], timeout=5, interval=0.05)
         assert list(open_run(tmp_path / "run").scalars()["step"]) == [1, 2]
     finally:
         rec.close()

@@ -18,6 +18,7 @@ from revacnn import ReVACNNCallback
 from revacnn.wire.client import RunClient
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording.reader import list_runs, open_run
+from helpers import quiet_trainer, wait_for
 from test_callback_telemetry import Witness
 
 
@@ -49,9 +50,8 @@ def recorded(tmp_path_factory):
     witness = Witness(data)
     callback = ReVACNNCallback(filters_every=1, snapshot_every=10)
     steer = Steer(callback)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=10, callbacks=[callback, witness, steer],
-                         default_root_dir=root, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=10, callbacks=[callback, witness, steer],
+                            default_root_dir=root, num_sanity_val_steps=0, logger=True)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), data)
     return {"root": root, "callback": callback, "witness": witness, "run": open_run(callback.run_dir)}
 
@@ -125,11 +125,8 @@ def test_sigkill_of_a_real_trainer_leaves_a_readable_recording(tmp_path):
                                     "--slow", "0.01", "--root", str(root), "--filters-every", "1"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 120
-            found = []
-            while not found and time.monotonic() < deadline:
-                found = list(root.glob("lightning_logs/version_*/revacnn/connection.json"))
-                time.sleep(0.1)
+            found = wait_for(lambda: list(root.glob("lightning_logs/version_*/revacnn/connection.json")), timeout=120,
+                             interval=0.1)
             with RunClient(found[0]) as client:
                 client.connect(timeout=30)
                 seen_at: dict[int, float] = {}
@@ -164,9 +161,8 @@ def test_recording_failure_stops_training_cleanly_when_asked(tmp_path):
                 shutil.rmtree(callback.run_dir)
             time.sleep(0.02)  # let the writer thread notice between batches
 
-    trainer = pl.Trainer(max_epochs=20, limit_train_batches=20, limit_val_batches=0, logger=False,
-                         callbacks=[callback, RemoveRecordingAtStep5()], default_root_dir=tmp_path,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_epochs=20, limit_train_batches=20, limit_val_batches=0,
+                            callbacks=[callback, RemoveRecordingAtStep5()], default_root_dir=tmp_path)
     trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule())
     assert callback.recorder.error
     assert 5 < trainer.global_step < 400, "fit ended early, once the failure was seen"
@@ -192,9 +188,8 @@ def test_a_run_that_raises_or_is_interrupted_is_recorded_to_its_last_step_and_cl
     """Lightning calls no callback ``teardown`` after an exception or a Ctrl-C, only ``on_exception``: the callback
     must close there, or the last steps, the final state and the closing of the recording are lost."""
     callback = ReVACNNCallback()
-    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], default_root_dir=tmp_path, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback], default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            limit_val_batches=0, logger=True)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit if isinstance(exception, KeyboardInterrupt) else RuntimeError):

@@ -13,11 +13,12 @@ from revacnn import ReVACNNCallback
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording.reader import list_runs, open_run
 
+from helpers import quiet_trainer
+
 
 def fit(callback, root, steps, logger=False):
-    trainer = pl.Trainer(max_steps=steps, limit_val_batches=0, callbacks=[callback], default_root_dir=root,
-                         logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[callback], default_root_dir=root,
+                            logger=logger)
     trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16))
     return open_run(callback.run_dir)
 
@@ -66,9 +67,7 @@ def test_a_tuners_trial_fit_leaves_no_run_behind(tmp_path, tune):
     from pytorch_lightning.tuner import Tuner
 
     callback = ReVACNNCallback()
-    trainer = pl.Trainer(max_steps=3, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path)
     model, data = ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16)
     if tune == "lr_find":
         Tuner(trainer).lr_find(model, datamodule=data, num_training=4, update_attr=False)
@@ -101,9 +100,9 @@ def test_a_run_resumed_into_its_recording_replaces_the_steps_the_checkpoint_aban
 
     def fit_digits(max_steps, witness, *extra, ckpt_path=None):
         callback = ReVACNNCallback(run_dir=tmp_path / "run", filters_every=1, snapshot_every=2)
-        trainer = pl.Trainer(max_steps=max_steps, limit_val_batches=2, val_check_interval=3,
-                             callbacks=[callback, witness, *extra], default_root_dir=tmp_path, logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=2, val_check_interval=3,
+                                callbacks=[callback, witness, *extra], default_root_dir=tmp_path,
+                                num_sanity_val_steps=0, enable_checkpointing=True)
         torch.manual_seed(0)
         trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
 
@@ -145,9 +144,8 @@ def test_a_resumed_fit_says_which_run_it_continues(tmp_path, caplog, first_watch
     from revacnn_dash.data.hub import Hub
 
     def fit_digits(max_steps, *callbacks, ckpt_path=None):
-        trainer = pl.Trainer(max_steps=max_steps, limit_val_batches=0, callbacks=list(callbacks),
-                             default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False)
+        trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=list(callbacks),
+                                default_root_dir=tmp_path, enable_checkpointing=True)
         trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
 
     first = ReVACNNCallback()

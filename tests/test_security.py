@@ -22,6 +22,8 @@ from revacnn.wire.connection import (
 from revacnn.wire.protocol import Codec, Message
 from revacnn.wire.publisher import Publisher
 
+from helpers import wait_for, wait_for_message
+
 
 @pytest.fixture
 def keys(tmp_path):
@@ -45,32 +47,19 @@ def secure_run(keys):
     pub.close()
 
 
-def wait_for(client: RunClient, predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = client.recv(0.1)
-        if message is not None and predicate(message):
-            return message
-    raise AssertionError("condition not met")
-
-
 def test_allowed_client_reads_telemetry_and_steers_over_curve(secure_run, keys):
     pub, path, _ = secure_run
     pub.publish(Message("structure", {"revision": 0}))
-    time.sleep(0.2)  # published before the client exists: it must come with the state snapshot
+    wait_for(lambda: pub.queue_length == 0)  # published before the client exists: it must come with the state snapshot
     with RunClient(path, client_keys=keys["laptop"]) as client:
         welcome = client.connect(timeout=5)
         assert welcome["run"] == "secure-run"
-        wait_for(client, lambda m: m.type == "structure")
-        status = wait_for(client, lambda m: m.type == "status")
+        wait_for_message(client, lambda m: m.type == "structure")
+        status = wait_for_message(client, lambda m: m.type == "status")
         assert status.body["security"]["mode"] == "curve" and status.body["security"]["allowed"] == 1
         command_id = client.send_command("pause")
-        wait_for(client, lambda m: m.type == "ack" and m.body["id"] == command_id)
-        deadline = time.monotonic() + 2
-        commands = []
-        while not commands and time.monotonic() < deadline:
-            commands = pub.poll_commands()
-            time.sleep(0.01)
+        wait_for_message(client, lambda m: m.type == "ack" and m.body["id"] == command_id)
+        commands = wait_for(pub.poll_commands, timeout=2, interval=0.01)
         assert [c["op"] for c in commands] == ["pause"]
 
 
@@ -111,7 +100,7 @@ def test_plaintext_and_wrong_server_key_clients_get_nothing(secure_run, keys):
         except zmq.Again:  # no completed connection to queue it on: exactly the point
             pass
         pub.publish(Message("step", {"step": i, "per_filter": False}))
-        time.sleep(0.1)
+        time.sleep(0.1)  # paces the attempts: each has time to get through, if anything could
     assert not sub.poll(300) and not mallory.poll(10) and not dealer.poll(10)
     assert pub.poll_commands() == []
     for sock in (sub, dealer, mallory):
@@ -130,12 +119,12 @@ def test_key_allowed_while_running_is_picked_up(secure_run, keys):
         with pytest.raises(ConnectionFailed):
             client.connect(timeout=1.5)
     allow_key(keys["mallory"].with_name("mallory.key"), keys["dir"])
-    time.sleep(0.3)
+    time.sleep(0.3)  # only a connection shows whether the allow-list changed, and connecting is what is tested
     with RunClient(path, client_keys=keys["mallory"]) as client:
         assert client.connect(timeout=5)["run"] == "secure-run"
     # revoking: new connections are refused again
     assert cli_main(["keys", "revoke", "mallory", "--keys-dir", str(keys["dir"])]) == 0
-    time.sleep(0.3)
+    time.sleep(0.3)  # as above, for the revocation
     with RunClient(path, client_keys=keys["mallory"]) as client:
         with pytest.raises(ConnectionFailed, match="refused"):
             client.connect(timeout=3)

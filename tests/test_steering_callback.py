@@ -13,6 +13,8 @@ from revacnn import ReVACNNCallback, load_steered
 from revacnn.wire.client import RunClient
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
 
+from helpers import quiet_trainer
+
 
 class Script(pl.Callback):
     """Sends commands over the run's control socket at given steps and collects every final ack."""
@@ -55,10 +57,8 @@ def fit(root, plan, epochs=2, batches=10, ckpt_path=None, model=None, **callback
     callback = ReVACNNCallback(filters_every=5, snapshot_every=0, record=False, **callback_args)
     script = Script(callback, plan)
     model = model or ClassifierModule(ReVACNNNet(), lr=0.05)
-    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=batches, limit_val_batches=2,
-                         callbacks=[callback, script], default_root_dir=root, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=epochs, limit_train_batches=batches, limit_val_batches=2,
+                            callbacks=[callback, script], default_root_dir=root, num_sanity_val_steps=0)
     trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
     return trainer, model, script
 
@@ -92,9 +92,9 @@ def test_batch_size_changes_at_the_next_epoch_and_is_acknowledged_then(tmp_path)
 
     callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
     script = Script(callback, {2: [("set_batch_size", {"batch_size": 16})]})
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, logger=False,
-                         callbacks=[callback, script, Sizes()], default_root_dir=tmp_path,
-                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1,
+                            callbacks=[callback, script, Sizes()], default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            enable_model_summary=True)
     trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=32))
     assert {size for epoch, size in seen if epoch == 0} == {32}
     assert {size for epoch, size in seen if epoch == 1} == {16}
@@ -114,9 +114,8 @@ def test_a_batch_size_the_training_loader_ignores_is_refused_and_put_back(tmp_pa
     callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
     script = Script(callback, {2: [("set_batch_size", {"batch_size": 16})]})
     data = FixedBatches(batch_size=32)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, logger=False,
-                         callbacks=[callback, script], default_root_dir=tmp_path, enable_checkpointing=False,
-                         enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, callbacks=[callback, script],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0, enable_model_summary=True)
     trainer.fit(ClassifierModule(ReVACNNNet()), data)
     ack = next(ack for ack in script.acks if ack["op"] == "set_batch_size")
     assert ack["status"] == "error" and "still has batch size 32" in ack["error"], ack
@@ -131,9 +130,8 @@ def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
     callback = ReVACNNCallback(filters_every=1, snapshot_every=0, record=False)
     listener = Listener(lambda: callback.connection_file).start()
     script = Script(callback, {3: [("insert_layer", {"after": "net.conv1"})]})
-    trainer = pl.Trainer(max_steps=8, callbacks=[callback, script], default_root_dir=tmp_path, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_steps=8, callbacks=[callback, script], default_root_dir=tmp_path, limit_val_batches=0,
+                            num_sanity_val_steps=0)
     trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=32))
     messages = listener.join()
     assert [ack["status"] for ack in script.acks] == ["done"], script.acks
@@ -188,9 +186,8 @@ def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp
                                      for key, entry in state.items()}
 
     callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
-    resumed = pl.Trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=1, logger=False,
-                         callbacks=[callback, Capture()], default_root_dir=tmp_path, enable_checkpointing=False,
-                         enable_progress_bar=False, num_sanity_val_steps=0)
+    resumed = quiet_trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=1, callbacks=[callback, Capture()],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0, enable_model_summary=True)
     resumed.fit(resumed_model, DigitsDataModule(batch_size=32), ckpt_path=path)
     assert torch.equal(captured["outputs"], expected)
     saved = torch.load(path, weights_only=True)["optimizer_states"][0]["state"]
@@ -210,9 +207,9 @@ def test_a_weights_only_checkpoint_of_a_steered_model_loads_offline(tmp_path):
     script = Script(callback, {3: [("widen", {"layer": "net.conv2", "count": 2})]})
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
     model = ClassifierModule(ReVACNNNet(), lr=0.05)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=1, logger=False,
-                         callbacks=[callback, script, saver], default_root_dir=tmp_path, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=1,
+                            callbacks=[callback, script, saver], default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            enable_checkpointing=True)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert [ack["status"] for ack in script.acks] == ["done"]
     checkpoint = torch.load(saver.best_model_path, weights_only=True)
@@ -235,9 +232,8 @@ def test_a_steered_model_saves_its_change_log_after_the_fit_and_into_the_next_on
     callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
     script = Script(callback, {3: [("widen", {"layer": "net.conv2", "count": 2})]})
     model = ClassifierModule(ReVACNNNet(), lr=0.05)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, logger=False,
-                         callbacks=[callback, script], default_root_dir=tmp_path, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, callbacks=[callback, script],
+                            default_root_dir=tmp_path)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert [ack["status"] for ack in script.acks] == ["done"]
     images = torch.randn(4, 3, 32, 32)
@@ -250,9 +246,8 @@ def test_a_steered_model_saves_its_change_log_after_the_fit_and_into_the_next_on
 
     second = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)   # a new Trainer, a new callback
     script = Script(second, {2: [("widen", {"layer": "net.conv3", "count": 1})]})
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
-                         callbacks=[second, script], default_root_dir=tmp_path, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, callbacks=[second, script],
+                            default_root_dir=tmp_path)
     trainer.fit(model.train(), DigitsDataModule(batch_size=32))
     assert [ack["status"] for ack in script.acks] == ["done"]
     full = tmp_path / "second.ckpt"
@@ -334,9 +329,9 @@ def test_structural_changes_are_refused_next_to_a_callback_that_copies_the_param
                                    ("insert_layer", {"after": "net.conv2"}), ("remove_layer", {"layer": "net.conv3"}),
                                    ("freeze", {"layers": ["net.conv1"]})]})
     model = ClassifierModule(ReVACNNNet())
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1, logger=False,
-                         callbacks=[callback, script, other], default_root_dir=tmp_path,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1,
+                            callbacks=[callback, script, other], default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            enable_checkpointing=True)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert trainer.global_step == 12
     acks = {ack["op"]: ack for ack in script.acks}
@@ -369,9 +364,8 @@ def test_layers_the_module_freezes_are_shown_frozen_and_can_be_unfrozen(tmp_path
     model.net.conv1.requires_grad_(False)                # configure_optimizers still passes every parameter
     callback = ReVACNNCallback(filters_every=2, snapshot_every=0)
     script = Script(callback, {12: [("unfreeze", {"layers": ["net.conv1"]})]})
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=0,
-                         callbacks=[callback, script, FreezeConv2At(5)], default_root_dir=tmp_path, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=0,
+                            callbacks=[callback, script, FreezeConv2At(5)], default_root_dir=tmp_path)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     frozen = [{layer["name"]: layer["frozen"] for layer in body["layers"] if layer["frozen"]}
               for _, body in open_run(callback.run_dir).structures()]
@@ -405,9 +399,8 @@ def test_the_neurons_of_a_hidden_linear_layer_are_steered_like_filters(tmp_path)
                                4: [("remove_filters", {"layer": "net.fc1", "filters": [0, 1]})],
                                5: [("freeze", {"layer": "net.fc1", "filters": [2]})]})
     model = ClassifierModule(HiddenLayerNet(), lr=0.05)
-    trainer = pl.Trainer(max_steps=9, callbacks=[callback, script], default_root_dir=tmp_path, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_steps=9, callbacks=[callback, script], default_root_dir=tmp_path, limit_val_batches=0,
+                            num_sanity_val_steps=0)
     frozen_row = {}
 
     class Watch(pl.Callback):

@@ -4,12 +4,13 @@ predicting the kept validation images, the model trains to the same weights, bit
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from revacnn import ReVACNNCallback
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet, SmallResNet
+
+from helpers import quiet_trainer
 
 
 class Dropout(ClassifierModule):
@@ -37,9 +38,8 @@ class WithBatchNorm(ClassifierModule):
 def train(module_class, callbacks, root) -> dict[str, torch.Tensor]:
     torch.manual_seed(11)
     module = module_class(ReVACNNNet())
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, callbacks=callbacks,
-                         default_root_dir=root, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, callbacks=callbacks,
+                            default_root_dir=root)
     trainer.fit(module, DigitsDataModule(batch_size=16))  # shuffled: each epoch draws its order from the generator
     return module.state_dict()
 

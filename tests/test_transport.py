@@ -15,6 +15,8 @@ from revacnn.wire.connection import ConnectionInfo
 from revacnn.wire.protocol import Codec, Message
 from revacnn.wire.publisher import Publisher
 
+from helpers import wait_for
+
 
 @pytest.fixture
 def publisher():
@@ -58,7 +60,7 @@ def test_late_joiner_gets_structure_and_latest_state_within_two_seconds(publishe
     for step in range(1, 51):
         publisher.publish(Message("step", {"step": step, "per_filter": step % 10 == 0},
                                   {"filters": np.full((5, 4), step, np.float32)} if step % 10 == 0 else {}))
-    time.sleep(0.3)  # everything published long before the client exists
+    wait_for(lambda: publisher.queue_length == 0)  # everything published long before the client exists
     started = time.monotonic()
     with RunClient(publisher.control_endpoint) as client:
         welcome = client.connect()
@@ -77,7 +79,7 @@ def test_state_snapshot_gives_the_latest_per_filter_step_before_the_latest_step(
     publisher.publish(Message("step", {"step": 10, "per_filter": True}, {"filters": np.ones((5, 4), np.float32)}))
     for step in range(11, 15):
         publisher.publish(Message("step", {"step": step, "per_filter": False}))
-    time.sleep(0.3)
+    wait_for(lambda: publisher.queue_length == 0)  # all sent, so in the state snapshot, before the client exists
     with RunClient(publisher.control_endpoint) as client:
         welcome = client.connect()
         state = [client.recv(1.0) for _ in range(welcome["state_count"])]
@@ -92,7 +94,7 @@ def test_state_snapshot_sends_step_messages_and_batches_in_step_order(publisher,
                          {"filters": np.ones((5, 4), np.float32)})
     for message in ([batch, per_filter] if per_filter_last else [per_filter, batch]):
         publisher.publish(message)
-    time.sleep(0.3)
+    wait_for(lambda: publisher.queue_length == 0)  # all sent, so in the state snapshot, before the client exists
     with RunClient(publisher.control_endpoint) as client:
         welcome = client.connect()
         state = [client.recv(1.0) for _ in range(welcome["state_count"])]
@@ -224,7 +226,7 @@ def test_duplicate_command_ids_are_applied_once_and_answered_again(publisher):
         client.send_command("pause", {}, command_id="same")
         again, _ = receive_until(client, lambda m: m.type == "ack" and m.body["status"] == "done")
         assert again.body["step"] == 3
-        time.sleep(0.2)
+        time.sleep(0.2)  # a command that must not arrive: nothing to wait for, so give it the time it would take
         assert publisher.poll_commands() == []
 
 
@@ -242,13 +244,13 @@ def test_stalled_subscriber_bounds_memory_and_drops_are_counted():
     stalled.setsockopt(zmq.SUBSCRIBE, b"")
     stalled.setsockopt(zmq.RCVHWM, 10)
     stalled.connect(pub.telemetry_endpoint)
-    time.sleep(0.3)
+    time.sleep(0.3)  # ZeroMQ says nothing when a SUB has joined: give it the time to, so it is there to stall
     try:
         before = _rss_mb()
         # a fresh 1 MiB array per message, as the callback makes: an unbounded queue would hold 2 GiB
         accepted = sum(pub.publish(Message("step", {"step": i}, {"filters": np.full(1 << 18, i, np.float32)}))
                        for i in range(2000))
-        time.sleep(1.0)
+        time.sleep(1.0)  # the I/O thread sends or drops what it was offered: memory is measured after that, not a state
         growth = _rss_mb() - before
         # 2000 MiB were offered; the queues hold at most (8 + 2 × 10) of them
         assert growth < 200, f"RSS grew by {growth:.0f} MiB"
@@ -265,7 +267,7 @@ def test_recv_with_zero_timeout_still_reads_what_has_arrived(publisher):
         while client.recv(0.2) is not None:  # drain the state snapshot
             pass
         publisher.publish(Message("step", {"step": 1, "per_filter": False}))
-        time.sleep(0.3)
+        time.sleep(0.3)  # the step reaches the client's socket: only recv could tell, and recv(0) is what is tested
         arrived = []   # the step, and maybe a heartbeat (every 0.2 s here) before it
         while (message := client.recv(0)) is not None:
             arrived.append(message.type)
