@@ -6,9 +6,9 @@ segment), as three machines on one switch. Each node is started the way a cluste
 (Lightning's ``LightningEnvironment``: ``LOCAL_RANK`` set means the processes are created externally; ``MASTER_ADDR``
 is node 0's address, ``NODE_RANK`` gives the global rank with one device per node) and gloo is told its interface with
 ``GLOO_SOCKET_IFNAME``. Rank 0 binds the callback's sockets on its own address — not loopback, which the callback
-refuses without CURVE (``insecure_bind``), so the run uses CURVE keys — and the client in the third namespace reads the
-telemetry, widens ``net.conv2`` mid-run, trains on and stops the run. Both ranks must have applied the widen at the
-same step and end bitwise equal, parameters and optimizer state.
+refuses without CURVE (short of ``insecure_bind``), so the run uses CURVE keys — and the client in the third namespace
+reads the telemetry, widens ``net.conv2`` mid-run, trains on and stops the run. Both ranks must have applied the widen
+at the same step and end bitwise equal, parameters and optimizer state.
 
 Everything made here (namespaces, bridge, veth pairs, addresses) is removed after the test; nothing else on the machine
 is touched and no traffic leaves the namespaces. Where a bridge cannot be made the client shares node 1's namespace
