@@ -11,7 +11,6 @@ identically at the same step.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -29,17 +28,12 @@ from revacnn.run import Run, Transport
 from revacnn.steering.commands import STRUCTURAL_OPS
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
 from revacnn.steering.loop import LOOP_OPS, LoopControl
-from revacnn.telemetry.messages import (StepMessages, hparams_message, in_traced_order, structure_message,
-                                        traced_graph, untrainable_layers, validation_message)
-from revacnn.telemetry.probes import FilterProbe, discover_layers, filter_count
+from revacnn.telemetry.probes import discover_layers
 from revacnn.telemetry.schedule import Schedule, StepWindow
-from revacnn.telemetry.snapshot import Snapshots
-from revacnn.telemetry.validation import ValidationImages, first_batch_tensors
+from revacnn.telemetry.session import Telemetry
+from revacnn.telemetry.validation import first_batch_tensors
 
 __all__ = ["ReVACNNCallback", "Schedule"]
-
-log = logging.getLogger(__name__)
-
 
 class ReVACNNCallback(Callback):
     """Publish per-filter telemetry over ZeroMQ, record the run, and apply steering commands between batches.
@@ -118,7 +112,6 @@ class ReVACNNCallback(Callback):
         self.curve = bool(curve) or keys_dir is not None
         self.keys_dir = keys_dir
 
-        self.layers: list[tuple[str, nn.Module]] = []
         self.history = ModelHistory()   # kept from one fit to the next: a checkpoint must replay every change
         self._checkpoint_hooks = CheckpointHooks()
         self._run_dir_given = Path(run_dir) if run_dir is not None else None
@@ -128,21 +121,16 @@ class ReVACNNCallback(Callback):
     def _reset_run_state(self) -> None:
         """What belongs to one run (one ``fit``): a second fit with this callback records a new run."""
         self._run = Run(self._run_dir_given)
-        self._steps = StepMessages()
+        self.engine = None
+        self.telemetry = Telemetry(self.schedule, self.max_activation_bytes, self.history,
+                                   lambda: self.engine.frozen() if self.engine is not None else {})
         self._window = StepWindow()
         self._loop = LoopControl()
         self._commands = CommandBroadcast()
-        self._images = ValidationImages()
-        self._snapshots = Snapshots(self.max_activation_bytes)
-        self.probe: FilterProbe | None = None
-        self.engine = None
-        self._metrics_before_validation: dict[str, Any] = {}
-        self._telemetry_error: str | None = None               # why telemetry stopped (an internal error)
         self._probe_armed = False                            # the probe's state while a validation runs
         self._awaiting_shapes = False                        # lazy layers: telemetry starts after the first batch
-        self._untrainable_shown: list[str] = []              # layers without a trainable parameter, as last published
 
-    # -- the run, as before these moved to ``Run`` ----------------------------------------------------------------
+    # -- what the run and its telemetry hold, under the callback's names -----------------------------------------
     run_id = property(lambda self: self._run.run_id)
     run_dir = property(lambda self: self._run.run_dir)
     publisher = property(lambda self: self._run.publisher)
@@ -150,6 +138,11 @@ class ReVACNNCallback(Callback):
     connection_file = property(lambda self: self._run.connection_file)
     paused = property(lambda self: self._loop.paused)
     _state = property(lambda self: self._run.state)
+    probe = property(lambda self: self.telemetry.probe)
+
+    @property
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        return self.telemetry.layers
 
     # -- Lightning state ----------------------------------------------------------------------------------------
     @property
@@ -184,11 +177,11 @@ class ReVACNNCallback(Callback):
         if trainer.is_global_zero:
             transport = Transport(self.host, self.telemetry_port, self.control_port, self.record, self.sign,
                                   self.send_hwm, self.queue_size, self.insecure_bind, self.curve, self.keys_dir)
-            self._steps.attach(self._run.open(trainer, log_dir, transport))
+            self.telemetry.attach(self._run.open(trainer, log_dir, transport))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window.starts = True
-        self.layers = discover_layers(pl_module, self.layer_selectors)
+        self.telemetry.layers = discover_layers(pl_module, self.layer_selectors)
         # Lazy layers (LazyConv2d, LazyLinear) get their shapes in the first forward: telemetry and steering start
         # after it, so the model is initialised by the training batch as it would be without this callback.
         self._awaiting_shapes = has_lazy_parameters(pl_module)  # on every rank: steering follows it
@@ -204,16 +197,7 @@ class ReVACNNCallback(Callback):
             self._set_state("running", trainer)
 
     def _start_telemetry(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._images.collect(trainer, pl_module, self.probe_images, self.val_subset)
-        if self.layers:
-            self.probe = FilterProbe(self.layers)
-            self.probe.attach()
-        else:
-            wanted = ", ".join(map(str, self.layer_selectors)) if self.layer_selectors else "Conv2d or Linear"
-            rank_zero_warn(f"revacnn: {type(pl_module).__name__} has no layer to monitor ({wanted}); only its "
-                           "scalars are published")
-        self._publish_structure(pl_module)
-        self._publish_hparams(trainer)
+        self.telemetry.start(trainer, pl_module, self.layer_selectors, self.probe_images, self.val_subset)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_state("stopped" if trainer.should_stop and self._state == "stopping" else "finished", trainer)
@@ -237,13 +221,10 @@ class ReVACNNCallback(Callback):
     def _close(self, trainer: pl.Trainer) -> None:
         """Undo what ``setup`` and ``on_train_start`` did, and send and write what is queued; idempotent."""
         self._checkpoint_hooks.unwrap(self.history.changelog, self.run_id)
-        if self.probe is not None:
-            self.probe.detach()
+        self.telemetry.close(trainer)
         if self.engine is not None:
             self.engine.close()  # removes its optimizer step hooks
             self.engine = None
-        if self.publisher is not None:
-            self._telemetry(trainer, lambda: self._steps.flush(trainer))
         self._run.close()
 
     # -- every batch --------------------------------------------------------------------------------------------
@@ -257,18 +238,15 @@ class ReVACNNCallback(Callback):
             self.probe.arm()  # until the step's measure: every batch of an accumulated gradient
         tensors = first_batch_tensors(batch)
         if tensors is not None:
-            self._steps.batch_size = int(tensors[0].shape[0])
+            self.telemetry.steps.batch_size = int(tensors[0].shape[0])
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.probe is None or not self.probe.armed:
             return
         if len(trainer.optimizers) == 1:
-            self._telemetry(trainer, self._measure)
+            self._telemetry(trainer, self.telemetry.measure)
         else:  # each layer as its own optimizer steps it; measured at the batch's end, once every optimizer has
             self._telemetry(trainer, lambda: self.probe.hold(optimizer))
-
-    def _measure(self) -> None:
-        self._steps.filter_stats = self.probe.measure()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -279,32 +257,18 @@ class ReVACNNCallback(Callback):
         previous = self._window.batch_start_step
         stepped = self._window.batch_ended(trainer.global_step)  # on every rank: steering follows it
         if stepped and self.probe is not None and self.probe.holding:  # several optimizers stepped this batch
-            self._telemetry(trainer, self._measure)
+            self._telemetry(trainer, self.telemetry.measure)
         if self.publisher is not None:
             self._telemetry(trainer, lambda: self._publish_batch(trainer, pl_module, outputs, batch_idx, previous))
 
     def _publish_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch_idx: int,
                        previous: int) -> None:
-        """At a batch's end: publish the step before, and read this one if it is due (an optimizer step)."""
-        step = trainer.global_step
-        now = time.perf_counter()
-        self._steps.batch_ended(now)
-        self._steps.complete(trainer, now)  # the previous step: Lightning has finished it, its metrics are final
-        self._window.add_batch_loss(outputs)
-        if step == previous:  # no optimizer step in this batch: its gradient is being accumulated
-            return
-        loss = self._window.step_loss(trainer)
-        measured = self._steps.filter_stats is not None
-        if measured and untrainable_layers(self.layers) != self._untrainable_shown:
-            self._publish_structure(pl_module)  # the module's code (or a fine-tuning callback) froze or thawed layers
-        if measured or self.schedule.due(previous, step, self.schedule.scalars_every):
-            self._steps.read(trainer, loss, step, batch_idx, self.history.revision, [name for name, _ in self.layers])
-        if self._loop.snapshot_requested or self.schedule.due(previous, step, self.schedule.snapshot_every):
+        if self.telemetry.publish_batch(trainer, pl_module, self._window, outputs, batch_idx, previous,
+                                        self._loop.snapshot_requested):
             self._loop.snapshot_requested = False
-            self._publish_snapshot(trainer, pl_module, step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._telemetry(trainer, lambda: self._steps.flush(trainer))
+        self._telemetry(trainer, lambda: self.telemetry.steps.flush(trainer))
         self._loop.epoch_ended(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -314,8 +278,7 @@ class ReVACNNCallback(Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is not None:  # a validation between accumulated batches is not the training's activation
             self._probe_armed, self.probe.armed = self.probe.armed, False
-        self._telemetry(trainer, lambda: self._steps.flush(trainer))  # before validation's metrics join the training's
-        self._metrics_before_validation = dict(trainer.callback_metrics)
+        self.telemetry.validation_started(trainer)
         if not trainer.sanity_checking and self._state == "running":
             self._set_state("validating", trainer)
 
@@ -328,50 +291,18 @@ class ReVACNNCallback(Callback):
             self._set_state("running", trainer)
         self._telemetry(trainer, lambda: self._publish_validation(trainer, pl_module))
 
-    # -- publishing -----------------------------------------------------------------------------------------------
+    # -- publishing (``Telemetry``'s; a test replaces ``_publish_validation`` on the class) ---------------------
     def _publish_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Metrics logged during this validation are the values that changed since it started.
-        metrics = {name: value for name, value in trainer.callback_metrics.items()
-                   if value is not self._metrics_before_validation.get(name)}
-        self._steps.val_metric_names.update(metrics)
-        images = self._images
-        predictions = images.predict(pl_module) if images.val_subset is not None else None
-        labels = images.val_subset[1] if predictions is not None else None
-        self.publisher.publish(validation_message(trainer, metrics, predictions, labels, images.val_error))
-
-    def _publish_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        if not self.layers:
-            return
-        self._steps.flush_rows()  # the steps before this one (this one's metrics are not final yet)
-        self.publisher.publish(self._snapshots.message(trainer, pl_module, step, self.history.revision, self.layers,
-                                                       self._images))
+        self.telemetry.publish_validation(trainer, pl_module)
 
     def _publish_structure(self, pl_module: pl.LightningModule) -> None:
-        """Trace the model (on the probe images when there are any) and publish ``structure`` (rank 0)."""
-        if self.publisher is None:
-            return
-        self._steps.flush(pl_module.trainer)  # steps measured before the change go out before it
-        self.history.number_filters({name: filter_count(module) for name, module in self.layers})
-        probe_batch = self._images.probe_batch
-        traced = traced_graph(pl_module, [name for name, _ in self.layers],
-                              probe_batch[0] if probe_batch is not None else None)
-        self.layers = in_traced_order(self.layers, traced["order"])
-        if self.probe is not None:
-            self.probe.layers = list(self.layers)
-        self._untrainable_shown = untrainable_layers(self.layers)
-        frozen = {**(self.engine.frozen() if self.engine is not None else {}),
-                  **dict.fromkeys(self._untrainable_shown, "all")}
-        self.publisher.publish(structure_message(pl_module, self.history.revision, self.layers, traced,
-                                                 self.history.filter_ids, frozen))
+        self.telemetry.publish_structure(pl_module)
 
     def _publish_hparams(self, trainer: pl.Trainer) -> None:
-        if self.publisher is None:
-            return
-        self._steps.flush(trainer)
-        self.publisher.publish(hparams_message(trainer, self._steps.batch_size))
+        self.telemetry.publish_hparams(trainer)
 
     def _set_state(self, state: str, trainer: pl.Trainer, message: str = "") -> None:
-        self._steps.flush(trainer)  # a paused, stopped or failed run shows every step it took
+        self.telemetry.steps.flush(trainer)  # a paused, stopped or failed run shows every step it took
         self._run.set_state(state, trainer, message)
 
     # -- steering -----------------------------------------------------------------------------------------------
@@ -428,7 +359,7 @@ class ReVACNNCallback(Callback):
             from revacnn.steering import SteeringEngine
 
             tensors = first_batch_tensors(batch)
-            probe_batch = self._images.probe_batch
+            probe_batch = self.telemetry.images.probe_batch
             example = (probe_batch[0] if probe_batch is not None
                        else tensors[0][:2] if tensors is not None else None)
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -440,40 +371,17 @@ class ReVACNNCallback(Callback):
     def _after_structural_change(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  ack: dict[str, Any]) -> None:
         """Follow a change of shapes: filter ids, hooks, DDP wrapper, compiled graphs, and a new structure."""
-        self.history.follow(ack, renamed_too=[self._snapshots.previous])
-        self.layers = discover_layers(pl_module, self.layer_selectors)
-        self._snapshots.keep_only(dict(self.layers))
+        self.history.follow(ack, renamed_too=[self.telemetry.snapshots.previous])
+        layers = discover_layers(pl_module, self.layer_selectors)
         if trainer.world_size > 1:
             rewrap_ddp(trainer)
         if hasattr(torch, "compiler"):
             torch.compiler.reset()
-        if self.probe is not None:
-            self.probe.reset(self.layers)
+        self.telemetry.layers_changed(layers)
         if self.publisher is not None:
             self._telemetry(trainer, lambda: self._publish_structure(pl_module))
             self._telemetry(trainer, lambda: self._publish_hparams(trainer))
 
-    # -- a fault in telemetry never ends the training ---------------------------------------------------------
     def _telemetry(self, trainer: pl.Trainer, work: Callable[[], None]) -> None:
-        """Do ``work`` (measure or publish) unless telemetry has stopped. An error in it stops telemetry for the rest
-        of the run — a warning, its traceback logged, ``telemetry_error`` in the heartbeat — instead of ending the
-        training: steering, acks and the heartbeat go on."""
-        if self._telemetry_error is not None:
-            return
-        try:
-            work()
-        except Exception as error:  # noqa: BLE001 - a fault of the tool must not cost the user's run
-            self._telemetry_error = f"{type(error).__name__}: {error}"[:1000]
-            log.error("revacnn: telemetry failed", exc_info=error)
-            rank_zero_warn(f"revacnn: telemetry stopped after an internal error ({self._telemetry_error}); the "
-                           "training goes on and commands still work. The traceback is logged above: please report it")
-            if self.probe is not None:
-                self.probe.detach()
-                self.probe = None
-            self._steps.awaiting = self._steps.filter_stats = None
-            if self.publisher is not None:
-                self.publisher.set_status(telemetry_error=self._telemetry_error)
-            try:  # the steps read before the fault still go out
-                self._steps.flush_rows()
-            except Exception:  # noqa: BLE001
-                log.debug("revacnn: the steps read before the fault could not be sent", exc_info=True)
+        """Do ``work`` unless telemetry has stopped; a fault in it stops telemetry, never the training."""
+        self.telemetry.guarded(work)
