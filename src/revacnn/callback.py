@@ -1,7 +1,7 @@
 """``ReVACNNCallback``: watch and steer a Lightning run while it trains.
 
-Hooks stay thin and delegate: what is due comes from ``telemetry.schedule``, device tensors from
-``telemetry.probes``, messages from ``telemetry.messages`` and ``telemetry.snapshot`` (one packed host copy each,
+Hooks stay thin and delegate: what is due comes from ``telemetry.schedule``; ``telemetry.session`` measures
+(``telemetry.probes``) and publishes (``telemetry.messages``, ``telemetry.snapshot``: one packed host copy each,
 handed to the I/O thread of ``wire.publisher``); the run's directory, publisher, recorder and state are ``run``'s,
 the change log in checkpoints ``checkpoint``'s, and steering commands are applied at the safe point before each
 batch (``steering.loop`` for the loop's own, ``steering.distributed`` for DDP, the engine for the rest). Only global
@@ -34,6 +34,7 @@ from revacnn.telemetry.session import Telemetry
 from revacnn.telemetry.validation import first_batch_tensors
 
 __all__ = ["ReVACNNCallback", "Schedule"]
+
 
 class ReVACNNCallback(Callback):
     """Publish per-filter telemetry over ZeroMQ, record the run, and apply steering commands between batches.
@@ -122,8 +123,7 @@ class ReVACNNCallback(Callback):
         """What belongs to one run (one ``fit``): a second fit with this callback records a new run."""
         self._run = Run(self._run_dir_given)
         self.engine = None
-        self.telemetry = Telemetry(self.schedule, self.max_activation_bytes, self.history,
-                                   lambda: self.engine.frozen() if self.engine is not None else {})
+        self.telemetry = Telemetry(self.schedule, self.max_activation_bytes, self.history, self._frozen_layers)
         self._window = StepWindow()
         self._loop = LoopControl()
         self._commands = CommandBroadcast()
@@ -349,6 +349,10 @@ class ReVACNNCallback(Callback):
         done = {key: value for key, value in result.items() if key not in ("id", "op", "ok", "error")}
         done["revision"] = self.history.revision
         ack(command, "done", result=done)
+
+    def _frozen_layers(self) -> dict[str, Any]:
+        """The layers (or filters) a ``freeze`` command froze (a bound method, not a lambda: the callback pickles)."""
+        return self.engine.frozen() if self.engine is not None else {}
 
     def _acknowledger(self, trainer: pl.Trainer) -> Callable[..., None]:
         """``ack(command, status, error=None, result=None)``: answer a command at the trainer's step."""
