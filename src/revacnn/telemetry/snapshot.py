@@ -9,7 +9,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from revacnn.telemetry.probes import filter_change, filters_first, probe_pass, tensor_stats
+from revacnn.telemetry.activations import probe_pass
+from revacnn.telemetry.probes import filters_first
+from revacnn.telemetry.statistics import filter_change, tensor_stats
 from revacnn.telemetry.transfer import HostCopy, PendingMessage
 from revacnn.telemetry.validation import ValidationImages, own_forward
 from revacnn.wire.protocol import STAT_FIELDS

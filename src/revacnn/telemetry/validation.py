@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from revacnn.telemetry.probes import eval_mode, logits_of
+from revacnn.telemetry.activations import eval_mode, logits_of
 
 
 def first_batch_tensors(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
