@@ -139,6 +139,10 @@ class ReVACNNCallback(Callback):
     paused = property(lambda self: self._loop.paused)
     _state = property(lambda self: self._run.state)
     probe = property(lambda self: self.telemetry.probe)
+    changelog = property(lambda self: self.history.changelog)   # docs/steering.md: kept next to a saved model
+    filter_ids = property(lambda self: self.history.filter_ids)
+    next_filter_id = property(lambda self: self.history.next_filter_id)
+    revision = property(lambda self: self.history.revision)
 
     @property
     def layers(self) -> list[tuple[str, nn.Module]]:
