@@ -173,9 +173,9 @@ def test_metrics_are_those_of_their_own_step_when_lightning_keeps_no_dict(tmp_pa
     step's own end, gives the same per-step values."""
     from conftest import Listener
 
-    import revacnn.callback
+    import revacnn.telemetry.messages
 
-    monkeypatch.setattr(revacnn.callback, "_lightning_metrics", lambda trainer: None)
+    monkeypatch.setattr(revacnn.telemetry.messages, "lightning_metrics", lambda trainer: None)
     torch.manual_seed(0)
     data = DigitsDataModule(batch_size=32)
     data.setup()

@@ -122,7 +122,7 @@ def test_unknown_strategy_is_refused():
 @pytest.mark.parametrize("size", [1, 7, 1200, 10_000])
 @pytest.mark.parametrize("path", ["numpy (CPU)", "torch (other devices, run here on the CPU)"])
 def test_tensor_stats_equal_torch_quantile_and_independent_values(size, path):
-    from revacnn.telemetry.probes import tensor_stats, torch_stats
+    from revacnn.telemetry.statistics import tensor_stats, torch_stats
     from revacnn.wire.protocol import STAT_FIELDS
 
     torch.manual_seed(size)
@@ -171,7 +171,7 @@ def test_a_transposed_conv_is_measured_per_output_channel(strategy, groups):
 def test_logits_are_found_in_what_forward_returns():
     from types import SimpleNamespace
 
-    from revacnn.telemetry.probes import logits_of
+    from revacnn.telemetry.activations import logits_of
 
     logits = torch.randn(4, 10)
     assert logits_of(logits) is logits

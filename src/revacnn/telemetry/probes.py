@@ -6,20 +6,15 @@ each quantity is due and packs the results into one host copy (``revacnn.telemet
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from revacnn.wire.protocol import STAT_FIELDS
-
 MONITORED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs; larger tensors are sampled with a fixed stride
 
 
 def discover_layers(module: nn.Module, layers: Iterable[str | type[nn.Module]] | None = None
@@ -335,147 +330,3 @@ def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
-
-
-def tensor_stats(tensor: torch.Tensor) -> torch.Tensor:
-    """DeepTracker's statistics of one tensor, in ``STAT_FIELDS`` order, as a float32 vector on its device.
-
-    Quartiles interpolate linearly (``torch.quantile``'s default); tensors over 2**24 elements take them from a fixed
-    stride sample. On CPU the statistics are computed in numpy over the same memory, its per-call cost being a
-    fraction of torch's: ``np.sort`` (vectorised) then three reads, 4–7× faster than ``np.partition`` at the six
-    indices the quartiles need, and than ``torch.quantile``. On other devices they are computed there, with no
-    value read back (``torch_stats``).
-    """
-    flat = tensor.detach().reshape(-1).float()
-    if flat.numel() == 0:
-        return torch.zeros(len(STAT_FIELDS), device=flat.device)
-    sample = flat if flat.numel() <= _QUANTILE_LIMIT else flat[:: flat.numel() // _QUANTILE_LIMIT + 1]
-    if flat.device.type == "cpu":
-        values = flat.numpy()
-        quartiles = _quartiles_numpy(sample.numpy())
-        wide = values.astype(np.float64)
-        mean = wide.mean()
-        centred = wide - mean
-        return torch.from_numpy(np.array([
-            values.min(), values.max(), mean, quartiles[1], quartiles[0], quartiles[2],
-            np.sqrt(np.dot(centred, centred) / wide.size), np.abs(wide).sum(), np.sqrt(np.dot(wide, wide)),
-            np.count_nonzero(values), values.size], np.float32))
-    return torch_stats(flat, sample)
-
-
-def torch_stats(flat: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """``tensor_stats`` of a non-empty flat float tensor in torch, on its device, with quartiles from ``sample``.
-
-    Nothing crosses between host and device: the quartiles come from one sort and reads at indices known from the
-    size (``torch.quantile`` needs its quantiles as a device tensor, i.e. an upload), and the count is filled on the
-    device."""
-    ordered = torch.sort(sample).values
-    last = ordered.numel() - 1
-    quartiles = []
-    for q in (0.25, 0.5, 0.75):
-        position = q * last
-        low = math.floor(position)
-        high = min(low + 1, last)
-        quartiles.append(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
-    count = torch.full((), float(flat.numel()), device=flat.device)
-    return torch.stack([
-        flat.min(), flat.max(), flat.mean(), quartiles[1], quartiles[0], quartiles[2],
-        flat.std(correction=0), flat.abs().sum(), torch.linalg.vector_norm(flat), (flat != 0).sum().float(), count,
-    ])
-
-
-def _quartiles_numpy(values: np.ndarray) -> np.ndarray:
-    """The 0.25, 0.5 and 0.75 quantiles with linear interpolation (as ``torch.quantile``), from one sort."""
-    position = np.array([0.25, 0.5, 0.75]) * (values.size - 1)
-    low = np.floor(position).astype(np.int64)
-    high = np.minimum(low + 1, values.size - 1)
-    ordered = np.sort(values)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def filter_change(current: torch.Tensor, previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per filter (row): cosine(current, previous) and ‖current − previous‖ / ‖previous‖ (1 and 0 without history)."""
-    current = current.detach().reshape(current.shape[0], -1).float()
-    if previous is None or previous.shape != current.shape:
-        return torch.ones(current.shape[0], device=current.device), torch.zeros(current.shape[0],
-                                                                                device=current.device)
-    cosine = F.cosine_similarity(current, previous, dim=1, eps=1e-12)
-    delta = torch.linalg.vector_norm(current - previous, dim=1) / torch.linalg.vector_norm(previous, dim=1).clamp_min(
-        1e-12)
-    return cosine, delta
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Evaluation mode for every submodule, restoring each one's own flag afterwards."""
-    flags = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, flag in flags:
-            sub.training = flag
-
-
-def _probe_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """The probe batch's loss: cross-entropy for ``[N, classes]`` logits, binary cross-entropy for one logit per
-    image (a binary classifier), the sum of the outputs without class labels or for outputs of another shape."""
-    if labels is None or logits.dim() != 2:
-        return logits.float().sum()
-    if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0].float(), labels.float())
-    return F.cross_entropy(logits, labels)
-
-
-def logits_of(output: object) -> torch.Tensor:
-    """The logits in what a module's ``forward`` returned: the tensor itself; the first element of a tuple or list
-    (``(logits, features)``, a main head before its auxiliary ones); the ``logits`` of a mapping or of a model output
-    object (Hugging Face style). Raises ``TypeError`` saying what was returned when there are none."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(f"forward returned {type(output).__name__}, not a tensor of logits (nor a tuple that starts with "
-                    "one, nor one named 'logits')")
-
-
-def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], images: torch.Tensor,
-               labels: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Outputs of every monitored layer on the probe images, and the gradient of the probe loss w.r.t. them.
-
-    Runs in eval mode (BatchNorm statistics and dropout untouched) and differentiates only with respect to the
-    activations, so no parameter's ``.grad`` changes. The loss is ``_probe_loss``. Both come channels first,
-    ``[P, C, …]``: a Linear applied to tokens (``[P, T, C]``) has its features moved from the last dim to dim 1, so
-    that index ``i`` of dim 1 is filter ``i``'s output for every layer.
-    """
-    outputs: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor):
-                outputs[name] = output
-        return hook
-
-    handles = [layer.register_forward_hook(keep(name)) for name, layer in layers]
-    try:
-        with eval_mode(module), torch.enable_grad():
-            images = images.detach().clone().requires_grad_(True)
-            loss = _probe_loss(logits_of(module(images)), labels)
-            names = [name for name in outputs if outputs[name].requires_grad]
-            grads = torch.autograd.grad(loss, [outputs[name] for name in names], allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    convs = {name for name, layer in layers if isinstance(layer, nn.modules.conv._ConvNd)}
-
-    def channels_first(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
-        return tensor if name in convs or tensor.dim() <= 2 else tensor.movedim(-1, 1).contiguous()
-
-    activations = {name: channels_first(name, output) for name, output in outputs.items()}
-    activation_grads = {name: channels_first(name, grad if grad is not None else torch.zeros_like(outputs[name]))
-                        for name, grad in zip(names, grads)}
-    return activations, activation_grads

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from revacnn.telemetry.probes import eval_mode, filter_count
+from revacnn.telemetry.activations import eval_mode
+from revacnn.telemetry.probes import filter_count
 
 _MAX_GRAPH_NODES = 200_000
 INPUT = "input"  # the model input, as an edge source
