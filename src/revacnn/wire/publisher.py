@@ -20,6 +20,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from revacnn import __version__
+from revacnn.wire.acks import ERROR, QUEUED, ack, final_state, initial_status
 from revacnn.wire.connection import CurveServerKeys
 from revacnn.wire.protocol import (
     SUPPORTED_VERSIONS,
@@ -27,6 +28,7 @@ from revacnn.wire.protocol import (
     Codec,
     Message,
     ProtocolError,
+    command_envelope,
     error_body,
     validate_request,
 )
@@ -145,7 +147,7 @@ class Publisher:
         self._identities: dict[str, bytes] = {}
         self._state: dict[str, list] = {}
         self._state_step: dict[str, int] = {}    # the (last) step of each cached step message, to order them
-        self._status: dict[str, Any] = {"state": "starting", "step": 0, "epoch": 0, "world_size": 1, "message": ""}
+        self._status: dict[str, Any] = initial_status()
         self._stop = threading.Event()
         # The I/O thread sleeps in zmq_poll until a request arrives, ``send_interval`` passes, or the training thread
         # wakes it through this socket pair (one byte per wake, only while no wake is pending). Telemetry does not
@@ -203,9 +205,7 @@ class Publisher:
     def send_ack(self, command: dict[str, Any], status: str, step: int | None = None, error: str | None = None,
                  result: dict[str, Any] | None = None) -> None:
         """Queue the final ack of a command: sent to its requester and published to every subscriber."""
-        body = {"req": command.get("req", ""), "id": command["id"], "op": command.get("op", ""), "status": status,
-                "step": step, "error": error, "result": result or {}}
-        self.publish(Message("ack", body))
+        self.publish(Message("ack", ack(command, status, step=step, error=error, result=result)))
 
     def set_status(self, **fields: Any) -> None:
         """Update the heartbeat's fields; a change of ``state`` is published at once."""
@@ -324,8 +324,7 @@ class Publisher:
             while True:
                 if self._stop.is_set() and deadline is None:
                     deadline = time.monotonic() + 5.0
-                    self.set_status(state=self._status["state"] if self._status["state"] in
-                                    ("finished", "stopped", "failed") else "finished")
+                    self.set_status(state=final_state(self._status["state"]))
                 # Only what the poll reported: most passes are the send_interval timer, and reading an empty
                 # socket pair or polling the router again costs more than the pass's real work.
                 if self._wake_reader.fileno() in ready:
@@ -476,18 +475,17 @@ class Publisher:
                 sent.append(frames)
 
     def _accept_command(self, router: zmq.Socket, identity: bytes, body: dict[str, Any]) -> None:
-        command = {"req": body.get("req", ""), "id": body["id"], "op": body["op"], "args": body.get("args", {})}
+        command_id, op, args = command_envelope(body)  # checked by validate_request already
+        command = {"req": body.get("req", ""), "id": command_id, "op": op, "args": args}
         previous = self._acks.get(command["id"])
         if previous is not None:  # a resend: answer again, never apply twice
             self._reply(router, identity, Message("ack", {**previous, "req": command["req"]}))
             return
         if len(self._commands) >= MAX_PENDING_COMMANDS:
-            self._reply(router, identity, Message("ack", {
-                **command, "status": "error", "step": None, "result": {},
-                "error": f"{MAX_PENDING_COMMANDS} commands are already waiting; try again later"}))
+            self._reply(router, identity, Message("ack", ack(
+                command, ERROR, error=f"{MAX_PENDING_COMMANDS} commands are already waiting; try again later")))
             return
-        queued = {"req": command["req"], "id": command["id"], "op": command["op"], "status": "queued",
-                  "step": None, "error": None, "result": {}}
+        queued = ack(command, QUEUED)
         self._remember_ack(queued)
         self._identities[command["id"]] = identity
         self._commands.append(command)
