@@ -33,6 +33,7 @@ PRESERVING = {
 }
 SQUEEZES = {"SqueezeBackward1", "UnsqueezeBackward0"}  # 1-D pooling runs as unsqueeze → 2-D pool → squeeze
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # not the transposed ones: their filters are not weight rows
+FILTER_LAYERS = (*CONVS, nn.Linear)  # layers whose filters (neurons) are the rows of their weight
 COUPLING = {"AddBackward0", "SubBackward0"}
 SCALAR_BINARY = {"MulBackward0", "DivBackward0"}  # preserving only when the second operand is a constant
 VIEWS = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "FlattenBackward0"}
