@@ -11,8 +11,6 @@ ENGINE_OPS = ("freeze", "unfreeze", "set_hparams", "widen", "remove_filters", "i
               "reinit_filters")
 #: Ops the callback applies to the training loop itself; the engine never sees them.
 LOOP_OPS = frozenset({"pause", "resume", "stop", "snapshot", "set_batch_size"})
-#: Every op a trainer accepts.
-ALL_OPS = (*ENGINE_OPS, *sorted(LOOP_OPS))
 
 #: Engine ops that change parameter shapes (the change log records them; a copy of the weights kept elsewhere
 #: cannot follow them).
