@@ -11,12 +11,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from revacnn.wire.ops import ENGINE_OPS, HPARAM_NAMES, SET_HPARAMS, STRUCTURAL_OPS
+from revacnn.wire.ops import ENGINE_OPS, HPARAM_NAMES, SET_HPARAMS
+from revacnn.wire.ops import STRUCTURAL_OPS  # noqa: F401  (the callback's import, until it reads revacnn.wire.ops)
 from revacnn.wire.protocol import ProtocolError, command_envelope
 
 from .errors import SteeringError
-
-__all__ = ["FIELDS", "STRUCTURAL_OPS", "parse_command"]  # STRUCTURAL_OPS: the callback's import until it reads wire.ops
 
 # op -> (required fields, optional fields)
 FIELDS: dict[str, tuple[set[str], set[str]]] = {
