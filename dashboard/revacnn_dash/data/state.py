@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from revacnn.wire.acks import TERMINAL_STATES
+from revacnn.wire.ops import FILTER_LIST_OPS, FREEZE_OPS, HPARAM_NAMES, SET_BATCH_SIZE, SET_HPARAMS
 from revacnn.wire.protocol import Message
 
 #: Connection states shown in the banner.
 CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (
     "connecting", "live", "unreachable", "finished", "incompatible", "replay")
-TERMINAL_STATES = ("finished", "stopped", "failed")
 FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
 SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s")
 STAGE_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -65,8 +66,8 @@ class Event:
         carry no args: then the op and what its result names."""
         if not self.args:
             changes = (self.result or {}).get("changes") or {}
-            if self.op == "set_hparams" and isinstance(changes, dict):
-                values = {k: v for k, v in changes.items() if k in ("lr", "momentum", "weight_decay")}
+            if self.op == SET_HPARAMS and isinstance(changes, dict):
+                values = {k: v for k, v in changes.items() if k in HPARAM_NAMES}
                 flat = {k: (v.get("new") if isinstance(v, dict) else v) for k, v in values.items()}
                 if flat and all(isinstance(v, (int, float)) for v in flat.values()):
                     return command_label(self.op, flat)
@@ -82,18 +83,18 @@ class Event:
 
 def command_label(op: str, args: dict[str, Any]) -> str:
     args = args or {}
-    if op == "set_hparams":
+    if op == SET_HPARAMS:
         return "set " + ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
                                   for k, v in args.items())
-    if op == "set_batch_size":
+    if op == SET_BATCH_SIZE:
         return f"batch_size={args.get('batch_size')}"
     if op == "widen":
         return f"widen {args.get('layer')} +{args.get('count')}"
-    if op in ("freeze", "unfreeze"):
+    if op in FREEZE_OPS:
         if "layers" in args:
             return f"{op} {', '.join(map(str, args['layers']))}"
         return f"{op} {args.get('layer')}[{', '.join(map(str, args.get('filters', [])))}]"
-    if op in ("remove_filters", "reinit_filters"):
+    if op in FILTER_LIST_OPS:
         return f"{op.split('_')[0]} {args.get('layer')}[{', '.join(map(str, args.get('filters', [])))}]"
     if op == "insert_layer":
         return f"insert after {args.get('after')}"

@@ -1,6 +1,7 @@
 """Command validation: plain-dict commands → checked, normalised arguments, or a :class:`SteeringError`.
 
-Only field *shapes* are checked here (types, ranges that need no model). Checks that need the model (layer exists,
+The envelope (id, op, args) is the wire's and checked by ``revacnn.wire.protocol.command_envelope``; here only the
+op and the *shapes* of its fields (types, ranges that need no model). Checks that need the model (layer exists,
 index < channel count, coupling supported) live next to the operation, but always run before anything changes.
 """
 
@@ -10,17 +11,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import SteeringError
+from revacnn.wire.ops import ENGINE_OPS, HPARAM_NAMES, SET_HPARAMS
+from revacnn.wire.ops import STRUCTURAL_OPS  # noqa: F401  (the callback's import, until it reads revacnn.wire.ops)
+from revacnn.wire.protocol import ProtocolError, command_envelope
 
-OPS = ("freeze", "unfreeze", "set_hparams", "widen", "remove_filters", "insert_layer", "remove_layer",
-       "reinit_filters")
-STRUCTURAL_OPS = frozenset({"widen", "remove_filters", "insert_layer", "remove_layer"})  # they change shapes
+from .errors import SteeringError
 
 # op -> (required fields, optional fields)
 FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "freeze": (set(), {"layers", "layer", "filters"}),
     "unfreeze": (set(), {"layers", "layer", "filters"}),
-    "set_hparams": (set(), {"lr", "momentum", "weight_decay", "groups"}),
+    SET_HPARAMS: (set(), {*HPARAM_NAMES, "groups"}),
     "widen": ({"layer", "count"}, {"init", "split", "seed"}),
     "remove_filters": ({"layer", "filters"}, set()),
     "insert_layer": ({"after"}, {"batchnorm"}),
@@ -30,22 +31,14 @@ FIELDS: dict[str, tuple[set[str], set[str]]] = {
 
 
 def parse_command(command: Any) -> tuple[str, str, dict]:
-    """Check the envelope ``{"id": str, "op": str, "args": dict}`` and the argument names of the op."""
-    if not isinstance(command, Mapping):
-        raise SteeringError(f"command must be a dict with id, op and args, got {type(command).__name__}")
-    cid = command.get("id")
-    if not isinstance(cid, str) or not cid:
-        raise SteeringError(f"command 'id' must be a non-empty string, got {cid!r}")
-    op = command.get("op")
-    if not isinstance(op, str):
-        raise SteeringError(f"command 'op' must be a string, got {type(op).__name__}")
-    if op not in OPS:
-        raise SteeringError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
-    args = command.get("args", {})
-    if args is None:
-        args = {}
-    if not isinstance(args, Mapping):
-        raise SteeringError(f"'args' of {op} must be a dict, got {type(args).__name__}")
+    """Check the envelope (``revacnn.wire.protocol.command_envelope``), that the op is one of the engine's, and
+    the argument names of the op."""
+    try:
+        cid, op, args = command_envelope(command)
+    except ProtocolError as error:
+        raise SteeringError(error.detail) from None
+    if op not in ENGINE_OPS:
+        raise SteeringError(f"unknown op {op!r}; known ops: {', '.join(ENGINE_OPS)}")
     required, optional = FIELDS[op]
     missing = sorted(required - set(args))
     if missing:
@@ -54,7 +47,7 @@ def parse_command(command: Any) -> tuple[str, str, dict]:
     if unknown:
         raise SteeringError(f"{op}: unknown field(s) {', '.join(map(str, unknown))}; allowed: "
                             f"{', '.join(sorted(required | optional))}")
-    return cid, op, dict(args)
+    return cid, op, args
 
 
 def get_str(args: Mapping, key: str, op: str) -> str:

@@ -26,6 +26,7 @@ import zmq
 
 from zmq.utils.monitor import recv_monitor_message
 
+from revacnn.wire.acks import is_terminal
 from revacnn.wire.connection import ConnectionInfo, load_keypair, load_public_key
 from revacnn.wire.protocol import SUPPORTED_VERSIONS, TOPIC_PREFIX, Codec, Message, ProtocolError
 
@@ -287,7 +288,7 @@ class RunClient:
         try:
             self._send("command", {"req": command_id[:64], "id": command_id, "op": op, "args": args or {}})
         except zmq.Again:
-            ended = (f" (it reported '{self.last_state}')" if self.last_state in ("finished", "stopped", "failed")
+            ended = (f" (it reported '{self.last_state}')" if is_terminal(self.last_state)
                      else "")
             raise ConnectionFailed(f"the run at {self.control_endpoint} is not reachable{ended}; command "
                                    f"{op!r} not sent") from None

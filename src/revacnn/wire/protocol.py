@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,11 +228,30 @@ def validate_request(message: Message) -> None:
                 isinstance(v, int) and not isinstance(v, bool) for v in versions):
             raise ProtocolError("bad_request", "hello needs 'versions': a non-empty list of integers")
     elif message.type == "command":
-        command_id, op, args = body.get("id"), body.get("op"), body.get("args", {})
-        if not isinstance(command_id, str) or not command_id or len(command_id) > MAX_ID_LENGTH:
-            raise ProtocolError("bad_request", f"command 'id' must be a non-empty string of at most "
-                                               f"{MAX_ID_LENGTH} characters")
-        if not isinstance(op, str) or not op or len(op) > MAX_NAME_LENGTH:
-            raise ProtocolError("bad_request", "command 'op' must be a non-empty string")
-        if not isinstance(args, dict):
-            raise ProtocolError("bad_request", "command 'args' must be a map")
+        command_envelope(body)
+
+
+def command_envelope(command: Any) -> tuple[str, str, dict[str, Any]]:
+    """Check a steering command's envelope ``{"id": str, "op": str, "args": map}`` and return its parts (``args``
+    missing or null is ``{}``); raise ``ProtocolError('bad_request', …)`` when wrong. Whether the op exists and
+    which fields it takes is the trainer's business (``revacnn.steering.commands``)."""
+    if not isinstance(command, Mapping):
+        raise ProtocolError("bad_request", f"command must be a dict with id, op and args, got "
+                                           f"{type(command).__name__}")
+    command_id, op, args = command.get("id"), command.get("op"), command.get("args")
+    if not isinstance(command_id, str) or not command_id or len(command_id) > MAX_ID_LENGTH:
+        raise ProtocolError("bad_request", f"command 'id' must be a non-empty string of at most {MAX_ID_LENGTH} "
+                                           f"characters, got {_short_repr(command_id)}")
+    if not isinstance(op, str) or not op or len(op) > MAX_NAME_LENGTH:
+        raise ProtocolError("bad_request", f"command 'op' must be a string of 1 to {MAX_NAME_LENGTH} characters, "
+                                           f"got {_short_repr(op)}")
+    if args is None:
+        args = {}
+    if not isinstance(args, Mapping):
+        raise ProtocolError("bad_request", f"'args' of {op} must be a dict (a map), got {type(args).__name__}")
+    return command_id, op, dict(args)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -3,12 +3,13 @@
 The training thread only appends to an in-memory queue (``publish``, ``send_ack``) and drains validated commands
 (``poll_commands``); it never touches a socket and never waits. Telemetry items may still be in flight on the
 device (``PendingMessage``): the I/O thread resolves them once their copy to host has finished, in order.
+Requests on the control socket are answered by ``revacnn.wire.control.ControlDesk``; who may connect is
+``revacnn.wire.curve_auth``'s business.
 """
 
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import socket
 import threading
@@ -17,32 +18,20 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from revacnn import __version__
+from revacnn.wire.acks import ack, final_state, initial_status
 from revacnn.wire.connection import CurveServerKeys
-from revacnn.wire.protocol import (
-    SUPPORTED_VERSIONS,
-    TOPIC_PREFIX,
-    Codec,
-    Message,
-    ProtocolError,
-    error_body,
-    validate_request,
-)
+from revacnn.wire.control import CONTROL_MAX_BYTES, ControlDesk
+from revacnn.wire.curve_auth import CurveGuard, is_loopback
+from revacnn.wire.protocol import TOPIC_PREFIX, Codec, Message
+
+__all__ = ["ESSENTIAL_TYPES", "Pending", "Publisher", "Sink", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
-#: Message types whose latest instance a late joiner receives, in this order (docs/protocol.md §3); the latest step
-#: with per-filter data, the latest ``step`` and the latest batch of ``steps`` are sent in step order among themselves.
-STATE_ORDER = ("structure", "hparams", "status", "step_filters", "step", "steps", "snapshot", "val")
-STEP_KEYS = ("step_filters", "step", "steps")
 #: Types that are never dropped when the queue is full (low volume, and a client cannot do without them).
 ESSENTIAL_TYPES = frozenset({"structure", "hparams", "status", "ack"})
-CONTROL_MAX_BYTES = 1 << 20
-MAX_PENDING_COMMANDS = 1000
-MAX_REMEMBERED_ACKS = 10_000
-ZAP_DOMAIN = "revacnn"
 
 
 class Pending(Protocol):
@@ -59,34 +48,6 @@ class Sink(Protocol):
     """Receives every resolved message (the run recorder). ``submit`` must not block."""
 
     def submit(self, message: Message) -> bool: ...
-
-
-def is_loopback(host: str) -> bool:
-    """True for a loopback address, or a host name that resolves to one (an unresolvable name is not)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
-
-
-class _CountingAuthenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler, counting the CURVE clients it turned away (published in ``status.security``)."""
-
-    denied = 0
-    accepted = 0
-
-    async def _authenticate_curve(self, domain, client_key):
-        allowed, reason = await super()._authenticate_curve(domain, client_key)
-        if allowed:
-            self.accepted += 1
-        else:
-            self.denied += 1
-        return allowed, reason
 
 
 class Publisher:
@@ -120,12 +81,11 @@ class Publisher:
         self.run_id = run_id
         self.host = host
         self.curve = curve
-        self.auth: _CountingAuthenticator | None = None
-        self._allowed_signature: tuple | None = None
+        self.guard = CurveGuard(curve, run_id)
         # One codec per socket, as each numbers its own messages (docs/protocol.md): a reply on the control socket
         # must not take a number from the telemetry stream, where a client counts every missing number as a drop.
         self.codec = Codec(run_id, key)
-        self.control_codec = Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES)
+        self.desk = ControlDesk(Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES), self._welcome)
         self.send_hwm = send_hwm
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
@@ -135,17 +95,12 @@ class Publisher:
         self.control_endpoint = ""
         self.drops = {"telemetry": 0}
         self.sent = 0
-        self.internal_errors = 0
         self._requested_ports = (telemetry_port, control_port)
         self._outbox: collections.deque = collections.deque()
         self._telemetry_waiting = 0
         self._lock = threading.Lock()
-        self._commands: collections.deque = collections.deque()
-        self._acks: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
-        self._identities: dict[str, bytes] = {}
-        self._state: dict[str, list] = {}
-        self._state_step: dict[str, int] = {}    # the (last) step of each cached step message, to order them
-        self._status: dict[str, Any] = {"state": "starting", "step": 0, "epoch": 0, "world_size": 1, "message": ""}
+        self._commands = self.desk.commands  # filled by the I/O thread, drained by poll_commands
+        self._status: dict[str, Any] = initial_status()
         self._stop = threading.Event()
         # The I/O thread sleeps in zmq_poll until a request arrives, ``send_interval`` passes, or the training thread
         # wakes it through this socket pair (one byte per wake, only while no wake is pending). Telemetry does not
@@ -203,9 +158,7 @@ class Publisher:
     def send_ack(self, command: dict[str, Any], status: str, step: int | None = None, error: str | None = None,
                  result: dict[str, Any] | None = None) -> None:
         """Queue the final ack of a command: sent to its requester and published to every subscriber."""
-        body = {"req": command.get("req", ""), "id": command["id"], "op": command.get("op", ""), "status": status,
-                "step": step, "error": error, "result": result or {}}
-        self.publish(Message("ack", body))
+        self.publish(Message("ack", ack(command, status, step=step, error=error, result=result)))
 
     def set_status(self, **fields: Any) -> None:
         """Update the heartbeat's fields; a change of ``state`` is published at once."""
@@ -238,33 +191,16 @@ class Publisher:
 
     def security(self) -> dict[str, Any]:
         """``{"mode": "curve" | "none", "allowed": n, "denied": n, "accepted": n}`` (counts with CURVE only)."""
-        if self.curve is None:
-            return {"mode": "none"}
-        auth = self.auth
-        allowed = auth.certs.get(ZAP_DOMAIN, {}) if auth is not None else {}
-        return {"mode": "curve", "allowed": len(allowed), "denied": auth.denied if auth else 0,
-                "accepted": auth.accepted if auth else 0}
+        return self.guard.security()
 
-    def _start_auth(self, context: zmq.Context) -> _CountingAuthenticator:
-        auth = _CountingAuthenticator(context, log=log.getChild("auth"))
-        auth.start()
-        self._reload_allowed(auth)
-        return auth
+    @property
+    def internal_errors(self) -> int:
+        """Control requests whose handling failed with a bug (each was answered with an ``internal`` error)."""
+        return self.desk.internal_errors
 
-    def _reload_allowed(self, auth: _CountingAuthenticator) -> None:
-        """(Re)load the allow-list when its directory changed; never allows any client by default."""
-        signature = self.curve.allowed_signature()
-        if signature == self._allowed_signature:
-            return
-        self._allowed_signature = signature
-        keys = self.curve.allowed_now()
-        auth.allow_any = False
-        auth.certs[ZAP_DOMAIN] = keys  # the ZAP thread reads this dict; a whole new dict replaces it atomically
-        log.info("revacnn: %d client key(s) allowed to connect to run %s", len(keys), self.run_id)
-        if not keys:
-            log.warning("revacnn: CURVE is on but no client key is allowed yet: add one with `revacnn keys allow "
-                        "CLIENT.key --keys-dir %s`", self.curve.allowed_dir.parent if self.curve.allowed_dir
-                        else "DIR")
+    def _welcome(self) -> dict[str, Any]:
+        return {"run": self.run_id, "server": f"revacnn {__version__}", "telemetry": self.telemetry_endpoint,
+                "rank": 0, "world_size": self._status.get("world_size", 1)}
 
     def _drop_counts(self) -> dict[str, int]:
         drops = dict(self.drops)
@@ -283,12 +219,8 @@ class Publisher:
         router.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
         router.setsockopt(zmq.SNDHWM, 1000)
         router.setsockopt(zmq.RCVHWM, 1000)
-        if self.curve is not None:
-            for sock in (pub, router):
-                sock.curve_secretkey = self.curve.secret
-                sock.curve_publickey = self.curve.public
-                sock.zap_domain = ZAP_DOMAIN.encode()
-                sock.curve_server = True
+        for sock in (pub, router):
+            self.guard.secure(sock)
         endpoints = []
         for sock, port in zip((pub, router), self._requested_ports):
             if port:
@@ -303,58 +235,57 @@ class Publisher:
     def _run(self) -> None:
         context = zmq.Context()
         try:
-            if self.curve is not None:
-                self.auth = self._start_auth(context)  # before any bind: a CURVE socket without ZAP accepts anyone
+            self.guard.start(context)  # before any bind: a CURVE socket without ZAP accepts anyone
             pub, router = self._bind(context)
         except BaseException as error:  # reported to start() in the training thread
             self._bind_error = error
             self._bound.set()
-            if self.auth is not None:
-                self.auth.stop()
+            self.guard.stop()
             context.destroy(linger=0)
             return
         self._bound.set()
+        try:
+            self._serve(pub, router)
+        except Exception:  # the I/O thread must never take training down; say what happened
+            log.exception("revacnn I/O thread failed; telemetry and steering are off for this run")
+        finally:
+            pub.close(linger=200)
+            router.close(linger=200)
+            self.guard.stop()
+            context.term()
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    def _serve(self, pub: zmq.Socket, router: zmq.Socket) -> None:
+        """The I/O loop: requests, the outbox and the heartbeat, until close() and the outbox is sent (or 5 s)."""
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_reader, zmq.POLLIN)
         next_heartbeat = time.monotonic()
         deadline: float | None = None
         ready = {self._wake_reader.fileno(): zmq.POLLIN, router: zmq.POLLIN}  # look at both on the first pass
-        try:
-            while True:
-                if self._stop.is_set() and deadline is None:
-                    deadline = time.monotonic() + 5.0
-                    self.set_status(state=self._status["state"] if self._status["state"] in
-                                    ("finished", "stopped", "failed") else "finished")
-                # Only what the poll reported: most passes are the send_interval timer, and reading an empty
-                # socket pair or polling the router again costs more than the pass's real work.
-                if self._wake_reader.fileno() in ready:
-                    self._clear_wakes()
-                if router in ready:
-                    for _ in range(100):
-                        if not router.poll(0):
-                            break
-                        self._handle_safely(router, router.recv_multipart(copy=False))
-                self._drain_outbox(pub, router, force=deadline is not None and time.monotonic() > deadline)
-                if time.monotonic() >= next_heartbeat:
-                    next_heartbeat = time.monotonic() + self.heartbeat_s
-                    if self.auth is not None:
-                        self._reload_allowed(self.auth)
-                    self._send(pub, router, self._status_message())
-                if deadline is not None and (not self._outbox or time.monotonic() > deadline):
-                    break
-                wake_at = min(next_heartbeat, deadline or next_heartbeat, time.monotonic() + self.send_interval)
-                ready = dict(poller.poll(max(1, int(1000 * (wake_at - time.monotonic())))))
-        except Exception:  # the I/O thread must never take training down; say what happened
-            log.exception("revacnn I/O thread failed; telemetry and steering are off for this run")
-        finally:
-            pub.close(linger=200)
-            router.close(linger=200)
-            if self.auth is not None:
-                self.auth.stop()
-            context.term()
-            self._wake_reader.close()
-            self._wake_writer.close()
+        while True:
+            if self._stop.is_set() and deadline is None:
+                deadline = time.monotonic() + 5.0
+                self.set_status(state=final_state(self._status["state"]))
+            # Only what the poll reported: most passes are the send_interval timer, and reading an empty
+            # socket pair or polling the router again costs more than the pass's real work.
+            if self._wake_reader.fileno() in ready:
+                self._clear_wakes()
+            if router in ready:
+                for _ in range(100):
+                    if not router.poll(0):
+                        break
+                    self.desk.handle_safely(router, router.recv_multipart(copy=False))
+            self._drain_outbox(pub, router, force=deadline is not None and time.monotonic() > deadline)
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + self.heartbeat_s
+                self.guard.reload()
+                self._send(pub, router, self._status_message())
+            if deadline is not None and (not self._outbox or time.monotonic() > deadline):
+                return
+            wake_at = min(next_heartbeat, deadline or next_heartbeat, time.monotonic() + self.send_interval)
+            ready = dict(poller.poll(max(1, int(1000 * (wake_at - time.monotonic())))))
 
     def _clear_wakes(self) -> None:
         """Read every pending wake byte, then re-arm: a publish from here on (the outbox is drained after this)
@@ -391,104 +322,6 @@ class Publisher:
         frames = self.codec.encode(message)
         pub.send_multipart([TOPIC_PREFIX + message.type.encode(), *frames], copy=False)
         self.sent += 1
-        key = "step_filters" if message.type == "step" and message.body.get("per_filter") else message.type
-        if key in STATE_ORDER:
-            self._state[key] = frames
-            if key in STEP_KEYS:
-                last = message.body.get("last" if key == "steps" else "step")
-                self._state_step[key] = last if isinstance(last, int) else 0
-            if key == "step_filters":
-                self._state["step"] = frames
-                self._state_step["step"] = self._state_step["step_filters"]
-        if message.type == "ack":
-            self._remember_ack(message.body)
-            identity = self._identities.pop(message.body["id"], None)
-            if identity is not None:
-                router.send_multipart([identity, *self.control_codec.encode(Message("ack", dict(message.body)))])
+        self.desk.sent(router, message, frames)
         for sink in self.sinks:
             sink.submit(message)
-
-    def _remember_ack(self, body: dict[str, Any]) -> None:
-        self._acks[body["id"]] = body
-        self._acks.move_to_end(body["id"])
-        while len(self._acks) > MAX_REMEMBERED_ACKS:
-            self._acks.popitem(last=False)
-
-    def _reply(self, router: zmq.Socket, identity: bytes, message: Message) -> None:
-        router.send_multipart([identity, *self.control_codec.encode(message)])
-
-    def _handle_safely(self, router: zmq.Socket, frames: list) -> None:
-        """Handle one request; a bug in handling it must not stop the I/O thread (it answers with an error)."""
-        try:
-            self._handle_request(router, frames)
-        except zmq.ZMQError:
-            raise
-        except Exception as error:
-            self.internal_errors += 1
-            log.exception("revacnn: could not handle a control request")
-            if frames:
-                self._reply(router, bytes(frames[0].buffer), Message("error", error_body(
-                    "", "internal", f"the trainer could not handle this request ({type(error).__name__})")))
-
-    def _handle_request(self, router: zmq.Socket, frames: list) -> None:
-        identity = bytes(frames[0].buffer)
-        try:
-            request = self.control_codec.decode(frames[1:])
-            validate_request(request)
-        except ProtocolError as error:
-            self._reply(router, identity, Message("error", error_body("", error.code, error.detail)))
-            return
-        body = request.body
-        req = body.get("req", "")
-        if request.type == "hello":
-            common = sorted(set(body["versions"]) & set(SUPPORTED_VERSIONS))
-            if not common:
-                detail = (f"client speaks versions {body['versions']}, this trainer speaks "
-                          f"{list(SUPPORTED_VERSIONS)}; upgrade the older side")
-                self._reply(router, identity, Message("error", error_body(req, "unsupported_version", detail)))
-                return
-            welcome = {"req": req, "version": common[-1], "run": self.run_id, "server": f"revacnn {__version__}",
-                       "telemetry": self.telemetry_endpoint, "rank": 0,
-                       "world_size": self._status.get("world_size", 1), "state_count": self._state_count()}
-            self._reply(router, identity, Message("welcome", welcome))
-            self._send_state(router, identity)
-        elif request.type == "state":
-            self._send_state(router, identity)
-        else:
-            self._accept_command(router, identity, body)
-
-    def _state_count(self) -> int:
-        keys = [key for key in STATE_ORDER if key in self._state]
-        # "step" and "step_filters" can be the same message; it is sent once
-        if "step" in keys and "step_filters" in keys and self._state["step"] is self._state["step_filters"]:
-            keys.remove("step")
-        return len(keys)
-
-    def _send_state(self, router: zmq.Socket, identity: bytes) -> None:
-        sent: list = []
-        order = list(STATE_ORDER)
-        first = order.index(STEP_KEYS[0])  # the step keys sit together in STATE_ORDER; put them in step order
-        order[first:first + len(STEP_KEYS)] = sorted(STEP_KEYS, key=lambda key: self._state_step.get(key, 0))
-        for key in order:
-            frames = self._state.get(key)
-            if frames is not None and not any(frames is other for other in sent):
-                router.send_multipart([identity, *frames], copy=False)
-                sent.append(frames)
-
-    def _accept_command(self, router: zmq.Socket, identity: bytes, body: dict[str, Any]) -> None:
-        command = {"req": body.get("req", ""), "id": body["id"], "op": body["op"], "args": body.get("args", {})}
-        previous = self._acks.get(command["id"])
-        if previous is not None:  # a resend: answer again, never apply twice
-            self._reply(router, identity, Message("ack", {**previous, "req": command["req"]}))
-            return
-        if len(self._commands) >= MAX_PENDING_COMMANDS:
-            self._reply(router, identity, Message("ack", {
-                **command, "status": "error", "step": None, "result": {},
-                "error": f"{MAX_PENDING_COMMANDS} commands are already waiting; try again later"}))
-            return
-        queued = {"req": command["req"], "id": command["id"], "op": command["op"], "status": "queued",
-                  "step": None, "error": None, "result": {}}
-        self._remember_ack(queued)
-        self._identities[command["id"]] = identity
-        self._commands.append(command)
-        self._reply(router, identity, Message("ack", queued))

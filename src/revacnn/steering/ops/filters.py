@@ -1,0 +1,215 @@
+"""Operations on the filters of one layer: ``widen`` (add filters), ``remove_filters`` and ``reinit_filters``.
+
+Widening and removing change the channel count of a whole coupled group (the producers that add into one stream,
+their BatchNorms and every reader), then carry the optimizer state over; re-initialising rewrites some filters in
+place and zeroes their optimizer-state rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .. import commands as C
+from ..errors import SteeringError
+from ..graph import Group
+from ..optimizer import reset_state_rows
+
+if TYPE_CHECKING:
+    from ..engine import SteeringEngine
+
+MAX_COUNT = 4096
+
+
+def _resize_plan(op: str, name: str, group: Group, index: list[int], how: dict, in_scale: list[float] | None,
+                 state_scale: list[float] | None) -> dict:
+    """The change-log entry of a resize: the op's own fields (``how``), the group, which channels it keeps
+    (``index``, with repeats for copies) and how their outgoing weights and optimizer state scale."""
+    return {"op": op, "layer": name, **how, "producers": list(group.producers), "batchnorms": list(group.batchnorms),
+            "readers": [[r, hw] for r, hw in group.readers], "index": index, "in_scale": in_scale,
+            "state_scale": state_scale}
+
+
+def _net2net_shares(index: list[int], rng: random.Random, split: str) -> list[float]:
+    """Each output channel's share of its source's outgoing weights: copies of one source split 1 between them
+    (evenly, or by random weights from U(0.5, 1.5)); a channel without copies keeps 1."""
+    copies: dict[int, list[int]] = {}
+    for j, s in enumerate(index):
+        copies.setdefault(s, []).append(j)
+    share = [1.0] * len(index)
+    for js in copies.values():
+        if len(js) == 1:
+            continue
+        w = [1.0] * len(js) if split == "even" else [rng.uniform(0.5, 1.5) for _ in js]
+        total = sum(w)
+        for j, wj in zip(js, w):
+            share[j] = wj / total
+    return share
+
+
+def _random_fill(engine: SteeringEngine, plan: dict, width: int, seed: int):
+    """The paper's init: new filters and their reader slices from U(-0.2, 0.2)."""
+    def fill():
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in plan["producers"]:
+                mod = engine.module.get_submodule(p)
+                for t in (mod.weight, mod.bias):
+                    if t is not None:
+                        t[width:] = (torch.rand(t[width:].shape, generator=gen) * 0.4 - 0.2).to(t)
+            for r, hw in plan["readers"]:
+                w = engine.module.get_submodule(r).weight
+                lo = width * (hw or 1)
+                w[:, lo:] = (torch.rand(w[:, lo:].shape, generator=gen) * 0.4 - 0.2).to(w)
+    return fill
+
+
+def widen(engine: SteeringEngine, args: dict):
+    """Add ``count`` filters to a layer's coupled group, copies of random existing ones (net2net) or random.
+
+    Preserves (net2net): the function exactly (eval and train mode), the old filters and their optimizer-state
+    slices bitwise. ``random`` preserves the old filters and state slices, not the function.
+    """
+    op = "widen"
+    name = C.get_str(args, "layer", op)
+    count = C.get_int(args, "count", op, minimum=1)
+    if count > MAX_COUNT:
+        raise SteeringError(f"widen: count {count} is larger than the limit {MAX_COUNT}")
+    init = C.get_choice(args, "init", op, ("net2net", "random"))
+    split = C.get_choice(args, "split", op, ("uneven", "even"))
+    seed = C.get_int(args, "seed", op, default=0)
+    group = engine.channel_group(name, op)
+    width = group.channels
+    rng = random.Random(seed)
+    sources = [rng.randrange(width) for _ in range(count)]
+    index = list(range(width)) + sources
+    share = _net2net_shares(index, rng, split) if init == "net2net" else [1.0] * len(index)
+    state_scale = [1.0 if j < width else share[j] / share[index[j]] for j in range(len(index))]
+    plan = _resize_plan("widen", name, group, index, {"init": init, "split": split, "seed": seed},
+                        share if init == "net2net" else None, state_scale)
+    fill = _random_fill(engine, plan, width, seed) if init == "random" else None
+    changes, maps = engine.resize(op, name, group, plan, list(range(width)), count, fill)
+    changes.update(sources=sources, init=init, split=split, function_preserving=init == "net2net")
+    return True, changes, maps
+
+
+def remove_filters(engine: SteeringEngine, args: dict):
+    """Remove filters from every member of the layer's coupled group, its BatchNorms, its readers and the
+    optimizer state.
+
+    Preserves: the kept filters, their reader slices and optimizer-state slices bitwise; not the function.
+    """
+    op = "remove_filters"
+    name = C.get_str(args, "layer", op)
+    width = engine.filter_layer(name, op).weight.shape[0]
+    filters = C.get_int_list(args, "filters", op, upper=width, what="filter")
+    if len(filters) >= width:
+        raise SteeringError(f"remove_filters: cannot remove all {width} filters of {name}")
+    group = engine.channel_group(name, op)
+    kept = [i for i in range(group.channels) if i not in set(filters)]
+    plan = _resize_plan("remove_filters", name, group, kept, {"filters": sorted(filters)}, None, None)
+    changes, maps = engine.resize(op, name, group, plan, kept, 0)
+    changes.update(removed=sorted(filters), function_preserving=False)
+    return True, changes, maps
+
+
+def _neighbour_average(layer: nn.Module, args: dict, filters: list[int], op: str):
+    """One weight (and bias) for every filter: the inverse-distance-weighted average of the neighbours."""
+    if "neighbours" not in args or "distances" not in args:
+        raise SteeringError("reinit_filters: mode 'neighbours' needs 'neighbours' and 'distances'")
+    w = layer.weight
+    nbrs = C.get_int_list(args, "neighbours", op, upper=w.shape[0], what="neighbour filter")
+    dists = args["distances"]
+    if not isinstance(dists, (list, tuple)) or len(dists) != len(nbrs):
+        raise SteeringError(f"reinit_filters: 'distances' must be a list of {len(nbrs)} numbers, one per "
+                            f"neighbour")
+    weights = [C.get_float({"d": d}, "d", op + " distance", minimum=0.0, strict=True) for d in dists]
+    inv = torch.tensor([1.0 / d for d in weights], dtype=torch.float64)
+    inv = inv / inv.sum()
+    idx = torch.as_tensor(nbrs, device=w.device)
+    avg_w = (w.detach().index_select(0, idx).double() * inv.to(w.device).view(-1, *[1] * (w.dim() - 1))).sum(0).to(w)
+    avg_b = None
+    if layer.bias is not None:
+        avg_b = (layer.bias.detach().index_select(0, idx).double() * inv.to(w.device)).sum().to(w)
+    return [avg_w] * len(filters), [avg_b] * len(filters)
+
+
+def _given_values(layer: nn.Module, args: dict, filters: list[int]):
+    """The weights in ``values``, one nested list per filter, checked for shape and finiteness; biases kept."""
+    if "values" not in args:
+        raise SteeringError("reinit_filters: mode 'values' needs 'values'")
+    w = layer.weight
+    shape = tuple(w.shape[1:])
+    parts = "in_features" if isinstance(layer, nn.Linear) else "in_channels × kernel size"
+    values = args["values"]
+    if not isinstance(values, (list, tuple)) or len(values) != len(filters):
+        raise SteeringError(f"reinit_filters: 'values' must be a list of {len(filters)} filter(s), each "
+                            f"shaped {list(shape)}")
+    new_w = []
+    for v in values:
+        try:
+            tv = torch.tensor(v, dtype=torch.float64)
+        except (TypeError, ValueError) as exc:
+            raise SteeringError(f"reinit_filters: a filter in 'values' is not a nested list of numbers "
+                                f"({exc})") from None
+        if tuple(tv.shape) != shape:
+            raise SteeringError(f"reinit_filters: a filter in 'values' has shape {list(tv.shape)}, "
+                                f"expected {list(shape)} ({parts})")
+        if not torch.isfinite(tv).all():
+            raise SteeringError("reinit_filters: 'values' contains NaN or infinity")
+        new_w.append(tv.to(w))
+    return new_w, [None] * len(filters)
+
+
+def _random_values(layer: nn.Module, args: dict, filters: list[int], op: str):
+    """Weights and biases drawn as PyTorch's default init of conv and Linear layers does, from ``seed``."""
+    w = layer.weight
+    shape = tuple(w.shape[1:])
+    gen = torch.Generator().manual_seed(C.get_int(args, "seed", op, default=0))
+    bound = 1.0 / math.sqrt(max(1, w[0].numel()))  # PyTorch's default init range of conv and Linear weights
+    new_w, new_b = [], []
+    for _ in filters:
+        new_w.append((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(w))
+        new_b.append(None if layer.bias is None else
+                     (torch.rand((), generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(w))
+    return new_w, new_b
+
+
+def reinit_filters(engine: SteeringEngine, args: dict):
+    """Rewrite some filters of a layer in place (neighbour average, given values or random) and zero their
+    optimizer-state rows.
+
+    Preserves: every other filter and its optimizer state; the layer's shape (not structural, not in the change
+    log).
+    """
+    op = "reinit_filters"
+    name = C.get_str(args, "layer", op)
+    layer = engine.filter_layer(name, op)
+    engine.check_held_weights(name, op)
+    filters = C.get_int_list(args, "filters", op, upper=layer.weight.shape[0], what="filter")
+    mode = C.get_choice(args, "mode", op, ("neighbours", "values", "random"))
+    allowed = {"neighbours": {"neighbours", "distances"}, "values": {"values"}, "random": {"seed"}}[mode]
+    extra = sorted({"neighbours", "distances", "values", "seed"} & set(args) - allowed)
+    if extra:
+        raise SteeringError(f"reinit_filters: field(s) {', '.join(extra)} do not apply to mode {mode!r}")
+    if mode == "neighbours":
+        new_w, new_b = _neighbour_average(layer, args, filters, op)
+    elif mode == "values":
+        new_w, new_b = _given_values(layer, args, filters)
+    else:
+        new_w, new_b = _random_values(layer, args, filters, op)
+    before = engine.outputs()
+    with torch.no_grad():
+        for f, nw, nb in zip(filters, new_w, new_b):
+            layer.weight[f] = nw
+            if nb is not None:
+                layer.bias[f] = nb
+    reset_state_rows(engine.optimizers, layer.weight, filters)
+    if layer.bias is not None:
+        reset_state_rows(engine.optimizers, layer.bias, filters)
+    delta = engine.max_abs_change(before, engine.outputs())
+    return False, {"layer": name, "filters": filters, "mode": mode, "output_max_abs_change": delta}, {}

@@ -1,0 +1,103 @@
+"""Who may connect to a run's sockets: the loopback test and the CURVE allow-list (docs/remote.md). No torch."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from revacnn.wire.connection import CurveServerKeys
+
+log = logging.getLogger(__name__)
+ZAP_DOMAIN = "revacnn"
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address, or a host name that resolves to one (an unresolvable name is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+class CountingAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, counting the CURVE clients it turned away (published in ``status.security``)."""
+
+    denied = 0
+    accepted = 0
+
+    async def _authenticate_curve(self, domain, client_key):
+        allowed, reason = await super()._authenticate_curve(domain, client_key)
+        if allowed:
+            self.accepted += 1
+        else:
+            self.denied += 1
+        return allowed, reason
+
+
+class CurveGuard:
+    """The CURVE side of a run's sockets: the server keys, the ZAP authenticator thread and its allow-list, which
+    is re-read when its directory changes. ``curve=None`` means no encryption and no authentication."""
+
+    def __init__(self, curve: CurveServerKeys | None, run_id: str) -> None:
+        self.curve = curve
+        self.run_id = run_id
+        self.auth: CountingAuthenticator | None = None
+        self._allowed_signature: tuple | None = None
+
+    def start(self, context: zmq.Context) -> None:
+        """Start the ZAP thread in ``context``; must run before any bind (a CURVE socket without ZAP accepts
+        anyone)."""
+        if self.curve is None:
+            return
+        self.auth = CountingAuthenticator(context, log=log.getChild("auth"))
+        self.auth.start()
+        self.reload()
+
+    def secure(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server checked by this guard's ZAP domain (nothing without CURVE)."""
+        if self.curve is None:
+            return
+        sock.curve_secretkey = self.curve.secret
+        sock.curve_publickey = self.curve.public
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.curve_server = True
+
+    def reload(self) -> None:
+        """(Re)load the allow-list when its directory changed; never allows any client by default."""
+        if self.auth is None:
+            return
+        signature = self.curve.allowed_signature()
+        if signature == self._allowed_signature:
+            return
+        self._allowed_signature = signature
+        keys = self.curve.allowed_now()
+        self.auth.allow_any = False
+        self.auth.certs[ZAP_DOMAIN] = keys  # the ZAP thread reads this dict; a whole new dict replaces it atomically
+        log.info("revacnn: %d client key(s) allowed to connect to run %s", len(keys), self.run_id)
+        if not keys:
+            log.warning("revacnn: CURVE is on but no client key is allowed yet: add one with `revacnn keys allow "
+                        "CLIENT.key --keys-dir %s`", self.curve.allowed_dir.parent if self.curve.allowed_dir
+                        else "DIR")
+
+    def stop(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+
+    def security(self) -> dict[str, Any]:
+        """``{"mode": "curve" | "none", "allowed": n, "denied": n, "accepted": n}`` (counts with CURVE only)."""
+        if self.curve is None:
+            return {"mode": "none"}
+        auth = self.auth
+        allowed = auth.certs.get(ZAP_DOMAIN, {}) if auth is not None else {}
+        return {"mode": "curve", "allowed": len(allowed), "denied": auth.denied if auth else 0,
+                "accepted": auth.accepted if auth else 0}
