@@ -25,9 +25,9 @@ from torch import nn
 
 from revacnn.checkpoint import CheckpointHooks, ModelHistory, changelog_entry, has_lazy_parameters
 from revacnn.run import Run, Transport
-from revacnn.steering.commands import STRUCTURAL_OPS
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
-from revacnn.steering.loop import LOOP_OPS, LoopControl
+from revacnn.steering.loop import LoopControl
+from revacnn.wire.ops import LOOP_OPS, STRUCTURAL_OPS
 from revacnn.telemetry.probes import discover_layers
 from revacnn.telemetry.schedule import Schedule, StepWindow
 from revacnn.telemetry.session import Telemetry

@@ -11,6 +11,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from revacnn.recording.lineage import renamed_layers
+
 _HOOKS = ("on_load_checkpoint", "on_save_checkpoint")
 
 
@@ -63,7 +65,7 @@ class ModelHistory:
         """Follow a structural change: renamed layers keep their filters' ids (also in the ``renamed_too`` dicts
         keyed by layer), kept filters keep theirs, added ones get new ones; the revision goes up."""
         # insert_layer moves its anchor into a Sequential (``conv2`` → ``conv2.0``): the same filters, new name
-        for old_name, new_name in ((ack.get("changes") or {}).get("renamed") or {}).items():
+        for old_name, new_name in renamed_layers(ack).items():
             for by_layer in (self.filter_ids, *renamed_too):
                 if old_name in by_layer:
                     by_layer[new_name] = by_layer.pop(old_name)

@@ -14,6 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from revacnn.wire.acks import run_state
 from revacnn.wire.connection import CONNECTION_FILE_NAME, ConnectionInfo, CurveServerKeys
 from revacnn.wire.publisher import Publisher
 
@@ -104,8 +105,8 @@ class Run:
     def set_state(self, state: str, trainer: pl.Trainer, message: str = "") -> None:
         self.state = state
         if self.publisher is not None:
-            self.publisher.set_status(state=state, step=trainer.global_step, epoch=trainer.current_epoch,
-                                      message=message)
+            self.publisher.set_status(**run_state(state, step=trainer.global_step, epoch=trainer.current_epoch,
+                                                  message=message))
 
     def recording_stop(self, on_recording_error: str) -> dict[str, Any] | None:
         """The ``stop`` command the run gives itself, once, when its recording failed and it was asked to stop then

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from revacnn.wire.acks import TERMINAL_STATES
+from revacnn.wire.acks import DONE, ERROR, QUEUED, TERMINAL_STATES
 from revacnn.wire.ops import FILTER_LIST_OPS, FREEZE_OPS, HPARAM_NAMES, SET_BATCH_SIZE, SET_HPARAMS
 from revacnn.wire.protocol import Message
 
@@ -293,10 +293,10 @@ class RunState:
         b = m.body
         event = self.events.get(str(b.get("id")))
         if event is None:   # another client's command, seen on telemetry
-            if b.get("status") == "queued":
+            if b.get("status") == QUEUED:
                 return
             event = self._add_event(str(b.get("id")), str(b.get("op")), {}, note="from another client")
-        order = {"pending": 0, "queued": 1, "done": 2, "error": 2}
+        order = {"pending": 0, QUEUED: 1, DONE: 2, ERROR: 2}
         status = str(b.get("status"))
         if order.get(status, 0) < order.get(event.status, 0):
             return   # a late 'queued' after the final ack

@@ -6,13 +6,14 @@ import time
 from typing import Any
 
 from dash import html
+from revacnn.wire.acks import DONE, ERROR, QUEUED
 
 
 def event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
     """The event log: newest command first, its status coloured, its error or note in full."""
     if not events:
         return html.Div("no commands yet", style={"color": "#777"})
-    colour = {"pending": "#f9a825", "queued": "#1565c0", "done": "#2e7d32", "error": "#c62828"}
+    colour = {"pending": "#f9a825", QUEUED: "#1565c0", DONE: "#2e7d32", ERROR: "#c62828"}
     rows = [html.Tr([html.Th(h) for h in ("sent", "command", "status", "step", "detail")])]
     for e in events:
         detail = e["error"] or (e["note"] or "")

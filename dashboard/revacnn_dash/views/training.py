@@ -7,6 +7,8 @@ import time
 
 import plotly.graph_objects as go
 from dash import Input, Output, Patch, State, ctx, dcc, html, no_update
+from revacnn.wire.acks import DONE
+from revacnn.wire.ops import SET_BATCH_SIZE, SET_HPARAMS
 
 from ..figures.training import finite_list, has_accuracy, markers, training_figure
 from .common import bound, button, number, steering_controls
@@ -60,7 +62,7 @@ def training_chart(hub, _n, key, cursor, tab):
     if tab != "training" and cursor and cursor.get("key") == key:
         return no_update, no_update, hp_text
     # markers for the commands applied by this trainer process (a restarted one starts a new step axis)
-    events = [e for e in state.event_list() if e["status"] == "done" and e["step"] is not None
+    events = [e for e in state.event_list() if e["status"] == DONE and e["step"] is not None
               and e["generation"] == state.generation]
     val = state.val_history()
     marker_sig = [e["id"] for e in events]
@@ -111,8 +113,8 @@ def training_commands(hub, *args):
         return ""       # the feedback was about the run shown before
     if state is None or not trigger:
         return no_update
-    values = {"btn-lr": ("set_hparams", "lr", lr), "btn-momentum": ("set_hparams", "momentum", momentum),
-              "btn-wd": ("set_hparams", "weight_decay", wd), "btn-bs": ("set_batch_size", "batch_size", bs)}
+    values = {"btn-lr": (SET_HPARAMS, "lr", lr), "btn-momentum": (SET_HPARAMS, "momentum", momentum),
+              "btn-wd": (SET_HPARAMS, "weight_decay", wd), "btn-bs": (SET_BATCH_SIZE, "batch_size", bs)}
     if trigger in values:
         op, field, value = values[trigger]
         if value is None:

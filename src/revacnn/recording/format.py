@@ -35,7 +35,6 @@ FORMAT_VERSION = 1
 MARKER = "run.json"
 SEGMENT_SUFFIX = ".arrows"
 LEVEL_FACTOR = 10          # a level-k bucket aggregates 10**k per-filter records
-TERMINAL_STATES = ("finished", "stopped", "failed")
 # Every record batch ends with this int64 column, one value per row. Arrow lays a batch's buffers out in column
 # order, so this is the last thing in the batch body: a body whose tail is missing or zero-filled (a torn write
 # after a machine crash) fails the check instead of being read as data.

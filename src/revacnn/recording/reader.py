@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .filter_series import PyramidSegments, read_filter_series
-from .format import FORMAT_NAME, MARKER, TERMINAL_STATES, list_segments, read_segment
+from ..wire.acks import TERMINAL_STATES
+from .format import FORMAT_NAME, MARKER, list_segments, read_segment
 from .lineage import latest_name, names_before, renamed_by
 from .segment_cache import SegmentCache
 from .snapshots import read_snapshot, snapshot_files

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from revacnn.wire.ops import ENGINE_OPS, HPARAM_NAMES, SET_HPARAMS
-from revacnn.wire.ops import STRUCTURAL_OPS  # noqa: F401  (the callback's import, until it reads revacnn.wire.ops)
 from revacnn.wire.protocol import ProtocolError, command_envelope
 
 from .errors import SteeringError

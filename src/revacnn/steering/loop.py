@@ -10,8 +10,6 @@ import pytorch_lightning as pl
 
 from revacnn.telemetry.messages import loader_batch_size
 
-#: Commands the training loop applies itself; everything else goes to the steering engine.
-LOOP_OPS = frozenset({"pause", "resume", "stop", "snapshot", "set_batch_size"})
 
 #: ``ack(command, status, error=None, result=None)``
 Ack = Callable[..., None]
