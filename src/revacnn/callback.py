@@ -27,11 +27,12 @@ from revacnn.checkpoint import CheckpointHooks, ModelHistory, changelog_entry, h
 from revacnn.run import Run, Transport
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
 from revacnn.steering.loop import LoopControl
-from revacnn.wire.ops import LOOP_OPS, STRUCTURAL_OPS
 from revacnn.telemetry.probes import discover_layers
 from revacnn.telemetry.schedule import Schedule, StepWindow
 from revacnn.telemetry.session import Telemetry
 from revacnn.telemetry.validation import first_batch_tensors
+from revacnn.wire.acks import DONE, ERROR
+from revacnn.wire.ops import FREEZE_OPS, LOOP_OPS, SET_HPARAMS, STRUCTURAL_OPS
 
 __all__ = ["ReVACNNCallback", "Schedule"]
 
@@ -336,23 +337,23 @@ class ReVACNNCallback(Callback):
             return
         holder = parameter_copy_holder(trainer) if op in STRUCTURAL_OPS else None
         if holder is not None:  # refused before anything changes, on every rank alike
-            ack(command, "error", error=f"{op}: {holder}, which cannot follow a change of shapes (the run would fail "
+            ack(command, ERROR, error=f"{op}: {holder}, which cannot follow a change of shapes (the run would fail "
                                         "at its next use); train without it to change the network's structure")
             return
         engine = self._steering_engine(trainer, pl_module, batch)
         result = engine.apply({"id": command["id"], "op": op, "args": args})
         if not result.get("ok"):
-            ack(command, "error", error=result.get("error") or "the steering engine refused it")
+            ack(command, ERROR, error=result.get("error") or "the steering engine refused it")
             return
         if result.get("structural"):
             self._after_structural_change(trainer, pl_module, result)
-        elif op in ("freeze", "unfreeze"):
+        elif op in FREEZE_OPS:
             self._telemetry(trainer, lambda: self._publish_structure(pl_module))  # the frozen marks changed
-        if op == "set_hparams":
+        if op == SET_HPARAMS:
             self._telemetry(trainer, lambda: self._publish_hparams(trainer))
         done = {key: value for key, value in result.items() if key not in ("id", "op", "ok", "error")}
         done["revision"] = self.history.revision
-        ack(command, "done", result=done)
+        ack(command, DONE, result=done)
 
     def _frozen_layers(self) -> dict[str, Any]:
         """The layers (or filters) a ``freeze`` command froze (a bound method, not a lambda: the callback pickles)."""
