@@ -1,0 +1,102 @@
+"""Issue 30, findings 8-10: the dashboard's Host allow-list (DNS rebinding), revoked CURVE keys losing access at
+once (control requests and telemetry), and the IPv6 loopback ``::1``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from browser_support import free_port
+from helpers import wait_for, wait_for_message
+from revacnn.cli import main as cli_main
+from revacnn.wire.client import RunClient
+from revacnn.wire.connection import ConnectionInfo, CurveServerKeys, allow_key, generate_keypair
+from revacnn.wire.curve_auth import is_loopback
+from revacnn.wire.protocol import Message
+from revacnn.wire.publisher import Publisher
+from revacnn_dash import auth as dash_auth
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRA_HOST = "dash.example.lan"
+
+
+# -- 8. the dashboard's Host allow-list -----------------------------------------------------------------------------
+def test_host_name_is_parsed_from_every_form_of_the_host_header():
+    assert dash_auth.host_name("127.0.0.1:8050") == "127.0.0.1"
+    assert dash_auth.host_name("LOCALHOST.:8050") == "localhost"
+    assert dash_auth.host_name("[::1]:8050") == "::1"
+    assert dash_auth.host_name("[::1]") == "::1"
+    assert dash_auth.host_name("evil.example") == "evil.example"
+    assert dash_auth.host_name("") == ""
+
+
+def test_only_loopback_ip_literals_and_named_hosts_are_allowed():
+    allowed = {"dash.example.lan"}
+    for host in ("127.0.0.1:8050", "127.3.4.5", "localhost:1", "[::1]:8050", "Dash.Example.Lan:8050",
+                 "192.0.2.7:8050", "[2001:db8::1]:80"):  # an IP literal cannot be rebound by DNS
+        assert dash_auth.host_allowed(host, allowed), host
+    for host in ("evil.example", "evil.example:8050", "localhost.evil.example", "127.0.0.1.evil.example", "",
+                 "[::1", "dash.example.lan.evil"):
+        assert not dash_auth.host_allowed(host, allowed), host
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A real revacnn-dash on 127.0.0.1 without a token, allowing one extra name."""
+    port = free_port()
+    logdir = tmp_path_factory.mktemp("logs")
+    log = open(logdir / "dash.log", "w+")
+    env = {**os.environ, "REVACNN_DASH_TOKEN": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--logdir", str(logdir), "--host", "127.0.0.1",
+                             "--port", str(port), "--allow-host", EXTRA_HOST, "--no-umap-warmup", "--threads", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    def serving() -> bool:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return True
+        except requests.ConnectionError:
+            assert proc.poll() is None, (logdir / "dash.log").read_text()
+            return False
+
+    wait_for(serving, timeout=60, interval=0.2)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+def _layout_and_update(port: int, host: str) -> tuple[requests.Response, requests.Response]:
+    base = f"http://127.0.0.1:{port}"
+    layout = requests.get(base + "/_dash-layout", headers={"Host": host}, timeout=10)
+    update = requests.post(base + "/_dash-update-component", headers={"Host": host}, json={}, timeout=10)
+    return layout, update
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "localhost.evil.example:{port}"])
+def test_a_foreign_host_header_is_refused_with_a_hint(dashboard, host):
+    layout, update = _layout_and_update(dashboard, host.format(port=dashboard))
+    for response in (layout, update):
+        assert response.status_code == 403, response.text
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert "--allow-host" in response.text and "evil.example" in response.text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", EXTRA_HOST + ":{port}"])
+def test_loopback_and_allowed_hosts_are_served(dashboard, host):
+    layout, update = _layout_and_update(dashboard, host.format(port=dashboard))
+    assert layout.status_code == 200 and "props" in layout.json()
+    assert update.status_code != 403   # reaches Dash (which rejects the empty request body on its own terms)
+
+
+def test_allow_host_is_documented_in_help(capsys):
+    from revacnn_dash.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--allow-host" in capsys.readouterr().out
