@@ -100,3 +100,73 @@ def test_allow_host_is_documented_in_help(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "--allow-host" in capsys.readouterr().out
+
+
+# -- 9. revoked keys lose access at once ----------------------------------------------------------------------------
+@pytest.fixture
+def two_clients(tmp_path):
+    """A CURVE run with two allowed clients, 'laptop' (to be revoked) and 'desk'."""
+    server_dir, client_dir = tmp_path / "server", tmp_path / "client"
+    generate_keypair(server_dir, "server")
+    secrets = {}
+    for name in ("laptop", "desk"):
+        public, secrets[name] = generate_keypair(client_dir, name)
+        allow_key(public, server_dir)
+    curve = CurveServerKeys.from_keys_dir(server_dir, create=False)
+    pub = Publisher("revoke-run", heartbeat_s=0.1, curve=curve).start()
+    info = ConnectionInfo("revoke-run", pub.telemetry_endpoint, pub.control_endpoint, security="curve",
+                          curve_server_key=curve.public.decode())
+    path = info.write(tmp_path / "run" / "connection.json")
+    yield pub, path, server_dir, secrets
+    pub.close()
+
+
+def _drain(client, seconds: float) -> list[Message]:
+    received, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = client.recv(0.05)
+        if message is not None:
+            received.append(message)
+    return received
+
+
+def test_a_revoked_client_loses_control_and_telemetry_at_once(two_clients):
+    pub, path, server_dir, secrets = two_clients
+    with RunClient(path, client_keys=secrets["laptop"]) as laptop, RunClient(path, client_keys=secrets["desk"]) as desk:
+        laptop.connect(timeout=5)
+        desk.connect(timeout=5)
+        first = laptop.send_command("pause")
+        wait_for_message(laptop, lambda m: m.type == "ack" and m.body["id"] == first)
+        assert [c["op"] for c in wait_for(pub.poll_commands, timeout=2, interval=0.01)] == ["pause"]
+
+        assert cli_main(["keys", "revoke", "laptop", "--keys-dir", str(server_dir)]) == 0
+        time.sleep(2.0)                     # "at once": the trainer notices within a heartbeat or two
+        _drain(laptop, 0.3)
+        _drain(desk, 0.3)
+
+        pub.publish(Message("structure", {"revision": 7}))
+        refused = laptop.send_command("resume")
+        assert wait_for_message(desk, lambda m: m.type == "structure").body["revision"] == 7
+        heard = _drain(laptop, 1.0)
+        assert [m for m in heard if m.type in ("structure", "status")] == []   # no more telemetry
+        assert [m for m in heard if m.type == "ack" and m.body.get("id") == refused] == []
+        assert pub.poll_commands() == []                                       # its command had no effect
+
+        kept = desk.send_command("resume")
+        wait_for_message(desk, lambda m: m.type == "ack" and m.body["id"] == kept)
+        assert [c["op"] for c in wait_for(pub.poll_commands, timeout=2, interval=0.01)] == ["resume"]
+        wait_for_message(desk, lambda m: m.type == "status")                  # telemetry goes on for the other
+    assert pub.security()["allowed"] == 1
+
+
+def test_a_re_allowed_key_can_connect_again(two_clients, tmp_path):
+    pub, path, server_dir, secrets = two_clients
+    assert cli_main(["keys", "revoke", "laptop", "--keys-dir", str(server_dir)]) == 0
+    wait_for(lambda: pub.security()["allowed"] == 1, timeout=3)
+    allow_key(tmp_path / "client" / "laptop.key", server_dir)
+    wait_for(lambda: pub.security()["allowed"] == 2, timeout=3)
+    with RunClient(path, client_keys=secrets["laptop"]) as laptop:
+        laptop.connect(timeout=5)
+        command = laptop.send_command("pause")
+        wait_for_message(laptop, lambda m: m.type == "ack" and m.body["id"] == command)
+        wait_for_message(laptop, lambda m: m.type == "status")
