@@ -170,3 +170,76 @@ def test_a_re_allowed_key_can_connect_again(two_clients, tmp_path):
         command = laptop.send_command("pause")
         wait_for_message(laptop, lambda m: m.type == "ack" and m.body["id"] == command)
         wait_for_message(laptop, lambda m: m.type == "status")
+
+
+# -- 10. IPv6 loopback ------------------------------------------------------------------------------------------------
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="IPv6 loopback ::1 is not available on this machine")
+
+
+def test_ipv6_loopback_is_loopback():
+    assert is_loopback("::1") and is_loopback("[::1]")
+    assert not is_loopback("2001:db8::1")
+
+
+@needs_ipv6
+def test_publisher_on_ipv6_loopback_serves_a_client(tmp_path):
+    pub = Publisher("v6-run", host="::1", heartbeat_s=0.1).start()
+    try:
+        assert pub.telemetry_endpoint.startswith("tcp://[::1]:") and pub.control_endpoint.startswith("tcp://[::1]:")
+        info = ConnectionInfo("v6-run", pub.telemetry_endpoint, pub.control_endpoint, host="::1")
+        path = info.write(tmp_path / "connection.json")
+        pub.publish(Message("structure", {"revision": 1}))
+        wait_for(lambda: pub.queue_length == 0)
+        for target in (path, pub.control_endpoint):   # the connection file, and a bare control address
+            with RunClient(target) as client:
+                assert client.connect(timeout=5)["run"] == "v6-run"
+                wait_for_message(client, lambda m: m.type == "structure")   # the state snapshot (control socket)
+                for _ in range(3):   # heartbeats: the snapshot holds one at most, the others came by telemetry
+                    wait_for_message(client, lambda m: m.type == "status")
+                command = client.send_command("pause")
+                wait_for_message(client, lambda m: m.type == "ack" and m.body["id"] == command)
+                assert [c["op"] for c in wait_for(pub.poll_commands, timeout=2, interval=0.01)] == ["pause"]
+    finally:
+        pub.close()
+
+
+
+@needs_ipv6
+def test_trainer_with_the_callback_on_ipv6_loopback_is_watched_and_steered(tmp_path):
+    """ReVACNNCallback(host="::1") in a real Lightning run (tests/remote_trainer.py): the connection file names
+    tcp://[::1]:…, and a RunClient gets telemetry and steers the learning rate."""
+    trainer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "remote_trainer.py"), "--root", str(tmp_path),
+                                "--tiny", "--host", "::1", "--max-steps", "120", "--slow", "0.02"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        connection = next((line.split(" ", 1)[1].strip() for line in trainer.stdout
+                           if line.startswith("CONNECTION ")), None)
+        assert connection is not None, trainer.stderr.read()[-3000:]
+        info = ConnectionInfo.read(connection)
+        assert info.control.startswith("tcp://[::1]:") and info.telemetry.startswith("tcp://[::1]:")
+        with RunClient(connection) as client:
+            client.connect(timeout=20)
+            wait_for_message(client, lambda m: m.type in ("step", "steps"), timeout=20)
+            command = client.send_command("set_hparams", {"lr": 0.0125})
+            done = wait_for_message(client, lambda m: m.type == "ack" and m.body["id"] == command
+                                    and m.body["status"] != "queued", timeout=20)
+            assert done.body["status"] == "done", done.body
+        out, _ = trainer.communicate(timeout=120)
+        assert trainer.returncode == 0
+        result = next(line for line in out.splitlines() if line.startswith("DONE "))
+        assert '"lr": 0.0125' in result
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait(10)

@@ -17,8 +17,12 @@ ZAP_DOMAIN = "revacnn"
 
 
 def is_loopback(host: str) -> bool:
-    """True for a loopback address, or a host name that resolves to one (an unresolvable name is not)."""
-    if host == "localhost":
+    """True for a loopback address (IPv4 ``127.0.0.0/8``, IPv6 ``::1``, with or without brackets), or a host name
+    that resolves to one (an unresolvable name is not)."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -21,7 +21,7 @@ import zmq
 
 from revacnn import __version__
 from revacnn.wire.acks import ack, final_state, initial_status
-from revacnn.wire.connection import CurveServerKeys
+from revacnn.wire.connection import CurveServerKeys, bare_host, is_ipv6_literal, tcp_endpoint
 from revacnn.wire.control import CONTROL_MAX_BYTES, ControlDesk
 from revacnn.wire.curve_auth import CurveGuard, is_loopback
 from revacnn.wire.protocol import TOPIC_PREFIX, Codec, Message
@@ -79,7 +79,7 @@ class Publisher:
                         "authentication (insecure_bind=True): anyone who reaches this address can read and steer "
                         "the run", run_id, host)
         self.run_id = run_id
-        self.host = host
+        self.host = bare_host(host)   # "[::1]" and "::1" alike; endpoints put the brackets back
         self.curve = curve
         self.guard = CurveGuard(curve, run_id)
         # One codec per socket, as each numbers its own messages (docs/protocol.md): a reply on the control socket
@@ -221,15 +221,17 @@ class Publisher:
         router.setsockopt(zmq.SNDHWM, 1000)
         router.setsockopt(zmq.RCVHWM, 1000)
         for sock in (pub, router):
+            if is_ipv6_literal(self.host):  # without it libzmq refuses an IPv6 address ("No such device")
+                sock.setsockopt(zmq.IPV6, 1)
             self.guard.secure(sock)
         endpoints = []
         for sock, port in zip((pub, router), self._requested_ports):
             if port:
-                sock.bind(f"tcp://{self.host}:{port}")
+                sock.bind(tcp_endpoint(self.host, port))
                 endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
             else:
-                chosen = sock.bind_to_random_port(f"tcp://{self.host}")
-                endpoints.append(f"tcp://{self.host}:{chosen}")
+                chosen = sock.bind_to_random_port(tcp_endpoint(self.host))
+                endpoints.append(tcp_endpoint(self.host, chosen))
         self.telemetry_endpoint, self.control_endpoint = endpoints
         self._telemetry_bound = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         return pub, router
