@@ -10,12 +10,18 @@ unknown paths — must carry the token:
 * or an ``Authorization: token TOKEN`` / ``Bearer TOKEN`` header (scripts).
 
 Anything else gets ``401`` with a short plain-text message. Comparisons use ``hmac.compare_digest``.
+
+Without a token (loopback, the default) the ``Host`` header is checked instead (``install_host_check``): a page on
+an attacker's domain whose DNS name is re-pointed at 127.0.0.1 (DNS rebinding) would otherwise be same-origin with
+the dashboard and could read and steer the runs. Only loopback names, IP literals (which no DNS answer can rebind)
+and the names given with ``--allow-host`` are served; anything else gets ``403``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from urllib.parse import urlencode
 
@@ -77,3 +83,55 @@ def install_token_auth(server, token: str) -> None:
         if cookie is not None:
             return None if _equal(cookie, expected_cookie) else deny(_WRONG)
         return deny(_MISSING)
+
+
+# -- the Host allow-list (DNS rebinding) --------------------------------------------------------------------------
+LOOPBACK_NAMES = frozenset({"localhost"})
+_FOREIGN_HOST = ("revacnn-dash: refused a request for host {host!r}: this dashboard answers only to loopback names "
+                 "and addresses (localhost, 127.0.0.1, [::1]) so that another web site cannot reach it through DNS "
+                 "rebinding. If you reach it under this name on purpose, restart it with --allow-host {name}.\n")
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, lower-case and without port, brackets or a final dot (``[::1]:8050`` →
+    ``::1``); ``""`` when it is malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, bracket, rest = header[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return ""
+        return name
+    return header.rsplit(":", 1)[0].rstrip(".") if header.count(":") <= 1 else ""
+
+
+def host_allowed(header: str, allowed: set[str] | frozenset[str]) -> bool:
+    """Whether a request with this ``Host`` header may be served without a token: a loopback name, an IP literal
+    (a browser sends one only when the user typed it: no DNS answer can rebind it) or a name in ``allowed``
+    (``"*"`` allows any)."""
+    name = host_name(header)
+    if not name:
+        return False
+    if name in LOOPBACK_NAMES or "*" in allowed or name in {n.lower().rstrip(".") for n in allowed}:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def install_host_check(server, allowed: set[str] | frozenset[str] = frozenset()) -> None:
+    """Serve only requests whose ``Host`` header ``host_allowed`` accepts, on every route of the Flask ``server``;
+    others get ``403`` with a plain-text hint naming ``--allow-host``."""
+    from flask import Response, request
+
+    @server.before_request
+    def _require_known_host():
+        header = request.headers.get("Host", "")
+        if host_allowed(header, allowed):
+            return None
+        name = host_name(header) or "NAME"
+        text = _FOREIGN_HOST.format(host=header[:200], name=name[:200])
+        response = Response(text, status=403, mimetype="text/plain")
+        response.headers["Cache-Control"] = "no-store"
+        return response

@@ -12,6 +12,8 @@ or connect directly to a trainer with CURVE on (docs/remote.md):
 
 The page is served on 127.0.0.1 without a token. A non-loopback --host requires a token (random, printed as
 http://HOST:PORT/?token=…, or --token / $REVACNN_DASH_TOKEN); --token on loopback turns the check on as well.
+Without a token only requests for a loopback name or an IP address (and the --host name) are answered, against
+DNS rebinding; reaching the page under another name (an /etc/hosts alias, a proxy) needs --allow-host NAME.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="INSECURE: serve a non-loopback --host WITHOUT authentication — anyone who reaches "
                              "the port can read and steer the runs. Only on a network you trust completely")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="without a token the page answers only requests addressed to a loopback name "
+                             "(localhost), an IP address or the --host name (a defence against DNS rebinding); "
+                             "also answer those for NAME (an alias, a proxy's name). Repeatable; '*' allows any "
+                             "name. With a token the token protects the page and no name is checked")
     parser.add_argument("--client-key", default=os.environ.get(CLIENT_KEY_ENV) or None, metavar="PATH",
                         help=f"this dashboard's CURVE keypair (NAME.key_secret from `revacnn keys generate`, "
                              f"allow-listed on the trainer), for runs with CURVE on; default ${CLIENT_KEY_ENV}")
@@ -71,7 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.insecure_no_auth and args.token:
         parser.error("--insecure-no-auth and --token contradict each other")
     args.auth_token = auth_token(args)
+    args.allowed_hosts = allowed_hosts(args)
     return args
+
+
+def allowed_hosts(args: argparse.Namespace) -> set[str]:
+    """The host names (besides loopback ones and IP literals) a token-free page answers to: --allow-host, the
+    --host name, and for a wildcard --host this machine's names (the URL printed uses them)."""
+    names = {name.strip().lower().rstrip(".") for name in args.allow_host if name.strip()}
+    if args.host in ("0.0.0.0", "::", "*", ""):
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    else:
+        names.add(args.host.strip("[]").lower().rstrip("."))
+    return names
 
 
 def auth_token(args: argparse.Namespace) -> str | None:
@@ -125,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"revacnn-dash: serving on {url} ({runs}); the page requires a token — open\n"
               f"    {url}?token={args.auth_token}", flush=True)
     else:
+        from .auth import install_host_check
+
+        install_host_check(app.server, args.allowed_hosts)
         if not is_loopback(args.host):
             print("revacnn-dash: WARNING: INSECURE — serving on a non-loopback address WITHOUT authentication "
                   "(--insecure-no-auth): anyone who reaches this port can read and steer your training runs.",

@@ -170,7 +170,8 @@ def _keys_revoke(args: argparse.Namespace) -> int:
         print(f"revacnn keys revoke: no allowed key {target}", file=sys.stderr)
         return 1
     target.unlink()
-    print(f"revoked {target} (new connections with it are refused; restart the run to drop open ones)")
+    print(f"revoked {target}: running trainers using {args.keys_dir} refuse it within about a second, open "
+          "connections included")
     return 0
 
 

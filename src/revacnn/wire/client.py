@@ -27,7 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from revacnn.wire.acks import is_terminal
-from revacnn.wire.connection import ConnectionInfo, load_keypair, load_public_key
+from revacnn.wire.connection import ConnectionInfo, endpoint_is_ipv6, load_keypair, load_public_key, tcp_endpoint
 from revacnn.wire.protocol import SUPPORTED_VERSIONS, TOPIC_PREFIX, Codec, Message, ProtocolError
 
 
@@ -111,7 +111,7 @@ class RunClient:
             host = self.info.host
         if host is None or parsed.port is None:
             return endpoint
-        return f"tcp://{'[' + host + ']' if ':' in host else host}:{parsed.port}"
+        return tcp_endpoint(host, parsed.port)
 
     def _secure(self, sock: zmq.Socket) -> None:
         if self.server_key is not None:
@@ -147,8 +147,7 @@ class RunClient:
             port = urlparse(str(welcome.body.get("telemetry", ""))).port
             if port is None:
                 raise ConnectionFailed("the welcome did not name a telemetry endpoint")
-            host = urlparse(self.control_endpoint).hostname
-            self.telemetry_endpoint = f"tcp://{host}:{port}"
+            self.telemetry_endpoint = tcp_endpoint(urlparse(self.control_endpoint).hostname or "", port)
             self._subscribe(self.telemetry_endpoint, deadline, timeout)
             welcome = self._hello(deadline, timeout)  # its state snapshot postdates the subscription
         return self._welcomed(welcome, deadline)
@@ -178,6 +177,8 @@ class RunClient:
                                "(is the trainer running, and the address or SSH tunnel right?)")
 
     def _connect_awaiting_handshake(self, sock: zmq.Socket, endpoint: str, deadline: float, timeout: float) -> None:
+        if endpoint_is_ipv6(endpoint):  # without it libzmq cannot connect to an IPv6 address
+            sock.setsockopt(zmq.IPV6, 1)
         monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         try:
             sock.connect(endpoint)

@@ -24,6 +24,30 @@ SERVER_KEY_NAME = "server"
 ALLOWED_DIR_NAME = "allowed"
 
 
+def bare_host(host: str) -> str:
+    """``host`` without the brackets of an IPv6 literal in a URL (``[::1]`` → ``::1``)."""
+    host = host.strip()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def is_ipv6_literal(host: str) -> bool:
+    """True for an IPv6 address (``::1``, ``[::1]``, ``::``); such a ZeroMQ socket needs ``zmq.IPV6`` on, or its
+    bind or connect fails with "No such device"."""
+    return ":" in bare_host(host)
+
+
+def tcp_endpoint(host: str, port: int | str | None = None) -> str:
+    """``tcp://host:port`` with an IPv6 literal in brackets (``tcp://[::1]:5555``); no ``:port`` when None."""
+    host = bare_host(host)
+    address = f"[{host}]" if ":" in host else host
+    return f"tcp://{address}" if port is None else f"tcp://{address}:{port}"
+
+
+def endpoint_is_ipv6(endpoint: str) -> bool:
+    """True when a ``tcp://`` endpoint names an IPv6 literal (``tcp://[::1]:5555``)."""
+    return endpoint.startswith("tcp://[")
+
+
 def default_keys_dir() -> Path:
     """``$REVACNN_KEYS_DIR``, else ``~/.revacnn/keys``."""
     return Path(os.environ.get("REVACNN_KEYS_DIR") or Path.home() / ".revacnn" / "keys").expanduser()

@@ -21,7 +21,7 @@ import zmq
 
 from revacnn import __version__
 from revacnn.wire.acks import ack, final_state, initial_status
-from revacnn.wire.connection import CurveServerKeys
+from revacnn.wire.connection import CurveServerKeys, bare_host, is_ipv6_literal, tcp_endpoint
 from revacnn.wire.control import CONTROL_MAX_BYTES, ControlDesk
 from revacnn.wire.curve_auth import CurveGuard, is_loopback
 from revacnn.wire.protocol import TOPIC_PREFIX, Codec, Message
@@ -79,7 +79,7 @@ class Publisher:
                         "authentication (insecure_bind=True): anyone who reaches this address can read and steer "
                         "the run", run_id, host)
         self.run_id = run_id
-        self.host = host
+        self.host = bare_host(host)   # "[::1]" and "::1" alike; endpoints put the brackets back
         self.curve = curve
         self.guard = CurveGuard(curve, run_id)
         # One codec per socket, as each numbers its own messages (docs/protocol.md): a reply on the control socket
@@ -93,6 +93,7 @@ class Publisher:
         self.sinks = list(sinks)
         self.telemetry_endpoint = ""
         self.control_endpoint = ""
+        self._telemetry_bound = ""  # what the PUB socket bound, as libzmq names it (for unbind)
         self.drops = {"telemetry": 0}
         self.sent = 0
         self._requested_ports = (telemetry_port, control_port)
@@ -220,17 +221,38 @@ class Publisher:
         router.setsockopt(zmq.SNDHWM, 1000)
         router.setsockopt(zmq.RCVHWM, 1000)
         for sock in (pub, router):
+            if is_ipv6_literal(self.host):  # without it libzmq refuses an IPv6 address ("No such device")
+                sock.setsockopt(zmq.IPV6, 1)
             self.guard.secure(sock)
         endpoints = []
         for sock, port in zip((pub, router), self._requested_ports):
             if port:
-                sock.bind(f"tcp://{self.host}:{port}")
+                sock.bind(tcp_endpoint(self.host, port))
                 endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
             else:
-                chosen = sock.bind_to_random_port(f"tcp://{self.host}")
-                endpoints.append(f"tcp://{self.host}:{chosen}")
+                chosen = sock.bind_to_random_port(tcp_endpoint(self.host))
+                endpoints.append(tcp_endpoint(self.host, chosen))
         self.telemetry_endpoint, self.control_endpoint = endpoints
+        self._telemetry_bound = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         return pub, router
+
+    def _rebind_telemetry(self, pub: zmq.Socket) -> None:
+        """Drop every telemetry subscriber by unbinding the PUB socket and binding the same endpoint again: each
+        reconnects and handshakes anew, and ZAP refuses the keys revoked since (a subscription is never checked
+        again once open). Subscribers miss what is published meanwhile (sequence numbers show the gap)."""
+        pub.unbind(self._telemetry_bound)
+        for attempt in range(50):
+            try:
+                pub.bind(self._telemetry_bound)
+                break
+            except zmq.ZMQError as error:  # the old listener may still hold the port for a moment
+                if error.errno != zmq.EADDRINUSE or attempt == 49:
+                    log.error("revacnn: could not bind the telemetry of run %s again on %s (%s); telemetry is "
+                              "off for this run, steering goes on", self.run_id, self._telemetry_bound, error)
+                    return
+                time.sleep(0.01)
+        log.info("revacnn: telemetry of run %s rebound on %s so every subscriber's key is checked again",
+                 self.run_id, self._telemetry_bound)
 
     def _run(self) -> None:
         context = zmq.Context()
@@ -276,11 +298,14 @@ class Publisher:
                 for _ in range(100):
                     if not router.poll(0):
                         break
-                    self.desk.handle_safely(router, router.recv_multipart(copy=False))
+                    frames = router.recv_multipart(copy=False)
+                    if self.guard.admits(frames):  # a key revoked since it connected is ignored
+                        self.desk.handle_safely(router, frames)
             self._drain_outbox(pub, router, force=deadline is not None and time.monotonic() > deadline)
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + self.heartbeat_s
-                self.guard.reload()
+                if self.guard.reload():  # a key was revoked: make every subscriber handshake again
+                    self._rebind_telemetry(pub)
                 self._send(pub, router, self._status_message())
             if deadline is not None and (not self._outbox or time.monotonic() > deadline):
                 return
