@@ -130,11 +130,15 @@ def test_sigkill_of_a_real_trainer_leaves_a_readable_recording(tmp_path):
             with RunClient(found[0]) as client:
                 client.connect(timeout=30)
                 seen_at: dict[int, float] = {}
-                stop_after = time.monotonic() + 3 + attempt * 1.7
-                while time.monotonic() < stop_after:
+                # read until steps flow (a loaded machine can take many seconds to start training), then on for a
+                # while so that some steps were seen over a second before the kill
+                stop_after, give_up = None, time.monotonic() + 120
+                while time.monotonic() < (stop_after or give_up):
                     message = client.recv(0.1)
                     if message is not None and message.type == "step":
                         seen_at[message.body["step"]] = time.monotonic()
+                        if stop_after is None and len(seen_at) >= 3:
+                            stop_after = time.monotonic() + 1.5 + attempt * 1.7
             killed_at = time.monotonic()
             os.kill(process.pid, signal.SIGKILL)
             process.wait(10)
