@@ -62,6 +62,10 @@ class LoopControl:
                                         "'batch_size' attribute to change")
             return
         before = lightning_getattr(pl_module, "batch_size")
+        if self._pending_batch_size is not None:  # the later request wins; the earlier one never takes effect
+            earlier, _, before = self._pending_batch_size  # put back, if need be, to the size before either
+            ack(earlier, "error", error=f"set_batch_size: superseded by command {command.get('id')} before it took "
+                                        "effect")
         lightning_setattr(pl_module, "batch_size", size)
         self._pending_batch_size = (command, size, before)  # acknowledged when the next epoch starts with it
 
