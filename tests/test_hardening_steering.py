@@ -233,3 +233,15 @@ def test_ints_beyond_float64_are_refused_not_an_internal_error():
     values[0][0][0][0] = 10 ** 400
     ack = _reinit(engine, mode="values", values=values)
     assert not ack["ok"] and "internal" not in ack["error"], ack
+
+
+def test_a_batch_size_waiting_when_training_ends_gets_a_final_ack_and_is_put_back(tmp_path):
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    script = Script(callback, {2: [("set_batch_size", {"batch_size": 16})]})
+    data = DigitsDataModule(batch_size=32)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=0, callbacks=[callback, script],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet()), data)
+    (ack,) = [ack for ack in script.acks if ack["op"] == "set_batch_size"]
+    assert ack["status"] == "error" and "training ended" in ack["error"], ack
+    assert data.batch_size == 32
