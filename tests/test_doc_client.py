@@ -456,7 +456,7 @@ def test_every_command_op(client):
     before_epoch = latest(client, "steps").body["rows"][-1]["epoch"]
     done = run_command(client, "set_batch_size", {"batch_size": 4})
     assert done["result"]["batch_size"] == 4 and done["result"]["epoch"] > before_epoch
-    # (the hparams message published with this ack still says 8: test_hparams_after_set_batch_size below)
+    # (the hparams message published after this ack carries 4: test_hparams_after_set_batch_size below)
     client.wait_telemetry(lambda m: m.type == "steps" and m.body["rows"][-1]["batch_size"] == 4, 10)
 
     # stop, last: done, then the run's last state is `stopped`
@@ -470,9 +470,6 @@ def test_every_command_op(client):
     assert states - STATES <= {"stopping"}
 
 
-@pytest.mark.xfail(reason="issue 30: the hparams message published when set_batch_size took effect must carry the "
-                          "new batch_size (§4 hparams 'after every change'); it carries the last batch's size (8)",
-                   strict=True)
 def test_hparams_after_set_batch_size(client):
     done = [m for m in client.telemetry if m.type == "ack" and m.body["op"] == "set_batch_size"
             and m.body["status"] == "done"]

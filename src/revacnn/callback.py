@@ -205,6 +205,7 @@ class ReVACNNCallback(Callback):
         self.telemetry.start(trainer, pl_module, self.layer_selectors, self.probe_images, self.val_subset)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop.fit_ended(pl_module, self._acknowledger(trainer))  # every command gets a final ack
         self._set_state("stopped" if trainer.should_stop and self._state == "stopping" else "finished", trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -76,7 +76,10 @@ def get_float(args: Mapping, key: str, op: str, minimum: float = 0.0, strict: bo
     value = args[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SteeringError(f"{op}: field '{key}' must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64 (10**400)
+        value = math.inf
     if not math.isfinite(value):
         raise SteeringError(f"{op}: field '{key}' must be finite, got {value}")
     if value < minimum or (strict and value == minimum):

@@ -2,7 +2,9 @@
 
 ``SteeringEngine.apply`` never raises for bad input: it returns an ack with ``ok=False`` and a message, and the
 model, optimizers and schedulers are then unchanged (all checks run before the first change; structural operations
-additionally run inside a transaction that is rolled back if anything unexpected fails half-way). The operations
+additionally run inside a transaction that is rolled back if anything unexpected fails half-way, or if the model's
+eval output on the example input turns NaN or inf; ``reinit_filters`` restores the rows it rewrote on the same
+rule). The operations
 themselves live in ``steering/ops/``, one module per family; the engine gives them the model access they share.
 """
 
@@ -176,18 +178,43 @@ class SteeringEngine:
 
     @staticmethod
     def max_abs_change(before, after):
-        """The largest absolute change between two ``outputs()`` (None if either is missing or shapes differ)."""
+        """The largest absolute change between two ``outputs()`` (None if either is missing or shapes differ);
+        ``inf`` where an output became non-finite (or stopped being so): never 0.0 for an output turned NaN."""
         if before is None or after is None or len(before) != len(after):
             return None
         worst = 0.0
         for a, b in zip(before, after):
             if a.shape != b.shape:
                 return None
-            worst = max(worst, (a.float() - b.float()).abs().max().item() if a.numel() else 0.0)
+            if not a.numel():
+                continue
+            a, b = a.double(), b.double()
+            finite = a.isfinite() & b.isfinite()
+            same = (a == b) | (a.isnan() & b.isnan())  # an output NaN before and after has not changed
+            if (~finite & ~same).any():
+                return math.inf
+            if finite.any():
+                worst = max(worst, (a - b).abs()[finite].max().item())
         return worst
 
+    @staticmethod
+    def became_non_finite(before, after) -> bool:
+        """Whether an output finite in ``before`` is NaN or inf in ``after`` (any output, where shapes differ);
+        False without a ``before`` to compare with."""
+        if before is None or after is None:
+            return False
+        if len(before) == len(after) and all(a.shape == b.shape for a, b in zip(before, after)):
+            return any(bool((a.isfinite() & ~b.isfinite()).any()) for a, b in zip(before, after))
+        return all(bool(a.isfinite().all()) for a in before) and not all(bool(b.isfinite().all()) for b in after)
+
+    @staticmethod
+    def non_finite_error(op: str) -> SteeringError:
+        return SteeringError(f"{op}: the change made the model's output non-finite (NaN or inf) on the example "
+                             "input; the change was undone")
+
     def structural(self, op: str, body):
-        """Measure outputs, run ``body`` in a transaction, reset torch.compile caches, measure again."""
+        """Measure outputs, run ``body`` in a transaction, reset torch.compile caches, measure again; roll back
+        if the forward fails or an output finite before is NaN or inf after."""
         before = self.outputs()
         txn = _Transaction(self.module, self.optimizers)
         try:
@@ -206,6 +233,11 @@ class SteeringEngine:
                 torch.compiler.reset()
             raise SteeringError(f"{op}: the model's forward failed after the change ({type(exc).__name__}: {exc}); "
                                 "the change was undone") from exc
+        if self.became_non_finite(before, after):  # refused like any invalid command: nothing changed
+            txn.rollback()
+            if compiled:
+                torch.compiler.reset()
+            raise self.non_finite_error(op)
         return result, self.max_abs_change(before, after), compiled
 
     def channel_group(self, name: str, op: str) -> Group:

@@ -62,6 +62,10 @@ class LoopControl:
                                         "'batch_size' attribute to change")
             return
         before = lightning_getattr(pl_module, "batch_size")
+        if self._pending_batch_size is not None:  # the later request wins; the earlier one never takes effect
+            earlier, _, before = self._pending_batch_size  # put back, if need be, to the size before either
+            ack(earlier, "error", error=f"set_batch_size: superseded by command {command.get('id')} before it took "
+                                        "effect")
         lightning_setattr(pl_module, "batch_size", size)
         self._pending_batch_size = (command, size, before)  # acknowledged when the next epoch starts with it
 
@@ -70,6 +74,20 @@ class LoopControl:
             # The train iterator is made once per epoch: drop the loader so the next epoch builds one anew.
             trainer.fit_loop._combined_loader = None
             self._batch_size_applied, self._pending_batch_size = self._pending_batch_size, None
+
+    def fit_ended(self, pl_module: pl.LightningModule, ack: Ack) -> None:
+        """Answer a batch size that no epoch started with (the run ended first), and put the attribute back: a
+        command refused changes nothing, and a later ``fit`` must not pick it up unannounced."""
+        waiting = self._pending_batch_size or self._batch_size_applied
+        self._pending_batch_size = self._batch_size_applied = None
+        if waiting is None:
+            return
+        from pytorch_lightning.utilities.parsing import lightning_setattr
+
+        command, _, before = waiting
+        lightning_setattr(pl_module, "batch_size", before)
+        ack(command, "error", error=f"set_batch_size: training ended before an epoch started with it; the "
+                                    f"'batch_size' attribute is back at {before!r}")
 
     def epoch_started(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ack: Ack) -> bool:
         """Acknowledge a batch size the epoch starts with; whether it changed (the hyper-parameters to publish)."""

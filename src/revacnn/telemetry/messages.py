@@ -197,10 +197,13 @@ def structure_message(pl_module: pl.LightningModule, revision: int, layers: list
 
 
 def hparams_message(trainer: pl.Trainer, batch_size: int) -> Message:
+    """The hyper-parameters now. ``batch_size`` is the training loader's (the one a ``set_batch_size`` rebuilt it
+    with, at the start of the epoch it takes effect in); the last batch's size (``batch_size``, still the old one
+    then, or a short last batch) only where the loader's is not readable (a batch sampler, several loaders)."""
     optimizers = trainer.optimizers
     body = {"step": trainer.global_step, "groups": groups(trainer),
             "optimizer": type(optimizers[0]).__name__ if optimizers else "",
-            "batch_size": batch_size or loader_batch_size(trainer), "max_epochs": trainer.max_epochs,
+            "batch_size": loader_batch_size(trainer) or batch_size, "max_epochs": trainer.max_epochs,
             "schedulers": [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs]}
     return Message("hparams", body)
 

@@ -127,8 +127,12 @@ def _neighbour_average(layer: nn.Module, args: dict, filters: list[int], op: str
     if not isinstance(dists, (list, tuple)) or len(dists) != len(nbrs):
         raise SteeringError(f"reinit_filters: 'distances' must be a list of {len(nbrs)} numbers, one per "
                             f"neighbour")
-    weights = [C.get_float({"d": d}, "d", op + " distance", minimum=0.0, strict=True) for d in dists]
-    inv = torch.tensor([1.0 / d for d in weights], dtype=torch.float64)
+    dists = [C.get_float({"d": d}, "d", op + " distance", minimum=0.0, strict=True) for d in dists]
+    # Inverse-distance weights (1/d_i) / sum_j (1/d_j), computed as (d_min/d_i) / sum_j (d_min/d_j): every term is
+    # in (0, 1] and the nearest is exactly 1, so no distance (a subnormal 1e-320, whose inverse is inf in float64,
+    # or 1e308) overflows or leaves a NaN; the average is a convex combination, as finite as the neighbours.
+    nearest = min(dists)
+    inv = torch.tensor([nearest / d for d in dists], dtype=torch.float64)
     inv = inv / inv.sum()
     idx = torch.as_tensor(nbrs, device=w.device)
     avg_w = (w.detach().index_select(0, idx).double() * inv.to(w.device).view(-1, *[1] * (w.dim() - 1))).sum(0).to(w)
@@ -150,19 +154,65 @@ def _given_values(layer: nn.Module, args: dict, filters: list[int]):
         raise SteeringError(f"reinit_filters: 'values' must be a list of {len(filters)} filter(s), each "
                             f"shaped {list(shape)}")
     new_w = []
-    for v in values:
+    for i, v in enumerate(values):
+        _check_nested_numbers(v, shape, f"reinit_filters: filter {i} in 'values'", parts)
         try:
             tv = torch.tensor(v, dtype=torch.float64)
-        except (TypeError, ValueError) as exc:
-            raise SteeringError(f"reinit_filters: a filter in 'values' is not a nested list of numbers "
-                                f"({exc})") from None
-        if tuple(tv.shape) != shape:
-            raise SteeringError(f"reinit_filters: a filter in 'values' has shape {list(tv.shape)}, "
-                                f"expected {list(shape)} ({parts})")
+        except (OverflowError, RuntimeError):  # an int beyond float64 (10**400)
+            raise SteeringError(f"reinit_filters: filter {i} in 'values' has a number beyond float64") from None
         if not torch.isfinite(tv).all():
             raise SteeringError("reinit_filters: 'values' contains NaN or infinity")
         new_w.append(tv.to(w))
     return new_w, [None] * len(filters)
+
+
+def _check_nested_numbers(value, shape: tuple[int, ...], what: str, parts: str) -> None:
+    """``value`` is nested lists shaped ``shape`` of numbers (ints or floats; bools are not numbers); checked
+    level by level without recursion, so neither deep nesting nor a wrong shape reaches ``torch.tensor``."""
+    level = [value]
+    for depth, size in enumerate(shape):
+        nxt = []
+        for item in level:
+            if not isinstance(item, (list, tuple)):
+                raise SteeringError(f"{what} is not a nested list of numbers shaped {list(shape)} ({parts}): found "
+                                    f"a {type(item).__name__} at depth {depth}")
+            if len(item) != size:
+                raise SteeringError(f"{what} has a list of length {len(item)} at depth {depth}, expected "
+                                    f"{list(shape)} ({parts})")
+            nxt.extend(item)
+        level = nxt
+    for item in level:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise SteeringError(f"{what} is not a nested list of numbers: found {item!r} (bools are not numbers)")
+
+
+def _check_finite(name: str, layer: nn.Module, new_w: list, new_b: list) -> None:
+    """Every new weight and bias finite in the layer's dtype (1e39 is finite in float64, inf in float32)."""
+    dtype = str(layer.weight.dtype).removeprefix("torch.")
+    for t in [*new_w, *(b for b in new_b if b is not None)]:
+        if not torch.isfinite(t).all():
+            raise SteeringError(f"reinit_filters: the new values of {name} are not finite in {dtype} (the largest "
+                                f"{dtype} is {torch.finfo(layer.weight.dtype).max:.4g}); nothing changed")
+
+
+def _keep_rows(engine: SteeringEngine, layer: nn.Module, filters: list[int]):
+    """A function that puts back the rows ``filters`` of the layer's weight and bias and of their optimizer state,
+    as they are now."""
+    saved = []
+    for param in (layer.weight, layer.bias):
+        if param is None:
+            continue
+        saved.append((param, param.detach()[filters].clone()))
+        for opt in engine.optimizers:
+            for value in opt.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    saved.append((value, value[filters].clone()))
+
+    def restore():
+        with torch.no_grad():
+            for tensor, rows in saved:
+                tensor[filters] = rows
+    return restore
 
 
 def _random_values(layer: nn.Module, args: dict, filters: list[int], op: str):
@@ -202,7 +252,9 @@ def reinit_filters(engine: SteeringEngine, args: dict):
         new_w, new_b = _given_values(layer, args, filters)
     else:
         new_w, new_b = _random_values(layer, args, filters, op)
+    _check_finite(name, layer, new_w, new_b)
     before = engine.outputs()
+    restore = _keep_rows(engine, layer, filters)
     with torch.no_grad():
         for f, nw, nb in zip(filters, new_w, new_b):
             layer.weight[f] = nw
@@ -211,5 +263,9 @@ def reinit_filters(engine: SteeringEngine, args: dict):
     reset_state_rows(engine.optimizers, layer.weight, filters)
     if layer.bias is not None:
         reset_state_rows(engine.optimizers, layer.bias, filters)
-    delta = engine.max_abs_change(before, engine.outputs())
+    after = engine.outputs()
+    if engine.became_non_finite(before, after):  # finite weights can still overflow downstream (3e38 × inputs)
+        restore()
+        raise engine.non_finite_error(op)
+    delta = engine.max_abs_change(before, after)
     return False, {"layer": name, "filters": filters, "mode": mode, "output_max_abs_change": delta}, {}
