@@ -135,9 +135,6 @@ def validate_hparams(optimizers, schedulers, values: dict, groups: list[int] | N
             if "momentum" in values:
                 if "betas" not in group and "momentum" not in group:
                     raise SteeringError(f"set_hparams: {type(opt).__name__} has no momentum")
-                if "betas" in group and values["momentum"] >= 1.0:
-                    raise SteeringError(f"set_hparams: momentum (betas[0]) must be < 1 for {type(opt).__name__}, "
-                                        f"got {values['momentum']}")
                 if group.get("nesterov") and values["momentum"] <= 0:
                     raise SteeringError("set_hparams: Nesterov SGD needs momentum > 0")
             if "weight_decay" in values and "weight_decay" not in group:
