@@ -304,3 +304,25 @@ def test_a_command_flood_does_not_push_telemetry_out_of_another_watchers_queue()
         watcher.close()
         flooder.close()
         pub.close()
+
+
+# -- the heartbeat carries the current step ------------------------------------------------------------------------
+def test_the_heartbeat_carries_the_step_handed_over_each_batch(publisher):
+    watcher = zmq.Context.instance().socket(zmq.SUB)
+    watcher.setsockopt(zmq.LINGER, 0)
+    watcher.setsockopt(zmq.SUBSCRIBE, b"revacnn.status")
+    watcher.connect(publisher.telemetry_endpoint)
+    try:
+        publisher.set_status(state="running", step=3, epoch=0)
+        publisher.progress = (42, 2)  # what the callback sets at the end of every batch
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert watcher.poll(1000)
+            status = Codec().decode(watcher.recv_multipart(), topic=True)
+            if status.body["step"] == 42:
+                assert status.body["epoch"] == 2
+                break
+        else:
+            raise AssertionError("no heartbeat with the current step")
+    finally:
+        watcher.close()

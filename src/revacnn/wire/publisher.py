@@ -105,6 +105,9 @@ class Publisher:
         self._lock = threading.Lock()
         self._commands = self.desk.commands  # filled by the I/O thread, drained by poll_commands
         self._status: dict[str, Any] = initial_status()
+        #: (global step, epoch) as of the last batch: set by the training thread every batch (one tuple, no lock,
+        #: no device sync), read by the heartbeat so that its step is current between state changes.
+        self.progress: tuple[int, int] | None = None
         self._stop = threading.Event()
         # The I/O thread sleeps in zmq_poll until a request arrives, ``send_interval`` passes, or the training thread
         # wakes it through this socket pair (one byte per wake, only while no wake is pending). Telemetry does not
@@ -168,6 +171,8 @@ class Publisher:
         """Update the heartbeat's fields; a change of ``state`` is published at once."""
         changed = "state" in fields and fields["state"] != self._status.get("state")
         self._status = {**self._status, **fields}
+        if "step" in fields and "epoch" in fields:
+            self.progress = (fields["step"], fields["epoch"])
         if changed:
             self.publish(self._status_message())
 
@@ -185,7 +190,9 @@ class Publisher:
 
     # -- I/O thread ----------------------------------------------------------------------------------------------
     def _status_message(self) -> Message:
-        body = {**self._status, "drops": self._drop_counts(), "control": self.desk.counts(),
+        progress = self.progress
+        step = {"step": progress[0], "epoch": progress[1]} if progress is not None else {}
+        body = {**self._status, **step, "drops": self._drop_counts(), "control": self.desk.counts(),
                 "queue": {"telemetry": self._telemetry_waiting, "recording": self._sink_queue()},
                 "security": self.security()}
         errors = [str(sink.error) for sink in self.sinks if getattr(sink, "error", None)]
