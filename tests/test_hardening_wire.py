@@ -151,7 +151,10 @@ def big_state(items: int, lists: int = 1) -> list[bytes]:
     return raw({"v": 1, "type": "state", "body": {"req": "big", "junk": junk}})
 
 
-def test_a_state_request_with_a_million_element_list_is_refused_quickly(publisher):
+def test_a_state_request_with_a_million_element_list_is_refused_quickly():
+    # no rate limit here: what is measured is the refusal itself, not the bucket that would drop the request unread
+    unlimited = control.ControlLimits(requests_per_s=1e6, request_burst=1_000_000)
+    publisher = Publisher("big", control_limits=unlimited).start()
     sock = dealer(publisher.control_endpoint)
     try:
         for frames in (big_state(1_000_000), big_state(65_536, lists=15)):
@@ -165,6 +168,7 @@ def test_a_state_request_with_a_million_element_list_is_refused_quickly(publishe
             assert (time.perf_counter() - started) / 5 < 0.1
     finally:
         sock.close()
+        publisher.close()
 
 
 def test_a_filter_list_of_65536_is_accepted_and_one_longer_refused(publisher):
@@ -256,6 +260,25 @@ def test_requests_beyond_the_rate_limit_are_dropped_counted_and_answered_once():
         noisy.close()
         calm.close()
         pub.close()
+
+
+def test_big_requests_use_up_a_clients_rate_limit_sooner(publisher):
+    sock = dealer(publisher.control_endpoint, unlimited=True)
+    try:
+        frames = raw({"v": 1, "type": "command", "body": {"req": "b", "id": "big", "op": "x",
+                                                          "args": {"v": [0.5] * 65_000}}})
+        for _ in range(15):  # 585 kB each: 36 tokens of a burst of 200 (one per 16 KiB, plus one)
+            sock.send_multipart(frames)
+        time.sleep(0.5)
+        replies = []
+        while sock.poll(200):
+            replies.append(Codec().decode(sock.recv_multipart()))
+        answered = [m for m in replies if m.type == "ack"]
+        limited = [m for m in replies if m.type == "error" and m.body["error"] == "rate_limited"]
+        assert 1 <= len(answered) <= 6 and len(limited) == 1, [m.body for m in replies]
+        assert publisher.desk.counts()["rate_limited"] == 15 - len(answered)
+    finally:
+        sock.close()
 
 
 def test_a_command_flood_does_not_push_telemetry_out_of_another_watchers_queue():

@@ -41,6 +41,9 @@ MAX_PENDING_COMMANDS = 1000
 MAX_REMEMBERED_ACKS = 10_000
 #: Clients whose rate-limit bucket is kept; beyond, the least recently heard from is forgotten (it starts full again).
 MAX_CLIENTS = 4096
+#: A request costs one rate-limit token, plus one for every this many bytes it has: big requests cost the I/O thread
+#: more (up to ~20 ms for 1 MiB), so a client sending them gets fewer.
+BYTES_PER_TOKEN = 16 * 1024
 #: Seconds between two log lines about internal errors; the ones in between are counted and said in the next line.
 INTERNAL_ERROR_LOG_INTERVAL = 60.0
 
@@ -49,7 +52,7 @@ INTERNAL_ERROR_LOG_INTERVAL = 60.0
 class ControlLimits:
     """How much one client may ask of the control socket, and how many acks go out on telemetry (docs/protocol.md
     §5). ``requests_per_s`` with bursts of ``request_burst`` per client (per CURVE key where CURVE is on, else per
-    connection); more are dropped unread and counted, and the first one each second is answered ``rate_limited``.
+    connection; a request counts once, plus once per ``BYTES_PER_TOKEN`` bytes); more are dropped unread and counted, and the first one each second is answered ``rate_limited``.
     Final acks are published on telemetry at ``acks_per_s`` (bursts of ``ack_burst``); the rest reach only their
     requester (and the recording) and are counted."""
 
@@ -69,11 +72,11 @@ class TokenBucket:
         self.stamp = time.monotonic()
         self.refused_at = -1e18  # when this client was last told it is rate-limited
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, cost: float = 1.0) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
 
@@ -211,7 +214,8 @@ class ControlDesk:
         else:
             self._buckets.move_to_end(client)
         now = time.monotonic()
-        if bucket.take(now):
+        size = sum(len(frame) for frame in frames[1:])
+        if bucket.take(now, min(1 + size // BYTES_PER_TOKEN, bucket.burst)):
             return True
         self.rate_limited += 1
         if now - bucket.refused_at >= 1.0:
