@@ -52,7 +52,8 @@ INTERNAL_ERROR_LOG_INTERVAL = 60.0
 class ControlLimits:
     """How much one client may ask of the control socket, and how many acks go out on telemetry (docs/protocol.md
     §5). ``requests_per_s`` with bursts of ``request_burst`` per client (per CURVE key where CURVE is on, else per
-    connection; a request counts once, plus once per ``BYTES_PER_TOKEN`` bytes); more are dropped unread and counted, and the first one each second is answered ``rate_limited``.
+    connection; a request counts once, plus once per ``BYTES_PER_TOKEN`` bytes); more are dropped unread and
+    counted, and the first one each second is answered ``rate_limited``.
     Final acks are published on telemetry at ``acks_per_s`` (bursts of ``ack_burst``); the rest reach only their
     requester (and the recording) and are counted."""
 
@@ -63,7 +64,7 @@ class ControlLimits:
 
 
 class TokenBucket:
-    """``rate`` tokens a second, at most ``burst`` saved up; ``take`` spends one when there is one."""
+    """``rate`` tokens a second, at most ``burst`` saved up; ``take`` spends ``cost`` of them when there are."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
