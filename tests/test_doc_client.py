@@ -305,9 +305,6 @@ def test_malformed_requests_get_documented_errors(client):
         doc.close()
 
 
-@pytest.mark.xfail(reason="issue 30: error replies must echo body.req of a request whose header could be decoded "
-                          "(docs/protocol.md §3 'each reply carries the request's body.req'); the server sends ''",
-                   strict=True)
 def test_error_replies_echo_req(client):
     doc = raw_dealer(client)
     try:
@@ -321,8 +318,6 @@ def test_error_replies_echo_req(client):
         doc.close()
 
 
-@pytest.mark.xfail(reason="issue 30: the heartbeat's step must be the current global step; the server repeats the "
-                          "step of the last state change", strict=True)
 def test_heartbeat_step_is_current(client):
     start = len(client.telemetry)
     client.pump_for(3.5)

@@ -265,6 +265,7 @@ class ReVACNNCallback(Callback):
         if stepped and self.probe is not None and self.probe.holding:  # several optimizers stepped this batch
             self._telemetry(trainer, self.telemetry.measure)
         if self.publisher is not None:
+            self.publisher.progress = (trainer.global_step, trainer.current_epoch)  # the heartbeat's; plain ints
             self._telemetry(trainer, lambda: self._publish_batch(trainer, pl_module, outputs, batch_idx, previous))
 
     def _publish_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch_idx: int,

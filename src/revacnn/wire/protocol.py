@@ -35,13 +35,64 @@ FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio",
 STAT_FIELDS = ("min", "max", "mean", "median", "q1", "q3", "std", "l1", "l2", "l0", "count")
 
 
-class ProtocolError(ValueError):
-    """An inbound message that breaks the protocol. ``code`` is one of the ``error`` values of docs/protocol.md."""
+#: Fields of each request's body (docs/protocol.md §3). Other fields are dropped unread, so that a newer client's
+#: optional fields still work, and so that they cost the I/O thread nothing.
+REQUEST_FIELDS = {"hello": ("req", "versions", "client"), "state": ("req",), "command": ("req", "id", "op", "args")}
 
-    def __init__(self, code: str, detail: str) -> None:
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What ``Codec.decode`` unpacks at most: per list, per map, per string, and in all lists and maps of a header
+    together (``max_items``; None: no total). MessagePack stops at the first count over a limit, before it builds
+    the values, so refusing a huge request costs next to nothing."""
+
+    max_array_len: int = 1 << 20
+    max_map_len: int = 1 << 16
+    max_str_len: int = 1 << 20
+    max_items: int | None = None
+    request_fields: Mapping[str, tuple[str, ...]] | None = None
+
+
+#: The limits of a control request (docs/protocol.md §5): a list may hold one entry per channel of a large layer.
+REQUEST_LIMITS = DecodeLimits(max_array_len=65_536, max_map_len=1024, max_str_len=65_536, max_items=131_072,
+                              request_fields=REQUEST_FIELDS)
+
+
+class ProtocolError(ValueError):
+    """An inbound message that breaks the protocol. ``code`` is one of the ``error`` values of docs/protocol.md;
+    ``req`` is the request's ``body.req`` when its header could be read that far (echoed in the error reply)."""
+
+    def __init__(self, code: str, detail: str, req: str = "") -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        self.req = req
+
+
+class _TooManyItems(Exception):
+    """Raised from inside msgpack's hooks: the header holds more list and map entries than ``max_items``."""
+
+
+def _counting_hooks(limit: int) -> dict[str, Any]:
+    """msgpack ``list_hook``/``object_hook`` that count the entries of every list and map as they are built and
+    stop the unpacking once there are more than ``limit``."""
+    count = 0
+
+    def counted(container):
+        nonlocal count
+        count += len(container)
+        if count > limit:
+            raise _TooManyItems
+        return container
+
+    return {"list_hook": counted, "object_hook": counted}
+
+
+def request_id(header: Any) -> str:
+    """The ``body.req`` of a decoded header when it is a valid one (a string of at most 64 characters), else ""."""
+    body = header.get("body") if isinstance(header, dict) else None
+    req = body.get("req") if isinstance(body, dict) else None
+    return req if isinstance(req, str) and len(req) <= MAX_ID_LENGTH else ""
 
 
 @dataclass
@@ -73,16 +124,26 @@ def dtype_code(dtype: np.dtype) -> str:
     return np.dtype(dtype).newbyteorder("<").str if np.dtype(dtype).itemsize > 1 else np.dtype(dtype).str
 
 
+_SCALARS = (bool, int, str, type(None))
+
+
 def _plain(value: Any, depth: int = 0) -> bool:
     """True when value holds only msgpack-safe plain types, nested at most 16 deep, no NaN/inf floats."""
     if depth > 16:
         return False
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
     if isinstance(value, float):
         return math.isfinite(value)
+    if isinstance(value, _SCALARS):
+        return True
     if isinstance(value, (list, tuple)):
-        return all(_plain(item, depth + 1) for item in value)
+        # one pass, recursing only into containers: a list of 65,536 numbers costs a few milliseconds
+        for item in value:
+            if isinstance(item, float):
+                if not math.isfinite(item):
+                    return False
+            elif not isinstance(item, _SCALARS) and not _plain(item, depth + 1):
+                return False
+        return True
     if isinstance(value, dict):
         return all(isinstance(key, str) and _plain(item, depth + 1) for key, item in value.items())
     return False
@@ -96,11 +157,12 @@ class Codec:
     """
 
     def __init__(self, run_id: str = "", key: bytes | None = None, max_buffers: int = 4096,
-                 max_bytes: int = 1 << 30) -> None:
+                 max_bytes: int = 1 << 30, limits: DecodeLimits = DecodeLimits()) -> None:
         self.run_id = run_id
         self.key = key or None
         self.max_buffers = max_buffers
         self.max_bytes = max_bytes
+        self.limits = limits
         self._seq = 0
 
     # -- outgoing ---------------------------------------------------------------------------------------------
@@ -157,11 +219,37 @@ class Codec:
             raise ProtocolError("too_large", f"message exceeds {self.max_bytes} bytes")
         if self.key is not None and not hmac.compare_digest(signature, self.sign(header_bytes, buffers)):
             raise ProtocolError("bad_signature", "signature does not match the connection key")
+        header = self._unpack(header_bytes)
         try:
-            header = msgpack.unpackb(header_bytes, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0,
-                                     max_str_len=1 << 20, max_array_len=1 << 20, max_map_len=1 << 16)
+            return self._decode_header(header, buffers)
+        except ProtocolError as error:
+            error.req = request_id(header)
+            raise
+
+    def _unpack(self, header_bytes: bytes) -> Any:
+        """The header's MessagePack, within ``self.limits`` (no bin, no ext: the header holds plain values)."""
+        limits = self.limits
+        hooks = _counting_hooks(limits.max_items) if limits.max_items is not None else {}
+        try:
+            return msgpack.unpackb(header_bytes, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0,
+                                   max_str_len=limits.max_str_len, max_array_len=limits.max_array_len,
+                                   max_map_len=limits.max_map_len, **hooks)
+        except _TooManyItems:
+            raise ProtocolError("too_large", f"the header holds more than {limits.max_items:,} list and map entries "
+                                             "in all") from None
+        except ValueError as error:
+            if "max_bin_len" in str(error) or "max_ext_len" in str(error):
+                raise ProtocolError("bad_header", "the header holds a binary or extension value; its fields are "
+                                                  "strings, numbers, booleans, nil, lists and maps") from None
+            if "exceeds max_" in str(error):  # msgpack's "70000 exceeds max_array_len(65536)"
+                raise ProtocolError("too_large", f"a list, map or string of the header is too long ({error})") \
+                    from None
+            raise ProtocolError("bad_header", f"header is not valid MessagePack ({type(error).__name__})") from None
         except Exception as error:  # msgpack raises several types for malformed input
             raise ProtocolError("bad_header", f"header is not valid MessagePack ({type(error).__name__})") from None
+
+    def _decode_header(self, header: Any, buffers: list[bytes]) -> Message:
+        """Validate an unpacked header and its buffers (every field of the wrong type is a ``bad_header``)."""
         if not isinstance(header, dict):
             raise ProtocolError("bad_header", "header must be a map")
         version = header.get("v")
@@ -171,11 +259,16 @@ class Codec:
             raise ProtocolError("unsupported_version",
                                 f"protocol version {version} is not supported (supported: {list(SUPPORTED_VERSIONS)})")
         kind = header.get("type")
-        if kind not in MESSAGE_TYPES:
-            raise ProtocolError("bad_header", f"unknown message type {kind!r}")
+        if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+            raise ProtocolError("bad_header", f"header field 'type' must be a message type, got {_short_repr(kind)}")
         body = header.get("body", {})
-        if not isinstance(body, dict) or not _plain(body):
-            raise ProtocolError("bad_header", "body must be a map of plain values (no NaN/inf)")
+        if not isinstance(body, dict):
+            raise ProtocolError("bad_header", "header field 'body' must be a map")
+        fields = (self.limits.request_fields or {}).get(kind)
+        if fields is not None:  # a request: its known fields only, the rest unread
+            body = {name: body[name] for name in fields if name in body}
+        if not _plain(body):
+            raise ProtocolError("bad_header", "header field 'body' must be a map of plain values (no NaN/inf)")
         seq, stamp, run = header.get("seq", 0), header.get("time", 0.0), header.get("run", "")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise ProtocolError("bad_header", "header field 'seq' must be a non-negative integer")
@@ -188,17 +281,18 @@ class Codec:
 
     def _decode_buffers(self, table: Any, buffers: list[bytes]) -> dict[str, np.ndarray]:
         if not isinstance(table, list) or len(table) != len(buffers):
-            raise ProtocolError("bad_header", f"buffer table lists {len(table) if isinstance(table, list) else '?'} "
-                                              f"buffers but {len(buffers)} buffer frames arrived")
+            listed = len(table) if isinstance(table, list) else "?"
+            raise ProtocolError("bad_header", f"header field 'buffers' lists {listed} buffers but {len(buffers)} "
+                                              "buffer frames arrived")
         arrays: dict[str, np.ndarray] = {}
         for entry, frame in zip(table, buffers):
             if not isinstance(entry, dict):
                 raise ProtocolError("bad_header", "each buffer entry must be a map")
             name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
             if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or name in arrays:
-                raise ProtocolError("bad_header", f"buffer name {name!r} is missing, too long or repeated")
-            if dtype not in ALLOWED_DTYPES:
-                raise ProtocolError("bad_header", f"buffer {name!r}: dtype {dtype!r} is not allowed")
+                raise ProtocolError("bad_header", f"buffer name {_short_repr(name)} is missing, too long or repeated")
+            if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+                raise ProtocolError("bad_header", f"buffer {name!r}: dtype {_short_repr(dtype)} is not allowed")
             if (not isinstance(shape, list) or len(shape) > 8
                     or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 40 for n in shape)):
                 raise ProtocolError("bad_header", f"buffer {name!r}: shape must be a list of ≤ 8 non-negative ints")
@@ -215,7 +309,16 @@ def error_body(request: str, code: str, detail: str) -> dict[str, Any]:
 
 
 def validate_request(message: Message) -> None:
-    """Check the body of an inbound control request; raise ``ProtocolError('bad_request', …)`` when wrong."""
+    """Check the body of an inbound control request; raise ``ProtocolError('bad_request', …)`` when wrong (with the
+    request's ``req`` where it is a valid one, to echo)."""
+    try:
+        _check_request(message)
+    except ProtocolError as error:
+        error.req = request_id({"body": message.body})
+        raise
+
+
+def _check_request(message: Message) -> None:
     body = message.body
     if message.type not in REQUEST_TYPES:
         raise ProtocolError("bad_request", f"{message.type!r} is not a request type (use hello, state or command)")

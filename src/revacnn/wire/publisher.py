@@ -22,7 +22,7 @@ import zmq
 from revacnn import __version__
 from revacnn.wire.acks import ack, final_state, initial_status
 from revacnn.wire.connection import CurveServerKeys, bare_host, is_ipv6_literal, tcp_endpoint
-from revacnn.wire.control import CONTROL_MAX_BYTES, ControlDesk
+from revacnn.wire.control import CONTROL_MAX_BYTES, ControlDesk, ControlLimits
 from revacnn.wire.curve_auth import CurveGuard, is_loopback
 from revacnn.wire.protocol import TOPIC_PREFIX, Codec, Message
 
@@ -61,13 +61,16 @@ class Publisher:
     public key is in the allow-list complete the handshake; others receive nothing and cannot send anything. A
     ZAP authenticator thread runs in this publisher's own ZeroMQ context. The allow-list directory is re-read when
     its files change. Without CURVE a non-loopback ``host`` is refused unless ``insecure_bind=True``.
+
+    ``control_limits`` (``ControlLimits``) sets the per-client request rate and how many final acks a second are
+    published on telemetry (docs/protocol.md §5).
     """
 
     def __init__(self, run_id: str, host: str = "127.0.0.1", telemetry_port: int = 0, control_port: int = 0,
                  key: bytes | None = None, send_hwm: int = 100, queue_size: int = 64, heartbeat_s: float = 1.0,
                  send_interval: float = 0.05,
                  sinks: Iterable[Sink] = (), insecure_bind: bool = False,
-                 curve: CurveServerKeys | None = None) -> None:
+                 curve: CurveServerKeys | None = None, control_limits: ControlLimits | None = None) -> None:
         if not is_loopback(host) and curve is None and not insecure_bind:
             raise ValueError(
                 f"refusing to bind the telemetry and steering sockets on {host!r} without CURVE: anyone who can "
@@ -85,7 +88,8 @@ class Publisher:
         # One codec per socket, as each numbers its own messages (docs/protocol.md): a reply on the control socket
         # must not take a number from the telemetry stream, where a client counts every missing number as a drop.
         self.codec = Codec(run_id, key)
-        self.desk = ControlDesk(Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES), self._welcome)
+        self.desk = ControlDesk(Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES), self._welcome,
+                                control_limits)
         self.send_hwm = send_hwm
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
@@ -102,6 +106,9 @@ class Publisher:
         self._lock = threading.Lock()
         self._commands = self.desk.commands  # filled by the I/O thread, drained by poll_commands
         self._status: dict[str, Any] = initial_status()
+        #: (global step, epoch) as of the last batch: set by the training thread every batch (one tuple, no lock,
+        #: no device sync), read by the heartbeat so that its step is current between state changes.
+        self.progress: tuple[int, int] | None = None
         self._stop = threading.Event()
         # The I/O thread sleeps in zmq_poll until a request arrives, ``send_interval`` passes, or the training thread
         # wakes it through this socket pair (one byte per wake, only while no wake is pending). Telemetry does not
@@ -165,6 +172,8 @@ class Publisher:
         """Update the heartbeat's fields; a change of ``state`` is published at once."""
         changed = "state" in fields and fields["state"] != self._status.get("state")
         self._status = {**self._status, **fields}
+        if "step" in fields and "epoch" in fields:
+            self.progress = (fields["step"], fields["epoch"])
         if changed:
             self.publish(self._status_message())
 
@@ -182,7 +191,9 @@ class Publisher:
 
     # -- I/O thread ----------------------------------------------------------------------------------------------
     def _status_message(self) -> Message:
-        body = {**self._status, "drops": self._drop_counts(),
+        progress = self.progress
+        step = {"step": progress[0], "epoch": progress[1]} if progress is not None else {}
+        body = {**self._status, **step, "drops": self._drop_counts(), "control": self.desk.counts(),
                 "queue": {"telemetry": self._telemetry_waiting, "recording": self._sink_queue()},
                 "security": self.security()}
         errors = [str(sink.error) for sink in self.sinks if getattr(sink, "error", None)]
@@ -344,9 +355,13 @@ class Publisher:
             sent += 1
 
     def _send(self, pub: zmq.Socket, router: zmq.Socket, message: Message) -> None:
-        frames = self.codec.encode(message)
-        pub.send_multipart([TOPIC_PREFIX + message.type.encode(), *frames], copy=False)
-        self.sent += 1
+        frames = None
+        if message.type != "ack" or self.desk.may_publish_ack():  # else: to its requester only (no seq taken)
+            frames = self.codec.encode(message)
+            pub.send_multipart([TOPIC_PREFIX + message.type.encode(), *frames], copy=False)
+            self.sent += 1
+        elif not message.time:
+            message.time = time.time()
         self.desk.sent(router, message, frames)
         for sink in self.sinks:
             sink.submit(message)
