@@ -21,6 +21,7 @@ Failures are collected per kind (first examples kept) so one run reports every k
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import random
 import re
@@ -302,7 +303,12 @@ def _read_answer(dealer: zmq.Socket, state_count: int, sent: list, problems: Pro
         problems.add(f"{reply.type} does not echo the request's req", (req, reply.body.get("req")))
 
 
-def test_every_message_through_a_real_router_is_answered(publisher):
+#: Log records (WARNING and above, from revacnn) a flood of malformed messages may cause: rate-limited, not one each.
+MAX_LOG_RECORDS = 50
+
+
+def test_every_message_through_a_real_router_is_answered(publisher, caplog):
+    caplog.set_level(logging.WARNING, logger="revacnn")
     server, context = publisher
     dealer = _dealer(context, server.control_endpoint)
     state_count = _state_count(dealer)
@@ -331,9 +337,14 @@ def test_every_message_through_a_real_router_is_answered(publisher):
     assert server._thread.is_alive(), "the I/O thread died"
     with RunClient(server.control_endpoint) as client:  # still alive and speaking the protocol
         assert client.connect(timeout=5)["run"] == "fuzz-run"
-    assert server.internal_errors == 0 or problems.count, f"{server.internal_errors} internal errors"
+    records = [record for record in caplog.records if record.name.startswith("revacnn")
+               and record.levelno >= logging.WARNING]
+    if len(records) > MAX_LOG_RECORDS:
+        problems.add(f"{len(records)} log records (limit {MAX_LOG_RECORDS}), "
+                     f"{sum(1 for r in records if r.exc_info)} with a traceback", records[0].getMessage())
+    if server.internal_errors:
+        problems.add("internal errors counted by the publisher", server.internal_errors)
     problems.check(len(messages))
-    assert server.internal_errors == 0
 
 
 # -- id replay beyond any window --------------------------------------------------------------------------------------
@@ -503,8 +514,11 @@ def test_oversized_requests_are_refused_quickly_without_blocking_the_io_thread(p
     queued = [command["id"] for command in server.poll_commands()]
     COUNTS["oversized"] = sent
     print(f"oversized: {sent} messages; answers {({k: round(v, 3) for k, v in timings.items()})}, "
-          f"flood of 10 answered in {flood_latency:.2f} s, probe during it {probe_during_flood:.2f} s, after a dropped 9 MB message: {after_drop:.3f} s")
-    assert server._thread.is_alive() and server.internal_errors == 0
+          f"flood of 10 answered in {flood_latency:.2f} s, probe during it {probe_during_flood:.2f} s, "
+          f"after a dropped 9 MB message: {after_drop:.3f} s")
+    assert server._thread.is_alive(), "the I/O thread died"
+    if server.internal_errors:
+        problems.add("internal errors while handling oversized requests", server.internal_errors)
     if queued:
         problems.add("an oversized command reached the trainer", queued)
     if flood_latency > FLOOD_LIMIT_S:
