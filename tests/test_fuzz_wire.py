@@ -39,9 +39,10 @@ import zmq
 import fuzz_wire_gen as gen
 from revacnn.wire import control
 from revacnn.wire.client import RunClient
-from revacnn.wire.control import CONTROL_MAX_BYTES
+from revacnn.wire.control import CONTROL_MAX_BYTES, ControlLimits
 from revacnn.wire.protocol import (
     MESSAGE_TYPES,
+    REQUEST_LIMITS,
     REQUEST_TYPES,
     Codec,
     Message,
@@ -58,8 +59,9 @@ def _documented_codes() -> frozenset:
     """The ``error`` values listed in docs/protocol.md §3, read from the doc so that a code added there is
     accepted here; ``internal`` (a bug in the trainer) is never an acceptable answer to a malformed message."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text(encoding="utf-8")
-    sentence = re.search(r"`error` values:(.*?)\(the trainer failed", text, re.S)
-    codes = set(re.findall(r"`([a-z_]+)`", sentence.group(1))) if sentence else set()
+    # the first column of the table that follows the `error` body in §3
+    table = re.search(r"\| `error` \| when \|\n\| --- \| --- \|\n((?:\|.*\n)+)", text)
+    codes = set(re.findall(r"^\| `([a-z_]+)` \|", table.group(1), re.M)) if table else set()
     base = {"bad_frame", "bad_header", "bad_signature", "bad_request", "unsupported_version", "too_large"}
     assert base <= codes, f"docs/protocol.md no longer lists the error codes {sorted(base - codes)}"
     return frozenset(codes - {"internal"})
@@ -229,7 +231,10 @@ def _recv(dealer: zmq.Socket, timeout_s: float) -> Message | None:
 
 @pytest.fixture
 def publisher():
-    started = Publisher("fuzz-run", heartbeat_s=30).start()
+    # the handling of each message is what is fuzzed here, not the per-client rate limit (test_hardening_wire.py):
+    # one client sends all of these, far faster than the default 100 requests/s
+    unlimited = ControlLimits(requests_per_s=1e9, request_burst=10 ** 9)
+    started = Publisher("fuzz-run", heartbeat_s=30, control_limits=unlimited).start()
     context = zmq.Context()
     yield started, context
     context.destroy(linger=0)
@@ -254,7 +259,7 @@ def _state_count(dealer: zmq.Socket) -> int:
 def _expected(frames: list) -> tuple[str, str | None]:
     """What the server should answer, by the codec and validator it uses: ('error', req or None) or (type, req)."""
     try:
-        message = Codec("fuzz", max_buffers=64, max_bytes=CONTROL_MAX_BYTES).decode(frames)
+        message = Codec("fuzz", max_buffers=64, max_bytes=CONTROL_MAX_BYTES, limits=REQUEST_LIMITS).decode(frames)
     except Exception:  # noqa: BLE001 - any failure: an error reply (what kind is checked separately)
         return "error", None
     req = message.body.get("req", "")

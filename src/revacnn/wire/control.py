@@ -19,7 +19,6 @@ import zmq
 
 from revacnn.wire.acks import DONE, ERROR, QUEUED, ack
 from revacnn.wire.protocol import (
-    REQUEST_LIMITS,
     SUPPORTED_VERSIONS,
     Codec,
     Message,
@@ -111,7 +110,6 @@ class ControlDesk:
 
     def __init__(self, codec: Codec, welcome: Callable[[], dict[str, Any]],
                  limits: ControlLimits | None = None) -> None:
-        codec.limits = REQUEST_LIMITS  # this codec decodes requests only: the tight limits of docs/protocol.md §5
         self.codec = codec
         self.welcome = welcome
         self.limits = limits or ControlLimits()

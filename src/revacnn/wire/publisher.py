@@ -24,7 +24,7 @@ from revacnn.wire.acks import ack, final_state, initial_status
 from revacnn.wire.connection import CurveServerKeys, bare_host, is_ipv6_literal, tcp_endpoint
 from revacnn.wire.control import CONTROL_MAX_BYTES, ControlDesk, ControlLimits
 from revacnn.wire.curve_auth import CurveGuard, is_loopback
-from revacnn.wire.protocol import TOPIC_PREFIX, Codec, Message
+from revacnn.wire.protocol import REQUEST_LIMITS, TOPIC_PREFIX, Codec, Message
 
 __all__ = ["ESSENTIAL_TYPES", "Pending", "Publisher", "Sink", "is_loopback"]
 
@@ -88,8 +88,9 @@ class Publisher:
         # One codec per socket, as each numbers its own messages (docs/protocol.md): a reply on the control socket
         # must not take a number from the telemetry stream, where a client counts every missing number as a drop.
         self.codec = Codec(run_id, key)
-        self.desk = ControlDesk(Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES), self._welcome,
-                                control_limits)
+        # the control socket decodes requests only: the tight limits of docs/protocol.md §5
+        requests = Codec(run_id, key, max_buffers=64, max_bytes=CONTROL_MAX_BYTES, limits=REQUEST_LIMITS)
+        self.desk = ControlDesk(requests, self._welcome, control_limits)
         self.send_hwm = send_hwm
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
