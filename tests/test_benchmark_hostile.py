@@ -1,0 +1,120 @@
+"""The hostile-client benchmark's book-keeping: which windows flood with what, how each flood's windows are paired
+with their idle neighbours, that a flood's backlog is waited for before an idle window is timed, and the client's
+pacing (a batch, a ping, at most two batches in flight). No timing is asserted, and no socket is opened."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+from revacnn.wire.protocol import Codec, validate_request
+
+from helpers import quiet_trainer
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "hostile_client.py"
+_spec = importlib.util.spec_from_file_location("revacnn_benchmark_hostile", _PATH)
+hostile = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = hostile
+_spec.loader.exec_module(hostile)
+
+
+class FakeClient:
+    """Records what the windows told the client, and the global step at which each settle() was asked for."""
+
+    def __init__(self) -> None:
+        self.modes: list[str] = []
+        self.settled: list[int] = []
+        self.trainer = None
+
+    def switch(self, mode: str) -> None:
+        self.modes.append(mode)
+
+    def settle(self) -> float:
+        self.settled.append(self.trainer.global_step)
+        return 0.25
+
+
+def test_floods_take_turns_in_on_windows_and_each_pairs_with_its_idle_neighbours(tmp_path):
+    window, settle, rounds, floods = 6, 2, 2, ["state", "commands", "malformed"]
+    client = FakeClient()
+    windows = hostile.FloodWindows(floods, window, settle, client)
+    torch.manual_seed(0)
+    trainer = quiet_trainer(accelerator="cpu", devices=1, max_steps=window * (2 * rounds * len(floods) + 2),
+                            max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                            callbacks=[windows])
+    client.trainer = trainer
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.02), DigitsDataModule(batch_size=8))
+
+    # warm-up and window 1 idle, then floods in turn in the even windows, the fit ending with an idle window
+    expected = [None, None, "state", None, "commands", None, "malformed", None, "state", None, "commands", None,
+                "malformed", None]
+    assert windows.kinds == expected
+    assert client.modes == [kind or "idle" for kind in expected] + ["idle"]     # … and idle again at the end
+    # every idle window waits for the backlog at its first timed step, before it is stamped; flood windows never
+    idle = [index for index, kind in enumerate(expected) if kind is None]
+    assert client.settled == [index * window + settle for index in idle]
+    assert windows.waited == [0.25 if kind is None else 0.0 for kind in expected]
+    assert [record[1] for record in windows.windows] == [window - settle] * len(expected)
+    assert all(slowest > 0 for slowest in windows.slowest)
+
+    rates = [steps / seconds for _, steps, seconds in windows.windows]
+    for kind in floods:
+        paired = windows.paired(kind)
+        on = [index for index, this in enumerate(expected) if this == kind]
+        assert paired.ratios() == pytest.approx(
+            [rates[index] / ((rates[index - 1] + rates[index + 1]) / 2) for index in on])
+        assert paired.rate(True) == pytest.approx(statistics.median(rates[index] for index in on))
+        assert windows.slowest_step(kind) == max(windows.slowest[index] for index in on)
+    assert windows.slowest_step(None) == max(windows.slowest[index] for index in idle[1:])
+
+
+def test_client_sends_a_batch_and_a_ping_and_waits_while_more_than_one_ping_is_unanswered():
+    flood = hostile.Flood(state_elements=10, lr=0.02, batch={"state": 2, "commands": 3, "malformed": 4})
+    first = flood.next_batch("commands", now=0.0)
+    second = flood.next_batch("commands", now=0.1)
+    assert len(first) == 4 and len(second) == 4                    # 3 commands + a ping each
+    assert flood.next_batch("commands", now=0.2) == []              # two pings out: the backlog is full
+    ids = [msgpack.unpackb(frames[0])["body"]["id"] for frames in first[:3] + second[:3]]
+    assert len(set(ids)) == 6                                       # every command id unique
+    ping = msgpack.unpackb(first[-1][0])
+    assert ping["type"] == "hello" and ping["body"]["versions"] == [999]
+
+    # the first ping's answer frees a slot; other replies are counted by type and status
+    assert flood.received({"type": "error", "body": {"req": ping["body"]["req"], "error": "x"}}, now=0.5) == "ping-1"
+    assert flood.received({"type": "ack", "body": {"req": "c1", "status": "queued"}}, now=0.5) is None
+    assert flood.received({"type": "error", "body": {"req": "", "error": "bad_header"}}, now=0.5) is None
+    assert flood.received("garbage", now=0.5) is None
+    assert flood.replies == {"ack queued": 1, "error bad_header": 1, "undecodable": 1}
+    assert len(flood.next_batch("malformed", now=0.6)) == 5
+    assert flood.sent == {"commands": 6, "malformed": 4}
+
+    # a ping that never comes back is given up on after the timeout, which grows with the slowest round trip
+    assert flood.ping_timeout() == pytest.approx(max(hostile.PING_TIMEOUT_S, 1.5))
+    assert flood.next_batch("state", now=0.7) == []
+    assert len(flood.next_batch("state", now=0.1 + hostile.PING_TIMEOUT_S + 0.01)) == 3
+    assert flood.pings_lost == 1
+
+
+def test_malformed_messages_are_all_refused_and_the_others_are_valid():
+    codec = Codec("", max_buffers=64, max_bytes=1 << 20)
+
+    def check(frames):
+        message = codec.decode(frames)
+        validate_request(message)
+        return message
+
+    for frames in hostile.malformed_requests():
+        with pytest.raises(Exception):  # ProtocolError, or (before issue 30's fix) a TypeError the server calls internal
+            check(frames)
+    assert check(hostile.state_request(1000)).type == "state"
+    assert check(hostile.ping("p")).body["versions"] == [999]
+    assert check(hostile.command_request(2, "x", 0.02)).body == {"req": "c2", "id": "x-2", "op": "set_hparams",
+                                                                  "args": {"lr": 0.02}}
+    assert sum(len(frame) for frame in hostile.state_request(1_000_000)) < 1 << 20   # under the socket's limit
