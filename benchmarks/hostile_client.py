@@ -21,8 +21,9 @@ followed by a ping (a ``hello`` offering only protocol version 999, which the tr
 unanswered — so the trainer always has the next batch waiting, while the backlog in the sockets stays at most two
 batches deep. A ping unanswered for 2 s (or three times the slowest recent round trip) is given up on and the next
 batch sent, so a trainer that drops requests does not stall the flood. When a flood stops, the client pings once
-more; the idle window's timed steps start only when that ping came back (the wait, if any, is not timed), so a
-flood's backlog never counts in an idle window.
+more; the idle window's timed steps start only once that ping came back and every command has its final ack (the
+trainer applies queued commands between its steps: up to 1,000 can be waiting), so a flood's backlog never counts
+in an idle window; the steps until then are untimed, and counted.
 
 Each flood window's steps/s is divided by the mean of the two idle windows either side of it, so the shared
 machine's drift cancels within seconds; reported per flood: the median of those paired ratios (target ≥ 0.9) with a
@@ -131,6 +132,8 @@ class Flood:
         self.replies: collections.Counter = collections.Counter()
         self.pings_lost = 0
         self.round_trips: collections.deque[float] = collections.deque(maxlen=8)
+        self.finals = 0                 # final acks (done or error) of the commands sent
+        self.last_final = 0.0           # when the latest came
 
     def message(self, kind: str) -> list[bytes]:
         self.serial += 1
@@ -182,22 +185,38 @@ class Flood:
         kind = header.get("type")
         if kind == "ack":
             self.replies[f"ack {body.get('status')}"] += 1
+            if body.get("status") != "queued":
+                self.finals, self.last_final = self.finals + 1, now
         elif kind == "error":
             self.replies[f"error {body.get('error')}"] += 1
         else:
             self.replies["state message" if kind != "welcome" else "welcome"] += 1
         return None
 
+    def outstanding(self) -> int:
+        """Commands sent whose final ack has not come (the trainer applies queued commands between its steps)."""
+        return self.sent["commands"] - self.finals
+
+    def drained(self, ping_answered_at: float, now: float) -> bool:
+        """Whether what was sent before going idle is handled: the drain ping came back (answered at
+        ``ping_answered_at``, None while not) and every command has its final ack — or none came for
+        ``PING_TIMEOUT_S`` since (a trainer that never answers some commands must not stall the benchmark)."""
+        if ping_answered_at is None:
+            return False
+        return self.outstanding() <= 0 or now - max(ping_answered_at, self.last_final) > PING_TIMEOUT_S
+
     def totals(self) -> dict:
-        return {"sent": dict(self.sent), "replies": dict(self.replies), "pings_lost": self.pings_lost}
+        return {"sent": dict(self.sent), "replies": dict(self.replies), "pings_lost": self.pings_lost,
+                "unanswered_commands": self.outstanding()}
 
 
 def client_main(endpoint: str, steer: str, state_elements: int, lr: float, batch: dict[str, int]) -> None:
     """The hostile client: floods ``endpoint`` (the trainer's control socket) as the parent says on ``steer``.
 
     The parent sends ``["mode", kind]`` (a flood, or ``"idle"``) and ``["quit"]`` on a PAIR socket; the client
-    answers ``{"ready": …}`` once its first ping came back, and ``{"drained": seconds, "after": kind}`` when the ping
-    it sent on going idle came back (everything it had sent was handled by then), and its totals on quitting.
+    answers ``{"ready": …}`` once its first ping came back, ``{"drained": seconds, "after": kind}`` when what it sent
+    before going idle is handled (``Flood.drained``: the ping it sent on going idle came back, and every command has
+    its final ack), and its totals on quitting.
     """
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
@@ -211,7 +230,7 @@ def client_main(endpoint: str, steer: str, state_elements: int, lr: float, batch
     poller = zmq.Poller()
     poller.register(dealer, zmq.POLLIN)
     poller.register(control, zmq.POLLIN)
-    mode, drain_ping, drain_from, drain_after = "idle", None, 0.0, "idle"
+    mode, drain_ping, drain_from, drain_after, drain_answered = "idle", None, 0.0, "idle", None
     ready_ping = "ping-ready"
     flood.pings[ready_ping] = time.monotonic() + 3600    # the trainer may still be starting: no timeout for this one
     dealer.send_multipart(ping(ready_ping))
@@ -229,8 +248,10 @@ def client_main(endpoint: str, steer: str, state_elements: int, lr: float, batch
             if answered == ready_ping:
                 control.send_json({"ready": True})
             elif answered is not None and answered == drain_ping:
-                control.send_json({"drained": now - drain_from, "after": drain_after})
-                drain_ping = None
+                drain_answered = now
+        if drain_ping is not None and flood.drained(drain_answered, now):
+            control.send_json({"drained": now - drain_from, "after": drain_after})
+            drain_ping = drain_answered = None
         if control in events:
             order = control.recv_json()
             if order[0] == "quit":
@@ -284,8 +305,8 @@ class IdleClient:
     def switch(self, mode: str) -> None:
         pass
 
-    def settle(self) -> float:
-        return 0.0
+    def drained(self) -> bool:
+        return True
 
 
 class FloodWindows(overhead.AlternatingWindows):
@@ -293,11 +314,12 @@ class FloodWindows(overhead.AlternatingWindows):
 
     The callbacks it gates are none (``ReVACNNCallback`` runs in every window, outside it). At the start of every
     window it calls ``client.switch(kind)``: the next of ``floods`` in turn for an on window, ``"idle"`` for an off
-    one. Before an idle window's timed steps begin it calls ``client.settle()``, which waits until what the client
-    sent has been handled (the wait is not timed), so a flood's backlog never counts in an idle window. ``kinds``
-    holds each window's flood (None for idle ones), ``slowest`` each window's slowest timed step in seconds,
-    ``io_cpu`` the CPU seconds of the trainer's I/O thread in each window's timed steps, ``waited`` the seconds
-    waited for the backlog before each window's timed steps.
+    one. An idle window's timed steps begin at its ``settle``-th step or, when ``client.drained()`` is still false
+    then, at the first step after it turned true: a flood's backlog (requests in the sockets, commands queued for
+    the training thread) never counts in an idle window. ``client.drained()`` must not block: the training thread
+    asks, and it is the one that applies queued commands. ``kinds`` holds each window's flood (None for idle ones),
+    ``slowest`` each window's slowest timed step in seconds, ``io_cpu`` the CPU seconds of the trainer's I/O thread
+    in each window's timed steps, ``waited`` the steps each window left untimed beyond ``settle``, for the backlog.
     """
 
     def __init__(self, floods: list[str], window: int, settle: int, client=None) -> None:
@@ -306,10 +328,14 @@ class FloodWindows(overhead.AlternatingWindows):
         self.kinds: list[str | None] = []
         self.slowest: list[float] = []
         self.io_cpu: list[float] = []
-        self.waited: list[float] = []
+        self.waited: list[int] = []
         self._io_at: float | None = None
+        self._timed_from = 0            # the first timed step of the current window
+        self._waiting = False           # an idle window whose backlog is not handled yet
 
     def _close_step(self, now: float, step: int) -> None:
+        if step - 1 < self._timed_from:
+            return
         if self._last is not None and (step - 1) % self.window >= self.settle:
             self.slowest[-1] = max(self.slowest[-1], now - self._last)
         super()._close_step(now, step)
@@ -324,20 +350,27 @@ class FloodWindows(overhead.AlternatingWindows):
             self._io_at = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        position = trainer.global_step % self.window
+        step = trainer.global_step
+        position = step % self.window
         if position == 0:
             self._close_io()
-        elif position == self.settle and not self.on:
-            self.waited[-1] = self.client.settle()  # before super() stamps the start of the timed steps
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if position == 0:
-            index = trainer.global_step // self.window
-            kind = self.floods[(index // 2 - 1) % len(self.floods)] if self.on else None
+            kind = self.floods[(step // self.window // 2 - 1) % len(self.floods)] if self.on else None
             self.kinds.append(kind)
             self.slowest.append(0.0)
             self.io_cpu.append(0.0)
-            self.waited.append(0.0)
+            self.waited.append(0)
             self.client.switch(kind or "idle")
+            self._timed_from, self._waiting = step + self.settle, kind is None
+        if position >= self.settle and self._waiting:
+            if self.client.drained():
+                self._waiting, self._timed_from = False, step
+                self._io_at = self._io_thread()
+                self._last = time.perf_counter()    # this step is the first timed one
+            else:
+                self._timed_from = step + 1
+                self.waited[-1] += 1
         elif position == self.settle:
             self._io_at = self._io_thread()
 
@@ -351,7 +384,9 @@ class FloodWindows(overhead.AlternatingWindows):
         paired = overhead.PairedWindows()
         paired.windows.append([False, 0, 0.0])                    # the warm-up's place, never used
         for index, this in enumerate(self.kinds):
-            if this == kind and 0 < index < len(self.windows) - 1:
+            # an idle neighbour that never got to its timed steps (the backlog took the whole window) pairs nothing
+            if (this == kind and 0 < index < len(self.windows) - 1
+                    and self.windows[index - 1][1] and self.windows[index + 1][1]):
                 paired.windows += [self.windows[index - 1], self.windows[index], self.windows[index + 1]]
         return paired
 
@@ -408,12 +443,12 @@ class HostileClient:
         self.mode = mode
         self.steer.send_json(["mode", mode], zmq.NOBLOCK)
 
-    def settle(self, timeout: float = 300.0) -> float:
-        """Wait until everything the client sent before it went idle has been handled; the seconds waited."""
-        started = time.monotonic()
-        if self.draining:
-            self._wait(lambda reply: "drained" in reply, timeout, "the trainer did not answer the drain ping")
-        return time.monotonic() - started
+    def drained(self) -> bool:
+        """Whether everything the client sent before it went idle has been handled (never waits: the training
+        thread asks, and it is the one that applies queued commands)."""
+        while self.draining and self.steer.poll(0):
+            self._note(self.steer.recv_json())
+        return not self.draining
 
     def close(self) -> None:
         try:
@@ -538,8 +573,8 @@ def report(result: dict, args, command: str) -> list[str]:
         f"The trainer's `revacnn` log: {sum(result['log'].values()):,} records "
         f"({', '.join(f'{level} {count:,}' for level, count in sorted(result['log'].items())) or 'none'}), "
         f"{result['log_bytes']:,} bytes. Untimed at the start of each window: {args.settle} steps (≈ "
-        f"{settle_s:.1f} s idle), and then, in idle windows, any wait for the backlog: "
-        f"{sum(windows.waited):.1f} s in all.",
+        f"{settle_s:.1f} s idle), and in idle windows any further steps until the flood's backlog was handled: "
+        f"{sum(windows.waited)} steps in all.",
     ]
     return lines
 

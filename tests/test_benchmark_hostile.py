@@ -26,23 +26,28 @@ _spec.loader.exec_module(hostile)
 
 
 class FakeClient:
-    """Records what the windows told the client, and the global step at which each settle() was asked for."""
+    """Records what the windows told the client; after a flood it reports its backlog handled only at the third
+    time the windows ask (at the global steps it records)."""
 
     def __init__(self) -> None:
         self.modes: list[str] = []
-        self.settled: list[int] = []
+        self.asked: list[int] = []
         self.trainer = None
+        self.backlog = 0
 
     def switch(self, mode: str) -> None:
+        if mode == "idle" and self.modes and self.modes[-1] != "idle":
+            self.backlog = 2
         self.modes.append(mode)
 
-    def settle(self) -> float:
-        self.settled.append(self.trainer.global_step)
-        return 0.25
+    def drained(self) -> bool:
+        self.asked.append(self.trainer.global_step)
+        self.backlog -= 1
+        return self.backlog < 0
 
 
 def test_floods_take_turns_in_on_windows_and_each_pairs_with_its_idle_neighbours(tmp_path):
-    window, settle, rounds, floods = 6, 2, 2, ["state", "commands", "malformed"]
+    window, settle, rounds, floods = 8, 2, 2, ["state", "commands", "malformed"]
     client = FakeClient()
     windows = hostile.FloodWindows(floods, window, settle, client)
     torch.manual_seed(0)
@@ -57,11 +62,16 @@ def test_floods_take_turns_in_on_windows_and_each_pairs_with_its_idle_neighbours
                 "malformed", None]
     assert windows.kinds == expected
     assert client.modes == [kind or "idle" for kind in expected] + ["idle"]     # … and idle again at the end
-    # every idle window waits for the backlog at its first timed step, before it is stamped; flood windows never
+    # idle windows ask from their settle-th step on until the backlog is handled; flood windows never ask
     idle = [index for index, kind in enumerate(expected) if kind is None]
-    assert client.settled == [index * window + settle for index in idle]
-    assert windows.waited == [0.25 if kind is None else 0.0 for kind in expected]
-    assert [record[1] for record in windows.windows] == [window - settle] * len(expected)
+    after_flood = [index for index in idle if index > 1]
+    assert client.asked == [step for index in idle
+                            for step in range(index * window + settle,
+                                              index * window + settle + (3 if index in after_flood else 1))]
+    assert windows.waited == [2 if index in after_flood else 0 for index in range(len(expected))]
+    # … and time only the steps from the one at which it was: two fewer in the idle windows after a flood
+    assert [record[1] for record in windows.windows] == [
+        window - settle - (2 if index in after_flood else 0) for index in range(len(expected))]
     assert all(slowest > 0 for slowest in windows.slowest)
 
     rates = [steps / seconds for _, steps, seconds in windows.windows]
@@ -73,6 +83,10 @@ def test_floods_take_turns_in_on_windows_and_each_pairs_with_its_idle_neighbours
         assert paired.rate(True) == pytest.approx(statistics.median(rates[index] for index in on))
         assert windows.slowest_step(kind) == max(windows.slowest[index] for index in on)
     assert windows.slowest_step(None) == max(windows.slowest[index] for index in idle[1:])
+
+    # an idle window that never got to time a step (its backlog took the whole window) pairs nothing
+    windows.windows[3][1], windows.windows[3][2] = 0, 0.0
+    assert len(windows.paired("state").ratios()) == 1 and len(windows.paired("commands").ratios()) == 1
 
 
 def test_client_sends_a_batch_and_a_ping_and_waits_while_more_than_one_ping_is_unanswered():
@@ -100,6 +114,22 @@ def test_client_sends_a_batch_and_a_ping_and_waits_while_more_than_one_ping_is_u
     assert flood.next_batch("state", now=0.7) == []
     assert len(flood.next_batch("state", now=0.1 + hostile.PING_TIMEOUT_S + 0.01)) == 3
     assert flood.pings_lost == 1
+
+
+def test_client_is_drained_when_its_last_ping_came_back_and_every_command_has_its_final_ack():
+    flood = hostile.Flood(state_elements=10, lr=0.02, batch={"state": 1, "commands": 2, "malformed": 1})
+    flood.next_batch("commands", now=0.0)
+    assert flood.outstanding() == 2
+    assert not flood.drained(None, now=0.1)                           # the drain ping has not come back
+    flood.received({"type": "ack", "body": {"req": "c1", "status": "queued"}}, now=0.1)
+    flood.received({"type": "ack", "body": {"req": "c1", "status": "done"}}, now=0.2)
+    assert not flood.drained(0.3, now=0.3)                            # one command still queued in the trainer
+    flood.received({"type": "ack", "body": {"req": "c2", "status": "error"}}, now=0.4)
+    assert flood.outstanding() == 0 and flood.drained(0.3, now=0.4)
+    flood.next_batch("commands", now=1.0)                             # two more that are never answered:
+    assert not flood.drained(1.0, now=1.0 + hostile.PING_TIMEOUT_S)
+    assert flood.drained(1.0, now=1.01 + hostile.PING_TIMEOUT_S)      # … given up on after the timeout
+    assert flood.totals()["unanswered_commands"] == 2
 
 
 def test_malformed_messages_are_all_refused_and_the_others_are_valid():
