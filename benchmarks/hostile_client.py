@@ -4,7 +4,8 @@ The ReVACNN demo CNN (16-20-20, 3×32×32 digits, batch 32) trains in one fit wi
 defaults, on all the time. Its steps are cut into windows of ``--window`` steps, as in ``benchmarks/overhead.py``
 (whose ``AlternatingWindows`` does the timing): a warm-up window, then windows alternating idle and flood, starting
 and ending idle. In a flood window a client in ANOTHER process floods the trainer's control socket; in an idle window
-the same client stays connected and sends nothing. The flood windows take the floods in turn:
+the same client stays connected and sends nothing. The flood windows take the floods in turn (in reverse order
+every other round, so that each has different neighbours):
 
 - ``state``: valid ``state`` requests whose body carries a ``--state-elements``-element list (1M by default: the
   largest that fits the socket's 1 MiB message limit), which the trainer must decode before it can answer;
@@ -61,6 +62,10 @@ PING_TIMEOUT_S = 2.0
 #: A flood's batch is sent while at most this many earlier pings are unanswered (the backlog's depth, in batches).
 PINGS_IN_FLIGHT = 1
 FLOODS = ("state", "commands", "malformed")
+#: Messages that may wait in the trainer's own queues when an idle window starts to be timed: its recorder takes its
+#: inbox every 0.5 s and the I/O thread its outbox every 50 ms, so a few dozen always wait; after a command flood,
+#: thousands of final acks do.
+TRAINER_BACKLOG = 100
 DEFAULT_BATCH = {"state": 2, "commands": 50, "malformed": 50}
 
 
@@ -235,9 +240,12 @@ def client_main(endpoint: str, steer: str, state_elements: int, lr: float, batch
     flood.pings[ready_ping] = time.monotonic() + 3600    # the trainer may still be starting: no timeout for this one
     dealer.send_multipart(ping(ready_ping))
     cpu_at = time.process_time()
+    parent = os.getppid()
     while True:
         events = dict(poller.poll(0 if mode != "idle" else 50))
         now = time.monotonic()
+        if os.getppid() != parent:                            # the benchmark died: never flood on alone
+            break
         while dealer in events and dealer.poll(0):
             frames = dealer.recv_multipart()
             try:
@@ -314,9 +322,11 @@ class FloodWindows(overhead.AlternatingWindows):
 
     The callbacks it gates are none (``ReVACNNCallback`` runs in every window, outside it). At the start of every
     window it calls ``client.switch(kind)``: the next of ``floods`` in turn for an on window, ``"idle"`` for an off
-    one. An idle window's timed steps begin at its ``settle``-th step or, when ``client.drained()`` is still false
+    one (``flood_of``). An idle window's timed steps begin at its ``settle``-th step or, when ``client.drained()`` is still false
     then, at the first step after it turned true: a flood's backlog (requests in the sockets, commands queued for
-    the training thread) never counts in an idle window. ``client.drained()`` must not block: the training thread
+    the training thread) never counts in an idle window; nor do the messages that the flood left in the trainer's
+    own queues beyond the usual (``trainer_backlog()`` above ``TRAINER_BACKLOG``: the I/O thread's outbox, the
+    recorder's inbox — final acks are recorded too). ``client.drained()`` must not block: the training thread
     asks, and it is the one that applies queued commands. ``kinds`` holds each window's flood (None for idle ones),
     ``slowest`` each window's slowest timed step in seconds, ``io_cpu`` the CPU seconds of the trainer's I/O thread
     in each window's timed steps, ``waited`` the steps each window left untimed beyond ``settle``, for the backlog.
@@ -330,8 +340,16 @@ class FloodWindows(overhead.AlternatingWindows):
         self.io_cpu: list[float] = []
         self.waited: list[int] = []
         self._io_at: float | None = None
+        self.trainer_backlog = lambda: 0   # messages the trainer's I/O thread and recorder have yet to handle
         self._timed_from = 0            # the first timed step of the current window
         self._waiting = False           # an idle window whose backlog is not handled yet
+
+    def flood_of(self, on_window: int) -> str:
+        """The flood of the ``on_window``-th flood window: ``floods`` in turn, in reverse order every other round,
+        so that no flood always has the same floods (and their after-effects) either side of it."""
+        count = len(self.floods)
+        round_, place = divmod(on_window, count)
+        return self.floods[place if round_ % 2 == 0 else count - 1 - place]
 
     def _close_step(self, now: float, step: int) -> None:
         if step - 1 < self._timed_from:
@@ -356,7 +374,11 @@ class FloodWindows(overhead.AlternatingWindows):
             self._close_io()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if position == 0:
-            kind = self.floods[(step // self.window // 2 - 1) % len(self.floods)] if self.on else None
+            if len(self.windows) > 1:
+                done, steps, seconds = self.kinds[-1], self.windows[-2][1], self.windows[-2][2]
+                print(f"window {len(self.windows) - 2} ({done or 'idle'}): {steps / max(seconds, 1e-9):.1f} steps/s",
+                      file=sys.stderr, flush=True)
+            kind = self.flood_of(step // self.window // 2 - 1) if self.on else None
             self.kinds.append(kind)
             self.slowest.append(0.0)
             self.io_cpu.append(0.0)
@@ -364,7 +386,7 @@ class FloodWindows(overhead.AlternatingWindows):
             self.client.switch(kind or "idle")
             self._timed_from, self._waiting = step + self.settle, kind is None
         if position >= self.settle and self._waiting:
-            if self.client.drained():
+            if self.client.drained() and self.trainer_backlog() <= TRAINER_BACKLOG:
                 self._waiting, self._timed_from = False, step
                 self._io_at = self._io_thread()
                 self._last = time.perf_counter()    # this step is the first timed one
@@ -475,6 +497,9 @@ class ClientLauncher(overhead.pl.Callback):
         self.publisher = self.revacnn.publisher
         self.client = HostileClient(self.publisher.control_endpoint, self.args)
         self.windows.client = self.client
+        recorder = self.revacnn.recorder
+        self.windows.trainer_backlog = lambda: (self.publisher.queue_length
+                                                + (recorder.queue_length if recorder is not None else 0))
 
 
 class CountingHandler(logging.FileHandler):
@@ -595,9 +620,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3,
                         help="flood windows of each kind, each between two idle windows (default 3)")
-    parser.add_argument("--window", type=int, default=50, help="steps per window (default 50)")
-    parser.add_argument("--settle", type=int, default=15,
-                        help="untimed steps at the start of each window (default 15): the flood starts, or the "
+    parser.add_argument("--window", type=int, default=100, help="steps per window (default 100)")
+    parser.add_argument("--settle", type=int, default=20,
+                        help="untimed steps at the start of each window (default 20): the flood starts, or the "
                              "backlog of a stopped one drains, there")
     parser.add_argument("--floods", default=",".join(FLOODS),
                         help=f"which floods, comma-separated, in turn (default {','.join(FLOODS)})")
