@@ -36,7 +36,7 @@ reached its last step, its state is ``finished``, every parameter is finite and 
 trainer's ``revacnn`` log goes to a file whose records are counted (issue 30 wants at most a rate-limited line per
 malformed input).
 
-    python benchmarks/hostile_client.py                  # CPU, ~2–3 minutes: the figure in benchmarks/RESULTS.md
+    python benchmarks/hostile_client.py                  # CPU, 2,000 steps: the figure in benchmarks/RESULTS.md
     python benchmarks/hostile_client.py --append         # … and append it to benchmarks/RESULTS.md
     python benchmarks/hostile_client.py --rounds 8       # more flood windows of each kind, tighter intervals
 """
@@ -322,14 +322,15 @@ class FloodWindows(overhead.AlternatingWindows):
 
     The callbacks it gates are none (``ReVACNNCallback`` runs in every window, outside it). At the start of every
     window it calls ``client.switch(kind)``: the next of ``floods`` in turn for an on window, ``"idle"`` for an off
-    one (``flood_of``). An idle window's timed steps begin at its ``settle``-th step or, when ``client.drained()`` is still false
-    then, at the first step after it turned true: a flood's backlog (requests in the sockets, commands queued for
-    the training thread) never counts in an idle window; nor do the messages that the flood left in the trainer's
-    own queues beyond the usual (``trainer_backlog()`` above ``TRAINER_BACKLOG``: the I/O thread's outbox, the
-    recorder's inbox — final acks are recorded too). ``client.drained()`` must not block: the training thread
-    asks, and it is the one that applies queued commands. ``kinds`` holds each window's flood (None for idle ones),
-    ``slowest`` each window's slowest timed step in seconds, ``io_cpu`` the CPU seconds of the trainer's I/O thread
-    in each window's timed steps, ``waited`` the steps each window left untimed beyond ``settle``, for the backlog.
+    one (``flood_of``). An idle window's timed steps begin at its ``settle``-th step or, when ``client.drained()``
+    is still false then, at the first step after it turned true: a flood's backlog (requests in the sockets,
+    commands queued for the training thread) never counts in an idle window; nor do the messages that the flood left
+    in the trainer's own queues beyond the usual (``trainer_backlog()`` above ``TRAINER_BACKLOG``: the I/O thread's
+    outbox, the recorder's inbox — final acks are recorded too). ``client.drained()`` must not block: the training
+    thread asks, and it is the one that applies queued commands. ``kinds`` holds each window's flood (None for idle
+    ones), ``slowest`` each window's slowest timed step in seconds, ``io_cpu`` the CPU seconds of the trainer's I/O
+    thread in each window's timed steps, ``waited`` the steps each window left untimed beyond ``settle``, for the
+    backlog.
     """
 
     def __init__(self, floods: list[str], window: int, settle: int, client=None) -> None:
@@ -646,8 +647,8 @@ def main(argv=None) -> int:
     if args.state_elements < 0 or args.state_batch < 1 or args.batch < 1:
         parser.error("--state-elements must be ≥ 0, --state-batch and --batch ≥ 1")
     command = "python benchmarks/hostile_client.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"\nrevacnn demo CNN on cpu ({torch.get_num_threads()} threads), batch 32 of 32×32, ReVACNNCallback() at its "
-          f"defaults; windows of {args.window} steps ({args.settle} untimed), {args.rounds} flood windows of each "
+    print(f"\nrevacnn demo CNN on cpu ({torch.get_num_threads()} threads), batch 32 of 32×32, ReVACNNCallback() at "
+          f"its defaults; windows of {args.window} steps ({args.settle} untimed), {args.rounds} flood windows of each "
           f"kind\n", flush=True)
     with tempfile.TemporaryDirectory() as root:
         result = run(args, root)

@@ -90,6 +90,24 @@ def test_floods_take_turns_in_on_windows_and_each_pairs_with_its_idle_neighbours
     assert len(windows.paired("state").ratios()) == 1 and len(windows.paired("commands").ratios()) == 1
 
 
+def test_an_idle_window_is_timed_only_once_the_trainers_own_queues_are_back_to_usual(tmp_path):
+    window, settle = 8, 2
+    windows = hostile.FloodWindows(["commands"], window, settle)   # no client: it is always drained
+    trainer = quiet_trainer(accelerator="cpu", devices=1, max_steps=window * 4, max_epochs=-1, limit_val_batches=0,
+                            num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[windows])
+    late = range(3 * window + settle, 3 * window + settle + 3)     # the idle window after the flood: 3 steps late
+
+    def backlog() -> int:
+        return hostile.TRAINER_BACKLOG + (trainer.global_step in late)
+
+    windows.trainer_backlog = backlog
+    torch.manual_seed(0)
+    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.02), DigitsDataModule(batch_size=8))
+    assert windows.kinds == [None, None, "commands", None]
+    assert windows.waited == [0, 0, 0, 3]
+    assert [record[1] for record in windows.windows] == [window - settle] * 3 + [window - settle - 3]
+
+
 def test_client_sends_a_batch_and_a_ping_and_waits_while_more_than_one_ping_is_unanswered():
     flood = hostile.Flood(state_elements=10, lr=0.02, batch={"state": 2, "commands": 3, "malformed": 4})
     first = flood.next_batch("commands", now=0.0)
@@ -142,7 +160,8 @@ def test_malformed_messages_are_all_refused_and_the_others_are_valid():
         return message
 
     for frames in hostile.malformed_requests():
-        with pytest.raises(Exception):  # ProtocolError, or (before issue 30's fix) a TypeError the server calls internal
+        # ProtocolError, or (before issue 30's fix) a TypeError that the server answers as ``internal``
+        with pytest.raises(Exception):
             check(frames)
     assert check(hostile.state_request(1000)).type == "state"
     assert check(hostile.ping("p")).body["versions"] == [999]
