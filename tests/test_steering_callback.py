@@ -431,3 +431,42 @@ def test_the_neurons_of_a_hidden_linear_layer_are_steered_like_filters(tmp_path)
     offline = load_steered(path, ClassifierModule(HiddenLayerNet())).eval()
     with torch.no_grad():
         assert torch.equal(offline(images), model(images))
+
+
+def test_what_freeze_froze_stays_frozen_after_the_checkpoint_resumes(tmp_path):
+    """Issue 27: a layer frozen by ``freeze`` trained again after ``trainer.fit(ckpt_path=…)`` (requires_grad back
+    to True, its weights moved ~2e-3 in 5 steps). The frozen set goes into the checkpoint and a new callback freezes
+    it again before the resumed fit's first step: whole layers and single filters."""
+    torch.manual_seed(3)
+    plan = {2: [("freeze", {"layers": ["net.conv1"]}), ("freeze", {"layer": "net.conv3", "filters": [0, 3]})]}
+    trainer, model, script = fit(tmp_path, plan, epochs=1, batches=5)
+    assert [ack["status"] for ack in script.acks] == ["done"] * 2, script.acks
+    path = tmp_path / "frozen.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["revacnn"]["frozen"] == {"layers": {"net.conv1": {"weight": True, "bias": True}},
+                                               "filters": {"net.conv3": [0, 3]}}
+    saved = checkpoint["state_dict"]
+
+    resumed_model = ClassifierModule(ReVACNNNet(), lr=0.05)
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    resumed = quiet_trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=0, callbacks=[callback],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
+    resumed.fit(resumed_model, DigitsDataModule(batch_size=32), ckpt_path=path)
+    assert resumed.global_step == 10                                    # 5 steps after the resume
+    now = resumed_model.state_dict()
+    assert torch.equal(now["net.conv1.weight"], saved["net.conv1.weight"])
+    assert torch.equal(now["net.conv1.bias"], saved["net.conv1.bias"])
+    assert not resumed_model.net.conv1.weight.requires_grad            # still frozen after the fit
+    for key in ("net.conv3.weight", "net.conv3.bias"):
+        assert torch.equal(now[key][[0, 3]], saved[key][[0, 3]]), key   # the frozen filters' rows
+        others = [i for i in range(now[key].shape[0]) if i not in (0, 3)]
+        assert not torch.equal(now[key][others], saved[key][others]), key
+    assert not torch.equal(now["net.conv2.weight"], saved["net.conv2.weight"])
+    assert not torch.equal(now["net.fc.weight"], saved["net.fc.weight"])
+
+    # and a checkpoint of the resumed run holds the frozen set again (the freezes go on from resume to resume)
+    again = tmp_path / "again.ckpt"
+    resumed.save_checkpoint(again)
+    assert torch.load(again, weights_only=True)["revacnn"]["frozen"] == checkpoint["revacnn"]["frozen"]
+

@@ -42,6 +42,39 @@ class FreezeManager:
                 out[names[mod]] = "all"
         return out
 
+    def state(self) -> dict:
+        """What is frozen, by layer name, in plain types (for checkpoints): ``{"layers": {name: {parameter:
+        requires_grad before the freeze}}, "filters": {name: [filter indices]}}``."""
+        names = {m: n for n, m in self.module.named_modules()}
+        return {"layers": {names[m]: dict(flags) for m, flags in self.layers.items() if m in names},
+                "filters": {names[m]: sorted(idx) for m, idx in self.filters.items() if m in names and idx}}
+
+    def load_state(self, state: dict) -> list[str]:
+        """Freeze again what ``state`` (from ``state()``) says, e.g. after a checkpoint resumed: whole layers keep
+        the ``requires_grad`` they had before their freeze for ``unfreeze`` to put back. Returns what it could not
+        freeze again (a layer that is not in the module, filter indices past its filters)."""
+        modules = dict(self.module.named_modules())
+        skipped = []
+        for name, flags in (state.get("layers") or {}).items():
+            mod = modules.get(name)
+            if mod is None or not any(True for _ in mod.parameters()):
+                skipped.append(name)
+                continue
+            self.freeze_layer(mod)
+            self.layers[mod] = {n: bool(flags.get(n, True)) for n, _ in mod.named_parameters()}
+        for name, filters in (state.get("filters") or {}).items():
+            mod = modules.get(name)
+            weight = getattr(mod, "weight", None)
+            if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
+                skipped.append(name)
+                continue
+            rows = [int(i) for i in filters if 0 <= int(i) < weight.shape[0]]
+            if len(rows) != len(filters):
+                skipped.append(f"{name} filters {sorted(set(filters) - set(rows))}")
+            if rows:
+                self.freeze_filters(mod, rows)
+        return skipped
+
     def freeze_layer(self, mod: nn.Module) -> None:
         if mod in self.layers:
             return
@@ -108,8 +141,8 @@ class FreezeManager:
         self._saved = []
         for mod in self.filters:
             for p in self._params_of(mod):
-                if p.grad is None:
-                    continue
+                # saved even without a gradient yet: Lightning steps with a closure, whose backward runs inside
+                # ``step``, after this hook (the first step after a freeze restored on resume has none here)
                 r = self._rows_on(mod, p.device)
                 state = optimizer.state.get(p)
                 saved_state = None
