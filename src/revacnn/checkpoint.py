@@ -152,6 +152,15 @@ class CheckpointHooks:
             if changelog:   # (a module already steered so, e.g. the same instance fitted again, is not re-steered)
                 history.changelog = list(changelog)
             original_load(checkpoint)
+            if changelog:   # weights that still do not fit: said here, not as load_state_dict's list of keys
+                from revacnn.steering.changelog import explain_mismatch
+                from revacnn.steering.errors import CheckpointMismatch
+
+                problem = explain_mismatch(pl_module, checkpoint.get("state_dict") or {}, changelog,
+                                           getattr(pl_module, "strict_loading", True),
+                                           f"the {type(pl_module).__name__} being fitted")
+                if problem is not None:
+                    raise CheckpointMismatch(f"revacnn: {problem}")
 
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
             save(checkpoint)
