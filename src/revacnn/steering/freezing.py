@@ -3,7 +3,8 @@
 - Whole layer, single device: ``requires_grad=False`` (no backward compute for it) and ``grad=None``; SGD, Adam,
   AdamW and RMSprop skip a parameter whose ``.grad is None``, so weight and optimizer state stay bitwise unchanged.
 - Whole layer, distributed: ``requires_grad`` is never touched (DDP registered its hooks at wrap time); an optimizer
-  step pre-hook sets ``grad=None`` instead.
+  step pre-hook sets ``grad=None`` instead, and again once a ``step(closure)``'s closure (Lightning's) has run
+  backward.
 - Single filters: a step pre-hook saves the filter rows of the parameter and of every per-parameter state tensor; the
   post-hook writes them back (zero when the state did not exist yet), so those rows are bitwise unchanged.
 
@@ -134,10 +135,13 @@ class FreezeManager:
             if isinstance(p, nn.Parameter):
                 yield p
 
-    def _pre(self, optimizer, args, kwargs) -> None:
+    def _drop_layer_grads(self) -> None:
         for mod in self.layers:
             for p in mod.parameters():
                 p.grad = None
+
+    def _pre(self, optimizer, args, kwargs):
+        self._drop_layer_grads()
         self._saved = []
         for mod in self.filters:
             for p in self._params_of(mod):
@@ -150,6 +154,25 @@ class FreezeManager:
                     saved_state = {k: v.index_select(0, r).clone() for k, v in state.items()
                                    if isinstance(v, torch.Tensor) and v.shape == p.shape}
                 self._saved.append((p, r, p.detach().index_select(0, r).clone(), saved_state))
+        return self._after_closure(args, kwargs)
+
+    def _after_closure(self, args, kwargs):
+        """A ``step(closure)`` (Lightning's, LBFGS) runs backward inside ``step``, after this hook: the closure is
+        wrapped to drop the frozen layers' gradients once it has made them (under DDP they exist: requires_grad was
+        left on). Returns the hook's ``(args, kwargs)``, or None where nothing changes."""
+        # ``args`` starts with the optimizer itself (the hook sees ``step``'s own arguments)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None or not self.layers:
+            return None
+
+        def without_frozen_grads():
+            loss = closure()
+            self._drop_layer_grads()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": without_frozen_grads}
+        return (args[0], without_frozen_grads, *args[2:]), kwargs
 
     def _post(self, optimizer, args, kwargs) -> None:
         with torch.no_grad():
