@@ -431,3 +431,106 @@ def test_the_neurons_of_a_hidden_linear_layer_are_steered_like_filters(tmp_path)
     offline = load_steered(path, ClassifierModule(HiddenLayerNet())).eval()
     with torch.no_grad():
         assert torch.equal(offline(images), model(images))
+
+
+def test_what_freeze_froze_stays_frozen_after_the_checkpoint_resumes(tmp_path):
+    """Issue 27: a layer frozen by ``freeze`` trained again after ``trainer.fit(ckpt_path=…)`` (requires_grad back
+    to True, its weights moved ~2e-3 in 5 steps). The frozen set goes into the checkpoint and a new callback freezes
+    it again before the resumed fit's first step: whole layers and single filters."""
+    torch.manual_seed(3)
+    plan = {2: [("freeze", {"layers": ["net.conv1"]}), ("freeze", {"layer": "net.conv3", "filters": [0, 3]})]}
+    trainer, model, script = fit(tmp_path, plan, epochs=1, batches=5)
+    assert [ack["status"] for ack in script.acks] == ["done"] * 2, script.acks
+    path = tmp_path / "frozen.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["revacnn"]["frozen"] == {"layers": {"net.conv1": {"weight": True, "bias": True}},
+                                               "filters": {"net.conv3": [0, 3]}}
+    saved = checkpoint["state_dict"]
+
+    resumed_model = ClassifierModule(ReVACNNNet(), lr=0.05)
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    resumed = quiet_trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=0, callbacks=[callback],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
+    resumed.fit(resumed_model, DigitsDataModule(batch_size=32), ckpt_path=path)
+    assert resumed.global_step == 10                                    # 5 steps after the resume
+    now = resumed_model.state_dict()
+    assert torch.equal(now["net.conv1.weight"], saved["net.conv1.weight"])
+    assert torch.equal(now["net.conv1.bias"], saved["net.conv1.bias"])
+    assert not resumed_model.net.conv1.weight.requires_grad            # still frozen after the fit
+    for key in ("net.conv3.weight", "net.conv3.bias"):
+        assert torch.equal(now[key][[0, 3]], saved[key][[0, 3]]), key   # the frozen filters' rows
+        others = [i for i in range(now[key].shape[0]) if i not in (0, 3)]
+        assert not torch.equal(now[key][others], saved[key][others]), key
+    assert not torch.equal(now["net.conv2.weight"], saved["net.conv2.weight"])
+    assert not torch.equal(now["net.fc.weight"], saved["net.fc.weight"])
+
+    # and a checkpoint of the resumed run holds the frozen set again (the freezes go on from resume to resume)
+    again = tmp_path / "again.ckpt"
+    resumed.save_checkpoint(again)
+    assert torch.load(again, weights_only=True)["revacnn"]["frozen"] == checkpoint["revacnn"]["frozen"]
+
+
+def test_resuming_a_steered_checkpoint_without_the_callback_and_the_fix(tmp_path):
+    """Issue 27: without the callback nothing replays the change log, and Lightning's own load fails with its list
+    of keys (docs/steering.md quotes it). Nothing of revacnn runs on that path to say more; the fixes it names work:
+    the callback, or ``load_steered`` into the model before ``fit(ckpt_path=…)``."""
+    torch.manual_seed(3)
+    plan = {2: [("widen", {"layer": "net.conv2", "count": 2})], 3: [("insert_layer", {"after": "net.conv1"})]}
+    trainer, model, script = fit(tmp_path, plan, epochs=1, batches=4)
+    assert [ack["status"] for ack in script.acks] == ["done"] * 2, script.acks
+    path = tmp_path / "steered.ckpt"
+    trainer.save_checkpoint(path)
+
+    plain = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError) as error:
+        plain.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=32), ckpt_path=path)
+    message = str(error.value)
+    assert message.startswith('Error(s) in loading state_dict for ClassifierModule:\n\tMissing key(s) in '
+                              'state_dict: "net.conv1.weight", "net.conv1.bias". \n\tUnexpected key(s) in '
+                              'state_dict: "net.conv1.0.weight", "net.conv1.0.bias", "net.conv1.2.weight", '
+                              '"net.conv1.2.bias". \n\tsize mismatch for net.conv2.weight: copying a param with '
+                              'shape torch.Size([22, 16, 5, 5]) from checkpoint'), message
+
+    steered = load_steered(path, ClassifierModule(ReVACNNNet(), lr=0.05))      # the fix without the callback
+    plain = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=0, default_root_dir=tmp_path)
+    plain.fit(steered, DigitsDataModule(batch_size=32), ckpt_path=path)
+    assert plain.global_step == 8 and steered.net.conv2.weight.shape[0] == 22
+
+
+def test_a_steered_checkpoint_that_does_not_fit_the_model_says_why(tmp_path):
+    """A model built unlike the trained one (other widths, or compiled where the run was not): ``load_steered`` and
+    the callback's resume said only "Error(s) in loading state_dict"; now they name the layers and what to do."""
+    from revacnn.steering import CheckpointMismatch
+
+    torch.manual_seed(3)
+    trainer, model, script = fit(tmp_path, {2: [("widen", {"layer": "net.conv2", "count": 2})]}, epochs=1,
+                                 batches=4)
+    assert [ack["status"] for ack in script.acks] == ["done"], script.acks
+    path = tmp_path / "steered.ckpt"
+    trainer.save_checkpoint(path)
+
+    with pytest.raises(CheckpointMismatch) as error:
+        load_steered(path, ClassifierModule(ReVACNNNet(widths=(16, 20, 24))))
+    assert str(error.value).startswith(
+        "load_steered: the checkpoint's weights do not fit the ClassifierModule given after replaying its 1 "
+        "structural change(s): net.conv3.weight is [20, 22, 5, 5] in the checkpoint, [24, 22, 5, 5] in the "
+        "ClassifierModule given;"), error.value
+    assert str(error.value).endswith("build the module the way the trained model was built before it was steered: "
+                                     "the same class with the same arguments (the change log replays only the "
+                                     "steering on top of it)")
+    assert isinstance(error.value, RuntimeError)                   # what load_state_dict raised before
+
+    compiled = ClassifierModule(ReVACNNNet())
+    compiled.net = torch.compile(compiled.net, backend="eager")
+    with pytest.raises(CheckpointMismatch, match="the checkpoint's names lack torch.compile's '_orig_mod.': do not "
+                                                 "compile the net before loading, as in the run"):
+        load_steered(path, compiled)
+
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    resumed = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=0, callbacks=[callback],
+                            default_root_dir=tmp_path)
+    with pytest.raises(CheckpointMismatch, match=r"^revacnn: the checkpoint's weights do not fit the "
+                                                 r"ClassifierModule being fitted after replaying its 1 structural"):
+        resumed.fit(ClassifierModule(ReVACNNNet(widths=(16, 20, 24))), DigitsDataModule(batch_size=32),
+                    ckpt_path=path)

@@ -187,3 +187,33 @@ def test_a_layer_the_module_froze_is_not_unfrozen_where_it_could_not_train(case)
         in ack["error"]
     assert ack["error"].startswith("unfreeze: net.conv1 was frozen by the module")
     assert not any(p.requires_grad for p in module.net.conv1.parameters())
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+@pytest.mark.parametrize("keyword", [False, True])
+def test_freezes_hold_when_the_optimizer_steps_with_a_closure(distributed, keyword):
+    """Lightning steps ``optimizer.step(closure)``: backward runs inside ``step``, after the step pre-hook. A frozen
+    layer under DDP (requires_grad left on) got its gradient back from the closure and moved; frozen filters whose
+    parameter had no gradient yet at the pre-hook (the first step after a freeze) moved too."""
+    import torch.nn.functional as F
+
+    module, optimizer, x, y, engine = setup("revacnn", "adamw", distributed=distributed)
+    optimizer.zero_grad(set_to_none=True)
+    assert engine.apply(cmd("freeze", layers=["net.conv1"]))["ok"]
+    assert engine.apply(cmd("freeze", layer="net.conv3", filters=[1, 4]))["ok"]
+    conv1, conv3 = module.net.conv1.weight.detach().clone(), module.net.conv3.weight.detach().clone()
+    conv2 = module.net.conv2.weight.detach().clone()
+    state = optimizer.state[module.net.conv3.weight]["exp_avg"][[1, 4]].clone()
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure=closure) if keyword else optimizer.step(closure)
+    assert torch.equal(module.net.conv1.weight, conv1)
+    assert torch.equal(module.net.conv3.weight[[1, 4]], conv3[[1, 4]])
+    assert torch.equal(optimizer.state[module.net.conv3.weight]["exp_avg"][[1, 4]], state)
+    assert not torch.equal(module.net.conv3.weight, conv3) and not torch.equal(module.net.conv2.weight, conv2)

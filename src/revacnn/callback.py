@@ -124,6 +124,7 @@ class ReVACNNCallback(Callback):
         """What belongs to one run (one ``fit``): a second fit with this callback records a new run."""
         self._run = Run(self._run_dir_given)
         self.engine = None
+        self._frozen_at_end: dict[str, Any] | None = None   # the engine's frozen set when the fit ended
         self.telemetry = Telemetry(self.schedule, self.max_activation_bytes, self.history, self._frozen_layers)
         self._window = StepWindow()
         self._loop = LoopControl()
@@ -162,7 +163,14 @@ class ReVACNNCallback(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        checkpoint["revacnn"] = changelog_entry(self.history.changelog, self.run_id)
+        checkpoint["revacnn"] = changelog_entry(self.history.changelog, self.run_id, self._frozen_state())
+
+    def _frozen_state(self) -> dict[str, Any]:
+        """What ``freeze`` froze, for checkpoints: the engine's, or what waits to be frozen again (a checkpoint saved
+        before the first batch of a resumed fit)."""
+        if self.engine is not None:
+            return self.engine.freezer.state()
+        return self.history.frozen_to_restore or self._frozen_at_end or {"layers": {}, "filters": {}}
 
     # -- set-up and tear-down -----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -226,7 +234,9 @@ class ReVACNNCallback(Callback):
 
     def _close(self, trainer: pl.Trainer) -> None:
         """Undo what ``setup`` and ``on_train_start`` did, and send and write what is queued; idempotent."""
-        self._checkpoint_hooks.unwrap(self.history.changelog, self.run_id)
+        self._frozen_at_end = self._frozen_state()   # for a checkpoint saved after the fit
+        self._checkpoint_hooks.unwrap(self.history.changelog, self.run_id, self._frozen_at_end)
+        self.history.frozen_to_restore = None   # the module keeps it (``SavesChangelog``), for its next fit
         self.telemetry.close(trainer)
         if self.engine is not None:
             self.engine.close()  # removes its optimizer step hooks
@@ -237,6 +247,8 @@ class ReVACNNCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._window.batch_start_step = step = trainer.global_step  # this batch makes the steps after it
+        if self.history.frozen_to_restore and not self._awaiting_shapes:
+            self._restore_frozen(trainer, pl_module, batch)
         if self.steering and self._window.starts and not self._awaiting_shapes:  # never inside one accumulated step
             self._steer(trainer, pl_module, batch)
         if (self.probe is not None and self._window.starts
@@ -356,6 +368,18 @@ class ReVACNNCallback(Callback):
         done = {key: value for key, value in result.items() if key not in ("id", "op", "ok", "error")}
         done["revision"] = self.history.revision
         ack(command, DONE, result=done)
+
+    def _restore_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Freeze again what was frozen when the checkpoint was saved (or the module's last fit ended), before the
+        first optimizer step: a frozen layer must not train again because the run resumed."""
+        state, self.history.frozen_to_restore = self.history.frozen_to_restore, None
+        skipped = self._steering_engine(trainer, pl_module, batch).freezer.load_state(state)
+        if skipped:
+            rank_zero_warn(f"revacnn: could not freeze again {', '.join(skipped)}: not in the model")
+        rank_zero_info(f"revacnn: froze again {len(state.get('layers') or {})} layer(s) and the filters of "
+                       f"{len(state.get('filters') or {})} layer(s) that were frozen before")
+        if self.publisher is not None:
+            self._telemetry(trainer, lambda: self._publish_structure(pl_module))  # the frozen marks changed
 
     def _frozen_layers(self) -> dict[str, Any]:
         """The layers (or filters) a ``freeze`` command froze (a bound method, not a lambda: the callback pickles)."""

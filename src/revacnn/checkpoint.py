@@ -38,6 +38,9 @@ class ModelHistory:
         self.next_filter_id = 0
         self.revision = 0
         self.resumed_run: str | None = None      # the run id a resumed checkpoint was saved by
+        # what ``freeze`` froze (``FreezeManager.state()``), from a checkpoint that resumed or an earlier fit of the
+        # same module, to freeze again before the first batch trains
+        self.frozen_to_restore: dict[str, Any] | None = None
 
     def state_dict(self, run_id: str) -> dict[str, Any]:
         return {"changelog": self.changelog, "filter_ids": self.filter_ids, "next_filter_id": self.next_filter_id,
@@ -76,10 +79,16 @@ class ModelHistory:
         self.revision += 1
 
 
-def changelog_entry(changelog: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
+def changelog_entry(changelog: list[dict[str, Any]], run_id: str,
+                    frozen: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint holds at its ``revacnn`` key: plain types only, so ``revacnn.load_steered`` can rebuild the
-    shapes offline."""
-    return {"changelog": list(changelog), "run_id": run_id}
+    shapes offline; ``frozen`` is what ``freeze`` froze (``FreezeManager.state()``), frozen again on resume."""
+    return {"changelog": list(changelog), "run_id": run_id,
+            "frozen": frozen if frozen is not None else {"layers": {}, "filters": {}}}
+
+
+def any_frozen(frozen: dict[str, Any] | None) -> bool:
+    return bool(frozen) and bool(frozen.get("layers") or frozen.get("filters"))
 
 
 class SavesChangelog:
@@ -88,14 +97,16 @@ class SavesChangelog:
     still needs the change log that rebuilds them. It then calls the module's own hook. A later fit takes the log
     over and takes this off. Plain attributes, so the module still pickles and deep-copies."""
 
-    def __init__(self, module: nn.Module, changelog: list[dict[str, Any]], run_id: str, own_hook: Any) -> None:
+    def __init__(self, module: nn.Module, changelog: list[dict[str, Any]], run_id: str, own_hook: Any,
+                 frozen: dict[str, Any] | None = None) -> None:
         self.module = module
         self.changelog = changelog
         self.run_id = run_id
         self.own_hook = own_hook          # the module's instance-level hook, if it had one
+        self.frozen = frozen              # what was frozen when the fit ended (``FreezeManager.state()``)
 
     def __call__(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["revacnn"] = changelog_entry(self.changelog, self.run_id)
+        checkpoint["revacnn"] = changelog_entry(self.changelog, self.run_id, self.frozen)
         (self.own_hook or type(self.module).on_save_checkpoint.__get__(self.module))(checkpoint)
 
 
@@ -122,6 +133,8 @@ class CheckpointHooks:
         if isinstance(left, SavesChangelog):     # an earlier fit steered this module: its changes go on from here
             if not history.changelog:
                 history.changelog = list(left.changelog)
+            if any_frozen(left.frozen):   # frozen again before this fit's first batch
+                history.frozen_to_restore = left.frozen
             del pl_module.__dict__["on_save_checkpoint"]
             if left.own_hook is not None:
                 pl_module.on_save_checkpoint = left.own_hook
@@ -129,6 +142,8 @@ class CheckpointHooks:
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             changelog = (checkpoint.get("revacnn") or {}).get("changelog", [])
+            frozen = (checkpoint.get("revacnn") or {}).get("frozen")
+            history.frozen_to_restore = frozen if any_frozen(frozen) else None   # the checkpoint's, not a fit's before
             if changelog and not shaped_like(pl_module, checkpoint.get("state_dict") or {}):
                 from revacnn.steering import replay_changelog
 
@@ -137,6 +152,15 @@ class CheckpointHooks:
             if changelog:   # (a module already steered so, e.g. the same instance fitted again, is not re-steered)
                 history.changelog = list(changelog)
             original_load(checkpoint)
+            if changelog:   # weights that still do not fit: said here, not as load_state_dict's list of keys
+                from revacnn.steering.changelog import explain_mismatch
+                from revacnn.steering.errors import CheckpointMismatch
+
+                problem = explain_mismatch(pl_module, checkpoint.get("state_dict") or {}, changelog,
+                                           getattr(pl_module, "strict_loading", True),
+                                           f"the {type(pl_module).__name__} being fitted")
+                if problem is not None:
+                    raise CheckpointMismatch(f"revacnn: {problem}")
 
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
             save(checkpoint)
@@ -147,15 +171,16 @@ class CheckpointHooks:
         pl_module.on_save_checkpoint = on_save_checkpoint
         self._module = pl_module
 
-    def unwrap(self, changelog: list[dict[str, Any]], run_id: str) -> None:
-        """Put the module's own hooks back, and leave a ``SavesChangelog`` on a module that was steered; idempotent."""
+    def unwrap(self, changelog: list[dict[str, Any]], run_id: str, frozen: dict[str, Any] | None = None) -> None:
+        """Put the module's own hooks back, and leave a ``SavesChangelog`` on a module that was steered (its shapes
+        changed, or layers are frozen); idempotent."""
         module = self._module
         if module is None:
             return
         for name in _HOOKS:
             module.__dict__.pop(name, None)
         module.__dict__.update(self._instance_hooks)
-        if changelog:
+        if changelog or any_frozen(frozen):
             module.on_save_checkpoint = SavesChangelog(module, list(changelog), run_id,
-                                                       self._instance_hooks.get("on_save_checkpoint"))
+                                                       self._instance_hooks.get("on_save_checkpoint"), frozen)
         self._module = None

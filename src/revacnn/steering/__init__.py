@@ -6,6 +6,6 @@
 
 from .changelog import load_steered, replay_changelog
 from .engine import SteeringEngine
-from .errors import SteeringError
+from .errors import CheckpointMismatch, SteeringError
 
-__all__ = ["SteeringEngine", "SteeringError", "replay_changelog", "load_steered"]
+__all__ = ["SteeringEngine", "SteeringError", "CheckpointMismatch", "replay_changelog", "load_steered"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SteeringError
+from .errors import CheckpointMismatch, SteeringError
 from .surgery import resize_channels, splice_insert, splice_remove
 
 NAME_FIELDS = ("layer", "anchor", "like")
@@ -66,12 +66,48 @@ def replay_changelog(module: nn.Module, changelog: list[dict], prefix: str = "")
     return module
 
 
+def _shape(value: Any) -> str:
+    return str(list(getattr(value, "shape", ())))
+
+
+def explain_mismatch(module: nn.Module, state: dict[str, Any], changelog: list[dict], strict: bool = True,
+                     to: str = "the module") -> str | None:
+    """Why ``state`` does not load into ``module`` once ``changelog`` was replayed on it, and what to do; None
+    when it fits (no size mismatch, and with ``strict`` the same names)."""
+    own = module.state_dict()
+    sizes = [f"{key} is {_shape(state[key])} in the checkpoint, {_shape(value)} in {to}"
+             for key, value in own.items() if key in state and getattr(state[key], "shape", None) is not None
+             and getattr(value, "shape", None) is not None and tuple(state[key].shape) != tuple(value.shape)]
+    missing = [key for key in own if key not in state] if strict else []
+    unexpected = [key for key in state if key not in own] if strict else []
+    if not (sizes or missing or unexpected):
+        return None
+    details = sizes[:3] + [f"missing {key}" for key in missing[:3]] + [f"unexpected {key}" for key in unexpected[:3]]
+    more = len(sizes) + len(missing) + len(unexpected) - len(details)
+    what = (f"after replaying its {len(changelog)} structural change(s)" if changelog
+            else "(the checkpoint holds no revacnn change log: it was saved before any structural change, or "
+                 "not through a Lightning checkpoint of the run)")
+    compiled_saved = any("._orig_mod." in f".{key}" for key in state)
+    compiled_here = any("._orig_mod." in f".{key}" for key in own)
+    if compiled_saved != compiled_here:
+        hint = ("the checkpoint's names " + ("have" if compiled_saved else "lack") + " torch.compile's '_orig_mod.': "
+                + ("compile" if compiled_saved else "do not compile") + " the net before loading, as in the run")
+    else:
+        hint = ("build the module the way the trained model was built before it was steered: the same class with "
+                "the same arguments (the change log replays only the steering on top of it)")
+    return (f"the checkpoint's weights do not fit {to} {what}: {'; '.join(details)}"
+            + (f" (and {more} more)" if more > 0 else "") + f". {hint}")
+
+
 def load_steered(checkpoint: Any, module: nn.Module, strict: bool = True) -> nn.Module:
     """Load a (Lightning) checkpoint of a steered model into a freshly built ``module`` of the original class.
 
     Reads the file with ``torch.load(weights_only=True)``, replays ``checkpoint["revacnn"]["changelog"]`` and loads
     ``checkpoint["state_dict"]``. ``module`` may be the LightningModule or the bare net it wraps (a common first
-    name component of the saved keys that ``module`` lacks, such as ``net.``, is stripped).
+    name component of the saved keys that ``module`` lacks, such as ``net.``, is stripped). Weights that still do
+    not fit raise ``CheckpointMismatch`` (a ``SteeringError`` and a ``RuntimeError``), saying which and what to do.
+    What ``freeze`` froze (``checkpoint["revacnn"]["frozen"]``) is not applied: it needs the optimizer's step hooks
+    of a training run (the callback freezes it again when a fit resumes from the checkpoint).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -87,5 +123,8 @@ def load_steered(checkpoint: Any, module: nn.Module, strict: bool = True) -> nn.
             prefix = first + "."
             state = {k[len(prefix):]: v for k, v in state.items()}
     replay_changelog(module, changelog, prefix=prefix)
+    problem = explain_mismatch(module, state, changelog, strict, f"the {type(module).__name__} given")
+    if problem is not None:
+        raise CheckpointMismatch(f"load_steered: {problem}")
     module.load_state_dict(state, strict=strict)
     return module

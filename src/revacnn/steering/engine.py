@@ -24,6 +24,7 @@ from . import commands as C
 from .errors import SteeringError
 from .freezing import FreezeManager
 from .graph import FILTER_LAYERS, Group, eager, trace
+from .names import resolve_layer
 from .ops import OPERATIONS
 from .optimizer import apply_records, check_supported
 from .surgery import resize_channels
@@ -76,6 +77,7 @@ class SteeringEngine:
         self.example_input = example_input
         self.distributed = distributed
         self.changelog: list[dict] = []
+        self.resolved: dict[str, str] = {}   # the names of the command being applied that ``resolve`` changed
         self.freezer = FreezeManager(module, self.optimizers, distributed)
 
     # ----------------------------------------------------------------------------------------------- public API
@@ -94,9 +96,12 @@ class SteeringEngine:
         if isinstance(command, Mapping):
             ack["id"] = command.get("id") if isinstance(command.get("id"), str) else None
             ack["op"] = command.get("op") if isinstance(command.get("op"), str) else None
+        self.resolved = {}
         try:
             _, op, args = C.parse_command(command)
             structural, changes, filter_maps = OPERATIONS[op](self, args)
+            if self.resolved:  # say which module the user's name stood for
+                changes = {**changes, "resolved": dict(self.resolved)}
         except SteeringError as exc:
             ack["error"] = str(exc)
             return ack
@@ -107,13 +112,23 @@ class SteeringEngine:
         return ack
 
     # ------------------------------------------------------------- for the operations (steering/ops/): model access
+    def resolve(self, name: str, op: str) -> str:
+        """The ``named_modules()`` name of the layer the user calls ``name`` (``names.resolve_layer``: the same
+        name, or the name with torch.compile's ``_orig_mod`` segments, followed across insert_layer's renames);
+        a name it changed is reported in the ack's ``changes.resolved``. Every operation resolves its layer names
+        here first."""
+        real = resolve_layer(self.module, name, op, self.changelog)
+        if real != name:
+            self.resolved[name] = real
+        return real
+
+    def layer_arg(self, args: dict, key: str, op: str) -> str:
+        """The layer named by ``args[key]``, resolved (``resolve``)."""
+        return self.resolve(C.get_str(args, key, op), op)
+
     def layer(self, name: str, op: str, kind: type | tuple | None = None, what: str = "") -> nn.Module:
-        try:
-            mod = self.module.get_submodule(name)
-        except AttributeError:
-            layers = [n for n, m in self.module.named_modules() if isinstance(m, FILTER_LAYERS)]
-            raise SteeringError(f"{op}: unknown layer {name!r}; conv and Linear layers are: {', '.join(layers)}"
-                                ) from None
+        """The module of the layer ``name`` (a name ``resolve`` gave), checked to be a ``kind``."""
+        mod = self.module.get_submodule(self.resolve(name, op))
         if kind is not None and not isinstance(mod, kind):
             raise SteeringError(f"{op}: layer {name!r} is a {type(mod).__name__}; {what or 'unsupported layer type'}")
         return mod

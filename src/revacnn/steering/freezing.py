@@ -3,7 +3,8 @@
 - Whole layer, single device: ``requires_grad=False`` (no backward compute for it) and ``grad=None``; SGD, Adam,
   AdamW and RMSprop skip a parameter whose ``.grad is None``, so weight and optimizer state stay bitwise unchanged.
 - Whole layer, distributed: ``requires_grad`` is never touched (DDP registered its hooks at wrap time); an optimizer
-  step pre-hook sets ``grad=None`` instead.
+  step pre-hook sets ``grad=None`` instead, and again once a ``step(closure)``'s closure (Lightning's) has run
+  backward.
 - Single filters: a step pre-hook saves the filter rows of the parameter and of every per-parameter state tensor; the
   post-hook writes them back (zero when the state did not exist yet), so those rows are bitwise unchanged.
 
@@ -41,6 +42,39 @@ class FreezeManager:
             if mod in names:
                 out[names[mod]] = "all"
         return out
+
+    def state(self) -> dict:
+        """What is frozen, by layer name, in plain types (for checkpoints): ``{"layers": {name: {parameter:
+        requires_grad before the freeze}}, "filters": {name: [filter indices]}}``."""
+        names = {m: n for n, m in self.module.named_modules()}
+        return {"layers": {names[m]: dict(flags) for m, flags in self.layers.items() if m in names},
+                "filters": {names[m]: sorted(idx) for m, idx in self.filters.items() if m in names and idx}}
+
+    def load_state(self, state: dict) -> list[str]:
+        """Freeze again what ``state`` (from ``state()``) says, e.g. after a checkpoint resumed: whole layers keep
+        the ``requires_grad`` they had before their freeze for ``unfreeze`` to put back. Returns what it could not
+        freeze again (a layer that is not in the module, filter indices past its filters)."""
+        modules = dict(self.module.named_modules())
+        skipped = []
+        for name, flags in (state.get("layers") or {}).items():
+            mod = modules.get(name)
+            if mod is None or not any(True for _ in mod.parameters()):
+                skipped.append(name)
+                continue
+            self.freeze_layer(mod)
+            self.layers[mod] = {n: bool(flags.get(n, True)) for n, _ in mod.named_parameters()}
+        for name, filters in (state.get("filters") or {}).items():
+            mod = modules.get(name)
+            weight = getattr(mod, "weight", None)
+            if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
+                skipped.append(name)
+                continue
+            rows = [int(i) for i in filters if 0 <= int(i) < weight.shape[0]]
+            if len(rows) != len(filters):
+                skipped.append(f"{name} filters {sorted(set(filters) - set(rows))}")
+            if rows:
+                self.freeze_filters(mod, rows)
+        return skipped
 
     def freeze_layer(self, mod: nn.Module) -> None:
         if mod in self.layers:
@@ -101,15 +135,18 @@ class FreezeManager:
             if isinstance(p, nn.Parameter):
                 yield p
 
-    def _pre(self, optimizer, args, kwargs) -> None:
+    def _drop_layer_grads(self) -> None:
         for mod in self.layers:
             for p in mod.parameters():
                 p.grad = None
+
+    def _pre(self, optimizer, args, kwargs):
+        self._drop_layer_grads()
         self._saved = []
         for mod in self.filters:
             for p in self._params_of(mod):
-                if p.grad is None:
-                    continue
+                # saved even without a gradient yet: Lightning steps with a closure, whose backward runs inside
+                # ``step``, after this hook (the first step after a freeze restored on resume has none here)
                 r = self._rows_on(mod, p.device)
                 state = optimizer.state.get(p)
                 saved_state = None
@@ -117,6 +154,25 @@ class FreezeManager:
                     saved_state = {k: v.index_select(0, r).clone() for k, v in state.items()
                                    if isinstance(v, torch.Tensor) and v.shape == p.shape}
                 self._saved.append((p, r, p.detach().index_select(0, r).clone(), saved_state))
+        return self._after_closure(args, kwargs)
+
+    def _after_closure(self, args, kwargs):
+        """A ``step(closure)`` (Lightning's, LBFGS) runs backward inside ``step``, after this hook: the closure is
+        wrapped to drop the frozen layers' gradients once it has made them (under DDP they exist: requires_grad was
+        left on). Returns the hook's ``(args, kwargs)``, or None where nothing changes."""
+        # ``args`` starts with the optimizer itself (the hook sees ``step``'s own arguments)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None or not self.layers:
+            return None
+
+        def without_frozen_grads():
+            loss = closure()
+            self._drop_layer_grads()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": without_frozen_grads}
+        return (args[0], without_frozen_grads, *args[2:]), kwargs
 
     def _post(self, optimizer, args, kwargs) -> None:
         with torch.no_grad():

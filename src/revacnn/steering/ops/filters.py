@@ -75,7 +75,7 @@ def widen(engine: SteeringEngine, args: dict):
     slices bitwise. ``random`` preserves the old filters and state slices, not the function.
     """
     op = "widen"
-    name = C.get_str(args, "layer", op)
+    name = engine.layer_arg(args, "layer", op)
     count = C.get_int(args, "count", op, minimum=1)
     if count > MAX_COUNT:
         raise SteeringError(f"widen: count {count} is larger than the limit {MAX_COUNT}")
@@ -104,7 +104,7 @@ def remove_filters(engine: SteeringEngine, args: dict):
     Preserves: the kept filters, their reader slices and optimizer-state slices bitwise; not the function.
     """
     op = "remove_filters"
-    name = C.get_str(args, "layer", op)
+    name = engine.layer_arg(args, "layer", op)
     width = engine.filter_layer(name, op).weight.shape[0]
     filters = C.get_int_list(args, "filters", op, upper=width, what="filter")
     if len(filters) >= width:
@@ -237,7 +237,7 @@ def reinit_filters(engine: SteeringEngine, args: dict):
     log).
     """
     op = "reinit_filters"
-    name = C.get_str(args, "layer", op)
+    name = engine.layer_arg(args, "layer", op)
     layer = engine.filter_layer(name, op)
     engine.check_held_weights(name, op)
     filters = C.get_int_list(args, "filters", op, upper=layer.weight.shape[0], what="filter")

@@ -24,7 +24,7 @@ def _targets(engine: SteeringEngine, args: dict, op: str):
     if "layers" in args:
         if "layer" in args or "filters" in args:
             raise SteeringError(f"{op}: give either 'layers' or 'layer' with 'filters', not both")
-        names = C.get_name_list(args, "layers", op)
+        names = [engine.resolve(n, op) for n in C.get_name_list(args, "layers", op)]
         mods = []
         for n in names:
             mod = engine.layer(n, op)
@@ -34,7 +34,7 @@ def _targets(engine: SteeringEngine, args: dict, op: str):
         return mods, None
     if "layer" not in args or "filters" not in args:
         raise SteeringError(f"{op}: needs 'layers' (a list of names) or 'layer' with 'filters'")
-    name = C.get_str(args, "layer", op)
+    name = engine.layer_arg(args, "layer", op)
     layer = engine.layer(name, op, FILTER_LAYERS,
                          "single filters can be (un)frozen only in a conv (1-D, 2-D or 3-D) or Linear layer")
     engine.check_held_weights(name, op)

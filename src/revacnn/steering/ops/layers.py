@@ -43,7 +43,7 @@ def insert_layer(engine: SteeringEngine, args: dict):
     parameter and its optimizer state (renamed ``<anchor>.0.*``).
     """
     op = "insert_layer"
-    name = C.get_str(args, "after", op)
+    name = engine.layer_arg(args, "after", op)
     batchnorm = C.get_bool(args, "batchnorm", op, False)
     conv = engine.layer(name, op, CONVS, "insert_layer needs a conv layer (1-D, 2-D or 3-D)")
     check_supported(engine.optimizers, f"{op} after {name}")
@@ -92,7 +92,7 @@ def remove_layer(engine: SteeringEngine, args: dict):
     (``output_max_abs_change`` says by how much it moved).
     """
     op = "remove_layer"
-    name = C.get_str(args, "layer", op)
+    name = engine.layer_arg(args, "layer", op)
     mod = engine.layer(name, op, (*CONVS, _BatchNorm),
                        "remove_layer supports conv (1-D, 2-D or 3-D) and BatchNorm layers")
     if isinstance(mod, CONVS):
