@@ -235,7 +235,7 @@ def client_main(endpoint: str, steer: str, state_elements: int, lr: float, batch
     poller = zmq.Poller()
     poller.register(dealer, zmq.POLLIN)
     poller.register(control, zmq.POLLIN)
-    mode, drain_ping, drain_from, drain_after, drain_answered = "idle", None, 0.0, "idle", None
+    mode, drain_ping, drain_from, drain_after, drain_answered, drain_sent = "idle", None, 0.0, "idle", None, 0.0
     ready_ping = "ping-ready"
     flood.pings[ready_ping] = time.monotonic() + 3600    # the trainer may still be starting: no timeout for this one
     dealer.send_multipart(ping(ready_ping))
@@ -260,6 +260,13 @@ def client_main(endpoint: str, steer: str, state_elements: int, lr: float, batch
         if drain_ping is not None and flood.drained(drain_answered, now):
             control.send_json({"drained": now - drain_from, "after": drain_after})
             drain_ping = drain_answered = None
+        elif drain_ping is not None and drain_answered is None and now - drain_sent > PING_TIMEOUT_S:
+            # the trainer's per-client rate limit drops requests unread once a flood has spent the client's
+            # tokens: ask again (a fresh ping, once tokens are back) rather than wait for an answer that never comes
+            flood.pings.pop(drain_ping, None)
+            drain_ping, packet = flood.new_ping(now)
+            flood.pings[drain_ping], drain_sent = now + 3600, now
+            dealer.send_multipart(packet)
         if control in events:
             order = control.recv_json()
             if order[0] == "quit":
@@ -268,7 +275,7 @@ def client_main(endpoint: str, steer: str, state_elements: int, lr: float, batch
             if order[1] == "idle" and mode != "idle":       # what was sent is handled when this ping comes back
                 drain_from, drain_after = now, mode
                 drain_ping, packet = flood.new_ping(now)
-                flood.pings[drain_ping] = now + 3600          # no timeout: waited for however long it takes
+                flood.pings[drain_ping], drain_sent = now + 3600, now  # not expired: sent again (above) instead
                 dealer.send_multipart(packet)
             mode = order[1]
         if mode != "idle":
