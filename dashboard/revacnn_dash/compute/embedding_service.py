@@ -118,6 +118,8 @@ class EmbeddingService:
         if x is None:
             return {"error": f"the latest snapshot has no {source} data for {layer}"}
         n = x.shape[0]
+        if not n:
+            return {"error": f"{layer} has no filters in the latest snapshot"}
         if len(ids) != n:
             ids = list(range(n))
         layout_key = (run, layer, source, method)
@@ -132,12 +134,17 @@ class EmbeddingService:
         coords = align_to_previous(coords, ids, previous)
         self.previous[layout_key] = {fid: (float(a), float(b)) for fid, (a, b) in zip(ids, coords)}
         grad = arrays.get("grad/" + layer)
-        magnitude = (np.abs(np.asarray(grad, float)).reshape(n, -1).mean(1) if grad is not None and len(grad) == n
-                     else np.zeros(n))
+        magnitude = np.zeros(n)
+        if grad is not None and len(grad) == n and n:
+            g = np.abs(np.asarray(grad, np.float64)).reshape(n, -1)
+            with np.errstate(all="ignore"):   # NaN stays NaN (the figure draws it as the lowest colour)
+                magnitude = (g / 2).mean(1) * 2 if g.shape[1] else np.zeros(n)
         result = {"coords": coords.tolist(), "ids": ids, "grad": magnitude.tolist(), "n": n,
                   "aligned": previous is not None, "not_finite": int((~np.isfinite(x)).any(axis=1).sum())}
         if colour == "cluster":
-            result["cluster"] = kmeans_labels(x, k=min(4, n)).tolist()
+            # NaN and ±inf as 0, as in the layout (k-means refuses them)
+            result["cluster"] = kmeans_labels(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0),
+                                              k=min(4, n)).tolist()
         return result
 
 
