@@ -83,6 +83,8 @@ def test_the_dashboard_stops_quietly_and_takes_its_helper_processes_with_it(tmp_
         if stop != "sigkill":
             output = log.read_text()
             assert "Traceback" not in output, output[-3000:]
+            # the helpers' pool shut down cleanly: multiprocessing's resource tracker found nothing left over
+            assert "leaked semaphore" not in output and "resource_tracker" not in output, output[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
@@ -91,3 +93,32 @@ def test_the_dashboard_stops_quietly_and_takes_its_helper_processes_with_it(tmp_
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+SERVICE_SCRIPT = """
+import sys, time
+import numpy as np
+from revacnn_dash.compute.embedding_service import EmbeddingService
+service = EmbeddingService()
+if sys.argv[1] == "umap":
+    service.warm_umap()
+    deadline = time.monotonic() + 240
+    while service.umap_state != "ready" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(service.umap_state, flush=True)
+else:
+    assert service._submit("tsne", sum, [1, 2]).result(60) == 3
+service.shutdown()
+"""
+
+
+@pytest.mark.parametrize("helper", ["umap", "tsne"])
+def test_idle_helper_processes_shut_down_without_leaking_semaphores(tmp_path, helper):
+    """Every exit of the dashboard printed multiprocessing's "resource_tracker: There appear to be 1 leaked
+    semaphore objects": the helpers, idle after the UMAP warm-up, were killed rather than stopped."""
+    result = subprocess.run([sys.executable, "-c", SERVICE_SCRIPT, helper], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                str(Path(__file__).resolve().parents[1] / d) for d in ("src", "dashboard"))})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert helper == "tsne" or result.stdout.strip() == "ready", result.stdout + result.stderr[-3000:]
+    assert "leaked" not in result.stderr and "resource_tracker" not in result.stderr, result.stderr[-3000:]

@@ -39,6 +39,7 @@ class EmbeddingService:
         self.umap_started = 0.0
         self.umap_seconds: float | None = None
         self.pools: dict[str, ProcessPoolExecutor] = {}
+        self.futures: dict[str, set] = {}      # each helper's unfinished jobs
         self.thread = threading.Thread(target=self._run, name="revacnn-embedding", daemon=True)
         self.thread.start()
 
@@ -49,10 +50,23 @@ class EmbeddingService:
                                                          mp_context=multiprocessing.get_context("spawn"))
             return self.pools[method]
 
+    def _submit(self, method: str, fn, *args):
+        """A job for ``method``'s helper process; ``shutdown`` knows from these whether the helper is busy."""
+        future = self._pool(method).submit(fn, *args)
+        with self.lock:
+            self.futures.setdefault(method, set()).add(future)
+        future.add_done_callback(lambda f: self.futures.get(method, set()).discard(f))
+        return future
+
     def shutdown(self) -> None:
         """Stop the helper processes now, even mid-job: a UMAP warm-up compiles numba code for ~20 s, and a pool
-        shut down without this would make the dashboard's exit wait for it."""
-        for pool in list(self.pools.values()):
+        shut down without this would make the dashboard's exit wait for it. An idle helper (the usual case: the
+        warm-up is long over) is stopped in order instead, so that it releases what it holds: a killed UMAP helper
+        left a semaphore for multiprocessing's resource tracker to report as leaked on every exit."""
+        for method, pool in list(self.pools.items()):
+            if not any(not f.done() for f in list(self.futures.get(method, ()))):
+                pool.shutdown(wait=True)
+                continue
             terminate = getattr(pool, "terminate_workers", None)        # Python ≥ 3.14
             if terminate is not None:
                 terminate()
@@ -66,7 +80,7 @@ class EmbeddingService:
         def warm() -> None:
             self.umap_state, self.umap_started = "warming", time.monotonic()
             try:
-                self._pool("umap").submit(_warm_umap).result()
+                self._submit("umap", _warm_umap).result()
                 self.umap_state = "ready"
             except Exception as error:  # an optional speed-up: report, never crash
                 self.umap_state = f"unavailable ({type(error).__name__}: {error})"
@@ -130,7 +144,7 @@ class EmbeddingService:
         if method == "pca":
             coords = compute_embedding(x, method, init=init)
         else:
-            coords = self._pool(method).submit(compute_embedding, x, method, 0, init).result(timeout=600)
+            coords = self._submit(method, compute_embedding, x, method, 0, init).result(timeout=600)
         coords = align_to_previous(coords, ids, previous)
         self.previous[layout_key] = {fid: (float(a), float(b)) for fid, (a, b) in zip(ids, coords)}
         grad = arrays.get("grad/" + layer)
