@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -122,3 +123,33 @@ def test_idle_helper_processes_shut_down_without_leaking_semaphores(tmp_path, he
     assert result.returncode == 0, result.stderr[-3000:]
     assert helper == "tsne" or result.stdout.strip() == "ready", result.stdout + result.stderr[-3000:]
     assert "leaked" not in result.stderr and "resource_tracker" not in result.stderr, result.stderr[-3000:]
+
+
+def test_the_serving_line_starts_a_line_of_its_own_in_a_terminal(tmp_path):
+    """In the demo the trainer's progress bar and the dashboard share the terminal: "revacnn-dash: serving on …"
+    was glued onto the end of the bar's line (it draws with carriage returns, no newline)."""
+    import pty
+    import select
+
+    port = free_port()
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--logdir", str(tmp_path), "--port",
+                                str(port), "--no-umap-warmup"], stdout=follower, stderr=follower,
+                               start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+    os.close(follower)
+    output = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"serving on" not in output and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    output += os.read(leader, 4096)
+                except OSError:
+                    break
+    finally:
+        process.terminate()
+        process.wait(20)
+        os.close(leader)
+    text = output.decode(errors="replace")
+    assert "\nrevacnn-dash: serving on http://127.0.0.1:" in text.replace("\r\n", "\n"), text
+    assert text.replace("\r\n", "\n").startswith("\nrevacnn-dash: serving on"), text
