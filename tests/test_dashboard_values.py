@@ -272,3 +272,20 @@ def test_a_diverged_run_renders_every_view_and_says_since_when(monkeypatch):
                 assert f"⚠ {4 if source == 'act' else 3} of 4 filters hold NaN or inf" in status
     finally:
         hub.embeddings.shutdown()
+
+
+@SETTINGS
+@given(st.integers(1, 6).flatmap(lambda n: st.tuples(arrays((3, n)), arrays((3, n)))))
+def test_snapshot_comparison_measures_of_odd_values_are_quiet(case):
+    """``RuntimeWarning: invalid value encountered in reduce`` was printed while serving: the comparison's sums of
+    a diverged run's ±inf (inf − inf, inf · −inf)."""
+    from revacnn_dash.analysis.compare import cosine, log_change, relative_l2, zero_floor
+
+    a, b = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        relative_l2(a, b, axis=1)
+        cosine(a, b, axis=1)
+        floor = zero_floor(a)
+        log_change(a, b)
+    assert math.isfinite(floor) and floor > 0
