@@ -289,3 +289,45 @@ def test_snapshot_comparison_measures_of_odd_values_are_quiet(case):
         floor = zero_floor(a)
         log_change(a, b)
     assert math.isfinite(floor) and floor > 0
+
+
+@SETTINGS
+@given(st.integers(0, 8).flatmap(lambda t: st.tuples(st.just(t), arrays((5, t)), arrays((3, t)))),
+       st.sampled_from(["cosine", "update_ratio", "weight_norm"]))
+def test_explorer_figures_take_any_values(case, field):
+    """The training-log explorer's small multiples and filters × iterations chart of a diverged recording."""
+    from revacnn_dash.figures.explorer_charts import filter_chart_figure, multiples_figure
+
+    t, bands, matrix = case
+    steps = np.arange(t) * 10
+    tree = {"root": "", "nodes": {"": {"name": "model", "children": ["a"], "layer": None},
+                                  "a": {"name": "a", "children": [], "layer": "a"}}}
+    stats = dict(zip(("min", "q1", "median", "q3", "max"), np.sort(bands, axis=0)))
+    overview = {"field": field, "steps": t, "raw": True, "nodes": {"": {"step": steps, **stats},
+                                                                  "a": {"step": steps, **stats}}}
+    events = [{"step": 5, "label": "pause"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fig = multiples_figure(overview, tree, "", [3], events, None)
+        chart = filter_chart_figure({"step": steps, "field": field, "values": matrix, "filter_ids": [0, 1, 2],
+                                     "exact": True}, [3], events, [0, 10])
+    assert_plotly_safe(fig)
+    assert_plotly_safe(chart)
+
+
+@SETTINGS
+@given(st.tuples(arrays((2, 3, 3)), arrays((2, 3, 3)), arrays((2, 2, 4, 4))), st.sampled_from(["kept", "new"]))
+def test_comparison_filter_figure_takes_any_values(case, status):
+    from revacnn_dash.analysis.compare import log_change
+    from revacnn_dash.figures.comparison_charts import filter_figure
+
+    a, b, act = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diff, log = b - a, log_change(a, b)[0]
+    pair = {"a": a, "b": b, "diff": diff, "log": log, "act_a": act, "act_b": act, "status": status,
+            "rel_l2": float(np.nan), "cosine": float(np.inf), "layer": "l", "filter_id": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fig = filter_figure(pair, 1)
+    assert_plotly_safe(fig)
