@@ -20,7 +20,8 @@ def redundancy(weight: np.ndarray | None, fields: dict[str, np.ndarray] | None, 
             # a diverged run's NaN or inf statistics are no hint: the median and the comparisons skip them
             act = np.asarray(act, dtype=np.float64)
             fin = act[np.isfinite(act)]
-            med = float(np.median(fin)) if fin.size else 0.0
+            with np.errstate(over="ignore"):   # the median of two 1e308s overflows: inf, harmless here
+                med = float(np.median(fin)) if fin.size else 0.0
             hints["dead"] = [int(i) for i in np.flatnonzero(np.isfinite(act) & ((act <= dead_fraction * med)
                                                                                | (act == 0)))]
         upd = fields.get("update_ratio")
@@ -28,8 +29,8 @@ def redundancy(weight: np.ndarray | None, fields: dict[str, np.ndarray] | None, 
             upd = np.asarray(upd, dtype=np.float64)
             live = upd if frozen is None else upd[~frozen[: len(upd)]]
             live = live[np.isfinite(live)]
-            med = float(np.median(live)) if len(live) else 0.0
             with np.errstate(all="ignore"):
+                med = float(np.median(live)) if len(live) else 0.0
                 cand = (np.flatnonzero(np.isfinite(upd) & (upd < converged_fraction * med)) if med > 0
                         else np.zeros(0, int))
             if frozen is not None:
