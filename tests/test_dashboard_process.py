@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_the_dashboard_stops_quietly_and_takes_its_helper_processes_with_it(tmp_
         if stop != "sigkill":
             output = log.read_text()
             assert "Traceback" not in output, output[-3000:]
+            # the helpers' pool shut down cleanly: multiprocessing's resource tracker found nothing left over
+            assert "leaked semaphore" not in output and "resource_tracker" not in output, output[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
@@ -91,3 +94,62 @@ def test_the_dashboard_stops_quietly_and_takes_its_helper_processes_with_it(tmp_
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+SERVICE_SCRIPT = """
+import sys, time
+import numpy as np
+from revacnn_dash.compute.embedding_service import EmbeddingService
+service = EmbeddingService()
+if sys.argv[1] == "umap":
+    service.warm_umap()
+    deadline = time.monotonic() + 240
+    while service.umap_state != "ready" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(service.umap_state, flush=True)
+else:
+    assert service._submit("tsne", sum, [1, 2]).result(60) == 3
+service.shutdown()
+"""
+
+
+@pytest.mark.parametrize("helper", ["umap", "tsne"])
+def test_idle_helper_processes_shut_down_without_leaking_semaphores(tmp_path, helper):
+    """Every exit of the dashboard printed multiprocessing's "resource_tracker: There appear to be 1 leaked
+    semaphore objects": the helpers, idle after the UMAP warm-up, were killed rather than stopped."""
+    result = subprocess.run([sys.executable, "-c", SERVICE_SCRIPT, helper], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                str(Path(__file__).resolve().parents[1] / d) for d in ("src", "dashboard"))})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert helper == "tsne" or result.stdout.strip() == "ready", result.stdout + result.stderr[-3000:]
+    assert "leaked" not in result.stderr and "resource_tracker" not in result.stderr, result.stderr[-3000:]
+
+
+def test_the_serving_line_starts_a_line_of_its_own_in_a_terminal(tmp_path):
+    """In the demo the trainer's progress bar and the dashboard share the terminal: "revacnn-dash: serving on …"
+    was glued onto the end of the bar's line (it draws with carriage returns, no newline)."""
+    import pty
+    import select
+
+    port = free_port()
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--logdir", str(tmp_path), "--port",
+                                str(port), "--no-umap-warmup"], stdout=follower, stderr=follower,
+                               start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+    os.close(follower)
+    output = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"serving on" not in output and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    output += os.read(leader, 4096)
+                except OSError:
+                    break
+    finally:
+        process.terminate()
+        process.wait(20)
+        os.close(leader)
+    text = output.decode(errors="replace")
+    assert "\nrevacnn-dash: serving on http://127.0.0.1:" in text.replace("\r\n", "\n"), text
+    assert text.replace("\r\n", "\n").startswith("\nrevacnn-dash: serving on"), text

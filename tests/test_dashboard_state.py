@@ -117,7 +117,7 @@ def test_the_banner_says_since_when_a_run_has_no_finite_loss(losses, since):
     assert summary["loss_not_finite_since"] == since
     warning = [child for child in banner_children(summary) if getattr(child, "id", None) == "loss-not-finite"]
     assert [w.children for w in warning] == ([] if since is None else
-                                             [f"⚠ no finite loss since step {since} (NaN or inf: diverged?)"])
+                                             [f"⚠ loss is NaN or ±inf since step {since} (diverged?)"])
 
 
 def test_a_replayed_diverged_run_says_since_when_it_has_no_finite_loss(tmp_path):

@@ -125,5 +125,33 @@ def test_ctrl_c_or_sigterm_stops_the_demo_and_its_children_in_order(tmp_path, st
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
         assert "Detected KeyboardInterrupt, attempting graceful shutdown" in text   # the trainer stopped in order
+        # the demo says the run was stopped, from the state it recorded: it did not finish
+        assert "training finished" not in text, text[-3000:]
+        assert "revacnn demo: training stopped at step " in text and "(interrupted (KeyboardInterrupt))" in text, \
+            text[-3000:]
     finally:
         kill_group(process)
+
+
+@pytest.mark.parametrize(("status", "code", "said"), [
+    ({"state": "finished", "step": 92}, 0, "training finished at step 92"),
+    ({"state": "stopped", "step": 12, "message": "interrupted (KeyboardInterrupt)"}, 0,
+     "training stopped at step 12 (interrupted (KeyboardInterrupt))"),
+    ({"state": "stopped", "step": 7}, 0, "training stopped at step 7"),                 # a stop from the dashboard
+    ({"state": "failed", "step": 3, "message": "RuntimeError: boom"}, 1, "training failed at step 3 (RuntimeError: boom)"),
+    (None, 0, "training finished"),                                                    # no recording: the exit code
+    (None, -2, "training stopped (the trainer exited with code -2)"),
+])
+def test_the_demo_says_how_the_run_ended_not_always_finished(monkeypatch, tmp_path, status, code, said):
+    """A run stopped with Ctrl-C (or from the dashboard, or failed) was reported as "training finished"."""
+    import revacnn.recording.reader as reader
+    from revacnn.cli import _run_end
+
+    class Run:
+        def status(self):
+            if status is None:
+                raise FileNotFoundError("no run.json")
+            return status
+
+    monkeypatch.setattr(reader, "open_run", lambda path: Run())
+    assert _run_end(tmp_path / "connection.json", code) == said

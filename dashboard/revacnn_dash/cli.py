@@ -102,6 +102,15 @@ def auth_token(args: argparse.Namespace) -> str | None:
     return generate_token()
 
 
+def own_line(stream) -> str:
+    """A newline before a line printed to a terminal: there it may share the line of a progress bar (the demo's
+    trainer draws one with carriage returns and no newline), and was glued onto its end."""
+    try:
+        return "\n" if stream.isatty() else ""
+    except (AttributeError, ValueError):   # a closed or unusual stream
+        return ""
+
+
 def _interrupt(_signum, _frame) -> None:
     """SIGTERM (``kill``, a service manager) stops the dashboard in the same order as Ctrl-C: the server closed, the
     runs' clients and the embedding helpers stopped."""
@@ -141,17 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         from .auth import install_token_auth
 
         install_token_auth(app.server, args.auth_token)
-        print(f"revacnn-dash: serving on {url} ({runs}); the page requires a token — open\n"
+        print(f"{own_line(sys.stdout)}revacnn-dash: serving on {url} ({runs}); the page requires a token — open\n"
               f"    {url}?token={args.auth_token}", flush=True)
     else:
         from .auth import install_host_check
 
         install_host_check(app.server, args.allowed_hosts)
         if not is_loopback(args.host):
-            print("revacnn-dash: WARNING: INSECURE — serving on a non-loopback address WITHOUT authentication "
+            print(f"{own_line(sys.stderr)}revacnn-dash: WARNING: INSECURE — serving on a non-loopback address WITHOUT authentication "
                   "(--insecure-no-auth): anyone who reaches this port can read and steer your training runs.",
                   file=sys.stderr, flush=True)
-        print(f"revacnn-dash: serving on {url} ({runs})", flush=True)
+        print(f"{own_line(sys.stdout)}revacnn-dash: serving on {url} ({runs})", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()

@@ -55,9 +55,9 @@ def _demo(args: argparse.Namespace) -> int:
     # Both children run on this interpreter: `.venv/bin/revacnn demo` works without the venv on PATH.
     train = subprocess.Popen([sys.executable, "-m", "revacnn.demo.train_digits", "--epochs", str(args.epochs),
                               "--slow", str(args.slow), "--root", str(root)], start_new_session=True)
-    dash = None
+    dash = connection = None
+    interrupted = False
     try:
-        connection = None
         deadline = time.monotonic() + 120
         while connection is None and time.monotonic() < deadline and train.poll() is None:
             found = sorted(root.glob("lightning_logs/version_*/revacnn/connection.json"))
@@ -78,17 +78,40 @@ def _demo(args: argparse.Namespace) -> int:
         while dash.poll() is None:
             if training and train.poll() is not None:
                 training = False
-                print("revacnn demo: training finished; the dashboard keeps showing the recorded run (Ctrl-C to "
-                      "quit)", flush=True)
+                print(f"revacnn demo: {_run_end(connection, train.returncode)}; the dashboard keeps showing the "
+                      "recorded run (Ctrl-C to quit)", flush=True)
             time.sleep(0.5)
         print(f"revacnn demo: the dashboard exited (code {dash.returncode}; its message is above); stopping",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        pass
+        interrupted = train.poll() is None
     finally:
         _stop_children([process for process in (train, dash) if process is not None])
+    if interrupted and connection is not None:   # say how the run ended: Ctrl-C stopped it, it did not finish
+        print(f"revacnn demo: {_run_end(connection, train.returncode)}", flush=True)
     return 0
+
+
+def _run_end(connection: Path, code: int | None) -> str:
+    """How the demo's training ended, from the last state its run recorded (finished, stopped, failed) next to its
+    connection file, else from its exit code: a run stopped with Ctrl-C or from the dashboard did not finish."""
+    status = None
+    try:
+        from revacnn.recording.reader import open_run
+
+        status = open_run(connection.parent).status()
+    except Exception:   # no recording (or an unreadable one): the exit code says what it can
+        pass
+    state = status.get("state") if isinstance(status, dict) else None
+    if state in ("finished", "stopped", "failed"):
+        step = status.get("step")
+        message = status.get("message") or ""
+        return (f"training {state}" + (f" at step {step}" if isinstance(step, int) else "")
+                + (f" ({message})" if message else ""))
+    if code == 0:
+        return "training finished"
+    return f"training stopped (the trainer exited with code {code})" if code is not None else "training stopped"
 
 
 def _stop_children(children: list[subprocess.Popen]) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
 import numpy as np
 
 __all__ = ["LOG_KINDS", "log_change", "relative_l2", "cosine", "structure_at", "SnapshotComparison",
@@ -25,8 +27,10 @@ ZERO_FRACTION = 1e-3       # |x| below this fraction of the layer's RMS (in snap
 def zero_floor(a: np.ndarray) -> float:
     """The magnitude below which a coefficient counts as zero: 1e-3 × RMS(a) (the layer's first snapshot)."""
     a = np.asarray(a, np.float64)
-    rms = float(np.sqrt(np.mean(a * a))) if a.size else 0.0
-    return ZERO_FRACTION * rms if rms > 0 else np.finfo(np.float32).tiny
+    finite = a[np.isfinite(a)]   # a diverged run's NaN and ±inf do not set the floor
+    with np.errstate(over="ignore"):
+        rms = float(np.sqrt(np.mean(finite * finite))) if finite.size else 0.0
+    return ZERO_FRACTION * rms if 0 < rms < math.inf else np.finfo(np.float32).tiny
 
 
 def log_change(a, b, floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +66,11 @@ def relative_l2(a, b, axis=None) -> np.ndarray | float:
     """‖b − a‖₂ / ‖a‖₂ (NaN where ‖a‖ = 0 and b ≠ a; 0 where both are zero)."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    num = np.sqrt(np.sum((b - a) ** 2, axis=axis))
-    den = np.sqrt(np.sum(a * a, axis=axis))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # a diverged run's ±inf: inf − inf and the sums of ±inf are NaN, quietly ("invalid value encountered in
+    # reduce" was printed while serving)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        num = np.sqrt(np.sum((b - a) ** 2, axis=axis))
+        den = np.sqrt(np.sum(a * a, axis=axis))
         out = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(num > 0, np.nan, 0.0))
     return float(out) if np.ndim(out) == 0 else out
 
@@ -73,9 +79,9 @@ def cosine(a, b, axis=None) -> np.ndarray | float:
     """a·b / (‖a‖ ‖b‖); 1 where both are zero, NaN where exactly one is."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    dot = np.sum(a * b, axis=axis)
-    na, nb = np.sqrt(np.sum(a * a, axis=axis)), np.sqrt(np.sum(b * b, axis=axis))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        dot = np.sum(a * b, axis=axis)
+        na, nb = np.sqrt(np.sum(a * a, axis=axis)), np.sqrt(np.sum(b * b, axis=axis))
         out = np.where((na > 0) & (nb > 0), dot / (na * nb), np.where((na == 0) & (nb == 0), 1.0, np.nan))
     return float(out) if np.ndim(out) == 0 else out
 

@@ -193,8 +193,11 @@ def horizon_bands(values: np.ndarray, bands: int = 3, baseline: float | None = N
     equal slices of the largest |deviation|; returns (positive [bands, T], negative [bands, T], band height), each
     slice clipped to [0, height] so the slices can be drawn on top of each other in darker shades."""
     v = np.asarray(values, np.float64)
-    base = float(np.nanmedian(v)) if baseline is None and np.isfinite(v).any() else (baseline or 0.0)
-    dev = v - base
+    finite = np.isfinite(v)   # a diverged run's NaN and ±inf: gaps, neither the baseline nor the scale
+    base = float(np.median(v[finite])) if baseline is None and finite.any() else (baseline or 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        dev = np.where(finite, v - base, np.nan)
+    dev = np.where(np.isfinite(dev), dev, np.nan)
     top = float(np.nanmax(np.abs(dev))) if np.isfinite(dev).any() else 0.0
     height = top / bands if top > 0 else 1.0
     pos = np.stack([np.clip(np.nan_to_num(dev) - k * height, 0, height) for k in range(bands)])

@@ -39,6 +39,7 @@ class EmbeddingService:
         self.umap_started = 0.0
         self.umap_seconds: float | None = None
         self.pools: dict[str, ProcessPoolExecutor] = {}
+        self.futures: dict[str, set] = {}      # each helper's unfinished jobs
         self.thread = threading.Thread(target=self._run, name="revacnn-embedding", daemon=True)
         self.thread.start()
 
@@ -49,10 +50,23 @@ class EmbeddingService:
                                                          mp_context=multiprocessing.get_context("spawn"))
             return self.pools[method]
 
+    def _submit(self, method: str, fn, *args):
+        """A job for ``method``'s helper process; ``shutdown`` knows from these whether the helper is busy."""
+        future = self._pool(method).submit(fn, *args)
+        with self.lock:
+            self.futures.setdefault(method, set()).add(future)
+        future.add_done_callback(lambda f: self.futures.get(method, set()).discard(f))
+        return future
+
     def shutdown(self) -> None:
         """Stop the helper processes now, even mid-job: a UMAP warm-up compiles numba code for ~20 s, and a pool
-        shut down without this would make the dashboard's exit wait for it."""
-        for pool in list(self.pools.values()):
+        shut down without this would make the dashboard's exit wait for it. An idle helper (the usual case: the
+        warm-up is long over) is stopped in order instead, so that it releases what it holds: a killed UMAP helper
+        left a semaphore for multiprocessing's resource tracker to report as leaked on every exit."""
+        for method, pool in list(self.pools.items()):
+            if not any(not f.done() for f in list(self.futures.get(method, ()))):
+                pool.shutdown(wait=True)
+                continue
             terminate = getattr(pool, "terminate_workers", None)        # Python ≥ 3.14
             if terminate is not None:
                 terminate()
@@ -66,7 +80,7 @@ class EmbeddingService:
         def warm() -> None:
             self.umap_state, self.umap_started = "warming", time.monotonic()
             try:
-                self._pool("umap").submit(_warm_umap).result()
+                self._submit("umap", _warm_umap).result()
                 self.umap_state = "ready"
             except Exception as error:  # an optional speed-up: report, never crash
                 self.umap_state = f"unavailable ({type(error).__name__}: {error})"
@@ -118,6 +132,8 @@ class EmbeddingService:
         if x is None:
             return {"error": f"the latest snapshot has no {source} data for {layer}"}
         n = x.shape[0]
+        if not n:
+            return {"error": f"{layer} has no filters in the latest snapshot"}
         if len(ids) != n:
             ids = list(range(n))
         layout_key = (run, layer, source, method)
@@ -128,16 +144,21 @@ class EmbeddingService:
         if method == "pca":
             coords = compute_embedding(x, method, init=init)
         else:
-            coords = self._pool(method).submit(compute_embedding, x, method, 0, init).result(timeout=600)
+            coords = self._submit(method, compute_embedding, x, method, 0, init).result(timeout=600)
         coords = align_to_previous(coords, ids, previous)
         self.previous[layout_key] = {fid: (float(a), float(b)) for fid, (a, b) in zip(ids, coords)}
         grad = arrays.get("grad/" + layer)
-        magnitude = (np.abs(np.asarray(grad, float)).reshape(n, -1).mean(1) if grad is not None and len(grad) == n
-                     else np.zeros(n))
+        magnitude = np.zeros(n)
+        if grad is not None and len(grad) == n and n:
+            g = np.abs(np.asarray(grad, np.float64)).reshape(n, -1)
+            with np.errstate(all="ignore"):   # NaN stays NaN (the figure draws it as the lowest colour)
+                magnitude = (g / 2).mean(1) * 2 if g.shape[1] else np.zeros(n)
         result = {"coords": coords.tolist(), "ids": ids, "grad": magnitude.tolist(), "n": n,
                   "aligned": previous is not None, "not_finite": int((~np.isfinite(x)).any(axis=1).sum())}
         if colour == "cluster":
-            result["cluster"] = kmeans_labels(x, k=min(4, n)).tolist()
+            # NaN and ±inf as 0, as in the layout (k-means refuses them)
+            result["cluster"] = kmeans_labels(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0),
+                                              k=min(4, n)).tolist()
         return result
 
 

@@ -83,9 +83,14 @@ def compute_embedding(x: np.ndarray, method: str, seed: int = 0, init: np.ndarra
     ±inf (a diverged run) count as 0: as the largest floats they overflowed the decomposition."""
     n = x.shape[0]
     x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(np.abs(x).max()) if x.size else 0.0
+    if top > 1e150:   # huge values overflow the sums of the centring and the decomposition: scaled down
+        x = x / top
     if n < 3:
         return np.column_stack([np.arange(n, dtype=float), np.zeros(n)])
     x = x - x.mean(0)
+    if not np.any(x):   # every filter alike (all zero, or all NaN drawn as 0): one point, no direction to show
+        return np.zeros((n, 2))
     if method == "pca" or x.shape[1] < 2:
         return _pca(x)
     if method == "tsne":
@@ -139,5 +144,6 @@ def nearest_neighbours(coords: np.ndarray, point: tuple[float, float], exclude: 
 def kmeans_labels(x: np.ndarray, k: int = 4, seed: int = 0) -> np.ndarray:
     """Cluster labels of the rows of ``x`` (k-means, at most ``k`` clusters)."""
     from sklearn.cluster import KMeans
-    k = max(1, min(k, len(x)))
+    # no more clusters than distinct rows (a diverged layer's NaN rows, drawn as zeros, are one): k-means would warn
+    k = max(1, min(k, len(np.unique(x, axis=0)) if len(x) else 1))
     return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)

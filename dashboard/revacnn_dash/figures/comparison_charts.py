@@ -111,8 +111,9 @@ def filter_figure(pair: dict, probe: int) -> go.Figure:
     titles = ["A", "B", "B − A", "ln(|b|/|a|)", "activation A", "activation B"]
     fig = make_subplots(rows=1, cols=6, subplot_titles=titles, horizontal_spacing=0.03)
     tiles = [channel_mosaic(pair.get(key)) for key in ("a", "b", "diff", "log")]
-    scale = np.nanmax(np.abs(np.concatenate([t.ravel() for t in tiles[:2] if t is not None]))) \
-        if any(t is not None for t in tiles[:2]) else 1
+    both = np.concatenate([t.ravel() for t in tiles[:2] if t is not None] + [np.zeros(0)])
+    both = np.abs(both[np.isfinite(both)])   # a diverged run's NaN and ±inf are drawn as gaps, not the scale
+    scale = float(both.max()) if both.size and both.max() > 0 else 1.0
     for col, tile in enumerate(tiles, start=1):
         if tile is None:
             continue

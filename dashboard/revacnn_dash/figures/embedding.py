@@ -7,14 +7,18 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from .network import colour_values
+
 
 def embedding_figure(result: dict[str, Any], colour: str, layer: str, source: str, method: str, step) -> go.Figure:
-    coords = np.array(result["coords"], dtype=float)
+    coords = np.array(result["coords"], dtype=float).reshape(-1, 2)
+    bad = ~np.isfinite(coords).all(axis=1)
+    coords = np.where(np.isfinite(coords), coords, 0.0)   # a diverged layout's points drawn at 0, and said so
     if colour == "cluster" and "cluster" in result:
         palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
         marker = {"size": 12, "color": [palette[int(k) % len(palette)] for k in result["cluster"]]}
     else:
-        marker = {"size": 12, "color": result["grad"], "colorscale": "Inferno", "showscale": True,
+        marker = {"size": 12, "color": colour_values(np.asarray(result.get("grad", []), dtype=float)), "colorscale": "Inferno", "showscale": True,
                   "colorbar": {"title": {"text": "mean |grad|"}}}
     ids = result["ids"]
     fig = go.Figure(go.Scatter(
@@ -22,6 +26,10 @@ def embedding_figure(result: dict[str, Any], colour: str, layer: str, source: st
         textposition="top center", textfont={"size": 9}, customdata=ids,
         hovertemplate="filter %{text} (id %{customdata})<extra></extra>",
         marker=marker))
+    if bad.any():
+        fig.add_annotation(x=0, y=1, xref="paper", yref="paper", xanchor="left", showarrow=False,
+                           text=f"⚠ {int(bad.sum())} of {len(coords)} points have NaN or ±inf coordinates: drawn at 0",
+                           font={"size": 11, "color": "#c62828"})
     fig.update_layout(
         margin={"l": 30, "r": 10, "t": 30, "b": 30}, title={"text": f"{method.upper()} · {layer} · {source} · "
                                                                     f"step {step}", "font": {"size": 13}},

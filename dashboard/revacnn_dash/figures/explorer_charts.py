@@ -25,6 +25,12 @@ def time_marks(fig: go.Figure, pins, events, yref: str = "paper") -> None:
 
 
 def multiples_figure(overview: dict, tree: dict, focus: str, pins, events, xrange) -> go.Figure:
+    """A diverged recording's NaN and ±inf are gaps in the bands, quietly."""
+    with np.errstate(all="ignore"):
+        return _multiples_figure(overview, tree, focus, pins, events, xrange)
+
+
+def _multiples_figure(overview: dict, tree: dict, focus: str, pins, events, xrange) -> go.Figure:
     """One figure, one x axis, one y axis per row (linked hover with hoversubplots='axis'): for the focused node
     and each child, a min–max band, a q1–q3 band and the median sparkline, then a thin horizon chart."""
     nodes = [focus] + [c for c in tree["nodes"][focus]["children"] if c in overview["nodes"]]

@@ -6,6 +6,7 @@ alone when the commands change.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,16 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 
-def finite_list(arr: np.ndarray) -> list:
-    return [None if not np.isfinite(v) else float(v) for v in np.asarray(arr, dtype=float)]
+def finite_list(arr) -> list:
+    """The values as floats, None (a gap plotly draws) for NaN, ±inf and missing ones."""
+    out = []
+    for v in np.ravel(np.asarray(arr, dtype=object)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        out.append(f if math.isfinite(f) else None)
+    return out
 
 
 def markers(events: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -35,8 +44,7 @@ def markers(events: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
 
 def has_accuracy(cols: dict[str, np.ndarray], val: list[dict]) -> bool:
     train = np.asarray(cols.get("train_acc", []), dtype=float)
-    return bool(np.isfinite(train).any()) or any(v.get("val_acc") is not None and np.isfinite(v["val_acc"])
-                                                  for v in val)
+    return bool(np.isfinite(train).any()) or any(finite_list([v.get("val_acc")]) != [None] for v in val)
 
 
 def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[dict]) -> go.Figure:
@@ -53,11 +61,11 @@ def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[d
     x = finite_list(cols["step"])
     fig.add_trace(go.Scatter(x=x, y=finite_list(cols["loss"]), name="train loss", mode="lines",
                              line={"width": 1, "color": "#1f77b4"}), row=1, col=1)
-    fig.add_trace(go.Scatter(x=[v["step"] for v in val], y=[v["val_loss"] for v in val], name="val loss",
+    fig.add_trace(go.Scatter(x=finite_list([v.get("step") for v in val]), y=finite_list([v.get("val_loss") for v in val]), name="val loss",
                              mode="lines+markers", line={"color": "#ff7f0e"}), row=1, col=1)
     fig.add_trace(go.Scatter(x=x, y=finite_list(cols["train_acc"]), name="train acc", mode="lines",
                              line={"width": 1, "color": "#2ca02c"}), row=2, col=1)
-    fig.add_trace(go.Scatter(x=[v["step"] for v in val], y=[v["val_acc"] for v in val], name="val acc",
+    fig.add_trace(go.Scatter(x=finite_list([v.get("step") for v in val]), y=finite_list([v.get("val_acc") for v in val]), name="val acc",
                              mode="lines+markers", line={"color": "#d62728"}), row=2, col=1)
     fig.add_trace(go.Scatter(x=x, y=finite_list(cols["lr"]), name="lr", mode="lines", line={"color": "#9467bd"}),
                   row=3, col=1)

@@ -12,15 +12,24 @@ import numpy as np
 
 
 def to_uint8(arr: np.ndarray, symmetric: bool = False) -> np.ndarray:
-    """Scale to 0–255: min..max, or ±max|a| around mid grey when ``symmetric``; a constant array is mid grey."""
-    a = np.nan_to_num(np.asarray(arr, dtype=np.float64))
+    """Scale to 0–255: min..max, or ±max|a| around mid grey when ``symmetric``; a constant array is mid grey.
+    A diverged run's values do not blank the image: NaN counts as 0 and ±inf as the extreme finite values, and
+    the scaling halves first so that ±1e308 do not overflow."""
+    a = np.asarray(arr, dtype=np.float64)
+    if not a.size:
+        return np.full(a.shape, 128, dtype=np.uint8)
+    finite = np.isfinite(a)
+    if not finite.all():
+        fin = a[finite]
+        lo_f, hi_f = (fin.min(), fin.max()) if fin.size else (0.0, 0.0)
+        a = np.where(np.isnan(a), 0.0, np.clip(a, lo_f, hi_f))
     if symmetric:
         m = np.abs(a).max() or 1.0
         return np.clip((a / m + 1) * 127.5, 0, 255).astype(np.uint8)
     lo, hi = a.min(), a.max()
     if hi <= lo:
         return np.full(a.shape, 128, dtype=np.uint8)
-    return np.clip((a - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+    return np.clip((a / 2 - lo / 2) / (hi / 2 - lo / 2) * 255, 0, 255).astype(np.uint8)
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -84,6 +93,8 @@ def fit_rows(img: np.ndarray, width: int = 560, max_height: int = 480, max_repea
     ``width`` pixels: more columns than that are averaged in bins, fewer are widened (at most ``max_repeat`` times),
     and each row becomes a band of up to ``max_repeat`` pixels, thinner when there are many rows."""
     rows, cols = img.shape
+    if not rows or not cols:   # a layer with no filter, or filters of no value: one grey pixel
+        return np.full((1, 1), 128, dtype=np.uint8)
     if cols > width:
         bin_size = -(-cols // width)
         padded = np.full((rows, -(-cols // bin_size) * bin_size), np.nan)

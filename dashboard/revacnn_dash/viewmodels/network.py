@@ -111,7 +111,7 @@ def _group_column(col: dict[str, Any], layers: dict[str, dict[str, Any]], fields
         for n in group:
             for k in stats:
                 if k in fields.get(n, {}):
-                    stats[k].append(float(np.mean(fields[n][k])))
+                    stats[k].append(_mean(fields[n][k], 0, len(fields[n][k])))
         members.append({
             "layer": group[0] if len(group) == 1 else None, "group": col["id"], "layers": group,
             "filters": None, "label": group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}",
@@ -143,28 +143,57 @@ def _paths(structure: dict[str, Any], columns: list[dict[str, Any]], nodes: list
     per_pair = max(1, max_lines // max(1, len(linked)))
     for ci in sorted(linked):
         src, dst = col_nodes[ci], col_nodes[ci + 1]
-        strength = np.array([nodes[i]["strength"] if nodes[i]["strength"] is not None else np.nan for i in src])
+        if not src or not dst:   # a layer with no filter (or a group of such layers): nothing to link
+            continue
+        strength = np.array([nodes[i]["strength"] if nodes[i]["strength"] is not None else np.nan for i in src],
+                            dtype=float)
         if np.all(np.isnan(strength)):
             continue
         chosen = [src[i] for i in top_half(strength)]
-        top = np.nanmax(strength) or 1.0
+        widths = path_widths(strength)
         budget = max(1, per_pair // max(1, len(chosen)))
         targets = dst if len(dst) <= budget else [dst[int(j)] for j in np.linspace(0, len(dst) - 1, budget)]
         for s in chosen:
-            w = float(nodes[s]["strength"] / top) if top > 0 else 0.0
+            w = widths[src.index(s)]
             for t in targets:
                 paths.append((s, t, w))
     return paths
 
 
+def path_widths(strength: np.ndarray) -> list[float]:
+    """Each source node's path width, 0–1: its strength over the column's largest finite one. A diverged run's
+    NaN draws the thinnest path, +inf the thickest (above every finite one), and the widths are always finite."""
+    s = np.asarray(strength, dtype=float)
+    finite = s[np.isfinite(s)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    with np.errstate(all="ignore"):
+        w = s / top if top > 0 else np.zeros_like(s)
+    w = np.where(np.isposinf(s), 1.0, np.where(np.isfinite(w), w, 0.0))
+    return [float(v) for v in np.clip(w, 0.0, 1.0)]
+
+
 def _mean(arr: np.ndarray | None, a: int, b: int) -> float | None:
-    if arr is None or b > len(arr):
+    """The mean of ``arr[a:b]`` in float64 (float32 1e38s overflowed), NaN when a value is NaN or the values hold
+    both infinities, None when there is no value."""
+    if arr is None or b > len(arr) or b <= a:
         return None
-    return float(np.mean(arr[a:b]))
+    return finite_safe_mean(np.asarray(arr[a:b], dtype=np.float64))
 
 
-def _avg(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+def finite_safe_mean(values: np.ndarray) -> float:
+    """``np.mean`` without its RuntimeWarnings: NaN for a NaN (or +inf with -inf), ±inf for an infinity."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if not v.size or np.isnan(v).any():
+        return float("nan")
+    pos, neg = bool(np.isposinf(v).any()), bool(np.isneginf(v).any())
+    if pos or neg:
+        return float("nan") if pos and neg else (float("inf") if pos else float("-inf"))
+    return float(np.mean(v / 2) * 2) if np.abs(v).max() > 1e300 else float(np.mean(v))
+
+
+def _avg(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return finite_safe_mean(np.array(values)) if values else None
 
 
 def jitter_pixels(jitter: list[float | None], max_px: float = 8.0, reference_quantile: float = 0.9) -> list[float]:
@@ -180,4 +209,5 @@ def jitter_pixels(jitter: list[float | None], max_px: float = 8.0, reference_qua
         ref = float(finite.max())
     if not ref > 0:
         return [0.0] * len(jitter)
-    return [0.0 if not np.isfinite(v) else float(min(max_px, max_px * v / ref)) for v in arr]
+    with np.errstate(all="ignore"):   # 1e308 / a small reference overflows to inf: clipped to max_px
+        return [0.0 if not np.isfinite(v) else float(max(0.0, min(max_px, max_px * v / ref))) for v in arr]

@@ -113,6 +113,11 @@ def resumed_text(resumed: Any) -> str:
     return f"continues {earlier} from step {resumed['step']}"
 
 
+def loss_not_finite_text(since: int) -> str:
+    """The banner's warning on a diverged run (the wire says the loss was not finite, not whether NaN or inf)."""
+    return f"⚠ loss is NaN or ±inf since step {since} (diverged?)"
+
+
 def banner_children(s: dict[str, Any]) -> list:
     """The run banner: connection state and message verbatim (e.g. a refused CURVE key), a 🔒 CURVE badge when
     the run's heartbeat says CURVE is on, and the recorder's or the telemetry's error when either stopped."""
@@ -125,7 +130,7 @@ def banner_children(s: dict[str, Any]) -> list:
                                   style={"marginLeft": "10px", "padding": "1px 6px", "borderRadius": "4px",
                                          "background": "#e8f5e9", "color": "#1b5e20", "fontWeight": "normal"}))
     if s.get("loss_not_finite_since") is not None:
-        children.append(html.Span(f"⚠ no finite loss since step {s['loss_not_finite_since']} (NaN or inf: diverged?)",
+        children.append(html.Span(loss_not_finite_text(s["loss_not_finite_since"]),
                                   id="loss-not-finite", style={"marginLeft": "10px", "color": "#c62828",
                                                                "fontWeight": "normal"}))
     if s.get("recording_error"):

@@ -13,7 +13,7 @@ from ..figures.network import NODES_UID, network_figure
 from ..compute.embeddings import missing_maps_reason
 from ..compute.layers import default_expanded, expandable_groups, group_ancestors
 from ..viewmodels.images import activation_image, data_uri, filter_image, fit_rows, to_uint8
-from ..viewmodels.network import jitter_pixels, network_model
+from ..viewmodels.network import finite_safe_mean, jitter_pixels, network_model
 from .common import bound, button, img, number, steering_controls
 
 
@@ -158,11 +158,11 @@ def network_details(hub, selected, _n, probe, key, tab):
     if ratio is not None:
         lines.append(html.Div(f"layer ‖g‖/‖w‖ = {ratio:.3g}"))
     sel = filters if filters else list(range(int(layer["out"])))
-    if fields:
+    if fields and sel:
         rows = []
         for f, arr in fields.items():
             vals = arr[[i for i in sel if i < len(arr)]]
-            rows.append(html.Tr([html.Td(f), html.Td(f"{float(np.mean(vals)):.4g}" if len(vals) else "–")]))
+            rows.append(html.Tr([html.Td(f), html.Td(f"{finite_safe_mean(vals):.4g}" if len(vals) else "–")]))
         lines.append(html.Div(f"filter {sel[0]}" if filters and len(filters) == 1 else
                               f"{'filters ' + str(sel[0]) + '–' + str(sel[-1]) if filters else 'layer mean'}"))
         lines.append(html.Table(rows, className="net-stats"))
@@ -170,7 +170,7 @@ def network_details(hub, selected, _n, probe, key, tab):
     filt_src = act_src = ""
     probes, shown = [], no_update
     if snap is not None:
-        i = sel[0]
+        i = sel[0] if sel else 0   # a layer of no filter: no image
         filt_src = filter_src(snap.arrays.get("weight/" + name), i)
         a = snap.arrays.get("act/" + name)
         if a is not None:
