@@ -139,6 +139,7 @@ class Flood:
         self.round_trips: collections.deque[float] = collections.deque(maxlen=8)
         self.finals = 0                 # final acks (done or error) of the commands sent
         self.last_final = 0.0           # when the latest came
+        self.awaiting: set[str] = set()  # ids of commands acked ``queued`` whose final ack has not come
 
     def message(self, kind: str) -> list[bytes]:
         self.serial += 1
@@ -190,8 +191,11 @@ class Flood:
         kind = header.get("type")
         if kind == "ack":
             self.replies[f"ack {body.get('status')}"] += 1
-            if body.get("status") != "queued":
+            if body.get("status") == "queued":
+                self.awaiting.add(body.get("id"))
+            else:
                 self.finals, self.last_final = self.finals + 1, now
+                self.awaiting.discard(body.get("id"))
         elif kind == "error":
             self.replies[f"error {body.get('error')}"] += 1
         else:
@@ -199,8 +203,9 @@ class Flood:
         return None
 
     def outstanding(self) -> int:
-        """Commands sent whose final ack has not come (the trainer applies queued commands between its steps)."""
-        return self.sent["commands"] - self.finals
+        """Commands the trainer queued whose final ack has not come (it applies them between its steps). A command
+        never acked ``queued`` was refused at once or dropped unread by the per-client rate limit: nothing waits."""
+        return len(self.awaiting)
 
     def drained(self, ping_answered_at: float, now: float) -> bool:
         """Whether what was sent before going idle is handled: the drain ping came back (answered at

@@ -138,17 +138,20 @@ def test_client_sends_a_batch_and_a_ping_and_waits_while_more_than_one_ping_is_u
 def test_client_is_drained_when_its_last_ping_came_back_and_every_command_has_its_final_ack():
     flood = hostile.Flood(state_elements=10, lr=0.02, batch={"state": 1, "commands": 2, "malformed": 1})
     flood.next_batch("commands", now=0.0)
-    assert flood.outstanding() == 2
     assert not flood.drained(None, now=0.1)                           # the drain ping has not come back
-    flood.received({"type": "ack", "body": {"req": "c1", "status": "queued"}}, now=0.1)
-    flood.received({"type": "ack", "body": {"req": "c1", "status": "done"}}, now=0.2)
+    flood.received({"type": "ack", "body": {"req": "c1", "id": "c1", "status": "queued"}}, now=0.1)
+    flood.received({"type": "ack", "body": {"req": "c2", "id": "c2", "status": "queued"}}, now=0.1)
+    assert flood.outstanding() == 2
+    flood.received({"type": "ack", "body": {"req": "c1", "id": "c1", "status": "done"}}, now=0.2)
     assert not flood.drained(0.3, now=0.3)                            # one command still queued in the trainer
-    flood.received({"type": "ack", "body": {"req": "c2", "status": "error"}}, now=0.4)
+    flood.received({"type": "ack", "body": {"req": "c2", "id": "c2", "status": "error"}}, now=0.4)
     assert flood.outstanding() == 0 and flood.drained(0.3, now=0.4)
-    flood.next_batch("commands", now=1.0)                             # two more that are never answered:
-    assert not flood.drained(1.0, now=1.0 + hostile.PING_TIMEOUT_S)
+    flood.next_batch("commands", now=1.0)                             # two more, never acked queued (dropped
+    assert flood.drained(1.0, now=1.0)                                # unread by the rate limit): not waited for
+    flood.received({"type": "ack", "body": {"req": "c5", "id": "c5", "status": "queued"}}, now=1.0)
+    assert not flood.drained(1.0, now=1.0 + hostile.PING_TIMEOUT_S)   # queued, its final ack never comes:
     assert flood.drained(1.0, now=1.01 + hostile.PING_TIMEOUT_S)      # … given up on after the timeout
-    assert flood.totals()["unanswered_commands"] == 2
+    assert flood.totals()["unanswered_commands"] == 1
 
 
 def test_malformed_messages_are_all_refused_and_the_others_are_valid():
