@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -32,7 +32,8 @@ values = st.one_of(st.sampled_from(ODD), st.floats(allow_nan=True, allow_infinit
 values32 = st.one_of(st.sampled_from([v for v in ODD if not abs(v) < math.inf or abs(v) <= 3.4028235e38]),
                      st.floats(allow_nan=True, allow_infinity=True, width=32))
 FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,  # the same cases in CI
+                    suppress_health_check=[HealthCheck.too_slow])
 DATA_KEYS = {"x", "y", "z", "text", "customdata"}   # arrays where plotly draws null as a gap
 
 
@@ -155,6 +156,7 @@ def test_embedding_and_redundancy_of_odd_features(case):
 
 @SETTINGS
 @given(hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5).flatmap(arrays), st.booleans())
+@example(np.array([5e-324, np.nan]), False)  # a subnormal span: its half rounds to 0 (found by a random run)
 def test_images_of_any_values(arr, symmetric):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

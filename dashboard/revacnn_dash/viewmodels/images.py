@@ -14,7 +14,7 @@ import numpy as np
 def to_uint8(arr: np.ndarray, symmetric: bool = False) -> np.ndarray:
     """Scale to 0–255: min..max, or ±max|a| around mid grey when ``symmetric``; a constant array is mid grey.
     A diverged run's values do not blank the image: NaN counts as 0 and ±inf as the extreme finite values, and
-    the scaling halves first so that ±1e308 do not overflow."""
+    the scaling halves first where max − min overflows (±1e308)."""
     a = np.asarray(arr, dtype=np.float64)
     if not a.size:
         return np.full(a.shape, 128, dtype=np.uint8)
@@ -29,6 +29,10 @@ def to_uint8(arr: np.ndarray, symmetric: bool = False) -> np.ndarray:
     lo, hi = a.min(), a.max()
     if hi <= lo:
         return np.full(a.shape, 128, dtype=np.uint8)
+    with np.errstate(over="ignore"):
+        span = hi - lo
+    if np.isfinite(span):  # (a - lo) / span: also a subnormal span, whose half would round to 0
+        return np.clip((a - lo) / span * 255, 0, 255).astype(np.uint8)
     return np.clip((a / 2 - lo / 2) / (hi / 2 - lo / 2) * 255, 0, 255).astype(np.uint8)
 
 
