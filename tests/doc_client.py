@@ -214,22 +214,20 @@ class DocClient:
                     self._control_unread.append(message)
 
     def recv_control(self, timeout: float = 5.0) -> Msg | None:
-        deadline = time.monotonic() + timeout
-        while not self._control_unread:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self._pump(remaining)
-        return self._control_unread.popleft()
+        return self._next(self._control_unread, timeout)
 
     def recv_telemetry(self, timeout: float = 5.0) -> Msg | None:
+        return self._next(self._telemetry_unread, timeout)
+
+    def _next(self, unread, timeout: float) -> Msg | None:
+        """The oldest unread message of one socket, reading both sockets for up to ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while not self._telemetry_unread:
+        while not unread:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             self._pump(remaining)
-        return self._telemetry_unread.popleft()
+        return unread.popleft()
 
     def pump_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -4,20 +4,13 @@ the token URL (cookie set, token stripped by a redirect) — also in headless Ch
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import requests
 
-from browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium
-from helpers import wait_for
+from browser_support import CHROMIUM, CHROMIUM_ARGS, require_chromium, served_dashboard
 from revacnn_dash.auth import COOKIE_PREFIX, cookie_value
 from revacnn_dash.cli import parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-Zq3p9L"
 
 
@@ -52,28 +45,9 @@ def test_insecure_no_auth_is_the_only_way_to_serve_beyond_loopback_without_a_tok
 # -- a real revacnn-dash process --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    port = free_port()
-    logdir = tmp_path_factory.mktemp("logs")
-    log = open(logdir / "dash.log", "w+")
-    env = {**os.environ, "REVACNN_DASH_TOKEN": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--logdir", str(logdir), "--host", "127.0.0.1",
-                             "--port", str(port), "--token", TOKEN, "--no-umap-warmup", "--threads", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
-
-    def serving() -> bool:
-        try:
-            requests.get(base + "/", timeout=1)
-            return True
-        except requests.ConnectionError:
-            assert proc.poll() is None, (logdir / "dash.log").read_text()
-            return False
-
-    wait_for(serving, timeout=60, interval=0.2)
-    log.seek(0)
-    yield base, log.read()
-    proc.terminate()
-    proc.wait(10)
+    with served_dashboard(tmp_path_factory.mktemp("logs"), "--token", TOKEN) as (port, log):
+        log.seek(0)
+        yield f"http://127.0.0.1:{port}", log.read()
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/"), ("GET", "/_dash-layout"), ("GET", "/_dash-dependencies"),

@@ -3,7 +3,6 @@ once (control requests and telemetry), and the IPv6 loopback ``::1``."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from browser_support import free_port
+from browser_support import served_dashboard
 from helpers import wait_for, wait_for_message
 from revacnn.cli import main as cli_main
 from revacnn.wire.client import RunClient
@@ -49,26 +48,8 @@ def test_only_loopback_ip_literals_and_named_hosts_are_allowed():
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
     """A real revacnn-dash on 127.0.0.1 without a token, allowing one extra name."""
-    port = free_port()
-    logdir = tmp_path_factory.mktemp("logs")
-    log = open(logdir / "dash.log", "w+")
-    env = {**os.environ, "REVACNN_DASH_TOKEN": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--logdir", str(logdir), "--host", "127.0.0.1",
-                             "--port", str(port), "--allow-host", EXTRA_HOST, "--no-umap-warmup", "--threads", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-
-    def serving() -> bool:
-        try:
-            requests.get(f"http://127.0.0.1:{port}/", timeout=1)
-            return True
-        except requests.ConnectionError:
-            assert proc.poll() is None, (logdir / "dash.log").read_text()
-            return False
-
-    wait_for(serving, timeout=60, interval=0.2)
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    with served_dashboard(tmp_path_factory.mktemp("logs"), "--allow-host", EXTRA_HOST) as (port, _):
+        yield port
 
 
 def _layout_and_update(port: int, host: str) -> tuple[requests.Response, requests.Response]:
