@@ -105,8 +105,13 @@ def steps_in(message) -> list[int]:
 def client(connection: str, client_key: str, after: int, timeout: float) -> None:
     from revacnn.client import RunClient
 
+    from revacnn_dash.data.hub import Hub
+
     seen = {"steps": [], "acks": {}, "final_state": None, "world_size": None, "security": None}
     deadline = time.monotonic() + timeout
+    # the dashboard's own data side (torch-free), as `revacnn-dash --connect … --client-key …` runs it, beside the
+    # steering client: it must see the run from this host too
+    dashboard = Hub([connection], warm_umap=False, client_options={"client_keys": client_key})
     with RunClient(connection, client_keys=client_key) as run:
         seen["welcome"] = run.connect(timeout=30)
         widen_id = stop_id = None
@@ -133,6 +138,13 @@ def client(connection: str, client_key: str, after: int, timeout: float) -> None
                     and max(seen["steps"]) >= widen_step + after):
                 stop_id = run.send_command("stop")
     seen["timed_out"] = time.monotonic() >= deadline
+    state = next(iter(dashboard.runs.values()))
+    shown = state.summary()
+    with state.lock:
+        layers = {layer["name"]: layer["out"] for layer in (state.structure or {}).get("layers", [])}
+    seen["dashboard"] = {"run_id": shown["run_id"], "state": shown["state"], "step": shown["step"],
+                         "security": (shown["security"] or {}).get("mode"), "layers": layers}
+    dashboard.stop()
     seen["steps"] = sorted(set(seen["steps"]))
     print(json.dumps(seen, default=str), flush=True)
 

@@ -8,7 +8,8 @@ is node 0's address, ``NODE_RANK`` gives the global rank with one device per nod
 ``GLOO_SOCKET_IFNAME``. Rank 0 binds the callback's sockets on its own address — not loopback, which the callback
 refuses without CURVE (short of ``insecure_bind``), so the run uses CURVE keys — and the client in the third namespace
 reads the telemetry, widens ``net.conv2`` mid-run, trains on and stops the run. Both ranks must have applied the widen
-at the same step and end bitwise equal, parameters and optimizer state.
+at the same step and end bitwise equal, parameters and optimizer state; the dashboard's data side (its ``Hub``), run
+in the client's namespace, must have seen the run to its end, widened.
 
 Everything made here (namespaces, bridge, veth pairs, addresses) is removed after the test; nothing else on the machine
 is touched and no traffic leaves the namespaces. Where a bridge cannot be made the client shares node 1's namespace
@@ -243,6 +244,11 @@ def test_two_node_ddp_steered_from_a_third_host(three_hosts: Hosts, tmp_path):
     widen, stop = seen["acks"]["widen"], seen["acks"]["stop"]
     assert widen["status"] == "done" and stop["status"] == "done", seen["acks"]
     assert seen["final_state"] == "stopped"
+    # the dashboard's data side on the third host saw the run to its end, widened, over CURVE
+    shown = seen["dashboard"]
+    assert shown["run_id"] == seen["welcome"]["run"] and shown["state"] == "stopped"
+    assert shown["security"] == "curve" and shown["step"] >= max(seen["steps"])
+    assert shown["layers"]["net.conv2"] == 6
     assert len([s for s in seen["steps"] if s < widen["step"]]) >= 5   # read before steering
     assert seen["steps"] == sorted(set(seen["steps"]))
 
