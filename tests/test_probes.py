@@ -60,7 +60,7 @@ def step(net, probe, optimizer, batches):
     return host(filters), host(layer_ratio), {name: np.mean(means, axis=0) for name, means in seen.items()}
 
 
-@pytest.mark.parametrize("device,strategy", [("cpu", None), ("cpu", "numpy"), ("cpu", "segments"),
+@pytest.mark.parametrize("device,strategy", [("cpu", None), ("cpu", "layers"), ("cpu", "segments"),
                                              *((device, None) for device in DEVICES[1:])])
 def test_per_filter_fields_equal_independent_values_over_steps_and_with_a_frozen_layer(device, strategy):
     net = small_net().to(device)
@@ -140,7 +140,7 @@ def test_tensor_stats_equal_torch_quantile_and_independent_values(size, path):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("strategy", ["numpy", "segments"])
+@pytest.mark.parametrize("strategy", ["layers", "segments"])
 def test_a_transposed_conv_is_measured_per_output_channel(strategy, groups):
     """ConvTranspose2d keeps its weight as [in, out / groups, kh, kw]: output channel o of group gi is
     weight[gi·in/g : (gi+1)·in/g, o mod out/g]. Each filter is one output channel, as the activations are."""
