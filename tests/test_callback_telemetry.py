@@ -24,6 +24,7 @@ from helpers import quiet_trainer
 
 LAYERS = ["net.conv1", "net.conv2", "net.conv3", "net.fc"]
 FILTERS_EVERY, SNAPSHOT_EVERY = 5, 20
+ACTIVATION_IMAGES = 12   # of each batch of 32: the mean |activation| is over these images only
 
 
 class Witness(pl.Callback):
@@ -47,7 +48,7 @@ class Witness(pl.Callback):
     def _activation_hook(self, name):
         def hook(module, inputs, output):
             if module.training:
-                out = output.detach().numpy().astype(np.float64)
+                out = output.detach()[:ACTIVATION_IMAGES].numpy().astype(np.float64)
                 axes = (0, 2, 3) if out.ndim == 4 else (0,)
                 self._current[name] = np.abs(out).mean(axis=axes)
         return hook
@@ -112,7 +113,8 @@ def run(tmp_path_factory):
     data = DigitsDataModule(batch_size=32)
     data.setup()
     witness = Witness(data)
-    callback = ReVACNNCallback(filters_every=FILTERS_EVERY, snapshot_every=SNAPSHOT_EVERY, record=False)
+    callback = ReVACNNCallback(filters_every=FILTERS_EVERY, snapshot_every=SNAPSHOT_EVERY, record=False,
+                               activation_images=ACTIVATION_IMAGES)
     listener = Listener(lambda: callback.connection_file).start()
     trainer = quiet_trainer(max_epochs=2, limit_train_batches=15, callbacks=[callback, witness], default_root_dir=root,
                             num_sanity_val_steps=0)

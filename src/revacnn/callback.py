@@ -27,6 +27,7 @@ from revacnn.checkpoint import CheckpointHooks, ModelHistory, changelog_entry, h
 from revacnn.run import Run, Transport
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
 from revacnn.steering.loop import LoopControl
+from revacnn.telemetry.budget import OverheadBudget
 from revacnn.telemetry.probes import discover_layers
 from revacnn.telemetry.schedule import Schedule, StepWindow
 from revacnn.telemetry.session import Telemetry
@@ -42,15 +43,22 @@ class ReVACNNCallback(Callback):
 
     Args:
         layers: monitored layers, as module names or types (default: every Conv2d and Linear).
+        budget: the most the callback may cost, as a fraction of training time (default 0.02: training keeps ≥ 98 %
+            of its speed). The callback measures what each quantity costs on this run — per-filter data,
+            snapshots, per-step scalars, its background threads — and chooses how often to measure each so that
+            together they stay within it, refreshing per-filter data as close to the dashboard's 2 Hz as the budget
+            allows; the cadence and the measured cost are in the heartbeat (``schedule``) and on the dashboard
+            (docs/telemetry.md, "Budget"). ``None``: no budget, the ``*_every`` defaults below are fixed.
         scalars_every: publish step scalars (loss, logged metrics, lr, samples/s) every this many optimizer steps
-            (0 = off).
+            (0 = off). Default: every step (the budget thins them only if they alone cost over half of it).
         filters_every: publish per-filter gradients, weight norms, update ratios and mean |activation| every this
-            many optimizer steps (0 = off). The defaults (50 here, 500 for snapshots) cost the demo CNN ~1–2 % of
-            its CPU throughput (benchmarks/RESULTS.md) and still refresh per-filter values about every 0.55 s at
-            the demo's ~90 steps/s (the dashboard polls every 0.5 s). ``filters_every=20, snapshot_every=200``
-            costs it ~2–3.5 %; a model whose step is longer pays proportionally less.
+            many optimizer steps (0 = off). Default: chosen by the budget (50 without one). Given, it is fixed.
         snapshot_every: publish full weights, gradients, DeepTracker statistics and probe activation maps every
-            this many optimizer steps (0 = off).
+            this many optimizer steps (0 = off). Default: chosen by the budget, at most one every 5 s (500 without
+            one). Given, it is fixed.
+        activation_images: the mean |activation| of each filter (ReVACNN's path strength, defined on an input image)
+            is measured on the first this many images of each measured batch (default 16; ``None``: all of them),
+            so its cost does not grow with the batch size.
         probe_images: validation images kept for activation maps (chosen once, kept for the whole run).
         val_subset: validation images whose predictions are published after each validation (DeepTracker's
             image × iteration view).
@@ -81,8 +89,10 @@ class ReVACNNCallback(Callback):
             (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
     """
 
-    def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, scalars_every: int = 1,
-                 filters_every: int = 50, snapshot_every: int = 500, probe_images: int = 8, val_subset: int = 1000,
+    def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, budget: float | None = 0.02,
+                 scalars_every: int | None = None, filters_every: int | None = None,
+                 snapshot_every: int | None = None, activation_images: int | None = 16, probe_images: int = 8,
+                 val_subset: int = 1000,
                  max_activation_bytes: int = 64 << 20, host: str = "127.0.0.1", telemetry_port: int = 0,
                  control_port: int = 0, run_dir: str | os.PathLike | None = None, record: bool = True,
                  sign: bool = False, steering: bool = True, command_every: int = 10, queue_size: int = 64,
@@ -91,15 +101,26 @@ class ReVACNNCallback(Callback):
         super().__init__()
         if on_recording_error not in ("warn", "stop"):
             raise ValueError(f"on_recording_error must be 'warn' or 'stop', got {on_recording_error!r}")
-        for name, value in (("scalars_every", scalars_every), ("filters_every", filters_every),
-                            ("snapshot_every", snapshot_every), ("probe_images", probe_images),
-                            ("val_subset", val_subset)):
-            if not isinstance(value, int) or value < 0:
+        cadences = {"scalars_every": scalars_every, "filters_every": filters_every, "snapshot_every": snapshot_every}
+        for name, value in (*((name, value) for name, value in cadences.items() if value is not None),
+                            ("probe_images", probe_images), ("val_subset", val_subset)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                                   or not 0 < budget < 1):
+            raise ValueError(f"budget must be a fraction of training time in (0, 1) such as 0.02, or None, "
+                             f"got {budget!r}")
+        if activation_images is not None and (not isinstance(activation_images, int)
+                                              or isinstance(activation_images, bool) or activation_images < 1):
+            raise ValueError(f"activation_images must be a positive integer or None, got {activation_images!r}")
         if command_every < 1:
             raise ValueError(f"command_every must be ≥ 1, got {command_every!r}")
         self.layer_selectors = list(layers) if layers is not None else None
-        self.schedule = Schedule(scalars_every, filters_every, snapshot_every)
+        self.budget = budget
+        self.fixed_cadences = {name for name, value in cadences.items() if value is not None}
+        self._initial_plan = {name: value if value is not None else default
+                              for (name, value), default in zip(cadences.items(), (1, 50, 500))}
+        self.activation_images = activation_images
         self.probe_images = probe_images
         self.val_subset = val_subset
         self.max_activation_bytes = max_activation_bytes
@@ -125,7 +146,10 @@ class ReVACNNCallback(Callback):
         self._run = Run(self._run_dir_given)
         self.engine = None
         self._frozen_at_end: dict[str, Any] | None = None   # the engine's frozen set when the fit ended
-        self.telemetry = Telemetry(self.schedule, self.max_activation_bytes, self.history, self._frozen_layers)
+        self.schedule = Schedule(**self._initial_plan)
+        budget = OverheadBudget(self.budget, self.schedule.as_plan(), self.fixed_cadences)
+        self.telemetry = Telemetry(self.schedule, budget, self.max_activation_bytes, self.history, self._frozen_layers,
+                                   self.activation_images)
         self._window = StepWindow()
         self._loop = LoopControl()
         self._commands = CommandBroadcast()

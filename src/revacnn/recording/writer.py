@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ..wire.ledger import CpuLedger, thread_cpu
 from ..wire.protocol import Message
 from .format import LEVEL_FACTOR
 from .run_writer import RunWriter
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _FLUSH = object()
 _EARLY_FLUSH_BYTES = 32 << 20   # wake the writer before its interval once this much waits in the inbox
+
+
+def message_bytes(message: Message) -> int:
+    """A message's array bytes, plus one so that messages without arrays still count."""
+    return 1 + sum(int(getattr(array, "nbytes", 0)) for array in (message.arrays or {}).values())
 
 
 class RunRecorder:
@@ -68,6 +74,7 @@ class RunRecorder:
         except Exception as error:  # noqa: BLE001 - never raise into training
             self._fail(error)
         warm_up()
+        self.ledger = CpuLedger()   # the writer thread's CPU by message type (for the callback's overhead budget)
         self._thread = threading.Thread(target=self._run, name="revacnn-recorder", daemon=True)
         self._thread.start()
 
@@ -129,6 +136,7 @@ class RunRecorder:
     # -- writer thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         processed = 0
+        written: dict[str, int] = {}   # bytes of each message type handled since the last write to disk
         next_flush = time.monotonic() + self.flush_interval
         stop = False
         while not stop:
@@ -145,17 +153,23 @@ class RunRecorder:
                 elif item is _FLUSH:
                     flush = True
                 else:
+                    start = thread_cpu()
                     self._handle_safely(item)
+                    self.ledger.charge(item.type, thread_cpu() - start)
+                    written[item.type] = written.get(item.type, 0) + message_bytes(item)
                     processed += 1
             pending = self._writer.pending_bytes if self._writer is not None else 0
             if stop or flush or time.monotonic() >= next_flush or pending > _EARLY_FLUSH_BYTES:
                 if not self._dead:
+                    start = thread_cpu()
                     try:
                         self._writer.write_out()
                         if stop:
                             self._writer.finish()
                     except Exception as error:  # noqa: BLE001
                         self._fail(error)
+                    self.ledger.charge_shares(written, thread_cpu() - start)
+                    written = {}
                 next_flush = time.monotonic() + self.flush_interval
                 with self._lock:
                     self._done = processed

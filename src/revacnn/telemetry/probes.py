@@ -7,6 +7,7 @@ each quantity is due and packs the results into one host copy (``revacnn.telemet
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -125,6 +126,7 @@ class FilterProbe:
         self._held: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # weight, grad as their optimizer stepped
         self._segment_cache: tuple | None = None
         self._handles: list = []
+        self.hook_seconds = 0.0   # time the forward hooks spent reducing activations since ``measure`` last read it
 
     def attach(self) -> None:
         self.detach()
@@ -146,17 +148,19 @@ class FilterProbe:
 
     def _hook(self, name: str):
         def record(module: nn.Module, inputs, output) -> None:
-            if self.armed and isinstance(output, torch.Tensor):
-                if self.activation_images is not None and output.dim() > 1:
-                    output = output[:self.activation_images]
-                total, count = channel_abs_sum(output, isinstance(module, nn.modules.conv._ConvNd))
-                entry = self._activations.get(name)
-                if entry is None:
-                    self._activations[name] = [total, count, 1]
-                    return
-                # a layer used twice, or the batches of an accumulated gradient: the mean of their means
+            if not (self.armed and isinstance(output, torch.Tensor)):
+                return
+            start = time.perf_counter()
+            if self.activation_images is not None and output.dim() > 1:
+                output = output[:self.activation_images]
+            total, count = channel_abs_sum(output, isinstance(module, nn.modules.conv._ConvNd))
+            entry = self._activations.get(name)
+            if entry is None:
+                self._activations[name] = [total, count, 1]
+            else:  # a layer used twice, or the batches of an accumulated gradient: the mean of their means
                 entry[0] = entry[0] + (total if count == entry[1] else total * (entry[1] / max(count, 1)))
                 entry[2] += 1
+            self.hook_seconds += time.perf_counter() - start
         return record
 
     def arm(self) -> None:
@@ -222,14 +226,17 @@ class FilterProbe:
                 grad_sq = torch.linalg.vector_norm(g, 2, dim=1, dtype=torch.float32).square_()
                 torch.div(grad_sq, coefficients, out=filters[1, start:end])
                 layer_ratio[index] = (grad_sq.sum() / weight_norm.square().sum().clamp_min(1e-24)).sqrt()
-            if previous is not None:
-                before, before_norm = previous[0][index].reshape(count, -1), previous[1][start:end]
-                change = torch.linalg.vector_norm(w.float() - before, 2, dim=1)
-                torch.div(change, before_norm.clamp_min(1e-12), out=filters[3, start:end])
+            if previous is not None:  # the kept copy becomes w_prev − w, its norm is read, then it becomes w
+                before = previous[0][index].view(count, -1)
+                torch.linalg.vector_norm(before.sub_(w), 2, dim=1, out=filters[3, start:end])
+                filters[3, start:end].div_(previous[1][start:end].clamp_min(1e-12))
+                before.copy_(w)
+                kept.append(previous[0][index])
+            else:
+                kept.append(weight.detach().to(torch.float32, copy=True))
             entry = entries[index]
             if entry is not None:
                 torch.div(entry[0], max(entry[1] * entry[2], 1), out=filters[4, start:end])
-            kept.append(weight.float().clone() if weight.dtype == torch.float32 else weight.float())
             start = end
         self._previous = (kept, filters[2].clone())
         return filters, layer_ratio

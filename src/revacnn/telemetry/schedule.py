@@ -1,5 +1,5 @@
-"""When the callback measures: the cadence of each quantity (``Schedule``) and the optimizer step a batch belongs to
-under gradient accumulation (``StepWindow``)."""
+"""When the callback measures: the cadence of each quantity (``Schedule``; planned by ``telemetry.budget`` unless the
+user fixed it) and the optimizer step a batch belongs to under gradient accumulation (``StepWindow``)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,22 @@ import pytorch_lightning as pl
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass
 class Schedule:
-    """When each quantity is measured, in optimizer steps (0 turns a quantity off)."""
+    """When each quantity is measured, in optimizer steps (0 turns a quantity off). The overhead budget changes the
+    cadences the user did not fix while the run trains."""
 
     scalars_every: int = 1
     filters_every: int = 50
     snapshot_every: int = 500
+
+    def as_plan(self) -> dict[str, int]:
+        return {"scalars_every": self.scalars_every, "filters_every": self.filters_every,
+                "snapshot_every": self.snapshot_every}
+
+    def follow(self, plan: dict[str, int]) -> None:
+        self.scalars_every, self.filters_every, self.snapshot_every = (
+            plan["scalars_every"], plan["filters_every"], plan["snapshot_every"])
 
     def due(self, previous: int, step: int, every: int) -> bool:
         """Whether the optimizer steps after ``previous`` up to ``step`` include step 1 (the first) or a multiple of

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from revacnn.checkpoint import ModelHistory
+from revacnn.telemetry.budget import OverheadBudget
 from revacnn.telemetry.messages import (StepMessages, hparams_message, in_traced_order, structure_message,
                                         traced_graph, untrainable_layers, validation_message)
 from revacnn.telemetry.probes import FilterProbe, filter_count
@@ -31,9 +32,11 @@ class Telemetry:
     ``history`` gives the filter ids and the revision, ``frozen`` the layers a ``freeze`` command froze.
     """
 
-    def __init__(self, schedule: Schedule, max_activation_bytes: int, history: ModelHistory,
-                 frozen: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, schedule: Schedule, budget: OverheadBudget, max_activation_bytes: int, history: ModelHistory,
+                 frozen: Callable[[], dict[str, Any]], activation_images: int | None = None) -> None:
         self.schedule = schedule
+        self.budget = budget
+        self.activation_images = activation_images
         self.history = history
         self.frozen = frozen
         self.publisher: Publisher | None = None
@@ -44,11 +47,14 @@ class Telemetry:
         self.snapshots = Snapshots(max_activation_bytes)
         self.error: str | None = None                         # why telemetry stopped (an internal error)
         self.untrainable_shown: list[str] = []                # layers without a trainable parameter, as last published
+        self._snapshot_seconds = 0.0                          # what the snapshot of the step being published took
         self._metrics_before_validation: dict[str, Any] = {}
 
     def attach(self, publisher: Publisher) -> None:
         self.publisher = publisher
         self.steps.attach(publisher)
+        self.budget.ledgers = publisher.ledgers
+        publisher.set_status(schedule=self.budget.report())
 
     def guarded(self, work: Callable[[], None]) -> None:
         """Do ``work`` (measure or publish) unless telemetry has stopped. An error in it stops telemetry for the rest
@@ -79,8 +85,9 @@ class Telemetry:
         """Keep the validation images, attach the probe, and publish ``structure`` and ``hparams``."""
         self.images.collect(trainer, pl_module, probe_images, val_subset)
         if self.layers:
-            self.probe = FilterProbe(self.layers)
+            self.probe = FilterProbe(self.layers, activation_images=self.activation_images)
             self.probe.attach()
+            self.probe.measure()  # its first call's costs (allocations, caches) paid here, not in a training step
         else:
             wanted = ", ".join(map(str, selectors)) if selectors else "Conv2d or Linear"
             rank_zero_warn(f"revacnn: {type(pl_module).__name__} has no layer to monitor ({wanted}); only its "
@@ -89,7 +96,12 @@ class Telemetry:
         self.publish_hparams(trainer)
 
     def measure(self) -> None:
+        start = time.perf_counter()
+        device_start = self.budget.device.start(self.layers[0][1].weight.device)
         self.steps.filter_stats = self.probe.measure()
+        self.budget.device.stop("filters", device_start)
+        hooks, self.probe.hook_seconds = self.probe.hook_seconds, 0.0
+        self.budget.spent("filters", time.perf_counter() - start + hooks)
 
     def layers_changed(self, layers: list[tuple[str, nn.Module]]) -> None:
         """Follow a structural change: the new layers, their probe's hooks, and the snapshots' kept weights."""
@@ -104,6 +116,22 @@ class Telemetry:
         a snapshot was published."""
         step = trainer.global_step
         now = time.perf_counter()
+        measured = self.steps.filter_stats is not None
+        self._snapshot_seconds = 0.0
+        published = self._publish_step(trainer, pl_module, window, outputs, batch_idx, previous, snapshot_requested,
+                                       now)
+        if step != previous:  # an optimizer step ended: publishing it is per-step telemetry's cost (or the filters')
+            seconds = time.perf_counter() - now - self._snapshot_seconds
+            self.budget.spent("filters" if measured else "scalars", seconds, more=measured)
+            if self.budget.step_ended(time.perf_counter()):
+                self.schedule.follow(self.budget.plan)
+            if self.budget.planned:
+                self.publisher.set_status(schedule=self.budget.report())
+        return published
+
+    def _publish_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, window: StepWindow, outputs: Any,
+                      batch_idx: int, previous: int, snapshot_requested: bool, now: float) -> bool:
+        step = trainer.global_step
         self.steps.batch_ended(now)
         self.steps.complete(trainer, now)  # the previous step: Lightning has finished it, its metrics are final
         window.add_batch_loss(outputs)
@@ -138,8 +166,13 @@ class Telemetry:
         if not self.layers:
             return
         self.steps.flush_rows()  # the steps before this one (this one's metrics are not final yet)
-        self.publisher.publish(self.snapshots.message(trainer, pl_module, step, self.history.revision, self.layers,
-                                                      self.images))
+        start = time.perf_counter()
+        device_start = self.budget.device.start(self.layers[0][1].weight.device)
+        message = self.snapshots.message(trainer, pl_module, step, self.history.revision, self.layers, self.images)
+        self.budget.device.stop("snapshot", device_start)
+        self.publisher.publish(message)
+        self._snapshot_seconds = time.perf_counter() - start
+        self.budget.spent("snapshot", self._snapshot_seconds)
 
     def publish_structure(self, pl_module: pl.LightningModule) -> None:
         """Trace the model (on the probe images when there are any) and publish ``structure``."""

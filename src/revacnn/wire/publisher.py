@@ -24,6 +24,7 @@ from revacnn.wire.acks import ack, final_state, initial_status
 from revacnn.wire.connection import CurveServerKeys, bare_host, is_ipv6_literal, tcp_endpoint
 from revacnn.wire.control import CONTROL_MAX_BYTES, ControlDesk, ControlLimits
 from revacnn.wire.curve_auth import CurveGuard, is_loopback
+from revacnn.wire.ledger import CpuLedger, thread_cpu
 from revacnn.wire.protocol import REQUEST_LIMITS, TOPIC_PREFIX, Codec, Message
 
 __all__ = ["ESSENTIAL_TYPES", "Pending", "Publisher", "Sink", "is_loopback"]
@@ -123,6 +124,7 @@ class Publisher:
         self._wake_pending = False
         self._bound = threading.Event()
         self._bind_error: BaseException | None = None
+        self.ledger = CpuLedger()   # the I/O thread's CPU by message type (for the callback's overhead budget)
         self._thread = threading.Thread(target=self._run, name=f"revacnn-io-{run_id}", daemon=True)
 
     # -- training-thread API (never blocks) ------------------------------------------------------------------
@@ -181,6 +183,13 @@ class Publisher:
     @property
     def queue_length(self) -> int:
         return len(self._outbox)
+
+    @property
+    def ledgers(self) -> list[CpuLedger]:
+        """What the background threads spent on each message type: the I/O thread's and its sinks' (the
+        recorder's)."""
+        return [self.ledger, *(ledger for sink in self.sinks
+                               if isinstance(ledger := getattr(sink, "ledger", None), CpuLedger))]
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (waiting at most ``timeout`` s for in-flight copies), then close the sockets."""
@@ -346,6 +355,7 @@ class Publisher:
             if item.type not in ESSENTIAL_TYPES:
                 with self._lock:
                     self._telemetry_waiting -= 1
+            start = thread_cpu()
             try:
                 message = item if isinstance(item, Message) else item.resolve()
             except Exception:
@@ -353,6 +363,7 @@ class Publisher:
                 self.drops["telemetry"] += 1
                 continue
             self._send(pub, router, message)
+            self.ledger.charge(message.type, thread_cpu() - start)
             sent += 1
 
     def _send(self, pub: zmq.Socket, router: zmq.Socket, message: Message) -> None:
