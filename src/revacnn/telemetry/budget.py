@@ -175,7 +175,7 @@ class OverheadBudget:
         self._step_walls: deque[float] = deque(maxlen=64)     # wall seconds of recent steps, minus the callback's
         self._spent_in_step = 0.0
         self._last_end: float | None = None
-        self._last_plan = time.perf_counter()
+        self._last_plan: float | None = None   # when costs were last brought up to date (the first step's end)
         self._cost_fraction = 0.0
 
     # -- measuring ----------------------------------------------------------------------------------------------
@@ -199,6 +199,8 @@ class OverheadBudget:
         self._spent_in_step = 0.0
         for quantity, seconds in self.device.collect():
             self.costs[quantity].device.add(seconds)
+        if self._last_plan is None:
+            self._last_plan = now
         if now - self._last_plan < self.replan_seconds or len(self._step_walls) < 4:
             return False
         self.planned = True

@@ -1,0 +1,120 @@
+"""The overhead budget: planning from measured costs (unit), and a real Trainer whose telemetry is made expensive
+keeping within its budget (integration)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from revacnn.telemetry.budget import OverheadBudget, nice_at_least
+from revacnn.wire.ledger import CpuLedger
+
+PLAN = {"scalars_every": 1, "filters_every": 50, "snapshot_every": 500}
+
+
+def run_steps(budget: OverheadBudget, steps: int, step_seconds: float, costs: dict[str, tuple[int, float]],
+              clock: list[float]) -> None:
+    """Feed ``steps`` steps of ``step_seconds`` bare time; ``costs[q] = (every, seconds)`` spent every that many
+    steps on the training thread (added to the step's wall time, as the callback's work is)."""
+    for _ in range(steps):
+        clock[0] += step_seconds
+        step = int(round(clock[0] / step_seconds))
+        for quantity, (every, seconds) in costs.items():
+            if step % every == 0:
+                budget.spent(quantity, seconds)
+                clock[0] += seconds
+        budget.step_ended(clock[0])
+
+
+@pytest.mark.parametrize("value,want", [(0.2, 1), (1, 1), (1.01, 2), (2.5, 3), (3.2, 5), (7, 10), (21, 30),
+                                        (49, 50), (51, 100), (2001, 3000)])
+def test_nice_cadences(value, want):
+    assert nice_at_least(value) == want
+
+
+def test_the_plan_keeps_the_measured_cost_within_the_budget():
+    clock = [0.0]
+    budget = OverheadBudget(0.02, dict(PLAN), replan_seconds=2.0)
+    # a 0.1 s step; per-filter data costs 0.05 s, a snapshot 1 s, scalars 0.1 ms
+    costs = {"scalars": (1, 1e-4), "filters": (1, 0.05), "snapshot": (1, 1.0)}
+    for _ in range(30):
+        plan = dict(budget.plan)
+        run_steps(budget, 40, 0.1, {q: (plan[f"{q}_every"], s) for q, s in
+                                    ((q, c[1]) for q, c in costs.items())}, clock)
+    plan = budget.plan
+    # within 0.02 · 0.1 s = 2 ms per step: 0.1 ms scalars, filters 50 ms / N ≤ 70 % of the rest, snapshots the rest
+    spent = 1e-4 / plan["scalars_every"] + 0.05 / plan["filters_every"] + 1.0 / plan["snapshot_every"]
+    assert spent <= 0.02 * 0.1 * 1.25
+    assert plan["scalars_every"] == 1
+    assert plan["filters_every"] == 50          # 0.05 / (0.7 · 1.9 ms) = 37.6 → 50
+    assert plan["snapshot_every"] in (2000, 3000)
+    assert budget.report()["cost"] == pytest.approx(spent / 0.1, rel=0.05)
+
+
+def test_cheap_per_filter_data_is_refreshed_at_the_dashboards_rate_not_more():
+    clock = [0.0]
+    budget = OverheadBudget(0.02, dict(PLAN), replan_seconds=2.0)
+    for _ in range(10):
+        plan = dict(budget.plan)
+        run_steps(budget, 300, 0.01, {"filters": (plan["filters_every"], 1e-5)}, clock)
+    assert budget.plan["filters_every"] == 50    # 0.5 s / 10 ms: the budget would allow every step
+
+
+def test_fixed_cadences_are_kept_and_background_cpu_counts():
+    clock = [0.0]
+    ledger = CpuLedger()
+    budget = OverheadBudget(0.02, dict(PLAN), fixed={"filters_every"}, replan_seconds=2.0)
+    budget.ledgers = [ledger]
+    for _ in range(10):
+        ledger.charge("snapshot", 5.0)   # each snapshot costs its writer 5 s of CPU
+        run_steps(budget, 100, 0.1, {"filters": (50, 1.0), "snapshot": (500, 1e-3)}, clock)
+    assert budget.plan["filters_every"] == 50   # fixed, however much it costs
+    assert budget.report()["seconds"]["snapshot"] > 1.0
+    assert budget.plan["snapshot_every"] >= 2 * 5.0 / (0.02 * 0.1)
+
+
+def test_without_a_budget_nothing_changes_but_the_cost_is_reported():
+    clock = [0.0]
+    budget = OverheadBudget(None, dict(PLAN), replan_seconds=2.0)
+    run_steps(budget, 200, 0.1, {"filters": (50, 0.5)}, clock)
+    assert budget.plan == PLAN
+    assert budget.report()["cost"] == pytest.approx(0.5 / 50 / 0.1, rel=0.05)
+
+
+def test_a_real_run_keeps_expensive_telemetry_within_its_budget(tmp_path, monkeypatch):
+    """Per-filter measurement made to cost 30 ms: the budget spaces it out so that it costs ≤ 2 % of training (with
+    the hysteresis' 25 %), and the heartbeat says so."""
+    from conftest import Listener
+    from helpers import quiet_trainer
+
+    from revacnn import ReVACNNCallback
+    from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
+    from revacnn.telemetry.probes import FilterProbe
+
+    measure = FilterProbe.measure
+
+    def slow_measure(self):
+        time.sleep(0.03)
+        return measure(self)
+
+    monkeypatch.setattr(FilterProbe, "measure", slow_measure)
+    torch.manual_seed(0)
+    callback = ReVACNNCallback(snapshot_every=0, record=False)
+    listener = Listener(lambda: callback.connection_file).start()
+    trainer = quiet_trainer(max_steps=300, callbacks=[callback], default_root_dir=tmp_path, limit_val_batches=0,
+                            num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(ReVACNNNet()), DigitsDataModule(batch_size=32))
+    messages = listener.join()
+    schedules = [m.body["schedule"] for m in messages if m.type == "status" and "schedule" in m.body]
+    assert schedules, "the heartbeat carries the schedule"
+    last = schedules[-1]
+    assert last["budget"] == 0.02 and last["snapshot_every"] == 0 and last["fixed"] == ["snapshot_every"]
+    per_filter = sorted(m.body["step"] for m in messages if m.type == "step" and m.body.get("per_filter"))
+    gaps = [b - a for a, b in zip(per_filter, per_filter[1:])]
+    step_seconds = last["step_seconds"]
+    # every measurement costs ≥ 30 ms: the plan's cadence keeps that within 70 % of the budget (+25 % hysteresis)
+    assert last["filters_every"] >= 0.03 / (0.7 * 0.02 * step_seconds) / 1.25
+    assert gaps[-1] == last["filters_every"] or per_filter[-1] + last["filters_every"] > 300
+    assert last["cost"] <= 0.02 * 1.25
