@@ -333,3 +333,18 @@ def test_comparison_filter_figure_takes_any_values(case, status):
         warnings.simplefilter("error", RuntimeWarning)
         fig = filter_figure(pair, 1)
     assert_plotly_safe(fig)
+
+
+def test_the_banner_states_the_telemetry_schedule_and_survives_any_value():
+    from revacnn_dash.views.header import schedule_text
+
+    text, tip = schedule_text({"budget": 0.02, "fixed": ["snapshot_every"], "scalars_every": 1, "filters_every": 50,
+                               "snapshot_every": 2000, "cost": 0.016,
+                               "seconds": {"scalars": 1e-4, "filters": 0.05, "snapshot": 1.2}})
+    assert text == "per-filter data every 50 steps · snapshots every 2,000 steps · telemetry 1.6 % of training"
+    assert "budget: 2 % of training time" in tip and "fixed by the user: snapshot_every" in tip
+    assert "filters: 50.0 ms each" in tip
+    for odd in (None, {}, {"filters_every": float("nan"), "cost": float("inf")}, {"filters_every": True},
+                {"filters_every": -3, "seconds": {"x": None}, "budget": "x"}, [1, 2], "schedule"):
+        assert schedule_text(odd) is None
+    assert schedule_text({"filters_every": 1, "snapshot_every": 0})[0] == "per-filter data every step · snapshots off"

@@ -355,7 +355,7 @@ class RunState:
                     "security": status.get("security"), "resumed": status.get("resumed"),
                     "loss_not_finite_since": self.loss_not_finite_since,
                     "recording_error": status.get("recording_error"),
-                    "telemetry_error": status.get("telemetry_error")}
+                    "telemetry_error": status.get("telemetry_error"), "schedule": status.get("schedule")}
 
     def scalars_since(self, cursor: int) -> tuple[dict[str, np.ndarray], int, int]:
         with self.lock:

@@ -3,6 +3,7 @@ banner and one-line summary; it also locks the steering controls while the shown
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -140,4 +141,42 @@ def banner_children(s: dict[str, Any]) -> list:
         children.append(html.Span(f"⚠ telemetry stopped (internal error): {s['telemetry_error']}",
                                   id="telemetry-error", style={"marginLeft": "10px", "color": "#c62828",
                                                                "fontWeight": "normal"}))
+    schedule = schedule_text(s.get("schedule"))
+    if schedule:
+        children.append(html.Span(schedule[0], id="telemetry-schedule", title=schedule[1],
+                                  style={"marginLeft": "10px", "color": "#555", "fontWeight": "normal"}))
     return children
+
+
+def _cadence(every: Any, what: str) -> str:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        return ""
+    if every == 0:
+        return f"{what} off"
+    return f"{what} every step" if every == 1 else f"{what} every {every:,} steps"
+
+
+def schedule_text(schedule: Any) -> tuple[str, str] | None:
+    """The heartbeat's telemetry schedule as a banner line ("per-filter data every 50 steps · snapshots every 2,000
+    · telemetry 1.6 % of training") and its tooltip (the budget and each quantity's measured cost); None without
+    one. Any value a run could send is shown or left out, never an error."""
+    if not isinstance(schedule, dict):
+        return None
+    parts = [text for text in (_cadence(schedule.get("filters_every"), "per-filter data"),
+                               _cadence(schedule.get("snapshot_every"), "snapshots")) if text]
+    cost = schedule.get("cost")
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool) and math.isfinite(cost) and cost > 0:
+        parts.append(f"telemetry {100 * cost:.1f} % of training")
+    if not parts:
+        return None
+    budget = schedule.get("budget")
+    tip = [f"budget: {100 * budget:g} % of training time" if isinstance(budget, (int, float))
+           and not isinstance(budget, bool) and math.isfinite(budget) else "no budget: the cadences are fixed"]
+    fixed = schedule.get("fixed")
+    if isinstance(fixed, list) and fixed:
+        tip.append("fixed by the user: " + ", ".join(map(str, fixed)))
+    seconds = schedule.get("seconds")
+    if isinstance(seconds, dict):
+        tip += [f"{name}: {1000 * value:.1f} ms each" for name, value in seconds.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+    return " · ".join(parts), "\n".join(tip)
