@@ -76,15 +76,16 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def segment_rows(keep: int) -> int:
+def segment_rows(keep: int, budgeted: bool = False) -> int:
     """Rows per segment of a pyramid level that keeps ``keep`` rows: old rows are deleted a whole segment at a time,
-    so a level holds at most ``keep`` + one segment."""
-    return max(50, keep // 4)
+    so a level holds at most ``keep`` + one segment. At least 50 rows (fewer, larger batches read faster), or 10
+    where the budget lowered ``keep`` (rows of a wide model are large: one segment of 50 would pass the plan)."""
+    return max(10 if budgeted else 50, keep // 4)
 
 
 def _fitting_keep(rows: float) -> int:
-    """The largest ``keep`` whose level holds at most ``rows`` rows (``keep`` + one segment)."""
-    return int(rows / 1.25) if rows >= 250 else int(rows - 50)
+    """The largest budgeted ``keep`` whose level holds at most ``rows`` rows (``keep`` + one segment)."""
+    return int(rows / 1.25) if rows >= 50 else int(rows - 10)
 
 
 def pyramid_keeps(record_bytes: int, share: int | None, levels: int, maxima: tuple[int, ...]) -> tuple[int, ...]:

@@ -145,7 +145,11 @@ class RunWriter:
     def _set_keeps(self, keeps: tuple[int, ...]) -> None:
         self.keep = keeps
         for series in self.series.values():
-            series.set_keep(keeps)
+            series.set_keep(keeps, self._budgeted())
+
+    def _budgeted(self) -> tuple[bool, ...]:
+        """Which pyramid levels keep fewer rows than asked, for the disk budget."""
+        return tuple(keep < asked for keep, asked in zip(self.keep, self.keeper.maxima))
 
     def _event(self, message: Message, step: Any = None) -> None:
         step = message.body.get("step") if step is None else step
@@ -216,7 +220,7 @@ class RunWriter:
                 series.close()
             series = self.series[name] = LayerSeries(
                 self.run_dir, name, fields, pa.float16() if self.float16_filters else pa.float32(),
-                self.levels, self.keep)
+                self.levels, self.keep, self._budgeted())
         return series
 
     # -- to disk ----------------------------------------------------------------------------------------------
