@@ -10,6 +10,8 @@ import threading
 import numpy as np
 import pytest
 
+from revacnn import ReVACNNCallback
+from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 from revacnn.recording import RunRecorder, budget
 from revacnn.recording.budget import dir_bytes, parse_bytes, pyramid_keeps
 from revacnn.recording.reader import open_run
@@ -18,6 +20,7 @@ from revacnn.recording.run_writer import RunWriter
 from revacnn.recording.snapshots import from_bfloat16_bits, to_bfloat16_bits
 from revacnn.wire.protocol import FILTER_FIELDS, Message
 
+from helpers import quiet_trainer
 from test_recording import layer, step_message, structure
 
 # ResNet-50's 26,570 monitored filters (tests/zoo.py's ResNet-50), in four layers of its widths
@@ -62,7 +65,7 @@ def test_budget_holds_and_drops_snapshots_first_then_coarsens(tmp_path):
     rng = np.random.default_rng(0)
     limit = 150_000_000
     run_dir = tmp_path / "run"
-    rec = RunRecorder(run_dir, disk_budget="150MB", min_free=0)
+    rec = RunRecorder(run_dir, disk_budget="150MB", disk_min_free=0)
     sizes = []
     filter_steps, snapshot_steps = feed(rec, 2000, 10, 100, rng, check=lambda step: sizes.append(dir_bytes(run_dir)))
     rec.close()
@@ -98,7 +101,7 @@ def test_free_space_guard_stops_per_filter_data_and_snapshots_but_not_scalars(tm
     capacity, min_free = 40_000_000, 10_000_000
     monkeypatch.setattr(budget, "free_bytes", lambda path: max(0, capacity - dir_bytes(run_dir)))
     rng = np.random.default_rng(1)
-    rec = RunRecorder(run_dir, disk_budget=None, min_free=min_free)
+    rec = RunRecorder(run_dir, disk_budget=None, disk_min_free=min_free)
     sizes = []
     filter_steps, snapshot_steps = feed(rec, 1500, 10, 100, rng, check=lambda step: sizes.append(dir_bytes(run_dir)))
     rec.close()
@@ -230,3 +233,31 @@ def test_retention_rules():
     assert keeps[1:4] == (int(250_000_000 / 3 / (3 * 531_000) / 1.25),) * 3 == (41, 41, 41)
     assert pyramid_keeps(1000, 500_000_000, 5, (2000, 1000, 1000, 1000, 1000)) == (2000, 1000, 1000, 1000, 1000)
     assert len(FILTER_FIELDS) == 5
+
+
+def test_the_callback_gives_its_disk_arguments_to_the_recording(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError):
+        ReVACNNCallback(disk_budget="a lot")
+    with pytest.raises(ValueError):
+        ReVACNNCallback(snapshot_dtype="int8")
+    callback = ReVACNNCallback(snapshot_every=3, snapshot_keep=2, snapshot_dtype="bfloat16", disk_budget="200MB",
+                               disk_min_free="10MB", run_dir=tmp_path / "run")
+    module = ClassifierModule(ReVACNNNet(), lr=0.05)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=12, limit_val_batches=2, callbacks=[callback],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    run = open_run(callback.run_dir)
+    assert run.snapshot_steps() == [9, 12]
+    events = run.table("events").to_pylist()
+    sent = [row["step"] for row in events if row["type"] == "snapshot"]
+    assert {3, 6, 9, 12} <= set(sent)
+    assert [e["step"] for e in run.dropped()["snapshots"]] == sorted(set(sent) - {9, 12})
+    last = run.snapshot(12)
+    assert last["stored_dtype"] == "bfloat16"
+    final = module.net.conv1.weight.detach().numpy()            # the last step's weights are the snapshot's
+    np.testing.assert_array_equal(last["arrays"]["weight/net.conv1"], from_bfloat16_bits(to_bfloat16_bits(final)))
+    assert run.disk()["budget"] == 200_000_000 and run.disk()["min_free"] == 10_000_000
+    assert run.status()["disk"]["budget"] == 200_000_000         # the heartbeat carries it, and so the recording

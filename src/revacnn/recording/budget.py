@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .format import LEVEL_FACTOR
-from .retention import SnapshotKeep, drop_order, retained
+from .retention import SnapshotKeep, check_policy, drop_order, retained
 
 DEFAULT_BUDGET = "1GB"
 DEFAULT_MIN_FREE = "1GB"
 FILTER_SHARE = 0.5        # of the budget, the most the per-filter pyramid is sized to hold
-MIN_KEEP = 2 * LEVEL_FACTOR
+MIN_KEEP = 20             # rows a pyramid level keeps at least: two buckets of the next level (LEVEL_FACTOR = 10)
+SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -51,6 +51,16 @@ def parse_bytes(value, name: str = "size") -> int | None:
         if match and match.group(2).lower() in _UNITS:
             return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     raise ValueError(f"{name} must be a size in bytes (e.g. 1000000000 or '1GB'), or None; got {value!r}")
+
+
+def disk_options(disk_budget, disk_min_free, snapshot_keep: SnapshotKeep, snapshot_dtype: str) -> dict[str, Any]:
+    """The recorder's disk arguments, checked (ValueError): ``{"budget", "min_free", "snapshot_keep",
+    "snapshot_dtype"}``. Importing this loads no pyarrow, so the callback checks them when it is made."""
+    if snapshot_dtype not in SNAPSHOT_DTYPES:
+        raise ValueError(f"snapshot_dtype must be one of {SNAPSHOT_DTYPES}, got {snapshot_dtype!r}")
+    return {"budget": parse_bytes(disk_budget, "disk_budget"),
+            "min_free": parse_bytes(disk_min_free, "disk_min_free") or 0,
+            "snapshot_keep": check_policy(snapshot_keep), "snapshot_dtype": snapshot_dtype}
 
 
 def dir_bytes(path: Path) -> int:

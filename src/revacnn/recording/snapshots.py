@@ -26,7 +26,6 @@ from .format import to_json
 from .timeline import latest_timeline
 
 SNAPSHOTS = "snapshots"
-SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")
 STORED_PREFIXES = ("weight/", "grad/", "act/", "actgrad/")   # the buffers ``snapshot_dtype`` applies to
 
 _CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",

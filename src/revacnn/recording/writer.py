@@ -22,11 +22,10 @@ import warnings
 from pathlib import Path
 
 from ..wire.protocol import Message
-from .budget import DEFAULT_BUDGET, DEFAULT_MIN_FREE, parse_bytes
+from .budget import DEFAULT_BUDGET, DEFAULT_MIN_FREE, disk_options
 from .format import LEVEL_FACTOR
-from .retention import SnapshotKeep, check_policy
+from .retention import SnapshotKeep
 from .run_writer import RunWriter
-from .snapshots import SNAPSHOT_DTYPES
 from .stream import warm_up
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,8 @@ class RunRecorder:
     most recent buckets each coarser level keeps; the coarsest level (buckets of ``10**(levels-1)`` records) keeps
     everything. ``flush_interval``: seconds between appends to disk (bounds what a SIGKILL can lose).
 
-    ``disk_budget`` (bytes, or a string such as ``"1GB"``; None: no budget) and ``min_free`` (free space never to go
-    below on the filesystem) bound the run directory; ``snapshot_keep`` is the snapshot retention policy, and
+    ``disk_budget`` (bytes, or a string such as ``"1GB"``; None: no budget) and ``disk_min_free`` (free space never
+    to go below on the filesystem) bound the run directory; ``snapshot_keep`` is the snapshot retention policy, and
     ``snapshot_dtype`` (``"float32"``, ``"float16"``, ``"bfloat16"``) how snapshots store weights, gradients and
     activation maps (budget.py, retention.py, snapshots.py). ``max_inbox_bytes``: buffers waiting for the writer
     past which a message's buffers are dropped (its body is still recorded).
@@ -56,12 +55,9 @@ class RunRecorder:
                  full_records: int = 2000, keep_buckets: int = 1000, levels: int = 5,
                  flush_interval: float = 0.5, status_every: float = 5.0,
                  disk_budget: int | float | str | None = DEFAULT_BUDGET,
-                 min_free: int | float | str = DEFAULT_MIN_FREE, snapshot_keep: SnapshotKeep = None,
+                 disk_min_free: int | float | str | None = DEFAULT_MIN_FREE, snapshot_keep: SnapshotKeep = None,
                  snapshot_dtype: str = "float32", max_inbox_bytes: int = DEFAULT_INBOX_BYTES) -> None:
-        if snapshot_dtype not in SNAPSHOT_DTYPES:
-            raise ValueError(f"snapshot_dtype must be one of {SNAPSHOT_DTYPES}, got {snapshot_dtype!r}")
-        disk = {"budget": parse_bytes(disk_budget, "disk_budget"), "min_free": parse_bytes(min_free, "min_free") or 0,
-                "snapshot_keep": check_policy(snapshot_keep), "snapshot_dtype": snapshot_dtype}
+        disk = disk_options(disk_budget, disk_min_free, snapshot_keep, snapshot_dtype)
         self.run_dir = Path(run_dir)
         self.float16_filters = float16_filters
         self.flush_interval = flush_interval
@@ -87,6 +83,7 @@ class RunRecorder:
         self._disk_status: dict | None = None     # replaced whole by the writer thread, read by any
         try:
             self._writer = RunWriter(self.run_dir, float16_filters, self.levels, self.keep, status_every, disk)
+            self._disk_status = self._writer.keeper.status()
         except Exception as error:  # noqa: BLE001 - never raise into training
             self._fail(error)
         warm_up()
@@ -127,7 +124,7 @@ class RunRecorder:
     @property
     def disk_status(self) -> dict | None:
         """How full the disk budget is and how much was dropped (the status heartbeat's ``disk``), as of the last
-        write; None before the first."""
+        write (None if the run directory could not be made)."""
         return self._disk_status
 
     @property
