@@ -49,17 +49,23 @@ def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _stored(key: str, value: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
-    """(safetensors dtype code, array to write) of one buffer under ``dtype``."""
-    value = np.ascontiguousarray(value)
+def _stored_code(key: str, value: np.ndarray, dtype: str) -> str:
+    """The safetensors dtype code one buffer is stored as under ``dtype``."""
     if dtype != "float32" and value.dtype == np.float32 and key.startswith(STORED_PREFIXES):
-        if dtype == "float16":
-            with np.errstate(over="ignore"):         # beyond ±65504 becomes ±inf, as documented
-                return "F16", value.astype(np.float16)
-        return "BF16", to_bfloat16_bits(value)
+        return "F16" if dtype == "float16" else "BF16"
     if value.dtype not in _CODES:
         raise TypeError(f"snapshot buffer {key!r} has dtype {value.dtype}, which safetensors cannot store")
-    return _CODES[value.dtype], value.astype(value.dtype.newbyteorder("<"), copy=False)
+    return _CODES[value.dtype]
+
+
+def _stored(value: np.ndarray, code: str) -> np.ndarray:
+    """``value`` as written under ``code``: contiguous, little-endian."""
+    if code == "F16" and value.dtype == np.float32:
+        with np.errstate(over="ignore"):             # beyond ±65504 becomes ±inf, as documented
+            return np.ascontiguousarray(value, np.float16)
+    if code == "BF16":
+        return to_bfloat16_bits(value)
+    return np.ascontiguousarray(value, value.dtype.newbyteorder("<"))
 
 
 def snapshot_name(step: int, seq: int) -> str:
@@ -77,19 +83,22 @@ def write_snapshot(run_dir: Path, message: Message, dtype: str = "float32") -> t
     metadata = {"type": "snapshot", "step": str(step), "seq": str(message.seq), "time": repr(message.time),
                 "run": str(message.run), "body": to_json(body), "stored_dtype": dtype}
     header: dict[str, Any] = {"__metadata__": metadata}
-    arrays, offset = [], 0
+    codes, offset = {}, 0
     for key, value in message.arrays.items():
-        code, array = _stored(key, value, dtype)
-        header[key] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        arrays.append(array)
-        offset += array.nbytes
+        value = np.asarray(value)
+        codes[key] = _stored_code(key, value, dtype)
+        nbytes = value.size * (2 if codes[key] in ("F16", "BF16") else value.dtype.itemsize)
+        header[key] = {"dtype": codes[key], "shape": list(value.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)              # the data starts 8-byte aligned, as safetensors writes it
     with open(tmp, "wb") as handle:
         handle.write(struct.pack("<Q", len(text)))
         handle.write(text)
-        for array in arrays:
+        for key, value in message.arrays.items():        # converted one buffer at a time: one extra copy at most
+            array = _stored(np.asarray(value), codes[key])
             handle.write(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
+            del array
     os.replace(tmp, directory / name)
     return directory / name, 8 + len(text) + offset
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _FLUSH = object()
 _EARLY_FLUSH_BYTES = 32 << 20   # wake the writer before its interval once this much waits in the inbox
-DEFAULT_INBOX_BYTES = 128 << 20
+DEFAULT_INBOX_BYTES = 64 << 20
 
 
 class RunRecorder:
@@ -92,9 +92,9 @@ class RunRecorder:
 
     # -- training side ----------------------------------------------------------------------------------------
     def submit(self, message: Message) -> bool:
-        """Queue ``message`` for writing; never blocks. False (and ``drops`` + 1) when full, closed or failed. Past
-        ``max_inbox_bytes`` of waiting buffers (unless nothing waits) the message is queued without its buffers,
-        and counted in ``drops`` too."""
+        """Queue ``message`` for writing; never blocks. False (and ``drops`` + 1) when full, closed or failed. Once
+        ``max_inbox_bytes`` of buffers wait (so at most that plus one message's are ever held), a message is
+        queued without its buffers, and counted in ``drops`` too."""
         if self._dead or self._closed:
             self._count_drop()
             return False
@@ -103,7 +103,7 @@ class RunRecorder:
             if len(self._inbox) >= self.queue_size:
                 self.drops += 1
                 return False
-            stripped = size > 0 and self._inbox_bytes > 0 and self._inbox_bytes + size > self.max_inbox_bytes
+            stripped = size > 0 and self._inbox_bytes >= self.max_inbox_bytes
             if stripped:              # the buffers are not kept: the body alone waits
                 self.drops += 1
                 size = 0
