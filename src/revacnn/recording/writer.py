@@ -1,15 +1,15 @@
 """``RunRecorder``: writes every published message into a run directory from a background thread. No torch.
 
 The publishing thread only calls ``submit`` (a non-blocking append to an inbox bounded in messages and in bytes:
-past ``max_inbox_bytes`` a message keeps its body but leaves its buffers behind, so a writer that falls behind
-never holds more than that). A daemon thread wakes every
-``flush_interval`` seconds (0.5 s by default; sooner when 32 MB are waiting, or on ``flush``/``close``) and hands the
-messages to a ``RunWriter`` (run_writer.py), which turns them into rows and appends them as Arrow IPC record batches
-to segment files — waking once per interval rather than once per message keeps its share of the GIL, which the
-training thread competes for, small; it writes out sooner, mid-backlog, once 32 MB of per-filter data wait. The
-run directory stays within its disk budget (budget.py). Errors never reach the caller: the first one is stored in ``error``, warned
-about once, and the recorder stops writing (everything submitted afterwards counts as a drop). Layout and policy:
-docs/design.md, "Recording".
+once ``max_inbox_bytes`` of buffers wait, a message keeps its body but leaves its buffers behind, so a writer that
+falls behind holds at most that plus one message). A daemon thread wakes every ``flush_interval`` seconds (0.5 s by
+default; sooner when 32 MB are waiting, or on ``flush``/``close``) and hands the messages to a ``RunWriter``
+(run_writer.py), which turns them into rows and appends them as Arrow IPC record batches to segment files — waking
+once per interval rather than once per message keeps its share of the GIL, which the training thread competes for,
+small; in a long backlog it writes out every 32 MB of per-filter data rather than holding it all. The run directory
+stays within its disk budget (budget.py). Errors never reach the caller: the first one is stored in ``error``,
+warned about once, and the recorder stops writing (everything submitted afterwards counts as a drop). Layout and
+policy: docs/design.md, "Recording".
 """
 
 from __future__ import annotations
