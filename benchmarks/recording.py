@@ -145,8 +145,9 @@ def backlog_rss(run_dir, steps=2000):
     rec = RunRecorder(run_dir, queue_size=steps + 10)
     rec.submit(structure_for(widths))
     rss = PeakRSS()
-    for message in messages:
-        rec.submit(message)
+    for message in messages:       # fresh buffers, as the callback's every message has
+        rec.submit(Message(message.type, message.body, {key: array.copy() for key, array in message.arrays.items()},
+                           run=message.run, seq=message.seq, time=message.time))
     rec.close()
     return {"extra_rss": rss.stop(), "stripped": rec.drops, "steps": steps}
 
