@@ -194,7 +194,8 @@ def disk_at_defaults(run_dir, steps=10000, filters_every=50, snapshot_every=500,
     return {"bytes": dir_bytes(Path(run_dir)), "most": most, "extra_rss": extra_rss, "seconds": elapsed,
             "snapshot_bytes": snapshot_bytes, "stored": stored, "kept": run.snapshot_steps(), "drops": rec.drops,
             "dropped_snapshots": len(dropped["snapshots"]) + len(dropped["snapshots_not_written"]),
-            "filter_keep": run.disk()["filter_keep"], "filters_dropped": sum(e["count"] for e in dropped["filter_steps"]),
+            "filter_keep": run.disk()["filter_keep"],
+            "filters_dropped": sum(e["count"] for e in dropped["filter_steps"]),
             "budget": run.disk()["budget"], "records": len(run.filter_series("layer0", "weight_norm")["step"])}
 
 

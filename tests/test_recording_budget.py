@@ -139,6 +139,19 @@ def test_snapshot_keep_policies(tmp_path):
         RunRecorder(tmp_path / "bad", snapshot_keep=0)
 
 
+def test_a_snapshot_larger_than_the_budget_is_not_written_and_drops_nothing(tmp_path):
+    rec = RunRecorder(tmp_path / "run", disk_budget="30MB", disk_min_free=0)
+    rec.submit(structure(1, 0, 0, [layer("a", range(4))]))
+    for seq, step, size in ((2, 100, 8.0), (3, 200, 8.0), (4, 300, 40.0), (5, 400, 8.0)):
+        rec.submit(snapshot_message(seq, step, size))
+    rec.close()
+    run = open_run(tmp_path / "run")
+    assert run.snapshot_steps() == [100, 200, 400]
+    assert [(e["step"], e["reason"]) for e in run.dropped()["snapshots_not_written"]] == [(300, "budget")]
+    assert run.dropped()["snapshots"] == []
+    assert dir_bytes(tmp_path / "run") <= 30_000_000
+
+
 @pytest.mark.parametrize("dtype, unit_roundoff", [("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8)])
 def test_half_precision_snapshots_read_back_as_float32(tmp_path, dtype, unit_roundoff):
     rng = np.random.default_rng(3)

@@ -118,8 +118,8 @@ def pyramid_keeps(record_bytes: int, share: int | None, levels: int, maxima: tup
 
 
 class DiskKeeper:
-    """Keeps one run directory within its limit (module docstring). ``pyramid`` is the writer's: it gives the
-    per-filter pyramid's bytes per record and sets its levels' keeps (``set_keeps``)."""
+    """Keeps one run directory within its limit (module docstring). ``maxima``: the rows each pyramid level was
+    asked to keep; ``set_keeps``: the writer's, gives every layer's pyramid new keeps (and retires what they drop)."""
 
     def __init__(self, run_dir: Path, budget: int | None, min_free: int, snapshot_keep: SnapshotKeep,
                  maxima: tuple[int, ...], set_keeps: Callable[[tuple[int, ...]], None]) -> None:
@@ -185,7 +185,12 @@ class DiskKeeper:
         """Drop what the order allows until ``need`` more bytes fit under the limit; False if they still do not."""
         if self.used + need <= self.limit:
             return True
-        for victim in self._snapshot_victims(for_snapshot):
+        victims = self._snapshot_victims(for_snapshot)
+        if for_snapshot:        # one that cannot fit even then: keep what is there
+            spare_pyramid = max(0.0, pyramid_bytes() - FILTER_SHARE * self.limit)
+            if self.used - sum(victim[3] for victim in victims) - spare_pyramid + need > self.limit:
+                return False
+        for victim in victims:
             self._delete_snapshot(victim)
             if self.used + need <= self.limit:
                 return True
