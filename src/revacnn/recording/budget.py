@@ -11,8 +11,8 @@ closer to a full disk than ``min_free``. When writing something would pass it, t
 3. and if that is still not enough, what was to be written: the per-filter data of the steps concerned, or the
    snapshot. Scalars, events and validation rows are always written (they are small).
 
-Besides, the pyramid is sized from the start so that it stays within ``FILTER_SHARE`` of the budget at any run
-length (``pyramid_keeps``). Everything dropped is listed in run.json's ``dropped`` (``DiskKeeper.dropped``), and
+Besides, once the per-filter pyramid holds more than ``FILTER_SHARE`` of the budget, its levels are sized so that
+it stays within that share at any run length (``pyramid_keeps``). Everything dropped is listed in run.json's ``dropped`` (``DiskKeeper.dropped``), and
 ``disk`` there and in the status heartbeat says how full the budget is. Policy: docs/design.md, "Recording".
 """
 
@@ -132,6 +132,7 @@ class DiskKeeper:
         self._set_keeps = set_keeps
         self._planned_for = 0                  # the record size the keeps were planned for
         self.used = 0
+        self.pyramid = 0                            # of which the per-filter pyramid (filters/)
         self.free = 0
         self.limit = budget
         self.reason = "budget"
@@ -151,8 +152,21 @@ class DiskKeeper:
                 continue
 
     def measure(self) -> None:
-        """Re-measure the run directory and the free space, and so the limit."""
-        self.used = dir_bytes(self.run_dir)
+        """Re-measure the run directory (and its pyramid) and the free space, and so the limit."""
+        self.used = self.pyramid = 0
+        try:
+            entries = list(os.scandir(self.run_dir))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                size = dir_bytes(Path(entry.path)) if is_dir else entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+            self.used += size
+            if entry.name == "filters":
+                self.pyramid = size
         try:
             self.free = free_bytes(self.run_dir)
         except OSError:
@@ -164,11 +178,15 @@ class DiskKeeper:
             self.limit, self.reason = self.budget, "budget"
 
     def plan_pyramid(self, record_bytes: int) -> None:
-        """Size the pyramid's levels for records of ``record_bytes`` (again when it changes by more than 10 %)."""
-        if record_bytes <= 0 or abs(record_bytes - self._planned_for) <= 0.1 * self._planned_for:
+        """Once the pyramid holds more than its share of the budget, size its levels for records of
+        ``record_bytes`` (again when that changes by more than 10 %); until then each keeps what it was asked to."""
+        if self.budget is None or record_bytes <= 0:
+            return
+        share = int(FILTER_SHARE * self.budget)
+        planned = self._planned_for
+        if (not planned and self.pyramid <= share) or (planned and abs(record_bytes - planned) <= 0.1 * planned):
             return
         self._planned_for = record_bytes
-        share = None if self.budget is None else int(FILTER_SHARE * self.budget)
         self._apply_keeps(pyramid_keeps(record_bytes, share, len(self.maxima), self.maxima), "budget plan")
 
     def _apply_keeps(self, keeps: tuple[int, ...], reason: str) -> None:
@@ -181,13 +199,13 @@ class DiskKeeper:
         self._set_keeps(keeps)
 
     # -- making room ------------------------------------------------------------------------------------------
-    def make_room(self, need: int, for_snapshot: bool, pyramid_bytes: Callable[[], int]) -> bool:
+    def make_room(self, need: int, for_snapshot: bool) -> bool:
         """Drop what the order allows until ``need`` more bytes fit under the limit; False if they still do not."""
         if self.used + need <= self.limit:
             return True
         victims = self._snapshot_victims(for_snapshot)
         if for_snapshot:        # one that cannot fit even then: keep what is there
-            spare_pyramid = max(0.0, pyramid_bytes() - FILTER_SHARE * self.limit)
+            spare_pyramid = max(0.0, self.pyramid - FILTER_SHARE * self.limit)
             if self.used - sum(victim[3] for victim in victims) - spare_pyramid + need > self.limit:
                 return False
         for victim in victims:
@@ -195,7 +213,7 @@ class DiskKeeper:
             if self.used + need <= self.limit:
                 return True
         while self.used + need > self.limit:
-            if for_snapshot and pyramid_bytes() <= FILTER_SHARE * self.limit:
+            if for_snapshot and self.pyramid <= FILTER_SHARE * self.limit:
                 return False          # a snapshot does not take the pyramid's share
             if not self._coarsen():
                 return False

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ..wire.protocol import FILTER_FIELDS, Message
 from .format import FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, to_json, write_json_atomic
-from .budget import DiskKeeper, dir_bytes
+from .budget import DiskKeeper
 from .lineage import renamed_by
 from .pyramid import LayerSeries
 from .rows import events_batch, layers_batches, scalar_row, scalars_batch, val_batch
@@ -133,14 +133,11 @@ class RunWriter:
             self.keeper.snapshot_not_written(step, "backlog")
             return
         self.keeper.measure()
-        if not self.keeper.make_room(estimate_bytes(message, self.snapshot_dtype), True, self._pyramid_bytes):
+        if not self.keeper.make_room(estimate_bytes(message, self.snapshot_dtype), True):
             self.keeper.snapshot_not_written(step, self.keeper.reason)
             return
         path, size = write_snapshot(self.run_dir, message, self.snapshot_dtype)
         self.keeper.add_snapshot(step, int(message.seq), path, size)
-
-    def _pyramid_bytes(self) -> int:
-        return dir_bytes(self.run_dir / "filters")
 
     def _set_keeps(self, keeps: tuple[int, ...]) -> None:
         self.keep = keeps
@@ -256,7 +253,7 @@ class RunWriter:
         filters = max(self.pending_bytes, record if keeper.filters_blocked else 0)
         # bucket rows (mean, min, max of 10, 100, … records) add ~1/3 to the raw records; other rows ~200 B each
         need = int(1.4 * filters) + 200 * sum(len(rows) for rows in self._pending.values()) + (64 << 10)
-        if keeper.make_room(need, False, self._pyramid_bytes):
+        if keeper.make_room(need, False):
             keeper.filters_blocked = None
             return
         keeper.filters_blocked = keeper.reason
