@@ -58,7 +58,7 @@ def feed(rec, steps, filters_every, snapshot_every, rng, layers=WIDE, check=None
     return filter_steps, snapshot_steps
 
 
-def test_budget_holds_and_drops_snapshots_first_then_coarsens(tmp_path):
+def test_budget_holds_with_the_newest_and_first_snapshots_and_every_record_covered(tmp_path):
     """150 MB for a run with 106 MB of raw ResNet-50-wide per-filter records and 20 snapshots of 8 MB: the
     directory never passes the budget, the newest snapshot and log-spaced older ones remain, and run.json lists
     exactly the snapshots that are gone."""
@@ -78,7 +78,7 @@ def test_budget_holds_and_drops_snapshots_first_then_coarsens(tmp_path):
     assert kept[0] == snapshot_steps[0] and len(kept) >= 3                  # the first goes last
     assert sorted(entry["step"] for entry in dropped["snapshots"]) == sorted(set(snapshot_steps) - set(kept))
     assert {entry["reason"] for entry in dropped["snapshots"]} == {"budget"}
-    # the pyramid was sized to half the budget from the first record: level 0 keeps fewer than 2,000 records
+    # the pyramid passed half the budget and was sized to it: level 0 keeps fewer than 2,000 records
     keep0 = run.disk()["filter_keep"][0]
     assert 20 <= keep0 < 2000 and run.info["disk"]["used"] <= limit
     # every remaining snapshot reads back as it was sent
