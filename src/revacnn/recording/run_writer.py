@@ -251,8 +251,10 @@ class RunWriter:
         record = sum(series.record_bytes() for series in self.series.values())
         keeper.plan_pyramid(record)
         filters = max(self.pending_bytes, record if keeper.filters_blocked else 0)
-        # bucket rows (mean, min, max of 10, 100, … records) add ~1/3 to the raw records; other rows ~200 B each
-        need = int(1.4 * filters) + 200 * sum(len(rows) for rows in self._pending.values()) + (64 << 10)
+        # n records complete at most n/10 + 1 level-1 buckets, n/100 + 1 level-2 ones, …, each row 3× a record (mean,
+        # min, max): at most n/9 + levels − 1 bucket rows. Other rows are ~200 B each.
+        buckets = 3 * (filters / 9 + record * (self.levels - 1))
+        need = int(filters + buckets) + 200 * sum(len(rows) for rows in self._pending.values()) + (64 << 10)
         if keeper.make_room(need, False):
             keeper.filters_blocked = None
             return
