@@ -7,7 +7,7 @@ The run: torchvision ResNet-50 module names and widths (53 conv layers, 26,560 f
 ``--steps`` (10,000) step messages shaped like the callback's (docs/protocol.md "step"), per-filter data every
 ``--filters-every`` (10, the callback's default) steps, a validation message (1,000 images) every 100 steps, and one
 steering event (widen layer3.0.conv1 by 2 at the middle: a new structure and an ack), all through
-``RunRecorder.submit`` with the default retention policy. Per-filter values follow smooth random walks so the charts
+``RunRecorder.submit`` with the default retention policy and disk budget, waiting for the writer every 100 steps. Per-filter values follow smooth random walks so the charts
 have structure. Then, with a fresh reader (cold) and again (warm):
 
   layer overview     ``layer_overview`` of every node of the hierarchy over the whole run (budget 200 ms)
@@ -112,6 +112,8 @@ def write_run(run_dir: Path, steps: int, filters_every: int, val_every: int = 10
                       "layers": np.exp(rng.normal(size=len(names)) * 0.2 - 4 - step / 8000).astype(np.float32)}
         rec.submit(Message("step", body, arrays, run="logscale", seq=seq, time=time.time()))
         submitted += 1
+        if step % 100 == 0:        # as training would, leave the writer time to keep up (its inbox is bounded)
+            rec.flush()
         if step % val_every == 0:
             seq += 1
             # sticky correctness: most images keep their state; some re-draw it from a rising skill curve; now

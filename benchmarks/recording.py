@@ -1,6 +1,7 @@
-"""Recording benchmark: bytes per step, write throughput, and whole-run per-filter queries.
+"""Recording benchmark: bytes per step, write throughput, whole-run per-filter queries, and the disk budget.
 
-    python benchmarks/recording.py                 # default run, ~1-2 minutes on 2 cores
+    python benchmarks/recording.py                 # default run, ~3-5 minutes on 2 cores
+    python benchmarks/recording.py --only-disk     # just the disk budget at ResNet-50 size (~1-2 minutes)
     python benchmarks/recording.py --append        # also append the results to benchmarks/RESULTS.md
 
 Models (per-filter data on every step, i.e. filters_every=1, the worst case):
@@ -9,6 +10,12 @@ Models (per-filter data on every step, i.e. filters_every=1, the worst case):
 Query: one layer's per-filter series (one field) over a 10k-record run, for the demo's conv2 (20 filters) and for
 ResNet-50's widest layer (2048 filters), with the default retention policy and with everything kept at full
 resolution; cold (fresh reader) and warm (second call on the same reader).
+Disk budget: ResNet-50 (torchvision shapes, 25.6 M parameters) × 10,000 steps at the callback's defaults — scalars
+every step, per-filter data every 50 steps, a snapshot (every weight and gradient, per-layer statistics and probe
+maps of 8 images of 32×32) every 500 — fed to a ``RunRecorder`` with its default disk budget, waiting for the writer
+after every per-filter step as a real run's 50 training steps would (so nothing is dropped for backlog): bytes on
+disk at the end and at most during the run, the snapshots kept, and the recorder's extra RSS (the process's peak RSS,
+sampled every 20 ms, minus its RSS before the run; the messages' own buffers are allocated before).
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from revacnn.wire.protocol import FILTER_FIELDS, Message
 from revacnn.recording import RunRecorder
 from revacnn.recording.reader import open_run
+from revacnn.recording.snapshots import snapshot_files
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # ResNet-50 layer shapes, shared with the tests
 from model_shapes import resnet50_layers  # noqa: E402
 
@@ -64,7 +74,8 @@ def dir_bytes(path: Path) -> int:
 
 def write_run(run_dir, widths, steps, float16=False, flush_every=None, **policy):
     messages = list(step_messages(widths, steps))
-    rec = RunRecorder(run_dir, float16_filters=float16, queue_size=steps + 10, **policy)
+    # every message is queued at once to time the writer alone: its inbox is not bounded in bytes here
+    rec = RunRecorder(run_dir, float16_filters=float16, queue_size=steps + 10, max_inbox_bytes=1 << 40, **policy)
     start = time.perf_counter()
     rec.submit(structure_for(widths))
     submit_time = 0.0
@@ -80,6 +91,112 @@ def write_run(run_dir, widths, steps, float16=False, flush_every=None, **policy)
     assert rec.error is None and rec.drops == 0, rec.error
     return {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed, "bytes": dir_bytes(Path(run_dir)),
             "submit_us": submit_time / steps * 1e6}
+
+
+def snapshot_arrays(seed=0):
+    """One snapshot's buffers at ResNet-50 size (docs/protocol.md, ``snapshot``), reused for every snapshot."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    layers = resnet50_layers()
+    for layer in layers:
+        name = layer["name"]
+        shape = (layer["out"], layer["in"]) + ((layer["k"], layer["k"]) if layer["k"] else ())
+        arrays[f"weight/{name}"] = rng.standard_normal(shape, dtype=np.float32) * 0.05
+        arrays[f"grad/{name}"] = rng.standard_normal(shape, dtype=np.float32) * 1e-4
+        stage = int(name[5]) if name.startswith("layer") else (0 if name == "conv1" else 5)
+        side = 16 if stage == 0 else 1 if stage == 5 else 8 >> (stage - 1)     # its map side for 32×32 inputs
+        maps = (8, layer["out"]) + ((side, side) if layer["k"] else ())
+        arrays[f"act/{name}"] = rng.standard_normal(maps, dtype=np.float32)
+        arrays[f"actgrad/{name}"] = rng.standard_normal(maps, dtype=np.float32) * 1e-3
+        arrays[f"cosine/{name}"] = np.ones(layer["out"], np.float32)
+        arrays[f"delta_ratio/{name}"] = np.zeros(layer["out"], np.float32)
+    arrays["weight_stats"] = rng.standard_normal((len(layers), 11), dtype=np.float32)
+    arrays["grad_stats"] = rng.standard_normal((len(layers), 11), dtype=np.float32)
+    arrays["probe_images"] = rng.standard_normal((8, 3, 32, 32), dtype=np.float32)
+    return arrays
+
+
+class PeakRSS:
+    """The process's peak RSS above what it was when made, sampled every 20 ms until ``stop``."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.base = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.base
+
+
+def backlog_rss(run_dir, steps=2000):
+    """ResNet-50-sized per-filter data on every step, submitted as fast as the loop goes (far faster than the writer's
+    ~80 records/s): the recorder's extra RSS, and the messages it kept only the body of."""
+    widths = MODELS["resnet50"]
+    messages = list(step_messages(widths, steps))        # 16 buffers, reused: allocated before the measurement
+    rec = RunRecorder(run_dir, queue_size=steps + 10)
+    rec.submit(structure_for(widths))
+    rss = PeakRSS()
+    for message in messages:       # fresh buffers, as the callback's every message has
+        rec.submit(Message(message.type, message.body, {key: array.copy() for key, array in message.arrays.items()},
+                           run=message.run, seq=message.seq, time=message.time))
+    rec.close()
+    return {"extra_rss": rss.stop(), "stripped": rec.drops, "steps": steps}
+
+
+def disk_at_defaults(run_dir, steps=10000, filters_every=50, snapshot_every=500, **options):
+    """ResNet-50 × ``steps`` at the callback's default cadence through the real recorder (module docstring)."""
+    widths = MODELS["resnet50"]
+    names = [f"layer{i}" for i in range(len(widths))]
+    rng = np.random.default_rng(1)
+    pool = [rng.random((5, sum(widths)), dtype=np.float32) for _ in range(4)]
+    snapshot = snapshot_arrays()
+    snapshot_bytes = sum(a.nbytes for a in snapshot.values())
+    rec = RunRecorder(run_dir, **options)
+    rss = PeakRSS()
+    started = time.perf_counter()
+    rec.submit(structure_for(widths))
+    most, seq = 0, 1
+    for step in range(1, steps + 1):
+        seq += 1
+        per_filter = step % filters_every == 0
+        body = {"step": step, "epoch": step // 1000, "batch": step % 1000, "loss": 1.0 / step,
+                "metrics": {"train_acc": 0.5}, "groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}],
+                "batch_size": 8, "samples_per_s": 30.0, "drops": {"telemetry": 0, "recording": 0},
+                "per_filter": per_filter}
+        arrays = {}
+        if per_filter:
+            body.update({"filter_fields": list(FILTER_FIELDS), "layer_names": names})
+            arrays = {"filters": pool[step % 4], "layers": np.ones(len(widths), np.float32)}
+        rec.submit(Message("step", body, arrays, run="bench", seq=seq, time=time.time()))
+        if step % snapshot_every == 0:
+            seq += 1
+            rec.submit(Message("snapshot", {"step": step, "epoch": step // 1000, "revision": 0,
+                                            "layer_names": [layer["name"] for layer in resnet50_layers()]},
+                               snapshot, run="bench", seq=seq, time=time.time()))
+        if per_filter:
+            rec.flush()
+            most = max(most, dir_bytes(Path(run_dir)))
+    rec.close()
+    elapsed = time.perf_counter() - started
+    extra_rss = rss.stop()
+    run = open_run(run_dir)
+    dropped = run.dropped()
+    stored = snapshot_files(Path(run_dir))[-1][2].stat().st_size
+    return {"bytes": dir_bytes(Path(run_dir)), "most": most, "extra_rss": extra_rss, "seconds": elapsed,
+            "snapshot_bytes": snapshot_bytes, "stored": stored, "kept": run.snapshot_steps(), "drops": rec.drops,
+            "dropped_snapshots": len(dropped["snapshots"]) + len(dropped["snapshots_not_written"]),
+            "filter_keep": run.disk()["filter_keep"],
+            "filters_dropped": sum(e["count"] for e in dropped["filter_steps"]),
+            "budget": run.disk()["budget"], "records": len(run.filter_series("layer0", "weight_norm")["step"])}
 
 
 def time_query(run_dir, layer, field="weight_norm", resolution=None, repeat=3):
@@ -101,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--demo-steps", type=int, default=10000)
     parser.add_argument("--resnet-steps", type=int, default=300)
     parser.add_argument("--query-steps", type=int, default=10000)
+    parser.add_argument("--disk-steps", type=int, default=10000)
+    parser.add_argument("--only-disk", action="store_true", help="only the disk budget at ResNet-50 size")
     parser.add_argument("--append", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -110,6 +229,32 @@ def main(argv=None) -> int:
     def out(text=""):
         print(text, flush=True)
         lines.append(text)
+
+    out(f"Disk budget: ResNet-50 × {args.disk_steps:,} steps at the defaults (per-filter data every 50 steps, a "
+        f"snapshot every 500), default `disk_budget`:")
+    out()
+    out("| snapshot storage | snapshot size | budget | on disk at the end | most on disk during the run | snapshots "
+        "kept (steps) | snapshots dropped | pyramid keeps (levels 0–4) | per-filter rows of a layer | recorder extra "
+        "RSS (peak) | written in |")
+    out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dtype in ("float32", "bfloat16", "float16"):
+        run_dir = scratch / f"disk-{dtype}"
+        r = disk_at_defaults(run_dir, args.disk_steps, snapshot_dtype=dtype)
+        assert r["drops"] == 0 and r["filters_dropped"] == 0 and r["most"] <= r["budget"], r
+        out(f"| {dtype} | {r['stored'] / 1e6:,.0f} MB | {r['budget'] / 1e9:.1f} GB | {r['bytes'] / 1e6:,.0f} MB | "
+            f"{r['most'] / 1e6:,.0f} MB | {len(r['kept'])} ({', '.join(map(str, r['kept']))}) | "
+            f"{r['dropped_snapshots']} | {', '.join(map(str, r['filter_keep']))} | {r['records']} | "
+            f"{r['extra_rss'] / 1e6:,.0f} MB | {r['seconds']:.0f} s |")
+        shutil.rmtree(run_dir)
+    out()
+    r = backlog_rss(scratch / "backlog")
+    shutil.rmtree(scratch / "backlog")
+    out(f"Backlog: ResNet-50-sized per-filter data on every step, {r['steps']:,} steps submitted as fast as the loop "
+        f"goes: recorder extra RSS (peak) {r['extra_rss'] / 1e6:,.0f} MB; {r['stripped']:,} messages recorded "
+        f"without their per-filter buffers (listed in run.json, reason `backlog`).")
+    out()
+    if args.only_disk:
+        return _finish(args, argv, scratch, lines)
 
     out("Writing (per-filter data on every step; bytes = whole run directory at the end / steps, after retention):")
     out()
@@ -146,6 +291,10 @@ def main(argv=None) -> int:
                 out(f"| {label} | {policy_name} | {batching} | {resolution or 'full'} | {q['rows']} | "
                     f"{q['cold_ms']:.0f} | {q['warm_ms']:.0f} |")
             shutil.rmtree(run_dir)
+    return _finish(args, argv, scratch, lines)
+
+
+def _finish(args, argv, scratch, lines) -> int:
     if not args.dir:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.append:

@@ -24,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from revacnn.checkpoint import CheckpointHooks, ModelHistory, changelog_entry, has_lazy_parameters
+from revacnn.recording.budget import disk_options
 from revacnn.run import Run, Transport
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
 from revacnn.steering.loop import LoopControl
@@ -87,6 +88,15 @@ class ReVACNNCallback(Callback):
             connection file then carries the trainer's public key, never its secret.
         on_recording_error: ``"warn"`` (default: warn once, keep training, the recording stops) or ``"stop"``
             (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
+        disk_budget: the most the run directory holds (bytes, or e.g. ``"1GB"``, ``"500MB"``; None: no budget).
+            Past it, older snapshots go first, then per-filter data gets coarser, then stops being written (never
+            the scalars); run.json and the heartbeat's ``disk`` say what was dropped (docs/design.md, "Disk budget").
+        disk_min_free: free space the recording never goes below on its filesystem, whatever the budget.
+        snapshot_keep: snapshot retention: None (keep all while the budget allows, then drop all but the 3 most
+            recent and log-spaced older ones first), an int n (keep the n most recent), or a callable given the
+            snapshot steps on disk that returns those to keep.
+        snapshot_dtype: how recorded snapshots store weights, gradients and activation maps: ``"float32"``
+            (exact), ``"float16"`` or ``"bfloat16"`` (half the bytes; read back as float32, see docs/design.md).
     """
 
     def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, budget: float | None = 0.02,
@@ -97,8 +107,15 @@ class ReVACNNCallback(Callback):
                  control_port: int = 0, run_dir: str | os.PathLike | None = None, record: bool = True,
                  sign: bool = False, steering: bool = True, command_every: int = 10, queue_size: int = 64,
                  send_hwm: int = 100, insecure_bind: bool = False, curve: bool = False,
-                 keys_dir: str | os.PathLike | None = None, on_recording_error: str = "warn") -> None:
+                 keys_dir: str | os.PathLike | None = None, on_recording_error: str = "warn",
+                 # -- the recording's disk (revacnn.recording.budget) --
+                 disk_budget: int | str | None = "1GB", disk_min_free: int | str | None = "1GB",
+                 snapshot_keep: int | Callable[[list[int]], Iterable[int]] | None = None,
+                 snapshot_dtype: str = "float32") -> None:
         super().__init__()
+        self.recording_options = {"disk_budget": disk_budget, "disk_min_free": disk_min_free,
+                                  "snapshot_keep": snapshot_keep, "snapshot_dtype": snapshot_dtype}
+        disk_options(disk_budget, disk_min_free, snapshot_keep, snapshot_dtype)     # ValueError now, not at fit
         if on_recording_error not in ("warn", "stop"):
             raise ValueError(f"on_recording_error must be 'warn' or 'stop', got {on_recording_error!r}")
         cadences = {"scalars_every": scalars_every, "filters_every": filters_every, "snapshot_every": snapshot_every}
@@ -213,7 +230,8 @@ class ReVACNNCallback(Callback):
         log_dir = Path(trainer.log_dir or trainer.default_root_dir) if self.run_dir is None else None
         if trainer.is_global_zero:
             transport = Transport(self.host, self.telemetry_port, self.control_port, self.record, self.sign,
-                                  self.send_hwm, self.queue_size, self.insecure_bind, self.curve, self.keys_dir)
+                                  self.send_hwm, self.queue_size, self.insecure_bind, self.curve, self.keys_dir,
+                                  self.recording_options)
             self.telemetry.attach(self._run.open(trainer, log_dir, transport))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -7,7 +7,7 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class Transport:
     insecure_bind: bool
     curve: bool
     keys_dir: str | os.PathLike | None
+    recording: dict[str, Any] = field(default_factory=dict)    # RunRecorder's disk arguments
 
 
 class Run:
@@ -76,7 +77,7 @@ class Run:
         if transport.record:
             from revacnn.recording import RunRecorder
 
-            self.recorder = RunRecorder(self.run_dir)
+            self.recorder = RunRecorder(self.run_dir, **transport.recording)
             sinks.append(self.recorder)
         key = secrets.token_bytes(32) if transport.sign else None
         curve = CurveServerKeys.from_keys_dir(transport.keys_dir) if transport.curve else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .budget import segment_rows
 from .format import LEVEL_FACTOR, quote_layer, to_json
 from .stream import SegmentStream
 
@@ -94,7 +95,7 @@ class LayerSeries:
     """Per-filter series of one layer: level 0 = every record; level k = min/max/mean buckets of 10**k records."""
 
     def __init__(self, root: Path, name: str, fields: tuple[str, ...], value_type: pa.DataType,
-                 levels: int, keep: tuple[int, ...]) -> None:
+                 levels: int, keep: tuple[int, ...], budgeted: tuple[bool, ...] | None = None) -> None:
         self.name = name
         self.fields = fields
         self.value_type = value_type
@@ -102,17 +103,43 @@ class LayerSeries:
         self.levels = levels
         self.keep = keep
         base = root / "filters" / quote_layer(name)
-        self.streams = [SegmentStream(base / f"L{k}", max(50, keep[k] // 4) if k < levels - 1 else 1000)
+        budgeted = budgeted or (False,) * levels
+        self.streams = [SegmentStream(base / f"L{k}", segment_rows(keep[k], budgeted[k]) if k < levels - 1 else 1000)
                         for k in range(levels)]
         self.pending: list[list[tuple]] = [[] for _ in range(levels)]
         self.acc: list[BucketAccumulator | None] = [None] * levels    # acc[k] for k ≥ 1
         self.unfolded: list[tuple] = []     # written at level 0, not yet folded into acc[1] (see _accumulate)
         self.pending_bytes = 0
+        self.width = 0                      # filters in the latest record
         self._schemas: dict[int, tuple[bytes, pa.Schema]] = {}
 
     def add(self, step: int, stamp: float, ids: np.ndarray, values: np.ndarray) -> None:
         self.pending[0].append((step, step, 1, stamp, ids, values))
         self.pending_bytes += values.nbytes
+        self.width = len(ids)
+
+    def record_bytes(self) -> int:
+        """Bytes one full-resolution record of the layer takes on disk (its latest filter ids)."""
+        return len(self.fields) * self.width * np.dtype(self.np_type).itemsize + 16
+
+    def discard_pending(self) -> list[int]:
+        """Drop the records not yet written (the disk budget has no room for them); returns their steps."""
+        steps = [row[0] for row in self.pending[0]]
+        self.pending[0] = []
+        self.pending_bytes = 0
+        return steps
+
+    def set_keep(self, keep: tuple[int, ...], budgeted: tuple[bool, ...]) -> None:
+        """Keep ``keep[k]`` rows at level k from now on (the disk budget's plan; ``budgeted[k]``: lowered by it);
+        smaller segments follow, and an open segment already longer than that is finished so it can be retired
+        once it is old."""
+        self.keep = keep
+        for k in range(self.levels - 1):
+            stream = self.streams[k]
+            stream.segment_rows = segment_rows(keep[k], budgeted[k])
+            if stream.rows_in_segment >= stream.segment_rows:
+                stream.close()
+        self.retire()
 
     def _accumulate(self) -> None:
         """Fold full-resolution records into the pyramid's buckets, a run of records at a time (one set of numpy

@@ -237,6 +237,26 @@ class RunReader:
             raise KeyError(f"no snapshot at step {step}")
         return read_snapshot(files[-1][2], step)
 
+    # -- disk budget ------------------------------------------------------------------------------------------
+    def disk(self) -> dict[str, Any] | None:
+        """How full the run's disk budget was at the last update of run.json (the recorder rewrites it every 10 s,
+        at once when it drops something, and when it closes): ``{"used", "limit", "budget", "free", "min_free",
+        "limited_by": "budget" | "free space", "filter_keep": rows each pyramid level keeps, "snapshots": on disk,
+        "dropped": counts, "filters_blocked": why per-filter data is not written now, or None}``; None for a
+        recording made before the budget existed."""
+        self.refresh()
+        return self.info.get("disk")
+
+    def dropped(self) -> dict[str, list[dict[str, Any]]]:
+        """What the recorder dropped and why (reason ``"budget"``, ``"free space"``, ``"snapshot_keep"`` or
+        ``"backlog"``), each entry with ``at_step`` (the latest step then) and ``time``: ``snapshots`` deleted
+        (``step``, ``seq``, ``bytes``), ``snapshots_not_written`` (``step``), ``filter_levels`` (``level`` now keeps
+        ``keep`` rows, was ``was``), ``filter_steps`` (runs of steps whose per-filter data was not written:
+        ``first``, ``last``, ``count``)."""
+        self.refresh()
+        empty = {"snapshots": [], "snapshots_not_written": [], "filter_levels": [], "filter_steps": []}
+        return {**empty, **(self.info.get("dropped") or {})}
+
     # -- validation -------------------------------------------------------------------------------------------
     def val_predictions(self) -> dict[str, Any]:
         """``{"steps": [T], "epochs": [T], "pred": [T, N] int16 (-1 pads a shorter row), "label": [N],
@@ -302,7 +322,7 @@ class RunReader:
         return {"path": str(self.path), "run_id": self.info.get("run_id") or self.path.name,
                 "created": self.info.get("created"), "last_step": self.last_step(), "state": state,
                 "closed": closed, "last_write": last_write, "finished": finished,
-                "live": not finished and time.time() - last_write < LIVE_SECONDS}
+                "live": not finished and time.time() - last_write < LIVE_SECONDS, "disk": self.info.get("disk")}
 
 
 def open_run(path) -> RunReader:

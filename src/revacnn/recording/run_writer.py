@@ -21,26 +21,29 @@ import pyarrow as pa
 
 from ..wire.protocol import FILTER_FIELDS, Message
 from .format import FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, to_json, write_json_atomic
+from .budget import DiskKeeper
 from .lineage import renamed_by
 from .pyramid import LayerSeries
 from .rows import events_batch, layers_batches, scalar_row, scalars_batch, val_batch
-from .snapshots import write_snapshot
+from .snapshots import all_snapshot_files, estimate_bytes, write_snapshot
 from .stream import SegmentStream
 
 log = logging.getLogger(__name__)
 
 STREAM_ROWS = 50000     # rows per segment of the events, scalars, layers and val streams
+INFO_EVERY = 10.0       # seconds between run.json updates of the disk figures (at once when something is dropped)
 
 
 class RunWriter:
     """Writes one run directory (created, with its ``run.json``); see the module docstring."""
 
     def __init__(self, run_dir: Path, float16_filters: bool, levels: int, keep: tuple[int, ...],
-                 status_every: float) -> None:
+                 status_every: float, disk: dict[str, Any]) -> None:
         self.run_dir = run_dir
         self.float16_filters = float16_filters
         self.levels = levels
         self.keep = keep
+        self.snapshot_dtype = disk["snapshot_dtype"]
         self.status_every = status_every
         self.series: dict[str, LayerSeries] = {}
         self.streams: dict[str, SegmentStream] = {}
@@ -54,11 +57,17 @@ class RunWriter:
         self._mismatch_warned = False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._inode = os.stat(self.run_dir).st_ino
+        self.keeper = DiskKeeper(self.run_dir, disk["budget"], disk["min_free"], disk["snapshot_keep"], keep,
+                                 self._set_keeps)
+        self.keeper.track_existing_snapshots(all_snapshot_files(self.run_dir))
+        self.keeper.measure()
         self._info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "run_id": None, "created": time.time(),
                       "pid": os.getpid(), "host": socket.gethostname(), "float16_filters": float16_filters,
                       "full_records": keep[0], "keep_buckets": keep[1] if levels > 1 else None,
-                      "levels": levels, "level_factor": LEVEL_FACTOR, "closed": None}
-        write_json_atomic(self.run_dir / MARKER, self._info)
+                      "levels": levels, "level_factor": LEVEL_FACTOR, "snapshot_dtype": self.snapshot_dtype,
+                      "snapshot_keep": _policy_text(disk["snapshot_keep"]), "closed": None}
+        self._info_written = -math.inf
+        self._write_info()
         for name in self._pending:
             self.streams[name] = SegmentStream(self.run_dir / name, STREAM_ROWS)
 
@@ -67,9 +76,23 @@ class RunWriter:
         """Per-filter data waiting for ``write_out``."""
         return sum(series.pending_bytes for series in self.series.values())
 
+    def _write_info(self) -> None:
+        """run.json, with the disk figures and what was dropped (replaced atomically)."""
+        self._info["disk"] = self.keeper.status()
+        self._info["dropped"] = self.keeper.dropped
+        write_json_atomic(self.run_dir / MARKER, self._info)
+        self.keeper.changed = False
+        self._info_written = time.monotonic()
+
     # -- one message ------------------------------------------------------------------------------------------
-    def handle(self, message: Message) -> None:
+    def handle(self, message: Message, arrays_dropped: bool = False) -> None:
+        """Record ``message``; ``arrays_dropped``: its buffers were left behind (the recorder's inbox was full of
+        bytes), so only its body is recorded, and what that lost is listed in run.json."""
         kind, body = message.type, message.body
+        if isinstance(body.get("step"), int):
+            self.keeper.step = body["step"]
+        if arrays_dropped and kind == "step" and body.get("per_filter"):
+            self.keeper.filter_steps_dropped([body.get("step")], "backlog")
         if message.run and self._info.get("run_id") is None:
             self._info["run_id"] = message.run
             write_json_atomic(self.run_dir / MARKER, self._info)
@@ -83,7 +106,7 @@ class RunWriter:
             self._follow_structure(body)
             self._event(message)
         elif kind == "snapshot":
-            write_snapshot(self.run_dir, message)
+            self._snapshot(message, arrays_dropped)
             self._event(message)
         elif kind == "val":
             pred = message.arrays.get("pred")
@@ -102,6 +125,28 @@ class RunWriter:
                 self._event(message)
         else:
             self._event(message)
+
+    def _snapshot(self, message: Message, arrays_dropped: bool) -> None:
+        """Write a snapshot where the disk budget makes room for it (budget.py); else list it as not written."""
+        step = int(message.body.get("step") or 0)
+        if arrays_dropped:
+            self.keeper.snapshot_not_written(step, "backlog")
+            return
+        self.keeper.measure()
+        if not self.keeper.make_room(estimate_bytes(message, self.snapshot_dtype), True):
+            self.keeper.snapshot_not_written(step, self.keeper.reason)
+            return
+        path, size = write_snapshot(self.run_dir, message, self.snapshot_dtype)
+        self.keeper.add_snapshot(step, int(message.seq), path, size)
+
+    def _set_keeps(self, keeps: tuple[int, ...]) -> None:
+        self.keep = keeps
+        for series in self.series.values():
+            series.set_keep(keeps, self._budgeted())
+
+    def _budgeted(self) -> tuple[bool, ...]:
+        """Which pyramid levels keep fewer rows than asked, for the disk budget."""
+        return tuple(keep < asked for keep, asked in zip(self.keep, self.keeper.maxima))
 
     def _event(self, message: Message, step: Any = None) -> None:
         step = message.body.get("step") if step is None else step
@@ -133,7 +178,9 @@ class RunWriter:
         if names is None and self._structure is not None:
             names = [layer["name"] for layer in self._structure.get("layers", [])]
         filters = message.arrays.get("filters")
-        if filters is not None and names:
+        if filters is not None and names and self.keeper.filters_blocked:
+            self.keeper.filter_steps_dropped([body.get("step")], self.keeper.filters_blocked)
+        elif filters is not None and names:
             self._add_filters(message, names, np.asarray(filters, np.float32))
         layers = message.arrays.get("layers")
         if layers is not None and names and len(layers) == len(names):
@@ -170,13 +217,14 @@ class RunWriter:
                 series.close()
             series = self.series[name] = LayerSeries(
                 self.run_dir, name, fields, pa.float16() if self.float16_filters else pa.float32(),
-                self.levels, self.keep)
+                self.levels, self.keep, self._budgeted())
         return series
 
     # -- to disk ----------------------------------------------------------------------------------------------
     def write_out(self) -> None:
         """Append everything collected since the last call; retire per-filter segments coarser levels cover."""
         self._check_run_dir()
+        self._keep_within_budget()
         for series in self.series.values():
             series.write()
         pending = self._pending
@@ -192,6 +240,27 @@ class RunWriter:
             pending[key] = []
         for series in self.series.values():
             series.retire()
+        if self.keeper.changed or time.monotonic() - self._info_written >= INFO_EVERY:
+            self._write_info()
+
+    def _keep_within_budget(self) -> None:
+        """Make room for what is about to be written (budget.py), or drop the per-filter part of it. While there is
+        no room even for one more per-filter record, per-filter data is dropped as it arrives (``filters_blocked``)."""
+        keeper = self.keeper
+        keeper.measure()
+        record = sum(series.record_bytes() for series in self.series.values())
+        keeper.plan_pyramid(record)
+        filters = max(self.pending_bytes, record if keeper.filters_blocked else 0)
+        # n records complete at most n/10 + 1 level-1 buckets, n/100 + 1 level-2 ones, …, each row 3× a record (mean,
+        # min, max): at most n/9 + levels − 1 bucket rows. Other rows are ~200 B each.
+        buckets = 3 * (filters / 9 + record * (self.levels - 1))
+        need = int(filters + buckets) + 200 * sum(len(rows) for rows in self._pending.values()) + (64 << 10)
+        if keeper.make_room(need, False):
+            keeper.filters_blocked = None
+            return
+        keeper.filters_blocked = keeper.reason
+        steps = sorted({step for series in self.series.values() for step in series.discard_pending()})
+        keeper.filter_steps_dropped(steps, keeper.reason)
 
     def _check_run_dir(self) -> None:
         """Stop (raise) when the run directory was deleted or replaced: writing on would fill files nobody reads."""
@@ -209,7 +278,8 @@ class RunWriter:
         for stream in self.streams.values():
             stream.close()
         self._info["closed"] = time.time()
-        write_json_atomic(self.run_dir / MARKER, self._info)
+        self.keeper.measure()
+        self._write_info()
 
     def abandon(self) -> None:
         """After a write error: drop every file handle without writing anything more."""
@@ -217,3 +287,10 @@ class RunWriter:
             series.abandon()
         for stream in self.streams.values():
             stream.abandon()
+
+
+def _policy_text(keep) -> str | int | None:
+    """``snapshot_keep`` as run.json states it: None, the count, or the callable's name."""
+    if keep is None or isinstance(keep, int):
+        return keep
+    return getattr(keep, "__qualname__", None) or repr(keep)

@@ -1,12 +1,15 @@
 """``RunRecorder``: writes every published message into a run directory from a background thread. No torch.
 
-The publishing thread only calls ``submit`` (a non-blocking append to a bounded inbox). A daemon thread wakes every
-``flush_interval`` seconds (0.5 s by default; sooner when 32 MB are waiting, or on ``flush``/``close``) and hands the
-messages to a ``RunWriter`` (run_writer.py), which turns them into rows and appends them as Arrow IPC record batches
-to segment files — waking once per interval rather than once per message keeps its share of the GIL, which the
-training thread competes for, small. Errors never reach the caller: the first one is stored in ``error``, warned
-about once, and the recorder stops writing (everything submitted afterwards counts as a drop). Layout and policy:
-docs/design.md, "Recording".
+The publishing thread only calls ``submit`` (a non-blocking append to an inbox bounded in messages and in bytes:
+once ``max_inbox_bytes`` of buffers wait, a message keeps its body but leaves its buffers behind, so a writer that
+falls behind holds at most that plus one message). A daemon thread wakes every ``flush_interval`` seconds (0.5 s by
+default; sooner when 32 MB are waiting, or on ``flush``/``close``) and hands the messages to a ``RunWriter``
+(run_writer.py), which turns them into rows and appends them as Arrow IPC record batches to segment files — waking
+once per interval rather than once per message keeps its share of the GIL, which the training thread competes for,
+small; in a long backlog it writes out every 32 MB of per-filter data rather than holding it all. The run directory
+stays within its disk budget (budget.py). Errors never reach the caller: the first one is stored in ``error``,
+warned about once, and the recorder stops writing (everything submitted afterwards counts as a drop). Layout and
+policy: docs/design.md, "Recording".
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from pathlib import Path
 
 from ..wire.ledger import CpuLedger, thread_cpu
 from ..wire.protocol import Message
+from .budget import DEFAULT_BUDGET, DEFAULT_MIN_FREE, disk_options
 from .format import LEVEL_FACTOR
+from .retention import SnapshotKeep
 from .run_writer import RunWriter
 from .stream import warm_up
 
@@ -29,11 +34,7 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _FLUSH = object()
 _EARLY_FLUSH_BYTES = 32 << 20   # wake the writer before its interval once this much waits in the inbox
-
-
-def message_bytes(message: Message) -> int:
-    """A message's array bytes, plus one so that messages without arrays still count."""
-    return 1 + sum(int(getattr(array, "nbytes", 0)) for array in (message.arrays or {}).values())
+DEFAULT_INBOX_BYTES = 64 << 20
 
 
 class RunRecorder:
@@ -43,11 +44,21 @@ class RunRecorder:
     of the most recent per-filter records each layer keeps at full resolution; ``keep_buckets``: how many of the
     most recent buckets each coarser level keeps; the coarsest level (buckets of ``10**(levels-1)`` records) keeps
     everything. ``flush_interval``: seconds between appends to disk (bounds what a SIGKILL can lose).
+
+    ``disk_budget`` (bytes, or a string such as ``"1GB"``; None: no budget) and ``disk_min_free`` (free space never
+    to go below on the filesystem) bound the run directory; ``snapshot_keep`` is the snapshot retention policy, and
+    ``snapshot_dtype`` (``"float32"``, ``"float16"``, ``"bfloat16"``) how snapshots store weights, gradients and
+    activation maps (budget.py, retention.py, snapshots.py). ``max_inbox_bytes``: buffers waiting for the writer
+    past which a message's buffers are dropped (its body is still recorded).
     """
 
     def __init__(self, run_dir, float16_filters: bool = False, queue_size: int = 10000, *,
                  full_records: int = 2000, keep_buckets: int = 1000, levels: int = 5,
-                 flush_interval: float = 0.5, status_every: float = 5.0) -> None:
+                 flush_interval: float = 0.5, status_every: float = 5.0,
+                 disk_budget: int | float | str | None = DEFAULT_BUDGET,
+                 disk_min_free: int | float | str | None = DEFAULT_MIN_FREE, snapshot_keep: SnapshotKeep = None,
+                 snapshot_dtype: str = "float32", max_inbox_bytes: int = DEFAULT_INBOX_BYTES) -> None:
+        disk = disk_options(disk_budget, disk_min_free, snapshot_keep, snapshot_dtype)
         self.run_dir = Path(run_dir)
         self.float16_filters = float16_filters
         self.flush_interval = flush_interval
@@ -58,8 +69,9 @@ class RunRecorder:
         self.drops = 0
         self.error: str | None = None
         self.queue_size = queue_size
+        self.max_inbox_bytes = max_inbox_bytes
         self._inbox: collections.deque = collections.deque()
-        self._inbox_bytes = 0
+        self._inbox_bytes = 0          # buffers submitted and not yet handled by the writer
         self._wake = threading.Event()
         self._lock = threading.Condition()
         self._submitted = 0
@@ -69,18 +81,23 @@ class RunRecorder:
         self._warned = False
         self._bad_message_warned = False
         self._writer: RunWriter | None = None     # used by the writer thread only
+        self._disk_status: dict | None = None     # replaced whole by the writer thread, read by any
         try:
-            self._writer = RunWriter(self.run_dir, float16_filters, self.levels, self.keep, status_every)
+            self._writer = RunWriter(self.run_dir, float16_filters, self.levels, self.keep, status_every, disk)
+            self._disk_status = self._writer.keeper.status()
         except Exception as error:  # noqa: BLE001 - never raise into training
             self._fail(error)
         warm_up()
         self.ledger = CpuLedger()   # the writer thread's CPU by message type (for the callback's overhead budget)
+        self._written: dict[str, int] = {}   # bytes of each message type handled since the last write to disk
         self._thread = threading.Thread(target=self._run, name="revacnn-recorder", daemon=True)
         self._thread.start()
 
     # -- training side ----------------------------------------------------------------------------------------
     def submit(self, message: Message) -> bool:
-        """Queue ``message`` for writing; never blocks. False (and ``drops`` + 1) when full, closed or failed."""
+        """Queue ``message`` for writing; never blocks. False (and ``drops`` + 1) when full, closed or failed. Once
+        ``max_inbox_bytes`` of buffers wait (so at most that plus one message's are ever held), a message is
+        queued without its buffers, and counted in ``drops`` too."""
         if self._dead or self._closed:
             self._count_drop()
             return False
@@ -89,7 +106,13 @@ class RunRecorder:
             if len(self._inbox) >= self.queue_size:
                 self.drops += 1
                 return False
-            self._inbox.append(message)
+            stripped = size > 0 and self._inbox_bytes >= self.max_inbox_bytes
+            if stripped:              # the buffers are not kept: the body alone waits
+                self.drops += 1
+                size = 0
+                message = Message(message.type, message.body, {}, run=message.run, seq=message.seq,
+                                  time=message.time)
+            self._inbox.append((message, size, stripped))
             self._submitted += 1
             self._inbox_bytes += size
             urgent = self._inbox_bytes > _EARLY_FLUSH_BYTES
@@ -100,6 +123,12 @@ class RunRecorder:
     def _count_drop(self) -> None:
         with self._lock:
             self.drops += 1
+
+    @property
+    def disk_status(self) -> dict | None:
+        """How full the disk budget is and how much was dropped (the status heartbeat's ``disk``), as of the last
+        write (None if the run directory could not be made)."""
+        return self._disk_status
 
     @property
     def queue_length(self) -> int:
@@ -136,40 +165,36 @@ class RunRecorder:
     # -- writer thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         processed = 0
-        written: dict[str, int] = {}   # bytes of each message type handled since the last write to disk
         next_flush = time.monotonic() + self.flush_interval
         stop = False
         while not stop:
             self._wake.wait(max(0.0, next_flush - time.monotonic()))
             self._wake.clear()
             with self._lock:
-                items = list(self._inbox)
-                self._inbox.clear()
-                self._inbox_bytes = 0
+                items, self._inbox = self._inbox, collections.deque()
             flush = False
-            for item in items:
+            while items:                 # popped one by one: a handled message's buffers are freed at once
+                item = items.popleft()
                 if item is _STOP:
                     stop = True
                 elif item is _FLUSH:
                     flush = True
                 else:
+                    message, size, stripped = item
+                    del item
                     start = thread_cpu()
-                    self._handle_safely(item)
-                    self.ledger.charge(item.type, thread_cpu() - start)
-                    written[item.type] = written.get(item.type, 0) + message_bytes(item)
+                    self._handle_safely(message, stripped)
+                    self.ledger.charge(message.type, thread_cpu() - start)
+                    self._written[message.type] = self._written.get(message.type, 0) + size + 1
+                    del message
                     processed += 1
+                    with self._lock:
+                        self._inbox_bytes -= size
+                    if self._writer is not None and self._writer.pending_bytes > _EARLY_FLUSH_BYTES:
+                        self._write_out(False)      # a long backlog is written as it goes, not held whole
             pending = self._writer.pending_bytes if self._writer is not None else 0
             if stop or flush or time.monotonic() >= next_flush or pending > _EARLY_FLUSH_BYTES:
-                if not self._dead:
-                    start = thread_cpu()
-                    try:
-                        self._writer.write_out()
-                        if stop:
-                            self._writer.finish()
-                    except Exception as error:  # noqa: BLE001
-                        self._fail(error)
-                    self.ledger.charge_shares(written, thread_cpu() - start)
-                    written = {}
+                self._write_out(stop)
                 next_flush = time.monotonic() + self.flush_interval
                 with self._lock:
                     self._done = processed
@@ -178,12 +203,27 @@ class RunRecorder:
             self._done = processed
             self._lock.notify_all()
 
-    def _handle_safely(self, message: Message) -> None:
+    def _write_out(self, finish: bool) -> None:
+        if self._dead:
+            return
+        start = thread_cpu()
+        try:
+            self._writer.write_out()
+            if finish:
+                self._writer.finish()
+            self._disk_status = self._writer.keeper.status()
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+        # the rows and series written now came from the messages handled since the last write: shared by bytes
+        self.ledger.charge_shares(self._written, thread_cpu() - start)
+        self._written = {}
+
+    def _handle_safely(self, message: Message, stripped: bool) -> None:
         if self._dead:
             self._count_drop()
             return
         try:
-            self._writer.handle(message)
+            self._writer.handle(message, stripped)
         except OSError as error:             # the disk: stop recording
             self._fail(error)
             self._count_drop()

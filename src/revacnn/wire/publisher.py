@@ -209,6 +209,9 @@ class Publisher:
         errors = [str(sink.error) for sink in self.sinks if getattr(sink, "error", None)]
         if errors:
             body["recording_error"] = "; ".join(errors)[:1000]
+        disks = [sink.disk_status for sink in self.sinks if getattr(sink, "disk_status", None)]
+        if disks:                       # the recording's disk budget (revacnn.recording.budget)
+            body["disk"] = disks[0]
         return Message("status", body)
 
     def security(self) -> dict[str, Any]:
