@@ -34,6 +34,8 @@ implied ratio, a second estimate of the same quantity.
     python benchmarks/overhead.py --ablate              # … and what each part of every-step telemetry costs
     python benchmarks/overhead.py --floor               # … and what measuring alone costs, outside Lightning
     python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
+    python benchmarks/overhead.py --model resnet50 --batch-size 8 --window 40 --settle 10 --pairs 8
+                                                        # a ResNet-50 (26,570 filters) on the CPU
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class TensorBoardHistograms(pl.Callback):
 
 
 REVACNN_CONFIGS = {
-    "revacnn default (filters every 50, snapshots every 500, recording on)": {},
+    "revacnn default (budget 2 %: the cadence it plans on this run, recording on)": {},
     "revacnn every step (filters every step, snapshots every 50)": {"filters_every": 1, "snapshot_every": 50},
 }
 
@@ -437,7 +439,31 @@ def breakdown(args, data, root: str, revacnn_configs: dict[str, dict]) -> None:
 
 def _model(args) -> ClassifierModule:
     torch.manual_seed(0)
+    if args.model == "resnet50":
+        return ClassifierModule(resnet50(), lr=0.02)
     return ClassifierModule(SmallResNet(args.widths) if args.model == "resnet" else ReVACNNNet(), lr=0.02)
+
+
+class _PixelValues(torch.nn.Module):
+    """A transformers image classifier called with images, returning logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def resnet50() -> torch.nn.Module:
+    """ResNet-50 at transformers' ``ResNetConfig()`` defaults (54 layers, 26,570 filters, 23.5 M parameters; random
+    init, no download), 10 classes."""
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import transformers
+
+    return _PixelValues(transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=10)))
 
 
 def _trainer(args, root: str, max_steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
@@ -467,9 +493,13 @@ def report_row(name: str, windows: PairedWindows, started: float) -> None:
     low, high = median_interval(ratios)
     half = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
     idle = 1000.0 * windows.idle_thread_s / max(1, windows.idle_steps)
+    plan = next((callback.telemetry.budget.report() for callback in getattr(windows, "callbacks", ())
+                 if isinstance(callback, ReVACNNCallback)), None)
+    cadence = (f"{plan['filters_every']} / {plan['snapshot_every']} ({100 * plan['cost']:.1f} %)"
+               if plan is not None else "")
     print(f"| {name} | {statistics.median(ratios):.3f} | {low:.3f}–{high:.3f} | "
           f"{statistics.mean(ratios):.3f} ± {half:.3f} | {windows.rate(False):.1f} / "
-          f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} |", flush=True)
+          f"{windows.rate(True):.1f} | {len(ratios)} | {idle:.3f} | {cadence} |", flush=True)
     print(f"{name}: {len(ratios)} windows in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -486,7 +516,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=600, help="timed steps of each --breakdown run (default 600)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps before a --breakdown run's (default 20)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet"))
+    parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet", "resnet50"),
+                        help="revacnn: the demo CNN; resnet: a small residual net of --widths; resnet50: transformers' "
+                             "ResNetConfig() defaults (needs transformers; use a smaller --window, e.g. 40)")
     parser.add_argument("--widths", default="32,64,128",
                         help="--model resnet: channels of its stages, two basic blocks each (default 32,64,128; "
                              "64,128,256,512 is ResNet-18's shape)")
@@ -537,13 +569,16 @@ def main(argv=None) -> None:
     data.setup()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     model = f"resnet {'-'.join(map(str, args.widths))}" if args.model == "resnet" else args.model
+    if args.model == "resnet50":
+        model = "ResNet-50 (transformers ResNetConfig(), 26,570 filters)"
     print(f"\n{model} on {args.device} ({device}), batch {args.batch_size} of {args.image_size}×{args.image_size}, "
           f"windows of {args.window} steps ({args.settle} untimed), torch {torch.__version__}"
           f"{'; sync debug mode error in the revacnn fits, from the first timed window on' if args.sync_debug else ''}"
           "\n")
     print("| configuration | ratio: median of on ÷ neighbouring off windows | 95 % CI of the median | "
-          "mean ± 95 % | steps/s off / on (medians) | on windows | idle threads' CPU in off windows, ms/step |")
-    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+          "mean ± 95 % | steps/s off / on (medians) | on windows | idle threads' CPU in off windows, ms/step | "
+          "cadence at the end: filters / snapshots (the cost it measured) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     with tempfile.TemporaryDirectory() as root:
         for name, make_callbacks in configurations(root, revacnn_configs).items():
             pairs = args.pairs if name.startswith("revacnn") else args.tensorboard_pairs
