@@ -15,6 +15,7 @@ policy: docs/design.md, "Recording".
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import threading
 import time
@@ -35,6 +36,25 @@ _STOP = object()
 _FLUSH = object()
 _EARLY_FLUSH_BYTES = 32 << 20   # wake the writer before its interval once this much waits in the inbox
 DEFAULT_INBOX_BYTES = 64 << 20
+_TRIM_BYTES = 16 << 20          # after a message this large is written, freed memory goes back to the system
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A snapshot of a large model is built from and written through many buffers of a few MB each; glibc keeps the
+    freed ones in its heap, and a ResNet-50's snapshots left ~190 MB of RSS behind that nothing used."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class RunRecorder:
@@ -184,9 +204,12 @@ class RunRecorder:
                     del item
                     start = thread_cpu()
                     self._handle_safely(message, stripped)
-                    self.ledger.charge(message.type, thread_cpu() - start)
-                    self._written[message.type] = self._written.get(message.type, 0) + size + 1
+                    kind = message.type
                     del message
+                    if size >= _TRIM_BYTES:
+                        release_freed_memory()
+                    self.ledger.charge(kind, thread_cpu() - start)
+                    self._written[kind] = self._written.get(kind, 0) + size + 1
                     processed += 1
                     with self._lock:
                         self._inbox_bytes -= size
