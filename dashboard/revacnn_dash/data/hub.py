@@ -37,7 +37,7 @@ class Hub:
 
     def add_live(self, target: str, silence_s: float = 5.0) -> RunState:
         state = RunState(str(target))
-        worker = RunWorker(state, silence_s=silence_s, client_options=self.client_options)
+        worker = RunWorker(state, silence_s=silence_s, client_options=self.client_options, logdir=self.logdir)
         with self.lock:
             self.runs[state.key] = state
             self.workers[state.key] = worker

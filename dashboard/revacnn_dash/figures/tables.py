@@ -10,13 +10,14 @@ from revacnn.wire.acks import DONE, ERROR, QUEUED
 
 
 def event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
-    """The event log: newest command first, its status coloured, its error or note in full."""
+    """The event log: newest command first, its status coloured, its ``detail`` (error, what it changed, note) in
+    full."""
     if not events:
         return html.Div("no commands yet", style={"color": "#777"})
     colour = {"pending": "#f9a825", QUEUED: "#1565c0", DONE: "#2e7d32", ERROR: "#c62828"}
     rows = [html.Tr([html.Th(h) for h in ("sent", "command", "status", "step", "detail")])]
     for e in events:
-        detail = e["error"] or (e["note"] or "")
+        detail = e.get("detail", e["error"] or e["note"] or "")
         rows.append(html.Tr([
             html.Td(time.strftime("%H:%M:%S", time.localtime(e["sent"]))),
             html.Td(e["label"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dash import ClientsideFunction, Input, Output, dcc, html
 
-from . import compare, embedding, events, explore, filters, header, network, training
+from . import compare, embedding, events, explore, filters, header, network, training, watched_run
 
 #: The per-tab ticks, in the order of ``tabTicks``' outputs. "layers" feeds the layer menus of the embedding and
 #: filters tabs.
@@ -23,7 +23,7 @@ def layout(analysis, interval_ms: int) -> html.Div:
         *[dcc.Store(id=f"tick-{name}") for name in TAB_TICKS],
         dcc.Store(id="train-cursor"), dcc.Store(id="net-expanded"), dcc.Store(id="net-sig"),
         dcc.Store(id="net-selected"), dcc.Store(id="net-anim"), dcc.Store(id="net-anim-out"),
-        dcc.Store(id="fil-sig"), dcc.Store(id="event-sig"),
+        dcc.Store(id="fil-sig"), dcc.Store(id="event-sig"), *watched_run.layout(),
         dcc.Tabs(id="tabs", value="training", children=[
             dcc.Tab(label="Training", value="training", children=training.layout()),
             dcc.Tab(label="Network", value="network", children=network.layout()),

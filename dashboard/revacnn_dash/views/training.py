@@ -66,7 +66,9 @@ def training_chart(hub, _n, key, cursor, tab):
               and e["generation"] == state.generation]
     val = state.val_history()
     marker_sig = [e["id"] for e in events]
-    full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation)
+    history = state.history_revision   # read before the steps: a merge after them redraws at the next tick
+    full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation
+            or cursor.get("history") != history)    # older steps merged in front: redraw
     if not full:
         cols, start, total = state.scalars_since(cursor["count"])
         # Redrawn from the ring when it wrapped past what the browser has, and when the browser's chart has
@@ -75,7 +77,7 @@ def training_chart(hub, _n, key, cursor, tab):
     if full:
         cols, start, total = state.scalars_since(0)
         fig = training_figure(cols, val, events)
-        return fig, {"key": key, "gen": state.generation, "count": total, "first": start,
+        return fig, {"key": key, "gen": state.generation, "history": history, "count": total, "first": start,
                      "markers": marker_sig, "val": len(val), "acc": has_accuracy(cols, val)}, hp_text
     patch, has_acc = chart_patch(cursor, cols, total, val, events, marker_sig)
     return patch, {**cursor, "count": total, "markers": marker_sig, "val": len(val), "acc": has_acc}, hp_text
