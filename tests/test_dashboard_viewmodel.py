@@ -303,18 +303,25 @@ def test_embedding_figure_colours_by_cluster_or_gradient():
     assert list(fig.data[0].customdata) == [7, 8, 9]
 
 
-def test_commands_applied_at_one_step_share_one_chart_marker():
+def test_commands_applied_at_one_step_share_one_chart_marker_and_close_ones_are_staggered():
     from revacnn_dash.figures.training import markers as _markers
 
     events = [{"step": 5, "label": "pause"}, {"step": 5, "label": "reinit net.conv2[5]"},
               {"step": 9, "label": "set lr=0.01"}, {"step": 5, "label": "resume"}]
     shapes, notes = _markers(events)
     assert [(s["x0"], s["x1"]) for s in shapes] == [(5, 5), (9, 9)]
-    assert [(n["x"], n["text"]) for n in notes] == [(5, "pause<br>reinit net.conv2[5]<br>resume"),
-                                                    (9, "set lr=0.01")]
-    # only the last 60 commands are marked
+    # the label names the first and how many more; hovering it lists them all
+    assert [(n["x"], n["text"]) for n in notes] == [(5, "pause +2"), (9, "set lr=0.01")]
+    assert notes[0]["hovertext"] == "step 5<br>pause<br>reinit net.conv2[5]<br>resume"
+    # only the last 60 commands are marked; consecutive ones on staggered rows, so close ones do not overlap
     many = [{"step": i, "label": f"c{i}"} for i in range(100)]
-    assert [n["text"] for n in _markers(many)[1]] == [f"c{i}" for i in range(40, 100)]
+    notes = _markers(many)[1]
+    assert [n["text"] for n in notes] == [f"c{i}" for i in range(40, 100)]
+    rows = [n["y"] for n in notes]
+    assert len(set(rows[:4])) == 4 and rows[4] == rows[0]
+    # a long label is cut, in full on hover
+    (note,) = _markers([{"step": 3, "label": "reinit net.layer4.0.conv2[1, 2, 3, 4]"}])[1]
+    assert note["text"] == "reinit net.layer4.0.c…" and "net.layer4.0.conv2[1, 2, 3, 4]" in note["hovertext"]
 
 
 def test_rows_are_laid_out_to_a_readable_width():
