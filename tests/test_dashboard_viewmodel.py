@@ -362,3 +362,24 @@ def test_group_helpers_and_float_mosaic_without_border():
     assert grid.shape == (6, 6) and grid.dtype == np.float64      # a gutter after every tile, none before
     assert grid[0, 0] == 0.0 and grid[0, 3] == 1.0 and grid[3, 0] == 2.0 and np.isnan(grid[2, 0])
     assert np.isnan(grid[3:5, 3:5]).all()
+
+
+def test_filters_are_drawn_large_with_their_indices():
+    """The filters view drew 5×5 filters a few pixels each, with no index: which one is filter 13?"""
+    from revacnn_dash.viewmodels.labelled import FONT, GLYPH_SCALE, INK, TILE_MIN, labelled_grid, text_mask
+
+    tiles = [np.full((5, 5), 128, np.uint8) for _ in range(20)]
+    image = labelled_grid(tiles, ncols=4, row_labels=[str(i) for i in range(5)], col_labels=["0", "1", "2", "3"])
+    assert image.dtype == np.uint8 and image.shape[2] == 3
+    grey = (image[..., 0] == 128)
+    rows = np.flatnonzero(grey.any(axis=1))
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+    assert len(runs) == 5 and all(len(r) >= TILE_MIN for r in runs)       # five rows of tiles, each enlarged
+    # the digit "7" as drawn is the font's bitmap, each pixel GLYPH_SCALE × GLYPH_SCALE
+    seven = text_mask("7")
+    expected = np.array([c == "1" for c in FONT["7"]]).reshape(5, 3)
+    assert (seven[::GLYPH_SCALE, ::GLYPH_SCALE] == expected).all() and seven.shape == (5 * GLYPH_SCALE, 3 * GLYPH_SCALE)
+    # the column labels are ink above the first row of tiles; the row labels left of the first column
+    assert (image[: runs[0][0], :, 0] == INK).any()
+    first_col = np.flatnonzero(grey.any(axis=0))[0]
+    assert (image[runs[2][0]:runs[2][-1], :first_col, 0] == INK).any()
