@@ -116,7 +116,7 @@ def pick(page, menu: str, option_text: str) -> None:
     for _ in range(4):
         page.click(menu)
         try:
-            page.locator(f"{menu} [role=option]", has_text=option_text).first.click(timeout=4000)
+            page.get_by_role("option").filter(has_text=option_text).first.click(timeout=4000)
             return
         except playwright_api.TimeoutError:
             page.keyboard.press("Escape")

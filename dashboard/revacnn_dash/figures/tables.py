@@ -25,7 +25,7 @@ def event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
                     style={"color": colour.get(e["status"]), "fontWeight": "bold"}),
             html.Td("" if e["step"] is None else str(e["step"])),
             html.Td(detail, className="ev-detail")], className="ev-row"))
-    return html.Table(rows, style={"borderCollapse": "collapse", "width": "100%"})
+    return html.Table(rows)
 
 
 def hints_table(layer: str, hints: dict[str, list]) -> html.Div:

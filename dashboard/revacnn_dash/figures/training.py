@@ -85,8 +85,8 @@ def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[d
     else:  # a GAN, a regression, an autoencoder: say so, instead of an empty axis from -1 to 4
         fig.update_yaxes(title_text="accuracy (none logged)", range=[0, 1], row=2, col=1)
     # log: a constant lr gets a readable axis (linear autorange drew 0.02 on -0.5..1), and a 10× change reads the
-    # same at any lr; few ticks in the short panel, in plain numbers
-    fig.update_yaxes(title_text="lr", type="log", nticks=4, tickformat="~g", row=3, col=1)
+    # same at any lr; in the short panel only the 1, 2 and 5 of each decade are labelled
+    fig.update_yaxes(title_text="lr", type="log", dtick="D2", tickformat="~g", row=3, col=1)
     x = finite_list(cols["step"])
     fig.add_trace(go.Scatter(x=x, y=finite_list(cols["loss"]), name="train loss", mode="lines",
                              opacity=0.35 if smoothing > 0 else 1.0,

@@ -11,8 +11,9 @@ from .common import bound
 
 
 def layout() -> list:
-    return [html.H4("Event log (steering commands)", style={"marginBottom": "2px"}),
-            html.Div(id="event-log", style={"maxHeight": "220px", "overflowY": "auto", "fontSize": "13px"})]
+    return [html.Div([html.Div("Event log (steering commands)", style={"fontWeight": 600, "marginBottom": "4px"}),
+                      html.Div(id="event-log", style={"maxHeight": "220px", "overflowY": "auto",
+                                                      "fontSize": "13px"})], className="rv-card")]
 
 
 def register(app, hub) -> None:

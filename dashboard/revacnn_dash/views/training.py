@@ -38,7 +38,7 @@ def layout() -> html.Div:
                           button("Stop", "btn-stop"), button("Snapshot", "btn-snapshot")]),
             ]),
             html.Span(id="train-feedback", style={"marginLeft": "4px", "color": "#555"}),
-        ], style={"padding": "6px", "border": "1px solid #ddd", "borderRadius": "4px"}),
+        ], className="rv-card"),
     ])
 
 
