@@ -190,6 +190,29 @@ def test_a_replayed_early_step_shows_the_structure_it_had(demo):
     assert demo["failures"] == []
 
 
+def test_the_dark_theme_colours_the_page_and_the_figures_but_not_their_colour_scales(demo):
+    page = demo["page"]
+    pick(page, "#run-select", "● live")
+    page.get_by_text("Training", exact=True).click()
+    page.wait_for_selector("#train-graph .js-plotly-plot")
+    colours = ("(() => { const gd = document.querySelector('#train-graph .js-plotly-plot');"
+               " return [getComputedStyle(gd.querySelector('.main-svg')).backgroundColor,"
+               " getComputedStyle(gd.querySelector('.bg')).fill, getComputedStyle(gd.querySelector('.ytick text')).fill,"
+               " gd._fullData[4].line.color]; })()")
+    light = page.evaluate(colours)
+    page.click("#theme-dark")
+    page.wait_for_selector("body.rv-dark")
+    dark = page.evaluate(colours)
+    assert dark[1:3] == ["rgb(37, 38, 43)", "rgb(193, 194, 197)"] and dark[0] != light[0], (light, dark)
+    assert dark[3] == light[3]                               # the lr trace keeps its colour
+    page.wait_for_timeout(1500)      # a few ticks: the dark chrome holds while the chart grows
+    assert page.evaluate(colours)[:3] == dark[:3]
+    page.screenshot(path=str(ARTIFACTS / "training-dark.png"), full_page=True)
+    page.click("#theme-dark")
+    js_wait(page, "!document.body.classList.contains('rv-dark')")
+    assert demo["failures"] == []
+
+
 def test_a_restarted_trainer_is_followed_with_a_fresh_event_log(demo):
     page, root = demo["page"], demo["root"]
     pick(page, "#run-select", "● live")
