@@ -227,7 +227,7 @@ def test_a_restarted_trainer_is_followed_with_a_fresh_event_log(demo):
     assert wait_for(lambda: connection_files(root)[-1] != old, 120, 0.1)
     new = connection_files(root)[-1]
 
-    run_id = json.loads((new.parent / "run.json").read_text())["run_id"]
+    run_id = json.loads(new.read_text())["run_id"]
     written = new.stat().st_mtime
     page.wait_for_selector(f"#conn-banner:has-text('LIVE — connected to run {run_id}')", timeout=30000)
     followed = time.time() - written

@@ -15,6 +15,8 @@ import math
 import time
 from pathlib import Path
 
+from revacnn.wire.connection import CONNECTION_FILE_NAME
+
 from .replay import recorded_columns, recorded_validations
 from .state import RunState
 
@@ -45,11 +47,17 @@ def find_recording(connection: str, run_id: str, logdir: str | None) -> Path | N
 
 
 def _run_id(directory: Path) -> str | None:
-    try:
-        with open(directory / "run.json") as handle:
-            return json.load(handle).get("run_id")
-    except (OSError, ValueError):
-        return None
+    """The run recorded in ``directory``: its ``run.json`` names it once the first message is written, its
+    connection file from the start."""
+    for name in ("run.json", CONNECTION_FILE_NAME):
+        try:
+            with open(directory / name) as handle:
+                run_id = json.load(handle).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(run_id, str):
+            return run_id
+    return None
 
 
 class HistoryFill:
@@ -60,15 +68,16 @@ class HistoryFill:
         self.state = state
         self.logdir = logdir
         self.reader = None
+        self.run_id: str | None = None
         self.until = 0.0
         self.next_read = 0.0
 
     def connected(self, connection: str, run_id: str) -> None:
         """The I/O thread reached run ``run_id`` through ``connection`` (a connection file or an address)."""
-        if self.reader is not None and self.reader.info.get("run_id") == run_id:
+        if self.reader is not None and self.run_id == run_id:
             self.until = time.monotonic() + FILL_WINDOW_S      # the same run again: fill what the wire missed
             return
-        self.reader = None
+        self.reader, self.run_id = None, run_id
         directory = find_recording(connection, run_id, self.logdir)
         if directory is None:
             return
