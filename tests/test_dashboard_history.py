@@ -162,3 +162,12 @@ def test_a_worker_on_a_log_folder_switches_to_a_newer_run(tmp_path):
     assert worker.newer_run() == str(second / "connection.json")
     # a run directory or a connection file given as the target is that run: nothing newer is looked for
     assert RunWorker(RunState(str(first))).newer_run() is None
+
+
+def test_a_recorded_ack_without_args_is_labelled_from_its_result():
+    from revacnn_dash.data.state import Event
+
+    lr = Event("a", "set_hparams", {}, result={"changes": {"groups": [{"optimizer": 0, "group": 0,
+                                                                       "lr": [0.02, 0.01]}]}})
+    assert lr.label() == "set lr=0.01"
+    assert Event("b", "set_batch_size", {}, result={"batch_size": 48, "epoch": 2}).label() == "batch_size=48"

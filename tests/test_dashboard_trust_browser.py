@@ -113,10 +113,14 @@ def event_row(page, text: str, status: str = "done") -> str:
 
 def pick(page, menu: str, option_text: str) -> None:
     """Choose an option of a dcc.Dropdown (a tick may re-render the header and close the menu: try again)."""
+    if option_text in page.inner_text(menu):
+        return                                  # chosen already (clicking it again would leave the menu open)
     for _ in range(4):
         page.click(menu)
         try:
             page.get_by_role("option").filter(has_text=option_text).first.click(timeout=4000)
+            if page.locator(".dash-dropdown-content").count():
+                page.keyboard.press("Escape")
             return
         except playwright_api.TimeoutError:
             page.keyboard.press("Escape")
@@ -128,13 +132,13 @@ def test_a_page_opened_mid_run_charts_the_run_from_step_1(demo):
 
     page, root = demo["page"], demo["root"]
     run_dir = connection_files(root)[-1].parent
-    assert wait_for(lambda: (open_run(run_dir).last_step() or 0) >= 120, 120, 0.5)
+    assert wait_for(lambda: (open_run(run_dir).last_step() or 0) >= 60, 300, 0.5)   # a loaded machine: slow steps
     page.goto(demo["url"])
     page.wait_for_selector("#conn-banner:has-text('LIVE')", timeout=45000)
     js_wait(page, "(() => { const gd = document.querySelector('#train-graph .js-plotly-plot');"
-                  " return gd && gd.data && gd.data[0] && gd.data[0].x.length >= 120; })()", timeout=40)
+                  " return gd && gd.data && gd.data[0] && gd.data[0].x.length >= 60; })()", timeout=60)
     x = chart_x(page)
-    assert x[:120] == list(range(1, 121)), x[:130]          # from step 1, every step once
+    assert x[:60] == list(range(1, 61)), x[:70]             # from step 1, every step once
     assert all(b == a + 1 for a, b in zip(x, x[1:])), x      # no gap, no duplicate at the seam
     page.screenshot(path=str(ARTIFACTS / "training-from-step-1.png"), full_page=True)
     assert demo["failures"] == []

@@ -69,9 +69,15 @@ class Event:
         carry no args: then the op and what its result names."""
         if not self.args:
             changes = (self.result or {}).get("changes") or {}
+            if self.op == SET_BATCH_SIZE and isinstance(self.result.get("batch_size"), int):
+                return command_label(self.op, {"batch_size": self.result["batch_size"]})
+            groups = changes.get("groups") if isinstance(changes, dict) else None
+            if self.op == SET_HPARAMS and isinstance(groups, list) and groups and isinstance(groups[0], dict):
+                changes = groups[0]       # the ack's per-group [old, new]: the first group's new values
             if self.op == SET_HPARAMS and isinstance(changes, dict):
                 values = {k: v for k, v in changes.items() if k in HPARAM_NAMES}
-                flat = {k: (v.get("new") if isinstance(v, dict) else v) for k, v in values.items()}
+                flat = {k: (v.get("new") if isinstance(v, dict) else v[-1] if isinstance(v, list) and v else v)
+                        for k, v in values.items()}
                 if flat and all(isinstance(v, (int, float)) for v in flat.values()):
                     return command_label(self.op, flat)
             layer = changes.get("layer") if isinstance(changes, dict) else None
