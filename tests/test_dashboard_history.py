@@ -171,3 +171,33 @@ def test_a_recorded_ack_without_args_is_labelled_from_its_result():
                                                                        "lr": [0.02, 0.01]}]}})
     assert lr.label() == "set lr=0.01"
     assert Event("b", "set_batch_size", {}, result={"batch_size": 48, "epoch": 2}).label() == "batch_size=48"
+    widen = Event("c", "widen", {}, result={"changes": {"layer": "net.conv2", "channels": [20, 22]}})
+    assert widen.label() == "widen net.conv2 +2"
+
+
+def test_the_analysis_menus_move_to_the_watched_runs_recording_once_each(tmp_path):
+    from dash import no_update
+
+    from revacnn_dash.data.state import RunState
+    from revacnn_dash.views.watched_run import follow_watched_run
+
+    class OneRun:
+        def __init__(self, state):
+            self.state = state
+
+        def get(self, key):
+            return self.state if key == self.state.key else None
+
+    state = RunState(str(tmp_path / "lightning_logs"))
+    state.recording_path = str(tmp_path / "lightning_logs" / "version_1" / "revacnn")
+    hub = OneRun(state)
+    old = [{"label": "version_0/a", "value": str(tmp_path / "lightning_logs" / "version_0" / "revacnn")}]
+    both = old + [{"label": "version_1/b", "value": state.recording_path}]
+    # the explorer lists the watched run's recording, the comparison not yet: only the explorer moves
+    *values, applied = follow_watched_run(hub, state.key, "explore", both, old, old, None)
+    assert values == [state.recording_path, no_update, no_update]
+    # the comparison's menus list it later: they move then, the explorer (chosen already) is left as the user set it
+    *values, applied = follow_watched_run(hub, state.key, "compare", both, both, both, applied)
+    assert values == [no_update, state.recording_path, state.recording_path]
+    *values, again = follow_watched_run(hub, state.key, "compare", both, both, both, applied)
+    assert values == [no_update] * 3 and again is no_update

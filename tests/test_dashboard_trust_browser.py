@@ -113,12 +113,13 @@ def event_row(page, text: str, status: str = "done") -> str:
 
 def pick(page, menu: str, option_text: str) -> None:
     """Choose an option of a dcc.Dropdown (a tick may re-render the header and close the menu: try again)."""
-    if option_text in page.inner_text(menu):
+    text = re.compile(re.escape(option_text) + r"(?!\d)")        # "step 1" is not "step 100"
+    if text.search(page.inner_text(menu)):
         return                                  # chosen already (clicking it again would leave the menu open)
     for _ in range(4):
         page.click(menu)
         try:
-            page.get_by_role("option").filter(has_text=option_text).first.click(timeout=4000)
+            page.get_by_role("option").filter(has_text=text).first.click(timeout=4000)
             if page.locator(".dash-dropdown-content").count():
                 page.keyboard.press("Escape")
             return
@@ -162,7 +163,7 @@ def test_a_done_ack_says_what_changed(demo):
     client.connect(timeout=10)
     try:
         client.send_command("widen", {"layer": "net.conv2", "count": 1})
-        row = event_row(page, "widen net.conv2")
+        row = event_row(page, "widen net.conv2 +1")
     finally:
         client.close()
     new_id = [l for l in open_run(run_dir).structures()[-1][1]["layers"]

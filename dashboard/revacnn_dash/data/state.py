@@ -81,6 +81,9 @@ class Event:
                 if flat and all(isinstance(v, (int, float)) for v in flat.values()):
                     return command_label(self.op, flat)
             layer = changes.get("layer") if isinstance(changes, dict) else None
+            channels = changes.get("channels") if isinstance(changes, dict) else None
+            if self.op == "widen" and layer and isinstance(channels, list) and len(channels) == 2:
+                return command_label(self.op, {"layer": layer, "count": channels[1] - channels[0]})
             return f"{self.op} {layer}" if layer else self.op
         return command_label(self.op, self.args)
 

@@ -36,14 +36,21 @@ def recording_of(hub, key: str | None) -> str | None:
 
 
 def follow_watched_run(hub, key, _tab, *menus_and_applied):
+    """Each menu moves to the watched run's recording once per (run, recording): when it is first listed there."""
     *menus, applied = menus_and_applied
+    applied = dict(applied or {})
     path = recording_of(hub, key)
-    if path is None or applied == [key, path]:
+    if path is None:
         return *[no_update] * len(RUN_MENUS), no_update
-    values = [_option_for(path, options) for options in menus]
-    if all(v is None for v in values):       # not listed (yet): the menus refresh as recordings appear
-        return *[no_update] * len(RUN_MENUS), no_update
-    return *[no_update if v is None else v for v in values], [key, path]
+    values = []
+    for menu, options in zip(RUN_MENUS, menus):
+        value = None if applied.get(menu) == [key, path] else _option_for(path, options)
+        if value is not None:    # not listed (yet): the menus refresh as recordings appear
+            applied[menu] = [key, path]
+        values.append(no_update if value is None else value)
+    if all(v is no_update for v in values):
+        return *values, no_update
+    return *values, applied
 
 
 def _option_for(path: str, options: list | None) -> str | None:
