@@ -82,8 +82,8 @@ def demo(tmp_path_factory):
             page.set_default_timeout(30000)
             failures: list[str] = []
             watch_responses(page, failures)
-            yield {"page": page, "root": root, "url": f"http://127.0.0.1:{port}/", "failures": failures,
-                   "extra": extra, "log": log}
+            yield {"page": page, "browser": browser, "root": root, "url": f"http://127.0.0.1:{port}/",
+                   "failures": failures, "extra": extra, "log": log}
             browser.close()
     finally:
         for child in extra:
@@ -249,7 +249,7 @@ def test_a_restarted_trainer_is_followed_with_a_fresh_event_log(demo):
     assert demo["failures"] == []
 
 
-def test_a_diverged_runs_every_view_renders_with_a_message(tmp_path):
+def test_a_diverged_runs_every_view_renders_with_a_message(demo, tmp_path):
     """A run whose loss is NaN from its first steps: every tab is drawn, the banner says since when, and no request
     is answered 5xx."""
     root = tmp_path / "run"
@@ -257,10 +257,8 @@ def test_a_diverged_runs_every_view_renders_with_a_message(tmp_path):
                                stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         assert wait_for(lambda: connection_files(root), 120, 0.2)
-        with served_dashboard(tmp_path, "--connect", str(root / "lightning_logs")) as (port, _log), \
-                playwright_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        with served_dashboard(tmp_path, "--connect", str(root / "lightning_logs")) as (port, _log):
+            page = demo["browser"].new_page(viewport={"width": 1400, "height": 1000})   # the module's Chromium
             failures: list[str] = []
             watch_responses(page, failures)
             page.goto(f"http://127.0.0.1:{port}/")
@@ -273,7 +271,7 @@ def test_a_diverged_runs_every_view_renders_with_a_message(tmp_path):
                 page.wait_for_timeout(2500)      # a few refreshes of the tab: any failing one would be answered 5xx
                 page.screenshot(path=str(ARTIFACTS / f"diverged-{graph}.png"), full_page=True)
             assert failures == []
-            browser.close()
+            page.close()
     finally:
         trainer.kill()
         trainer.wait(10)
