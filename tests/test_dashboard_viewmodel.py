@@ -383,3 +383,15 @@ def test_filters_are_drawn_large_with_their_indices():
     assert (image[: runs[0][0], :, 0] == INK).any()
     first_col = np.flatnonzero(grey.any(axis=0))[0]
     assert (image[runs[2][0]:runs[2][-1], :first_col, 0] == INK).any()
+
+
+def test_the_lr_panel_ticks_the_rates_the_run_used():
+    """A constant lr drew ticks from 0.002 to 0.2 in the short lr panel."""
+    from revacnn_dash.figures.training import LR_TICKS, lr_axis, lr_values, training_figure
+
+    lr = [0.02] * 30 + [0.01] * 10 + [float("nan")]
+    assert lr_values(lr) == [0.01, 0.02]
+    fig = training_figure({"step": np.arange(1, 42), "loss": np.ones(41), "train_acc": np.ones(41), "lr": lr}, [], [])
+    assert list(fig.layout.yaxis3.tickvals) == [0.01, 0.02] and list(fig.layout.yaxis3.ticktext) == ["0.01", "0.02"]
+    schedule = np.geomspace(0.1, 0.001, 200)          # a decaying schedule: the decades' 1-2-5 instead
+    assert len(lr_values(schedule)) == LR_TICKS + 1 and lr_axis(lr_values(schedule))["dtick"] == "D2"

@@ -67,6 +67,26 @@ def smoothed(values, weight: float, carry: tuple[float, int] = (0.0, 0)) -> tupl
     return out, (total, count)
 
 
+LR_TICKS = 5     # at most this many learning rates get their own tick; more, and the 1-2-5 of each decade do
+
+
+def lr_values(values, known: list[float] = ()) -> list[float]:
+    """The distinct finite, positive learning rates in ``values`` and ``known``, ascending (at most LR_TICKS + 1)."""
+    found = set(known)
+    for v in finite_list(values):
+        if v is not None and v > 0 and len(found) <= LR_TICKS:
+            found.add(v)
+    return sorted(found)
+
+
+def lr_axis(values: list[float]) -> dict:
+    """The lr panel's ticks: one per learning rate the run used (a constant lr has one, not a decade of clutter),
+    else the 1, 2 and 5 of each decade."""
+    if 0 < len(values) <= LR_TICKS:
+        return {"tickvals": values, "ticktext": [f"{v:g}" for v in values], "dtick": None}
+    return {"tickvals": None, "ticktext": None, "dtick": "D2"}
+
+
 def has_accuracy(cols: dict[str, np.ndarray], val: list[dict]) -> bool:
     train = np.asarray(cols.get("train_acc", []), dtype=float)
     return bool(np.isfinite(train).any()) or any(finite_list([v.get("val_acc")]) != [None] for v in val)
@@ -85,8 +105,8 @@ def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[d
     else:  # a GAN, a regression, an autoencoder: say so, instead of an empty axis from -1 to 4
         fig.update_yaxes(title_text="accuracy (none logged)", range=[0, 1], row=2, col=1)
     # log: a constant lr gets a readable axis (linear autorange drew 0.02 on -0.5..1), and a 10× change reads the
-    # same at any lr; in the short panel only the 1, 2 and 5 of each decade are labelled
-    fig.update_yaxes(title_text="lr", type="log", dtick="D2", tickformat="~g", row=3, col=1)
+    # same at any lr; the short panel's ticks are the values the run used (lr_axis)
+    fig.update_yaxes(title_text="lr", type="log", tickformat="~g", row=3, col=1, **lr_axis(lr_values(cols["lr"])))
     x = finite_list(cols["step"])
     fig.add_trace(go.Scatter(x=x, y=finite_list(cols["loss"]), name="train loss", mode="lines",
                              opacity=0.35 if smoothing > 0 else 1.0,

@@ -10,7 +10,7 @@ from dash import Input, Output, Patch, State, ctx, dcc, html, no_update
 from revacnn.wire.acks import DONE
 from revacnn.wire.ops import SET_BATCH_SIZE, SET_HPARAMS
 
-from ..figures.training import finite_list, has_accuracy, markers, smoothed, training_figure
+from ..figures.training import finite_list, has_accuracy, lr_axis, lr_values, markers, smoothed, training_figure
 from .common import bound, button, number, steering_controls
 
 
@@ -89,7 +89,8 @@ def training_chart(hub, _n, key, log_scale, smoothing, cursor, tab):
         cols, start, total = state.scalars_since(0)
         fig = training_figure(cols, val, events, log_loss=view[0], smoothing=view[1])
         return fig, {"key": key, "gen": state.generation, "history": history, "view": view, "count": total,
-                     "first": start, "ema": smoothed(cols["loss"], view[1])[1], "markers": marker_sig, "val": len(val), "acc": has_accuracy(cols, val)}, hp_text
+                     "first": start, "ema": smoothed(cols["loss"], view[1])[1], "lr": lr_values(cols["lr"]),
+                     "markers": marker_sig, "val": len(val), "acc": has_accuracy(cols, val)}, hp_text
     cursor = dict(cursor)
     patch, has_acc = chart_patch(cursor, cols, total, val, events, marker_sig)
     return patch, {**cursor, "count": total, "markers": marker_sig, "val": len(val), "acc": has_acc}, hp_text
@@ -108,6 +109,11 @@ def chart_patch(cursor: dict, cols: dict, total: int, val: list, events: list, m
         for trace, name in ((0, "loss"), (2, "train_acc"), (4, "lr")):
             patch["data"][trace]["x"].extend(x)
             patch["data"][trace]["y"].extend(finite_list(cols[name]))
+        rates = lr_values(cols["lr"], cursor.get("lr") or [])
+        if rates != cursor.get("lr"):      # a new learning rate: its own tick
+            for name, value in lr_axis(rates).items():
+                patch["layout"]["yaxis3"][name] = value
+            cursor["lr"] = rates
         smoothing = cursor["view"][1]
         if smoothing > 0:      # the smoothed loss goes on from where the browser's ends
             ema, cursor["ema"] = smoothed(cols["loss"], smoothing, tuple(cursor["ema"]))
