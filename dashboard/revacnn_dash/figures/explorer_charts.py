@@ -92,6 +92,13 @@ def _multiples_figure(overview: dict, tree: dict, focus: str, pins, events, xran
                                      + (" (raw steps)" if overview["raw"] else " (pyramid buckets)") + BANDS_LEGEND,
                              "font": {"size": 12}})
     time_marks(fig, pins, events)
+    silent = [tree["nodes"][n]["name"] for n in nodes
+              if not np.isfinite(np.asarray(overview["nodes"][n]["median"], dtype=float)).any()]
+    if silent:   # a diverged run's series are all NaN or ±inf: say so rather than draw empty rows
+        fig.add_annotation(x=0.5, y=1.0, xref="paper", yref="paper", yanchor="bottom", showarrow=False,
+                           text=f"⚠ no finite {overview['field']} recorded for {', '.join(silent[:6])}"
+                                + (" …" if len(silent) > 6 else "") + " (NaN or ±inf: a diverged run?)",
+                           font={"size": 11, "color": "#c62828"})
     return fig
 
 

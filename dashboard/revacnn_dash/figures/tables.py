@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import dash_mantine_components as dmc
 from dash import html
 from revacnn.wire.acks import DONE, ERROR, QUEUED
 
@@ -33,8 +34,8 @@ def hints_table(layer: str, hints: dict[str, list]) -> html.Div:
 
     def actions(filters: list[int]) -> html.Td:
         f = ",".join(map(str, filters))
-        return html.Td([html.Button(label, id={"type": "hint", "op": op, "layer": layer, "filters": f},
-                                    n_clicks=0, style={"margin": "1px"})
+        return html.Td([dmc.Button(label, id={"type": "hint", "op": op, "layer": layer, "filters": f},
+                                   n_clicks=0, size="compact-xs", variant="default", style={"margin": "1px"})
                         for op, label in (("remove", "remove"), ("reinit", "re-initialise"), ("freeze", "freeze"))])
 
     for a, b, c in hints["duplicates"][:20]:

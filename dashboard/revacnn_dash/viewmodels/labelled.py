@@ -14,7 +14,7 @@ FONT = {
 }
 INK, PAPER = 40, 255
 GLYPH_SCALE = 2            # each font pixel drawn 2 × 2: 6 × 10-pixel digits
-TILE_MIN = 36              # a tile is enlarged (nearest neighbour) to at least this many pixels
+TILE_MIN = 56              # a tile is enlarged (nearest neighbour) to at least this many pixels
 
 
 def text_mask(text: str, scale: int = GLYPH_SCALE) -> np.ndarray:
