@@ -86,7 +86,7 @@ def _multiples_figure(overview: dict, tree: dict, focus: str, pins, events, xran
     if xrange:
         layout["xaxis"]["range"] = xrange
     fig.update_layout(**layout)
-    fig.update_layout(height=max(260, 110 * rows + 60), margin={"l": 70, "r": 10, "t": 56, "b": 40},
+    fig.update_layout(height=max(260, 110 * rows + 60), margin={"l": 70, "r": 10, "t": 76, "b": 40},
                       hovermode="x", hoversubplots="axis", dragmode="zoom",
                       title={"text": f"{overview['field']} per node — {overview['steps']} rows"
                                      + (" (raw steps)" if overview["raw"] else " (pyramid buckets)") + BANDS_LEGEND,
