@@ -377,7 +377,7 @@ def test_hub_shows_several_live_runs():
         b.close(timeout=1)
 
 
-def training_chart(state: RunState):
+def training_chart(state: RunState, smoothing: float = 0.0):
     """A hub showing ``state`` and a function that makes the page's training-chart request with a cursor,
     returning the figure (or Patch) and the new cursor."""
     from revacnn_dash.app import create_app
@@ -395,7 +395,9 @@ def training_chart(state: RunState):
         response = client.post("/_dash-update-component", json={
             "output": dep["output"], "outputs": outputs, "changedPropIds": ["tick-training.data"],
             "inputs": [{"id": "tick-training", "property": "data", "value": [1, 0]},
-                       {"id": "run-select", "property": "value", "value": state.key}],
+                       {"id": "run-select", "property": "value", "value": state.key},
+                       {"id": "train-log", "property": "value", "value": []},
+                       {"id": "train-smooth", "property": "value", "value": smoothing}],
             "state": [{"id": "train-cursor", "property": "data", "value": cursor},
                       {"id": "tabs", "property": "value", "value": "training"}]})
         assert response.status_code == 200, response.data[:300]
@@ -451,5 +453,34 @@ def test_the_accuracy_panel_says_when_no_accuracy_is_logged_and_autoranges_once_
         assert changed[("layout", "yaxis2", "autorange")] is True
         _, cursor = tick(cursor)
         assert cursor["acc"] is True
+    finally:
+        hub.stop()
+
+
+def test_the_smoothed_loss_goes_on_across_patches_as_one_moving_average_would():
+    """TensorBoard's smoothing (a debiased EMA) drawn whole, then extended by a Patch: the same values as the
+    average computed over every step at once."""
+    from revacnn_dash.figures.training import smoothed
+
+    state = RunState("smooth")
+    hub, tick = training_chart(state, smoothing=0.9)
+    try:
+        losses = [2.0 / (1 + s) + (0.3 if s % 3 == 0 else 0.0) for s in range(1, 61)]
+        for step in range(1, 41):
+            state.apply(step_message(step, loss=losses[step - 1]))
+        figure, cursor = tick(None)
+        ema = []
+        total = 0.0
+        for i, loss in enumerate(losses, start=1):       # computed here independently: debiased EMA, weight 0.9
+            total = 0.9 * total + 0.1 * loss
+            ema.append(total / (1 - 0.9 ** i))
+        assert figure["data"][5]["y"] == pytest.approx(ema[:40])
+        assert figure["data"][0]["opacity"] < 1            # the raw loss drawn faint under it
+        for step in range(41, 61):
+            state.apply(step_message(step, loss=losses[step - 1]))
+        patch, cursor = tick(cursor)
+        extended = [op["params"]["value"] for op in patch["operations"] if op["location"] == ["data", 5, "y"]]
+        assert extended[0] == pytest.approx(ema[40:])
+        assert smoothed([1.0, float("nan"), 3.0], 0.0)[0] == [1.0, None, 3.0]    # no smoothing; NaN is a gap
     finally:
         hub.stop()

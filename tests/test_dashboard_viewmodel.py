@@ -303,18 +303,25 @@ def test_embedding_figure_colours_by_cluster_or_gradient():
     assert list(fig.data[0].customdata) == [7, 8, 9]
 
 
-def test_commands_applied_at_one_step_share_one_chart_marker():
+def test_commands_applied_at_one_step_share_one_chart_marker_and_close_ones_are_staggered():
     from revacnn_dash.figures.training import markers as _markers
 
     events = [{"step": 5, "label": "pause"}, {"step": 5, "label": "reinit net.conv2[5]"},
               {"step": 9, "label": "set lr=0.01"}, {"step": 5, "label": "resume"}]
     shapes, notes = _markers(events)
     assert [(s["x0"], s["x1"]) for s in shapes] == [(5, 5), (9, 9)]
-    assert [(n["x"], n["text"]) for n in notes] == [(5, "pause<br>reinit net.conv2[5]<br>resume"),
-                                                    (9, "set lr=0.01")]
-    # only the last 60 commands are marked
+    # the label names the first and how many more; hovering it lists them all
+    assert [(n["x"], n["text"]) for n in notes] == [(5, "pause +2"), (9, "set lr=0.01")]
+    assert notes[0]["hovertext"] == "step 5<br>pause<br>reinit net.conv2[5]<br>resume"
+    # only the last 60 commands are marked; consecutive ones on staggered rows, so close ones do not overlap
     many = [{"step": i, "label": f"c{i}"} for i in range(100)]
-    assert [n["text"] for n in _markers(many)[1]] == [f"c{i}" for i in range(40, 100)]
+    notes = _markers(many)[1]
+    assert [n["text"] for n in notes] == [f"c{i}" for i in range(40, 100)]
+    rows = [n["y"] for n in notes]
+    assert len(set(rows[:4])) == 4 and rows[4] == rows[0]
+    # a long label is cut, in full on hover
+    (note,) = _markers([{"step": 3, "label": "reinit net.layer4.0.conv2[1, 2, 3, 4]"}])[1]
+    assert note["text"] == "reinit net.layer4.0.c…" and "net.layer4.0.conv2[1, 2, 3, 4]" in note["hovertext"]
 
 
 def test_rows_are_laid_out_to_a_readable_width():
@@ -355,3 +362,36 @@ def test_group_helpers_and_float_mosaic_without_border():
     assert grid.shape == (6, 6) and grid.dtype == np.float64      # a gutter after every tile, none before
     assert grid[0, 0] == 0.0 and grid[0, 3] == 1.0 and grid[3, 0] == 2.0 and np.isnan(grid[2, 0])
     assert np.isnan(grid[3:5, 3:5]).all()
+
+
+def test_filters_are_drawn_large_with_their_indices():
+    """The filters view drew 5×5 filters a few pixels each, with no index: which one is filter 13?"""
+    from revacnn_dash.viewmodels.labelled import FONT, GLYPH_SCALE, INK, TILE_MIN, labelled_grid, text_mask
+
+    tiles = [np.full((5, 5), 128, np.uint8) for _ in range(20)]
+    image = labelled_grid(tiles, ncols=4, row_labels=[str(i) for i in range(5)], col_labels=["0", "1", "2", "3"])
+    assert image.dtype == np.uint8 and image.shape[2] == 3
+    grey = (image[..., 0] == 128)
+    rows = np.flatnonzero(grey.any(axis=1))
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+    assert len(runs) == 5 and all(len(r) >= TILE_MIN for r in runs)       # five rows of tiles, each enlarged
+    # the digit "7" as drawn is the font's bitmap, each pixel GLYPH_SCALE × GLYPH_SCALE
+    seven = text_mask("7")
+    expected = np.array([c == "1" for c in FONT["7"]]).reshape(5, 3)
+    assert (seven[::GLYPH_SCALE, ::GLYPH_SCALE] == expected).all() and seven.shape == (5 * GLYPH_SCALE, 3 * GLYPH_SCALE)
+    # the column labels are ink above the first row of tiles; the row labels left of the first column
+    assert (image[: runs[0][0], :, 0] == INK).any()
+    first_col = np.flatnonzero(grey.any(axis=0))[0]
+    assert (image[runs[2][0]:runs[2][-1], :first_col, 0] == INK).any()
+
+
+def test_the_lr_panel_ticks_the_rates_the_run_used():
+    """A constant lr drew ticks from 0.002 to 0.2 in the short lr panel."""
+    from revacnn_dash.figures.training import LR_TICKS, lr_axis, lr_values, training_figure
+
+    lr = [0.02] * 30 + [0.01] * 10 + [float("nan")]
+    assert lr_values(lr) == [0.01, 0.02]
+    fig = training_figure({"step": np.arange(1, 42), "loss": np.ones(41), "train_acc": np.ones(41), "lr": lr}, [], [])
+    assert list(fig.layout.yaxis3.tickvals) == [0.01, 0.02] and list(fig.layout.yaxis3.ticktext) == ["0.01", "0.02"]
+    schedule = np.geomspace(0.1, 0.001, 200)          # a decaying schedule: the decades' 1-2-5 instead
+    assert len(lr_values(schedule)) == LR_TICKS + 1 and lr_axis(lr_values(schedule))["dtick"] == "D2"

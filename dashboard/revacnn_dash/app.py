@@ -14,7 +14,7 @@ from dash import Dash
 
 from .data.hub import Hub
 from .data.recordings import RunSource
-from .views import compare, embedding, events, explore, filters, header, layers, network, page, training
+from .views import compare, embedding, events, explore, filters, header, layers, network, page, training, watched_run
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -30,4 +30,5 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
         view.register(app, hub)
     explore.register(app, analysis, page_tick="tick-explore")
     compare.register(app, analysis, page_tick="tick-compare")
+    watched_run.register(app, hub)
     return app

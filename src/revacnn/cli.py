@@ -66,7 +66,9 @@ def _demo(args: argparse.Namespace) -> int:
         if connection is None:
             print("revacnn demo: the training run did not start (see its output above)", file=sys.stderr)
             return 1
-        dash = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--connect", str(connection),
+        # The log folder, not this run's connection file: a trainer restarted into it (its next version_N) is
+        # followed within a second.
+        dash = subprocess.Popen([sys.executable, "-m", "revacnn_dash.cli", "--connect", str(root / "lightning_logs"),
                                  "--logdir", str(root), "--port", str(args.port)], start_new_session=True)
         url = f"http://127.0.0.1:{args.port}/"
         if _serves_page(dash, url, timeout=120):

@@ -37,7 +37,7 @@ class Hub:
 
     def add_live(self, target: str, silence_s: float = 5.0) -> RunState:
         state = RunState(str(target))
-        worker = RunWorker(state, silence_s=silence_s, client_options=self.client_options)
+        worker = RunWorker(state, silence_s=silence_s, client_options=self.client_options, logdir=self.logdir)
         with self.lock:
             self.runs[state.key] = state
             self.workers[state.key] = worker
@@ -90,6 +90,9 @@ class Hub:
             state = RunState(path, label=info.get("run_id") or Path(path).name, source="replay")
             with self.lock:
                 if state.key in self.runs:
+                    known, reader = self.runs[state.key], self.replays.get(state.key)
+                    if reader is not None and not info.get("finished"):   # a run still recorded: its new snapshots
+                        known.replay_steps = reader.snapshot_steps()     # join the step menu
                     continue
                 self.runs[state.key] = state
             try:

@@ -11,7 +11,7 @@ import numpy as np
 
 from revacnn.wire.protocol import Message
 
-from .state import FILTER_FIELDS, REPLAY, RunState, metric_name
+from .state import FILTER_FIELDS, HISTORY_KEYS, REPLAY, SCALAR_KEYS, RunState, metric_name
 
 
 def load_replay(state: RunState, reader, step: int | None = None) -> None:
@@ -71,33 +71,46 @@ def _recorded_messages(reader, structure: dict[str, Any] | None, step: int | Non
 
 def _replay_scalars(state: RunState, scal: dict[str, np.ndarray]) -> None:
     """The recorded step scalars onto the charts (``RunState.append_scalars``, where a live step ends too)."""
-    if not scal or "step" not in scal:
-        return
-    nan = np.full(len(scal["step"]), np.nan)
+    cols = recorded_columns(scal)
+    for i in range(len(cols["step"])):
+        state.append_scalars({k: cols[k][i] for k in SCALAR_KEYS}, loss_not_finite=cols["loss_not_finite"][i] == 1.0)
+
+
+def recorded_columns(scal: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A recording's scalars (``RunReader.scalars``) as the chart's columns (``HISTORY_KEYS``): the loss (or, for
+    steps that returned none, the loss they logged), the train accuracy, the first group's hyper-parameters, and
+    1.0 where the loss was NaN or ±inf."""
+    steps = np.asarray(scal.get("step", ()), dtype=float)
+    nan = np.full(len(steps), np.nan)
+    if not len(steps):
+        return {k: nan for k in HISTORY_KEYS}
     logged = [name for name in scal if not name.startswith("not_finite/")]  # which values were NaN or ±inf
-    acc = scal.get(metric_name(logged, "acc", "train"), nan)
     loss, loss_name = scal.get("loss", nan), "loss"
     if not np.isfinite(np.asarray(loss, dtype=float)).any() and "not_finite/loss" not in scal:
         loss_name = metric_name([name for name in logged if name != "loss"], "loss", "train")
         loss = scal.get(loss_name, nan)  # the steps returned none: the loss they logged
-    not_finite = scal.get(f"not_finite/{loss_name}", nan) == 1.0
-    for i in range(len(scal["step"])):
-        state.append_scalars({"step": scal["step"][i], "loss": loss[i],
-                              "train_acc": acc[i], "lr": _col(scal, "lr/0", i),
-                              "momentum": _col(scal, "momentum/0", i),
-                              "weight_decay": _col(scal, "weight_decay/0", i),
-                              "batch_size": _col(scal, "batch_size", i),
-                              "samples_per_s": _col(scal, "samples_per_s", i)},
-                             loss_not_finite=bool(not_finite[i]))
+    columns = {"step": steps, "loss": loss, "train_acc": scal.get(metric_name(logged, "acc", "train"), nan),
+               "lr": scal.get("lr/0", nan), "momentum": scal.get("momentum/0", nan),
+               "weight_decay": scal.get("weight_decay/0", nan), "batch_size": scal.get("batch_size", nan),
+               "samples_per_s": scal.get("samples_per_s", nan),
+               "loss_not_finite": np.where(scal.get(f"not_finite/{loss_name}", nan) == 1.0, 1.0, np.nan)}
+    return {k: np.asarray(v, dtype=float) for k, v in columns.items()}
 
 
 def _replay_validations(state: RunState, val: dict[str, Any]) -> None:
-    """The latest timeline's validations (a resumed run's replace the abandoned ones)."""
+    state.val.extend(recorded_validations(val))
+
+
+def recorded_validations(val: dict[str, Any]) -> list[dict[str, Any]]:
+    """The latest timeline's validations (``RunReader.val_predictions``; a resumed run's replace the abandoned
+    ones) as the chart's rows."""
     columns = {kind: val["metrics"].get(metric_name(val["metrics"], kind, "val")) for kind in ("loss", "acc")}
+    rows = []
     for i, row_step in enumerate(val["steps"].tolist()):
         values = {kind: None if column is None or not np.isfinite(column[i]) else float(column[i])
                   for kind, column in columns.items()}
-        state.val.append({"step": row_step, "val_loss": values["loss"], "val_acc": values["acc"]})
+        rows.append({"step": row_step, "val_loss": values["loss"], "val_acc": values["acc"]})
+    return rows
 
 
 def _replay_steering_log(state: RunState, entries: list[dict[str, Any]]) -> None:

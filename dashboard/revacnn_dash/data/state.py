@@ -27,6 +27,9 @@ CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (
     "connecting", "live", "unreachable", "finished", "incompatible", "replay")
 FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
 SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s")
+#: What the ring holds per step: the charted scalars and 1.0 where the loss was NaN or ±inf (so the divergence banner
+#: can be recomputed when older steps are merged in front, ``merge_history``).
+HISTORY_KEYS = (*SCALAR_KEYS, "loss_not_finite")
 STAGE_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
 KIND_WORDS = {"loss": ("loss",), "acc": ("acc", "accuracy")}
 
@@ -66,19 +69,28 @@ class Event:
         carry no args: then the op and what its result names."""
         if not self.args:
             changes = (self.result or {}).get("changes") or {}
+            if self.op == SET_BATCH_SIZE and isinstance(self.result.get("batch_size"), int):
+                return command_label(self.op, {"batch_size": self.result["batch_size"]})
+            groups = changes.get("groups") if isinstance(changes, dict) else None
+            if self.op == SET_HPARAMS and isinstance(groups, list) and groups and isinstance(groups[0], dict):
+                changes = groups[0]       # the ack's per-group [old, new]: the first group's new values
             if self.op == SET_HPARAMS and isinstance(changes, dict):
                 values = {k: v for k, v in changes.items() if k in HPARAM_NAMES}
-                flat = {k: (v.get("new") if isinstance(v, dict) else v) for k, v in values.items()}
+                flat = {k: (v.get("new") if isinstance(v, dict) else v[-1] if isinstance(v, list) and v else v)
+                        for k, v in values.items()}
                 if flat and all(isinstance(v, (int, float)) for v in flat.values()):
                     return command_label(self.op, flat)
             layer = changes.get("layer") if isinstance(changes, dict) else None
+            channels = changes.get("channels") if isinstance(changes, dict) else None
+            if self.op == "widen" and layer and isinstance(channels, list) and len(channels) == 2:
+                return command_label(self.op, {"layer": layer, "count": channels[1] - channels[0]})
             return f"{self.op} {layer}" if layer else self.op
         return command_label(self.op, self.args)
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "op": self.op, "args": self.args, "status": self.status, "error": self.error,
                 "step": self.step, "sent": self.sent, "updated": self.updated, "label": self.label(),
-                "note": self.note, "generation": self.generation}
+                "note": self.note, "generation": self.generation, "result": self.result}
 
 
 def command_label(op: str, args: dict[str, Any]) -> str:
@@ -150,8 +162,11 @@ class RunState:
         self.status: dict[str, Any] | None = None
         self.last_heard = 0.0
         self.scalar_capacity = scalar_capacity
-        self.scalars = Ring(SCALAR_KEYS, scalar_capacity)
+        self.scalars = Ring(HISTORY_KEYS, scalar_capacity)
         self.last_scalar_step: int | None = None    # the newest step charted
+        self.first_live_step: int | None = None     # the first step this process's wire charted (data.history)
+        self.history_revision = 0      # +1 when older steps are merged in front of the ring (the chart is redrawn)
+        self.recording_path: str | None = None      # the run's recording on this machine, once found
         self._loss_not_finite: tuple[int | None, int] = (None, 0)  # first step of the current streak, its length
         self.val: collections.deque[dict[str, Any]] = collections.deque(maxlen=5000)
         self.filter_steps: collections.deque[tuple[int, int, np.ndarray, list[str]]] = collections.deque(
@@ -186,8 +201,8 @@ class RunState:
     def _reset_history(self) -> None:
         self.generation += 1
         self.structure = self.hparams = self.status = None
-        self.scalars = Ring(SCALAR_KEYS, self.scalar_capacity)
-        self.last_scalar_step = None
+        self.scalars = Ring(HISTORY_KEYS, self.scalar_capacity)
+        self.last_scalar_step = self.first_live_step = self.recording_path = None
         self._loss_not_finite = (None, 0)
         self.val.clear()
         self.filter_steps.clear()
@@ -257,6 +272,8 @@ class RunState:
         # A step already charted (a state snapshot re-sent on reconnecting to the same run) is not charted again.
         if not isinstance(step, int) or self.last_scalar_step is None or step > self.last_scalar_step:
             self.last_scalar_step = step if isinstance(step, int) else self.last_scalar_step
+            if self.first_live_step is None and isinstance(step, int) and self.source != "replay":
+                self.first_live_step = step
             self.append_scalars({"step": step, "loss": loss, "train_acc": acc,
                                  "lr": group.get("lr"), "momentum": group.get("momentum"),
                                  "weight_decay": group.get("weight_decay"), "batch_size": b.get("batch_size"),
@@ -267,13 +284,65 @@ class RunState:
         """One step's row onto the charts, noting where the loss stopped being finite: a diverged run's chart just
         stops, so the banner says since when. The wire carries a NaN or infinite loss as nil and names it in the
         row's ``not_finite`` (``loss_not_finite``); a step that returned no loss neither starts nor ends a streak."""
-        self.scalars.append(row)
+        self.scalars.append({**row, "loss_not_finite": 1.0 if loss_not_finite else None})
         loss = row.get("loss")
         if loss_not_finite:
             first, length = self._loss_not_finite
-            self._loss_not_finite = (row.get("step") if length == 0 else first, length + 1)
+            step = row.get("step")     # a recorded step comes as a float
+            step = int(step) if isinstance(step, (int, float)) and math.isfinite(step) else None
+            self._loss_not_finite = (step if length == 0 else first, length + 1)
         elif loss is not None and math.isfinite(loss):
             self._loss_not_finite = (None, 0)
+
+    def merge_history(self, rows: dict[str, np.ndarray], val: list[dict[str, Any]],
+                      commands: list[dict[str, Any]]) -> bool:
+        """Steps (``HISTORY_KEYS`` columns), validations and final acks recorded before this process's wire reached
+        the dashboard (``data.history``), merged with what the wire brought: one row per step, the wire's where both
+        have one, in step order, so the chart has no gap or duplicate at the seam. The chart is redrawn
+        (``history_revision``) when steps were added. Returns whether anything was."""
+        with self.lock:
+            added = self._merge_steps(rows)
+            held_val = {v.get("step") for v in self.val}
+            missing = [v for v in val if v.get("step") not in held_val]
+            if missing:
+                merged = sorted([*missing, *self.val], key=lambda v: (v.get("step") is None, v.get("step") or 0))
+                self.val.clear()
+                self.val.extend(merged[-(self.val.maxlen or len(merged)):])
+            recorded = [c for c in commands if str(c.get("id")) not in self.events]
+            if recorded:
+                held_events = list(self.events.values())
+                self.events.clear()
+                for entry in recorded:
+                    event = self._add_event(str(entry.get("id")), str(entry.get("op")), entry.get("args") or {},
+                                            note="before this page connected")
+                    event.status, event.error, event.step = entry.get("status"), entry.get("error"), entry.get("step")
+                    event.sent = event.updated = float(entry.get("time") or event.sent)
+                    event.result = entry.get("result") or {}
+                for event in held_events:
+                    self.events[event.id] = event
+                while len(self.events) > self.event_capacity:
+                    self.events.popitem(last=False)
+            return added or bool(missing) or bool(recorded)
+
+    def _merge_steps(self, rows: dict[str, np.ndarray]) -> bool:
+        steps = np.asarray(rows.get("step", ()), dtype=float)
+        held, _ = self.scalars.since(0)
+        known = set(held["step"][np.isfinite(held["step"])].astype(np.int64).tolist())
+        new = np.array([bool(np.isfinite(v)) and int(v) not in known for v in steps], dtype=bool)
+        if not new.any():
+            return False
+        nan = np.full(len(steps), np.nan)
+        merged = {k: np.concatenate([np.asarray(rows.get(k, nan), dtype=float)[new], held[k]]) for k in HISTORY_KEYS}
+        order = np.argsort(merged["step"], kind="stable")[-self.scalar_capacity:]   # a step-less row (NaN) last
+        self.scalars = Ring(HISTORY_KEYS, self.scalar_capacity)
+        self._loss_not_finite = (None, 0)
+        for i in order:
+            self.append_scalars({k: (None if np.isnan(merged[k][i]) else float(merged[k][i])) for k in SCALAR_KEYS},
+                                loss_not_finite=merged["loss_not_finite"][i] == 1.0)
+        finite = merged["step"][np.isfinite(merged["step"])]
+        self.last_scalar_step = max(int(finite.max()), self.last_scalar_step or 0)
+        self.history_revision += 1
+        return True
 
     @property
     def loss_not_finite_since(self) -> int | None:
@@ -285,9 +354,13 @@ class RunState:
 
     def _on_val(self, m: Message) -> None:
         metrics = m.body.get("metrics") or {}
-        self.val.append({"step": m.body.get("step"), "epoch": m.body.get("epoch"),
-                         "val_loss": metrics.get(metric_name(metrics, "loss", "val")),
-                         "val_acc": metrics.get(metric_name(metrics, "acc", "val"))})
+        row = {"step": m.body.get("step"), "epoch": m.body.get("epoch"),
+               "val_loss": metrics.get(metric_name(metrics, "loss", "val")),
+               "val_acc": metrics.get(metric_name(metrics, "acc", "val"))}
+        if self.val and self.val[-1].get("step") == row["step"]:
+            self.val[-1] = row     # the state snapshot re-sends the latest validation (or the recording had it)
+        else:
+            self.val.append(row)
 
     def _on_ack(self, m: Message) -> None:
         b = m.body
@@ -366,9 +439,12 @@ class RunState:
         with self.lock:
             return list(self.val)
 
-    def event_list(self) -> list[dict[str, Any]]:
+    def event_list(self, current_process: bool = False) -> list[dict[str, Any]]:
+        """The commands, oldest first; with ``current_process``, only those sent to (or seen from) the trainer
+        process connected now: a restarted trainer starts a fresh log."""
         with self.lock:
-            return [e.as_dict() for e in self.events.values()]
+            return [e.as_dict() for e in self.events.values()
+                    if not current_process or e.generation == self.generation]
 
     def latest_filters(self) -> tuple[int, np.ndarray, list[str]] | None:
         with self.lock:

@@ -15,10 +15,13 @@ from pathlib import Path
 from revacnn.wire.client import ConnectionFailed, RunClient
 from revacnn.wire.connection import CONNECTION_FILE_NAME
 
+from .history import HistoryFill
 from .state import FINISHED, INCOMPATIBLE, LIVE, UNREACHABLE, RunState
 
 #: Silence after which a run counts as unreachable (the trainer sends a heartbeat every second).
 SILENCE_S = 5.0
+#: How often a worker following a log folder looks for a newer run there (a restarted trainer).
+FOLLOW_EVERY_S = 0.5
 
 
 def resolve_target(target: str) -> str:
@@ -40,7 +43,7 @@ def resolve_target(target: str) -> str:
 
 class RunWorker(threading.Thread):
     def __init__(self, state: RunState, silence_s: float = SILENCE_S, connect_timeout: float = 3.0,
-                 retry_s: float = 1.0, client_options: dict | None = None) -> None:
+                 retry_s: float = 1.0, client_options: dict | None = None, logdir: str | None = None) -> None:
         super().__init__(name=f"revacnn-io-{state.key}", daemon=True)
         self.state = state
         self.silence_s = silence_s
@@ -50,6 +53,8 @@ class RunWorker(threading.Thread):
         self.client: RunClient | None = None
         self.connections = 0
         self.client_options = dict(client_options or {})   # RunClient's client_keys / server_key / host
+        self.history = HistoryFill(state, logdir)
+        self.connected_to: str | None = None     # the connection file (or address) of the run connected to
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stopping.set()
@@ -96,7 +101,9 @@ class RunWorker(threading.Thread):
             return None
         self.client = client
         self.connections += 1
+        self.connected_to = target
         self.state.connected(welcome)
+        self.history.connected(target, self.state.run_id)
         return client
 
     def _unreachable(self, text: str) -> None:
@@ -110,11 +117,33 @@ class RunWorker(threading.Thread):
         for event in self.state.take_outbox():
             self.state.mark_unsent(event.id, "not sent: the run is unreachable")
 
+    def newer_run(self) -> str | None:
+        """A newer run's connection file where the target is a folder (a log folder, where a restarted trainer
+        writes its next ``version_N``), else None."""
+        target = self.state.target
+        if target.startswith("tcp://") or not Path(target).is_dir() or (Path(target) / CONNECTION_FILE_NAME).is_file():
+            return None
+        newest = resolve_target(target)
+        if newest == self.connected_to or not Path(newest).is_file():
+            return None
+        try:
+            return newest if os.path.getmtime(newest) > os.path.getmtime(self.connected_to or "") else None
+        except OSError:        # either file vanished between the two looks: look again next turn
+            return None
+
     def _drain(self, client: RunClient) -> None:
         state = self.state
         connected_at = time.monotonic()
         asked_state = False
+        next_follow = connected_at + FOLLOW_EVERY_S
         while not self.stopping.is_set():
+            if time.monotonic() >= next_follow:
+                next_follow = time.monotonic() + FOLLOW_EVERY_S
+                newer = self.newer_run()
+                if newer is not None:
+                    state.set_connection(UNREACHABLE, f"a newer run in {state.target}: switching to {newer}…")
+                    return
+            self.history.poll()
             if not asked_state and state.structure is None and time.monotonic() - connected_at > 2.0:
                 # A structure published while we were joining can miss both the state snapshot and the
                 # subscription (PUB/SUB's slow joiner): ask for the state once more.

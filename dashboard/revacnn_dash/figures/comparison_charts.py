@@ -107,6 +107,10 @@ def channel_mosaic(w: np.ndarray | None) -> np.ndarray | None:
     return mosaic(list(w), ncols=int(np.ceil(np.sqrt(len(w)))), pad=1, fill=np.nan, border=False)
 
 
+#: Each panel's colour scale title (the scales sit under their panels).
+SCALE_TITLES = {1: "weight A", 2: "weight B", 3: "B − A", 4: "ln(|b|/|a|)", 5: "activation A", 6: "activation B"}
+
+
 def filter_figure(pair: dict, probe: int) -> go.Figure:
     titles = ["A", "B", "B − A", "ln(|b|/|a|)", "activation A", "activation B"]
     fig = make_subplots(rows=1, cols=6, subplot_titles=titles, horizontal_spacing=0.03)
@@ -118,18 +122,31 @@ def filter_figure(pair: dict, probe: int) -> go.Figure:
         if tile is None:
             continue
         symmetric = {"zmid": 0} if col >= 3 else {"zmin": -scale, "zmax": scale}
-        fig.add_trace(go.Heatmap(z=tile, colorscale="RdBu_r", showscale=False, **symmetric), row=1, col=col)
+        fig.add_trace(go.Heatmap(z=tile, colorscale="RdBu_r", colorbar=_scale_under(fig, col), **symmetric),
+                      row=1, col=col)
     for col, key in ((5, "act_a"), (6, "act_b")):
         act = pair.get(key)
         if act is not None and probe < len(act):
             a = np.asarray(act[probe], float)
             # a 3-D conv's map: its depth slices
             z = a if a.ndim == 2 else channel_mosaic(a) if a.ndim > 2 else a[None]
-            fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", showscale=False), row=1, col=col)
-    fig.update_yaxes(autorange="reversed", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
+            fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", colorbar=_scale_under(fig, col)), row=1, col=col)
+    # cells, not a plot: no gridlines or zero lines over them, square pixels
+    fig.update_yaxes(autorange="reversed", showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    for col in range(1, 7):
+        fig.update_yaxes(scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)
     status = pair.get("status")
     extra = f" rel L2 {pair['rel_l2']:.4g}, cosine {pair['cosine']:.4f}" if status == "kept" else f" ({status})"
     fig.update_layout(title={"text": f"{pair['layer']} filter {pair['filter_id']}:{extra}", "font": {"size": 12}},
-                      margin={"l": 10, "r": 10, "t": 60, "b": 10})
+                      margin={"l": 10, "r": 10, "t": 60, "b": 70}, plot_bgcolor="rgba(0,0,0,0)")
     return fig
+
+
+def _scale_under(fig: go.Figure, col: int) -> dict:
+    """A horizontal colour scale under the panel in column ``col``, as wide as the panel, titled with what it shows."""
+    axis = fig.layout["xaxis" if col == 1 else f"xaxis{col}"]
+    low, high = axis.domain
+    return {"orientation": "h", "x": (low + high) / 2, "xanchor": "center", "len": high - low, "lenmode": "fraction",
+            "y": -0.08, "yanchor": "top", "thickness": 8, "tickfont": {"size": 9},
+            "title": {"text": SCALE_TITLES[col], "side": "bottom", "font": {"size": 10}}}

@@ -26,6 +26,11 @@ def embedding_figure(result: dict[str, Any], colour: str, layer: str, source: st
         textposition="top center", textfont={"size": 9}, customdata=ids,
         hovertemplate="filter %{text} (id %{customdata})<extra></extra>",
         marker=marker))
+    if colour == "cluster" and "cluster" in result:   # the colours' legend: one entry per cluster, after the points
+        for k in sorted({int(k) for k in result["cluster"]}):
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"cluster {k}",
+                                     marker={"size": 10, "color": palette[k % len(palette)]}))
+        fig.update_layout(showlegend=True, legend={"title": {"text": "k-means cluster"}})
     if bad.any():
         fig.add_annotation(x=0, y=1, xref="paper", yref="paper", xanchor="left", showarrow=False,
                            text=f"⚠ {int(bad.sum())} of {len(coords)} points have NaN or ±inf coordinates: drawn at 0",

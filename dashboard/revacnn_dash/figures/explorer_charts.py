@@ -13,6 +13,12 @@ from ..analysis.explorer import horizon_bands
 from ..analysis.tracking import overlap_with
 
 PIN_COLOUR, STEER_COLOUR = "#6a1b9a", "#ef6c00"
+#: What the multiples' colours mean (a title line: the figure's annotations are the steering marks).
+BANDS_LEGEND = ("<br><span style='font-size:10px;color:#555'>band: <span style='color:#6baed6'>■</span> min–max, "
+                "<span style='color:#1565c0'>■</span> q1–q3, <span style='color:#0d47a1'>—</span> median of the "
+                "node's filters · strip under each: the median's distance from its own median over the run, "
+                "<span style='color:#fb6a4a'>■</span> above, <span style='color:#6baed6'>■</span> below, darker = "
+                "further (3 bands of a third of the largest)</span>")
 
 
 def time_marks(fig: go.Figure, pins, events, yref: str = "paper") -> None:
@@ -80,12 +86,19 @@ def _multiples_figure(overview: dict, tree: dict, focus: str, pins, events, xran
     if xrange:
         layout["xaxis"]["range"] = xrange
     fig.update_layout(**layout)
-    fig.update_layout(height=max(260, 110 * rows + 60), margin={"l": 70, "r": 10, "t": 30, "b": 40},
+    fig.update_layout(height=max(260, 110 * rows + 60), margin={"l": 70, "r": 10, "t": 76, "b": 40},
                       hovermode="x", hoversubplots="axis", dragmode="zoom",
                       title={"text": f"{overview['field']} per node — {overview['steps']} rows"
-                                     + (" (raw steps)" if overview["raw"] else " (pyramid buckets)"),
+                                     + (" (raw steps)" if overview["raw"] else " (pyramid buckets)") + BANDS_LEGEND,
                              "font": {"size": 12}})
     time_marks(fig, pins, events)
+    silent = [tree["nodes"][n]["name"] for n in nodes
+              if not np.isfinite(np.asarray(overview["nodes"][n]["median"], dtype=float)).any()]
+    if silent:   # a diverged run's series are all NaN or ±inf: say so rather than draw empty rows
+        fig.add_annotation(x=0.5, y=1.0, xref="paper", yref="paper", yanchor="bottom", showarrow=False,
+                           text=f"⚠ no finite {overview['field']} recorded for {', '.join(silent[:6])}"
+                                + (" …" if len(silent) > 6 else "") + " (NaN or ±inf: a diverged run?)",
+                           font={"size": 11, "color": "#c62828"})
     return fig
 
 

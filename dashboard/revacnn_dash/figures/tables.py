@@ -5,18 +5,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import dash_mantine_components as dmc
 from dash import html
 from revacnn.wire.acks import DONE, ERROR, QUEUED
 
 
 def event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
-    """The event log: newest command first, its status coloured, its error or note in full."""
+    """The event log: newest command first, its status coloured, its ``detail`` (error, what it changed, note) in
+    full."""
     if not events:
         return html.Div("no commands yet", style={"color": "#777"})
     colour = {"pending": "#f9a825", QUEUED: "#1565c0", DONE: "#2e7d32", ERROR: "#c62828"}
     rows = [html.Tr([html.Th(h) for h in ("sent", "command", "status", "step", "detail")])]
     for e in events:
-        detail = e["error"] or (e["note"] or "")
+        detail = e.get("detail", e["error"] or e["note"] or "")
         rows.append(html.Tr([
             html.Td(time.strftime("%H:%M:%S", time.localtime(e["sent"]))),
             html.Td(e["label"]),
@@ -24,7 +26,7 @@ def event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
                     style={"color": colour.get(e["status"]), "fontWeight": "bold"}),
             html.Td("" if e["step"] is None else str(e["step"])),
             html.Td(detail, className="ev-detail")], className="ev-row"))
-    return html.Table(rows, style={"borderCollapse": "collapse", "width": "100%"})
+    return html.Table(rows)
 
 
 def hints_table(layer: str, hints: dict[str, list]) -> html.Div:
@@ -32,8 +34,8 @@ def hints_table(layer: str, hints: dict[str, list]) -> html.Div:
 
     def actions(filters: list[int]) -> html.Td:
         f = ",".join(map(str, filters))
-        return html.Td([html.Button(label, id={"type": "hint", "op": op, "layer": layer, "filters": f},
-                                    n_clicks=0, style={"margin": "1px"})
+        return html.Td([dmc.Button(label, id={"type": "hint", "op": op, "layer": layer, "filters": f},
+                                   n_clicks=0, size="compact-xs", variant="default", style={"margin": "1px"})
                         for op, label in (("remove", "remove"), ("reinit", "re-initialise"), ("freeze", "freeze"))])
 
     for a, b, c in hints["duplicates"][:20]:

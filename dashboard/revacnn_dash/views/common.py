@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import dash_mantine_components as dmc
 from dash import dcc, html
 
 #: The fieldsets holding each view's steering controls (the header disables them together).
@@ -24,8 +25,10 @@ def monitors_no_layer(state) -> bool:
     return state.structure is not None and not state.structure.get("layers")
 
 
-def button(label: str, id_: str, **style: Any) -> html.Button:
-    return html.Button(label, id=id_, n_clicks=0, className="rv-btn", style={"margin": "2px", **style})
+def button(label: str, id_: str, **style: Any) -> dmc.Button:
+    """A Mantine button (a native <button>, so a disabled fieldset around it disables it too)."""
+    return dmc.Button(label, id=id_, n_clicks=0, size="compact-sm", variant="light", className="rv-btn",
+                      style={"margin": "2px", **style})
 
 
 def steering_controls(id_: str, children: list) -> html.Fieldset:

@@ -4,6 +4,8 @@ from its new nearest neighbours (the drag runs in the browser: assets/revacnn.js
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import plotly.graph_objects as go
 from dash import ClientsideFunction, Input, Output, State, dcc, html, no_update
@@ -64,6 +66,18 @@ def register(app, hub) -> None:
                  prevent_initial_call=True)(bound(embedding_drag, hub))
 
 
+#: When the page first asked for each embedding still being computed (the status counts the seconds); bounded.
+_WAITING: dict[str, float] = {}
+
+
+def _waiting_since(job: str) -> float:
+    if job not in _WAITING:
+        while len(_WAITING) >= 64:
+            _WAITING.pop(next(iter(_WAITING)))
+        _WAITING[job] = time.monotonic()
+    return _WAITING[job]
+
+
 def embedding_view(hub, _n, layer, source, method, colour, probe, tab, key, current):
     state = hub.get(key)
     umap_text = hub.embeddings.umap_status()
@@ -84,8 +98,12 @@ def embedding_view(hub, _n, layer, source, method, colour, probe, tab, key, curr
     job = [key, list(snap_key), layer, source, method, probe, colour]
     result = hub.embeddings.request(key, snap_key, snap.arrays, ids, layer, source, method, probe, colour)
     if result is None:
-        return no_update, f"computing {method.upper()} of {layer} ({source}) at step {snap.body.get('step')}… " \
-                          f"· {umap_text}", no_update
+        waited = time.monotonic() - _waiting_since(repr(job))
+        return no_update, html.Span([html.Span(className="rv-spinner"),
+                                     f"computing {method.upper()} of {layer} ({source}) at step "
+                                     f"{snap.body.get('step')}… {waited:.0f} s (off the page's thread: the other "
+                                     f"views keep updating) · {umap_text}"]), no_update
+    _WAITING.pop(repr(job), None)
     if "error" in result:
         return go.Figure(), f"cannot embed: {result['error']} · {umap_text}", None
     if current and current.get("job") == job:

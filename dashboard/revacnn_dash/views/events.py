@@ -1,16 +1,19 @@
-"""The event log under the tabs: the shown run's steering commands, newest first, with their acks."""
+"""The event log under the tabs: the shown run's steering commands (those of the trainer process connected now),
+newest first, with their acks and what each changed."""
 
 from __future__ import annotations
 
 from dash import Input, Output, State, html, no_update
 
 from ..figures.tables import event_table
+from ..viewmodels.acks import ack_detail
 from .common import bound
 
 
 def layout() -> list:
-    return [html.H4("Event log (steering commands)", style={"marginBottom": "2px"}),
-            html.Div(id="event-log", style={"maxHeight": "220px", "overflowY": "auto", "fontSize": "13px"})]
+    return [html.Div([html.Div("Event log (steering commands)", style={"fontWeight": 600, "marginBottom": "4px"}),
+                      html.Div(id="event-log", style={"maxHeight": "220px", "overflowY": "auto",
+                                                      "fontSize": "13px"})], className="rv-card")]
 
 
 def register(app, hub) -> None:
@@ -22,8 +25,9 @@ def event_log(hub, _n, key, sig):
     state = hub.get(key)
     if state is None:
         return "", None
-    events = state.event_list()[::-1][:100]
-    new_sig = [key, [[e[name] for name in ("id", "status", "step", "label", "error", "note")] for e in events]]
+    structure = state.structure
+    events = [{**e, "detail": ack_detail(e, structure)} for e in state.event_list(current_process=True)[::-1][:100]]
+    new_sig = [key, [[e[name] for name in ("id", "status", "step", "label", "detail")] for e in events]]
     if new_sig == sig:
         return no_update, no_update      # the table is as shown: nothing to send or redraw
     return event_table(events), new_sig

@@ -10,7 +10,8 @@ from ..figures.network import NO_LAYER
 from ..figures.tables import hints_table
 from ..compute.embeddings import missing_maps_reason
 from ..compute.redundancy import redundancy
-from ..viewmodels.images import activation_image, data_uri, filter_image, fit_rows, mosaic, to_uint8
+from ..viewmodels.images import activation_image, data_uri, filter_image, fit_rows, to_uint8
+from ..viewmodels.labelled import labelled_grid
 from .common import bound, img, monitors_no_layer, steering_controls
 
 
@@ -78,24 +79,28 @@ def filters_view(hub, _n, layer, probe, tab, key, sig):
 
 
 def weight_images(w: np.ndarray | None) -> tuple[str, str]:
-    """A layer's weights as one image (a data URI) and what the caption says of its layout."""
+    """A layer's weights as one image (a data URI), each filter's index drawn with it, and what the caption says
+    of its layout."""
     if w is None:
         return "", ""
     if w.ndim == 4 and w.shape[1] == 3:
-        return (data_uri(mosaic([filter_image(f, rgb=True) for f in w], ncols=8, pad=1),
-                         scale=max(1, 48 // w.shape[-1])),
-                f" · {len(w)} filters as RGB images (colour = the 3 input channels)")
+        tiles = [filter_image(f, rgb=True) for f in w]
+        return (data_uri(labelled_grid(tiles, ncols=8, tile_labels=[str(i) for i in range(len(w))])),
+                f" · {len(w)} filters as RGB images (colour = the 3 input channels), index over each")
     if w.ndim == 4:
         cin = min(w.shape[1], 32)
         tiles = [to_uint8(f[c], symmetric=True) for f in w for c in range(cin)]
-        return (data_uri(mosaic(tiles, ncols=cin, pad=1), scale=max(1, 20 // w.shape[-1])),
-                f" · {len(w)} filters (rows) × {cin} input channels (columns); grey = 0")
+        return (data_uri(labelled_grid(tiles, ncols=cin, row_labels=[str(i) for i in range(len(w))],
+                                       col_labels=[str(c) for c in range(cin)])),
+                f" · {len(w)} filters (rows, index at the left) × {cin} input channels (columns, index on top)"
+                + (f" of {w.shape[1]}" if w.shape[1] > cin else "") + "; grey = 0")
     if w.ndim > 4:  # a 3-D conv: per filter, the depth slices of each input channel
         slices = w.reshape(len(w), -1, *w.shape[-2:])[:, :32]
         tiles = [to_uint8(s, symmetric=True) for f in slices for s in f]
-        return (data_uri(mosaic(tiles, ncols=slices.shape[1], pad=1), scale=max(1, 20 // w.shape[-1])),
-                f" · {len(w)} filters (rows) × {slices.shape[1]} slices (columns: the {w.shape[2]} depth "
-                f"slices of each input channel); grey = 0")
+        return (data_uri(labelled_grid(tiles, ncols=slices.shape[1], row_labels=[str(i) for i in range(len(w))],
+                                       col_labels=[str(c) for c in range(slices.shape[1])])),
+                f" · {len(w)} filters (rows, index at the left) × {slices.shape[1]} slices (columns: the "
+                f"{w.shape[2]} depth slices of each input channel); grey = 0")
     return (data_uri(fit_rows(to_uint8(w.reshape(len(w), -1), symmetric=True))),
             f" · weight matrix {tuple(w.shape)}, a row per filter")
 

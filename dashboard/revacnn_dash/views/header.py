@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import dash_mantine_components as dmc
 import numpy as np
 from dash import Input, Output, State, dcc, html, no_update
 
@@ -19,13 +20,15 @@ STATUS_COLOURS = {"live": "#2e7d32", "connecting": "#f9a825", "unreachable": "#c
 def layout() -> list:
     return [
         html.Div([
-            html.H2("revacnn", style={"margin": "0 12px 0 0"}),
+            html.Span("revacnn", className="rv-brand"),
             dcc.Dropdown(id="run-select", clearable=False, style={"width": "520px"}),
             dcc.Dropdown(id="replay-step", placeholder="snapshot step", clearable=False,
                          style={"width": "160px", "display": "none"}),
             html.Div(id="conn-banner", style={"marginLeft": "12px", "fontWeight": "bold"}),
-        ], style={"display": "flex", "alignItems": "center", "gap": "8px"}),
-        html.Div(id="run-summary", style={"fontSize": "13px", "color": "#444", "margin": "4px 0"}),
+            dmc.Switch(id="theme-dark", label="dark", size="sm", checked=False, persistence=True,
+                       persistence_type="local", style={"marginLeft": "auto"}),
+        ], className="rv-header"),
+        html.Div(id="run-summary", style={"fontSize": "13px", "color": "#495057", "margin": "0 0 4px"}),
     ]
 
 

@@ -10,12 +10,20 @@ from dash import Input, Output, Patch, State, ctx, dcc, html, no_update
 from revacnn.wire.acks import DONE
 from revacnn.wire.ops import SET_BATCH_SIZE, SET_HPARAMS
 
-from ..figures.training import finite_list, has_accuracy, markers, training_figure
+from ..figures.training import finite_list, has_accuracy, lr_axis, lr_values, markers, smoothed, training_figure
 from .common import bound, button, number, steering_controls
 
 
 def layout() -> html.Div:
     return html.Div([
+        html.Div([
+            dcc.Checklist(id="train-log", options=[{"label": " log-scale loss", "value": "log"}], value=[],
+                          inline=True),
+            html.Span("smoothing", title="exponential moving average of the train loss, as TensorBoard's",
+                      style={"marginLeft": "16px"}),
+            html.Div(dcc.Slider(id="train-smooth", min=0, max=0.99, step=0.01, value=0.6, marks={0: "0", 0.99: "0.99"},
+                                tooltip={"placement": "bottom"}), style={"width": "220px"}),
+        ], style={"display": "flex", "alignItems": "center", "gap": "6px", "fontSize": "13px"}),
         dcc.Graph(id="train-graph", style={"height": "560px"}, config={"displayModeBar": False}),
         html.Div([
             html.Div([html.B("Hyper-parameters "), html.Span(id="hp-now", style={"color": "#555"})]),
@@ -30,13 +38,14 @@ def layout() -> html.Div:
                           button("Stop", "btn-stop"), button("Snapshot", "btn-snapshot")]),
             ]),
             html.Span(id="train-feedback", style={"marginLeft": "4px", "color": "#555"}),
-        ], style={"padding": "6px", "border": "1px solid #ddd", "borderRadius": "4px"}),
+        ], className="rv-card"),
     ])
 
 
 def register(app, hub) -> None:
     app.callback(Output("train-graph", "figure"), Output("train-cursor", "data"), Output("hp-now", "children"),
-                 Input("tick-training", "data"), Input("run-select", "value"), State("train-cursor", "data"),
+                 Input("tick-training", "data"), Input("run-select", "value"), Input("train-log", "value"),
+                 Input("train-smooth", "value"), State("train-cursor", "data"),
                  State("tabs", "value"))(bound(training_chart, hub))
     app.callback(Output("train-feedback", "children"),
                  Input("btn-lr", "n_clicks"), Input("btn-momentum", "n_clicks"), Input("btn-wd", "n_clicks"),
@@ -54,7 +63,7 @@ def hparams_text(hp: dict | None) -> str:
             f"{groups[0].get('weight_decay')}, batch size {hp.get('batch_size')}, optimizer {hp.get('optimizer')}")
 
 
-def training_chart(hub, _n, key, cursor, tab):
+def training_chart(hub, _n, key, log_scale, smoothing, cursor, tab):
     state = hub.get(key)
     if state is None:
         return go.Figure(), None, ""
@@ -66,7 +75,11 @@ def training_chart(hub, _n, key, cursor, tab):
               and e["generation"] == state.generation]
     val = state.val_history()
     marker_sig = [e["id"] for e in events]
-    full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation)
+    history = state.history_revision   # read before the steps: a merge after them redraws at the next tick
+    view = [bool(log_scale), float(smoothing or 0.0)]      # the loss axis and smoothing asked for
+    full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation
+            or cursor.get("history") != history      # older steps merged in front: redraw
+            or cursor.get("view") != view)
     if not full:
         cols, start, total = state.scalars_since(cursor["count"])
         # Redrawn from the ring when it wrapped past what the browser has, and when the browser's chart has
@@ -74,15 +87,18 @@ def training_chart(hub, _n, key, cursor, tab):
         full = start > cursor["count"] or total - cursor.get("first", 0) > state.scalars.capacity * 3 // 2
     if full:
         cols, start, total = state.scalars_since(0)
-        fig = training_figure(cols, val, events)
-        return fig, {"key": key, "gen": state.generation, "count": total, "first": start,
+        fig = training_figure(cols, val, events, log_loss=view[0], smoothing=view[1])
+        return fig, {"key": key, "gen": state.generation, "history": history, "view": view, "count": total,
+                     "first": start, "ema": smoothed(cols["loss"], view[1])[1], "lr": lr_values(cols["lr"]),
                      "markers": marker_sig, "val": len(val), "acc": has_accuracy(cols, val)}, hp_text
+    cursor = dict(cursor)
     patch, has_acc = chart_patch(cursor, cols, total, val, events, marker_sig)
     return patch, {**cursor, "count": total, "markers": marker_sig, "val": len(val), "acc": has_acc}, hp_text
 
 
 def chart_patch(cursor: dict, cols: dict, total: int, val: list, events: list, marker_sig: list) -> tuple[Patch, bool]:
-    """What the browser's chart lacks: the new points, the validations and markers when they changed."""
+    """What the browser's chart lacks: the new points, the validations and markers when they changed (the
+    cursor's smoothing carry moves on with the points)."""
     patch = Patch()
     has_acc = cursor.get("acc") or has_accuracy(cols, val)
     if has_acc and not cursor.get("acc"):  # the first accuracy: the panel gets its title and autorange back
@@ -93,6 +109,16 @@ def chart_patch(cursor: dict, cols: dict, total: int, val: list, events: list, m
         for trace, name in ((0, "loss"), (2, "train_acc"), (4, "lr")):
             patch["data"][trace]["x"].extend(x)
             patch["data"][trace]["y"].extend(finite_list(cols[name]))
+        rates = lr_values(cols["lr"], cursor.get("lr") or [])
+        if rates != cursor.get("lr"):      # a new learning rate: its own tick
+            for name, value in lr_axis(rates).items():
+                patch["layout"]["yaxis3"][name] = value
+            cursor["lr"] = rates
+        smoothing = cursor["view"][1]
+        if smoothing > 0:      # the smoothed loss goes on from where the browser's ends
+            ema, cursor["ema"] = smoothed(cols["loss"], smoothing, tuple(cursor["ema"]))
+            patch["data"][5]["x"].extend(x)
+            patch["data"][5]["y"].extend(ema)
     if len(val) != cursor.get("val"):
         patch["data"][1]["x"] = [v["step"] for v in val]
         patch["data"][1]["y"] = [v["val_loss"] for v in val]

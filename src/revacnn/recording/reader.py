@@ -95,8 +95,26 @@ class RunReader:
         return rows
 
     def structures(self) -> list[tuple[int | None, dict]]:
-        """Structure history: ``[(step, structure body), …]`` in order."""
-        return [(row["step"], row["body"]) for row in self._events("structure")]
+        """Structure history: ``[(step, structure body), …]`` in order. A structure is in force for the steps after
+        its ``step``: the last step recorded before it (its body carries no step; the trainer publishes the steps
+        measured before a change ahead of the change's structure, so the sequence numbers order them)."""
+        rows = self._events("structure")
+        if not rows:
+            return []
+        scalars = self.table("scalars")
+        seqs = steps = np.zeros(0, np.int64)
+        if scalars is not None:
+            seqs = _column_numpy(scalars.column("seq")).astype(np.float64)
+            steps = _column_numpy(scalars.column("step")).astype(np.float64)
+        out = []
+        for row in rows:
+            step = row["step"]
+            if step is None:
+                before = steps[seqs < row["seq"]]
+                before = before[np.isfinite(before)]
+                step = int(before.max()) if len(before) else 0
+            out.append((step, row["body"]))
+        return out
 
     def hparams(self) -> list[tuple[int | None, dict]]:
         return [(row["step"], row["body"]) for row in self._events("hparams")]
