@@ -116,6 +116,15 @@ def snapshot_arrays(seed=0):
     return arrays
 
 
+def in_child(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` in a fresh Python process, so that its RSS is not what an earlier measurement
+    left in this one's heap."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args, kwargs)
+
+
 class PeakRSS:
     """The process's peak RSS above what it was when made, sampled every 20 ms until ``stop``."""
 
@@ -239,7 +248,7 @@ def main(argv=None) -> int:
     out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dtype in ("float32", "bfloat16", "float16"):
         run_dir = scratch / f"disk-{dtype}"
-        r = disk_at_defaults(run_dir, args.disk_steps, snapshot_dtype=dtype)
+        r = in_child(disk_at_defaults, run_dir, args.disk_steps, snapshot_dtype=dtype)
         assert r["drops"] == 0 and r["filters_dropped"] == 0 and r["most"] <= r["budget"], r
         out(f"| {dtype} | {r['stored'] / 1e6:,.0f} MB | {r['budget'] / 1e9:.1f} GB | {r['bytes'] / 1e6:,.0f} MB | "
             f"{r['most'] / 1e6:,.0f} MB | {len(r['kept'])} ({', '.join(map(str, r['kept']))}) | "
@@ -247,7 +256,7 @@ def main(argv=None) -> int:
             f"{r['extra_rss'] / 1e6:,.0f} MB | {r['seconds']:.0f} s |")
         shutil.rmtree(run_dir)
     out()
-    r = backlog_rss(scratch / "backlog")
+    r = in_child(backlog_rss, scratch / "backlog")
     shutil.rmtree(scratch / "backlog")
     out(f"Backlog: ResNet-50-sized per-filter data on every step, {r['steps']:,} steps submitted as fast as the loop "
         f"goes: recorder extra RSS (peak) {r['extra_rss'] / 1e6:,.0f} MB; {r['stripped']:,} messages recorded "

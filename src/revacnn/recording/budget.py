@@ -86,11 +86,21 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def segment_rows(keep: int, budgeted: bool = False) -> int:
+def segment_rows(keep: int, cap: int | None = None) -> int:
     """Rows per segment of a pyramid level that keeps ``keep`` rows: old rows are deleted a whole segment at a time,
-    so a level holds at most ``keep`` + one segment. At least 50 rows (fewer, larger batches read faster), or 10
-    where the budget lowered ``keep`` (rows of a wide model are large: one segment of 50 would pass the plan)."""
-    return max(10 if budgeted else 50, keep // 4)
+    so a level holds at most ``keep`` + one segment. At least 50 rows (fewer, larger batches read faster), but at most
+    ``cap`` (≥ 10) under a disk budget (``segment_cap``)."""
+    rows = max(50, keep // 4)
+    return rows if cap is None else max(10, min(rows, cap))
+
+
+def segment_cap(record_bytes: int, budget: int | None) -> int | None:
+    """Under a budget, the most rows a pyramid segment holds: the open segments of all layers' level 0 together at
+    most an eighth of the pyramid's share, so that what a smaller keep frees (whole segments, once old) follows it
+    closely."""
+    if budget is None or record_bytes <= 0:
+        return None
+    return max(10, int(FILTER_SHARE * budget / 8 / record_bytes))
 
 
 def _fitting_keep(rows: float) -> int:
@@ -212,13 +222,13 @@ class DiskKeeper:
             self._delete_snapshot(victim)
             if self.used + need <= self.limit:
                 return True
-        while self.used + need > self.limit:
-            if for_snapshot and self.pyramid <= FILTER_SHARE * self.limit:
-                return False          # a snapshot does not take the pyramid's share
-            if not self._coarsen():
-                return False
+        # one halving per write-out at most: what it frees (old segments) goes only as newer rows come, so halving
+        # again at once would coarsen far past what is needed
+        if for_snapshot and self.pyramid <= FILTER_SHARE * self.limit:
+            return False              # a snapshot does not take the pyramid's share
+        if self._coarsen():
             self.measure()
-        return True
+        return self.used + need <= self.limit
 
     def _snapshot_victims(self, for_snapshot: bool) -> list[list]:
         """Snapshot entries in the order they go: abandoned ones (not on the latest timeline), then by

@@ -95,7 +95,7 @@ class LayerSeries:
     """Per-filter series of one layer: level 0 = every record; level k = min/max/mean buckets of 10**k records."""
 
     def __init__(self, root: Path, name: str, fields: tuple[str, ...], value_type: pa.DataType,
-                 levels: int, keep: tuple[int, ...], budgeted: tuple[bool, ...] | None = None) -> None:
+                 levels: int, keep: tuple[int, ...], cap: int | None = None) -> None:
         self.name = name
         self.fields = fields
         self.value_type = value_type
@@ -103,8 +103,7 @@ class LayerSeries:
         self.levels = levels
         self.keep = keep
         base = root / "filters" / quote_layer(name)
-        budgeted = budgeted or (False,) * levels
-        self.streams = [SegmentStream(base / f"L{k}", segment_rows(keep[k], budgeted[k]) if k < levels - 1 else 1000)
+        self.streams = [SegmentStream(base / f"L{k}", segment_rows(keep[k], cap) if k < levels - 1 else 1000)
                         for k in range(levels)]
         self.pending: list[list[tuple]] = [[] for _ in range(levels)]
         self.acc: list[BucketAccumulator | None] = [None] * levels    # acc[k] for k ≥ 1
@@ -129,14 +128,13 @@ class LayerSeries:
         self.pending_bytes = 0
         return steps
 
-    def set_keep(self, keep: tuple[int, ...], budgeted: tuple[bool, ...]) -> None:
-        """Keep ``keep[k]`` rows at level k from now on (the disk budget's plan; ``budgeted[k]``: lowered by it);
-        smaller segments follow, and an open segment already longer than that is finished so it can be retired
-        once it is old."""
+    def set_keep(self, keep: tuple[int, ...], cap: int | None) -> None:
+        """Keep ``keep[k]`` rows at level k from now on, in segments of at most ``cap`` rows (the disk budget's);
+        an open segment already longer than the new segment size is finished so it can be retired once it is old."""
         self.keep = keep
         for k in range(self.levels - 1):
             stream = self.streams[k]
-            stream.segment_rows = segment_rows(keep[k], budgeted[k])
+            stream.segment_rows = segment_rows(keep[k], cap)
             if stream.rows_in_segment >= stream.segment_rows:
                 stream.close()
         self.retire()

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ..wire.protocol import FILTER_FIELDS, Message
 from .format import FORMAT_NAME, FORMAT_VERSION, LEVEL_FACTOR, MARKER, to_json, write_json_atomic
-from .budget import DiskKeeper
+from .budget import DiskKeeper, segment_cap
 from .lineage import renamed_by
 from .pyramid import LayerSeries
 from .rows import events_batch, layers_batches, scalar_row, scalars_batch, val_batch
@@ -44,6 +44,7 @@ class RunWriter:
         self.levels = levels
         self.keep = keep
         self.snapshot_dtype = disk["snapshot_dtype"]
+        self.segment_cap: int | None = None     # rows per pyramid segment at most (budget.segment_cap)
         self.status_every = status_every
         self.series: dict[str, LayerSeries] = {}
         self.streams: dict[str, SegmentStream] = {}
@@ -142,11 +143,7 @@ class RunWriter:
     def _set_keeps(self, keeps: tuple[int, ...]) -> None:
         self.keep = keeps
         for series in self.series.values():
-            series.set_keep(keeps, self._budgeted())
-
-    def _budgeted(self) -> tuple[bool, ...]:
-        """Which pyramid levels keep fewer rows than asked, for the disk budget."""
-        return tuple(keep < asked for keep, asked in zip(self.keep, self.keeper.maxima))
+            series.set_keep(keeps, self.segment_cap)
 
     def _event(self, message: Message, step: Any = None) -> None:
         step = message.body.get("step") if step is None else step
@@ -217,7 +214,7 @@ class RunWriter:
                 series.close()
             series = self.series[name] = LayerSeries(
                 self.run_dir, name, fields, pa.float16() if self.float16_filters else pa.float32(),
-                self.levels, self.keep, self._budgeted())
+                self.levels, self.keep, self.segment_cap)
         return series
 
     # -- to disk ----------------------------------------------------------------------------------------------
@@ -249,6 +246,10 @@ class RunWriter:
         keeper = self.keeper
         keeper.measure()
         record = sum(series.record_bytes() for series in self.series.values())
+        cap = segment_cap(record, keeper.budget)
+        if cap != self.segment_cap:
+            self.segment_cap = cap
+            self._set_keeps(self.keep)
         keeper.plan_pyramid(record)
         filters = max(self.pending_bytes, record if keeper.filters_blocked else 0)
         # n records complete at most n/10 + 1 level-1 buckets, n/100 + 1 level-2 ones, …, each row 3× a record (mean,
