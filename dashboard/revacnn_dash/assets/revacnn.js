@@ -6,17 +6,30 @@ window.dash_clientside.revacnn = Object.assign({}, window.dash_clientside.revacn
     /* The page's tick, passed on to the views of the tab shown (and at once to a tab when it is opened); the other
        tabs' ticks stay put, so their callbacks send no request. "layers" feeds the layer menus of the embedding and
        filters tabs. Each value carries the time, so opening a tab always counts as a change. The outputs' order is
-       TAB_TICKS (views/page.py). */
+       TAB_TICKS (views/page.py). The network's tick waits while its figure is on the way (networkBusy). */
     tabTicks: function(n, tab) {
         const stamp = [n, Date.now()];
         const nu = window.dash_clientside.no_update;
-        return [tab === 'training' ? stamp : nu, tab === 'network' ? stamp : nu, tab === 'embedding' ? stamp : nu,
+        const busy = window.__revacnnNetBusy;
+        // a request lost to an error resets "running" too; the 30 s bound only guards against a renderer that
+        // dropped the reset
+        const netFree = !(busy && busy.on && Date.now() - busy.since < 30000);
+        return [tab === 'training' ? stamp : nu, tab === 'network' && netFree ? stamp : nu, tab === 'embedding' ? stamp : nu,
                 tab === 'filters' ? stamp : nu, (tab === 'embedding' || tab === 'filters') ? stamp : nu,
                 tab === 'explore' ? stamp : nu, tab === 'compare' ? stamp : nu];
     },
 
+    /* Whether the network's figure is being computed (the callback's "running" flag, views/network.py), for
+       tabTicks; counts the network's requests (window.__revacnnNetBusy.requests) for the tests and benchmark. */
+    networkBusy: function(on) {
+        const b = window.__revacnnNetBusy || (window.__revacnnNetBusy = {on: false, since: 0, requests: 0});
+        if (on && !b.on) { b.since = Date.now(); b.requests += 1; }
+        b.on = !!on;
+        return window.dash_clientside.no_update;
+    },
+
     /* The network's jitter: requestAnimationFrame moves the nodes' SVG points by their amplitudes (no server round
-       trip per frame). */
+       trip per frame), every second display frame (30 per second on a 60 Hz display). */
     jitter: function(anim) {
         const R = window.__revacnn || (window.__revacnn = {frames: 0, moved: 0});
         R.anim = anim;
@@ -26,7 +39,7 @@ window.dash_clientside.revacnn = Object.assign({}, window.dash_clientside.revacn
             const re = /translate\(([-0-9.e]+)[ ,]+([-0-9.e]+)\)/;
             const frame = (t) => {
                 requestAnimationFrame(frame);
-                if (t - last < 40) { return; }
+                if (t - last < 25) { return; }
                 last = t;
                 const a = R.anim;
                 if (!a || !a.amp) { return; }

@@ -27,8 +27,10 @@ def layout() -> html.Div:
                           "proportion to their mean squared gradient; paths: top 50% by activation; ❄ = frozen.",
                           style={"color": "#666", "fontSize": "12px"}),
             ]),
-            dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False},
-                      clear_on_unhover=True),
+            # a model of many columns draws wider than the view (columns stay readable): the view scrolls
+            html.Div(dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False},
+                               clear_on_unhover=True), style={"overflowX": "auto"}),
+            dcc.Store(id="net-busy", data=False), dcc.Store(id="net-busy-out"),
         ], style={"flex": "3", "minWidth": "0"}),
         html.Div([
             html.H4("Details", style={"margin": "4px 0"}),
@@ -60,7 +62,12 @@ def register(app, hub) -> None:
     app.callback(Output("net-graph", "figure"), Output("net-anim", "data"), Output("net-sig", "data"),
                  Output("net-layer", "options"),
                  Input("tick-network", "data"), Input("net-expanded", "data"), Input("run-select", "value"),
-                 State("tabs", "value"), State("net-sig", "data"))(bound(network_view, hub))
+                 State("tabs", "value"), State("net-sig", "data"),
+                 running=[(Output("net-busy", "data"), True, False)])(bound(network_view, hub))
+    # the page's tick skips the network while its figure is on the way (assets/revacnn.js, tabTicks): a big
+    # model's figure taking longer than a tick was asked for again and again, and never drawn
+    app.clientside_callback(ClientsideFunction("revacnn", "networkBusy"), Output("net-busy-out", "data"),
+                            Input("net-busy", "data"))
     app.clientside_callback(ClientsideFunction("revacnn", "jitter"), Output("net-anim-out", "data"),
                             Input("net-anim", "data"))
     app.callback(Output("net-expanded", "data"), Output("net-selected", "data"), Output("net-layer", "value"),
@@ -90,15 +97,15 @@ def network_view(hub, _n, expanded, key, tab, sig):
     latest = state.latest_filters()
     names = [l["name"] for l in structure["layers"]]
     if expanded is None or expanded.get("key") != key:
-        exp = default_expanded(names)
+        exp, opened = default_expanded(names), {}
     else:
-        exp = expanded["ids"]
-    new_sig = [key, state.generation, structure.get("revision"), latest[0] if latest else None, exp,
+        exp, opened = expanded["ids"], expanded.get("open") or {}
+    new_sig = [key, state.generation, structure.get("revision"), latest[0] if latest else None, exp, opened,
                [l.get("frozen") for l in structure["layers"]], [l["out"] for l in structure["layers"]]]
     if new_sig == sig:
         return no_update, no_update, no_update, no_update
     fields = state.filters_by_layer()
-    model = network_model(structure, fields, exp)
+    model = network_model(structure, fields, exp, opened=opened)
     fig, _ = network_figure(model)
     anim = {"uid": NODES_UID, "amp": jitter_pixels([n["jitter"] for n in model["nodes"]]),
             "t": time.time()}
@@ -112,7 +119,9 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
     if state is None or state.structure is None:
         return no_update, no_update, no_update
     names = [l["name"] for l in state.structure["layers"]]
-    exp = expanded["ids"] if expanded and expanded.get("key") == key else default_expanded(names)
+    mine = expanded and expanded.get("key") == key
+    exp = expanded["ids"] if mine else default_expanded(names)
+    opened = dict(expanded.get("open") or {}) if mine else {}
     trigger = ctx.triggered_id
     if trigger == "btn-expand-all":
         return {"key": key, "ids": expandable_groups(names)}, no_update, no_update
@@ -129,10 +138,17 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
     cd = click["points"][0].get("customdata")
     if not cd:
         return no_update, no_update, no_update
-    layer, start, count, group = cd
+    layer, start, count, group = cd[:4]
+    action = cd[4] if len(cd) > 4 else ""
     new_exp = no_update
     if group:
-        new_exp = {"key": key, "ids": sorted(set(exp) | group_ancestors(group))}
+        new_exp = {"key": key, "ids": sorted(set(exp) | group_ancestors(group)), "open": opened}
+    if action == "close":
+        opened.pop(layer, None)
+        return {"key": key, "ids": exp, "open": opened}, {"layer": layer, "filters": None}, layer
+    if action == "open":    # a cell of a density strip: the layer opened on the cell's filters, those selected
+        opened[layer] = [int(start), int(start) + int(count)]
+        new_exp = {"key": key, "ids": exp, "open": opened}
     if layer:
         sel = {"layer": layer, "filters": list(range(int(start), int(start) + int(count))) if count else None}
         return new_exp, sel, layer
