@@ -159,13 +159,13 @@ def test_resnet50_expanded_in_full_stays_within_a_readable_number_of_marks():
     for c in model["strips"]:
         by_layer.setdefault(c["layer"], []).append(c["filters"])
     outs = {l["name"]: l["out"] for l in layers}
-    # every layer of more than 64 filters is a strip covering its filters; the others are a node per filter
-    assert sorted(by_layer) == sorted(n for n in names if outs[n] > 64)
+    # every layer of more than 32 filters is a strip covering its filters; the others are a node per filter
+    assert sorted(by_layer) == sorted(n for n in names if outs[n] > 32)
     for name, ranges in by_layer.items():
         assert ranges[0][0] == 0 and ranges[-1][1] == outs[name] and len(ranges) == 32
     nodes_per_layer = {n: sum(1 for m in model["nodes"] if m["layer"] == n) for n in names}
-    assert all(nodes_per_layer[n] == (outs[n] if outs[n] <= 64 else 3) for n in names)
-    assert len(model["nodes"]) + len(model["strips"]) < 2200     # 26,560 filters in ~2,100 marks
+    assert all(nodes_per_layer[n] == (outs[n] if outs[n] <= 32 else 3) for n in names)
+    assert len(model["nodes"]) + len(model["strips"]) == 54 * 35   # 27,560 filters in 1,890 marks
 
 
 def test_procrustes_recovers_a_rotated_scaled_shifted_layout():
@@ -285,9 +285,11 @@ def test_resnet50_network_figure_has_one_node_trace_last():
     fields = {l["name"]: {f: rng.random(l["out"]) for f in ("act_abs_mean", "grad_sq_mean", "grad_abs_mean",
                                                            "update_ratio", "weight_norm")} for l in layers}
     fig, node_trace = _network_figure(network_model(structure, fields, default_expanded(names, max_columns=24)))
-    # four path buckets, fc's density strip, then the nodes: 64 + 52 + fc's 3 strongest filters
-    assert node_trace == 5 and len(fig.data[node_trace].x) == 119 and fig.data[node_trace].uid == "revacnn-nodes"
-    assert fig.data[4].uid == "revacnn-strips" and len(fig.data[4].x) == 32
+    # four path buckets, the density strips of conv1 and fc, then the nodes: conv1's and fc's 3 strongest filters
+    # and the 52 layers of the 16 blocks
+    assert node_trace == 5 and len(fig.data[node_trace].x) == 3 + 52 + 3
+    assert fig.data[node_trace].uid == "revacnn-nodes"
+    assert fig.data[4].uid == "revacnn-strips" and len(fig.data[4].x) == 64
 
 
 def computed(service, args, timeout: float = 10.0, interval: float = 0.02):
@@ -417,10 +419,11 @@ def test_group_helpers_and_float_mosaic_without_border():
 def test_column_labels_are_shortened_and_turned_upright_when_they_would_collide():
     from revacnn_dash.figures.network_labels import CHAR_PX, MIN_COLUMN_PX, MIN_PLOT_PX, label_layout, shorten
 
-    assert shorten("conv1", 26) == "conv1"
-    assert shorten("encoder.stages.0.layers.1.layer.2.convolution", 26) == "e.s.0.l.1.l.2.convolution"
-    assert shorten("encoder.stages.0.layers.1.shortcut.convolution", 20) == "…0.l.1.s.convolution"
-    assert len(shorten("x" * 80, 26)) == 26
+    assert shorten("conv1", 24) == "conv1"
+    assert shorten("encoder.stages.0.layers.1.convolution", 24) == "e.s.0.l.1.convolution"
+    assert shorten("resnet.encoder.stages.0.layers.1.layer.2.convolution", 24) == "r.e.s0.l1.l2.convolution"
+    assert shorten("encoder.stages.0.layers.1.shortcut.convolution", 20) == "…s0.l1.s.convolution"
+    assert len(shorten("x" * 80, 24)) == 24
     # the demo: four short names side by side
     few = label_layout(["conv1", "conv2 ❄", "conv3", "fc"], ["16", "20", "20", "10"])
     assert not few["upright"] and few["width"] is None and few["text"] == ["conv1", "conv2 ❄", "conv3", "fc"]
@@ -428,7 +431,7 @@ def test_column_labels_are_shortened_and_turned_upright_when_they_would_collide(
     names = [f"encoder.stages.{s}.layers.{b}.layer.{i}.convolution" for s in range(4) for b in range(3)
              for i in range(3)]
     six = label_layout(names[:6], ["64"] * 6)
-    assert six["upright"] and six["width"] is None and all(len(t) <= 26 for t in six["text"])
+    assert six["upright"] and six["width"] is None and all(len(t) <= 24 for t in six["text"])
     assert six["top"] >= max(len(t) for t in six["text"]) * CHAR_PX
     # 54 columns: the figure widens so that every column has room for an upright label
     many = label_layout((names * 2)[:54], ["2048"] * 54)

@@ -1,6 +1,29 @@
 /* The dashboard's client-side callbacks (Dash serves this folder and loads every .js file in it); the Python side
    names them with ClientsideFunction("revacnn", <name>). */
 window.dash_clientside = Object.assign({}, window.dash_clientside);
+
+/* The network figure's requests on the way, counted at the page's fetch (Dash sends its callbacks with it): the
+   tick skips the network while one is open (tabTicks). A big model's figure that took longer than a tick was asked
+   for again and again and never drawn; Dash's own "running" flag cannot say this, as a second request (a click while
+   a refresh is on the way) is cleared by the first one's end. A failed request counts as ended. */
+window.__revacnnNet = window.__revacnnNet || {open: 0, sent: 0};
+if (!window.__revacnnNetFetch) {
+    window.__revacnnNetFetch = window.fetch;
+    window.fetch = function(resource, options) {
+        const body = options && typeof options.body === 'string' ? options.body : '';
+        const url = typeof resource === 'string' ? resource : (resource && resource.url) || '';
+        if (url.indexOf('_dash-update-component') < 0 || body.indexOf('net-graph.figure') < 0) {
+            return window.__revacnnNetFetch.apply(this, arguments);
+        }
+        const net = window.__revacnnNet;
+        net.open += 1;
+        net.sent += 1;
+        const done = () => { net.open -= 1; };
+        const sent = window.__revacnnNetFetch.apply(this, arguments);
+        sent.then(done, done);
+        return sent;
+    };
+}
 window.dash_clientside.revacnn = Object.assign({}, window.dash_clientside.revacnn, {
 
     /* The page's tick, passed on to the views of the tab shown (and at once to a tab when it is opened); the other
@@ -10,22 +33,10 @@ window.dash_clientside.revacnn = Object.assign({}, window.dash_clientside.revacn
     tabTicks: function(n, tab) {
         const stamp = [n, Date.now()];
         const nu = window.dash_clientside.no_update;
-        const busy = window.__revacnnNetBusy;
-        // a request lost to an error resets "running" too; the 30 s bound only guards against a renderer that
-        // dropped the reset
-        const netFree = !(busy && busy.on && Date.now() - busy.since < 30000);
+        const netFree = window.__revacnnNet.open === 0;
         return [tab === 'training' ? stamp : nu, tab === 'network' && netFree ? stamp : nu, tab === 'embedding' ? stamp : nu,
                 tab === 'filters' ? stamp : nu, (tab === 'embedding' || tab === 'filters') ? stamp : nu,
                 tab === 'explore' ? stamp : nu, tab === 'compare' ? stamp : nu];
-    },
-
-    /* Whether the network's figure is being computed (the callback's "running" flag, views/network.py), for
-       tabTicks; counts the network's requests (window.__revacnnNetBusy.requests) for the tests and benchmark. */
-    networkBusy: function(on) {
-        const b = window.__revacnnNetBusy || (window.__revacnnNetBusy = {on: false, since: 0, requests: 0});
-        if (on && !b.on) { b.since = Date.now(); b.requests += 1; }
-        b.on = !!on;
-        return window.dash_clientside.no_update;
     },
 
     /* The network's jitter: requestAnimationFrame moves the nodes' SVG points by their amplitudes (no server round

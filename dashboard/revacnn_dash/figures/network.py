@@ -124,7 +124,7 @@ def network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
                       margin={"l": 10, "r": 10, "t": lay["top"] + (16 if odd else 0), "b": lay["bottom"]},
                       width=lay["width"], height=600 if lay["width"] else None, xaxis={"visible": False, "range": [-0.6, max(0.6, len(columns) - 0.4)]},
                       yaxis={"visible": False, "range": [-0.02, 1.03]}, plot_bgcolor="white",
-                      coloraxis={"colorscale": "Viridis", "colorbar": {"title": {"text": "mean |act|"},
+                      coloraxis={"colorscale": "Viridis", "colorbar": {"title": {"text": "mean |act|", "side": "right"},
                                                                         "thickness": 10}},
                       uirevision="network", hovermode="closest")
     return fig, len(fig.data) - 1

@@ -1,8 +1,8 @@
 """The network view's model: one column per visible layer or collapsed group, one node per filter (or layer of a
 group) with its statistics, the paths drawn between consecutive columns, and how much each node shakes.
 
-Level of detail: a layer with more filters than ``max_nodes`` cannot be read as a column of nodes (a ResNet-50
-holds 47 such layers, up to 2,048 filters each), so its column is a density strip (``strip_rows`` cells, each the
+Level of detail: a layer with more filters than ``max_nodes`` cannot be read as a column of nodes (a ResNet-50's
+layers hold 64 to 2,048 filters each), so its column is a density strip (``strip_rows`` cells, each the
 mean activation of a contiguous range of filters) beside its ``top_k`` strongest filters as nodes. Clicking a cell
 opens the layer on that range (``opened``): its filters as nodes, with a node to go back to the strip."""
 
@@ -14,6 +14,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..compute.layers import visible_columns
+
+#: the most filter nodes a column shows: at ~11 px a node, what a column of the view's ~350-500 px holds apart
+NODES_PER_COLUMN = 32
 
 # a group node's statistics: the mean over its layers of each layer's mean
 GROUP_FIELDS = ("grad_sq_mean", "act_abs_mean", "grad_abs_mean", "update_ratio")
@@ -52,7 +55,7 @@ def _frozen_mask(layer: dict[str, Any]) -> np.ndarray:
 
 
 def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndarray]], expanded: Iterable[str],
-                  max_nodes: int = 64, max_lines: int = 3000, opened: dict[str, list[int]] | None = None,
+                  max_nodes: int = NODES_PER_COLUMN, max_lines: int = 3000, opened: dict[str, list[int]] | None = None,
                   top_k: int = 3, strip_rows: int = 32) -> dict[str, Any]:
     """Positions, sizes and stats of every visible node, the density strips of the layers too big for nodes, and
     the paths to draw between consecutive columns.

@@ -30,7 +30,6 @@ def layout() -> html.Div:
             # a model of many columns draws wider than the view (columns stay readable): the view scrolls
             html.Div(dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False},
                                clear_on_unhover=True), style={"overflowX": "auto"}),
-            dcc.Store(id="net-busy", data=False), dcc.Store(id="net-busy-out"),
         ], style={"flex": "3", "minWidth": "0"}),
         html.Div([
             html.H4("Details", style={"margin": "4px 0"}),
@@ -62,12 +61,7 @@ def register(app, hub) -> None:
     app.callback(Output("net-graph", "figure"), Output("net-anim", "data"), Output("net-sig", "data"),
                  Output("net-layer", "options"),
                  Input("tick-network", "data"), Input("net-expanded", "data"), Input("run-select", "value"),
-                 State("tabs", "value"), State("net-sig", "data"),
-                 running=[(Output("net-busy", "data"), True, False)])(bound(network_view, hub))
-    # the page's tick skips the network while its figure is on the way (assets/revacnn.js, tabTicks): a big
-    # model's figure taking longer than a tick was asked for again and again, and never drawn
-    app.clientside_callback(ClientsideFunction("revacnn", "networkBusy"), Output("net-busy-out", "data"),
-                            Input("net-busy", "data"))
+                 State("tabs", "value"), State("net-sig", "data"))(bound(network_view, hub))
     app.clientside_callback(ClientsideFunction("revacnn", "jitter"), Output("net-anim-out", "data"),
                             Input("net-anim", "data"))
     app.callback(Output("net-expanded", "data"), Output("net-selected", "data"), Output("net-layer", "value"),
