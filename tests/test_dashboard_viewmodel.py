@@ -437,3 +437,47 @@ def test_column_labels_are_shortened_and_turned_upright_when_they_would_collide(
     many = label_layout((names * 2)[:54], ["2048"] * 54)
     assert many["upright"] and many["width"] >= 54 * MIN_COLUMN_PX and MIN_PLOT_PX / 54 < MIN_COLUMN_PX
     assert len(set(many["text"][:36])) == 36      # shortened names stay distinct
+
+
+def test_pca_of_a_2048_filter_layer_is_the_exact_leading_components():
+    from revacnn_dash.compute.embeddings import LANCZOS_FROM
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2048, 1024)) @ np.diag(np.linspace(3.0, 0.1, 1024))
+    assert min(x.shape) > LANCZOS_FROM                 # the Lanczos path
+    coords = compute_embedding(x, "pca")
+    centred = x - x.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    exact = u[:, :2] * s[:2]
+    # the same scores up to each axis's sign, and the sign fixed: the largest score of an axis is positive
+    assert np.allclose(np.abs(coords), np.abs(exact), atol=1e-6 * s[0])
+    assert all(coords[np.abs(coords[:, j]).argmax(), j] > 0 for j in (0, 1))
+    assert np.array_equal(compute_embedding(x, "pca"), coords)
+
+
+def test_filters_past_the_landmarks_are_placed_among_their_nearest():
+    from revacnn_dash.compute.embeddings import place_by_neighbours
+
+    features = np.array([[0.0], [10.0], [20.0], [5.0], [10.0], [19.0]])
+    landmarks = np.array([0, 1, 2])
+    placed = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    out = place_by_neighbours(features, landmarks, placed, k=2)
+    assert np.array_equal(out[:3], placed)
+    assert out[3] == pytest.approx([0.5, 0.0])          # halfway between its two neighbours
+    assert out[4] == pytest.approx([1.0, 0.0])          # equal to landmark 1: on it
+    # 1 from landmark 2, 9 from landmark 1: weights 9/10 and 1/10
+    assert out[5] == pytest.approx(0.9 * placed[2] + 0.1 * placed[1])
+
+
+def test_tsne_of_more_filters_than_landmarks_keeps_clusters_apart():
+    from revacnn_dash.compute.embeddings import LAYOUT_POINTS
+
+    rng = np.random.default_rng(8)
+    n = LAYOUT_POINTS + 500
+    label = rng.integers(0, 2, n)
+    x = np.where(label[:, None] == 1, 8.0, -8.0) + rng.normal(size=(n, 64))
+    coords = compute_embedding(x, "tsne")
+    assert coords.shape == (n, 2) and np.isfinite(coords).all()
+    centres = np.array([coords[label == k].mean(0) for k in (0, 1)])
+    nearest = np.linalg.norm(coords[:, None, :] - centres[None], axis=2).argmin(1)
+    assert (nearest == label).mean() > 0.99
