@@ -453,3 +453,22 @@ def test_the_accuracy_panel_says_when_no_accuracy_is_logged_and_autoranges_once_
         assert cursor["acc"] is True
     finally:
         hub.stop()
+
+
+def test_per_filter_history_is_bounded_in_bytes_and_keeps_the_newest():
+    """A ResNet-50's per-filter steps (5 × 27,570 float32, 0.55 MB each) held 141 MB at 256 of them."""
+    from revacnn_dash.data.state import FILTER_HISTORY_BYTES, RunState
+
+    state = RunState("t")
+    state.apply(Message("structure", {"revision": 0, "layers": [{"name": "big", "type": "Conv2d", "out": 27570}]}))
+    for step in range(1, 80):
+        state.apply(Message("step", {"step": step, "loss": 1.0, "per_filter": True, "layer_names": ["big"]},
+                            {"filters": np.full((5, 27570), step, dtype=np.float32)}))
+    held = sum(a.nbytes for _, _, a, _ in state.filter_steps)
+    assert held <= FILTER_HISTORY_BYTES and len(state.filter_steps) == FILTER_HISTORY_BYTES // (5 * 27570 * 4)
+    step, arr, _ = state.latest_filters()
+    assert step == 79 and arr[0, 0] == 79
+    # one step bigger than the bound is still kept: the views need the newest
+    state.apply(Message("step", {"step": 80, "loss": 1.0, "per_filter": True, "layer_names": ["big"]},
+                        {"filters": np.zeros((5, FILTER_HISTORY_BYTES // 4), dtype=np.float32)}))
+    assert len(state.filter_steps) == 1 and state.latest_filters()[0] == 80

@@ -481,3 +481,28 @@ def test_tsne_of_more_filters_than_landmarks_keeps_clusters_apart():
     centres = np.array([coords[label == k].mean(0) for k in (0, 1)])
     nearest = np.linalg.norm(coords[:, None, :] - centres[None], axis=2).argmin(1)
     assert (nearest == label).mean() > 0.99
+
+
+def test_an_idle_embedding_helper_exits_and_a_new_job_starts_another():
+    import psutil
+
+    from revacnn_dash.compute.embedding_service import EmbeddingService
+
+    service = EmbeddingService(idle_s=1.0)
+    try:
+        rng = np.random.default_rng(6)
+        arrays = {"weight/c": rng.normal(size=(30, 8)).astype(np.float32)}
+        args = ("run", (0, 1), arrays, list(range(30)), "c", "weight", "tsne", 0, "grad")
+        service.request(*args)
+        assert "error" not in computed(service, args, timeout=120)
+        helper = next(iter(service.pools["tsne"]._processes.values()))
+        assert helper.is_alive()
+        # idle past idle_s: the worker's next look stops it, and its process is gone
+        assert wait_for(lambda: "tsne" not in service.pools, timeout=30, interval=0.1)
+        assert wait_for(lambda: not psutil.pid_exists(helper.pid) or
+                        psutil.Process(helper.pid).status() == psutil.STATUS_ZOMBIE, timeout=30, interval=0.1)
+        again = ("run", (0, 2), arrays, list(range(30)), "c", "weight", "tsne", 0, "grad")
+        service.request(*again)
+        assert "error" not in computed(service, again, timeout=120) and "tsne" in service.pools
+    finally:
+        service.shutdown()

@@ -131,6 +131,9 @@ class Ring:
         return min(self.total, self.capacity)
 
 
+FILTER_HISTORY_BYTES = 16 << 20    # the per-filter steps a run keeps, at most (the newest always)
+
+
 class RunState:
     """Everything the views need about one run; every method takes the lock, readers get copies."""
 
@@ -234,6 +237,10 @@ class RunState:
             names = list(b.get("layer_names") or [l["name"] for l in (self.structure or {}).get("layers", [])])
             self.filter_steps.append((int(b.get("step") or 0), int(b.get("revision") or 0),
                                       np.asarray(m.arrays["filters"], dtype=np.float32), names))
+            # bounded in bytes too: a ResNet-50's 256 steps held 141 MB, and the views read the newest only
+            while len(self.filter_steps) > 1 and \
+                    sum(a.nbytes for _, _, a, _ in self.filter_steps) > FILTER_HISTORY_BYTES:
+                self.filter_steps.popleft()
             if "layers" in m.arrays:
                 self.layer_ratio = dict(zip(names, map(float, m.arrays["layers"])))
 
