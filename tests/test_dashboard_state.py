@@ -472,3 +472,12 @@ def test_per_filter_history_is_bounded_in_bytes_and_keeps_the_newest():
     state.apply(Message("step", {"step": 80, "loss": 1.0, "per_filter": True, "layer_names": ["big"]},
                         {"filters": np.zeros((5, FILTER_HISTORY_BYTES // 4), dtype=np.float32)}))
     assert len(state.filter_steps) == 1 and state.latest_filters()[0] == 80
+
+
+def test_runs_are_named_by_module_class_and_start_time():
+    from revacnn_dash.data.state import run_name
+
+    assert run_name("20261207-140312-ab12cd", {"model": "ClassifierModule"}) == \
+        "ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd"
+    assert run_name("20261207-140312-ab12cd", None) == "Dec 07 14:03:12 · 20261207-140312-ab12cd"
+    assert run_name("my-run", {"model": "M"}) == "M · my-run"          # a directory named by hand: no time

@@ -138,7 +138,8 @@ def place_by_neighbours(features: np.ndarray, landmarks: np.ndarray, placed: np.
 
 def _pca(x: np.ndarray) -> np.ndarray:
     """Scores of the centred rows of ``x`` on their first two principal components (a zero second column for
-    one-feature rows). Small inputs: the exact eigenvectors of the smaller of the covariance and the Gram matrix.
+    one-feature rows). Small inputs: scikit-learn's PCA (the covariance's eigenvectors), or for more features than
+    filters the eigenvectors of the smaller Gram matrix (scikit-learn has no cheap solver for that shape).
     Past ``LANCZOS_FROM`` rows and features: the two leading singular triplets by Lanczos iteration (ARPACK, a fixed
     start vector), exact to rounding like the full decomposition but ~10× faster for a 2,048-filter layer (a full
     2,048 × 2,048 eigendecomposition took 5 s on this 2-core machine). Each axis's sign: its largest score
@@ -153,8 +154,8 @@ def _pca(x: np.ndarray) -> np.ndarray:
         vals, vecs = np.linalg.eigh(x @ x.T)
         out = vecs[:, ::-1][:, :2] * np.sqrt(np.clip(vals[::-1][:2], 0, None))
     else:
-        vals, vecs = np.linalg.eigh(x.T @ x)
-        out = x @ vecs[:, ::-1][:, :min(2, d)]
+        from sklearn.decomposition import PCA
+        out = PCA(n_components=min(2, d), svd_solver="covariance_eigh").fit_transform(x)
         if out.shape[1] < 2:
             out = np.column_stack([out, np.zeros(n)])
     signs = np.where(out[np.abs(out).argmax(0), [0, 1]] < 0, -1.0, 1.0)

@@ -131,6 +131,18 @@ class Ring:
         return min(self.total, self.capacity)
 
 
+def run_name(run_id: str, structure: dict[str, Any] | None) -> str:
+    """A run as a reader tells it from the others: its module's class and start time, then its id
+    (``ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd``); the id alone before its structure arrives,
+    and no time where the id does not start with one (a run directory named by hand)."""
+    parts = [str((structure or {}).get("model") or "")]
+    try:
+        parts.append(time.strftime("%b %d %H:%M:%S", time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
+    except ValueError:
+        pass
+    return " · ".join([p for p in parts if p] + [run_id])
+
+
 FILTER_HISTORY_BYTES = 16 << 20    # the per-filter steps a run keeps, at most (the newest always)
 
 
