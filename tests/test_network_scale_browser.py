@@ -29,6 +29,7 @@ require_chromium()
 
 LAYERS = model_shapes.hf_resnet50_layers()
 STRIP_LAYERS = [l for l in LAYERS if l["out"] > 32]      # past the view's 32 nodes a column
+EMBEDDED = "model.resnet.encoder.stages.3.layers.2.layer.2.convolution"    # 2,048 filters of 512 weights
 
 
 def structure_body() -> dict:
@@ -64,6 +65,8 @@ def scale(tmp_path_factory):
     pub = Publisher("resnet50-scale", heartbeat_s=1.0).start()
     pub.set_status(state="running", step=0)
     pub.publish(Message("structure", structure_body()))
+    weight = np.random.default_rng(1).normal(size=(2048, 512, 1, 1)).astype(np.float32)
+    pub.publish(Message("snapshot", {"step": 1}, {f"weight/{EMBEDDED}": weight, f"grad/{EMBEDDED}": np.abs(weight)}))
     connection = ConnectionInfo("resnet50-scale", pub.telemetry_endpoint, pub.control_endpoint).write(
         logdir / "run" / "connection.json")
     stop = threading.Event()
@@ -219,4 +222,19 @@ def test_a_strip_cell_opens_its_filters_and_the_way_back_closes_them(scale):
     page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd.data.find(t => t.uid === 'revacnn-strips');"
                            f" return t && t.x.length === {32 * len(STRIP_LAYERS)}; }})()", timeout=30000)
     assert scale["requests"].ticks_while_open == 0
+    assert scale["failures"] == []
+
+
+def test_an_embedding_of_2048_filters_draws_every_point_without_a_carpet_of_labels(scale):
+    page = scale["page"]
+    page.get_by_text("Embedding", exact=True).click()
+    page.click("#emb-layer")
+    page.keyboard.type(EMBEDDED)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#emb-status:has-text('PCA of 2048 filters')", timeout=60000)
+    points = page.evaluate("document.querySelectorAll('#emb-graph .scatterlayer .trace:first-child path.point')"
+                           ".length")
+    texts = page.evaluate("document.querySelectorAll('#emb-graph .scatterlayer .trace:first-child text').length")
+    assert points == 2048 and texts == 0           # the index on hover only
+    page.screenshot(path=str(ARTIFACTS / "resnet50-embedding-pca.png"), full_page=True)
     assert scale["failures"] == []
