@@ -155,6 +155,14 @@ def click_point(page, uid: str, index: int) -> None:
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
 
 
+def choose(page, dropdown: str, value: str) -> None:
+    """Pick ``value`` in a dropdown as a user does: open it and click the option (its list opens outside the
+    dropdown's element)."""
+    page.click(dropdown)
+    page.locator(f"[role=option]:has(input[value='{value}'])").click()
+    page.wait_for_selector(f"{dropdown}:has-text('{value}')")
+
+
 def columns_drawn(page, count: int) -> None:
     page.wait_for_function(f"(() => {{ const gd = {GRAPH}; return gd && gd.layout && gd.layout.annotations"
                            f" && gd.layout.annotations.length === {2 * count}; }})()", timeout=60000)
@@ -228,9 +236,7 @@ def test_a_strip_cell_opens_its_filters_and_the_way_back_closes_them(scale):
 def test_an_embedding_of_2048_filters_draws_every_point_without_a_carpet_of_labels(scale):
     page = scale["page"]
     page.get_by_text("Embedding", exact=True).click()
-    page.click("#emb-layer")
-    page.keyboard.type(EMBEDDED)
-    page.keyboard.press("Enter")
+    choose(page, "#emb-layer", EMBEDDED)
     page.wait_for_selector("#emb-status:has-text('PCA of 2048 filters')", timeout=60000)
     points = page.evaluate("document.querySelectorAll('#emb-graph .scatterlayer .trace:first-child path.point')"
                            ".length")

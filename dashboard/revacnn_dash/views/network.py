@@ -34,7 +34,7 @@ def layout() -> html.Div:
         html.Div([
             html.H4("Details", style={"margin": "4px 0"}),
             dcc.Dropdown(id="net-layer", placeholder="layer", clearable=False),
-            html.Div(id="net-details", style={"fontSize": "13px"}),
+            html.Div(id="net-details", style={"fontSize": "13px", "overflowWrap": "anywhere"}),
             html.Div([html.Div("filter (weights)", style={"fontSize": "11px"}), img("net-filter-img"),
                       html.Div("activation map (probe image)", style={"fontSize": "11px"}),
                       dcc.Dropdown(id="net-probe", value=0, clearable=False, style={"width": "160px"}),
