@@ -114,6 +114,22 @@ def open_page(browser, port: int):
     return page
 
 
+def umap_warmed(page, timeout_s: float = 900) -> str:
+    """Wait for the UMAP helper's warm-up; its time as the page reports it. The status line is rewritten when the
+    embedding shown changes, so the colour is switched back and forth to read it."""
+    page.get_by_text("Embedding", exact=True).click()
+    deadline = time.monotonic() + timeout_s
+    colours = ["cluster", "grad"]
+    while "UMAP ready" not in page.inner_text("#emb-status"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(page.inner_text("#emb-status"))
+        page.click(f"#emb-colour input[value='{colours[0]}']")
+        colours.reverse()
+        page.wait_for_timeout(5000)
+    page.click("#emb-colour input[value='grad']")
+    return page.inner_text("#emb-status").split("warm-up took ")[-1].split(")")[0]
+
+
 def embedding_seconds(page, model: str) -> dict:
     layers, embedded = MODELS[model]
     n = next(l["out"] for l in layers if l["name"] == embedded)
@@ -167,10 +183,7 @@ def measure(model: str, tmp: Path) -> dict:
                     time.sleep(1)
             # the UMAP helper's warm-up (numba compiling, minutes on the loaded machine) first, so that it does
             # not take the CPU from the other measurements
-            page.get_by_text("Embedding", exact=True).click()
-            wait_js(page, "document.querySelector('#emb-status') && "
-                          "document.querySelector('#emb-status').innerText.includes('UMAP ready')", 900)
-            out["umap_warmup"] = page.inner_text("#emb-status").split("warm-up took ")[-1].split(")")[0]
+            out["umap_warmup"] = umap_warmed(page)
             navigation = []
             for attempt in range(3):
                 page.close()

@@ -4,8 +4,8 @@ Callbacks call ``request(...)``: it returns the cached result at once, or queues
 shows "computing…" and polls). PCA runs on the worker thread (milliseconds); t-SNE and UMAP run in two helper
 processes, one each, so their CPU- and GIL-heavy work (numba compilation above all) never slows the web server's
 threads. UMAP's first call in a process is slow, so ``warm_umap`` runs it once in its process at start and
-``umap_status`` reports progress. A helper idle for ``idle_s`` exits (each held ~0.35 GB), and starts again on the
-next job of its method; each runs its numerical libraries on one thread (their default thread pools, one per
+``umap_status`` reports progress. A helper idle for ``idle_s`` (10 minutes) exits (each held ~0.35 GB), and starts
+again on the next job of its method (UMAP's then compiles again); each runs its numerical libraries on one thread (their default thread pools, one per
 process, oversubscribed the 2 cores 10-fold: t-SNE of 2,048 filters took 115 s).
 """
 
@@ -31,7 +31,7 @@ class EmbeddingService:
     """A worker thread computing filter embeddings on request, its results in an LRU cache, its t-SNE and UMAP
     runs in helper processes."""
 
-    def __init__(self, cache_size: int = 64, idle_s: float = 300.0) -> None:
+    def __init__(self, cache_size: int = 64, idle_s: float = 600.0) -> None:
         self.jobs: queue.Queue = queue.Queue()
         self.cache = LRUCache(cache_size)
         self.pending: set[tuple] = set()
@@ -101,6 +101,9 @@ class EmbeddingService:
     def warm_umap(self) -> None:
         def warm() -> None:
             self.umap_state, self.umap_started = "warming", time.monotonic()
+            # the t-SNE helper too: started with openTSNE loaded, its first layout waits for neither (a first
+            # t-SNE of 20 filters took 25 s on the loaded machine, all of it the helper's start)
+            self._submit("tsne", _warm_tsne)
             try:
                 self._submit("umap", _warm_umap).result()
                 self.umap_state = "ready"
@@ -212,6 +215,14 @@ def _helper_process_start() -> None:
             os._exit(0)
 
         threading.Thread(target=exit_with_parent, name="revacnn-exit-with-parent", daemon=True).start()
+
+
+def _warm_tsne() -> bool:
+    """Run once in the t-SNE helper process: load openTSNE and the scikit-learn parts the layout uses."""
+    import openTSNE  # noqa: F401
+    import sklearn.decomposition  # noqa: F401
+    import sklearn.neighbors  # noqa: F401
+    return True
 
 
 def _warm_umap() -> bool:
