@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 from dash import ClientsideFunction, Input, Output, State, ctx, dcc, html, no_update
 
 from ..figures.network import NODES_UID, network_figure
