@@ -15,6 +15,9 @@
 (b) Server side: ``network_model`` + figure + JSON for a ResNet-50-sized structure (53 conv layers, 26,560 filters,
     + fc 1000) and for the demo model (conv 16, 20, 20 + fc 10); then the whole ``/_dash-update-component`` request
     of the network view through Flask's test client (first render, and updates each after a new per-filter step).
+(d) In the browser at the demo's and a ResNet-50's size: navigation → network drawn, expand all → drawn, updates,
+    frame rate while live, embedding of 2,048 filters, memory of the dashboard and its helpers
+    (benchmarks/dashboard_browser.py says how). ``--only-scale`` runs this part alone.
 (c) Memory: a child process loads the dashboard (Dash app + Hub) and applies 10,000 ``step`` messages with
     per-filter data (fresh float32 [5, F] arrays) to a RunState through ``RunState.apply`` — the code path of the
     I/O thread after decoding — and reports its RSS before and after (VmRSS / VmHWM from /proc).
@@ -362,7 +365,8 @@ def memory(model: str, steps: int) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
-def report(lat: list[dict], train_lat: list[dict], side: list[dict], mem: list[dict], command: str) -> str:
+def report(lat: list[dict], train_lat: list[dict], side: list[dict], mem: list[dict], scale: list[dict],
+           command: str) -> str:
     cpu = "?"
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -414,6 +418,11 @@ def report(lat: list[dict], train_lat: list[dict], side: list[dict], mem: list[d
         lines.append(f"| {r['model']} | {r['filters']:,} | {r['steps']:,} | {r['kept_filter_steps']} | "
                      f"{r['ring_mb']:.1f} | {r['rss_base_mb']:.0f} | {r['rss_after_mb']:.0f} | {r['hwm_mb']:.0f} | "
                      f"{r['apply_us_per_step']:.0f} |")
+    if scale:
+        from dashboard_browser import report as scale_report
+        lines += ["", "(d) In the browser (benchmarks/dashboard_browser.py): a synthetic stream over the real wire "
+                  "(structure, a per-filter step every 0.3 s, one snapshot), a real `revacnn-dash`, headless "
+                  "Chromium; times measured in the page.", "", *scale_report(scale)]
     return "\n".join(lines) + "\n"
 
 
@@ -426,7 +435,8 @@ def main() -> int:
     parser.add_argument("--train-child", help=argparse.SUPPRESS)
     parser.add_argument("--training-seconds", type=float, default=60,
                         help="seconds the page watches the real training run in (a2) (default 60)")
-    parser.add_argument("--skip-browser", action="store_true", help="skip (a) and (a2)")
+    parser.add_argument("--skip-browser", action="store_true", help="skip (a), (a2) and (d)")
+    parser.add_argument("--only-scale", action="store_true", help="run (d) alone")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.memory_steps)
@@ -435,12 +445,19 @@ def main() -> int:
         train_child(Path(args.train_child))
         return 0
     started = time.monotonic()
-    side = [server_side(m) for m in ("demo", "resnet50")]
-    print(json.dumps(side, indent=1), flush=True)
-    mem = [memory(m, args.memory_steps) for m in ("demo", "resnet50")]
-    print(json.dumps(mem, indent=1), flush=True)
-    lat, train_lat = [], []
+    side, mem, lat, train_lat, scale = [], [], [], [], []
+    if not args.only_scale:
+        side = [server_side(m) for m in ("demo", "resnet50")]
+        print(json.dumps(side, indent=1), flush=True)
+        mem = [memory(m, args.memory_steps) for m in ("demo", "resnet50")]
+        print(json.dumps(mem, indent=1), flush=True)
     if not args.skip_browser:
+        from dashboard_browser import measure as measure_scale
+        with tempfile.TemporaryDirectory() as tmp:
+            for model in ("demo", "resnet50"):
+                scale.append(measure_scale(model, Path(tmp)))
+                print(json.dumps(scale[-1]), flush=True)
+    if not args.skip_browser and not args.only_scale:
         with tempfile.TemporaryDirectory() as tmp:
             for refresh_ms in (500, 1000):
                 spacing = (refresh_ms / 1000, refresh_ms / 1000 * 1.4)
@@ -449,8 +466,9 @@ def main() -> int:
             for refresh_ms in (500, 1000):
                 train_lat.append(training_latency(refresh_ms, args.training_seconds, Path(tmp)))
                 print(json.dumps(train_lat[-1]), flush=True)
-    command = "python benchmarks/dashboard.py" + (" --append" if args.append else "")
-    text = report(lat, train_lat, side, mem, command)
+    command = "python benchmarks/dashboard.py" + (" --only-scale" if args.only_scale else "") + \
+        (" --append" if args.append else "")
+    text = report(lat, train_lat, side, mem, scale, command)
     print(text)
     print(f"total {time.monotonic() - started:.0f} s")
     if args.append:

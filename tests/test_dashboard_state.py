@@ -484,3 +484,67 @@ def test_the_smoothed_loss_goes_on_across_patches_as_one_moving_average_would():
         assert smoothed([1.0, float("nan"), 3.0], 0.0)[0] == [1.0, None, 3.0]    # no smoothing; NaN is a gap
     finally:
         hub.stop()
+
+def test_per_filter_history_is_bounded_in_bytes_and_keeps_the_newest():
+    """A ResNet-50's per-filter steps (5 × 27,570 float32, 0.55 MB each) held 141 MB at 256 of them."""
+    from revacnn_dash.data.state import FILTER_HISTORY_BYTES, RunState
+
+    state = RunState("t")
+    state.apply(Message("structure", {"revision": 0, "layers": [{"name": "big", "type": "Conv2d", "out": 27570}]}))
+    for step in range(1, 80):
+        state.apply(Message("step", {"step": step, "loss": 1.0, "per_filter": True, "layer_names": ["big"]},
+                            {"filters": np.full((5, 27570), step, dtype=np.float32)}))
+    held = sum(a.nbytes for _, _, a, _ in state.filter_steps)
+    assert held <= FILTER_HISTORY_BYTES and len(state.filter_steps) == FILTER_HISTORY_BYTES // (5 * 27570 * 4)
+    step, arr, _ = state.latest_filters()
+    assert step == 79 and arr[0, 0] == 79
+    # one step bigger than the bound is still kept: the views need the newest
+    state.apply(Message("step", {"step": 80, "loss": 1.0, "per_filter": True, "layer_names": ["big"]},
+                        {"filters": np.zeros((5, FILTER_HISTORY_BYTES // 4), dtype=np.float32)}))
+    assert len(state.filter_steps) == 1 and state.latest_filters()[0] == 80
+
+
+def test_runs_are_named_by_module_class_and_start_time():
+    from revacnn_dash.data.state import run_name
+
+    assert run_name("20261207-140312-ab12cd", {"model": "ClassifierModule"}) == \
+        "ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd"
+    assert run_name("20261207-140312-ab12cd", None) == "Dec 07 14:03:12 · 20261207-140312-ab12cd"
+    assert run_name("my-run", {"model": "M"}) == "M · my-run"          # a directory named by hand: no time
+
+
+def test_the_overlay_draws_the_loss_of_each_chosen_run_under_its_name():
+    from revacnn_dash.data.hub import Hub
+    from revacnn_dash.data.state import RunState
+    from dash import no_update
+
+    from revacnn_dash.figures.run_overlay import thinned
+    from revacnn_dash.views.run_overlay import overlay_view
+
+    hub = Hub([], warm_umap=False)
+    try:
+        runs = []
+        for i, run_id in enumerate(("20261207-140312-aaaaaa", "20261207-150000-bbbbbb")):
+            state = RunState(f"t{i}")
+            state.run_id = run_id
+            state.apply(Message("structure", {"revision": 0, "model": f"Module{i}", "layers": []}))
+            for step in range(1, 31):
+                state.apply(step_message(step, (i + 1) / step))
+            hub.runs[state.key] = state
+            runs.append(state)
+        fig, sig = overlay_view(hub, 0, [r.key for r in runs], ["log"], None)
+        assert [t.name for t in fig.data] == [
+            "● live: Module0 · Dec 07 14:03:12 · 20261207-140312-aaaaaa (connecting)",
+            "● live: Module1 · Dec 07 15:00:00 · 20261207-150000-bbbbbb (connecting)"]
+        assert list(fig.data[1].x) == list(range(1, 31)) and fig.data[1].y[9] == pytest.approx(2 / 10)
+        assert fig.layout.yaxis.type == "log"
+        assert overlay_view(hub, 1, [r.key for r in runs], ["log"], sig) == (no_update, no_update)  # nothing new
+        runs[0].apply(step_message(31, 0.01))
+        assert len(overlay_view(hub, 2, [r.key for r in runs], ["log"], sig)[0].data[0].x) == 31
+    finally:
+        hub.stop()
+    # a long curve is thinned to at most 2,000 points, its last kept; a diverged step is left out
+    steps, values = np.arange(20000.0), np.ones(20000)
+    values[5] = np.nan
+    x, y = thinned(steps, values)
+    assert len(x) <= 2001 and x[-1] == 19999 and 5 not in x and all(v == 1.0 for v in y)

@@ -13,7 +13,7 @@ import model_shapes as shapes
 from helpers import wait_for
 from revacnn_dash.compute.embeddings import (align_to_previous, compute_embedding, missing_maps_reason,
                                              nearest_neighbours, procrustes_align)
-from revacnn_dash.compute.layers import default_expanded, visible_columns
+from revacnn_dash.compute.layers import default_expanded, expandable_groups, visible_columns
 from revacnn_dash.compute.redundancy import redundancy
 from revacnn_dash.viewmodels.images import activation_image, filter_image, fit_rows, mosaic, png_bytes
 from revacnn_dash.viewmodels.network import jitter_pixels, network_model, top_half
@@ -47,7 +47,7 @@ def test_demo_model_is_fully_expanded_one_column_per_layer():
     assert all(c["kind"] == "layer" for c in cols)
 
 
-def test_resnet50_collapses_to_blocks_and_stays_fast():
+def test_resnet50_collapses_to_blocks():
     layers = resnet50_layers()
     names = [l["name"] for l in layers]
     assert sum(l["out"] for l in layers if l["name"] != "fc") == 26560   # conv filters
@@ -62,14 +62,11 @@ def test_resnet50_collapses_to_blocks_and_stays_fast():
     rng = np.random.default_rng(0)
     fields = {l["name"]: {"act_abs_mean": rng.random(l["out"]), "grad_sq_mean": rng.random(l["out"])}
               for l in layers}
-    t0 = time.perf_counter()
     model = network_model(structure, fields, expanded, max_nodes=64)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0
-    # conv1 (64 filters) + 16 blocks of 3-4 layer nodes + fc binned to 64 nodes
     # conv1: 64 filter nodes; 16 block columns with one node per layer (4 stage-opening blocks have a
-    # downsample: 4×4 + 12×3 = 52); fc: 1000 filters binned into 64 nodes
-    assert len(model["nodes"]) == 64 + 52 + 64
+    # downsample: 4×4 + 12×3 = 52); fc: 1000 filters as a 32-cell density strip and its 3 strongest filters
+    assert len(model["nodes"]) == 64 + 52 + 3
+    assert len(model["strips"]) == 32
     assert len(model["paths"]) <= 3000
     # opening one block shows its layers as filter columns
     cols2 = visible_columns(names, set(expanded) | {"layer1.0"})
@@ -101,13 +98,74 @@ def test_network_model_positions_paths_and_frozen_marks():
                                                                           9.0, 9.0]
 
 
-def test_big_layer_is_binned():
+def test_big_layer_is_a_density_strip_beside_its_strongest_filters():
     structure = {"layers": [{"name": "big", "type": "Conv2d", "out": 1000, "frozen": None}], "layer_edges": []}
-    model = network_model(structure, {"big": {"act_abs_mean": np.arange(1000.0)}}, [""], max_nodes=64)
-    assert len(model["nodes"]) == 64
-    assert model["nodes"][0]["filters"][0] == 0 and model["nodes"][-1]["filters"][-1] == 999
-    assert sum(len(n["filters"]) for n in model["nodes"]) == 1000
-    assert model["columns"][0]["caption"] == "1000 (in 64 bins)"  # under the column: the layer's filters, not nodes
+    strength = np.cos(np.arange(1000.0)) ** 2 * np.arange(1000.0)
+    model = network_model(structure, {"big": {"act_abs_mean": strength}}, [""], max_nodes=64)
+    cells = model["strips"]
+    # 32 cells, contiguous, covering every filter once, top to bottom, each the mean of its filters
+    assert len(cells) == 32
+    assert cells[0]["filters"][0] == 0 and cells[-1]["filters"][1] == 1000
+    assert all(a["filters"][1] == b["filters"][0] for a, b in zip(cells, cells[1:]))
+    assert all(c["strength"] == pytest.approx(strength[c["filters"][0]:c["filters"][1]].mean()) for c in cells)
+    assert [c["y"] for c in cells] == sorted((c["y"] for c in cells), reverse=True)
+    # the nodes: the 3 strongest filters, each beside its cell
+    top = sorted(np.argsort(-strength)[:3].tolist())
+    assert [n["filters"] for n in model["nodes"]] == [[i] for i in top]
+    for n in model["nodes"]:
+        cell = next(c for c in cells if c["filters"][0] <= n["filters"][0] < c["filters"][1])
+        assert n["y"] == cell["y"] and n["strength"] == strength[n["filters"][0]]
+    assert model["columns"][0]["caption"] == "1000"   # under the column: the layer's filters
+    # a NaN filter is never among the strongest; a layer with no activation statistic has a strip and no node
+    strength[top[0]] = np.nan
+    assert top[0] not in [n["filters"][0] for n in
+                          network_model(structure, {"big": {"act_abs_mean": strength}}, [""])["nodes"]]
+    bare = network_model(structure, {}, [""])
+    assert bare["nodes"] == [] and len(bare["strips"]) == 32 and bare["strips"][0]["strength"] is None
+
+
+def test_a_big_layer_opened_on_a_range_shows_its_filters_and_a_way_back():
+    structure = {"layers": [{"name": "a", "type": "Conv2d", "out": 8, "frozen": None},
+                            {"name": "big", "type": "Conv2d", "out": 1000, "frozen": [993]}],
+                 "layer_edges": [["a", "big"]]}
+    fields = {"a": {"act_abs_mean": np.ones(8)}, "big": {"act_abs_mean": np.arange(1000.0)}}
+    model = network_model(structure, fields, [""], opened={"big": [992, 1000]})
+    big = [n for n in model["nodes"] if n["layer"] == "big"]
+    assert big[0]["action"] == "close" and big[0]["filters"] is None
+    assert [n["filters"] for n in big[1:]] == [[i] for i in range(992, 1000)]
+    assert [n["frozen"] for n in big[1:]] == [False, True] + [False] * 6
+    assert all(big[0]["y"] > n["y"] for n in big[1:])     # the way back sits above the filters
+    assert model["strips"] == [] and model["columns"][1]["caption"] == "992–999 of 1000"
+    # the way back carries no path: every path ends on a filter node
+    back = model["nodes"].index(big[0])
+    assert model["paths"] and all(back not in (s, t) for s, t, _ in model["paths"])
+    # a range past the layer's end (the layer narrowed since) is clipped; an empty one shows the whole strip
+    assert len(network_model(structure, fields, [""], opened={"big": [990, 5000]})["nodes"]) == 8 + 1 + 10
+    assert len(network_model(structure, fields, [""], opened={"big": [5000, 6000]})["strips"]) == 32
+    # a range wider than max_nodes is a strip of that range
+    wide = network_model(structure, fields, [""], opened={"big": [0, 640]})
+    assert wide["strips"][0]["filters"] == [0, 20] and wide["strips"][-1]["filters"] == [620, 640]
+
+
+def test_resnet50_expanded_in_full_stays_within_a_readable_number_of_marks():
+    layers = resnet50_layers()
+    names = [l["name"] for l in layers]
+    structure = {"layers": layers, "layer_edges": [[a, b] for a, b in zip(names, names[1:])]}
+    rng = np.random.default_rng(3)
+    fields = {l["name"]: {"act_abs_mean": rng.random(l["out"])} for l in layers}
+    model = network_model(structure, fields, expandable_groups(names))
+    assert len(model["columns"]) == 54 and all(c["kind"] == "layer" for c in model["columns"])
+    by_layer = {}
+    for c in model["strips"]:
+        by_layer.setdefault(c["layer"], []).append(c["filters"])
+    outs = {l["name"]: l["out"] for l in layers}
+    # every layer of more than 32 filters is a strip covering its filters; the others are a node per filter
+    assert sorted(by_layer) == sorted(n for n in names if outs[n] > 32)
+    for name, ranges in by_layer.items():
+        assert ranges[0][0] == 0 and ranges[-1][1] == outs[name] and len(ranges) == 32
+    nodes_per_layer = {n: sum(1 for m in model["nodes"] if m["layer"] == n) for n in names}
+    assert all(nodes_per_layer[n] == (outs[n] if outs[n] <= 32 else 3) for n in names)
+    assert len(model["nodes"]) + len(model["strips"]) == 54 * 35   # 27,560 filters in 1,890 marks
 
 
 def test_procrustes_recovers_a_rotated_scaled_shifted_layout():
@@ -217,7 +275,7 @@ def test_missing_activation_maps_say_why():
     assert "did not reach" in missing_maps_reason({}, arrays, "c")
 
 
-def test_resnet50_network_figure_builds_within_a_second():
+def test_resnet50_network_figure_has_one_node_trace_last():
     from revacnn_dash.figures.network import network_figure as _network_figure
 
     layers = resnet50_layers()
@@ -226,11 +284,12 @@ def test_resnet50_network_figure_builds_within_a_second():
     rng = np.random.default_rng(0)
     fields = {l["name"]: {f: rng.random(l["out"]) for f in ("act_abs_mean", "grad_sq_mean", "grad_abs_mean",
                                                            "update_ratio", "weight_norm")} for l in layers}
-    t0 = time.perf_counter()
     fig, node_trace = _network_figure(network_model(structure, fields, default_expanded(names, max_columns=24)))
-    fig.to_plotly_json()
-    assert time.perf_counter() - t0 < 1.0
-    assert node_trace == 4 and len(fig.data[node_trace].x) == 180
+    # four path buckets, the density strips of conv1 and fc, then the nodes: conv1's and fc's 3 strongest filters
+    # and the 52 layers of the 16 blocks
+    assert node_trace == 5 and len(fig.data[node_trace].x) == 3 + 52 + 3
+    assert fig.data[node_trace].uid == "revacnn-nodes"
+    assert fig.data[4].uid == "revacnn-strips" and len(fig.data[4].x) == 64
 
 
 def computed(service, args, timeout: float = 10.0, interval: float = 0.02):
@@ -395,3 +454,94 @@ def test_the_lr_panel_ticks_the_rates_the_run_used():
     assert list(fig.layout.yaxis3.tickvals) == [0.01, 0.02] and list(fig.layout.yaxis3.ticktext) == ["0.01", "0.02"]
     schedule = np.geomspace(0.1, 0.001, 200)          # a decaying schedule: the decades' 1-2-5 instead
     assert len(lr_values(schedule)) == LR_TICKS + 1 and lr_axis(lr_values(schedule))["dtick"] == "D2"
+
+def test_column_labels_are_shortened_and_turned_upright_when_they_would_collide():
+    from revacnn_dash.figures.network_labels import CHAR_PX, MIN_COLUMN_PX, MIN_PLOT_PX, label_layout, shorten
+
+    assert shorten("conv1", 24) == "conv1"
+    assert shorten("encoder.stages.0.layers.1.convolution", 24) == "e.s.0.l.1.convolution"
+    assert shorten("resnet.encoder.stages.0.layers.1.layer.2.convolution", 24) == "r.e.s0.l1.l2.convolution"
+    assert shorten("encoder.stages.0.layers.1.shortcut.convolution", 20) == "…s0.l1.s.convolution"
+    assert len(shorten("x" * 80, 24)) == 24
+    # the demo: four short names side by side
+    few = label_layout(["conv1", "conv2 ❄", "conv3", "fc"], ["16", "20", "20", "10"])
+    assert not few["upright"] and few["width"] is None and few["text"] == ["conv1", "conv2 ❄", "conv3", "fc"]
+    # transformers' ResNet-50 names, even six of them, would overlap side by side: upright, within the margin
+    names = [f"encoder.stages.{s}.layers.{b}.layer.{i}.convolution" for s in range(4) for b in range(3)
+             for i in range(3)]
+    six = label_layout(names[:6], ["64"] * 6)
+    assert six["upright"] and six["width"] is None and all(len(t) <= 24 for t in six["text"])
+    assert six["top"] >= max(len(t) for t in six["text"]) * CHAR_PX
+    # 54 columns: the figure widens so that every column has room for an upright label
+    many = label_layout((names * 2)[:54], ["2048"] * 54)
+    assert many["upright"] and many["width"] >= 54 * MIN_COLUMN_PX and MIN_PLOT_PX / 54 < MIN_COLUMN_PX
+    assert len(set(many["text"][:36])) == 36      # shortened names stay distinct
+
+
+def test_pca_of_a_2048_filter_layer_is_the_exact_leading_components():
+    from revacnn_dash.compute.embeddings import LANCZOS_FROM
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2048, 1024)) @ np.diag(np.linspace(3.0, 0.1, 1024))
+    assert min(x.shape) > LANCZOS_FROM                 # the Lanczos path
+    coords = compute_embedding(x, "pca")
+    centred = x - x.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    exact = u[:, :2] * s[:2]
+    # the same scores up to each axis's sign, and the sign fixed: the largest score of an axis is positive
+    assert np.allclose(np.abs(coords), np.abs(exact), atol=1e-6 * s[0])
+    assert all(coords[np.abs(coords[:, j]).argmax(), j] > 0 for j in (0, 1))
+    assert np.array_equal(compute_embedding(x, "pca"), coords)
+
+
+def test_filters_past_the_landmarks_are_placed_among_their_nearest():
+    from revacnn_dash.compute.embeddings import place_by_neighbours
+
+    features = np.array([[0.0], [10.0], [20.0], [5.0], [10.0], [19.0]])
+    landmarks = np.array([0, 1, 2])
+    placed = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    out = place_by_neighbours(features, landmarks, placed, k=2)
+    assert np.array_equal(out[:3], placed)
+    assert out[3] == pytest.approx([0.5, 0.0])          # halfway between its two neighbours
+    assert out[4] == pytest.approx([1.0, 0.0])          # equal to landmark 1: on it
+    # 1 from landmark 2, 9 from landmark 1: weights 9/10 and 1/10
+    assert out[5] == pytest.approx(0.9 * placed[2] + 0.1 * placed[1])
+
+
+def test_tsne_of_more_filters_than_landmarks_keeps_clusters_apart():
+    from revacnn_dash.compute.embeddings import LAYOUT_POINTS
+
+    rng = np.random.default_rng(8)
+    n = LAYOUT_POINTS + 500
+    label = rng.integers(0, 2, n)
+    x = np.where(label[:, None] == 1, 8.0, -8.0) + rng.normal(size=(n, 64))
+    coords = compute_embedding(x, "tsne")
+    assert coords.shape == (n, 2) and np.isfinite(coords).all()
+    centres = np.array([coords[label == k].mean(0) for k in (0, 1)])
+    nearest = np.linalg.norm(coords[:, None, :] - centres[None], axis=2).argmin(1)
+    assert (nearest == label).mean() > 0.99
+
+
+def test_an_idle_embedding_helper_exits_and_a_new_job_starts_another():
+    import psutil
+
+    from revacnn_dash.compute.embedding_service import EmbeddingService
+
+    service = EmbeddingService(idle_s=1.0)
+    try:
+        rng = np.random.default_rng(6)
+        arrays = {"weight/c": rng.normal(size=(30, 8)).astype(np.float32)}
+        args = ("run", (0, 1), arrays, list(range(30)), "c", "weight", "tsne", 0, "grad")
+        service.request(*args)
+        assert "error" not in computed(service, args, timeout=120)
+        helper = next(iter(service.pools["tsne"]._processes.values()))
+        assert helper.is_alive()
+        # idle past idle_s: the worker's next look stops it, and its process is gone
+        assert wait_for(lambda: "tsne" not in service.pools, timeout=30, interval=0.1)
+        assert wait_for(lambda: not psutil.pid_exists(helper.pid) or
+                        psutil.Process(helper.pid).status() == psutil.STATUS_ZOMBIE, timeout=30, interval=0.1)
+        again = ("run", (0, 2), arrays, list(range(30)), "c", "weight", "tsne", 0, "grad")
+        service.request(*again)
+        assert "error" not in computed(service, again, timeout=120) and "tsne" in service.pools
+    finally:
+        service.shutdown()

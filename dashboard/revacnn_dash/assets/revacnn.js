@@ -1,22 +1,47 @@
 /* The dashboard's client-side callbacks (Dash serves this folder and loads every .js file in it); the Python side
    names them with ClientsideFunction("revacnn", <name>). */
 window.dash_clientside = Object.assign({}, window.dash_clientside);
+
+/* The network figure's requests on the way, counted at the page's fetch (Dash sends its callbacks with it): the
+   tick skips the network while one is open (tabTicks). A big model's figure that took longer than a tick was asked
+   for again and again and never drawn; Dash's own "running" flag cannot say this, as a second request (a click while
+   a refresh is on the way) is cleared by the first one's end. A failed request counts as ended. */
+window.__revacnnNet = window.__revacnnNet || {open: 0, sent: 0};
+if (!window.__revacnnNetFetch) {
+    window.__revacnnNetFetch = window.fetch;
+    window.fetch = function(resource, options) {
+        const body = options && typeof options.body === 'string' ? options.body : '';
+        const url = typeof resource === 'string' ? resource : (resource && resource.url) || '';
+        if (url.indexOf('_dash-update-component') < 0 || body.indexOf('net-graph.figure') < 0) {
+            return window.__revacnnNetFetch.apply(this, arguments);
+        }
+        const net = window.__revacnnNet;
+        net.open += 1;
+        net.sent += 1;
+        net.lastSent = performance.now();   // benchmarks/dashboard_browser.py: a request → its figure drawn
+        const done = () => { net.open -= 1; };
+        const sent = window.__revacnnNetFetch.apply(this, arguments);
+        sent.then(done, done);
+        return sent;
+    };
+}
 window.dash_clientside.revacnn = Object.assign({}, window.dash_clientside.revacnn, {
 
     /* The page's tick, passed on to the views of the tab shown (and at once to a tab when it is opened); the other
        tabs' ticks stay put, so their callbacks send no request. "layers" feeds the layer menus of the embedding and
        filters tabs. Each value carries the time, so opening a tab always counts as a change. The outputs' order is
-       TAB_TICKS (views/page.py). */
+       TAB_TICKS (views/page.py). The network's tick waits while its figure is on the way (networkBusy). */
     tabTicks: function(n, tab) {
         const stamp = [n, Date.now()];
         const nu = window.dash_clientside.no_update;
-        return [tab === 'training' ? stamp : nu, tab === 'network' ? stamp : nu, tab === 'embedding' ? stamp : nu,
+        const netFree = window.__revacnnNet.open === 0;
+        return [tab === 'training' ? stamp : nu, tab === 'network' && netFree ? stamp : nu, tab === 'embedding' ? stamp : nu,
                 tab === 'filters' ? stamp : nu, (tab === 'embedding' || tab === 'filters') ? stamp : nu,
                 tab === 'explore' ? stamp : nu, tab === 'compare' ? stamp : nu];
     },
 
     /* The network's jitter: requestAnimationFrame moves the nodes' SVG points by their amplitudes (no server round
-       trip per frame). */
+       trip per frame), every second display frame (30 per second on a 60 Hz display). */
     jitter: function(anim) {
         const R = window.__revacnn || (window.__revacnn = {frames: 0, moved: 0});
         R.anim = anim;
@@ -26,7 +51,7 @@ window.dash_clientside.revacnn = Object.assign({}, window.dash_clientside.revacn
             const re = /translate\(([-0-9.e]+)[ ,]+([-0-9.e]+)\)/;
             const frame = (t) => {
                 requestAnimationFrame(frame);
-                if (t - last < 40) { return; }
+                if (t - last < 25) { return; }
                 last = t;
                 const a = R.anim;
                 if (!a || !a.amp) { return; }

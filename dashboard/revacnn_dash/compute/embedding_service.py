@@ -4,7 +4,9 @@ Callbacks call ``request(...)``: it returns the cached result at once, or queues
 shows "computing…" and polls). PCA runs on the worker thread (milliseconds); t-SNE and UMAP run in two helper
 processes, one each, so their CPU- and GIL-heavy work (numba compilation above all) never slows the web server's
 threads. UMAP's first call in a process is slow, so ``warm_umap`` runs it once in its process at start and
-``umap_status`` reports progress.
+``umap_status`` reports progress. A helper idle for ``idle_s`` (10 minutes) exits (each held ~0.35 GB), and starts
+again on the next job of its method (UMAP's then compiles again); each runs its numerical libraries on one thread (their default thread pools, one per
+process, oversubscribed the 2 cores 10-fold: t-SNE of 2,048 filters took 115 s).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class EmbeddingService:
     """A worker thread computing filter embeddings on request, its results in an LRU cache, its t-SNE and UMAP
     runs in helper processes."""
 
-    def __init__(self, cache_size: int = 64) -> None:
+    def __init__(self, cache_size: int = 64, idle_s: float = 600.0) -> None:
         self.jobs: queue.Queue = queue.Queue()
         self.cache = LRUCache(cache_size)
         self.pending: set[tuple] = set()
@@ -40,23 +42,43 @@ class EmbeddingService:
         self.umap_seconds: float | None = None
         self.pools: dict[str, ProcessPoolExecutor] = {}
         self.futures: dict[str, set] = {}      # each helper's unfinished jobs
+        self.idle_s = idle_s
+        self.last_used: dict[str, float] = {}   # each helper's last job's end (monotonic)
         self.thread = threading.Thread(target=self._run, name="revacnn-embedding", daemon=True)
         self.thread.start()
 
-    def _pool(self, method: str) -> ProcessPoolExecutor:
-        with self.lock:
+    def _submit(self, method: str, fn, *args):
+        """A job for ``method``'s helper process; ``shutdown`` knows from these whether the helper is busy."""
+        with self.lock:       # one step, so that retire_idle never stops a helper given a job
             if method not in self.pools:
                 self.pools[method] = ProcessPoolExecutor(max_workers=1, initializer=_helper_process_start,
                                                          mp_context=multiprocessing.get_context("spawn"))
-            return self.pools[method]
-
-    def _submit(self, method: str, fn, *args):
-        """A job for ``method``'s helper process; ``shutdown`` knows from these whether the helper is busy."""
-        future = self._pool(method).submit(fn, *args)
-        with self.lock:
+                self.last_used[method] = time.monotonic()
+            future = self.pools[method].submit(fn, *args)
             self.futures.setdefault(method, set()).add(future)
-        future.add_done_callback(lambda f: self.futures.get(method, set()).discard(f))
+        future.add_done_callback(lambda f: self._job_done(method, f))
         return future
+
+    def _job_done(self, method: str, future) -> None:
+        with self.lock:
+            self.futures.get(method, set()).discard(future)
+            self.last_used[method] = time.monotonic()
+
+    def retire_idle(self) -> list[str]:
+        """Stop the helpers that have had no job for ``idle_s`` seconds (the next job starts a fresh one); returns
+        their methods. A stopped UMAP helper is warm no longer."""
+        retired = []
+        with self.lock:
+            for method, pool in list(self.pools.items()):
+                idle = time.monotonic() - self.last_used.get(method, time.monotonic())
+                if not self.futures.get(method) and idle > self.idle_s:
+                    del self.pools[method]
+                    retired.append((method, pool))
+        for method, pool in retired:
+            pool.shutdown(wait=True)
+            if method == "umap" and self.umap_state == "ready":
+                self.umap_state = "not started"
+        return [m for m, _ in retired]
 
     def shutdown(self) -> None:
         """Stop the helper processes now, even mid-job: a UMAP warm-up compiles numba code for ~20 s, and a pool
@@ -79,6 +101,9 @@ class EmbeddingService:
     def warm_umap(self) -> None:
         def warm() -> None:
             self.umap_state, self.umap_started = "warming", time.monotonic()
+            # the t-SNE helper too: started with openTSNE loaded, its first layout waits for neither (a first
+            # t-SNE of 20 filters took 25 s on the loaded machine, all of it the helper's start)
+            self._submit("tsne", _warm_tsne)
             try:
                 self._submit("umap", _warm_umap).result()
                 self.umap_state = "ready"
@@ -113,8 +138,17 @@ class EmbeddingService:
             return key_parts in self.pending
 
     def _run(self) -> None:
+        # PCA's and k-means' libraries, loaded before the first request: their import took 8 s of the first PCA
+        # of a 2,048-filter layer on the loaded 2-core machine
+        import scipy.sparse.linalg  # noqa: F401
+        import sklearn.cluster  # noqa: F401
+        import sklearn.decomposition  # noqa: F401
         while True:
-            key, arrays, ids = self.jobs.get()
+            try:
+                key, arrays, ids = self.jobs.get(timeout=min(30.0, self.idle_s))
+            except queue.Empty:
+                self.retire_idle()
+                continue
             run, _, layer, source, method, probe, colour = key
             started = time.monotonic()
             try:
@@ -171,6 +205,9 @@ def _helper_process_start() -> None:
     holding ~0.5 GB, since it only notices a dead parent when it next looks for work.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["NUMBA_NUM_THREADS"] = "1"       # read when numba is first imported (by UMAP, not yet)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)                        # BLAS and OpenMP, already loaded with numpy and scipy
     parent = multiprocessing.parent_process()
     if parent is not None:
         def exit_with_parent() -> None:
@@ -178,6 +215,14 @@ def _helper_process_start() -> None:
             os._exit(0)
 
         threading.Thread(target=exit_with_parent, name="revacnn-exit-with-parent", daemon=True).start()
+
+
+def _warm_tsne() -> bool:
+    """Run once in the t-SNE helper process: load openTSNE and the scikit-learn parts the layout uses."""
+    import openTSNE  # noqa: F401
+    import sklearn.decomposition  # noqa: F401
+    import sklearn.neighbors  # noqa: F401
+    return True
 
 
 def _warm_umap() -> bool:

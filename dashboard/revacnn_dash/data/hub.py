@@ -9,7 +9,7 @@ from typing import Any
 
 from ..compute.embedding_service import EmbeddingService
 from .replay import load_replay
-from .state import REPLAY, RunState
+from .state import REPLAY, RunState, run_name
 from .worker import RunWorker
 
 
@@ -68,7 +68,7 @@ class Hub:
         out = []
         for s in states:
             prefix = "● live" if s.source == "live" else "◼ recorded"
-            name = s.run_id or s.label
+            name = run_name(s.run_id or s.label, s.structure)
             out.append({"label": f"{prefix}: {name} ({s.conn})" if s.source == "live" else f"{prefix}: {name}",
                         "value": s.key})
         return out

@@ -143,6 +143,21 @@ class Ring:
         return min(self.total, self.capacity)
 
 
+def run_name(run_id: str, structure: dict[str, Any] | None) -> str:
+    """A run as a reader tells it from the others: its module's class and start time, then its id
+    (``ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd``); the id alone before its structure arrives,
+    and no time where the id does not start with one (a run directory named by hand)."""
+    parts = [str((structure or {}).get("model") or "")]
+    try:
+        parts.append(time.strftime("%b %d %H:%M:%S", time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
+    except ValueError:
+        pass
+    return " · ".join([p for p in parts if p] + [run_id])
+
+
+FILTER_HISTORY_BYTES = 16 << 20    # the per-filter steps a run keeps, at most (the newest always)
+
+
 class RunState:
     """Everything the views need about one run; every method takes the lock, readers get copies."""
 
@@ -249,6 +264,10 @@ class RunState:
             names = list(b.get("layer_names") or [l["name"] for l in (self.structure or {}).get("layers", [])])
             self.filter_steps.append((int(b.get("step") or 0), int(b.get("revision") or 0),
                                       np.asarray(m.arrays["filters"], dtype=np.float32), names))
+            # bounded in bytes too: a ResNet-50's 256 steps held 141 MB, and the views read the newest only
+            while len(self.filter_steps) > 1 and \
+                    sum(a.nbytes for _, _, a, _ in self.filter_steps) > FILTER_HISTORY_BYTES:
+                self.filter_steps.popleft()
             if "layers" in m.arrays:
                 self.layer_ratio = dict(zip(names, map(float, m.arrays["layers"])))
 

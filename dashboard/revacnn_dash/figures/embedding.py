@@ -10,19 +10,24 @@ import plotly.graph_objects as go
 from .network import colour_values
 
 
+LABELLED_POINTS = 64   # past this many filters an index on every point is a carpet of text: on hover only
+
+
 def embedding_figure(result: dict[str, Any], colour: str, layer: str, source: str, method: str, step) -> go.Figure:
     coords = np.array(result["coords"], dtype=float).reshape(-1, 2)
+    many = len(coords) > LABELLED_POINTS
+    size = 12 if not many else 7
     bad = ~np.isfinite(coords).all(axis=1)
     coords = np.where(np.isfinite(coords), coords, 0.0)   # a diverged layout's points drawn at 0, and said so
     if colour == "cluster" and "cluster" in result:
         palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
-        marker = {"size": 12, "color": [palette[int(k) % len(palette)] for k in result["cluster"]]}
+        marker = {"size": size, "color": [palette[int(k) % len(palette)] for k in result["cluster"]]}
     else:
-        marker = {"size": 12, "color": colour_values(np.asarray(result.get("grad", []), dtype=float)), "colorscale": "Inferno", "showscale": True,
+        marker = {"size": size, "color": colour_values(np.asarray(result.get("grad", []), dtype=float)), "colorscale": "Inferno", "showscale": True,
                   "colorbar": {"title": {"text": "mean |grad|"}}}
     ids = result["ids"]
     fig = go.Figure(go.Scatter(
-        x=coords[:, 0], y=coords[:, 1], mode="markers+text", text=[str(i) for i in range(len(coords))],
+        x=coords[:, 0], y=coords[:, 1], mode="markers" if many else "markers+text", text=[str(i) for i in range(len(coords))],
         textposition="top center", textfont={"size": 9}, customdata=ids,
         hovertemplate="filter %{text} (id %{customdata})<extra></extra>",
         marker=marker))

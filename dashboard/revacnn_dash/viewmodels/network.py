@@ -1,6 +1,10 @@
-"""The network view's model: one column per visible layer or collapsed group, one node per filter (or bin of
-filters, or layer of a group) with its statistics, the paths drawn between consecutive columns, and how much
-each node shakes."""
+"""The network view's model: one column per visible layer or collapsed group, one node per filter (or layer of a
+group) with its statistics, the paths drawn between consecutive columns, and how much each node shakes.
+
+Level of detail: a layer with more filters than ``max_nodes`` cannot be read as a column of nodes (a ResNet-50's
+layers hold 64 to 2,048 filters each), so its column is a density strip (``strip_rows`` cells, each the
+mean activation of a contiguous range of filters) beside its ``top_k`` strongest filters as nodes. Clicking a cell
+opens the layer on that range (``opened``): its filters as nodes, with a node to go back to the strip."""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..compute.layers import visible_columns
+
+#: the most filter nodes a column shows: at ~11 px a node, what a column of the view's ~350-500 px holds apart
+NODES_PER_COLUMN = 32
 
 # a group node's statistics: the mean over its layers of each layer's mean
 GROUP_FIELDS = ("grad_sq_mean", "act_abs_mean", "grad_abs_mean", "update_ratio")
@@ -48,56 +55,126 @@ def _frozen_mask(layer: dict[str, Any]) -> np.ndarray:
 
 
 def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndarray]], expanded: Iterable[str],
-                  max_nodes: int = 64, max_lines: int = 3000) -> dict[str, Any]:
-    """Positions, sizes and stats of every visible node, and the paths to draw between consecutive columns.
+                  max_nodes: int = NODES_PER_COLUMN, max_lines: int = 3000, opened: dict[str, list[int]] | None = None,
+                  top_k: int = 3, strip_rows: int = 32) -> dict[str, Any]:
+    """Positions, sizes and stats of every visible node, the density strips of the layers too big for nodes, and
+    the paths to draw between consecutive columns.
 
-    ``fields`` = ``{layer: {field: array[out]}}`` (``RunState.filters_by_layer``). Returns plain lists:
-    ``nodes`` (x, y, jitter, strength, frozen, layer, filters, label), ``columns`` and ``paths``
-    (src node index, dst node index, width 0–1)."""
+    ``fields`` = ``{layer: {field: array[out]}}`` (``RunState.filters_by_layer``); ``opened`` = ``{layer: [first,
+    end)}``, the filter range a big layer is opened on. Returns plain lists: ``nodes`` (x, y, jitter, strength,
+    frozen, layer, filters, label, action), ``strips`` (x, y, strength, layer, filters, label: one per cell),
+    ``columns`` and ``paths`` (src node index, dst node index, width 0–1)."""
     layers = {l["name"]: l for l in structure.get("layers", [])}
     names = [l["name"] for l in structure.get("layers", [])]
     columns = visible_columns(names, expanded)
     nodes: list[dict[str, Any]] = []
+    strips: list[dict[str, Any]] = []
     col_nodes: list[list[int]] = []
+    opened = opened or {}
     for ci, col in enumerate(columns):
         if col["kind"] == "layer":
-            members = _layer_column(col, layers[col["layers"][0]], fields, max_nodes)
+            name = col["layers"][0]
+            members, cells = _layer_column(col, layers[name], fields, max_nodes, opened.get(name), top_k, strip_rows)
         else:
-            members = _group_column(col, layers, fields, max_nodes)
+            members, cells = _group_column(col, layers, fields, max_nodes), []
         n = len(members)
         ids = []
         for i, m in enumerate(members):
             m["x"] = float(ci)
-            m["y"] = 1.0 - (i + 0.5) / n if n else 0.5
+            m.setdefault("y", 1.0 - (i + 0.5) / n if n else 0.5)
             m["column"] = ci
-            ids.append(len(nodes))
+            if not m.get("action"):    # the node going back to the strip carries no path
+                ids.append(len(nodes))
             nodes.append(m)
+        for c in cells:
+            c["x"] = float(ci)
+        strips.extend(cells)
         col["x"] = float(ci)
         col_nodes.append(ids)
     paths = _paths(structure, columns, nodes, col_nodes, max_lines)
-    return {"columns": columns, "nodes": nodes, "paths": paths}
+    return {"columns": columns, "nodes": nodes, "strips": strips, "paths": paths}
+
+
+def _filter_node(name: str, f: dict[str, np.ndarray], frozen: np.ndarray, a: int, b: int, label: str
+                 ) -> dict[str, Any]:
+    """A node for filters ``a``..``b - 1`` of layer ``name``: their mean statistics."""
+    return {"layer": name, "filters": list(range(a, b)), "label": label,
+            "jitter": _mean(f.get("grad_sq_mean"), a, b), "strength": _mean(f.get("act_abs_mean"), a, b),
+            "grad": _mean(f.get("grad_abs_mean"), a, b), "update": _mean(f.get("update_ratio"), a, b),
+            "norm": _mean(f.get("weight_norm"), a, b), "frozen": bool(frozen[a:b].all()) if b > a else False}
 
 
 def _layer_column(col: dict[str, Any], layer: dict[str, Any], fields: dict[str, dict[str, np.ndarray]],
-                  max_nodes: int) -> list[dict[str, Any]]:
-    """A layer's column: a node per filter, or per bin of filters past ``max_nodes``; sets the column's caption
-    and frozen flags."""
+                  max_nodes: int, opened: list[int] | None, top_k: int, strip_rows: int
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A layer's column: a node per filter of its shown range (all of it, or the range it is opened on), or, past
+    ``max_nodes``, a density strip of the range and its ``top_k`` strongest filters as nodes. Sets the column's
+    caption and frozen flags. Returns (nodes, strip cells)."""
     name = layer["name"]
     out = int(layer["out"])
     f = fields.get(name, {})
     frozen = _frozen_mask(layer)
-    members = []
-    for a, b in _bins(out, max_nodes):
-        members.append({
-            "layer": name, "filters": list(range(a, b)),
-            "label": f"{name}[{a}]" if b - a == 1 else f"{name}[{a}–{b - 1}]",
-            "jitter": _mean(f.get("grad_sq_mean"), a, b), "strength": _mean(f.get("act_abs_mean"), a, b),
-            "grad": _mean(f.get("grad_abs_mean"), a, b), "update": _mean(f.get("update_ratio"), a, b),
-            "norm": _mean(f.get("weight_norm"), a, b), "frozen": bool(frozen[a:b].all()) if b > a else False})
     col["frozen"] = layer.get("frozen") == "all"
     col["partly_frozen"] = bool(frozen.any())
-    col["caption"] = f"{out}" if len(members) == out else f"{out} (in {len(members)} bins)"
-    return members
+    first, end = _opened_range(opened, out)
+    members: list[dict[str, Any]] = []
+    if first > 0 or end < out:
+        members.append({"layer": name, "filters": None, "action": "close", "y": 1.015, "frozen": False,
+                        "label": f"▲ back to all {out} filters of {name}", "jitter": None, "strength": None,
+                        "grad": None, "update": None, "norm": None})
+    if end - first <= max_nodes:
+        n = end - first
+        top = 0.97 if members else 1.0      # below the node going back
+        for j, i in enumerate(range(first, end)):
+            node = _filter_node(name, f, frozen, i, i + 1, f"{name}[{i}]")
+            node["y"] = top * (1.0 - (j + 0.5) / n)
+            members.append(node)
+        col["caption"] = f"{out}" if n == out else f"{first}–{end - 1} of {out}"
+        return members, []
+    cells = []
+    rows = _bins(end - first, strip_rows)
+    for r, (a, b) in enumerate(rows):
+        a, b = a + first, b + first
+        cells.append({"layer": name, "filters": [a, b], "y": 1.0 - (r + 0.5) / len(rows),
+                      "strength": _mean(f.get("act_abs_mean"), a, b),
+                      "label": f"{name}[{a}–{b - 1}]: {b - a} filters"})
+    strength = f.get("act_abs_mean")
+    if strength is not None and len(strength) >= end:
+        for i in top_filters(np.asarray(strength[first:end], dtype=float), top_k):
+            fi = int(i) + first
+            node = _filter_node(name, f, frozen, fi, fi + 1, f"{name}[{fi}]: top {top_k} by mean |act|")
+            node["y"] = cells[_row_of(rows, int(i))]["y"]
+            members.append(node)
+    col["caption"] = f"{out}" if end - first == out else f"{first}–{end - 1} of {out}"
+    col["strip"] = True
+    return members, cells
+
+
+def _opened_range(opened: list[int] | None, out: int) -> tuple[int, int]:
+    """The filter range ``[first, end)`` a layer is opened on, clipped to its ``out`` filters (a layer narrowed
+    since it was opened); the whole layer when it is not opened or the range is empty."""
+    if not opened or len(opened) != 2:
+        return 0, out
+    first, end = max(0, int(opened[0])), min(out, int(opened[1]))
+    return (first, end) if end > first else (0, out)
+
+
+def _row_of(rows: list[tuple[int, int]], i: int) -> int:
+    """The strip row holding the ``i``-th filter of the range."""
+    for r, (a, b) in enumerate(rows):
+        if a <= i < b:
+            return r
+    return len(rows) - 1
+
+
+def top_filters(strength: np.ndarray, k: int) -> list[int]:
+    """The ``k`` strongest filters (finite values only, ties by index), in ascending index order."""
+    s = np.asarray(strength, dtype=float)
+    finite = np.flatnonzero(np.isfinite(s))
+    if not finite.size or k <= 0:
+        return []
+    order = finite[np.lexsort((finite, -s[finite]))]
+    return sorted(int(i) for i in order[:k])
 
 
 def _group_column(col: dict[str, Any], layers: dict[str, dict[str, Any]], fields: dict[str, dict[str, np.ndarray]],

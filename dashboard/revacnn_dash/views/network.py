@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 from dash import ClientsideFunction, Input, Output, State, ctx, dcc, html, no_update
 
 from ..figures.network import NODES_UID, network_figure
@@ -27,13 +26,14 @@ def layout() -> html.Div:
                           "proportion to their mean squared gradient; paths: top 50% by activation; ❄ = frozen.",
                           style={"color": "#666", "fontSize": "12px"}),
             ]),
-            dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False},
-                      clear_on_unhover=True),
+            # a model of many columns draws wider than the view (columns stay readable): the view scrolls
+            html.Div(dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False},
+                               clear_on_unhover=True), style={"overflowX": "auto"}),
         ], style={"flex": "3", "minWidth": "0"}),
         html.Div([
             html.H4("Details", style={"margin": "4px 0"}),
             dcc.Dropdown(id="net-layer", placeholder="layer", clearable=False),
-            html.Div(id="net-details", style={"fontSize": "13px"}),
+            html.Div(id="net-details", style={"fontSize": "13px", "overflowWrap": "anywhere"}),
             html.Div([html.Div("filter (weights)", style={"fontSize": "11px"}), img("net-filter-img"),
                       html.Div("activation map (probe image)", style={"fontSize": "11px"}),
                       dcc.Dropdown(id="net-probe", value=0, clearable=False, style={"width": "160px"}),
@@ -90,15 +90,15 @@ def network_view(hub, _n, expanded, key, tab, sig):
     latest = state.latest_filters()
     names = [l["name"] for l in structure["layers"]]
     if expanded is None or expanded.get("key") != key:
-        exp = default_expanded(names)
+        exp, opened = default_expanded(names), {}
     else:
-        exp = expanded["ids"]
-    new_sig = [key, state.generation, structure.get("revision"), latest[0] if latest else None, exp,
+        exp, opened = expanded["ids"], expanded.get("open") or {}
+    new_sig = [key, state.generation, structure.get("revision"), latest[0] if latest else None, exp, opened,
                [l.get("frozen") for l in structure["layers"]], [l["out"] for l in structure["layers"]]]
     if new_sig == sig:
         return no_update, no_update, no_update, no_update
     fields = state.filters_by_layer()
-    model = network_model(structure, fields, exp)
+    model = network_model(structure, fields, exp, opened=opened)
     fig, _ = network_figure(model)
     anim = {"uid": NODES_UID, "amp": jitter_pixels([n["jitter"] for n in model["nodes"]]),
             "t": time.time()}
@@ -112,7 +112,9 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
     if state is None or state.structure is None:
         return no_update, no_update, no_update
     names = [l["name"] for l in state.structure["layers"]]
-    exp = expanded["ids"] if expanded and expanded.get("key") == key else default_expanded(names)
+    mine = expanded and expanded.get("key") == key
+    exp = expanded["ids"] if mine else default_expanded(names)
+    opened = dict(expanded.get("open") or {}) if mine else {}
     trigger = ctx.triggered_id
     if trigger == "btn-expand-all":
         return {"key": key, "ids": expandable_groups(names)}, no_update, no_update
@@ -129,10 +131,17 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
     cd = click["points"][0].get("customdata")
     if not cd:
         return no_update, no_update, no_update
-    layer, start, count, group = cd
+    layer, start, count, group = cd[:4]
+    action = cd[4] if len(cd) > 4 else ""
     new_exp = no_update
     if group:
-        new_exp = {"key": key, "ids": sorted(set(exp) | group_ancestors(group))}
+        new_exp = {"key": key, "ids": sorted(set(exp) | group_ancestors(group)), "open": opened}
+    if action == "close":
+        opened.pop(layer, None)
+        return {"key": key, "ids": exp, "open": opened}, {"layer": layer, "filters": None}, layer
+    if action == "open":    # a cell of a density strip: the layer opened on the cell's filters, those selected
+        opened[layer] = [int(start), int(start) + int(count)]
+        new_exp = {"key": key, "ids": exp, "open": opened}
     if layer:
         sel = {"layer": layer, "filters": list(range(int(start), int(start) + int(count))) if count else None}
         return new_exp, sel, layer

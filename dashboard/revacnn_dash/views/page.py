@@ -10,7 +10,7 @@ from __future__ import annotations
 import dash_mantine_components as dmc
 from dash import ClientsideFunction, Input, Output, dcc, html
 
-from . import compare, embedding, events, explore, filters, header, network, training, watched_run
+from . import compare, embedding, events, explore, filters, header, network, run_overlay, training, watched_run
 
 #: The per-tab ticks, in the order of ``tabTicks``' outputs. "layers" feeds the layer menus of the embedding and
 #: filters tabs.
@@ -30,7 +30,7 @@ def layout(analysis, interval_ms: int) -> dmc.MantineProvider:
         dcc.Store(id="net-selected"), dcc.Store(id="net-anim"), dcc.Store(id="net-anim-out"),
         dcc.Store(id="fil-sig"), dcc.Store(id="event-sig"), *watched_run.layout(),
         dcc.Tabs(id="tabs", value="training", children=[
-            dcc.Tab(label="Training", value="training", children=training.layout()),
+            dcc.Tab(label="Training", value="training", children=[training.layout(), run_overlay.layout()]),
             dcc.Tab(label="Network", value="network", children=network.layout()),
             dcc.Tab(label="Embedding", value="embedding", children=embedding.layout()),
             dcc.Tab(label="Filters", value="filters", children=filters.layout()),
