@@ -146,6 +146,17 @@ def test_explorer_page_tree_leaf_chart_validation_and_cube(page):
     wait_text(tab, "#ane-heatlines", "per-class error")
     wait_text(tab, "#ane-images", "image × iteration correctness")
     wait_text(tab, "#ane-cube", "top-10 changed filters")
+    # the cube runs over iterations: a column per validation step, a row per layer, every class flagged there
+    cube = tab.evaluate("() => { const d = document.querySelector('#ane-cube .js-plotly-plot').data[0]; "
+                        "return {x: d.x, y: d.y, flagged: d.customdata[0]}; }")
+    assert len(cube["x"]) == 3 and "net.fc" in cube["y"], cube
+    assert any(c != "none" for c in cube["flagged"]), cube
+    # top-3: cells that differ (top-10 holds most of the filters of these small layers)
+    tab.locator("#ane-k").fill("3")
+    tab.locator("#ane-k").press("Enter")
+    wait_text(tab, "#ane-cube", "top-3 changed filters")
+    tab.locator("#ane-cube").scroll_into_view_if_needed()
+    tab.locator("#ane-cube").screenshot(path=str(ARTIFACTS / "explore-cube.png"))
     tab.locator("#ane-cube .nsewdrag").first.click(position={"x": 20, "y": 20})
     wait_text(tab, "#ane-cube-detail", "pinned:")
     wait_text(tab, "#ane-cube-detail", "net.fc:")          # top-changed filters of every layer at that step

@@ -209,7 +209,9 @@ def cube_figure(data: dict, klass: int | None, pick: dict | None) -> tuple[go.Fi
                        f"{meaning}{never}<br><span style='font-size:10px;color:#555'><span style='color:"
                        f"{STEER_COLOUR}'>▮</span> above the plot: steps where {who} is flagged · click a cell to "
                        f"pin its step</span>", "font": {"size": 12}},
-        xaxis={"title": "step (end of the validation interval)"}, yaxis={"type": "category", "autorange": "reversed",
-                                                                       "title": "layer"},
+        xaxis={"title": "step (end of the validation interval)",
+               # ticks under the cells (the validation steps) while they fit, else Plotly's own
+               **({"tickvals": steps} if len(steps) <= 20 else {})},
+        yaxis={"type": "category", "autorange": "reversed", "title": "layer"},
         margin={"l": 140, "r": 10, "t": 70, "b": 50})
     return fig, detail

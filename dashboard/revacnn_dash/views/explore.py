@@ -72,7 +72,7 @@ def layout(source: RunSource) -> html.Div:
         dcc.Graph(id="ane-images", style={"height": "320px"}),
         html.H4("Cube: layers × iterations × flagged classes"),
         html.Div([html.Span("class slice "),
-                  dcc.Dropdown(id="ane-cube-class", value="any", clearable=False, style={"width": "160px"},
+                  dcc.Dropdown(id="ane-cube-class", value="any", clearable=False, style={"width": "220px"},
                                options=[{"label": "any flagged class", "value": "any"}])],
                  style={"display": "flex", "gap": "8px", "alignItems": "center"}),
         dcc.Graph(id="ane-cube", style={"height": "360px"}),
