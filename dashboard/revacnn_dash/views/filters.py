@@ -128,19 +128,16 @@ def map_images(arrays: dict, layer: str, p: int) -> tuple[str, str, str]:
 
 
 def map_grid(maps: np.ndarray, symmetric: bool) -> tuple[np.ndarray, str]:
-    """A conv's maps ``[C, H, W]`` as a labelled grid of enlarged tiles, ``MAP_COLUMNS`` to a row, each filter's
-    index over its map, the row's first index at the left and the offset in the row on top; a 3-D conv's
-    ``[C, D, H, W]`` as a row of depth slices per filter. Each map is scaled on its own (grey = 0 when signed)."""
+    """A conv's maps ``[C, H, W]`` as a grid of enlarged tiles, ``MAP_COLUMNS`` to a row, each filter's index over
+    its map (row and column labels would repeat those indices); a 3-D conv's ``[C, D, H, W]`` as a row of depth
+    slices per filter, filters down the left and slices along the top. Each map is scaled on its own (grey = 0
+    when signed)."""
     shown = maps[:MAX_MAPS]
     more = f" (the first {MAX_MAPS} of {len(maps)})" if len(maps) > MAX_MAPS else ""
     if maps.ndim == 3:
         tiles = [to_uint8(m, symmetric=symmetric) for m in shown]
-        rows = -(-len(tiles) // MAP_COLUMNS)
-        grid = labelled_grid(tiles, ncols=MAP_COLUMNS, tile_labels=[str(i) for i in range(len(tiles))],
-                             row_labels=[str(r * MAP_COLUMNS) for r in range(rows)],
-                             col_labels=[str(c) for c in range(MAP_COLUMNS)])
-        return grid, (f" · maps: {len(shown)} filters{more}, {MAP_COLUMNS} a row, index over each (row start at "
-                      f"the left + column on top)")
+        grid = labelled_grid(tiles, ncols=MAP_COLUMNS, tile_labels=[str(i) for i in range(len(tiles))])
+        return grid, f" · maps: {len(shown)} filters{more}, {MAP_COLUMNS} a row, index over each"
     slices = shown.reshape(len(shown), -1, *maps.shape[-2:])
     tiles = [to_uint8(s, symmetric=symmetric) for f in slices for s in f]
     grid = labelled_grid(tiles, ncols=slices.shape[1], row_labels=[str(i) for i in range(len(shown))],
