@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["correctness", "class_error", "stable_flips", "flag_classes", "anomalies", "top_changed", "cube",
+__all__ = ["correctness", "class_error", "stable_flips", "flag_classes", "anomalies", "top_changed", "cube_cells", "cube",
            "interval_change", "shared_with_flagged", "overlap_with"]
 
 
@@ -129,20 +129,29 @@ def top_changed(run, layers: list[str], start: int | None, stop: int, k: int = 1
     return out
 
 
-def cube(run, layers: list[str], info: dict, k: int = 10, max_steps: int = 60) -> dict[str, Any]:
-    """DeepTracker's cube over iterations: layers × validation intervals × classes. Each (layer, interval) cell
-    holds the top-``k`` changed filters of that layer over the interval ending at a validation step (filter changes
-    do not depend on the class); the class axis is which classes the anomaly rule flags at that step
-    (``flagged`` [C, T]). ``shared_with_flagged`` turns one class slice into a layers × iterations matrix. Only the
-    latest ``max_steps`` validation steps are kept (each interval is one read per layer)."""
-    all_steps = [int(s) for s in np.asarray(info["steps"]).tolist()]
+def cube_cells(run, layers: list[str], val_steps, k: int = 10, max_steps: int = 30) -> dict[str, Any]:
+    """The cube's layers × iterations cells: per layer and validation interval (t′, t], the top-``k`` changed filters
+    of that layer. Only the latest ``max_steps`` validation steps are kept (each interval is one read per layer).
+    Independent of the anomaly rule's settings, so the page caches it apart from them."""
+    all_steps = [int(s) for s in np.asarray(val_steps).tolist()]
     first = max(0, len(all_steps) - max_steps)
     steps = all_steps[first:]
     top = {step: top_changed(run, layers, all_steps[first + i - 1] if first + i > 0 else None, step, k)
            for i, step in enumerate(steps)}
     cells = [[sorted(top[step].get(layer, [])) for step in steps] for layer in layers]
-    flagged = np.asarray(info["flagged"], bool)[:, first:]
-    return {"layers": layers, "steps": steps, "cells": cells, "flagged": flagged, "k": k, "top": top}
+    return {"layers": layers, "steps": steps, "cells": cells, "k": k, "top": top}
+
+
+def cube(run, layers: list[str], info: dict, k: int = 10, max_steps: int = 30,
+         cells: dict | None = None) -> dict[str, Any]:
+    """DeepTracker's cube over iterations: layers × validation intervals × classes. Each (layer, interval) cell
+    holds the top-``k`` changed filters of that layer over the interval ending at a validation step (filter changes
+    do not depend on the class; ``cube_cells``, or ``cells`` when already computed); the class axis is which classes
+    the anomaly rule flags at that step (``flagged`` [C, T]). ``shared_with_flagged`` turns one class slice into a
+    layers × iterations matrix."""
+    cells = cells or cube_cells(run, layers, info["steps"], k, max_steps)
+    first = len(info["steps"]) - len(cells["steps"])
+    return {**cells, "flagged": np.asarray(info["flagged"], bool)[:, first:]}
 
 
 def shared_with_flagged(cube_data: dict, klass: int | None = None) -> np.ndarray:

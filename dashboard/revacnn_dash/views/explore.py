@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 
 from ..analysis.explorer import CHART_FIELDS, build_tree, filter_chart, layer_overview, steering_events
-from ..analysis.tracking import anomalies, cube
+from ..analysis.tracking import anomalies, cube, cube_cells
 from ..data.recordings import RunSource
 from ..figures.explorer_charts import cube_figure, filter_chart_figure, multiples_figure, validation_figures
 from .common import bound
@@ -267,8 +267,10 @@ def cube_view(source: RunSource, run, window, threshold, direction, k, klass, pi
     info = val_info(source, run, window, threshold, direction)
     reader = source.reader(run)
     layers = reader.layer_names()
-    data = source.cached(("cube", run, source.version(run), window, threshold, direction, k),
-                         lambda: cube(reader, layers, info, int(k or 10)))
+    # the top-k sets do not depend on the anomaly rule's settings: read once per run version and k
+    cells = source.cached(("cube-cells", run, source.version(run), k),
+                          lambda: cube_cells(reader, layers, info["steps"], int(k or 10)))
+    data = cube(reader, layers, info, int(k or 10), cells=cells)
     options = [{"label": "any flagged class", "value": "any"}] + [
         {"label": f"class {c}" + (" (flagged)" if data["flagged"][c].any() else ""), "value": c}
         for c in range(info["classes"])]
