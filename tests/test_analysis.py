@@ -24,6 +24,7 @@ from revacnn_dash.analysis.explorer import (bucket_quantiles, build_tree, derive
                                             horizon_bands, layer_overview, node_layers, order_filters)
 from revacnn_dash.analysis.observations import channel_concentration, hopkins, mean_nn_cosine, track_observations
 from revacnn_dash.analysis.tracking import anomalies, cube, stable_flips, top_changed
+from revacnn_dash.figures.explorer_charts import cube_figure
 
 from helpers import quiet_trainer
 
@@ -402,12 +403,43 @@ def test_top_changed_and_cube_match_independent_computation(synthetic):
         change = (1 - cos[rows]).sum(0)
         assert top[layer] == [int(i) + run.structures()[-1][1]["layers"][layers.index(layer)]["filter_ids"][0]
                               for i in np.argsort(-change)[:3]]
-    info = {"steps": np.array([40, 100, 160]), "flagged_pairs": [(2, 100), (7, 100), (3, 160)]}
-    data = cube(run, layers, info, k=3)
-    assert data["columns"] == info["flagged_pairs"]
-    assert data["cells"][0][0] == sorted(top[layers[0]]) == data["cells"][0][1]
-    shared = len(set(top[layers[0]]) & set(top_changed(run, layers, 100, 160, k=3)[layers[0]]))
-    assert data["shared"][0][0] == data["shared"][0][1] == shared == data["shared"][0][2]
+
+
+def test_cube_figure_cells_match_an_independent_computation(synthetic):
+    run, weights, steps = synthetic
+    layers = run.layer_names()
+    ids = {l["name"]: l["filter_ids"] for l in run.structures()[-1][1]["layers"]}
+    val_steps = [40, 100, 160, 220]
+    # classes × validation steps: class 0 flagged at 100 and 220, class 2 at 160, class 1 never
+    flagged = np.array([[0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0]], bool)
+    data = cube(run, layers, {"steps": np.array(val_steps), "flagged": flagged}, k=2)
+
+    def top2(layer, lo, hi):      # Σ(1 − cos) between consecutive weights over the records in (lo, hi]
+        w = weights[layer]
+        cos = np.sum(w[1:] * w[:-1], axis=2) / np.linalg.norm(w[1:], axis=2) / np.linalg.norm(w[:-1], axis=2)
+        rows = (steps[1:] > lo) & (steps[1:] <= hi)
+        return {ids[layer][i] for i in np.argsort(-(1 - cos[rows]).sum(0))[:2]}
+
+    bounds = list(zip([0] + val_steps[:-1], val_steps))
+    cells = {layer: [top2(layer, lo, hi) for lo, hi in bounds] for layer in layers}
+    assert data["steps"] == val_steps
+    assert data["cells"] == [[sorted(c) for c in cells[layer]] for layer in layers]
+    for klass, at in ((None, [1, 2, 3]), (0, [1, 3]), (1, []), (2, [2])):
+        expected = [[len(cell & set().union(*(cells[layer][j] for j in at if j != t)))
+                     for t, cell in enumerate(cells[layer])] for layer in layers]
+        fig, detail = cube_figure(data, klass, None)
+        heat = fig.data[0]
+        assert list(heat.x) == val_steps and list(heat.y) == layers and detail == ""
+        np.testing.assert_array_equal(np.asarray(heat.z), expected)
+        marks = sorted(shape.x0 for shape in fig.layout.shapes)
+        assert marks == [val_steps[j] for j in at]
+    assert np.asarray(cube_figure(data, None, None)[0].data[0].z).any()   # the shared filters are not all empty
+    # a pinned cell: every cell of its layer coloured by its overlap with the pinned one, its step in the detail
+    fig, detail = cube_figure(data, 0, {"layer": layers[1], "step": 160})
+    z = np.asarray(fig.data[0].z)
+    assert z[0].tolist() == [0] * 4
+    assert z[1].tolist() == [len(cells[layers[1]][2] & c) for c in cells[layers[1]]]
+    assert detail.startswith(f"pinned: {layers[1]} at step 160 (classes flagged: 2)")
 
 
 # -- observations ----------------------------------------------------------------------------------------------------

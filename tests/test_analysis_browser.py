@@ -6,6 +6,7 @@ Screenshots go to artifacts/analysis/ (ignored by git). Run alone with:  pytest 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -146,6 +147,24 @@ def test_explorer_page_tree_leaf_chart_validation_and_cube(page):
     wait_text(tab, "#ane-heatlines", "per-class error")
     wait_text(tab, "#ane-images", "image × iteration correctness")
     wait_text(tab, "#ane-cube", "top-10 changed filters")
+    # the cube runs over iterations: a column per validation step, a row per layer, every class flagged there
+    cube = tab.evaluate("() => { const d = document.querySelector('#ane-cube .js-plotly-plot').data[0]; "
+                        "return {x: d.x, y: d.y, flagged: d.customdata[0]}; }")
+    assert len(cube["x"]) == 3 and "net.fc" in cube["y"], cube
+    assert any(c != "none" for c in cube["flagged"]), cube
+    # top-3: cells that differ (top-10 holds most of the filters of these small layers)
+    tab.locator("#ane-k").fill("3")
+    tab.locator("#ane-k").press("Enter")
+    wait_text(tab, "#ane-cube", "top-3 changed filters")
+    tab.locator("#ane-cube").scroll_into_view_if_needed()
+    tab.locator("#ane-cube").screenshot(path=str(ARTIFACTS / "explore-cube.png"))
+    # one class's slice: its flagged steps marked above the plot
+    tab.locator("#ane-cube-class").click()
+    option = tab.get_by_role("option", name=re.compile(r"^class \d+ \(flagged\)$")).first
+    klass = option.inner_text().split()[1]
+    option.click()
+    wait_text(tab, "#ane-cube", f"cube, class {klass}:")
+    assert tab.locator("#ane-cube .shapelayer path").count() >= 1
     tab.locator("#ane-cube .nsewdrag").first.click(position={"x": 20, "y": 20})
     wait_text(tab, "#ane-cube-detail", "pinned:")
     wait_text(tab, "#ane-cube-detail", "net.fc:")          # top-changed filters of every layer at that step

@@ -302,6 +302,9 @@ def test_filters_view_shows_images(setup):
     sizes = page.evaluate("['fil-weights', 'fil-acts', 'fil-actgrads', 'fil-probe-img'].map(id => "
                           "document.getElementById(id).naturalWidth)")
     assert all(s > 20 for s in sizes), sizes
+    # conv1's 16 activation maps: 8 to a row, each enlarged to at least 56 px, indices drawn in
+    page.wait_for_selector("#fil-caption:has-text('8 a row, index over each')", timeout=20000)
+    assert sizes[1] >= 8 * 56, sizes
     page.screenshot(path=str(ARTIFACTS / "filters.png"), full_page=True)
 
 

@@ -423,6 +423,24 @@ def test_group_helpers_and_float_mosaic_without_border():
     assert np.isnan(grid[3:5, 3:5]).all()
 
 
+def test_activation_maps_are_drawn_large_with_their_filter_index():
+    """The filters view drew a 7×7 activation map 7 pixels wide, with no index."""
+    from revacnn_dash.viewmodels.images import to_uint8
+    from revacnn_dash.viewmodels.labelled import INK
+    from revacnn_dash.views.filters import map_grid
+
+    maps = np.random.default_rng(3).normal(size=(10, 7, 7))
+    grid, caption = map_grid(maps, symmetric=True)
+    # 8 maps a row, each 7 px map enlarged 8× to 56 px, 3 px gutters, a 12 px label band over each row of maps
+    assert grid.shape[:2] == (2 * (12 + 56 + 3) + 3, 8 * (56 + 3) + 3) and "10 filters, 8 a row" in caption
+    y, x = 3 + (12 + 56 + 3) + 12, 3 + (56 + 3)              # map 9: second row, second column
+    expected = np.kron(to_uint8(maps[9], symmetric=True), np.ones((8, 8), np.uint8))
+    np.testing.assert_array_equal(grid[y:y + 56, x:x + 56, 0], expected)
+    assert (grid[y - 12:y, x:x + 56, 0] == INK).any()       # its index drawn over it
+    slices, caption = map_grid(np.zeros((300, 2, 4, 4)), symmetric=False)   # 3-D: capped, filter rows × slices
+    assert "the first 256 of 300" in caption and "(rows) × 2 depth slices" in caption
+
+
 def test_filters_are_drawn_large_with_their_indices():
     """The filters view drew 5×5 filters a few pixels each, with no index: which one is filter 13?"""
     from revacnn_dash.viewmodels.labelled import FONT, GLYPH_SCALE, INK, TILE_MIN, labelled_grid, text_mask

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["correctness", "class_error", "stable_flips", "flag_classes", "anomalies", "top_changed", "cube",
-           "interval_change"]
+__all__ = ["correctness", "class_error", "stable_flips", "flag_classes", "anomalies", "top_changed", "cube_cells", "cube",
+           "interval_change", "shared_with_flagged", "overlap_with"]
 
 
 def correctness(val: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -129,27 +129,45 @@ def top_changed(run, layers: list[str], start: int | None, stop: int, k: int = 1
     return out
 
 
-def cube(run, layers: list[str], info: dict, k: int = 10, max_columns: int = 40) -> dict[str, Any]:
-    """The cube: rows = layers, columns = flagged (class, step) pairs; each cell the set of top-``k`` changed
-    filters of that layer over the validation interval ending at that step. Columns of the same step share one
-    interval (filter changes do not depend on the class), so ``shared`` [L, C] counts how many of a cell's filters
-    also appear in a cell of the same layer at a *different* flagged step — filters that keep turning whenever
-    classes flip (the highlighted sets)."""
-    steps = list(np.asarray(info["steps"]).tolist())
-    pairs = info["flagged_pairs"][:max_columns]
-    by_step: dict[int, dict[str, list[int]]] = {}
-    for _, step in pairs:
-        if step not in by_step:
-            i = steps.index(step)
-            by_step[step] = top_changed(run, layers, steps[i - 1] if i > 0 else None, step, k)
-    cells = [[set(by_step[step].get(layer, [])) for _, step in pairs] for layer in layers]
-    shared = np.zeros((len(layers), len(pairs)), np.int64)
+def cube_cells(run, layers: list[str], val_steps, k: int = 10, max_steps: int = 30) -> dict[str, Any]:
+    """The cube's layers × iterations cells: per layer and validation interval (t′, t], the top-``k`` changed filters
+    of that layer. Only the latest ``max_steps`` validation steps are kept (each interval is one read per layer).
+    Independent of the anomaly rule's settings, so the page caches it apart from them."""
+    all_steps = [int(s) for s in np.asarray(val_steps).tolist()]
+    first = max(0, len(all_steps) - max_steps)
+    steps = all_steps[first:]
+    top = {step: top_changed(run, layers, all_steps[first + i - 1] if first + i > 0 else None, step, k)
+           for i, step in enumerate(steps)}
+    cells = [[sorted(top[step].get(layer, [])) for step in steps] for layer in layers]
+    return {"layers": layers, "steps": steps, "cells": cells, "k": k, "top": top}
+
+
+def cube(run, layers: list[str], info: dict, k: int = 10, max_steps: int = 30,
+         cells: dict | None = None) -> dict[str, Any]:
+    """DeepTracker's cube over iterations: layers × validation intervals × classes. Each (layer, interval) cell
+    holds the top-``k`` changed filters of that layer over the interval ending at a validation step (filter changes
+    do not depend on the class; ``cube_cells``, or ``cells`` when already computed); the class axis is which classes
+    the anomaly rule flags at that step (``flagged`` [C, T]). ``shared_with_flagged`` turns one class slice into a
+    layers × iterations matrix."""
+    cells = cells or cube_cells(run, layers, info["steps"], k, max_steps)
+    first = len(info["steps"]) - len(cells["steps"])
+    return {**cells, "flagged": np.asarray(info["flagged"], bool)[:, first:]}
+
+
+def shared_with_flagged(cube_data: dict, klass: int | None = None) -> np.ndarray:
+    """One class slice of the cube as [L, T]: per cell, how many of its filters are also among the top changed of
+    the same layer at a *different* step where ``klass`` (any class when None) is flagged — filters that keep
+    turning whenever that class flips (DeepTracker's highlighted shared kernels)."""
+    flagged = cube_data["flagged"]
+    at = flagged.any(0) if klass is None else (flagged[klass] if klass < len(flagged) else
+                                              np.zeros(len(cube_data["steps"]), bool))
+    cells = cube_data["cells"]
+    out = np.zeros((len(cells), len(cube_data["steps"])), np.int64)
     for r, row in enumerate(cells):
         for c, cell in enumerate(row):
-            others = set().union(*(row[j] for j in range(len(row)) if pairs[j][1] != pairs[c][1]))
-            shared[r, c] = len(cell & others)
-    return {"layers": layers, "columns": pairs, "cells": [[sorted(c) for c in row] for row in cells],
-            "shared": shared, "k": k, "top": by_step}
+            others = set().union(*(row[j] for j in np.nonzero(at)[0] if j != c))
+            out[r, c] = len(set(cell) & others)
+    return out
 
 
 def overlap_with(cube_data: dict, row: int, col: int) -> np.ndarray:

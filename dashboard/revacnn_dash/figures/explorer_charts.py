@@ -1,6 +1,6 @@
 """The training-log explorer's figures: small multiples of a layer statistic per node of the layer tree, the
-filters × iterations chart, the validation images × iterations views and the layers × flagged classes cube. Pins
-(purple) and steering commands (orange) are drawn on every time axis."""
+filters × iterations chart, the validation images × iterations views and the cube (layers × iterations, one class
+at a time). Pins (purple) and steering commands (orange) are drawn on every time axis."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..analysis.explorer import horizon_bands
-from ..analysis.tracking import overlap_with
+from ..analysis.tracking import overlap_with, shared_with_flagged
 
 PIN_COLOUR, STEER_COLOUR = "#6a1b9a", "#ef6c00"
 #: What the multiples' colours mean (a title line: the figure's annotations are the steering marks).
@@ -161,44 +161,57 @@ def validation_figures(info: dict, klass: int, pins, events) -> tuple[go.Figure,
     return heat, images
 
 
-def cube_figure(data: dict, layers: list[str], pick: dict | None) -> tuple[go.Figure, str]:
-    """The top-k changed filters per layer and flagged (class, step), shaded by how many other cells share them (or
-    the pinned cell's share), and the pinned cell's detail."""
-    if not data["columns"]:
-        return go.Figure(layout={"title": {"text": "no flagged classes with these settings",
-                                           "font": {"size": 12}},
+def cube_figure(data: dict, klass: int | None, pick: dict | None) -> tuple[go.Figure, str]:
+    """The cube's ``klass`` slice (any flagged class when None) as layers × validation steps: each cell the top-k
+    changed filters of a layer over the interval ending at that step, shaded by how many of them also turned at the
+    other steps where the class is flagged (or, with a cell pinned, by their overlap with it); the steps where the
+    class is flagged are marked above the plot. Returns the figure and the pinned cell's detail."""
+    layers, steps = data["layers"], data["steps"]
+    if not steps or not layers:
+        return go.Figure(layout={"title": {"text": "no validation samples in this run", "font": {"size": 12}},
                                  "xaxis": {"visible": False}, "yaxis": {"visible": False}}), ""
-    labels = [f"c{c}@{s}" for c, s in data["columns"]]
-    picked = pick is not None and pick.get("layer") in layers and pick.get("column") in labels
-    if picked:
-        pick = {"row": layers.index(pick["layer"]), "col": labels.index(pick["column"])}
-    z = overlap_with(data, pick["row"], pick["col"]) if picked else data["shared"]
-    custom = [[[r, c, data["columns"][c][1]] for c in range(len(labels))] for r in range(len(layers))]
-    text = [[" ".join(map(str, cell[:4])) + (" …" if len(cell) > 4 else "") for cell in row]
-            for row in data["cells"]]
-    fig = go.Figure(go.Heatmap(z=z, x=labels, y=layers, colorscale="Purples", customdata=custom, text=text,
-                               hovertemplate="%{y} × %{x}<br>filters: %{text}<br>" +
-                                             ("shared with the pinned cell" if picked else
-                                              "shared with other cells") + ": %{z}<extra></extra>",
-                               colorbar={"title": {"text": "shared"}}))
+    who = "any class" if klass is None else f"class {klass}"
+    picked = pick is not None and pick.get("layer") in layers and pick.get("step") in steps
+    row, col = (layers.index(pick["layer"]), steps.index(pick["step"])) if picked else (0, 0)
+    z = overlap_with(data, row, col) if picked else shared_with_flagged(data, klass)
+    flagged = data["flagged"]
+    at = flagged.any(0) if klass is None else (flagged[klass] if klass < len(flagged) else
+                                              np.zeros(len(steps), bool))
+    classes_at = [", ".join(map(str, np.nonzero(flagged[:, t])[0])) or "none" for t in range(len(steps))]
+    text = [[" ".join(map(str, cell[:6])) + (" …" if len(cell) > 6 else "") for cell in r] for r in data["cells"]]
+    meaning = "shared with the pinned cell" if picked else f"also top changed where {who} is flagged"
+    fig = go.Figure(go.Heatmap(
+        z=z, x=steps, y=layers, text=text, customdata=[classes_at] * len(layers), colorscale="Purples", zmin=0,
+        zmax=max(1, int(z.max()) if z.size else 1), xgap=1, ygap=1,
+        hovertemplate="%{y} at step %{x}<br>top changed filters: %{text}<br>classes flagged at this step: "
+                      "%{customdata}<br>" + meaning + ": %{z}<extra></extra>",
+        colorbar={"title": {"text": "shared<br>filters", "font": {"size": 11}}}))
+    for step in np.asarray(steps)[at]:
+        fig.add_shape(type="line", xref="x", yref="paper", x0=step, x1=step, y0=1.0, y1=1.05,
+                      line={"color": STEER_COLOUR, "width": 3})
     detail = ""
     if picked:
-        r, c = pick["row"], pick["col"]
-        fig.add_trace(go.Scatter(x=[labels[c]], y=[layers[r]], mode="markers", hoverinfo="skip",
-                                 marker={"symbol": "square-open", "size": 26, "color": "#ef6c00",
+        fig.add_trace(go.Scatter(x=[steps[col]], y=[layers[row]], mode="markers", hoverinfo="skip",
+                                 marker={"symbol": "square-open", "size": 18, "color": STEER_COLOUR,
                                          "line": {"width": 3}}, showlegend=False))
-        chosen = set(data["cells"][r][c])
-        others = [f"{labels[j]}: {sorted(chosen & set(cell))}" for j, cell in enumerate(data["cells"][r])
-                  if j != c and chosen & set(cell)]
-        step = data["columns"][c][1]
-        per_layer = "\n".join(f"  {layer}: {ids}" for layer, ids in data["top"][step].items())
-        detail = (f"pinned: {layers[r]} × {labels[c]} — top-{data['k']} changed filters "
-                  f"{data['cells'][r][c]}\nshared with: " + ("; ".join(others) or "none") +
-                  f"\ntop-{data['k']} changed filters of every layer at step {step} (most changed first):\n"
+        chosen = set(data["cells"][row][col])
+        others = [f"step {steps[j]}: {sorted(chosen & set(cell))}" for j, cell in enumerate(data["cells"][row])
+                  if j != col and chosen & set(cell)]
+        per_layer = "\n".join(f"  {layer}: {ids}" for layer, ids in data["top"][steps[col]].items())
+        detail = (f"pinned: {layers[row]} at step {steps[col]} (classes flagged: {classes_at[col]}) — top-"
+                  f"{data['k']} changed filters {data['cells'][row][col]}\nshared with: "
+                  + ("; ".join(others) or "none")
+                  + f"\ntop-{data['k']} changed filters of every layer at step {steps[col]} (most changed first):\n"
                   + per_layer)
-    fig.update_layout(title={"text": f"top-{data['k']} changed filters per layer and flagged class (click a "
-                                     f"cell to pin)", "font": {"size": 12}},
-                      xaxis={"type": "category", "title": "flagged class @ step"},
-                      yaxis={"type": "category", "autorange": "reversed"},
-                      margin={"l": 140, "r": 10, "t": 40, "b": 60})
+    never = "" if at.any() else f" — {who} is never flagged with these settings"
+    fig.update_layout(
+        title={"text": f"cube, {who}: top-{data['k']} changed filters per layer and validation interval; colour = "
+                       f"{meaning}{never}<br><span style='font-size:10px;color:#555'><span style='color:"
+                       f"{STEER_COLOUR}'>▮</span> above the plot: steps where {who} is flagged · click a cell to "
+                       f"pin its step</span>", "font": {"size": 12}},
+        xaxis={"title": "step (end of the validation interval)",
+               # ticks under the cells (the validation steps) while they fit, else Plotly's own
+               **({"tickvals": steps} if len(steps) <= 20 else {})},
+        yaxis={"type": "category", "autorange": "reversed", "title": "layer"},
+        margin={"l": 140, "r": 10, "t": 70, "b": 50})
     return fig, detail

@@ -1,6 +1,6 @@
 """The training-log explorer (DeepTracker): a layer tree, small multiples of a layer statistic per node, a layer's
-filters × iterations, validation images × iterations, and the layers × flagged classes cube; clicks pin steps on
-every time axis. Ids start with ``ane-``.
+filters × iterations, validation images × iterations, and the cube (layers × iterations × flagged classes); clicks
+pin steps on every time axis. Ids start with ``ane-``.
 
 Given a page tick (the id of a component whose data changes on every refresh while the page is shown), the views
 re-read a run still being recorded, at most every ``LIVE_REFRESH_S`` and only when it got data.
@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 
 from ..analysis.explorer import CHART_FIELDS, build_tree, filter_chart, layer_overview, steering_events
-from ..analysis.tracking import anomalies, cube
+from ..analysis.tracking import anomalies, cube, cube_cells
 from ..data.recordings import RunSource
 from ..figures.explorer_charts import cube_figure, filter_chart_figure, multiples_figure, validation_figures
 from .common import bound
@@ -70,7 +70,11 @@ def layout(source: RunSource) -> html.Div:
         html.Div(id="ane-val-summary", style={"fontSize": "13px"}),
         dcc.Graph(id="ane-heatlines", style={"height": "300px"}),
         dcc.Graph(id="ane-images", style={"height": "320px"}),
-        html.H4("Cube: layers × flagged classes (by iteration)"),
+        html.H4("Cube: layers × iterations × flagged classes"),
+        html.Div([html.Span("class slice "),
+                  dcc.Dropdown(id="ane-cube-class", value="any", clearable=False, style={"width": "220px"},
+                               options=[{"label": "any flagged class", "value": "any"}])],
+                 style={"display": "flex", "gap": "8px", "alignItems": "center"}),
         dcc.Graph(id="ane-cube", style={"height": "360px"}),
         html.Div(id="ane-cube-detail", style={"fontSize": "13px", "whiteSpace": "pre-wrap"}),
     ])
@@ -108,9 +112,10 @@ def register(app, source: RunSource, page_tick: str | None = None) -> None:
                  Input("ane-live", "data"))(bound(validation, source))
     app.callback(Output("ane-cube-pick", "data"), Input("ane-cube", "clickData"), State("ane-cube-pick", "data"),
                  prevent_initial_call=True)(pick_cell)
-    app.callback(Output("ane-cube", "figure"), Output("ane-cube-detail", "children"), Input("ane-run", "value"),
+    app.callback(Output("ane-cube", "figure"), Output("ane-cube-detail", "children"),
+                 Output("ane-cube-class", "options"), Input("ane-run", "value"),
                  Input("ane-window", "value"), Input("ane-threshold", "value"), Input("ane-direction", "value"),
-                 Input("ane-k", "value"), Input("ane-cube-pick", "data"),
+                 Input("ane-k", "value"), Input("ane-cube-class", "value"), Input("ane-cube-pick", "data"),
                  Input("ane-live", "data"))(bound(cube_view, source))
 
 
@@ -249,19 +254,25 @@ def validation(source: RunSource, run, window, threshold, direction, klass, pins
 def pick_cell(click, current):
     if not click or not click.get("points"):
         return no_update
-    point = click["points"][0]          # Dash passes x and y labels for heatmaps (not customdata)
-    x, y = str(point.get("x", "")), point.get("y")
-    if "@" not in x or y is None:
+    point = click["points"][0]          # Dash passes x and y for heatmaps (not customdata)
+    x, y = point.get("x"), point.get("y")
+    if x is None or y is None:
         return no_update
-    return {"layer": y, "column": x, "step": int(x.split("@")[1])}
+    return {"layer": y, "step": int(round(float(x)))}
 
 
-def cube_view(source: RunSource, run, window, threshold, direction, k, pick, _live):
+def cube_view(source: RunSource, run, window, threshold, direction, k, klass, pick, _live):
     if not run:
-        return go.Figure(), ""
+        return go.Figure(), "", no_update
     info = val_info(source, run, window, threshold, direction)
     reader = source.reader(run)
     layers = reader.layer_names()
-    data = source.cached(("cube", run, source.version(run), window, threshold, direction, k),
-                         lambda: cube(reader, layers, info, int(k or 10)))
-    return cube_figure(data, layers, pick)
+    # the top-k sets do not depend on the anomaly rule's settings: read once per run version and k
+    cells = source.cached(("cube-cells", run, source.version(run), k),
+                          lambda: cube_cells(reader, layers, info["steps"], int(k or 10)))
+    data = cube(reader, layers, info, int(k or 10), cells=cells)
+    options = [{"label": "any flagged class", "value": "any"}] + [
+        {"label": f"class {c}" + (" (flagged)" if data["flagged"][c].any() else ""), "value": c}
+        for c in range(info["classes"])]
+    figure, detail = cube_figure(data, None if klass in (None, "any") else int(klass), pick)
+    return figure, detail, options

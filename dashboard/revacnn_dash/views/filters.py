@@ -65,7 +65,8 @@ def filters_view(hub, _n, layer, probe, tab, key, sig):
     weights, caption = weight_images(w)
     caption = f"snapshot at step {snap.body.get('step')}" + caption
     p = int(probe or 0)
-    acts, actgrads = map_images(snap.arrays, layer, p)
+    acts, actgrads, maps_caption = map_images(snap.arrays, layer, p)
+    caption += maps_caption
     missing = missing_maps_reason(snap.body, snap.arrays, layer)
     if missing:
         caption += f" · {missing}"
@@ -105,16 +106,43 @@ def weight_images(w: np.ndarray | None) -> tuple[str, str]:
             f" · weight matrix {tuple(w.shape)}, a row per filter")
 
 
-def map_images(arrays: dict, layer: str, p: int) -> tuple[str, str]:
-    """The layer's activation and activation-gradient maps for probe image ``p`` (data URIs, "" when absent)."""
+MAP_COLUMNS = 8        # conv activation maps per row
+MAX_MAPS = 256         # more maps than this (a 2,048-channel layer) would make a page metres tall
+
+
+def map_images(arrays: dict, layer: str, p: int) -> tuple[str, str, str]:
+    """The layer's activation and activation-gradient maps for probe image ``p`` (data URIs, "" when absent), and
+    what the caption says of their layout."""
     out = {"act/": "", "actgrad/": ""}
+    caption = ""
     for name in out:
         a = arrays.get(name + layer)
         if a is None or p >= len(a):
             continue
-        image = activation_image(a[p], symmetric=name == "actgrad/")
-        out[name] = data_uri(image, scale=max(1, 48 // a.shape[-1])) if a.ndim >= 4 else data_uri(fit_rows(image))
-    return out["act/"], out["actgrad/"]
+        if a.ndim >= 4:
+            image, caption = map_grid(a[p], symmetric=name == "actgrad/")
+            out[name] = data_uri(image)
+        else:
+            out[name] = data_uri(fit_rows(activation_image(a[p], symmetric=name == "actgrad/")))
+    return out["act/"], out["actgrad/"], caption
+
+
+def map_grid(maps: np.ndarray, symmetric: bool) -> tuple[np.ndarray, str]:
+    """A conv's maps ``[C, H, W]`` as a grid of enlarged tiles, ``MAP_COLUMNS`` to a row, each filter's index over
+    its map (row and column labels would repeat those indices); a 3-D conv's ``[C, D, H, W]`` as a row of depth
+    slices per filter, filters down the left and slices along the top. Each map is scaled on its own (grey = 0
+    when signed)."""
+    shown = maps[:MAX_MAPS]
+    more = f" (the first {MAX_MAPS} of {len(maps)})" if len(maps) > MAX_MAPS else ""
+    if maps.ndim == 3:
+        tiles = [to_uint8(m, symmetric=symmetric) for m in shown]
+        grid = labelled_grid(tiles, ncols=MAP_COLUMNS, tile_labels=[str(i) for i in range(len(tiles))])
+        return grid, f" · maps: {len(shown)} filters{more}, {MAP_COLUMNS} a row, index over each"
+    slices = shown.reshape(len(shown), -1, *maps.shape[-2:])
+    tiles = [to_uint8(s, symmetric=symmetric) for f in slices for s in f]
+    grid = labelled_grid(tiles, ncols=slices.shape[1], row_labels=[str(i) for i in range(len(shown))],
+                         col_labels=[str(d) for d in range(slices.shape[1])])
+    return grid, f" · maps: {len(shown)} filters{more} (rows) × {slices.shape[1]} depth slices (columns)"
 
 
 def layer_hints(state, structure: dict, layer: str, w: np.ndarray | None) -> dict[str, list]:
