@@ -87,7 +87,8 @@ class Telemetry:
         if self.layers:
             self.probe = FilterProbe(self.layers, activation_images=self.activation_images)
             self.probe.attach()
-            self.probe.measure()  # its first call's costs (allocations, caches) paid here, not in a training step
+            if self.schedule.filters_every:  # its first call's costs (allocations, caches) paid here, not in a step
+                self.probe.measure()
         else:
             wanted = ", ".join(map(str, selectors)) if selectors else "Conv2d or Linear"
             rank_zero_warn(f"revacnn: {type(pl_module).__name__} has no layer to monitor ({wanted}); only its "
