@@ -298,3 +298,18 @@ def test_telemetry_waits_for_the_send_interval_but_acks_and_a_half_full_queue_go
             assert steps == [2, 3, 4, 5]
     finally:
         pub.close()
+
+
+def test_a_large_snapshot_is_not_kept_for_late_joiners():
+    """The state snapshot keeps the latest snapshot only up to 64 MiB: a ResNet-50's would otherwise stay in the
+    trainer's memory for the whole run. A smaller one is kept; a larger one after it drops it (it would be stale)."""
+    from revacnn.wire.control import MAX_STATE_SNAPSHOT_BYTES, ControlDesk
+
+    codec = Codec("run")
+    desk = ControlDesk(codec, lambda: {})
+    small = Message("snapshot", {"step": 1}, {"weight/a": np.zeros(1000, np.float32)})
+    desk.sent(None, small, codec.encode(small))
+    assert "snapshot" in desk._state and desk._state_count() == 1
+    large = Message("snapshot", {"step": 2}, {"weight/a": np.zeros(MAX_STATE_SNAPSHOT_BYTES // 4 + 1, np.float32)})
+    desk.sent(None, large, codec.encode(large))
+    assert "snapshot" not in desk._state and desk._state_count() == 0

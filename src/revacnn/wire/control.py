@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 #: with per-filter data, the latest ``step`` and the latest batch of ``steps`` are sent in step order among themselves.
 STATE_ORDER = ("structure", "hparams", "status", "step_filters", "step", "steps", "snapshot", "val")
 STEP_KEYS = ("step_filters", "step", "steps")
+# The latest snapshot is kept for late joiners only up to this size: a ResNet-50's (~190 MB of weights and
+# gradients) would otherwise stay in the trainer's memory for the whole run. A joiner reads larger ones from the
+# recording or asks for a fresh one with the ``snapshot`` command.
+MAX_STATE_SNAPSHOT_BYTES = 64 << 20
 CONTROL_MAX_BYTES = 1 << 20
 MAX_PENDING_COMMANDS = 1000
 #: The full acks kept to answer a re-sent command with the ack it got; older ids keep only their status, op and step.
@@ -101,6 +105,11 @@ class ThrottledLog:
         log.exception(text)
 
 
+def frames_bytes(frames: list) -> int:
+    """The bytes of a message's encoded frames (bytes, buffers or ``zmq.Frame``s)."""
+    return sum(len(frame.buffer) if isinstance(frame, zmq.Frame) else memoryview(frame).nbytes for frame in frames)
+
+
 class ControlDesk:
     """Handles the requests of the control ROUTER socket for one run.
 
@@ -146,6 +155,9 @@ class ControlDesk:
         """Note a message sent on the telemetry socket (``frames`` None: an ack not published): keep it for the
         state snapshot, and send an ack to the client that sent its command."""
         key = "step_filters" if message.type == "step" and message.body.get("per_filter") else message.type
+        if key == "snapshot" and frames is not None and frames_bytes(frames) > MAX_STATE_SNAPSHOT_BYTES:
+            self._state.pop(key, None)   # an older one kept would be shown as the latest
+            frames = None
         if key in STATE_ORDER and frames is not None:
             self._state[key] = frames
             if key in STEP_KEYS:
