@@ -20,7 +20,7 @@ from torch import nn
 from steering_util import assert_optimizer_consistent, assert_same_state, cmd, eval_out, snapshot, step
 
 from revacnn.demo.models import ReVACNNNet, SmallResNet
-from revacnn.steering import SteeringEngine
+from revacnn.steering import SteeringEngine, replay_changelog
 
 MB, EN = "model.mobilenet_v2.", "model.efficientnet.encoder.blocks.1."
 RG, CN, RB = "model.regnet.encoder.stages.", "model.convnext.", "model.resnet."
@@ -267,3 +267,18 @@ def test_group_norm_needs_a_channel_count_its_groups_divide():
     ack = engine.apply(cmd("widen", layer="a", count=2, allow_inexact=True))
     assert ack["ok"] and ack["changes"]["function_preserving"] is False and net.norm.num_channels == 8, ack
     _train_finite(net, optimizer, x, y)
+
+
+@pytest.mark.parametrize(("model", "command"), [
+    ("mobile_block", cmd("widen", layer="block1.expand", count=3)),  # depthwise and SE in the group
+    ("convnext", cmd("widen", layer=ROLES["convnext"]["residual"], count=2, allow_inexact=True)),  # norms, scale
+    ("regnet_y", cmd("remove_filters", layer=ROLES["regnet_y"]["grouped"], filters=list(range(8)))),
+])
+def test_the_change_log_rebuilds_the_shapes_on_a_fresh_model(model, command):
+    """A checkpoint of the steered model loads into a fresh model once the change log is replayed."""
+    net, optimizer, x, y, engine = _setup(model)
+    assert engine.apply(command)["ok"]
+    fresh = zoo.calibrate(zoo.ZOO[model]())
+    replay_changelog(fresh, engine.changelog)
+    fresh.load_state_dict(net.state_dict())
+    assert torch.equal(eval_out(fresh, x), eval_out(net, x))
