@@ -26,7 +26,8 @@ MB, EN = "model.mobilenet_v2.", "model.efficientnet.encoder.blocks.1."
 RG, CN, RB = "model.regnet.encoder.stages.", "model.convnext.", "model.resnet."
 # model -> role -> layer
 ROLES = {
-    "mobilenet_v2_small": {"stem": MB + "conv_stem.first_conv.convolution", "expand": MB + "layer.1.expand_1x1.convolution",
+    "mobilenet_v2_small": {"stem": MB + "conv_stem.first_conv.convolution",
+                           "expand": MB + "layer.1.expand_1x1.convolution",
                      "depthwise": MB + "layer.1.conv_3x3.convolution", "project": MB + "layer.1.reduce_1x1.convolution",
                      "head": "model.classifier"},
     "efficientnet": {"stem": "model.efficientnet.embeddings.convolution", "expand": EN + "expansion.expand_conv",

@@ -191,7 +191,8 @@ class _GroupBuilder:
             g.channelwise.append(name)
             g.block = math.lcm(g.block, mod.in_channels // mod.groups)
         elif isinstance(mod, CONVS) and mod.groups > 1:
-            g.problems.append(f"{name} is a grouped conv ({mod.groups} groups, {mod.in_channels} → {mod.out_channels} "
+            g.problems.append(f"{name} is a grouped conv ({mod.groups} groups, {mod.in_channels} → "
+                              f"{mod.out_channels} "
                               "channels) whose output channels are not its input channels; only grouped convs with "
                               "in == out channels (depthwise, group convs) change with the channels they read")
         elif isinstance(mod, FILTER_LAYERS):
