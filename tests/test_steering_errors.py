@@ -11,18 +11,6 @@ from torch import nn
 from revacnn.steering import SteeringEngine
 
 
-class CatNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
-        self.c = nn.Conv2d(8, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x):
-        x = self.c(F.relu(torch.cat([self.a(x), self.b(x)], 1)))
-        return self.fc(x.mean((2, 3)))
-
-
 class DepthwiseNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -136,12 +124,10 @@ BAD = [
     (R, C("widen", layer=3, count=1), "must be a non-empty string"),
     ("adagrad", C("widen", layer="net.conv1", count=1), "Adagrad is not supported for structural changes"),
     ("noinput", C("widen", layer="net.conv1", count=1), "no example_input"),
-    ("cat", C("widen", layer="a", count=1), "unsupported operation CatBackward0"),
-    ("depthwise", C("widen", layer="a", count=1), "grouped/depthwise"),
-    ("depthwise", C("widen", layer="dw", count=1), "groups=4"),
     ("headless", C("widen", layer="b", count=1), "reach the model output directly"),
     ("shared", C("widen", layer="b", count=1), "called 2 times"),
-    ("permute", C("widen", layer="a", count=1), "unsupported operation PermuteBackward0"),
+    # Torch-Pruning maps a flatten to columns channels-first; after a permute that would be wrong
+    ("permute", C("widen", layer="a", count=1), "fc reads a flatten of permuted (channels-last) maps"),
     # the layer that stops it, and nothing else (the walk went on into its weight: "a parameter used directly")
     ("upsample", C("widen", layer="a", count=1), "coupled layers ['a'] — unsupported layer up (ConvTranspose2d) in "
                                                  "the channel path"),
@@ -149,7 +135,6 @@ BAD = [
     (R, C("remove_filters", layer="net.conv2", filters=[]), "must not be empty"),
     (R, C("remove_filters", layer="net.conv2", filters=[25]), "filter 25 in 'filters' is out of range"),
     (N, C("remove_filters", layer="net.bn1", filters=[0]), "is a BatchNorm2d"),
-    ("cat", C("remove_filters", layer="b", filters=[0]), "CatBackward0"),
     (R, C("insert_layer", after="net.fc"), "is a Linear; insert_layer needs a conv layer (1-D, 2-D or 3-D)"),
     (R, C("insert_layer", after="net.conv1", batchnorm="yes"), "'batchnorm' must be true or false"),
     ("depthwise", C("insert_layer", after="dw"), "grouped/depthwise"),
@@ -194,8 +179,8 @@ def _make(kind):
     torch.manual_seed(0)
     x, y = batch(n=4)
     example = x
-    if kind in ("cat", "depthwise", "headless", "shared", "permute", "upsample", "widthcheck"):
-        module = {"cat": CatNet, "depthwise": DepthwiseNet, "headless": HeadlessNet, "shared": SharedNet,
+    if kind in ("depthwise", "headless", "shared", "permute", "upsample", "widthcheck"):
+        module = {"depthwise": DepthwiseNet, "headless": HeadlessNet, "shared": SharedNet,
                   "permute": PermuteNet, "upsample": UpsampleNet, "widthcheck": WidthCheckNet}[kind]()
         optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
     else:

@@ -2,8 +2,10 @@
 
 Entries (plain str/int/float/bool/list/dict only, so ``torch.load(weights_only=True)`` reads them):
 
-- ``{"op": "widen" | "remove_filters", "layer", "producers", "batchnorms", "readers": [[name, hw]], "index",
-  "in_scale", "state_scale", ...}`` — ``index[j]`` is the old channel new channel j comes from;
+- ``{"op": "widen" | "remove_filters", "layer", "channels", "producers", "batchnorms", "norms", "channelwise",
+  "scales": [[parameter, dim]], "readers": [[name, hw, offset]], "index", "in_scale", "state_scale", ...}`` —
+  ``index[j]`` is the old channel new channel j comes from (entries written before ``norms``, ``channelwise``,
+  ``scales``, ``channels`` and reader offsets existed replay as before: those are optional);
 - ``{"op": "insert_layer", "anchor", "like", "relu", "batchnorm"}``;
 - ``{"op": "remove_layer", "layer"}``.
 
@@ -22,7 +24,7 @@ from .errors import CheckpointMismatch, SteeringError
 from .surgery import resize_channels, splice_insert, splice_remove
 
 NAME_FIELDS = ("layer", "anchor", "like")
-NAME_LISTS = ("producers", "batchnorms")
+NAME_LISTS = ("producers", "batchnorms", "norms", "channelwise")
 
 
 def _strip(entry: dict, prefix: str) -> dict:
@@ -39,7 +41,9 @@ def _strip(entry: dict, prefix: str) -> dict:
         if key in out:
             out[key] = [cut(n) for n in out[key]]
     if "readers" in out:
-        out["readers"] = [[cut(n), hw] for n, hw in out["readers"]]
+        out["readers"] = [[cut(reader[0]), *reader[1:]] for reader in out["readers"]]
+    if "scales" in out:
+        out["scales"] = [[cut(name), dim] for name, dim in out["scales"]]
     return out
 
 

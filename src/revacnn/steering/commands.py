@@ -21,7 +21,7 @@ FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "freeze": (set(), {"layers", "layer", "filters"}),
     "unfreeze": (set(), {"layers", "layer", "filters"}),
     SET_HPARAMS: (set(), {*HPARAM_NAMES, "groups"}),
-    "widen": ({"layer", "count"}, {"init", "split", "seed"}),
+    "widen": ({"layer", "count"}, {"init", "split", "seed", "allow_inexact"}),
     "remove_filters": ({"layer", "filters"}, set()),
     "insert_layer": ({"after"}, {"batchnorm"}),
     "remove_layer": ({"layer"}, set()),

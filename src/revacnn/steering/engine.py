@@ -258,16 +258,13 @@ class SteeringEngine:
     def channel_group(self, name: str, op: str) -> Group:
         """The coupled group whose channels change with ``name``'s filters, checked for everything a resize
         needs."""
-        layer = self.filter_layer(name, op)
+        self.filter_layer(name, op)
         check_supported(self.optimizers, f"{op} {name}")
-        if getattr(layer, "groups", 1) != 1:
-            raise SteeringError(f"{op}: {name} is a grouped/depthwise conv (groups={layer.groups}); unsupported")
-        t = self.trace(op)
-        group = t.groups.get(name)
+        group = self.trace(op).group(name)
         if group is None:
             raise SteeringError(f"{op}: {name} is not used in forward on the example input")
         group.check(f"{op} {name}")
-        for member in [*group.producers, *group.batchnorms, *(reader for reader, _ in group.readers)]:
+        for member in group.members():
             self.check_held_weights(member, op)
         if not group.readers:
             raise SteeringError(f"{op}: no layer reads the output of {name}; cannot change its channels")
@@ -291,12 +288,15 @@ class SteeringEngine:
             return records
 
         _, delta, compiled = self.structural(op, body)
-        for p in group.producers:
+        for p in group.producers + group.channelwise:
             self.freezer.remap(self.module.get_submodule(p), kept)
         entry = {k: v for k, v in plan.items()}
         self.changelog.append(copy.deepcopy(entry))
-        maps = {n: {"kept": list(kept), "added": added} for n in group.producers + group.batchnorms}
+        resized = group.producers + group.channelwise + group.batchnorms + group.norms
+        maps = {n: {"kept": list(kept), "added": added} for n in resized}
         changes = {"layer": name, "group": list(group.producers), "batchnorms": list(group.batchnorms),
-                   "readers": [r for r, _ in group.readers], "channels": [group.channels, len(kept) + added],
+                   "norms": list(group.norms), "channelwise": list(group.channelwise),
+                   "scales": [s for s, _ in group.scales], "readers": [r for r, _, _ in group.readers],
+                   "channels": [group.channels, len(kept) + added],
                    "output_max_abs_change": delta, "compiler_reset": compiled}
         return changes, maps

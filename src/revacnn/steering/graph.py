@@ -1,349 +1,271 @@
 """Coupling analysis: which layers must change together when a layer's output channels change.
 
-A forward pass on the example input (eval mode, no state changes) is recorded with forward hooks on every leaf
-module; from each *reader* (a Conv1d/2d/3d or Linear) the autograd graph is walked back through
-``grad_fn.next_functions`` to the *producers* (conv and Linear outputs) whose channels it sees. Channel-preserving
-nodes (activations, pooling, dropout, scalar arithmetic) are passed through, BatchNorm modules are collected and
-passed through, additions couple their operands (a residual stream), and a view/flatten feeding a Linear gives the
-spatial factor HW (channels first: channel c owns columns c·HW…(c+1)·HW−1). A Linear's channels are its output
-features when its output is ``[batch, features]``. Anything else (concat, permute, products of two tensors,
-functional batch norm, an unknown module with parameters, a module called twice, a Linear applied to tokens) makes
-the groups it touches *unsupported*, with the reason. Works with functional ops in ``forward`` and needs no change
-to the user's model.
+The coupling comes from Torch-Pruning's ``DependencyGraph`` (package ``torch-pruning``), built from the one traced
+forward of :mod:`revacnn.tracer`: it follows the autograd graph through activations, pooling, padding modules,
+residual additions, elementwise products (squeeze-excitation gates), concatenation offsets, reshape/flatten into a
+Linear, permutes to channels-last tokens, depthwise convs, BatchNorm, LayerNorm, GroupNorm and per-channel
+parameters used directly in ``forward`` (layer-scale). This module turns its pruning group of a layer into a
+:class:`Group` by role, and adds what a *resize* (growth as well as pruning) needs that Torch-Pruning does not
+check, as problems (refusals) or inexactness reasons:
+
+- grouped convs whose input and output channels are the same space (depthwise, RegNet's group convs) move with
+  the group (``channelwise``; the group's channels change by whole conv groups); other grouped convs refuse;
+- LayerNorm/GroupNorm over the channels make copied channels change their statistics (``inexact``);
+- a Linear that reads a flatten of permuted (channels-last) maps, a reader of part of the channels (split, slice),
+  a module called more than once, a layer kind with no resize rule (ConvTranspose, PReLU, attention …), or channels
+  that reach the model output directly, refuse, naming the layers and the reason.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch_pruning import ops as tp_ops
 
-PRESERVING = {
-    "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1", "LeakyReluBackward0",
-    "LeakyReluBackward1", "GeluBackward0", "SigmoidBackward0", "TanhBackward0", "HardtanhBackward0",
-    "HardtanhBackward1", "EluBackward0", "EluBackward1", "SiluBackward0", "HardswishBackward0", "MishBackward0",
-    "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
-    "AdaptiveMaxPool2DBackward0", "NativeDropoutBackward0", "CloneBackward0", "DivBackward1", "MulBackward1",
-    "AddBackward1", "SubBackward1", "NegBackward0", "ToCopyBackward0", "MaxPool3DWithIndicesBackward0",
-    "AvgPool3DBackward0", "AdaptiveAvgPool3DBackward0", "AdaptiveMaxPool3DBackward0",
-}
-SQUEEZES = {"SqueezeBackward1", "UnsqueezeBackward0"}  # 1-D pooling runs as unsqueeze → 2-D pool → squeeze
+from ..tracer import INPUT, ForwardRecord, eager, record
+from .errors import SteeringError
+
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # not the transposed ones: their filters are not weight rows
 FILTER_LAYERS = (*CONVS, nn.Linear)  # layers whose filters (neurons) are the rows of their weight
-COUPLING = {"AddBackward0", "SubBackward0"}
-SCALAR_BINARY = {"MulBackward0", "DivBackward0"}  # preserving only when the second operand is a constant
-VIEWS = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "FlattenBackward0"}
+NORMS = (nn.LayerNorm, nn.GroupNorm)
+SPLITS = (tp_ops._SplitOp, tp_ops._SliceOp, tp_ops._UnbindOp, tp_ops._ExpandOp)
+PERMUTES = ("PermuteBackward0", "TransposeBackward0", "TransposeBackward1")
+__all__ = ["CONVS", "FILTER_LAYERS", "Group", "Trace", "eager", "trace"]
 
 
 @dataclass
 class Group:
-    """Layers that share one channel space: producers write it, BNs normalise it, readers read it."""
+    """Layers that share one channel space, by what a resize does to each."""
 
     channels: int
-    producers: list[str] = field(default_factory=list)
-    batchnorms: list[str] = field(default_factory=list)
-    readers: list[tuple[str, int]] = field(default_factory=list)  # (name, HW factor; 0 for a conv reader)
-    problems: list[str] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)    # conv (groups=1) / Linear writing it: weight rows, bias
+    batchnorms: list[str] = field(default_factory=list)   # per-channel affine and running statistics
+    norms: list[str] = field(default_factory=list)        # LayerNorm / GroupNorm over the channels: weight, bias
+    channelwise: list[str] = field(default_factory=list)  # grouped convs with in == out channels: rows, groups
+    scales: list[list] = field(default_factory=list)      # [parameter name, dim]: per-channel parameters (layer-scale)
+    readers: list[tuple[str, int, int]] = field(default_factory=list)  # (name, hw, offset): input slices
+    problems: list[str] = field(default_factory=list)     # why it cannot be resized at all
+    inexact: list[str] = field(default_factory=list)      # why copying channels cannot keep the function
+    block: int = 1                                        # its channels change in whole blocks of this many
+    group_norms: dict[str, int] = field(default_factory=dict)  # GroupNorm name -> its number of groups
 
     def check(self, action: str) -> None:
-        from .errors import SteeringError
         if self.problems:
             raise SteeringError(f"cannot {action}: coupled layers {sorted(self.producers)} — "
                                 + "; ".join(sorted(set(self.problems))))
 
+    def members(self) -> list[str]:
+        """Every module whose tensors the resize replaces."""
+        return [*self.producers, *self.batchnorms, *self.norms, *self.channelwise, *(r for r, _, _ in self.readers)]
+
 
 @dataclass
 class Trace:
-    calls: dict[str, int]                    # name -> number of calls
+    """One traced forward: per hooked module its calls and shapes, who uses its output, and the coupling groups."""
+
+    calls: dict[str, int]
     in_shape: dict[str, tuple]
     out_shape: dict[str, tuple]
-    groups: dict[str, Group]                 # producer name -> its group (shared objects)
     followers: dict[str, list[str]]          # module name -> type names of autograd nodes that use its output
     follower_modules: dict[str, list[str]]   # module name -> names of hooked modules that use its output directly
+    module: nn.Module
+    rec: ForwardRecord
+    graph: tp.DependencyGraph
+
+    def group(self, name: str) -> Group | None:
+        """The coupled group of ``name``'s output channels (None if ``name`` did not run on the example input)."""
+        return _GroupBuilder(self, name).build()
 
 
-def _walk(start, out_of: dict[int, str], bn_in: dict[str, object], kinds: dict[str, str], input_node):
-    """Walk back from ``start``; return producers, BNs, problems, whether a view was crossed, and input reached."""
-    producers, bns, problems = set(), set(), []
-    views = []
-    reached_input = False
-    stack, seen = [start], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        name = out_of.get(id(node))
-        if name is not None:
-            kind = kinds[name]
-            if kind in ("conv", "linear"):
-                producers.add(name)
-            elif kind == "bn":
-                bns.add(name)
-                stack.append(bn_in[name])
-            else:
-                problems.append(f"unsupported layer {name} ({kind}) in the channel path")
-                # on to the producers behind it, not into its own parameters (no "parameter used directly" then)
-                stack.extend(n for n, _ in node.next_functions if type(n).__name__ != "AccumulateGrad")
-            continue
-        if node is input_node:
-            reached_input = True
-            continue
-        tname = type(node).__name__
-        nexts = [n for n, _ in node.next_functions]
-        if tname in PRESERVING:
-            stack.extend(nexts[:1])
-        elif tname in COUPLING:
-            stack.extend(nexts)
-        elif tname in SCALAR_BINARY and len(nexts) == 2 and nexts[1] is None:
-            stack.append(nexts[0])
-        elif tname in SQUEEZES and _keeps_channel_dim(node):
-            stack.extend(nexts[:1])
-        elif tname in VIEWS:
-            views.append(node)
-            stack.extend(nexts[:1])
-        elif tname == "MeanBackward1" and 1 not in tuple(getattr(node, "_saved_dim", (1,))):
-            stack.extend(nexts[:1])
-        elif tname == "AccumulateGrad":
-            problems.append("a parameter used directly in forward")
-        else:
-            problems.append(f"unsupported operation {tname}")
-            stack.extend(nexts)
-    return producers, bns, problems, views, reached_input
-
-
-def _keeps_channel_dim(node) -> bool:
-    """Whether a squeeze/unsqueeze node leaves dims 0 and 1 (batch, channels) where they are: its dim is ≥ 2, or,
-    for an unsqueeze, −1 or −2 (what 1-D pooling inserts behind a ``[N, C, L]`` map). Dims are saved as unsigned
-    64-bit values, negative ones wrapped."""
-    dim = getattr(node, "_saved_dim", None)
-    if not isinstance(dim, int):
-        return False
-    if dim >= 2 ** 63:
-        dim -= 2 ** 64
-    if dim < 0 and type(node).__name__ == "SqueezeBackward1":
-        dim += len(getattr(node, "_saved_self_sym_sizes", ()))
-    return dim >= 2 or (type(node).__name__ == "UnsqueezeBackward0" and dim in (-1, -2))
-
-
-def eager():
-    """Run compiled modules eagerly (so the autograd graph shows the real ops), if dynamo is in use."""
-    if "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
-        return torch.compiler.set_stance("force_eager")
-    return contextlib.nullcontext()
-
-
-@dataclass
-class _Forward:
-    """What one hooked forward recorded: per hooked module its calls, input and output autograd nodes and shapes."""
-
-    x: torch.Tensor
-    outputs: list
-    calls: dict[str, int] = field(default_factory=dict)
-    in_node: dict[str, object] = field(default_factory=dict)   # a grad_fn, or ("input", x) for the raw input
-    out_node: dict[str, object] = field(default_factory=dict)
-    in_shape: dict[str, tuple] = field(default_factory=dict)
-    out_shape: dict[str, tuple] = field(default_factory=dict)
-    keep: list = field(default_factory=list)  # keeps graph nodes alive so their ids stay unique
-
-
-def _layer_kinds(module: nn.Module) -> dict[str, str]:
-    """``{name: "conv" | "linear" | "bn" | class name}`` of every module that takes part in the channel walk: the
-    layers the engine can resize, BatchNorms, and any other module with parameters of its own."""
-    kinds = {}
-    for name, mod in module.named_modules():
-        if isinstance(mod, CONVS):
-            kinds[name] = "conv"
-        elif isinstance(mod, nn.Linear):
-            kinds[name] = "linear"
-        elif isinstance(mod, _BatchNorm):
-            kinds[name] = "bn"
-        elif any(True for _ in mod.parameters(recurse=False)):
-            kinds[name] = type(mod).__name__
-    return kinds
-
-
-def _run_hooked(module: nn.Module, example_input: torch.Tensor, kinds: dict[str, str]) -> _Forward:
-    """One eval-mode forward with grad on, hooks on the modules of ``kinds``; the training modes are restored."""
-    names = {id(m): n for n, m in module.named_modules()}
-    param = next(module.parameters(), None)
-    x = example_input.detach()
-    if param is not None:
-        x = x.to(param.device)
-    x = x.clone().requires_grad_(x.is_floating_point())
-    rec = _Forward(x=x, outputs=[])
-
-    def hook(mod, inputs, output):
-        name = names[id(mod)]
-        rec.calls[name] = rec.calls.get(name, 0) + 1
-        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
-            rec.out_node[name] = output.grad_fn
-            rec.out_shape[name] = tuple(output.shape)
-            rec.keep.append(output.grad_fn)
-        if x is not None:
-            rec.in_node[name] = x.grad_fn if x.grad_fn is not None else ("input", x)
-            rec.in_shape[name] = tuple(x.shape)
-
-    handles = [mod.register_forward_hook(hook) for name, mod in module.named_modules() if name in kinds]
-    modes = {m: m.training for m in module.modules()}
-    try:
-        module.eval()
-        with torch.enable_grad(), eager():
-            output = module(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    rec.outputs = [output] if isinstance(output, torch.Tensor) else (
-        list(output.values()) if isinstance(output, dict) else list(output))
-    return rec
-
-
-def _index_graph(rec: _Forward) -> tuple[object, dict[int, list]]:
-    """``(input_node, users)``: the AccumulateGrad node of the example input (None if the output does not depend
-    on it) and, per node id, the nodes that use its output."""
-    input_node = None
-    stack = [o.grad_fn for o in rec.outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
-    seen: set[int] = set()
-    users: dict[int, list] = {}
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        rec.keep.append(node)
-        if type(node).__name__ == "AccumulateGrad" and getattr(node, "variable", None) is rec.x:
-            input_node = node
-        for nxt, _ in node.next_functions:
-            if nxt is not None:
-                users.setdefault(id(nxt), []).append(node)
-                stack.append(nxt)
-    return input_node, users
-
-
-def _new_groups(module: nn.Module, kinds: dict[str, str], rec: _Forward, find) -> dict[str, Group]:
-    """One group per union of producers (``find`` gives a producer's representative), keyed by every producer,
-    with the problems each producer brings on its own."""
-    groups: dict[str, Group] = {}
-    for name, kind in kinds.items():
-        if kind not in ("conv", "linear") or name not in rec.out_node:
-            continue
-        root = find(name)
-        if root not in groups:
-            groups[root] = Group(channels=rec.out_shape[name][1])
-        g = groups[root]
-        g.producers.append(name)
-        groups[name] = g
-        mod = module.get_submodule(name)
-        if kind == "linear" and len(rec.out_shape[name]) != 2:
-            g.problems.append(f"{name} is a Linear layer with a {list(rec.out_shape[name])} output (its channels "
-                              "can be changed only when it outputs [batch, features])")
-        elif kind == "conv" and mod.groups != 1:
-            g.problems.append(f"{name} is a grouped/depthwise conv (groups={mod.groups})")
-        if rec.calls.get(name, 0) > 1:
-            g.problems.append(f"{name} is called {rec.calls[name]} times in forward (shared weights)")
-    return groups
-
-
-def _linear_reader_factor(views: list, in_shape: tuple, channels: int) -> tuple[bool, int]:
-    """``(ok, hw)`` for a Linear that reads ``channels``: ok when it reads ``[batch, channels]`` directly or through
-    one flatten of ``[batch, channels, *spatial]``; ``hw`` is the product of the spatial sizes."""
-    ok = len(views) <= 1
-    hw = 1
-    if views:
-        sizes = tuple(getattr(views[0], "_saved_self_sym_sizes", ()))
-        ok = ok and len(sizes) >= 2 and sizes[1] == channels and len(in_shape) == 2
-        for s in sizes[2:]:
-            hw *= int(s)
-    else:
-        ok = ok and len(in_shape) == 2
-    return ok, hw
-
-
-def _add_reader(module: nn.Module, g: Group, name: str, kind: str, walk: tuple, rec: _Forward) -> None:
-    """Add ``name`` as a reader of ``g``, with the problems of how it reads the group's channels."""
-    producers, bns, problems, views, reached_input = walk
-    if reached_input:
-        g.problems.append(f"the model input is added into the channels read by {name}")
-    mod = module.get_submodule(name)
-    if kind == "conv":
-        if views:
-            g.problems.append(f"{name} reads the channels through a reshape")
-        if mod.groups != 1:
-            g.problems.append(f"reader {name} is a grouped/depthwise conv (groups={mod.groups})")
-        elif mod.in_channels != g.channels:
-            g.problems.append(f"{name} reads {mod.in_channels} channels, not the {g.channels} produced")
-        g.readers.append((name, 0))
-    else:
-        ok, hw = _linear_reader_factor(views, rec.in_shape[name], g.channels)
-        if not ok or mod.in_features != g.channels * hw:
-            g.problems.append(f"{name} reads the channels through an unsupported reshape")
-        g.readers.append((name, hw))
-    if rec.calls.get(name, 0) > 1:
-        g.problems.append(f"reader {name} is called {rec.calls[name]} times in forward")
-
-
-def _attach_loose_batchnorms(kinds: dict[str, str], groups: dict[str, Group], bn_in: dict, out_of: dict) -> None:
-    """A BN reading the raw input or found on no reader's path joins whatever produced its input, if any."""
-    attached = {b for g in groups.values() for b in g.batchnorms}
-    for name, kind in kinds.items():
-        if kind == "bn" and name not in attached:
-            node = bn_in.get(name)
-            if node is not None and id(node) in out_of and out_of[id(node)] in groups:
-                groups[out_of[id(node)]].batchnorms.append(name)
+def _hooked(module: nn.Module) -> list[str]:
+    """The modules the trace hooks: convs, Linear, norms, and every other module with parameters of its own."""
+    return [name for name, mod in module.named_modules()
+            if name and (isinstance(mod, (*CONVS, nn.Linear, _BatchNorm, *NORMS))
+                         or any(True for _ in mod.parameters(recurse=False)))]
 
 
 def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
-    """Run one eval-mode forward on ``example_input`` and derive every channel group (see module docstring)."""
-    kinds = _layer_kinds(module)
-    rec = _run_hooked(module, example_input, kinds)
-    input_node, users = _index_graph(rec)
-    out_of = {id(node): name for name, node in rec.out_node.items()}
-    bn_in = {n: (rec.in_node[n] if not isinstance(rec.in_node.get(n), tuple) else None)
-             for n in kinds if kinds[n] == "bn"}
-    parent: dict[str, str] = {}
+    """One eval-mode forward on ``example_input`` recording the hooked modules and Torch-Pruning's dependency graph."""
+    graph = tp.DependencyGraph()
 
-    def find(a):
-        while parent.setdefault(a, a) != a:
-            a = parent[a]
-        return a
+    def run(forward):
+        out = {}
 
-    walks = []  # what each conv/Linear reads: the walk back from its input
-    for name, kind in kinds.items():
-        start = rec.in_node.get(name)
-        if kind not in ("conv", "linear") or start is None or isinstance(start, tuple):  # tuple: the raw input
-            continue
-        walk = _walk(start, out_of, bn_in, kinds, input_node)
-        walks.append((name, walk))
-        plist = sorted(walk[0])
-        for p in plist[1:]:
-            parent[find(p)] = find(plist[0])
-    groups = _new_groups(module, kinds, rec, find)
-    for name, walk in walks:
-        producers, bns, problems = walk[:3]
-        if not producers:
-            continue
-        g = groups[next(iter(producers))]
-        g.batchnorms.extend(b for b in bns if b not in g.batchnorms)
-        g.problems.extend(problems)
-        if not any(problem.startswith("unsupported layer") for problem in problems):
-            # (else it reads that layer's channels, not the producers': its own checks would only add noise)
-            _add_reader(module, g, name, kinds[name], walk, rec)
-    for o in rec.outputs:
-        if isinstance(o, torch.Tensor) and o.grad_fn is not None:
-            producers, bns = _walk(o.grad_fn, out_of, bn_in, kinds, input_node)[:2]
-            for p in producers:
-                groups[p].problems.append(f"{p}'s channels reach the model output directly")
-                groups[p].batchnorms.extend(b for b in bns if b not in groups[p].batchnorms)
-    _attach_loose_batchnorms(kinds, groups, bn_in, out_of)
-    followers = {name: [type(u).__name__ for u in users.get(id(node), [])] for name, node in rec.out_node.items()}
+        def forward_fn(_model, _inputs):
+            out["value"] = forward()
+            return out["value"]
+
+        graph.build_dependency(module, example_inputs=example_input, forward_fn=forward_fn, verbose=False)
+        return out["value"]
+
+    rec = record(module, example_input, _hooked(module), run=run)
+    users = rec.users()
+    out_of = {id(node): name for name, node in rec.output_node.items()}
+    followers = {name: [type(u).__name__ for u in users.get(id(node), [])] for name, node in rec.output_node.items()}
     follower_modules = {name: [out_of[id(u)] for u in users.get(id(node), []) if id(u) in out_of]
-                        for name, node in rec.out_node.items()}
-    return Trace(calls=rec.calls, in_shape=rec.in_shape, out_shape=rec.out_shape, groups=groups,
-                 followers=followers, follower_modules=follower_modules)
+                        for name, node in rec.output_node.items()}
+    return Trace(calls=rec.calls, in_shape=rec.in_shape, out_shape=rec.out_shape, followers=followers,
+                 follower_modules=follower_modules, module=module, rec=rec, graph=graph)
+
+
+def _out_fn(mod: nn.Module):
+    return tp.prune_linear_out_channels if isinstance(mod, nn.Linear) else tp.prune_conv_out_channels
+
+
+def _channelwise(mod: nn.Module) -> bool:
+    """A grouped conv whose output channel c reads only input channels of c's own group, in == out: its input and
+    output channels are one space (depthwise convs, RegNet's and ResNeXt's group convs)."""
+    return isinstance(mod, CONVS) and mod.groups > 1 and mod.in_channels == mod.out_channels
+
+
+class _GroupBuilder:
+    """Turns Torch-Pruning's pruning groups around one layer into a :class:`Group` (see the module docstring)."""
+
+    def __init__(self, t: Trace, name: str) -> None:
+        self.t, self.name = t, name
+        self.names = {mod: n for n, mod in t.module.named_modules()}
+        self.order = {n: i for i, n in enumerate(self.names.values())}
+        self.params = {id(p): n for n, p in t.module.named_parameters()}
+        self.seen: set[tuple[str, bool]] = set()
+        self.positions: dict[str, dict[int, list[int]]] = {}  # reader -> channel -> its input positions
+
+    def build(self) -> Group | None:
+        mod = self.t.module.get_submodule(self.name)
+        if mod not in self.t.graph.module2node or self.name not in self.t.rec.output_node:
+            return None
+        self.group = Group(channels=int(mod.weight.shape[0]))
+        pending = [(mod, _out_fn(mod))]
+        while pending:
+            m, fn = pending.pop()
+            pending.extend(self._add_items(m, fn))
+        self._finish()
+        return self.group
+
+    def _add_items(self, mod: nn.Module, fn) -> list:
+        """Classify the items of ``mod``'s pruning group; return channelwise convs whose other side must join."""
+        more = []
+        items = self.t.graph.get_pruning_group(mod, fn, idxs=list(range(self.group.channels)))
+        for item in items.items:
+            target = item.dep.target.module
+            is_out = self.t.graph.is_out_channel_pruning_fn(item.dep.handler)
+            if isinstance(target, nn.Parameter):
+                self._scale(target, item.dep.target.pruning_dim)
+            elif isinstance(target, tp_ops._OutputOp):
+                self.group.problems.append(f"{self.name}'s channels reach the model output directly")
+            elif isinstance(target, SPLITS):
+                self.group.problems.append(f"the channels are split or sliced ({type(target).__name__[1:-2]})")
+            elif isinstance(target, nn.Module) and target in self.names and not type(target).__module__.startswith(
+                    "torch_pruning"):
+                name = self.names[target]
+                if (name, is_out) in self.seen:
+                    continue
+                self.seen.add((name, is_out))
+                if _channelwise(target):
+                    for side in (tp.prune_conv_out_channels, tp.prune_conv_in_channels):
+                        if (name, side is tp.prune_conv_out_channels) not in self.seen:
+                            more.append((target, side))
+                self._member(name, target, is_out, item)
+        return more
+
+    def _scale(self, param: nn.Parameter, dim: int) -> None:
+        name = self.params.get(id(param), "a parameter")
+        per_channel = (0 <= dim < param.dim() and param.shape[dim] == self.group.channels
+                       and all(s == 1 for i, s in enumerate(param.shape) if i != dim))
+        if not per_channel:
+            self.group.problems.append(f"parameter {name} {list(param.shape)} is used directly in forward on the "
+                                       "channels and is not one value per channel")
+        elif [name, dim] not in self.group.scales:
+            self.group.scales.append([name, dim])
+
+    def _member(self, name: str, mod: nn.Module, is_out: bool, item) -> None:
+        g = self.group
+        calls = self.t.calls.get(name, 0)
+        if calls > 1:
+            g.problems.append(f"{name} is called {calls} times in forward (shared weights)")
+        if _channelwise(mod):
+            g.channelwise.append(name)
+            g.block = math.lcm(g.block, mod.in_channels // mod.groups)
+        elif isinstance(mod, CONVS) and mod.groups > 1:
+            g.problems.append(f"{name} is a grouped conv ({mod.groups} groups, {mod.in_channels} → "
+                              f"{mod.out_channels} "
+                              "channels) whose output channels are not its input channels; only grouped convs with "
+                              "in == out channels (depthwise, group convs) change with the channels they read")
+        elif isinstance(mod, FILTER_LAYERS):
+            if is_out:
+                g.producers.append(name)
+            else:
+                self.positions[name] = self._positions(item)
+        elif isinstance(mod, _BatchNorm):
+            g.batchnorms.append(name)
+        elif isinstance(mod, nn.LayerNorm) and tuple(mod.normalized_shape) == (g.channels,):
+            g.norms.append(name)
+            g.inexact.append(f"LayerNorm {name} normalises over the channels (copies change its mean and variance)")
+        elif isinstance(mod, nn.GroupNorm):
+            g.norms.append(name)
+            g.group_norms[name] = mod.num_groups
+            g.inexact.append(f"GroupNorm {name} normalises over groups of channels (copies change their mean and "
+                             "variance)")
+        else:
+            g.problems.append(f"unsupported layer {name} ({type(mod).__name__}) in the channel path")
+
+    @staticmethod
+    def _positions(item) -> dict[int, list[int]]:
+        positions: dict[int, list[int]] = {}
+        for idx, root in zip(item.idxs, item.root_idxs):
+            positions.setdefault(int(root), []).append(int(idx))
+        return positions
+
+    def _reader(self, name: str, positions: dict[int, list[int]]) -> tuple[str, int, int] | None:
+        """``(name, hw, offset)`` when channel c owns the input positions offset + c·hw … offset + (c+1)·hw − 1 of
+        the reader (a flatten of channels-first maps, or a block of a concatenation); else a problem."""
+        g, mod = self.group, self.t.module.get_submodule(name)
+        if sorted(positions) != list(range(g.channels)):
+            g.problems.append(f"{name} reads only part of the channels")
+            return None
+        hw = len(positions[0])
+        offset = min(positions[0])
+        if any(sorted(positions[c]) != list(range(offset + c * hw, offset + (c + 1) * hw)) for c in positions):
+            g.problems.append(f"{name} reads the channels through an unsupported reshape")
+            return None
+        if isinstance(mod, CONVS) and hw != 1:
+            g.problems.append(f"{name} reads the channels through a reshape")
+            return None
+        if hw > 1 and self._permuted(name):
+            g.problems.append(f"{name} reads a flatten of permuted (channels-last) maps; only a flatten of "
+                              "channels-first maps maps channels to columns")
+            return None
+        return name, (hw if isinstance(mod, nn.Linear) else 0), offset
+
+    def _permuted(self, name: str) -> bool:
+        """Whether a permute or transpose lies between ``name``'s input and the modules that produced it."""
+        outputs = {id(node) for node in self.t.rec.output_node.values()}
+        stack, seen = list(self.t.rec.inputs.get(name, [])), set()
+        while stack:
+            node = stack.pop()
+            if node is None or node is INPUT or id(node) in seen or id(node) in outputs:
+                continue
+            seen.add(id(node))
+            if type(node).__name__ in PERMUTES:
+                return True
+            stack.extend(n for n, _ in node.next_functions)
+        return False
+
+    def _finish(self) -> None:
+        g, rec = self.group, self.t.rec
+        for name in g.producers:
+            if any(rec.output_node[name] is o.grad_fn for o in rec.outputs):
+                g.problems.append(f"{name}'s channels reach the model output directly")
+        for name, positions in self.positions.items():
+            reader = self._reader(name, positions)
+            if reader is not None:
+                g.readers.append(reader)
+        for key in ("producers", "batchnorms", "norms", "channelwise"):
+            setattr(g, key, sorted(set(getattr(g, key)), key=self.order.__getitem__))
+        g.readers.sort(key=lambda r: self.order[r[0]])
+        g.problems = list(dict.fromkeys(g.problems))
+        g.inexact = list(dict.fromkeys(g.inexact))

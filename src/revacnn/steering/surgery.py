@@ -112,43 +112,77 @@ def fix_attributes(mod: nn.Module) -> None:
         mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else mod.weight.shape[0]
 
 
+def _resize_rows(mod: nn.Module, attrs: tuple[str, ...], index: list[int], state_scale, records) -> None:
+    for attr in attrs:
+        t = getattr(mod, attr, None)
+        if t is not None:
+            _replace(mod, attr, select(t.detach(), 0, index), 0, index, state_scale, records)
+
+
+def _reader_columns(in_dim: int, channels: int, hw: int, offset: int, index: list[int], in_scale):
+    """The input columns (and their scales) of a reader whose channel c owns columns offset + c·hw … offset +
+    (c+1)·hw − 1; the columns before and after that block (other parts of a concatenation) stay, scale 1."""
+    cols, scale = flatten_index(index, hw, in_scale)
+    cols = [offset + c for c in cols]
+    before, after = list(range(offset)), list(range(offset + channels * hw, in_dim))
+    if scale is not None:
+        scale = [1.0] * len(before) + scale + [1.0] * len(after)
+    return before + cols + after, scale
+
+
 def resize_channels(module: nn.Module, plan: dict) -> list:
     """Re-index one channel group: ``plan["index"][j]`` is the old channel that new channel j comes from.
 
-    - producers (conv, or Linear with a ``[batch, features]`` output): weight rows and bias entries re-indexed
-      (copies are exact duplicates);
+    - producers (conv with groups=1, or Linear, also on channels-last tokens): weight rows and bias entries
+      re-indexed (copies are exact duplicates);
     - batchnorms: gamma, beta, running_mean, running_var re-indexed (num_batches_tracked kept);
-    - readers: input slices re-indexed and multiplied by ``plan["in_scale"][j]`` (conv: dim 1; Linear: its
-      columns, or after a flatten the hw columns of each channel).
+    - norms (LayerNorm / GroupNorm over the channels): weight and bias re-indexed, the size attribute set;
+    - channelwise (grouped convs with in == out channels, depthwise): weight rows and bias re-indexed, ``groups``
+      follows (the index moves whole groups: a copied channel keeps its kernel);
+    - scales (``[parameter name, dim]``: per-channel parameters such as layer-scale): re-indexed along dim;
+    - readers (``[name, hw]`` or ``[name, hw, offset]``): input slices re-indexed and multiplied by
+      ``plan["in_scale"][j]`` (conv: dim 1; Linear: its columns, after a flatten the hw columns of each channel;
+      ``offset``: where the group's block starts in a concatenation).
 
     Preserves: every kept slice bitwise (except reader slices whose scale is not 1); with index = a Net2Net
     mapping and scales summing to 1 over the copies of each source, the network function exactly (up to float
-    rounding of the split). Returns optimizer records ``(old_param, new_param, dim, index, state_scale)``;
-    ``state_scale`` (producer side only) says how the source's optimizer state is scaled for each new slice.
+    rounding of the split) unless a LayerNorm/GroupNorm normalises over the channels. Returns optimizer records
+    ``(old_param, new_param, dim, index, state_scale)``; ``state_scale`` (producer side only) says how the
+    source's optimizer state is scaled for each new slice.
     """
     index = list(plan["index"])
     in_scale = plan.get("in_scale")
     state_scale = plan.get("state_scale")
+    channels = plan.get("channels")
     records: list = []
     for name in plan["producers"]:
         mod = module.get_submodule(name)
-        _replace(mod, "weight", select(mod.weight.detach(), 0, index), 0, index, state_scale, records)
-        if mod.bias is not None:
-            _replace(mod, "bias", select(mod.bias.detach(), 0, index), 0, index, state_scale, records)
+        _resize_rows(mod, ("weight", "bias"), index, state_scale, records)
+        fix_attributes(mod)
+    for name in plan.get("channelwise", []):
+        mod = module.get_submodule(name)
+        _resize_rows(mod, ("weight", "bias"), index, state_scale, records)
+        mod.groups = len(index) // mod.weight.shape[1]
         fix_attributes(mod)
     for name in plan["batchnorms"]:
         mod = module.get_submodule(name)
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(mod, attr, None)
-            if t is not None:
-                _replace(mod, attr, select(t.detach(), 0, index), 0, index, state_scale, records)
-        fix_attributes(mod)
-    for name, hw in plan["readers"]:
+        _resize_rows(mod, ("weight", "bias", "running_mean", "running_var"), index, state_scale, records)
+        mod.num_features = len(index)
+    for name in plan.get("norms", []):
         mod = module.get_submodule(name)
-        if hw:
-            cols, scale = flatten_index(index, hw, in_scale)
+        _resize_rows(mod, ("weight", "bias"), index, state_scale, records)
+        if isinstance(mod, nn.GroupNorm):
+            mod.num_channels = len(index)
         else:
-            cols, scale = index, in_scale
+            mod.normalized_shape = (len(index),)
+    for name, dim in plan.get("scales", []):
+        owner, attr = parent_of(module, name)
+        _replace(owner, attr, select(getattr(owner, attr).detach(), dim, index), dim, index, state_scale, records)
+    for name, hw, *rest in plan["readers"]:
+        mod = module.get_submodule(name)
+        in_dim = mod.weight.shape[1]
+        group_channels = channels if channels is not None else in_dim // (hw or 1)
+        cols, scale = _reader_columns(in_dim, group_channels, hw or 1, rest[0] if rest else 0, index, in_scale)
         _replace(mod, "weight", select(mod.weight.detach(), 1, cols, scale), 1, cols, None, records)
         fix_attributes(mod)
     return records

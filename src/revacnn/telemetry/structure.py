@@ -1,7 +1,8 @@
 """The model's structure as the protocol's ``structure`` message describes it, traced through autograd.
 
-Edges come from the autograd graph of one forward pass on the probe images, so functional operations in
-``forward`` (``F.relu``, ``torch.flatten``, residual ``+``) are seen without changing or scripting the model.
+Edges come from the autograd graph of one forward pass on the probe images (``revacnn.tracer``, the same traced
+forward steering's coupling analysis uses), so functional operations in ``forward`` (``F.relu``,
+``torch.flatten``, residual ``+``) are seen without changing or scripting the model.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from revacnn.telemetry.activations import eval_mode
 from revacnn.telemetry.probes import filter_count
+from revacnn.tracer import INPUT, record
 
 _MAX_GRAPH_NODES = 200_000
-INPUT = "input"  # the model input, as an edge source
 
 
 def _pair(value: Any) -> list[int]:
@@ -45,40 +45,24 @@ def trace(module: nn.Module, images: torch.Tensor, monitored: Sequence[str]) -> 
     """Leaf modules in forward order with output shapes, leaf-module edges, and edges between monitored layers.
 
     Returns ``{"order": [names of leaf modules and monitored layers as called], "output_shapes": {name: shape
-    without batch}, "modules": [...], "edges": [...], "layer_edges": [...]}``. Runs one forward in eval mode.
+    without batch}, "modules": [...], "edges": [...], "layer_edges": [...]}``. Runs one forward in eval mode
+    (``revacnn.tracer.record``) on the first image.
     """
     monitored_set = set(monitored)
     watched = {name: sub for name, sub in module.named_modules()
                if name and (name in monitored_set or not any(True for _ in sub.children()))}
-    order: list[str] = []
-    shapes: dict[str, list[int]] = {}
-    producers: dict[Any, str] = {}
-    consumers: dict[str, list[Any]] = {}
+    rec = record(module, images[:1], watched)
+    order = rec.order
+    shapes = {name: list(shape[1:]) for name, shape in rec.out_shape.items()}
+    producers = {}
+    for name in order:  # the first module to output a node owns it
+        node = rec.output_node.get(name)
+        if node is not None and node not in producers:
+            producers[node] = name
 
-    def hook(name: str):
-        def record(_module, inputs, output):
-            if name in shapes or not isinstance(output, torch.Tensor):
-                return
-            order.append(name)
-            shapes[name] = list(output.shape[1:])
-            tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-            consumers[name] = [INPUT if t is source else t.grad_fn for t in tensors if t is source or t.grad_fn]
-            passes_through = any(output is t for t in tensors)  # nn.Identity & co. produce nothing new
-            if output.grad_fn is not None and output.grad_fn not in producers and not passes_through:
-                producers[output.grad_fn] = name
-        return record
-
-    source = images[:1].detach().clone().requires_grad_(True)
-    handles = [sub.register_forward_hook(hook(name)) for name, sub in watched.items()]
-    try:
-        with eval_mode(module), torch.enable_grad():
-            module(source)
-    finally:
-        for handle in handles:
-            handle.remove()
     def sources(name: str, stop: dict[Any, str]) -> set[str]:
         found: set[str] = set()
-        queue, seen = deque(consumers.get(name, [])), set()
+        queue, seen = deque(rec.inputs.get(name, [])), set()
         while queue and len(seen) < _MAX_GRAPH_NODES:
             node = queue.popleft()
             if node is None or node in seen:
@@ -92,7 +76,7 @@ def trace(module: nn.Module, images: torch.Tensor, monitored: Sequence[str]) -> 
                 found.add(owner)
                 continue
             variable = getattr(node, "variable", None)
-            if variable is not None and variable is source:
+            if variable is not None and variable is rec.x:
                 found.add("input")
                 continue
             queue.extend(next_node for next_node, _ in node.next_functions)

@@ -29,9 +29,31 @@ def _resize_plan(op: str, name: str, group: Group, index: list[int], how: dict, 
                  state_scale: list[float] | None) -> dict:
     """The change-log entry of a resize: the op's own fields (``how``), the group, which channels it keeps
     (``index``, with repeats for copies) and how their outgoing weights and optimizer state scale."""
-    return {"op": op, "layer": name, **how, "producers": list(group.producers), "batchnorms": list(group.batchnorms),
-            "readers": [[r, hw] for r, hw in group.readers], "index": index, "in_scale": in_scale,
-            "state_scale": state_scale}
+    return {"op": op, "layer": name, **how, "channels": group.channels, "producers": list(group.producers),
+            "batchnorms": list(group.batchnorms), "norms": list(group.norms), "channelwise": list(group.channelwise),
+            "scales": [list(s) for s in group.scales], "readers": [list(r) for r in group.readers], "index": index,
+            "in_scale": in_scale, "state_scale": state_scale}
+
+
+def _check_group_norms(op: str, group: Group, width: int) -> None:
+    """A GroupNorm in the group needs a channel count its number of groups divides."""
+    for norm, groups in group.group_norms.items():
+        if width % groups:
+            raise SteeringError(f"{op}: GroupNorm {norm} splits the channels into {groups} groups; the new channel "
+                                f"count {width} is not a multiple of {groups}")
+
+
+def _check_whole_blocks(op: str, group: Group, filters: list[int]) -> None:
+    """Removing from a group with grouped convs: whole conv groups only (their channels are read together)."""
+    b = group.block
+    if b == 1:
+        return
+    removed = set(filters)
+    partial = sorted({f // b for f in removed if any(c not in removed for c in range(f // b * b, f // b * b + b))})
+    if partial:
+        raise SteeringError(f"{op}: the grouped conv(s) {group.channelwise} read these channels in groups of {b}; "
+                            f"remove whole groups (filters {partial[0] * b}…{partial[0] * b + b - 1} for group "
+                            f"{partial[0]}), not part of one")
 
 
 def _net2net_shares(index: list[int], rng: random.Random, split: str) -> list[float]:
@@ -56,23 +78,35 @@ def _random_fill(engine: SteeringEngine, plan: dict, width: int, seed: int):
     def fill():
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for p in plan["producers"]:
+            for p in plan["producers"] + plan["channelwise"]:
                 mod = engine.module.get_submodule(p)
                 for t in (mod.weight, mod.bias):
                     if t is not None:
                         t[width:] = (torch.rand(t[width:].shape, generator=gen) * 0.4 - 0.2).to(t)
-            for r, hw in plan["readers"]:
+            for r, hw, offset in plan["readers"]:
                 w = engine.module.get_submodule(r).weight
-                lo = width * (hw or 1)
-                w[:, lo:] = (torch.rand(w[:, lo:].shape, generator=gen) * 0.4 - 0.2).to(w)
+                lo, hi = offset + width * (hw or 1), offset + len(plan["index"]) * (hw or 1)
+                w[:, lo:hi] = (torch.rand(w[:, lo:hi].shape, generator=gen) * 0.4 - 0.2).to(w)
     return fill
+
+
+def _sources(op: str, group: Group, count: int, rng: random.Random) -> list[int]:
+    """The channel each new channel copies: any channel, or with grouped convs in the group whole conv groups
+    (a copied group keeps its kernels, which read only that group's channels)."""
+    b = group.block
+    if count % b:
+        raise SteeringError(f"{op}: the grouped conv(s) {group.channelwise} read these channels in groups of {b}; "
+                            f"widen by a multiple of {b} (whole groups), not {count}")
+    return [s * b + k for s in (rng.randrange(group.channels // b) for _ in range(count // b)) for k in range(b)]
 
 
 def widen(engine: SteeringEngine, args: dict):
     """Add ``count`` filters to a layer's coupled group, copies of random existing ones (net2net) or random.
 
-    Preserves (net2net): the function exactly (eval and train mode), the old filters and their optimizer-state
-    slices bitwise. ``random`` preserves the old filters and state slices, not the function.
+    Preserves (net2net): the function exactly (eval and train mode) unless a LayerNorm/GroupNorm normalises over
+    the channels (then refused, or with ``allow_inexact`` applied and the measured change reported), the old
+    filters and their optimizer-state slices bitwise; copies start from their source's optimizer state.
+    ``random`` preserves the old filters and state slices, not the function.
     """
     op = "widen"
     name = engine.layer_arg(args, "layer", op)
@@ -82,18 +116,27 @@ def widen(engine: SteeringEngine, args: dict):
     init = C.get_choice(args, "init", op, ("net2net", "random"))
     split = C.get_choice(args, "split", op, ("uneven", "even"))
     seed = C.get_int(args, "seed", op, default=0)
+    allow_inexact = C.get_bool(args, "allow_inexact", op, False)
     group = engine.channel_group(name, op)
     width = group.channels
+    if init == "net2net" and group.inexact and not allow_inexact:
+        raise SteeringError(f"widen: copies of {name}'s channels cannot keep the function: "
+                            + "; ".join(group.inexact) + ". Pass allow_inexact=true to widen anyway; the ack "
+                            "then reports the measured output change")
+    _check_group_norms(op, group, width + count)
     rng = random.Random(seed)
-    sources = [rng.randrange(width) for _ in range(count)]
+    sources = _sources(op, group, count, rng)
     index = list(range(width)) + sources
     share = _net2net_shares(index, rng, split) if init == "net2net" else [1.0] * len(index)
     state_scale = [1.0 if j < width else share[j] / share[index[j]] for j in range(len(index))]
-    plan = _resize_plan("widen", name, group, index, {"init": init, "split": split, "seed": seed},
-                        share if init == "net2net" else None, state_scale)
+    how = {"init": init, "split": split, "seed": seed, "allow_inexact": allow_inexact}
+    plan = _resize_plan("widen", name, group, index, how, share if init == "net2net" else None, state_scale)
     fill = _random_fill(engine, plan, width, seed) if init == "random" else None
     changes, maps = engine.resize(op, name, group, plan, list(range(width)), count, fill)
-    changes.update(sources=sources, init=init, split=split, function_preserving=init == "net2net")
+    exact = init == "net2net" and not group.inexact
+    changes.update(sources=sources, init=init, split=split, function_preserving=exact)
+    if group.inexact and init == "net2net":
+        changes["inexact"] = list(group.inexact)
     return True, changes, maps
 
 
@@ -110,6 +153,8 @@ def remove_filters(engine: SteeringEngine, args: dict):
     if len(filters) >= width:
         raise SteeringError(f"remove_filters: cannot remove all {width} filters of {name}")
     group = engine.channel_group(name, op)
+    _check_whole_blocks(op, group, filters)
+    _check_group_norms(op, group, group.channels - len(filters))
     kept = [i for i in range(group.channels) if i not in set(filters)]
     plan = _resize_plan("remove_filters", name, group, kept, {"filters": sorted(filters)}, None, None)
     changes, maps = engine.resize(op, name, group, plan, kept, 0)
