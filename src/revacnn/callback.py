@@ -27,14 +27,15 @@ from revacnn.checkpoint import CheckpointHooks, ModelHistory, changelog_entry, h
 from revacnn.run import Run, Transport
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
 from revacnn.steering.loop import LoopControl
+from revacnn.steering.restore_store import RestorePolicy
 from revacnn.telemetry.probes import discover_layers
 from revacnn.telemetry.schedule import Schedule, StepWindow
 from revacnn.telemetry.session import Telemetry
 from revacnn.telemetry.validation import first_batch_tensors
 from revacnn.wire.acks import DONE, ERROR
-from revacnn.wire.ops import FREEZE_OPS, LOOP_OPS, SET_HPARAMS, STRUCTURAL_OPS
+from revacnn.wire.ops import CHANGING_OPS, FREEZE_OPS, HISTORY_OPS, LOOP_OPS, SET_HPARAMS, STRUCTURAL_OPS
 
-__all__ = ["ReVACNNCallback", "Schedule"]
+__all__ = ["ReVACNNCallback", "RestorePolicy", "Schedule"]
 
 
 class ReVACNNCallback(Callback):
@@ -79,6 +80,12 @@ class ReVACNNCallback(Callback):
             connection file then carries the trainer's public key, never its secret.
         on_recording_error: ``"warn"`` (default: warn once, keep training, the recording stops) or ``"stop"``
             (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
+        restore_points: when restore points are taken (before every changing command, and every
+            ``RestorePolicy.every_steps``) and how many are kept in memory and on disk; ``None``: none (``undo`` and
+            ``rewind`` are then refused). See docs/steering.md, "Undo and rewind".
+        on_divergence: the divergence guard (off by default): ``"rewind"`` (go back to the latest restore point
+            before the loss diverged), ``"pause"`` or ``"warn"``, when the loss is NaN/inf or far above its recent
+            level (``steering.divergence``; the rule is in docs/steering.md).
     """
 
     def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, scalars_every: int = 1,
@@ -87,7 +94,8 @@ class ReVACNNCallback(Callback):
                  control_port: int = 0, run_dir: str | os.PathLike | None = None, record: bool = True,
                  sign: bool = False, steering: bool = True, command_every: int = 10, queue_size: int = 64,
                  send_hwm: int = 100, insecure_bind: bool = False, curve: bool = False,
-                 keys_dir: str | os.PathLike | None = None, on_recording_error: str = "warn") -> None:
+                 keys_dir: str | os.PathLike | None = None, on_recording_error: str = "warn",
+                 restore_points: RestorePolicy | None = RestorePolicy(), on_divergence: str | None = None) -> None:
         super().__init__()
         if on_recording_error not in ("warn", "stop"):
             raise ValueError(f"on_recording_error must be 'warn' or 'stop', got {on_recording_error!r}")
@@ -113,6 +121,8 @@ class ReVACNNCallback(Callback):
         self.insecure_bind = insecure_bind
         self.curve = bool(curve) or keys_dir is not None
         self.keys_dir = keys_dir
+        self.restore_points = restore_points
+        self.on_divergence = on_divergence
 
         self.history = ModelHistory()   # kept from one fit to the next: a checkpoint must replay every change
         self._checkpoint_hooks = CheckpointHooks()
@@ -131,6 +141,7 @@ class ReVACNNCallback(Callback):
         self._commands = CommandBroadcast()
         self._probe_armed = False                            # the probe's state while a validation runs
         self._awaiting_shapes = False                        # lazy layers: telemetry starts after the first batch
+        self.rewinds = None                                  # restore points, undo, rewind (``steering.rewind``)
 
     # -- what the run and its telemetry hold, under the callback's names -----------------------------------------
     run_id = property(lambda self: self._run.run_id)
@@ -201,6 +212,11 @@ class ReVACNNCallback(Callback):
         if self._awaiting_shapes:
             rank_zero_info("revacnn: the model has lazy layers; telemetry and steering start once the first batch has "
                            "given them their shapes")
+        if self.steering and self.restore_points is not None:
+            from revacnn.steering.rewind import RunHistory
+
+            spill = self.run_dir / "restore_points" if trainer.is_global_zero and self.run_dir else None
+            self.rewinds = RunHistory(self.restore_points, spill)
         if trainer.is_global_zero:
             if trainer.ckpt_path:
                 # Known here, not in ``on_fit_start``: Lightning restores the loops' state in between.
@@ -241,6 +257,9 @@ class ReVACNNCallback(Callback):
         if self.engine is not None:
             self.engine.close()  # removes its optimizer step hooks
             self.engine = None
+        if self.rewinds is not None:
+            self.rewinds.close()
+            self.rewinds = None
         self._run.close()
 
     # -- every batch --------------------------------------------------------------------------------------------
@@ -251,6 +270,10 @@ class ReVACNNCallback(Callback):
             self._restore_frozen(trainer, pl_module, batch)
         if self.steering and self._window.starts and not self._awaiting_shapes:  # never inside one accumulated step
             self._steer(trainer, pl_module, batch)
+            if self.rewinds is not None:
+                self.rewinds.periodic(trainer, pl_module, self._steering_engine(trainer, pl_module, batch),
+                                      self.history)
+            step = self._window.batch_start_step = trainer.global_step   # an undo or rewind moved it
         if (self.probe is not None and self._window.starts
                 and self.schedule.due(step, step + self._window.steps_per_batch, self.schedule.filters_every)):
             self.probe.arm()  # until the step's measure: every batch of an accumulated gradient
@@ -355,8 +378,15 @@ class ReVACNNCallback(Callback):
                                         "at its next use); train without it to change the network's structure")
             return
         engine = self._steering_engine(trainer, pl_module, batch)
+        if op in HISTORY_OPS:
+            self._go_back(trainer, pl_module, command, engine)
+            return
+        point = (self.rewinds.before_command(trainer, pl_module, command, engine, self.history)
+                 if self.rewinds is not None and op in CHANGING_OPS else None)
         result = engine.apply({"id": command["id"], "op": op, "args": args})
         if not result.get("ok"):
+            if point is not None:
+                self.rewinds.discard(point)
             ack(command, ERROR, error=result.get("error") or "the steering engine refused it")
             return
         if result.get("structural"):
@@ -368,6 +398,25 @@ class ReVACNNCallback(Callback):
         done = {key: value for key, value in result.items() if key not in ("id", "op", "ok", "error")}
         done["revision"] = self.history.revision
         ack(command, DONE, result=done)
+
+    def _go_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, command: dict[str, Any],
+                 engine) -> None:
+        """``undo`` or ``rewind``: restore a point, then follow it as a change of structure (``steering.rewind``)."""
+        from revacnn.steering.errors import SteeringError
+
+        ack = self._acknowledger(trainer)
+        if self.rewinds is None:
+            ack(command, ERROR, error=f"{command.get('op')}: restore points are off (restore_points=None)")
+            return
+        self._telemetry(trainer, lambda: self.telemetry.steps.flush(trainer))  # the old branch's steps come first
+        try:
+            result = self.rewinds.apply(trainer, pl_module, command, engine, self.history, self._loop, ack)
+        except SteeringError as error:
+            ack(command, ERROR, error=str(error))
+            return
+        self._window.batch_start_step = trainer.global_step
+        self._after_restore(trainer, pl_module)
+        ack(command, DONE, result={**result, "revision": self.history.revision})
 
     def _restore_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Freeze again what was frozen when the checkpoint was saved (or the module's last fit ended), before the
@@ -413,6 +462,17 @@ class ReVACNNCallback(Callback):
         if hasattr(torch, "compiler"):
             torch.compiler.reset()
         self.telemetry.layers_changed(layers)
+        if self.publisher is not None:
+            self._telemetry(trainer, lambda: self._publish_structure(pl_module))
+            self._telemetry(trainer, lambda: self._publish_hparams(trainer))
+
+    def _after_restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Follow a restore point put back: new parameters (DDP wrapper, compiled graphs), layers, structure."""
+        if trainer.world_size > 1:
+            rewrap_ddp(trainer)
+        if hasattr(torch, "compiler"):
+            torch.compiler.reset()
+        self.telemetry.layers_changed(discover_layers(pl_module, self.layer_selectors))
         if self.publisher is not None:
             self._telemetry(trainer, lambda: self._publish_structure(pl_module))
             self._telemetry(trainer, lambda: self._publish_hparams(trainer))
