@@ -78,6 +78,7 @@ class Sequence(pl.Callback):
         self.client: RunClient | None = None
         self.acks: list[dict] = []
         self.losses: list[float] = []
+        self.steps: list[int] = []     # the step each loss was recorded at (trainer.global_step at batch end)
         self._wait = start
         self._outstanding: str | None = None
 
@@ -87,6 +88,7 @@ class Sequence(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+        self.steps.append(trainer.global_step)
         self._drain(0.0)
         if self._outstanding is None and self.commands:
             self._wait -= 1
