@@ -26,6 +26,7 @@ from torch import nn
 from revacnn.checkpoint import CheckpointHooks, ModelHistory, changelog_entry, has_lazy_parameters
 from revacnn.run import Run, Transport
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
+from revacnn.steering.divergence import DivergenceGuard, batch_loss
 from revacnn.steering.loop import LoopControl
 from revacnn.steering.restore_store import RestorePolicy
 from revacnn.telemetry.probes import discover_layers
@@ -104,6 +105,8 @@ class ReVACNNCallback(Callback):
                             ("val_subset", val_subset)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if on_divergence is not None and on_divergence not in ("rewind", "pause", "warn"):
+            raise ValueError(f"on_divergence must be 'rewind', 'pause', 'warn' or None, got {on_divergence!r}")
         if command_every < 1:
             raise ValueError(f"command_every must be ≥ 1, got {command_every!r}")
         self.layer_selectors = list(layers) if layers is not None else None
@@ -142,6 +145,8 @@ class ReVACNNCallback(Callback):
         self._probe_armed = False                            # the probe's state while a validation runs
         self._awaiting_shapes = False                        # lazy layers: telemetry starts after the first batch
         self.rewinds = None                                  # restore points, undo, rewind (``steering.rewind``)
+        self._guard = None if self.on_divergence is None else DivergenceGuard(self.on_divergence)
+        self._guard_commands: list[dict[str, Any]] = []       # what the divergence guard asked for, to broadcast
 
     # -- what the run and its telemetry hold, under the callback's names -----------------------------------------
     run_id = property(lambda self: self._run.run_id)
@@ -295,6 +300,8 @@ class ReVACNNCallback(Callback):
             self._awaiting_shapes = False
             if trainer.is_global_zero:
                 self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
+        if self._guard is not None and trainer.is_global_zero:
+            self._watch_divergence(trainer, outputs)
         previous = self._window.batch_start_step
         stepped = self._window.batch_ended(trainer.global_step)  # on every rank: steering follows it
         if stepped and self.probe is not None and self.probe.holding:  # several optimizers stepped this batch
@@ -354,6 +361,8 @@ class ReVACNNCallback(Callback):
         stop = self._run.recording_stop(self.on_recording_error)
         if stop is not None:
             commands.append(stop)
+        commands += self._guard_commands
+        self._guard_commands = []
         return self._commands.exchange(trainer, commands, due)
 
     def _steer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -369,6 +378,8 @@ class ReVACNNCallback(Callback):
                command: dict[str, Any]) -> None:
         op, args = command.get("op"), command.get("args", {})
         ack = self._acknowledger(trainer)
+        if "divergence" in command and self._guard is not None:   # the guard's own command: judge afresh after it
+            self._guard.rearm()
         if op in LOOP_OPS:
             self._loop.apply(trainer, pl_module, command, ack, lambda state: self._set_state(state, trainer))
             return
@@ -416,7 +427,24 @@ class ReVACNNCallback(Callback):
             return
         self._window.batch_start_step = trainer.global_step
         self._after_restore(trainer, pl_module)
+        if "divergence" in command:
+            result["divergence"] = command["divergence"]
         ack(command, DONE, result={**result, "revision": self.history.revision})
+
+    def _watch_divergence(self, trainer: pl.Trainer, outputs: Any) -> None:
+        """Give the divergence guard this batch's loss; when it fires, publish the event and queue its command."""
+        self._guard.observe(trainer.global_step, batch_loss(outputs))
+        info = self._guard.poll()
+        if info is None:
+            return
+        command = self._guard.respond(info, self.rewinds)
+        rank_zero_warn(f"revacnn: divergence at step {info['step']} ({info['reason']}, loss {info['loss']}): "
+                       f"{info['action']}" + (f" to restore point {info['restore_point']}"
+                                              if "restore_point" in info else ""))
+        if self.publisher is not None:
+            self.publisher.set_status(divergence={**info, "count": self._guard.fired})
+        if command is not None:
+            self._guard_commands.append(command)
 
     def _restore_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Freeze again what was frozen when the checkpoint was saved (or the module's last fit ended), before the

@@ -122,6 +122,15 @@ class RunHistory:
         raise SteeringError(f"rewind: no restore point at or before step {step} on this branch "
                             f"(kept: {self.kept_ids() or 'none'})")
 
+    def before_divergence(self, bad_from: int) -> RestorePoint | None:
+        """The latest point on the path whose state came before the state at step ``bad_from`` that diverged: one
+        at an earlier step, or one taken before a command at that step (the command may have made it diverge)."""
+        for point_id in reversed(self.path):
+            point = self.store.get(point_id)
+            if point is not None and (point.step < bad_from or point.step == bad_from and point.kind == "command"):
+                return point
+        return None
+
     def kept_ids(self) -> str:
         return ", ".join(f"{p.id} (step {p.step})" for p in sorted(self.store.points.values(), key=lambda p: p.id))
 
