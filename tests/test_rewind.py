@@ -58,3 +58,39 @@ def test_rewind_to_periodic_points_makes_branches_the_reader_returns(tmp_path):
     path_one = reader.scalars(branch=1)
     np.testing.assert_array_equal(path_one["step"], np.concatenate([steps[:first][steps[:first] <= 10],
                                                                     steps[first:second]]))
+
+
+def test_a_checkpoint_taken_after_an_undo_resumes_and_loads_with_load_steered(tmp_path):
+    """widen, insert_layer, then undo (the insert is taken back, the widen stays): the checkpoint holds the change
+    log of the restored state, so it resumes with ``fit(ckpt_path=…)`` and loads offline to the same outputs."""
+    from revacnn import load_steered
+
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    script = Sequence(callback, [("widen", {"layer": "net.conv2", "count": 2}),
+                                 ("insert_layer", {"after": "net.conv1"}), ("undo", {})])
+    torch.manual_seed(0)
+    model = ScheduledClassifier(ReVACNNNet(), lr=0.05)
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=12, limit_val_batches=0,
+                            callbacks=[callback, script], default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert [a["status"] for a in script.acks] == ["done"] * 3, script.acks
+    assert [c["op"] for c in script.acks[2]["result"]["taken_back"]] == ["insert_layer"]
+    path = tmp_path / "after-undo.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    assert [entry.get("op") for entry in saved["revacnn"]["changelog"]] == ["widen"]
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(images)
+        offline = load_steered(path, ScheduledClassifier(ReVACNNNet())).eval()
+        assert torch.equal(offline(images), expected)
+    assert isinstance(offline.net.conv1, torch.nn.Conv2d) and offline.net.conv2.weight.shape[0] == 22
+
+    resumed = ScheduledClassifier(ReVACNNNet(), lr=0.05)
+    again = quiet_trainer(max_epochs=3, limit_train_batches=12, limit_val_batches=0, default_root_dir=tmp_path,
+                          callbacks=[ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)],
+                          num_sanity_val_steps=0)
+    again.fit(resumed, DigitsDataModule(batch_size=32), ckpt_path=path)
+    assert again.global_step == trainer.global_step + 12
+    assert resumed.net.conv2.weight.shape[0] == 22
+    assert all(torch.isfinite(p).all() for p in resumed.parameters())
