@@ -99,3 +99,13 @@ def test_undo_is_refused_without_restore_points(tmp_path):
                              restore_points=None)
     assert [a["status"] for a in script.acks] == ["done", "error"]
     assert "restore points are off" in script.acks[1]["error"]
+
+
+def test_undo_of_set_batch_size_puts_the_attribute_back(tmp_path):
+    trainer, model, script, before, after = run(tmp_path, [("set_batch_size", {"batch_size": 16}), ("undo", {})],
+                                                batches=6, epochs=4, gap=8)
+    acks = {a["op"]: a for a in script.acks}
+    assert acks["set_batch_size"]["status"] == "done" and acks["undo"]["status"] == "done", script.acks
+    assert [c["op"] for c in acks["undo"]["result"]["taken_back"]] == ["set_batch_size"]
+    assert trainer.datamodule.batch_size == 32
+    assert trainer.train_dataloader.batch_size == 32   # the loader followed at the next epoch

@@ -381,7 +381,18 @@ class ReVACNNCallback(Callback):
         if "divergence" in command and self._guard is not None:   # the guard's own command: judge afresh after it
             self._guard.rearm()
         if op in LOOP_OPS:
-            self._loop.apply(trainer, pl_module, command, ack, lambda state: self._set_state(state, trainer))
+            point = (self.rewinds.before_command(trainer, pl_module, command,
+                                                 self._steering_engine(trainer, pl_module, batch), self.history)
+                     if self.rewinds is not None and op in CHANGING_OPS else None)   # set_batch_size
+            refused = []
+
+            def loop_ack(answered, status, **details):
+                refused.extend([True] if answered is command and status == ERROR else [])
+                ack(answered, status, **details)
+
+            self._loop.apply(trainer, pl_module, command, loop_ack, lambda state: self._set_state(state, trainer))
+            if point is not None and refused:
+                self.rewinds.discard(point)
             return
         holder = parameter_copy_holder(trainer) if op in STRUCTURAL_OPS else None
         if holder is not None:  # refused before anything changes, on every rank alike
@@ -408,6 +419,8 @@ class ReVACNNCallback(Callback):
             self._telemetry(trainer, lambda: self._publish_hparams(trainer))
         done = {key: value for key, value in result.items() if key not in ("id", "op", "ok", "error")}
         done["revision"] = self.history.revision
+        if point is not None:
+            done["restore_point"] = point.id   # ``rewind {"point": …}`` takes this command back
         ack(command, DONE, result=done)
 
     def _go_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, command: dict[str, Any],
@@ -426,7 +439,7 @@ class ReVACNNCallback(Callback):
             ack(command, ERROR, error=str(error))
             return
         self._window.batch_start_step = trainer.global_step
-        self._after_restore(trainer, pl_module)
+        self._follow_new_parameters(trainer, pl_module)
         if "divergence" in command:
             result["divergence"] = command["divergence"]
         ack(command, DONE, result={**result, "revision": self.history.revision})
@@ -484,18 +497,11 @@ class ReVACNNCallback(Callback):
                                  ack: dict[str, Any]) -> None:
         """Follow a change of shapes: filter ids, hooks, DDP wrapper, compiled graphs, and a new structure."""
         self.history.follow(ack, renamed_too=[self.telemetry.snapshots.previous])
-        layers = discover_layers(pl_module, self.layer_selectors)
-        if trainer.world_size > 1:
-            rewrap_ddp(trainer)
-        if hasattr(torch, "compiler"):
-            torch.compiler.reset()
-        self.telemetry.layers_changed(layers)
-        if self.publisher is not None:
-            self._telemetry(trainer, lambda: self._publish_structure(pl_module))
-            self._telemetry(trainer, lambda: self._publish_hparams(trainer))
+        self._follow_new_parameters(trainer, pl_module)
 
-    def _after_restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Follow a restore point put back: new parameters (DDP wrapper, compiled graphs), layers, structure."""
+    def _follow_new_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Follow new parameter objects (a change of shapes, a restore point put back): the DDP wrapper, compiled
+        graphs, the monitored layers, and a new structure."""
         if trainer.world_size > 1:
             rewrap_ddp(trainer)
         if hasattr(torch, "compiler"):

@@ -26,7 +26,9 @@ from revacnn.wire.protocol import Message
 CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (
     "connecting", "live", "unreachable", "finished", "incompatible", "replay")
 FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
-SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s")
+SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s",
+               "branch")
+ROOT_BRANCH = {"branch": 0, "parent": None, "from_step": 0, "at_step": None, "restore_point": None, "reason": "start"}
 STAGE_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
 KIND_WORDS = {"loss": ("loss",), "acc": ("acc", "accuracy")}
 
@@ -64,6 +66,8 @@ class Event:
     def label(self) -> str:
         """Short text for a chart marker, e.g. ``widen net.conv2 +1``. Acks seen on telemetry or in a recording
         carry no args: then the op and what its result names."""
+        if isinstance((self.result or {}).get("divergence"), dict):   # the divergence guard's own command
+            return f"divergence → {self.op}"
         if not self.args:
             changes = (self.result or {}).get("changes") or {}
             if self.op == SET_HPARAMS and isinstance(changes, dict):
@@ -78,7 +82,8 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "op": self.op, "args": self.args, "status": self.status, "error": self.error,
                 "step": self.step, "sent": self.sent, "updated": self.updated, "label": self.label(),
-                "note": self.note, "generation": self.generation}
+                "note": self.note, "generation": self.generation,
+                "restore_point": (self.result or {}).get("restore_point")}
 
 
 def command_label(op: str, args: dict[str, Any]) -> str:
@@ -153,6 +158,7 @@ class RunState:
         self.scalars = Ring(SCALAR_KEYS, scalar_capacity)
         self.last_scalar_step: int | None = None    # the newest step charted
         self._loss_not_finite: tuple[int | None, int] = (None, 0)  # first step of the current streak, its length
+        self.branches: list[dict[str, Any]] = [dict(ROOT_BRANCH)]   # undo and rewind made the run a tree
         self.val: collections.deque[dict[str, Any]] = collections.deque(maxlen=5000)
         self.filter_steps: collections.deque[tuple[int, int, np.ndarray, list[str]]] = collections.deque(
             maxlen=filter_capacity)   # (step, revision, [5, F] array, layer names)
@@ -189,6 +195,7 @@ class RunState:
         self.scalars = Ring(SCALAR_KEYS, self.scalar_capacity)
         self.last_scalar_step = None
         self._loss_not_finite = (None, 0)
+        self.branches = [dict(ROOT_BRANCH)]
         self.val.clear()
         self.filter_steps.clear()
         self.layer_ratio = {}
@@ -260,7 +267,7 @@ class RunState:
             self.append_scalars({"step": step, "loss": loss, "train_acc": acc,
                                  "lr": group.get("lr"), "momentum": group.get("momentum"),
                                  "weight_decay": group.get("weight_decay"), "batch_size": b.get("batch_size"),
-                                 "samples_per_s": b.get("samples_per_s")},
+                                 "samples_per_s": b.get("samples_per_s"), "branch": self.branches[-1]["branch"]},
                                 loss_not_finite=loss_name in not_finite)
 
     def append_scalars(self, row: dict[str, Any], loss_not_finite: bool = False) -> None:
@@ -305,6 +312,17 @@ class RunState:
         event.step = b.get("step")
         event.result = b.get("result") or {}
         event.updated = time.time()
+        branch = event.result.get("branch") if status == DONE else None
+        if isinstance(branch, dict) and isinstance(branch.get("from_step"), int):
+            self._new_branch(branch)
+
+    def _new_branch(self, branch: dict[str, Any]) -> None:
+        """An undo or rewind: the run goes on from ``from_step`` as a new branch (its steps are charted again)."""
+        if any(b["branch"] == branch.get("branch") for b in self.branches):
+            return   # an ack seen twice (control socket and telemetry)
+        self.branches.append({key: branch.get(key) for key in ROOT_BRANCH})
+        self.last_scalar_step = branch["from_step"]
+        self._loss_not_finite = (None, 0)
 
     # -- commands --------------------------------------------------------------------------------------------------
     def _add_event(self, command_id: str, op: str, args: dict[str, Any], note: str = "") -> Event:
@@ -355,7 +373,8 @@ class RunState:
                     "security": status.get("security"), "resumed": status.get("resumed"),
                     "loss_not_finite_since": self.loss_not_finite_since,
                     "recording_error": status.get("recording_error"),
-                    "telemetry_error": status.get("telemetry_error")}
+                    "telemetry_error": status.get("telemetry_error"), "divergence": status.get("divergence"),
+                    "branches": [dict(b) for b in self.branches]}
 
     def scalars_since(self, cursor: int) -> tuple[dict[str, np.ndarray], int, int]:
         with self.lock:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dash import Input, Output, State, html, no_update
 
 from ..figures.tables import event_table
+from . import history
 from .common import bound
 
 
 def layout() -> list:
-    return [html.H4("Event log (steering commands)", style={"marginBottom": "2px"}),
+    return [html.H4(["Event log (steering commands)", history.layout()], style={"marginBottom": "2px"}),
             html.Div(id="event-log", style={"maxHeight": "220px", "overflowY": "auto", "fontSize": "13px"})]
 
 
@@ -23,7 +24,8 @@ def event_log(hub, _n, key, sig):
     if state is None:
         return "", None
     events = state.event_list()[::-1][:100]
-    new_sig = [key, [[e[name] for name in ("id", "status", "step", "label", "error", "note")] for e in events]]
+    new_sig = [key, [[e[name] for name in ("id", "status", "step", "label", "error", "note", "restore_point")]
+                     for e in events]]
     if new_sig == sig:
         return no_update, no_update      # the table is as shown: nothing to send or redraw
-    return event_table(events), new_sig
+    return event_table(events, history.undo_button), new_sig

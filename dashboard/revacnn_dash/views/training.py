@@ -11,6 +11,7 @@ from revacnn.wire.acks import DONE
 from revacnn.wire.ops import SET_BATCH_SIZE, SET_HPARAMS
 
 from ..figures.training import finite_list, has_accuracy, markers, training_figure
+from . import history
 from .common import bound, button, number, steering_controls
 
 
@@ -27,7 +28,8 @@ def layout() -> html.Div:
                     number("in-bs", "batch size", step=1), button("Set batch size", "btn-bs"),
                 ]),
                 html.Div([button("Pause", "btn-pause"), button("Resume", "btn-resume"),
-                          button("Stop", "btn-stop"), button("Snapshot", "btn-snapshot")]),
+                          button("Stop", "btn-stop"), button("Snapshot", "btn-snapshot"),
+                          history.rewind_controls()]),
             ]),
             html.Span(id="train-feedback", style={"marginLeft": "4px", "color": "#555"}),
         ], style={"padding": "6px", "border": "1px solid #ddd", "borderRadius": "4px"}),
@@ -64,9 +66,13 @@ def training_chart(hub, _n, key, cursor, tab):
     # markers for the commands applied by this trainer process (a restarted one starts a new step axis)
     events = [e for e in state.event_list() if e["status"] == DONE and e["step"] is not None
               and e["generation"] == state.generation]
+    summary = state.summary()
+    events += divergence_markers(summary.get("divergence"))
+    branches = summary["branches"]
     val = state.val_history()
     marker_sig = [e["id"] for e in events]
-    full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation)
+    full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation
+            or cursor.get("branches", 1) != len(branches))   # an undo or rewind: the chart is drawn anew
     if not full:
         cols, start, total = state.scalars_since(cursor["count"])
         # Redrawn from the ring when it wrapped past what the browser has, and when the browser's chart has
@@ -74,11 +80,19 @@ def training_chart(hub, _n, key, cursor, tab):
         full = start > cursor["count"] or total - cursor.get("first", 0) > state.scalars.capacity * 3 // 2
     if full:
         cols, start, total = state.scalars_since(0)
-        fig = training_figure(cols, val, events)
-        return fig, {"key": key, "gen": state.generation, "count": total, "first": start,
+        fig = training_figure(cols, val, events, branches)
+        return fig, {"key": key, "gen": state.generation, "count": total, "first": start, "branches": len(branches),
                      "markers": marker_sig, "val": len(val), "acc": has_accuracy(cols, val)}, hp_text
     patch, has_acc = chart_patch(cursor, cols, total, val, events, marker_sig)
     return patch, {**cursor, "count": total, "markers": marker_sig, "val": len(val), "acc": has_acc}, hp_text
+
+
+def divergence_markers(divergence) -> list[dict]:
+    """A chart marker for the divergence guard's latest event (the heartbeat's ``divergence``)."""
+    if not isinstance(divergence, dict) or not isinstance(divergence.get("step"), int):
+        return []
+    return [{"id": f"divergence-{divergence.get('count')}", "step": divergence["step"],
+             "label": f"⚠ divergence ({divergence.get('action')})"}]
 
 
 def chart_patch(cursor: dict, cols: dict, total: int, val: list, events: list, marker_sig: list) -> tuple[Patch, bool]:
