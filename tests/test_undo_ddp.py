@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from helpers import wait_for_message
 from test_ddp import connection, finish, send_and_wait, start
 
 pytestmark = pytest.mark.ddp
@@ -25,7 +26,8 @@ def test_undo_and_rewind_under_ddp_keep_ranks_bitwise_equal(tmp_path):
         acks = send_and_wait(client, [("widen", {"layer": "net.conv2", "count": 3}), ("set_hparams", {"lr": 0.02}),
                                       ("undo", {})])
         applied = acks[2]["step"]            # commands apply at broadcast steps: multiples of command_every (10)
-        time.sleep(1.5)                      # ~30 more steps, past the next periodic restore points
+        # past the next periodic restore points (every 10 steps)
+        wait_for_message(client, lambda m: m.type == "status" and (m.body.get("step") or 0) > applied + 25, 60)
         acks += send_and_wait(client, [("rewind", {"step": applied})])
     finish(process)
     assert [ack["status"] for ack in acks] == ["done"] * 4, acks

@@ -275,9 +275,8 @@ class ReVACNNCallback(Callback):
             self._restore_frozen(trainer, pl_module, batch)
         if self.steering and self._window.starts and not self._awaiting_shapes:  # never inside one accumulated step
             self._steer(trainer, pl_module, batch)
-            if self.rewinds is not None:
-                self.rewinds.periodic(trainer, pl_module, self._steering_engine(trainer, pl_module, batch),
-                                      self.history)
+            if self.rewinds is not None:   # (no engine yet: nothing was frozen; one is made at the first command)
+                self.rewinds.periodic(trainer, pl_module, self.engine, self.history)
             step = self._window.batch_start_step = trainer.global_step   # an undo or rewind moved it
         if (self.probe is not None and self._window.starts
                 and self.schedule.due(step, step + self._window.steps_per_batch, self.schedule.filters_every)):

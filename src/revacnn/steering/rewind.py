@@ -54,6 +54,7 @@ class RunHistory:
             spill_dir = Path(self._temp.name)
         self.store = RestoreStore(policy, spill_dir)
         self.path: list[int] = []          # ids of the points the present state descends from, oldest first
+        self.commands: dict[int, dict[str, Any] | None] = {}   # point id -> the command it was taken before
         self.branch = 0
         self.branches: list[dict[str, Any]] = [{"branch": 0, "parent": None, "from_step": 0, "at_step": None,
                                                 "restore_point": None, "reason": "start"}]
@@ -72,6 +73,7 @@ class RunHistory:
         self._next_id += 1
         point.ancestors, point.branch, point.objects = list(self.path), self.branch, objects
         self.path.append(point.id)
+        self.commands[point.id] = point.command   # kept after the point itself is dropped (undo says so)
         self.store.add(point)
         return point
 
@@ -88,6 +90,7 @@ class RunHistory:
         """Forget the point taken before a command that was refused (nothing changed)."""
         if self.path and self.path[-1] == point.id:
             self.path.pop()
+        self.commands.pop(point.id, None)
         self.store.discard(point.id)
 
     # --------------------------------------------------------------------------------------- going back
@@ -96,14 +99,14 @@ class RunHistory:
         if op == UNDO:
             if args:
                 raise SteeringError(f"undo takes no arguments, got {', '.join(sorted(map(str, args)))}")
-            for point_id in reversed(self.path):
-                point = self.store.get(point_id)
-                if point is not None and point.kind == "command":
-                    return point
-            if any(self.store.get(i) is None for i in self.path):
-                raise SteeringError("undo: the restore point before the last change was dropped (the restore "
-                                    "point caps of RestorePolicy were reached); rewind to an older one")
-            raise SteeringError("undo: no change to take back on this branch")
+            last = next((i for i in reversed(self.path) if self.commands.get(i)), None)
+            if last is None:
+                raise SteeringError("undo: no change to take back on this branch")
+            point = self.store.get(last)
+            if point is None:
+                raise SteeringError(f"undo: the restore point before the last change ({self.commands[last]['op']}) "
+                                    "was dropped (the caps of RestorePolicy were reached); rewind to an older one")
+            return point
         unknown = sorted(set(map(str, args)) - {"point", "step"})
         if unknown or len(args) != 1:
             raise SteeringError(f"rewind: give exactly one of 'point' (a restore point id) or 'step', got "
@@ -139,9 +142,9 @@ class RunHistory:
         """Restore ``point`` (model, optimizers, schedulers, RNG, step) and start a new branch from it; returns
         what the ack says was restored (``extra`` is the caller's to put back)."""
         at_step = trainer.global_step
-        taken_back = [self.store.get(i).command for i in self.path[self.path.index(point.id):]
-                      if i in self.path and self.store.get(i) is not None and self.store.get(i).kind == "command"] \
-            if point.id in self.path else [point.command] if point.kind == "command" else []
+        # the changes in effect now that the point's state lacks: those after its ancestors on the current path
+        earlier = set(point.ancestors)
+        taken_back = [self.commands[i] for i in self.path if i not in earlier and self.commands.get(i)]
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         restore(point, self.store.tensors(point), pl_module, trainer.optimizers, schedulers)
         set_global_step(trainer, point.step)
