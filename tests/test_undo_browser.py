@@ -35,10 +35,11 @@ def test_undo_of_a_diverging_lr_brings_the_loss_back(tmp_path):
         with playwright_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60000)
+            page.set_default_timeout(180000)   # generous: a loaded 2-core machine trains at ~1 step/s
             page.goto(f"http://127.0.0.1:{server.effective_port}/")
             page.get_by_text("Training", exact=True).click()
-            page.wait_for_function("document.querySelector('#train-graph .js-plotly-plot')?.data?.[0]?.x?.length > 20")
+            page.wait_for_function("document.querySelector('#train-graph .js-plotly-plot')?.data?.[0]?.x?.length > 20",
+                                   timeout=300000)
             page.fill("#in-lr", "1000")
             page.click("#btn-lr")
             page.wait_for_selector("#event-log tr.ev-row:has-text('set lr=1000') .ev-done")
