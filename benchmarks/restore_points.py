@@ -110,6 +110,8 @@ def throughput(windows: int, every: int) -> None:
             for _ in range(every):
                 step()
             rates.append((on, every / (time.perf_counter() - start)))
+            print(f"  window {window + 1}/{windows} ({'one point' if on else 'none'}): {rates[-1][1]:.1f} steps/s",
+                  flush=True)
         ram, disk = store.ram_usage(), store.disk_usage()
         store.close()
     ratios = [rates[i][1] / ((rates[i - 1][1] + rates[i + 1][1]) / 2)
@@ -126,12 +128,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--windows", type=int, default=9, help="alternating off/on windows (odd: off at both ends)")
     parser.add_argument("--skip-resnet50", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     point_costs("demo CNN", demo, args.repeats)
     if not args.skip_resnet50:
         point_costs("ResNet-50-sized", resnet50, args.repeats)
-    throughput(args.windows, RestorePolicy().every_steps)
+    if not args.skip_throughput:
+        throughput(args.windows, RestorePolicy().every_steps)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,12 @@ class RestorePoint:
     nbytes: int = 0
     ancestors: list[int] = field(default_factory=list)         # the points before it on its path (``history``)
     branch: int = 0
+    ready: Any = None                                           # a CUDA event: the host copies are complete
+
+    def wait(self) -> None:
+        """Wait until the host copies of a point taken on a GPU are complete (before reading ``tensors``)."""
+        if self.ready is not None:
+            self.ready.synchronize()
 
     def summary(self) -> dict[str, Any]:
         """Plain-typed description for acks and the ``restore_points`` listing."""
@@ -172,12 +178,14 @@ def capture(point_id: int, step: int, epoch: int, kind: str, model: nn.Module, o
                   for g in opt.param_groups]
         optimizer_states.append((groups, _refs(opt.state_dict(), tensors)))
     scheduler_states = [_refs(s.state_dict(), tensors) for s in schedulers]
+    ready = None
     if any(device.type == "cuda" for device, _ in tensors.devices.values()):
-        torch.cuda.current_stream().synchronize()  # a restore point is complete when taken (not in every step)
+        ready = torch.cuda.Event()   # the copies finish on the stream: waited for when read, not here
+        ready.record()
     nbytes = sum(t.numel() * t.element_size() for t in tensors.tensors.values())
     return RestorePoint(point_id, step, epoch, kind, copy.deepcopy(command), states, tensors.devices,
                         optimizer_states, scheduler_states, rng_states(), extra=copy.deepcopy(extra or {}),
-                        tensors=tensors.tensors, nbytes=nbytes)
+                        tensors=tensors.tensors, nbytes=nbytes, ready=ready)
 
 
 def restore(point: RestorePoint, tensors: dict[str, torch.Tensor], model: nn.Module, optimizers,
@@ -189,6 +197,7 @@ def restore(point: RestorePoint, tensors: dict[str, torch.Tensor], model: nn.Mod
     point was taken of (their ``param_groups`` count unchanged: operations never add groups).
     """
     made: dict[str, torch.Tensor] = {}
+    point.wait()
 
     def load(key: str) -> torch.Tensor:
         device, stride = point.devices[key]

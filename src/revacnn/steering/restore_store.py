@@ -147,6 +147,7 @@ class RestoreStore:
                 return
             path = self.spill_dir / f"restore-{point.id:06d}.safetensors"
             try:
+                point.wait()   # a GPU point's host copies are complete (this thread waits, not training)
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
                 save_file(point.tensors, str(path))
             except Exception as exc:  # a full disk loses the old point, never the training
