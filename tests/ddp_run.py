@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from revacnn import ReVACNNCallback
+from revacnn.steering.restore_store import RestorePolicy
 from revacnn.demo import ClassifierModule, DigitsDataModule, ReVACNNNet
 
 
@@ -25,8 +26,10 @@ class SaveEachRank(pl.Callback):
         time.sleep(self.slow)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        revacnn = next(c for c in trainer.callbacks if isinstance(c, ReVACNNCallback))
         state = {"model": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                 "optimizer": trainer.optimizers[0].state_dict(), "step": trainer.global_step}
+                 "optimizer": trainer.optimizers[0].state_dict(), "step": trainer.global_step,
+                 "branches": revacnn.rewinds.branches if revacnn.rewinds is not None else []}
         torch.save(state, self.run_dir / f"rank{trainer.global_rank}.pt")
 
 
@@ -37,13 +40,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--restore-every", type=int, default=500, help="RestorePolicy.every_steps")
     parser.add_argument("--default-run-dir", action="store_true",
                         help="leave the callback's run_dir unset: it records under the trainer's log directory")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     callback = ReVACNNCallback(run_dir=None if args.default_run_dir else args.run_dir, filters_every=2,
-                               snapshot_every=10, record=True)
+                               snapshot_every=10, record=True,
+                               restore_points=RestorePolicy(every_steps=args.restore_every))
     trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=args.epochs,
                          limit_train_batches=args.batches, limit_val_batches=2, logger=False,
                          accumulate_grad_batches=args.accumulate,

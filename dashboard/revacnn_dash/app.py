@@ -14,8 +14,8 @@ from dash import Dash
 
 from .data.hub import Hub
 from .data.recordings import RunSource
-from .views import (compare, embedding, events, explore, filters, header, layers, network, page, run_overlay,
-                    training, watched_run)
+from .views import (compare, embedding, events, explore, filters, header, history, layers, network, page,
+                    run_overlay, training, watched_run)
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -27,7 +27,7 @@ def create_app(hub: Hub, interval_ms: int = 500) -> Dash:
     # A function, so every page load lists the recordings present then (the analysis pages read them at build time).
     app.layout = lambda: page.layout(analysis, interval_ms)
     page.register(app)
-    for view in (header, events, training, run_overlay, network, layers, embedding, filters):
+    for view in (header, events, training, run_overlay, network, layers, embedding, filters, history):
         view.register(app, hub)
     explore.register(app, analysis, page_tick="tick-explore")
     compare.register(app, analysis, page_tick="tick-compare")

@@ -13,6 +13,7 @@ _LAZY = {
     "ReVACNNCallback": ("revacnn.callback", "ReVACNNCallback"),
     "RunClient": ("revacnn.wire.client", "RunClient"),
     "load_steered": ("revacnn.steering.changelog", "load_steered"),
+    "RestorePolicy": ("revacnn.steering.restore_store", "RestorePolicy"),
 }
 
 

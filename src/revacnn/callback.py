@@ -27,16 +27,18 @@ from revacnn.checkpoint import CheckpointHooks, ModelHistory, changelog_entry, h
 from revacnn.recording.budget import disk_options
 from revacnn.run import Run, Transport
 from revacnn.steering.distributed import CommandBroadcast, parameter_copy_holder, rewrap_ddp
+from revacnn.steering.divergence import DivergenceGuard, batch_loss
 from revacnn.steering.loop import LoopControl
 from revacnn.telemetry.budget import OverheadBudget
+from revacnn.steering.restore_store import RestorePolicy
 from revacnn.telemetry.probes import discover_layers
 from revacnn.telemetry.schedule import Schedule, StepWindow
 from revacnn.telemetry.session import Telemetry
 from revacnn.telemetry.validation import first_batch_tensors
 from revacnn.wire.acks import DONE, ERROR
-from revacnn.wire.ops import FREEZE_OPS, LOOP_OPS, SET_HPARAMS, STRUCTURAL_OPS
+from revacnn.wire.ops import CHANGING_OPS, FREEZE_OPS, HISTORY_OPS, LOOP_OPS, SET_HPARAMS, STRUCTURAL_OPS
 
-__all__ = ["ReVACNNCallback", "Schedule"]
+__all__ = ["ReVACNNCallback", "RestorePolicy", "Schedule"]
 
 
 class ReVACNNCallback(Callback):
@@ -97,6 +99,12 @@ class ReVACNNCallback(Callback):
             snapshot steps on disk that returns those to keep.
         snapshot_dtype: how recorded snapshots store weights, gradients and activation maps: ``"float32"``
             (exact), ``"float16"`` or ``"bfloat16"`` (half the bytes; read back as float32, see docs/design.md).
+        restore_points: when restore points are taken (before every changing command, and every
+            ``RestorePolicy.every_steps``) and how many are kept in memory and on disk; ``None``: none (``undo`` and
+            ``rewind`` are then refused). See docs/steering.md, "Undo and rewind".
+        on_divergence: the divergence guard (off by default): ``"rewind"`` (go back to the latest restore point
+            before the loss diverged), ``"pause"`` or ``"warn"``, when the loss is NaN/inf or far above its recent
+            level (``steering.divergence``; the rule is in docs/steering.md).
     """
 
     def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, budget: float | None = 0.02,
@@ -108,6 +116,7 @@ class ReVACNNCallback(Callback):
                  sign: bool = False, steering: bool = True, command_every: int = 10, queue_size: int = 64,
                  send_hwm: int = 100, insecure_bind: bool = False, curve: bool = False,
                  keys_dir: str | os.PathLike | None = None, on_recording_error: str = "warn",
+                 restore_points: RestorePolicy | None = RestorePolicy(), on_divergence: str | None = None,
                  # -- the recording's disk (revacnn.recording.budget) --
                  disk_budget: int | str | None = "1GB", disk_min_free: int | str | None = "1GB",
                  snapshot_keep: int | Callable[[list[int]], Iterable[int]] | None = None,
@@ -130,6 +139,8 @@ class ReVACNNCallback(Callback):
         if activation_images is not None and (not isinstance(activation_images, int)
                                               or isinstance(activation_images, bool) or activation_images < 1):
             raise ValueError(f"activation_images must be a positive integer or None, got {activation_images!r}")
+        if on_divergence is not None and on_divergence not in ("rewind", "pause", "warn"):
+            raise ValueError(f"on_divergence must be 'rewind', 'pause', 'warn' or None, got {on_divergence!r}")
         if command_every < 1:
             raise ValueError(f"command_every must be ≥ 1, got {command_every!r}")
         self.layer_selectors = list(layers) if layers is not None else None
@@ -151,6 +162,8 @@ class ReVACNNCallback(Callback):
         self.insecure_bind = insecure_bind
         self.curve = bool(curve) or keys_dir is not None
         self.keys_dir = keys_dir
+        self.restore_points = restore_points
+        self.on_divergence = on_divergence
 
         self.history = ModelHistory()   # kept from one fit to the next: a checkpoint must replay every change
         self._checkpoint_hooks = CheckpointHooks()
@@ -172,6 +185,9 @@ class ReVACNNCallback(Callback):
         self._commands = CommandBroadcast()
         self._probe_armed = False                            # the probe's state while a validation runs
         self._awaiting_shapes = False                        # lazy layers: telemetry starts after the first batch
+        self.rewinds = None                                  # restore points, undo, rewind (``steering.rewind``)
+        self._guard = None if self.on_divergence is None else DivergenceGuard(self.on_divergence)
+        self._guard_commands: list[dict[str, Any]] = []       # what the divergence guard asked for, to broadcast
 
     # -- what the run and its telemetry hold, under the callback's names -----------------------------------------
     run_id = property(lambda self: self._run.run_id)
@@ -243,6 +259,11 @@ class ReVACNNCallback(Callback):
         if self._awaiting_shapes:
             rank_zero_info("revacnn: the model has lazy layers; telemetry and steering start once the first batch has "
                            "given them their shapes")
+        if self.steering and self.restore_points is not None:
+            from revacnn.steering.rewind import RunHistory
+
+            spill = self.run_dir / "restore_points" if trainer.is_global_zero and self.run_dir else None
+            self.rewinds = RunHistory(self.restore_points, spill)
         if trainer.is_global_zero:
             if trainer.ckpt_path:
                 # Known here, not in ``on_fit_start``: Lightning restores the loops' state in between.
@@ -283,6 +304,9 @@ class ReVACNNCallback(Callback):
         if self.engine is not None:
             self.engine.close()  # removes its optimizer step hooks
             self.engine = None
+        if self.rewinds is not None:
+            self.rewinds.close()
+            self.rewinds = None
         self._run.close()
 
     # -- every batch --------------------------------------------------------------------------------------------
@@ -293,6 +317,9 @@ class ReVACNNCallback(Callback):
             self._restore_frozen(trainer, pl_module, batch)
         if self.steering and self._window.starts and not self._awaiting_shapes:  # never inside one accumulated step
             self._steer(trainer, pl_module, batch)
+            if self.rewinds is not None:   # (no engine yet: nothing was frozen; one is made at the first command)
+                self.rewinds.periodic(trainer, pl_module, self.engine, self.history)
+            step = self._window.batch_start_step = trainer.global_step   # an undo or rewind moved it
         if (self.probe is not None and self._window.starts
                 and self.schedule.due(step, step + self._window.steps_per_batch, self.schedule.filters_every)):
             self.probe.arm()  # until the step's measure: every batch of an accumulated gradient
@@ -314,6 +341,8 @@ class ReVACNNCallback(Callback):
             self._awaiting_shapes = False
             if trainer.is_global_zero:
                 self._telemetry(trainer, lambda: self._start_telemetry(trainer, pl_module))
+        if self._guard is not None and trainer.is_global_zero:
+            self._watch_divergence(trainer, outputs)
         previous = self._window.batch_start_step
         stepped = self._window.batch_ended(trainer.global_step)  # on every rank: steering follows it
         if stepped and self.probe is not None and self.probe.holding:  # several optimizers stepped this batch
@@ -373,6 +402,8 @@ class ReVACNNCallback(Callback):
         stop = self._run.recording_stop(self.on_recording_error)
         if stop is not None:
             commands.append(stop)
+        commands += self._guard_commands
+        self._guard_commands = []
         return self._commands.exchange(trainer, commands, due)
 
     def _steer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -388,8 +419,21 @@ class ReVACNNCallback(Callback):
                command: dict[str, Any]) -> None:
         op, args = command.get("op"), command.get("args", {})
         ack = self._acknowledger(trainer)
+        if "divergence" in command and self._guard is not None:   # the guard's own command: judge afresh after it
+            self._guard.rearm()
         if op in LOOP_OPS:
-            self._loop.apply(trainer, pl_module, command, ack, lambda state: self._set_state(state, trainer))
+            point = (self.rewinds.before_command(trainer, pl_module, command,
+                                                 self._steering_engine(trainer, pl_module, batch), self.history)
+                     if self.rewinds is not None and op in CHANGING_OPS else None)   # set_batch_size
+            refused = []
+
+            def loop_ack(answered, status, **details):
+                refused.extend([True] if answered is command and status == ERROR else [])
+                ack(answered, status, **details)
+
+            self._loop.apply(trainer, pl_module, command, loop_ack, lambda state: self._set_state(state, trainer))
+            if point is not None and refused:
+                self.rewinds.discard(point)
             return
         holder = parameter_copy_holder(trainer) if op in STRUCTURAL_OPS else None
         if holder is not None:  # refused before anything changes, on every rank alike
@@ -397,8 +441,15 @@ class ReVACNNCallback(Callback):
                                         "at its next use); train without it to change the network's structure")
             return
         engine = self._steering_engine(trainer, pl_module, batch)
+        if op in HISTORY_OPS:
+            self._go_back(trainer, pl_module, command, engine)
+            return
+        point = (self.rewinds.before_command(trainer, pl_module, command, engine, self.history)
+                 if self.rewinds is not None and op in CHANGING_OPS else None)
         result = engine.apply({"id": command["id"], "op": op, "args": args})
         if not result.get("ok"):
+            if point is not None:
+                self.rewinds.discard(point)
             ack(command, ERROR, error=result.get("error") or "the steering engine refused it")
             return
         if result.get("structural"):
@@ -409,7 +460,45 @@ class ReVACNNCallback(Callback):
             self._telemetry(trainer, lambda: self._publish_hparams(trainer))
         done = {key: value for key, value in result.items() if key not in ("id", "op", "ok", "error")}
         done["revision"] = self.history.revision
+        if point is not None:
+            done["restore_point"] = point.id   # ``rewind {"point": …}`` takes this command back
         ack(command, DONE, result=done)
+
+    def _go_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, command: dict[str, Any],
+                 engine) -> None:
+        """``undo`` or ``rewind``: restore a point, then follow it as a change of structure (``steering.rewind``)."""
+        from revacnn.steering.errors import SteeringError
+
+        ack = self._acknowledger(trainer)
+        if self.rewinds is None:
+            ack(command, ERROR, error=f"{command.get('op')}: restore points are off (restore_points=None)")
+            return
+        self._telemetry(trainer, lambda: self.telemetry.steps.flush(trainer))  # the old branch's steps come first
+        try:
+            result = self.rewinds.apply(trainer, pl_module, command, engine, self.history, self._loop, ack)
+        except SteeringError as error:
+            ack(command, ERROR, error=str(error))
+            return
+        self._window.batch_start_step = trainer.global_step
+        self._follow_new_parameters(trainer, pl_module)
+        if "divergence" in command:
+            result["divergence"] = command["divergence"]
+        ack(command, DONE, result={**result, "revision": self.history.revision})
+
+    def _watch_divergence(self, trainer: pl.Trainer, outputs: Any) -> None:
+        """Give the divergence guard this batch's loss; when it fires, publish the event and queue its command."""
+        self._guard.observe(trainer.global_step, batch_loss(outputs))
+        info = self._guard.poll()
+        if info is None:
+            return
+        command = self._guard.respond(info, self.rewinds)
+        rank_zero_warn(f"revacnn: divergence at step {info['step']} ({info['reason']}, loss {info['loss']}): "
+                       f"{info['action']}" + (f" to restore point {info['restore_point']}"
+                                              if "restore_point" in info else ""))
+        if self.publisher is not None:
+            self.publisher.set_status(divergence={**info, "count": self._guard.fired})
+        if command is not None:
+            self._guard_commands.append(command)
 
     def _restore_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Freeze again what was frozen when the checkpoint was saved (or the module's last fit ended), before the
@@ -449,12 +538,16 @@ class ReVACNNCallback(Callback):
                                  ack: dict[str, Any]) -> None:
         """Follow a change of shapes: filter ids, hooks, DDP wrapper, compiled graphs, and a new structure."""
         self.history.follow(ack, renamed_too=[self.telemetry.snapshots.previous])
-        layers = discover_layers(pl_module, self.layer_selectors)
+        self._follow_new_parameters(trainer, pl_module)
+
+    def _follow_new_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Follow new parameter objects (a change of shapes, a restore point put back): the DDP wrapper, compiled
+        graphs, the monitored layers, and a new structure."""
         if trainer.world_size > 1:
             rewrap_ddp(trainer)
         if hasattr(torch, "compiler"):
             torch.compiler.reset()
-        self.telemetry.layers_changed(layers)
+        self.telemetry.layers_changed(discover_layers(pl_module, self.layer_selectors))
         if self.publisher is not None:
             self._telemetry(trainer, lambda: self._publish_structure(pl_module))
             self._telemetry(trainer, lambda: self._publish_hparams(trainer))

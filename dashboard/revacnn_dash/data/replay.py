@@ -93,6 +93,7 @@ def recorded_columns(scal: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                "lr": scal.get("lr/0", nan), "momentum": scal.get("momentum/0", nan),
                "weight_decay": scal.get("weight_decay/0", nan), "batch_size": scal.get("batch_size", nan),
                "samples_per_s": scal.get("samples_per_s", nan),
+               "branch": nan,   # not in the recording's rows: a recorded step counts as on the current path
                "loss_not_finite": np.where(scal.get(f"not_finite/{loss_name}", nan) == 1.0, 1.0, np.nan)}
     return {k: np.asarray(v, dtype=float) for k, v in columns.items()}
 

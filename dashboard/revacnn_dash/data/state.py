@@ -26,10 +26,12 @@ from revacnn.wire.protocol import Message
 CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (
     "connecting", "live", "unreachable", "finished", "incompatible", "replay")
 FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
-SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s")
+SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s",
+               "branch")
 #: What the ring holds per step: the charted scalars and 1.0 where the loss was NaN or ±inf (so the divergence banner
 #: can be recomputed when older steps are merged in front, ``merge_history``).
 HISTORY_KEYS = (*SCALAR_KEYS, "loss_not_finite")
+ROOT_BRANCH = {"branch": 0, "parent": None, "from_step": 0, "at_step": None, "restore_point": None, "reason": "start"}
 STAGE_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
 KIND_WORDS = {"loss": ("loss",), "acc": ("acc", "accuracy")}
 
@@ -67,6 +69,8 @@ class Event:
     def label(self) -> str:
         """Short text for a chart marker, e.g. ``widen net.conv2 +1``. Acks seen on telemetry or in a recording
         carry no args: then the op and what its result names."""
+        if isinstance((self.result or {}).get("divergence"), dict):   # the divergence guard's own command
+            return f"divergence → {self.op}"
         if not self.args:
             changes = (self.result or {}).get("changes") or {}
             if self.op == SET_BATCH_SIZE and isinstance(self.result.get("batch_size"), int):
@@ -90,7 +94,8 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "op": self.op, "args": self.args, "status": self.status, "error": self.error,
                 "step": self.step, "sent": self.sent, "updated": self.updated, "label": self.label(),
-                "note": self.note, "generation": self.generation, "result": self.result}
+                "note": self.note, "generation": self.generation, "result": self.result,
+                "restore_point": (self.result or {}).get("restore_point")}
 
 
 def command_label(op: str, args: dict[str, Any]) -> str:
@@ -183,6 +188,7 @@ class RunState:
         self.history_revision = 0      # +1 when older steps are merged in front of the ring (the chart is redrawn)
         self.recording_path: str | None = None      # the run's recording on this machine, once found
         self._loss_not_finite: tuple[int | None, int] = (None, 0)  # first step of the current streak, its length
+        self.branches: list[dict[str, Any]] = [dict(ROOT_BRANCH)]   # undo and rewind made the run a tree
         self.val: collections.deque[dict[str, Any]] = collections.deque(maxlen=5000)
         self.filter_steps: collections.deque[tuple[int, int, np.ndarray, list[str]]] = collections.deque(
             maxlen=filter_capacity)   # (step, revision, [5, F] array, layer names)
@@ -219,6 +225,7 @@ class RunState:
         self.scalars = Ring(HISTORY_KEYS, self.scalar_capacity)
         self.last_scalar_step = self.first_live_step = self.recording_path = None
         self._loss_not_finite = (None, 0)
+        self.branches = [dict(ROOT_BRANCH)]
         self.val.clear()
         self.filter_steps.clear()
         self.layer_ratio = {}
@@ -296,7 +303,7 @@ class RunState:
             self.append_scalars({"step": step, "loss": loss, "train_acc": acc,
                                  "lr": group.get("lr"), "momentum": group.get("momentum"),
                                  "weight_decay": group.get("weight_decay"), "batch_size": b.get("batch_size"),
-                                 "samples_per_s": b.get("samples_per_s")},
+                                 "samples_per_s": b.get("samples_per_s"), "branch": self.branches[-1]["branch"]},
                                 loss_not_finite=loss_name in not_finite)
 
     def append_scalars(self, row: dict[str, Any], loss_not_finite: bool = False) -> None:
@@ -397,6 +404,17 @@ class RunState:
         event.step = b.get("step")
         event.result = b.get("result") or {}
         event.updated = time.time()
+        branch = event.result.get("branch") if status == DONE else None
+        if isinstance(branch, dict) and isinstance(branch.get("from_step"), int):
+            self._new_branch(branch)
+
+    def _new_branch(self, branch: dict[str, Any]) -> None:
+        """An undo or rewind: the run goes on from ``from_step`` as a new branch (its steps are charted again)."""
+        if any(b["branch"] == branch.get("branch") for b in self.branches):
+            return   # an ack seen twice (control socket and telemetry)
+        self.branches.append({key: branch.get(key) for key in ROOT_BRANCH})
+        self.last_scalar_step = branch["from_step"]
+        self._loss_not_finite = (None, 0)
 
     # -- commands --------------------------------------------------------------------------------------------------
     def _add_event(self, command_id: str, op: str, args: dict[str, Any], note: str = "") -> Event:
@@ -447,7 +465,8 @@ class RunState:
                     "security": status.get("security"), "resumed": status.get("resumed"),
                     "loss_not_finite_since": self.loss_not_finite_since,
                     "recording_error": status.get("recording_error"),
-                    "telemetry_error": status.get("telemetry_error"), "schedule": status.get("schedule")}
+                    "telemetry_error": status.get("telemetry_error"), "schedule": status.get("schedule"),
+                    "divergence": status.get("divergence"), "branches": [dict(b) for b in self.branches]}
 
     def scalars_since(self, cursor: int) -> tuple[dict[str, np.ndarray], int, int]:
         with self.lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dash_mantine_components as dmc
@@ -10,9 +11,10 @@ from dash import html
 from revacnn.wire.acks import DONE, ERROR, QUEUED
 
 
-def event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
+def event_table(events: list[dict[str, Any]],
+                actions: Callable[[dict[str, Any]], Any] | None = None) -> html.Div | html.Table:
     """The event log: newest command first, its status coloured, its ``detail`` (error, what it changed, note) in
-    full."""
+    full, and what ``actions`` gives for the command (the Undo button of views/history.py)."""
     if not events:
         return html.Div("no commands yet", style={"color": "#777"})
     colour = {"pending": "#f9a825", QUEUED: "#1565c0", DONE: "#2e7d32", ERROR: "#c62828"}
@@ -25,7 +27,7 @@ def event_table(events: list[dict[str, Any]]) -> html.Div | html.Table:
             html.Td(e["status"], className=f"ev-{e['status']}",
                     style={"color": colour.get(e["status"]), "fontWeight": "bold"}),
             html.Td("" if e["step"] is None else str(e["step"])),
-            html.Td(detail, className="ev-detail")], className="ev-row"))
+            html.Td([detail, actions(e)] if actions else detail, className="ev-detail")], className="ev-row"))
     return html.Table(rows)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from revacnn.recording.branches import branch_path
 
 
 def finite_list(arr) -> list:
@@ -87,15 +88,44 @@ def lr_axis(values: list[float]) -> dict:
     return {"tickvals": None, "ticktext": None, "dtick": "D2"}
 
 
+def on_current_path(cols: dict[str, np.ndarray], branches: list[dict[str, Any]]) -> np.ndarray:
+    """Which rows lead to the current state: the rows of the last branch, its parent's up to the step it left
+    from, and so on (``recording.branches``); the others were abandoned by an undo or rewind."""
+    steps = np.asarray(cols["step"], dtype=float)
+    row_branch = np.asarray(cols.get("branch", np.zeros(len(steps))), dtype=float)
+    if len(branches) <= 1:
+        return np.ones(len(steps), bool)
+    keep = np.isnan(row_branch)   # a step whose branch is unknown (merged from a recording) is drawn as live
+    for branch, limit in branch_path(branches, branches[-1]["branch"]):
+        keep |= (row_branch == branch) & (steps <= limit if limit is not None else True)
+    return keep
+
+
+def abandoned_xy(cols: dict[str, np.ndarray], live: np.ndarray) -> tuple[list, list]:
+    """The abandoned rows' steps and losses, with a gap between branches (greyed on the chart)."""
+    x, y, previous = [], [], None
+    rows = np.nonzero(~live)[0]
+    for i in rows:
+        branch = cols["branch"][i]
+        if previous is not None and (branch != previous[0] or i != previous[1] + 1):
+            x.append(None)
+            y.append(None)
+        x += finite_list([cols["step"][i]])
+        y += finite_list([cols["loss"][i]])
+        previous = (branch, i)
+    return x, y
+
+
 def has_accuracy(cols: dict[str, np.ndarray], val: list[dict]) -> bool:
     train = np.asarray(cols.get("train_acc", []), dtype=float)
     return bool(np.isfinite(train).any()) or any(finite_list([v.get("val_acc")]) != [None] for v in val)
 
 
 def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[dict], log_loss: bool = False,
-                    smoothing: float = 0.0) -> go.Figure:
+                    smoothing: float = 0.0, branches: list[dict[str, Any]] | None = None) -> go.Figure:
     """The whole chart. ``log_loss``: the loss axis logarithmic; ``smoothing``: the EMA weight of the smoothed loss
-    (trace 5; the raw loss then drawn faint, as TensorBoard does)."""
+    (trace 5; the raw loss then drawn faint, as TensorBoard does); ``branches``: the run's branch tree — the steps an
+    undo or rewind abandoned are drawn grey (trace 6), the others lead to the current state."""
     # axis titles rather than subplot titles: those are annotations, and the steering markers' Patch replaces them
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.04, row_heights=[0.45, 0.35, 0.2])
     fig.update_yaxes(title_text="loss (log)" if log_loss else "loss", type="log" if log_loss else "linear",
@@ -107,6 +137,9 @@ def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[d
     # log: a constant lr gets a readable axis (linear autorange drew 0.02 on -0.5..1), and a 10× change reads the
     # same at any lr; the short panel's ticks are the values the run used (lr_axis)
     fig.update_yaxes(title_text="lr", type="log", tickformat="~g", row=3, col=1, **lr_axis(lr_values(cols["lr"])))
+    live = on_current_path(cols, branches or [])
+    gone_x, gone_y = abandoned_xy(cols, live)
+    cols = {k: np.asarray(v)[live] for k, v in cols.items()}
     x = finite_list(cols["step"])
     fig.add_trace(go.Scatter(x=x, y=finite_list(cols["loss"]), name="train loss", mode="lines",
                              opacity=0.35 if smoothing > 0 else 1.0,
@@ -124,6 +157,10 @@ def training_figure(cols: dict[str, np.ndarray], val: list[dict], events: list[d
     ema = smoothed(cols["loss"], smoothing)[0] if smoothing > 0 else []
     fig.add_trace(go.Scatter(x=x if smoothing > 0 else [], y=ema, name=f"train loss (smoothed {smoothing:g})",
                              mode="lines", line={"width": 2, "color": "#1f77b4"}, visible=smoothing > 0),
+                  row=1, col=1)
+    # last: the Patch of views/training.py extends traces 0, 2, 4 and 5 by index
+    fig.add_trace(go.Scatter(x=gone_x, y=gone_y, name="abandoned (undo/rewind)", mode="lines",
+                             line={"width": 1, "color": "#b0b0b0"}, visible=True if gone_x else "legendonly"),
                   row=1, col=1)
     shapes, notes = markers(events)
     fig.update_layout(margin={"l": 60, "r": 10, "t": 30, "b": 30}, uirevision="training",

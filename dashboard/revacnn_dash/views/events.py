@@ -7,11 +7,13 @@ from dash import Input, Output, State, html, no_update
 
 from ..figures.tables import event_table
 from ..viewmodels.acks import ack_detail
+from . import history
 from .common import bound
 
 
 def layout() -> list:
-    return [html.Div([html.Div("Event log (steering commands)", style={"fontWeight": 600, "marginBottom": "4px"}),
+    return [html.Div([html.Div(["Event log (steering commands)", history.layout()],
+                               style={"fontWeight": 600, "marginBottom": "4px"}),
                       html.Div(id="event-log", style={"maxHeight": "220px", "overflowY": "auto",
                                                       "fontSize": "13px"})], className="rv-card")]
 
@@ -27,7 +29,8 @@ def event_log(hub, _n, key, sig):
         return "", None
     structure = state.structure
     events = [{**e, "detail": ack_detail(e, structure)} for e in state.event_list(current_process=True)[::-1][:100]]
-    new_sig = [key, [[e[name] for name in ("id", "status", "step", "label", "detail")] for e in events]]
+    new_sig = [key, [[e[name] for name in ("id", "status", "step", "label", "detail", "restore_point")]
+                     for e in events]]
     if new_sig == sig:
         return no_update, no_update      # the table is as shown: nothing to send or redraw
-    return event_table(events), new_sig
+    return event_table(events, history.undo_button), new_sig

@@ -122,6 +122,15 @@ def loss_not_finite_text(since: int) -> str:
     return f"⚠ loss is NaN or ±inf since step {since} (diverged?)"
 
 
+def divergence_text(d: dict[str, Any]) -> str:
+    """The divergence guard's latest event (``status.divergence``, docs/protocol.md "Undo and rewind")."""
+    done = {"rewind": f"rewound to restore point {d.get('restore_point')}", "pause": "paused", "warn": "warned"}
+    loss = d.get("loss")
+    return (f"⚠ divergence at step {d.get('step')}: {d.get('reason')}"
+            + (f" (loss {loss:.3g})" if isinstance(loss, (int, float)) else "")
+            + f" — {done.get(d.get('action'), d.get('action'))}")
+
+
 def banner_children(s: dict[str, Any]) -> list:
     """The run banner: connection state and message verbatim (e.g. a refused CURVE key), a 🔒 CURVE badge when
     the run's heartbeat says CURVE is on, and the recorder's or the telemetry's error when either stopped."""
@@ -137,6 +146,9 @@ def banner_children(s: dict[str, Any]) -> list:
         children.append(html.Span(loss_not_finite_text(s["loss_not_finite_since"]),
                                   id="loss-not-finite", style={"marginLeft": "10px", "color": "#c62828",
                                                                "fontWeight": "normal"}))
+    if isinstance(s.get("divergence"), dict):
+        children.append(html.Span(divergence_text(s["divergence"]), id="divergence",
+                                  style={"marginLeft": "10px", "color": "#c62828", "fontWeight": "normal"}))
     if s.get("recording_error"):
         children.append(html.Span(f"⚠ recording stopped: {s['recording_error']}", id="recording-error",
                                   style={"marginLeft": "10px", "color": "#c62828", "fontWeight": "normal"}))

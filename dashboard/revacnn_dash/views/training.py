@@ -11,6 +11,7 @@ from revacnn.wire.acks import DONE
 from revacnn.wire.ops import SET_BATCH_SIZE, SET_HPARAMS
 
 from ..figures.training import finite_list, has_accuracy, lr_axis, lr_values, markers, smoothed, training_figure
+from . import history
 from .common import bound, button, number, steering_controls
 
 
@@ -35,7 +36,8 @@ def layout() -> html.Div:
                     number("in-bs", "batch size", step=1), button("Set batch size", "btn-bs"),
                 ]),
                 html.Div([button("Pause", "btn-pause"), button("Resume", "btn-resume"),
-                          button("Stop", "btn-stop"), button("Snapshot", "btn-snapshot")]),
+                          button("Stop", "btn-stop"), button("Snapshot", "btn-snapshot"),
+                          history.rewind_controls()]),
             ]),
             html.Span(id="train-feedback", style={"marginLeft": "4px", "color": "#555"}),
         ], className="rv-card"),
@@ -73,13 +75,17 @@ def training_chart(hub, _n, key, log_scale, smoothing, cursor, tab):
     # markers for the commands applied by this trainer process (a restarted one starts a new step axis)
     events = [e for e in state.event_list() if e["status"] == DONE and e["step"] is not None
               and e["generation"] == state.generation]
+    summary = state.summary()
+    events += divergence_markers(summary.get("divergence"))
+    branches = summary["branches"]
     val = state.val_history()
     marker_sig = [e["id"] for e in events]
-    history = state.history_revision   # read before the steps: a merge after them redraws at the next tick
+    merged = state.history_revision   # read before the steps: a merge after them redraws at the next tick
     view = [bool(log_scale), float(smoothing or 0.0)]      # the loss axis and smoothing asked for
     full = (not cursor or cursor.get("key") != key or cursor.get("gen") != state.generation
-            or cursor.get("history") != history      # older steps merged in front: redraw
-            or cursor.get("view") != view)
+            or cursor.get("history") != merged      # older steps merged in front: redraw
+            or cursor.get("view") != view
+            or cursor.get("branches", 1) != len(branches))   # an undo or rewind: the chart is drawn anew
     if not full:
         cols, start, total = state.scalars_since(cursor["count"])
         # Redrawn from the ring when it wrapped past what the browser has, and when the browser's chart has
@@ -87,13 +93,22 @@ def training_chart(hub, _n, key, log_scale, smoothing, cursor, tab):
         full = start > cursor["count"] or total - cursor.get("first", 0) > state.scalars.capacity * 3 // 2
     if full:
         cols, start, total = state.scalars_since(0)
-        fig = training_figure(cols, val, events, log_loss=view[0], smoothing=view[1])
-        return fig, {"key": key, "gen": state.generation, "history": history, "view": view, "count": total,
+        fig = training_figure(cols, val, events, log_loss=view[0], smoothing=view[1], branches=branches)
+        return fig, {"key": key, "gen": state.generation, "history": merged, "view": view, "count": total,
+                     "branches": len(branches),
                      "first": start, "ema": smoothed(cols["loss"], view[1])[1], "lr": lr_values(cols["lr"]),
                      "markers": marker_sig, "val": len(val), "acc": has_accuracy(cols, val)}, hp_text
     cursor = dict(cursor)
     patch, has_acc = chart_patch(cursor, cols, total, val, events, marker_sig)
     return patch, {**cursor, "count": total, "markers": marker_sig, "val": len(val), "acc": has_acc}, hp_text
+
+
+def divergence_markers(divergence) -> list[dict]:
+    """A chart marker for the divergence guard's latest event (the heartbeat's ``divergence``)."""
+    if not isinstance(divergence, dict) or not isinstance(divergence.get("step"), int):
+        return []
+    return [{"id": f"divergence-{divergence.get('count')}", "step": divergence["step"],
+             "label": f"⚠ divergence ({divergence.get('action')})"}]
 
 
 def chart_patch(cursor: dict, cols: dict, total: int, val: list, events: list, marker_sig: list) -> tuple[Patch, bool]:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .branches import branch_tree, own_rows, rows_on_path
 from .filter_series import PyramidSegments, read_filter_series
 from ..wire.acks import TERMINAL_STATES
 from .format import FORMAT_NAME, MARKER, list_segments, read_segment
@@ -171,17 +172,36 @@ class RunReader:
         body["time"] = rows[-1]["time"]
         return body
 
+    def branches(self) -> list[dict[str, Any]]:
+        """The run's branch tree (``recording.branches``): ``{branch, parent, from_step, at_step, restore_point,
+        reason, seq}`` per branch, the root first; the last one is the branch of the current state."""
+        return branch_tree(self.steering_log())
+
     # -- scalars ----------------------------------------------------------------------------------------------
-    def scalars(self, start: int | None = None, stop: int | None = None, every: int = 1) -> dict[str, np.ndarray]:
+    def scalars(self, start: int | None = None, stop: int | None = None, every: int = 1,
+                branch: int | None = None, own: bool = False) -> dict[str, np.ndarray]:
         """Step scalars as numpy columns (``start <= step < stop``, every ``every``-th row): step, time, seq, epoch,
         batch, loss, samples_per_s, batch_size, per_filter, drops_*, ``lr/<group>``, ``momentum/<group>``,
         ``weight_decay/<group>``, one column per logged metric, and ``not_finite/<name>`` (1.0 where the loss or that
-        metric was NaN or ±inf, which the wire sends as nil; NaN elsewhere). Missing values are NaN."""
+        metric was NaN or ±inf, which the wire sends as nil; NaN elsewhere). Missing values are NaN.
+
+        By default the series that leads to the current state (steps an undo or rewind abandoned are left out).
+        ``branch``: the series leading to that branch's end instead (``branches()``), or with ``own`` only the
+        steps that branch trained itself."""
         table = self.table("scalars")
         if table is None:
             return {"step": np.zeros(0, np.int64)}
         steps = table.column("step").to_numpy(zero_copy_only=False)
-        index = np.nonzero(latest_timeline(steps) & in_step_range(steps, start, stop))[0][::max(1, int(every))]
+        chosen = latest_timeline(steps)
+        if branch is not None:
+            seqs = table.column("seq").to_numpy(zero_copy_only=False)
+            tree = self.branches()
+            on_branch = own_rows(seqs, tree, branch) if own else rows_on_path(steps, seqs, tree, branch)
+            # a fit resumed from a checkpoint into this recording still replaces what it re-did
+            chosen = np.zeros(len(steps), bool)
+            picked = np.nonzero(on_branch)[0]
+            chosen[picked[latest_timeline(steps[picked])]] = True
+        index = np.nonzero(chosen & in_step_range(steps, start, stop))[0][::max(1, int(every))]
         table = table.take(pa.array(index, pa.int64()))
         return {name: _column_numpy(table.column(name)) for name in table.column_names}
 

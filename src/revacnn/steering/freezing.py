@@ -76,6 +76,18 @@ class FreezeManager:
                 self.freeze_filters(mod, rows)
         return skipped
 
+    def held(self) -> dict:
+        """Copies of what is frozen, keyed by module object (for a restore point: the objects come back with it)."""
+        return {"layers": {m: dict(flags) for m, flags in self.layers.items()},
+                "filters": {m: set(rows) for m, rows in self.filters.items()}}
+
+    def hold(self, held: dict) -> None:
+        """Make frozen exactly what ``held()`` returned (a restore point put the parameters' ``requires_grad``
+        back itself)."""
+        self.layers = {m: dict(flags) for m, flags in held.get("layers", {}).items()}
+        self.filters = {m: set(rows) for m, rows in held.get("filters", {}).items()}
+        self._rows.clear()
+
     def freeze_layer(self, mod: nn.Module) -> None:
         if mod in self.layers:
             return

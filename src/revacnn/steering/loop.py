@@ -24,6 +24,7 @@ class LoopControl:
         # (command, new size, the attribute's value before it)
         self._pending_batch_size: tuple[dict[str, Any], int, Any] | None = None
         self._batch_size_applied: tuple[dict[str, Any], int, Any] | None = None
+        self._reload_loader = False   # a restore point put a different batch size back
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, command: dict[str, Any],
               ack: Ack, set_state: Callable[[str], None]) -> None:
@@ -69,7 +70,24 @@ class LoopControl:
         lightning_setattr(pl_module, "batch_size", size)
         self._pending_batch_size = (command, size, before)  # acknowledged when the next epoch starts with it
 
+    def put_back_batch_size(self, pl_module: pl.LightningModule, size: Any, ack: Ack) -> None:
+        """A restore point was restored: its ``batch_size`` attribute comes back (the loader follows at the next
+        epoch, as with set_batch_size) and a set_batch_size still waiting for its epoch is taken back."""
+        from pytorch_lightning.utilities.parsing import lightning_getattr, lightning_setattr
+
+        for waiting in (self._pending_batch_size, self._batch_size_applied):
+            if waiting is not None:
+                ack(waiting[0], "error", error="set_batch_size: taken back by undo/rewind before an epoch started "
+                                               "with it")
+        self._pending_batch_size = self._batch_size_applied = None
+        if lightning_getattr(pl_module, "batch_size") != size:
+            lightning_setattr(pl_module, "batch_size", size)
+            self._reload_loader = True
+
     def epoch_ended(self, trainer: pl.Trainer) -> None:
+        if self._reload_loader and self._pending_batch_size is None:
+            trainer.fit_loop._combined_loader = None
+            self._reload_loader = False
         if self._pending_batch_size is not None:
             # The train iterator is made once per epoch: drop the loader so the next epoch builds one anew.
             trainer.fit_loop._combined_loader = None

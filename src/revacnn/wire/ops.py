@@ -24,3 +24,8 @@ SET_HPARAMS = "set_hparams"
 HPARAM_NAMES = ("lr", "momentum", "weight_decay")
 #: The loop op that changes the training loader's batch size.
 SET_BATCH_SIZE = "set_batch_size"
+#: Ops that go back to a restore point (docs/protocol.md, "Undo and rewind"): the callback applies them.
+UNDO, REWIND = "undo", "rewind"
+HISTORY_OPS = frozenset({UNDO, REWIND})
+#: Ops before which the callback keeps a restore point (they change the model, optimizer, schedulers or data).
+CHANGING_OPS = frozenset({*ENGINE_OPS, SET_BATCH_SIZE})
