@@ -52,8 +52,8 @@ def test_each_branch_is_charted_and_the_abandoned_steps_are_grey():
     summary = state.summary()
     assert [b["branch"] for b in summary["branches"]] == [0, 1, 2]
     assert summary["loss_not_finite_since"] is None          # the new branch is finite again
-    fig, cursor, _ = training_chart(OneRun(state), 0, state.key, None, "training")
-    live, abandoned = fig.data[0], fig.data[5]
+    fig, cursor, _ = training_chart(OneRun(state), 0, state.key, [], 0.0, None, "training")
+    live, abandoned = fig.data[0], fig.data[6]   # trace 5 is the smoothed loss
     assert list(live.x) == list(range(1, 11)) + [11, 12] + [13, 14, 15]
     assert list(live.y[-3:]) == [0.5, 0.5, 0.5] and list(live.y[10:12]) == [1.0, 1.0]
     assert [x for x in abandoned.x if x is not None] == [11, 12, 13, 14, 13, 14, 15, 16]
@@ -61,7 +61,7 @@ def test_each_branch_is_charted_and_the_abandoned_steps_are_grey():
     assert cursor["branches"] == 3
     # a rewind after the browser drew the chart: drawn anew (not patched)
     branch_ack(state, "d", "rewind", 3, 2, 14, 15)
-    again, _, _ = training_chart(OneRun(state), 0, state.key, cursor, "training")
+    again, _, _ = training_chart(OneRun(state), 0, state.key, [], 0.0, cursor, "training")
     assert list(again.data[0].x)[-1] == 14
 
 
