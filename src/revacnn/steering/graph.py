@@ -189,7 +189,8 @@ def _run_hooked(module: nn.Module, example_input: torch.Tensor, kinds: dict[str,
             rec.in_node[name] = x.grad_fn if x.grad_fn is not None else ("input", x)
             rec.in_shape[name] = tuple(x.shape)
 
-    handles = [mod.register_forward_hook(hook) for name, mod in module.named_modules() if name in kinds]
+    # prepended: each layer's own output, before the layers insert_layer put after it (steering/insertion.py)
+    handles = [mod.register_forward_hook(hook, prepend=True) for name, mod in module.named_modules() if name in kinds]
     modes = {m: m.training for m in module.modules()}
     try:
         module.eval()

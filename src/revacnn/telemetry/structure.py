@@ -69,7 +69,8 @@ def trace(module: nn.Module, images: torch.Tensor, monitored: Sequence[str]) -> 
         return record
 
     source = images[:1].detach().clone().requires_grad_(True)
-    handles = [sub.register_forward_hook(hook(name)) for name, sub in watched.items()]
+    # prepended: each layer's own output, before the layers insert_layer put after it (steering/insertion.py)
+    handles = [sub.register_forward_hook(hook(name), prepend=True) for name, sub in watched.items()]
     try:
         with eval_mode(module), torch.enable_grad():
             module(source)
