@@ -57,11 +57,15 @@ def own_named_parameters(mod: nn.Module):
     return [(n, p) for n, p in mod.named_parameters() if skip is None or not n.startswith(skip)]
 
 
-def chain_end(root: nn.Module, anchor: str) -> str:
-    """The module the next insertion after ``anchor`` attaches to: the last layer of its insertion chain."""
+def chain_end(root: nn.Module, anchor: str, like: str) -> tuple[str, str]:
+    """``(anchor, like)`` for the next insertion after ``anchor``, whose channels the layer ``like`` produces: the
+    last module of its insertion chain, and the conv or Linear inserted last (it may have fewer channels than
+    ``like`` once ``like`` was widened)."""
     while (container := insertion_of(root.get_submodule(anchor))) is not None:
+        layer = "conv" if "conv" in container._modules else "linear"
+        like = f"{anchor}.{INSERTED}.{layer}"
         anchor = f"{anchor}.{INSERTED}.{next(reversed(container._modules))}"
-    return anchor
+    return anchor, like
 
 
 def odd_kernel(kernel: tuple[int, ...]) -> tuple[int, ...]:

@@ -98,8 +98,9 @@ def _idempotent(node) -> list | None:
     return None
 
 
-def _insertion_point(engine: SteeringEngine, name: str, op: str) -> tuple[str, list | None, _Seen]:
-    """``(anchor, activation, seen)``: the module the new layers go after and the activation copy they start with."""
+def _insertion_point(engine: SteeringEngine, name: str, op: str) -> tuple[str, str, list | None, _Seen]:
+    """``(anchor, like, activation, seen)``: the module the new layers go after, the layer whose channels they
+    take, and the activation copy they start with."""
     seen = _observe(engine, op)
     if seen.calls.get(name, 0) != 1:
         raise SteeringError(f"{op}: {name} is called {seen.calls.get(name, 0)} times in forward; need once (the new "
@@ -110,9 +111,9 @@ def _insertion_point(engine: SteeringEngine, name: str, op: str) -> tuple[str, l
         if (isinstance(mod, _BatchNorm) and user is not None and seen.out_node.get(other) is user
                 and seen.calls.get(other) == 1):
             anchor = other
-    anchor = chain_end(engine.module, anchor)
+    anchor, like = chain_end(engine.module, anchor, name)
     after = _only_user(seen, anchor)
-    return anchor, (_idempotent(after) if after is not None else None), seen
+    return anchor, like, (_idempotent(after) if after is not None else None), seen
 
 
 def insert_layer(engine: SteeringEngine, args: dict):
@@ -127,12 +128,12 @@ def insert_layer(engine: SteeringEngine, args: dict):
     batchnorm = C.get_bool(args, "batchnorm", op, False)
     layer = engine.layer(name, op, (*CONVS, nn.Linear), "insert_layer needs a conv (1-D, 2-D or 3-D) or Linear layer")
     check_supported(engine.optimizers, f"{op} after {name}")
-    anchor, activation, seen = _insertion_point(engine, name, op)
-    shape = seen.out_shape.get(name, ())
+    anchor, like, activation, seen = _insertion_point(engine, name, op)
+    shape = seen.out_shape.get(like, ())
     if batchnorm and isinstance(layer, nn.Linear) and len(shape) != 2:
         raise SteeringError(f"{op}: a BatchNorm after {name} needs its output to be [batch, features]; it is "
                             f"{list(shape)} (features last): insert it without batchnorm")
-    entry = {"op": "insert_layer", "anchor": anchor, "like": name, "activation": activation,
+    entry = {"op": "insert_layer", "anchor": anchor, "like": like, "activation": activation,
              "batchnorm": batchnorm, "bn_dims": len(shape), "keeps_anchor": True}
 
     def body():
