@@ -136,8 +136,8 @@ def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
     messages = listener.join()
     assert [ack["status"] for ack in script.acks] == ["done"], script.acks
     structures = {m.body["revision"]: m.body["layers"] for m in messages if m.type == "structure"}
-    assert [layer["name"] for layer in structures[1]] == ["net.conv1.0", "net.conv1.2", "net.conv2", "net.conv3",
-                                                          "net.fc"]
+    assert [layer["name"] for layer in structures[1]] == ["net.conv1", "net.conv1.inserted.conv", "net.conv2",
+                                                          "net.conv3", "net.fc"]
     steps = [m for m in messages if m.type == "step"]
     assert [m.body["step"] for m in steps] == list(range(1, 9))
     revisions = [m.body["revision"] for m in steps]
@@ -146,12 +146,11 @@ def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
         layers = structures[m.body["revision"]]
         assert m.body["layer_names"] == [layer["name"] for layer in layers], m.body["step"]
         assert m.arrays["filters"].shape == (5, sum(layer["out"] for layer in layers))
-    # conv1, moved into a Sequential as conv1.0, keeps its filters' ids (new ones had made all 16 "new", and the
-    # comparison of a snapshot before with one after lost the layer); the inserted conv1.2 gets fresh ids
+    # conv1 keeps its name and its filters' ids; the conv inserted after it gets fresh ids
     ids = {revision: {layer["name"]: layer["filter_ids"] for layer in layers} for revision, layers in structures.items()}
-    assert ids[1]["net.conv1.0"] == ids[0]["net.conv1"] == list(range(16))
+    assert ids[1]["net.conv1"] == ids[0]["net.conv1"] == list(range(16))
     assert ids[1]["net.conv2"] == ids[0]["net.conv2"]
-    assert set(ids[1]["net.conv1.2"]).isdisjoint(i for layer in ids[0].values() for i in layer)
+    assert set(ids[1]["net.conv1.inserted.conv"]).isdisjoint(i for layer in ids[0].values() for i in layer)
 
 
 def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp_path):

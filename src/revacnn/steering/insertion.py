@@ -74,7 +74,8 @@ def odd_kernel(kernel: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def identity_conv(like: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> nn.Module:
-    """A C→C conv of ``like``'s class and groups (C = its output channels), kernel ``odd_kernel(like)``: 1 at the
+    """A C→C conv of ``like``'s torch class (Conv1d/2d/3d: a subclass may take other arguments) and groups (C = its
+    output channels), kernel ``odd_kernel(like)``: 1 at the
     kernel centre of each channel's own input, zero elsewhere, padding k//2, stride 1, zero bias when ``like`` has
     a bias.
 
@@ -83,7 +84,8 @@ def identity_conv(like: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> nn.Module:
     """
     c, groups = like.out_channels, like.groups
     kernel = odd_kernel(tuple(like.kernel_size))
-    conv = type(like)(c, c, kernel, padding=tuple(k // 2 for k in kernel), groups=groups,
+    kind = next(k for k in CONVS if isinstance(like, k))
+    conv = kind(c, c, kernel, padding=tuple(k // 2 for k in kernel), groups=groups,
                       bias=like.bias is not None, device=like.weight.device, dtype=like.weight.dtype)
     conv.to(memory_format=_memory_format(like.weight))
     per_group = c // groups
