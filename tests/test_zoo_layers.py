@@ -134,3 +134,53 @@ def test_insert_and_remove_layer_on_every_role(model, role, name):
     losses = _steps(net, optimizer, x, y, 5)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert torch.isfinite(_eval(net, x)).all()
+
+
+def test_a_mobilenet_v2_with_inserted_layers_resumes_and_loads_offline_identically(tmp_path):
+    """Layers inserted (and a depthwise conv removed) mid-run through the callback: the checkpoint replays the
+    change log — the hooks that run the inserted layers included — on resume and in ``load_steered``."""
+    import pytorch_lightning as pl
+    from helpers import quiet_trainer
+    from test_steering_callback import fit
+
+    from revacnn import ReVACNNCallback, load_steered
+    from revacnn.demo import ClassifierModule, DigitsDataModule
+
+    depthwise = f"net.{MOBILENET}.layer.1.conv_3x3.convolution"
+    plan = {2: [("insert_layer", {"after": depthwise, "batchnorm": True}),
+                ("insert_layer", {"after": "net.model.classifier"})],
+            3: [("remove_layer", {"layer": f"net.{MOBILENET}.layer.2.conv_3x3.convolution"}),
+                ("insert_layer", {"after": depthwise})]}
+    torch.manual_seed(3)
+    trainer, model, script = fit(tmp_path, plan, epochs=1, batches=6,
+                                 model=ClassifierModule(copy.deepcopy(_built("mobilenet_v2_small")), lr=0.01))
+    assert [ack["status"] for ack in script.acks] == ["done"] * 4, script.acks
+    assert script.acks[3]["result"]["changes"]["anchor"] == f"net.{MOBILENET}.layer.1.conv_3x3.normalization.inserted.bn"
+    path = tmp_path / "steered.ckpt"
+    trainer.save_checkpoint(path)
+    images = torch.randn(4, *zoo.IMAGE)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+
+    offline = load_steered(path, ClassifierModule(zoo.mobilenet_v2_small())).eval()
+    with torch.no_grad():
+        assert torch.equal(offline(images), expected)
+    assert type(offline.net.get_submodule(depthwise[len("net."):])) is nn.Conv2d
+
+    captured = {}
+
+    class Capture(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.eval()
+            with torch.no_grad():
+                captured["outputs"] = pl_module(images)
+            pl_module.train()
+
+    callback = ReVACNNCallback(filters_every=0, snapshot_every=0, record=False)
+    resumed_model = ClassifierModule(zoo.mobilenet_v2_small(), lr=0.01)
+    resumed = quiet_trainer(max_epochs=2, limit_train_batches=6, limit_val_batches=0, callbacks=[callback, Capture()],
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
+    resumed.fit(resumed_model, DigitsDataModule(batch_size=32), ckpt_path=path)
+    assert torch.equal(captured["outputs"], expected)
+    assert resumed.global_step == 12 and torch.isfinite(resumed_model(images)).all()
