@@ -27,6 +27,7 @@ require_chromium()
 
 DEPTHWISE = "net.model.mobilenet_v2.layer.1.conv_3x3.convolution"
 INSERTED = "net.model.mobilenet_v2.layer.1.conv_3x3.normalization.inserted.conv"
+STEM = "net.model.mobilenet_v2.conv_stem.first_conv.convolution"
 POINTS = "#net-graph .scatterlayer .trace:last-child path.point"
 
 
@@ -36,11 +37,28 @@ def _layer_names(hub) -> list[str]:
     return [layer["name"] for layer in (state.structure or {}).get("layers", [])]
 
 
+# the menu's options read "<name> (Conv2d, 48 out)"; it is filtered when the model's first layer is not among them
+FILTERED = """([name, first]) => {
+    const shown = [...document.querySelectorAll('body *')].filter(e => e.children.length === 0
+        && e.offsetParent !== null).map(e => e.textContent);
+    return shown.some(t => t.startsWith(name + ' (')) && !shown.some(t => t.startsWith(first + ' (')); }"""
+
+
 def _pick_layer(page, name: str) -> None:
-    page.click("#net-layer")
-    page.keyboard.type(name)
-    page.keyboard.press("Enter")
-    page.wait_for_selector(f"#net-details:has-text('{name}')", timeout=20000)
+    """Choose ``name`` in the layer menu by its search box, once the menu shows only the options it matches (before
+    that, an option found in the full list moves away under the click). The page renews the menu's options with
+    every per-filter step of the run, which can close the menu or clear its search: then it is typed again."""
+    for _ in range(5):
+        page.click("#net-layer")
+        page.get_by_placeholder("Search").fill(name)
+        try:
+            page.wait_for_function(FILTERED, arg=[name, STEM], timeout=5000)
+            page.get_by_text(f"{name} (", exact=False).first.click(timeout=5000)
+            page.wait_for_selector(f"#net-details:has-text('{name}')", timeout=10000)
+            return
+        except playwright_api.TimeoutError:
+            page.keyboard.press("Escape")
+    raise AssertionError(f"{name} could not be chosen in the layer menu")
 
 
 def test_the_network_view_draws_mobilenet_v2_and_steers_it(tmp_path):
