@@ -85,7 +85,8 @@ def test_ddp_two_ranks_identical(tmp_path):
     assert r["frozen_kept"] and r["rows_kept"]
 
 
-MOBILENET = "net.model.mobilenet_v2.layer.1"
+BLOCKS = "net.model.mobilenet_v2.layer"
+BLOCK1 = f"{BLOCKS}.1"
 
 
 def test_structural_steering_of_mobilenet_v2_under_ddp_keeps_ranks_bitwise_equal(tmp_path):
@@ -104,21 +105,21 @@ def test_structural_steering_of_mobilenet_v2_under_ddp_keeps_ranks_bitwise_equal
         time.sleep(0.1)
     with RunClient(tmp_path) as client:
         client.connect(timeout=60)
-        acks = send_and_wait(client, [("insert_layer", {"after": f"{MOBILENET}.conv_3x3.convolution",
+        acks = send_and_wait(client, [("insert_layer", {"after": f"{BLOCK1}.conv_3x3.convolution",
                                                          "batchnorm": True}),
                                       ("insert_layer", {"after": "net.model.classifier"}),
-                                      ("remove_layer", {"layer": "net.model.mobilenet_v2.layer.2.conv_3x3.convolution"}),
-                                      ("widen", {"layer": f"{MOBILENET}.expand_1x1.convolution", "count": 4})],
+                                      ("remove_layer", {"layer": f"{BLOCKS}.2.conv_3x3.convolution"}),
+                                      ("widen", {"layer": f"{BLOCK1}.expand_1x1.convolution", "count": 4})],
                              timeout=180)
     finish(process, timeout=400)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] == 30
     assert [ack["status"] for ack in acks[:3]] == ["done"] * 3, acks
     model = ranks[0]["model"]
-    assert f"{MOBILENET}.conv_3x3.normalization.inserted.conv.weight" in model
-    assert f"{MOBILENET}.conv_3x3.convolution.weight" in model          # the anchor kept its name
+    assert f"{BLOCK1}.conv_3x3.normalization.inserted.conv.weight" in model
+    assert f"{BLOCK1}.conv_3x3.convolution.weight" in model          # the anchor kept its name
     assert "net.model.classifier.inserted.linear.weight" in model
-    assert "net.model.mobilenet_v2.layer.2.conv_3x3.convolution.weight" not in model
+    assert f"{BLOCKS}.2.conv_3x3.convolution.weight" not in model
     assert model.keys() == ranks[1]["model"].keys()
     for name, tensor in model.items():
         assert torch.equal(tensor, ranks[1]["model"][name]), f"{name} differs between ranks"
@@ -129,4 +130,4 @@ def test_structural_steering_of_mobilenet_v2_under_ddp_keeps_ranks_bitwise_equal
     # Widening through a depthwise reader comes with the coupling analysis of branch i27-graph (issue 27); until
     # then it is refused, and this is the one assertion that fails.
     assert acks[3]["status"] == "done", acks[3]
-    assert model[f"{MOBILENET}.expand_1x1.convolution.weight"].shape[0] == 4 + 48
+    assert model[f"{BLOCK1}.expand_1x1.convolution.weight"].shape[0] == 4 + 48

@@ -99,7 +99,8 @@ def test_the_network_view_draws_mobilenet_v2_and_steers_it(tmp_path):
             page.wait_for_timeout(1500)                 # the page's next tick draws the new structure
             _pick_layer(page, INSERTED)                 # the layer list offers the new layer (the next structure)
             layers = _layer_names(hub)
-            assert len(layers) == 54 and layers.index(INSERTED) == layers.index(DEPTHWISE) + 1  # the anchor kept its name
+            # the anchor kept its name, and the new layer comes right after it
+            assert len(layers) == 54 and layers.index(INSERTED) == layers.index(DEPTHWISE) + 1
 
             _pick_layer(page, DEPTHWISE)
             page.click("#btn-freeze-layer")

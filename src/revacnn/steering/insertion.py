@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 INSERTED = "inserted"  # the child of an anchor that holds the layers inserted after it
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # not the transposed ones (as steering/graph.py's CONVS)
 
 
 def run_inserted(module: nn.Module, inputs, output):
@@ -158,15 +158,10 @@ def insert_after(root: nn.Module, entry: dict) -> nn.Sequential:
     layers: list[tuple[str, nn.Module]] = []
     if entry.get("activation"):
         layers.append(("act", activation_module(entry["activation"])))
-    if isinstance(like, nn.Linear):
-        layers.append(("linear", identity_linear(like)))
-        weight = like.weight
-    else:
-        layers.append(("conv", identity_conv(like)))
-        weight = like.weight
+    layers.append(("linear", identity_linear(like)) if isinstance(like, nn.Linear) else ("conv", identity_conv(like)))
     if entry.get("batchnorm"):
         channels = layers[-1][1].weight.shape[0]
-        layers.append(("bn", identity_bn(channels, int(entry["bn_dims"]), weight)))
+        layers.append(("bn", identity_bn(channels, int(entry["bn_dims"]), like.weight)))
     container = nn.Sequential(OrderedDict(layers))
     anchor.add_module(INSERTED, container)
     anchor.register_forward_hook(run_inserted)
