@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--restore-every", type=int, default=500, help="RestorePolicy.every_steps")
+    parser.add_argument("--model", choices=["revacnn", "mobilenet_v2_small"], default="revacnn",
+                        help="the net: the demo's, or HF MobileNetV2 from tests/zoo.py")
     parser.add_argument("--default-run-dir", action="store_true",
                         help="leave the callback's run_dir unset: it records under the trainer's log directory")
     args = parser.parse_args()
@@ -54,7 +56,14 @@ def main() -> None:
                          accumulate_grad_batches=args.accumulate,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback, SaveEachRank(args.run_dir, args.slow)], default_root_dir=args.run_dir)
-    trainer.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=16))
+    trainer.fit(ClassifierModule(build_net(args.model), lr=0.05), DigitsDataModule(batch_size=16))
+
+
+def build_net(name: str) -> torch.nn.Module:
+    if name == "revacnn":
+        return ReVACNNNet()
+    import zoo  # tests/ is this script's directory, so on its path
+    return zoo.calibrate(zoo.mobilenet_v2_small())
 
 
 if __name__ == "__main__":

@@ -218,9 +218,9 @@ def test_comparison_of_two_runs_and_scalar_helpers(steered):
     assert cosine(np.zeros(2), np.zeros(2)) == 1 and cosine([1, 0], [0, 2]) == 0
 
 
-def test_a_layer_renamed_by_insert_layer_is_compared_with_itself(tmp_path):
-    """insert_layer moves its anchor into a Sequential (conv1 → conv1.0). The comparison of a snapshot before with
-    one after matched layers by name and left conv1 out; it now follows the filter ids the layer keeps."""
+def test_the_anchor_of_insert_layer_is_compared_with_itself(tmp_path):
+    """insert_layer keeps its anchor's name: a snapshot before compares conv1 with conv1 after, and the inserted
+    conv is new. (It used to move the anchor into a Sequential, conv1 → conv1.0, and the comparison lost it.)"""
     import pytorch_lightning as pl
     import torch
     from test_steering_callback import Script
@@ -237,13 +237,14 @@ def test_a_layer_renamed_by_insert_layer_is_compared_with_itself(tmp_path):
     run = open_run(callback.run_dir)
     a, b = run.snapshot(4), run.snapshot(8)
     comp = compare_snapshots(a, b, run.structures())
-    conv1 = comp.layers["net.conv1.0"]
-    assert conv1.name_a == "net.conv1" and len(conv1.kept) == 16 and not conv1.new and not conv1.removed
-    wa, wb = a["arrays"]["weight/net.conv1"].astype(np.float64), b["arrays"]["weight/net.conv1.0"].astype(np.float64)
+    conv1 = comp.layers["net.conv1"]
+    assert conv1.name_a is None and len(conv1.kept) == 16 and not conv1.new and not conv1.removed  # not renamed
+    wa, wb = a["arrays"]["weight/net.conv1"].astype(np.float64), b["arrays"]["weight/net.conv1"].astype(np.float64)
     assert conv1.rel_l2 == pytest.approx(np.linalg.norm(wb - wa) / np.linalg.norm(wa), rel=1e-6)
-    pair = comp.filter_pair("net.conv1.0", conv1.kept[3])
+    pair = comp.filter_pair("net.conv1", conv1.kept[3])
     np.testing.assert_array_equal(pair["act_a"], a["arrays"]["act/net.conv1"][:, 3])
-    assert "net.conv1.2" not in comp.layers and comp.layers["net.conv2"].name_a is None  # new; not renamed
+    assert "weight/net.conv1.inserted.conv" in b["arrays"] and "weight/net.conv1.inserted.conv" not in a["arrays"]
+    assert all(layer.name_a is None for layer in comp.layers.values())  # nothing was renamed
 
 
 def test_weight_norm_of_a_record_is_the_previous_steps_weight(steered):

@@ -136,8 +136,8 @@ def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
     messages = listener.join()
     assert [ack["status"] for ack in script.acks] == ["done"], script.acks
     structures = {m.body["revision"]: m.body["layers"] for m in messages if m.type == "structure"}
-    assert [layer["name"] for layer in structures[1]] == ["net.conv1.0", "net.conv1.2", "net.conv2", "net.conv3",
-                                                          "net.fc"]
+    assert [layer["name"] for layer in structures[1]] == ["net.conv1", "net.conv1.inserted.conv", "net.conv2",
+                                                          "net.conv3", "net.fc"]
     steps = [m for m in messages if m.type == "step"]
     assert [m.body["step"] for m in steps] == list(range(1, 9))
     revisions = [m.body["revision"] for m in steps]
@@ -146,12 +146,11 @@ def test_per_filter_steps_match_the_structure_they_were_measured_with(tmp_path):
         layers = structures[m.body["revision"]]
         assert m.body["layer_names"] == [layer["name"] for layer in layers], m.body["step"]
         assert m.arrays["filters"].shape == (5, sum(layer["out"] for layer in layers))
-    # conv1, moved into a Sequential as conv1.0, keeps its filters' ids (new ones had made all 16 "new", and the
-    # comparison of a snapshot before with one after lost the layer); the inserted conv1.2 gets fresh ids
+    # conv1 keeps its name and its filters' ids; the conv inserted after it gets fresh ids
     ids = {revision: {layer["name"]: layer["filter_ids"] for layer in layers} for revision, layers in structures.items()}
-    assert ids[1]["net.conv1.0"] == ids[0]["net.conv1"] == list(range(16))
+    assert ids[1]["net.conv1"] == ids[0]["net.conv1"] == list(range(16))
     assert ids[1]["net.conv2"] == ids[0]["net.conv2"]
-    assert set(ids[1]["net.conv1.2"]).isdisjoint(i for layer in ids[0].values() for i in layer)
+    assert set(ids[1]["net.conv1.inserted.conv"]).isdisjoint(i for layer in ids[0].values() for i in layer)
 
 
 def test_steered_checkpoint_resumes_and_loads_offline_with_identical_outputs(tmp_path):
@@ -486,11 +485,10 @@ def test_resuming_a_steered_checkpoint_without_the_callback_and_the_fix(tmp_path
     with pytest.raises(RuntimeError) as error:
         plain.fit(ClassifierModule(ReVACNNNet(), lr=0.05), DigitsDataModule(batch_size=32), ckpt_path=path)
     message = str(error.value)
-    assert message.startswith('Error(s) in loading state_dict for ClassifierModule:\n\tMissing key(s) in '
-                              'state_dict: "net.conv1.weight", "net.conv1.bias". \n\tUnexpected key(s) in '
-                              'state_dict: "net.conv1.0.weight", "net.conv1.0.bias", "net.conv1.2.weight", '
-                              '"net.conv1.2.bias". \n\tsize mismatch for net.conv2.weight: copying a param with '
-                              'shape torch.Size([22, 16, 5, 5]) from checkpoint'), message
+    assert message.startswith('Error(s) in loading state_dict for ClassifierModule:\n\tUnexpected key(s) in '
+                              'state_dict: "net.conv1.inserted.conv.weight", "net.conv1.inserted.conv.bias". \n\t'
+                              'size mismatch for net.conv2.weight: copying a param with shape '
+                              'torch.Size([22, 16, 5, 5]) from checkpoint'), message
 
     steered = load_steered(path, ClassifierModule(ReVACNNNet(), lr=0.05))      # the fix without the callback
     plain = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=0, default_root_dir=tmp_path)

@@ -13,13 +13,13 @@ from revacnn.steering import SteeringError, load_steered, replay_changelog
 
 SCRIPTS = {
     "revacnn": [cmd("widen", layer="net.conv1", count=2), cmd("remove_filters", layer="net.conv3", filters=[1, 4]),
-                cmd("insert_layer", after="net.conv2", batchnorm=True), cmd("widen", layer="net.conv2.0", count=3),
+                cmd("insert_layer", after="net.conv2", batchnorm=True), cmd("widen", layer="net.conv2", count=3),
                 cmd("widen", layer="net.conv3", count=1, init="random"),
-                cmd("insert_layer", after="net.conv1"), cmd("remove_layer", layer="net.conv1.2")],
+                cmd("insert_layer", after="net.conv1"), cmd("remove_layer", layer="net.conv1.inserted.conv")],
     "resnet": [cmd("widen", layer="net.conv1", count=2), cmd("remove_filters", layer="net.layer2.0.conv1", filters=[0]),
                cmd("insert_layer", after="net.layer1.1.conv1", batchnorm=True),
                cmd("widen", layer="net.layer2.1.conv2", count=2, init="random"),
-               cmd("remove_layer", layer="net.layer1.1.bn1.3")],
+               cmd("remove_layer", layer="net.layer1.1.bn1.inserted.bn")],
 }
 
 

@@ -83,3 +83,51 @@ def test_ddp_two_ranks_identical(tmp_path):
     assert r["same_after_surgery"]
     assert r["same_after_training"]
     assert r["frozen_kept"] and r["rows_kept"]
+
+
+BLOCKS = "net.model.mobilenet_v2.layer"
+BLOCK1 = f"{BLOCKS}.1"
+
+
+def test_structural_steering_of_mobilenet_v2_under_ddp_keeps_ranks_bitwise_equal(tmp_path):
+    """HF MobileNetV2 (tf_padding, ReLU6, depthwise convs) steered mid-run through the callback on 2 gloo ranks:
+    a layer inserted after a depthwise conv and after the head, a depthwise conv removed, and the expand conv whose
+    reader is that depthwise conv widened (a depthwise reader widens with its producer)."""
+    import time
+
+    from test_ddp import connection, finish, send_and_wait, start
+
+    from revacnn.wire.client import RunClient
+
+    process = start(tmp_path, "--model", "mobilenet_v2_small", "--epochs", "1", "--batches", "30", "--slow", "0.05")
+    deadline = time.monotonic() + 180
+    while connection(tmp_path) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with RunClient(tmp_path) as client:
+        client.connect(timeout=60)
+        acks = send_and_wait(client, [("insert_layer", {"after": f"{BLOCK1}.conv_3x3.convolution",
+                                                         "batchnorm": True}),
+                                      ("insert_layer", {"after": "net.model.classifier"}),
+                                      ("remove_layer", {"layer": f"{BLOCKS}.2.conv_3x3.convolution"}),
+                                      ("widen", {"layer": f"{BLOCK1}.expand_1x1.convolution", "count": 4})],
+                             timeout=180)
+    finish(process, timeout=400)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 30
+    assert [ack["status"] for ack in acks[:3]] == ["done"] * 3, acks
+    model = ranks[0]["model"]
+    assert f"{BLOCK1}.conv_3x3.normalization.inserted.conv.weight" in model
+    assert f"{BLOCK1}.conv_3x3.convolution.weight" in model          # the anchor kept its name
+    assert "net.model.classifier.inserted.linear.weight" in model
+    assert f"{BLOCKS}.2.conv_3x3.convolution.weight" not in model
+    assert model.keys() == ranks[1]["model"].keys()
+    for name, tensor in model.items():
+        assert torch.equal(tensor, ranks[1]["model"][name]), f"{name} differs between ranks"
+    for key, state in ranks[0]["optimizer"]["state"].items():
+        for field, value in state.items():
+            other = ranks[1]["optimizer"]["state"][key][field]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), f"optimizer {key}.{field} differs"
+    # Widening through a depthwise reader comes with the coupling analysis of branch i27-graph (issue 27); until
+    # then it is refused, and this is the one assertion that fails.
+    assert acks[3]["status"] == "done", acks[3]
+    assert model[f"{BLOCK1}.expand_1x1.convolution.weight"].shape[0] == 4 + 48

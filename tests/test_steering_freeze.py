@@ -103,13 +103,15 @@ def test_freeze_filters_follow_widen_and_remove():
     assert torch.equal(w[1], saved[1])
 
 
-def test_frozen_layer_follows_rename_and_stays_frozen_through_widen():
+def test_frozen_layer_stays_frozen_through_insert_layer_and_widen():
+    """The layer inserted after a frozen one trains: a freeze is the layer's own parameters."""
     module, optimizer, x, y, engine = setup("revacnn", "sgd")
     assert engine.apply(cmd("freeze", layers=["net.conv2"]))["ok"]
     assert engine.apply(cmd("insert_layer", after="net.conv2"))["ok"]
-    assert engine.frozen() == {"net.conv2.0": "all"}
-    assert engine.apply(cmd("widen", layer="net.conv2.0", count=1))["ok"]
-    w = module.net.conv2[0].weight
+    assert engine.frozen() == {"net.conv2": "all"}
+    assert module.net.conv2.inserted.conv.weight.requires_grad
+    assert engine.apply(cmd("widen", layer="net.conv2", count=1))["ok"]
+    w = module.net.conv2.weight
     assert not w.requires_grad
     saved = w.detach().clone()
     step(module, optimizer, x, y)

@@ -1,5 +1,6 @@
-"""The names a user knows reach the layer they mean (issue 27): under ``torch.compile`` (``_orig_mod`` segments) and
-after ``insert_layer`` moved the layer into a Sequential (``conv2`` → ``conv2.0``). One resolution
+"""The names a user knows reach the layer they mean (issue 27): under ``torch.compile`` (``_orig_mod`` segments),
+after ``insert_layer`` (which keeps its anchor's name), and after a checkpoint of an earlier version whose
+``insert_layer`` moved the layer into a Sequential (``conv2`` → ``conv2.0``). One resolution
 (``steering.names.resolve_layer``) serves every operation, and the ack says which module a name stood for."""
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ def test_the_user_names_of_a_compiled_net_reach_its_layers():
     ack = engine.apply(cmd("freeze", layers=["net.fc"]))
     assert ack["ok"] and ack["changes"]["frozen"] == {"net._orig_mod.fc": "all"}, ack
     assert not module.net._orig_mod.fc.weight.requires_grad
+    before_insert = eval_out(module, x)
     ack = engine.apply(cmd("insert_layer", after="net.conv2"))
     assert ack["ok"], ack["error"]
-    assert ack["changes"]["renamed"] == {"net._orig_mod.conv2": "net._orig_mod.conv2.0"}
-    ack = engine.apply(cmd("remove_layer", layer="net.conv2.2"))      # the inserted conv, by the user's name too
+    assert torch.equal(eval_out(module, x), before_insert)   # compiled, the hook runs the new (identity) conv
+    assert ack["changes"]["anchor"] == "net._orig_mod.conv2"
+    assert ack["changes"]["inserted"] == ["net._orig_mod.conv2.inserted.conv"]
+    ack = engine.apply(cmd("remove_layer", layer="net.conv2.inserted.conv"))  # the inserted conv, by the user's name
     assert ack["ok"], ack["error"]
-    assert ack["changes"]["resolved"] == {"net.conv2.2": "net._orig_mod.conv2.2"}
+    assert ack["changes"]["resolved"] == {"net.conv2.inserted.conv": "net._orig_mod.conv2.inserted.conv"}
+    assert ack["changes"]["undid_insertion"] and not hasattr(module.net._orig_mod.conv2, "inserted")
     step(module, optimizer, x, y)
     assert_optimizer_consistent(module, optimizer)
 
@@ -91,8 +96,9 @@ def test_a_name_that_could_mean_two_modules_is_refused_with_the_names_to_use():
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
-def test_the_name_a_layer_had_before_insert_layer_still_reaches_it(opt):
-    """Before: ``widen net.conv2`` after ``insert_layer after net.conv2`` was refused: "net.conv2 is a Sequential"."""
+def test_insert_layer_keeps_the_anchor_and_its_name(opt):
+    """Before: ``widen net.conv2`` after ``insert_layer after net.conv2`` was refused: "net.conv2 is a Sequential".
+    Now the anchor stays where it was (same object, name and type); the new layer hangs on it as ``inserted``."""
     module = build("revacnn")
     optimizer = make_optimizer(module, opt)
     x, y = batch()
@@ -101,54 +107,59 @@ def test_the_name_a_layer_had_before_insert_layer_still_reaches_it(opt):
     anchor = module.net.conv2
     ack = engine.apply(cmd("insert_layer", after="net.conv2"))
     assert ack["ok"], ack["error"]
-    assert ack["changes"]["renamed"] == {"net.conv2": "net.conv2.0"} and module.net.conv2[0] is anchor
+    assert "renamed" not in ack["changes"] and module.net.conv2 is anchor and type(anchor) is nn.Conv2d
+    new = module.net.conv2.inserted.conv
 
     ack = engine.apply(cmd("widen", layer="net.conv2", count=3))
     assert ack["ok"], ack["error"]
-    assert ack["changes"]["resolved"] == {"net.conv2": "net.conv2.0"}
-    assert ack["changes"]["layer"] == "net.conv2.0" and anchor.out_channels == 23
-    assert module.net.conv2[2].in_channels == 23          # the inserted conv reads the anchor's widened output
+    assert "resolved" not in ack["changes"]
+    assert ack["changes"]["layer"] == "net.conv2" and anchor.out_channels == 23
+    assert ack["changes"]["readers"] == ["net.conv2.inserted.conv"] and new.in_channels == 23
 
     ack = engine.apply(cmd("freeze", layers=["net.conv2"]))
     assert ack["ok"], ack["error"]
-    assert ack["changes"]["frozen"] == {"net.conv2.0": "all"}
-    assert not any(p.requires_grad for p in anchor.parameters())
-    assert all(p.requires_grad for p in module.net.conv2[2].parameters())   # only the anchor, not the block
-    before = {n: p.detach().clone() for n, p in module.net.conv2.named_parameters()}
-    state = {n: optimizer.state[p][MOMENT[opt]].clone() for n, p in anchor.named_parameters() if p in optimizer.state}
+    assert ack["changes"]["frozen"] == {"net.conv2": "all"}
+    assert not anchor.weight.requires_grad and not anchor.bias.requires_grad
+    assert all(p.requires_grad for p in new.parameters())   # only the anchor, not the layer inserted after it
+    own = {"weight": anchor.weight.detach().clone(), "bias": anchor.bias.detach().clone()}
+    new_before = new.weight.detach().clone()
+    state = {n: optimizer.state[p][MOMENT[opt]].clone() for n, p in anchor.named_parameters(recurse=False)
+             if p in optimizer.state}
     step(module, optimizer, x, y)
-    assert torch.equal(anchor.weight, before["0.weight"]) and torch.equal(anchor.bias, before["0.bias"])
-    assert all(torch.equal(optimizer.state[p][MOMENT[opt]], state[n]) for n, p in anchor.named_parameters()
-               if n in state)
-    assert not torch.equal(module.net.conv2[2].weight, before["2.weight"])
+    assert torch.equal(anchor.weight, own["weight"]) and torch.equal(anchor.bias, own["bias"])
+    assert all(torch.equal(optimizer.state[p][MOMENT[opt]], state[n])
+               for n, p in anchor.named_parameters(recurse=False) if n in state)
+    assert not torch.equal(new.weight, new_before)
 
     ack = engine.apply(cmd("unfreeze", layers=["net.conv2"]))
     assert ack["ok"] and ack["changes"]["frozen"] == {}, ack
-    assert all(p.requires_grad for p in anchor.parameters())
-    ack = engine.apply(cmd("freeze", layer="net.conv2", filters=[0]))     # single filters: the anchor's too
-    assert ack["ok"] and ack["changes"]["frozen"] == {"net.conv2.0": [0]}, ack
+    assert anchor.weight.requires_grad and anchor.bias.requires_grad
+    ack = engine.apply(cmd("freeze", layer="net.conv2", filters=[0]))
+    assert ack["ok"] and ack["changes"]["frozen"] == {"net.conv2": [0]}, ack
 
-    # a second insert_layer after the same (old) name goes after the anchor again: conv2.0 → conv2.0.0
+    # a second insert_layer after the same name goes after the end of what was inserted there
     ack = engine.apply(cmd("insert_layer", after="net.conv2"))
     assert ack["ok"], ack["error"]
-    assert ack["changes"]["renamed"] == {"net.conv2.0": "net.conv2.0.0"}
+    assert ack["changes"]["anchor"] == "net.conv2.inserted.conv"
+    assert ack["changes"]["inserted"] == ["net.conv2.inserted.conv.inserted.conv"]
     ack = engine.apply(cmd("remove_filters", layer="net.conv2", filters=[1]))
     assert ack["ok"], ack["error"]
-    assert ack["changes"]["resolved"] == {"net.conv2": "net.conv2.0.0"} and anchor.out_channels == 22
+    assert "resolved" not in ack["changes"] and anchor.out_channels == 22 and new.in_channels == 22
     step(module, optimizer, x, y)
     assert_optimizer_consistent(module, optimizer)
 
 
-def test_the_old_name_resolves_after_the_checkpoint_replays_the_change_log():
-    """The renames come from the change log, which a resumed engine is given: the old name works there too."""
+def test_the_old_name_resolves_after_a_checkpoint_of_an_earlier_version_replays():
+    """A change log of an earlier version, whose insert_layer moved the anchor into a Sequential, replays that way,
+    and the old name then reaches the anchor (``conv2`` → ``conv2.0``)."""
     from revacnn.steering import replay_changelog
 
-    module = build("revacnn")
-    x, y = batch()
-    engine = SteeringEngine(module, [make_optimizer(module, "sgd")], example_input=x)
-    assert engine.apply(cmd("insert_layer", after="net.conv2"))["ok"]
-    resumed = replay_changelog(build("revacnn"), engine.changelog)
+    x, _ = batch()
+    changelog = [{"op": "insert_layer", "anchor": "net.conv2", "like": "net.conv2", "relu": True,
+                  "batchnorm": False}]
+    resumed = replay_changelog(build("revacnn"), changelog)
+    assert isinstance(resumed.net.conv2, nn.Sequential) and isinstance(resumed.net.conv2[2], nn.Conv2d)
     engine2 = SteeringEngine(resumed, [make_optimizer(resumed, "sgd")], example_input=x)
-    engine2.changelog = list(engine.changelog)
+    engine2.changelog = list(changelog)
     ack = engine2.apply(cmd("widen", layer="net.conv2", count=1))
     assert ack["ok"] and ack["changes"]["resolved"] == {"net.conv2": "net.conv2.0"}, ack

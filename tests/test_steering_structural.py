@@ -8,6 +8,8 @@ import torch
 from steering_util import (MODELS, MOMENT, OPTIMIZERS, assert_optimizer_consistent, batch, cmd, eval_out, setup,
                            step)
 
+from revacnn.steering.removal import CentreTap
+
 # target layer -> (expected group of producers, expected readers, BNs) written out by hand from the model code
 WIDEN_CASES = {
     "revacnn": {
@@ -208,7 +210,7 @@ def test_remove_filters_residual_group_shrinks_every_member():
 
 
 INSERT_CASES = [("revacnn", "net.conv2", "net.conv2"), ("resnet", "net.layer1.0.conv1", "net.layer1.0.bn1"),
-                ("resnet", "net.layer1.0.conv2", "net.layer1.0.conv2")]
+                ("resnet", "net.layer1.0.conv2", "net.layer1.0.bn2")]
 
 
 @pytest.mark.parametrize("kind,after,anchor", INSERT_CASES)
@@ -238,7 +240,7 @@ def test_insert_then_remove_layer_restores_function():
     before = eval_out(module, x)
     ack = engine.apply(cmd("insert_layer", after="net.conv1"))
     inserted = ack["changes"]["inserted"][0]
-    assert inserted == "net.conv1.2"
+    assert inserted == "net.conv1.inserted.conv"
     with torch.no_grad():  # make the inserted layer non-trivial, so removing it must be visible
         module.get_submodule(inserted).weight.mul_(0.5)
     mid = eval_out(module, x)
@@ -256,7 +258,7 @@ def test_remove_layer_on_resnet_block_conv():
     before = eval_out(module, x)
     ack = engine.apply(cmd("remove_layer", layer="net.layer1.1.conv1"))
     assert ack["ok"], ack["error"]
-    assert isinstance(module.net.layer1[1].conv1, torch.nn.Identity)
+    assert isinstance(module.net.layer1[1].conv1, CentreTap) and module.net.layer1[1].conv1.stride == (1, 1)
     delta = (eval_out(module, x) - before).abs().max().item()
     assert ack["changes"]["output_max_abs_change"] == pytest.approx(delta, rel=1e-5)
     assert_optimizer_consistent(module, optimizer)
@@ -335,7 +337,7 @@ def test_rmsprop_and_adam_surgery():
 def test_new_batch_still_trains_after_many_ops():
     module, optimizer, x, y, engine = setup("revacnn", "sgd")
     for c in (cmd("widen", layer="net.conv1", count=2), cmd("remove_filters", layer="net.conv2", filters=[0, 1]),
-              cmd("insert_layer", after="net.conv3", batchnorm=True), cmd("widen", layer="net.conv3.0", count=1),
+              cmd("insert_layer", after="net.conv3", batchnorm=True), cmd("widen", layer="net.conv3", count=1),
               cmd("freeze", layer="net.conv1", filters=[0])):
         ack = engine.apply(c)
         assert ack["ok"], ack["error"]
@@ -366,7 +368,7 @@ def test_a_channels_last_model_stays_channels_last():
         assert ack["ok"], ack["error"]
     step(module, optimizer, x, y)
     touched = ["net.layer1.0.conv1", "net.layer1.0.conv2", "net.layer2.0.conv1", "net.layer2.0.conv2",
-               "net.layer1.1.bn1.2"]          # widened, its reader, shrunk, its reader, the inserted conv
+               "net.layer1.1.bn1.inserted.conv"]          # widened, its reader, shrunk, its reader, the inserted conv
     for name in touched:
         weight = module.get_submodule(name).weight
         assert weight.is_contiguous(memory_format=channels_last) and not weight.is_contiguous(), name

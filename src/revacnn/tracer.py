@@ -113,7 +113,7 @@ def record(module: nn.Module, x: torch.Tensor, names: Iterable[str],
     """
     rec = ForwardRecord(x=traced_input(module, x))
     wanted = set(names)
-    handles = [sub.register_forward_hook(_hook(rec, name)) for name, sub in module.named_modules() if name in wanted]
+    handles = [sub.register_forward_hook(_hook(rec, name), prepend=True) for name, sub in module.named_modules() if name in wanted]
     modes = [(sub, sub.training) for sub in module.modules()]
 
     def forward():

@@ -6,8 +6,10 @@ Entries (plain str/int/float/bool/list/dict only, so ``torch.load(weights_only=T
   "scales": [[parameter, dim]], "readers": [[name, hw, offset]], "index", "in_scale", "state_scale", ...}`` —
   ``index[j]`` is the old channel new channel j comes from (entries written before ``norms``, ``channelwise``,
   ``scales``, ``channels`` and reader offsets existed replay as before: those are optional);
-- ``{"op": "insert_layer", "anchor", "like", "relu", "batchnorm"}``;
-- ``{"op": "remove_layer", "layer"}``.
+- ``{"op": "insert_layer", "anchor", "like", "activation", "batchnorm", "bn_dims", "keeps_anchor": true}``
+  (``insertion.insert_after``); entries without ``keeps_anchor`` (``"relu"`` instead of ``"activation"``) come
+  from earlier versions, which moved the anchor into a Sequential, and replay that way;
+- ``{"op": "remove_layer", "layer"}`` (``removal.remove``).
 
 Replaying reproduces shapes and module structure exactly (values are then overwritten by the saved state_dict).
 """
@@ -21,7 +23,9 @@ import torch
 from torch import nn
 
 from .errors import CheckpointMismatch, SteeringError
-from .surgery import resize_channels, splice_insert, splice_remove
+from .insertion import insert_after, legacy_sequential
+from .removal import remove
+from .surgery import resize_channels
 
 NAME_FIELDS = ("layer", "anchor", "like")
 NAME_LISTS = ("producers", "batchnorms", "norms", "channelwise")
@@ -60,9 +64,9 @@ def replay_changelog(module: nn.Module, changelog: list[dict], prefix: str = "")
             if op in ("widen", "remove_filters"):
                 resize_channels(module, entry)
             elif op == "insert_layer":
-                splice_insert(module, entry)
+                (insert_after if entry.get("keeps_anchor") else legacy_sequential)(module, entry)
             elif op == "remove_layer":
-                splice_remove(module, entry["layer"])
+                remove(module, entry["layer"])
             else:
                 raise SteeringError(f"change-log entry {i} has unknown op {op!r}")
         except (AttributeError, KeyError, IndexError, RuntimeError) as exc:

@@ -31,18 +31,21 @@ from .surgery import resize_channels
 
 
 class _Transaction:
-    """Shallow snapshot of every module's registries and every optimizer's groups and state, for rollback."""
+    """Shallow snapshot of every module's registries (forward hooks included: ``insert_layer`` adds one) and every
+    optimizer's groups and state, for rollback."""
 
     def __init__(self, module: nn.Module, optimizers) -> None:
-        self.mods = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-                     for m in module.modules()]
+        self.mods = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules),
+                      dict(m._forward_hooks)) for m in module.modules()]
         self.opts = [(o, [list(g["params"]) for g in o.param_groups], dict(o.state)) for o in optimizers]
 
     def rollback(self) -> None:
-        for m, d, params, buffers, modules in self.mods:
+        for m, d, params, buffers, modules, hooks in self.mods:
             m.__dict__.clear()
             m.__dict__.update(d)
             m._parameters, m._buffers, m._modules = params, buffers, modules
+            m._forward_hooks.clear()  # the same (mutated) dict: hook handles keep pointing at it
+            m._forward_hooks.update(hooks)
         for o, groups, state in self.opts:
             for g, params in zip(o.param_groups, groups):
                 g["params"] = params
@@ -164,6 +167,13 @@ class SteeringEngine:
         param = next(self.module.parameters(), None)
         x = self.example_input
         return x.to(param.device) if param is not None else x
+
+    def example(self, op: str) -> torch.Tensor:
+        """The example input on the model's device; refused (``op`` says for what) without one."""
+        x = self._input()
+        if x is None:
+            raise SteeringError(f"{op}: the engine has no example_input to run the model on")
+        return x
 
     def trace(self, op: str):
         """The couplings of the model's layers, traced on the example input."""

@@ -8,13 +8,16 @@
 - Single filters: a step pre-hook saves the filter rows of the parameter and of every per-parameter state tensor; the
   post-hook writes them back (zero when the state did not exist yet), so those rows are bitwise unchanged.
 
-Frozen layers are keyed by module object, so they follow renames (insert_layer) and parameter replacement (widen).
+Frozen layers are keyed by module object, so they follow renames and parameter replacement (widen). A layer's
+parameters are its own (``insertion.own_named_parameters``): not those of the layers insert_layer put after it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .insertion import own_named_parameters
 
 
 class FreezeManager:
@@ -58,11 +61,11 @@ class FreezeManager:
         skipped = []
         for name, flags in (state.get("layers") or {}).items():
             mod = modules.get(name)
-            if mod is None or not any(True for _ in mod.parameters()):
+            if mod is None or not own_named_parameters(mod):
                 skipped.append(name)
                 continue
             self.freeze_layer(mod)
-            self.layers[mod] = {n: bool(flags.get(n, True)) for n, _ in mod.named_parameters()}
+            self.layers[mod] = {n: bool(flags.get(n, True)) for n, _ in own_named_parameters(mod)}
         for name, filters in (state.get("filters") or {}).items():
             mod = modules.get(name)
             weight = getattr(mod, "weight", None)
@@ -91,8 +94,8 @@ class FreezeManager:
     def freeze_layer(self, mod: nn.Module) -> None:
         if mod in self.layers:
             return
-        self.layers[mod] = {n: p.requires_grad for n, p in mod.named_parameters()}
-        for p in mod.parameters():
+        self.layers[mod] = {n: p.requires_grad for n, p in own_named_parameters(mod)}
+        for _, p in own_named_parameters(mod):
             p.grad = None
             if not self.distributed:
                 p.requires_grad_(False)
@@ -101,7 +104,7 @@ class FreezeManager:
         flags = self.layers.pop(mod, None)
         if flags is None:
             return False
-        for n, p in mod.named_parameters():
+        for n, p in own_named_parameters(mod):
             p.requires_grad_(flags.get(n, True))
         return True
 
@@ -149,7 +152,7 @@ class FreezeManager:
 
     def _drop_layer_grads(self) -> None:
         for mod in self.layers:
-            for p in mod.parameters():
+            for _, p in own_named_parameters(mod):
                 p.grad = None
 
     def _pre(self, optimizer, args, kwargs):

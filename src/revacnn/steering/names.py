@@ -4,9 +4,9 @@ Two things make a model's names differ from the ones its user knows:
 
 - ``torch.compile``: ``model.net = torch.compile(model.net)`` wraps the net in an ``OptimizedModule`` that holds it
   as ``_orig_mod``, so ``net.conv2`` is listed as ``net._orig_mod.conv2``;
-- ``insert_layer``: the anchor moves into a Sequential with the new layer (``conv2`` → ``conv2.0``); the change log
-  keeps every such move (an ``insert_layer`` entry's ``anchor``), so the old name still finds the layer after a
-  checkpoint resumes.
+- ``insert_layer`` of earlier versions moved the anchor into a Sequential with the new layer (``conv2`` →
+  ``conv2.0``); the change log keeps every such move (an ``insert_layer`` entry without ``keeps_anchor``), so the
+  old name still finds the layer after such a checkpoint resumes. (``insert_layer`` now keeps the anchor's name.)
 
 ``resolve_layer`` applies both, in that order, and raises a ``SteeringError`` that says which names exist when the
 name is unknown, and which names to choose from when it could stand for more than one module.
@@ -30,9 +30,10 @@ def without_compiled(name: str) -> str:
 
 
 def renames(changelog: list[dict]) -> dict[str, str]:
-    """Old name → new name of every layer an ``insert_layer`` in ``changelog`` moved into a Sequential."""
+    """Old name → new name of every layer an ``insert_layer`` of an earlier version moved into a Sequential."""
     return {entry["anchor"]: entry["anchor"] + ".0" for entry in changelog
-            if entry.get("op") == "insert_layer" and isinstance(entry.get("anchor"), str)}
+            if entry.get("op") == "insert_layer" and isinstance(entry.get("anchor"), str)
+            and not entry.get("keeps_anchor")}
 
 
 def resolve_layer(module: nn.Module, name: str, op: str, changelog: list[dict] = ()) -> str:

@@ -65,7 +65,8 @@ def probe_pass(module: nn.Module, layers: Sequence[tuple[str, nn.Module]], image
                 outputs[name] = output
         return hook
 
-    handles = [layer.register_forward_hook(keep(name)) for name, layer in layers]
+    # prepended: each layer's own output, before the layers insert_layer put after it (steering/insertion.py)
+    handles = [layer.register_forward_hook(keep(name), prepend=True) for name, layer in layers]
     try:
         with eval_mode(module), torch.enable_grad():
             images = images.detach().clone().requires_grad_(True)

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from revacnn.steering.insertion import own_named_parameters
 from revacnn.telemetry.scalars import StepBatch, add_scalars, scalar_values
 from revacnn.telemetry.structure import layer_description, trace
 from revacnn.telemetry.transfer import HostCopy, PendingMessage
@@ -234,4 +235,4 @@ def in_traced_order(layers: list[tuple[str, nn.Module]], order: list[str]) -> li
 def untrainable_layers(layers: list[tuple[str, nn.Module]]) -> list[str]:
     """Monitored layers none of whose parameters requires a gradient: frozen by the user's code (a fine-tuning
     backbone, ``BackboneFinetuning``) or, on one device, by a ``freeze`` command."""
-    return [name for name, layer in layers if not any(p.requires_grad for p in layer.parameters())]
+    return [name for name, layer in layers if not any(p.requires_grad for _, p in own_named_parameters(layer))]

@@ -131,7 +131,8 @@ class FilterProbe:
     def attach(self) -> None:
         self.detach()
         for name, module in self.layers:
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            # prepended: the layer's own output, before the layers insert_layer put after it (steering/insertion.py)
+            self._handles.append(module.register_forward_hook(self._hook(name), prepend=True))
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -13,6 +13,7 @@ from torch import nn
 from .. import commands as C
 from ..errors import SteeringError
 from ..graph import FILTER_LAYERS
+from ..insertion import own_named_parameters
 from ..optimizer import locate
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def _targets(engine: SteeringEngine, args: dict, op: str):
         mods = []
         for n in names:
             mod = engine.layer(n, op)
-            if not any(True for _ in mod.parameters()):
+            if not own_named_parameters(mod):
                 raise SteeringError(f"{op}: layer {n!r} ({type(mod).__name__}) has no parameters")
             mods.append((n, mod))
         return mods, None
@@ -59,7 +60,7 @@ def unfreeze(engine: SteeringEngine, args: dict):
         by_module = [(n, mod) for n, mod in mods if _frozen_by_module(engine, n, mod)]  # checked before any change
         for n, mod in mods:
             if (n, mod) in by_module:
-                for param in mod.parameters():
+                for _, param in own_named_parameters(mod):
                     param.requires_grad_(True)
             elif not engine.freezer.unfreeze_layer(mod) and mod not in engine.freezer.filters:
                 not_frozen.append(n)
@@ -74,7 +75,7 @@ def unfreeze(engine: SteeringEngine, args: dict):
 def _frozen_by_module(engine: SteeringEngine, name: str, mod: nn.Module) -> bool:
     """Whether ``mod`` was frozen by the user's own code (no parameter requires a gradient, and not by a
     ``freeze``), e.g. a fine-tuning backbone; raises if unfreezing it would not make it train."""
-    params = list(mod.parameters())
+    params = [p for _, p in own_named_parameters(mod)]
     if mod in engine.freezer.layers or any(p.requires_grad for p in params):
         return False
     if engine.distributed:
