@@ -6,7 +6,6 @@ return ``(old, new, dim, index, state_scale)`` records so that :mod:`.optimizer`
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -48,45 +47,6 @@ def flatten_index(index: list[int], hw: int, scale: list[float] | None = None):
     """
     cols = [c * hw + k for c in index for k in range(hw)]
     return cols, (None if scale is None else [s for s in scale for _ in range(hw)])
-
-
-def identity_conv(like: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> nn.Module:
-    """A C→C conv of ``like``'s class and kernel size: 1 at the kernel centre k//2 of the diagonal, zero elsewhere,
-    padding k//2, stride 1, zero bias when ``like`` has a bias.
-
-    Preserves: its input exactly (it is the identity map) for any input, on ``like``'s device, dtype and weight
-    memory format.
-    """
-    c = like.out_channels
-    kernel = tuple(like.kernel_size)
-    conv = type(like)(c, c, kernel, padding=tuple(k // 2 for k in kernel), bias=like.bias is not None,
-                      device=like.weight.device, dtype=like.weight.dtype)
-    conv.to(memory_format=memory_format_of(like.weight))
-    with torch.no_grad():
-        conv.weight.zero_()
-        centre = tuple(k // 2 for k in kernel)
-        for i in range(c):
-            conv.weight[(i, i, *centre)] = 1.0
-        if conv.bias is not None:
-            conv.bias.zero_()
-    return conv
-
-
-def identity_bn(channels: int, like: nn.Parameter) -> nn.Module:
-    """BatchNorm1d/2d/3d (for a conv weight ``like`` of 3, 4 or 5 dims) that is the identity in eval mode: running
-    mean 0, var 1, gamma √(1+eps), beta 0.
-
-    Preserves: its input exactly in eval mode (up to one rounding of √(1+eps)); in train mode it normalises by
-    batch statistics and is therefore not function-preserving.
-    """
-    kind = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[like.dim()]
-    bn = kind(channels, device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        bn.weight.fill_(math.sqrt(1.0 + bn.eps))
-        bn.bias.zero_()
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
-    return bn
 
 
 def _replace(mod: nn.Module, attr: str, new: torch.Tensor, dim: int, index: list[int], state_scale, records):
@@ -186,42 +146,3 @@ def resize_channels(module: nn.Module, plan: dict) -> list:
         _replace(mod, "weight", select(mod.weight.detach(), 1, cols, scale), 1, cols, None, records)
         fix_attributes(mod)
     return records
-
-
-def parent_of(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (module.get_submodule(parent_name) if parent_name else module), child
-
-
-def splice_insert(module: nn.Module, entry: dict) -> nn.Sequential:
-    """Replace the module at ``entry["anchor"]`` by ``Sequential(anchor, [ReLU], identity conv, [identity BN])``.
-
-    ``entry["like"]`` names the conv whose kernel size, channels and bias the new conv copies. Preserves: the anchor
-    module object itself (its parameters keep their values; their names gain a ``.0``), and the function exactly
-    when the ReLU is omitted, or when the anchor's output is immediately passed through a ReLU in forward (ReLU is
-    idempotent); BN exact in eval mode only.
-    """
-    parent, child = parent_of(module, entry["anchor"])
-    anchor = getattr(parent, child)
-    like = module.get_submodule(entry["like"]) if entry["like"] != entry["anchor"] else anchor
-    layers: list[nn.Module] = [anchor]
-    if entry["relu"]:
-        layers.append(nn.ReLU())
-    conv = identity_conv(like)
-    layers.append(conv)
-    if entry["batchnorm"]:
-        layers.append(identity_bn(conv.out_channels, conv.weight))
-    seq = nn.Sequential(*layers)
-    setattr(parent, child, seq)
-    return seq
-
-
-def splice_remove(module: nn.Module, name: str) -> nn.Module:
-    """Replace the module at ``name`` by ``nn.Identity()``; returns the removed module.
-
-    Preserves the function only if the removed layer computed the identity; callers measure the change.
-    """
-    parent, child = parent_of(module, name)
-    old = getattr(parent, child)
-    setattr(parent, child, nn.Identity())
-    return old
