@@ -6,7 +6,6 @@ return ``(old, new, dim, index, state_scale)`` records so that :mod:`.optimizer`
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
