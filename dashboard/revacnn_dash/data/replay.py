@@ -116,11 +116,7 @@ def recorded_validations(val: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _replay_steering_log(state: RunState, entries: list[dict[str, Any]]) -> None:
     for entry in entries:
-        event = state._add_event(str(entry.get("id")), str(entry.get("op")), entry.get("args") or {},
-                                 note="recorded")
-        event.status, event.error, event.step = entry.get("status"), entry.get("error"), entry.get("step")
-        event.sent = event.updated = float(entry.get("time") or event.sent)
-        event.result = entry.get("result") or {}
+        state.add_recorded_event(entry, note="recorded")
 
 
 def _filters_at(reader, structure: dict[str, Any], step: int) -> np.ndarray:

@@ -339,11 +339,7 @@ class RunState:
                 held_events = list(self.events.values())
                 self.events.clear()
                 for entry in recorded:
-                    event = self._add_event(str(entry.get("id")), str(entry.get("op")), entry.get("args") or {},
-                                            note="before this page connected")
-                    event.status, event.error, event.step = entry.get("status"), entry.get("error"), entry.get("step")
-                    event.sent = event.updated = float(entry.get("time") or event.sent)
-                    event.result = entry.get("result") or {}
+                    self.add_recorded_event(entry, note="before this page connected")
                 for event in held_events:
                     self.events[event.id] = event
                 while len(self.events) > self.event_capacity:
@@ -417,6 +413,13 @@ class RunState:
         self._loss_not_finite = (None, 0)
 
     # -- commands --------------------------------------------------------------------------------------------------
+    def add_recorded_event(self, entry: dict[str, Any], note: str) -> None:
+        """A command of the recording's steering log, with the final ack it got, as an event of the log."""
+        event = self._add_event(str(entry.get("id")), str(entry.get("op")), entry.get("args") or {}, note=note)
+        event.status, event.error, event.step = entry.get("status"), entry.get("error"), entry.get("step")
+        event.sent = event.updated = float(entry.get("time") or event.sent)
+        event.result = entry.get("result") or {}
+
     def _add_event(self, command_id: str, op: str, args: dict[str, Any], note: str = "") -> Event:
         event = Event(command_id, op, dict(args or {}), note=note, generation=self.generation)
         self.events[command_id] = event
