@@ -90,6 +90,12 @@ class ReVACNNCallback(Callback):
             connection file then carries the trainer's public key, never its secret.
         on_recording_error: ``"warn"`` (default: warn once, keep training, the recording stops) or ``"stop"``
             (end ``fit`` gracefully, on every rank, at the next batch after the recording failed).
+        restore_points: when restore points are taken (before every changing command, and every
+            ``RestorePolicy.every_steps``) and how many are kept in memory and on disk; ``None``: none (``undo`` and
+            ``rewind`` are then refused). See docs/steering.md, "Undo and rewind".
+        on_divergence: the divergence guard (off by default): ``"rewind"`` (go back to the latest restore point
+            before the loss diverged), ``"pause"`` or ``"warn"``, when the loss is NaN/inf or far above its recent
+            level (``steering.divergence``; the rule is in docs/steering.md).
         disk_budget: the most the run directory holds (bytes, or e.g. ``"1GB"``, ``"500MB"``; None: no budget).
             Past it, older snapshots go first, then per-filter data gets coarser, then stops being written (never
             the scalars); run.json and the heartbeat's ``disk`` say what was dropped (docs/design.md, "Disk budget").
@@ -99,12 +105,6 @@ class ReVACNNCallback(Callback):
             snapshot steps on disk that returns those to keep.
         snapshot_dtype: how recorded snapshots store weights, gradients and activation maps: ``"float32"``
             (exact), ``"float16"`` or ``"bfloat16"`` (half the bytes; read back as float32, see docs/design.md).
-        restore_points: when restore points are taken (before every changing command, and every
-            ``RestorePolicy.every_steps``) and how many are kept in memory and on disk; ``None``: none (``undo`` and
-            ``rewind`` are then refused). See docs/steering.md, "Undo and rewind".
-        on_divergence: the divergence guard (off by default): ``"rewind"`` (go back to the latest restore point
-            before the loss diverged), ``"pause"`` or ``"warn"``, when the loss is NaN/inf or far above its recent
-            level (``steering.divergence``; the rule is in docs/steering.md).
     """
 
     def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, budget: float | None = 0.02,
