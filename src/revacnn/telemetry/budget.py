@@ -241,7 +241,7 @@ class OverheadBudget:
         wanted = self._cadence(step, cost)
         changed = False
         for key, value in wanted.items():
-            if key in self.fixed or self._keeps(self.plan[key], value, key):
+            if key in self.fixed or self._keeps(self.plan[key], value):
                 continue
             self.plan[key] = nice_at_least(value)
             changed = True
@@ -261,7 +261,7 @@ class OverheadBudget:
         return {"scalars_every": scalars_every, "filters_every": filters_every, "snapshot_every": snapshot_every}
 
     @staticmethod
-    def _keeps(current: int, wanted: float, key: str) -> bool:
+    def _keeps(current: int, wanted: float) -> bool:
         """Keep the cadence in force while it costs at most 25 % over its share and is not sparser than the next
         readable cadence: costs measured on a busy machine wobble, and a cadence that flaps confuses the reader."""
         if wanted <= 1.0:
