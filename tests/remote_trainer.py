@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--snapshot-every", type=int, default=50)
     parser.add_argument("--tiny", action="store_true", help="8×8 grey digits, 4-4-4 filters, batch 8: fast steps")
     parser.add_argument("--run-dir")
+    parser.add_argument("--no-disk-budget", action="store_true",
+                        help="record without a disk budget or free-space margin (to reach a full disk's error)")
     parser.add_argument("--queue-size", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -94,7 +96,8 @@ def main() -> None:
         data = DigitsDataModule(batch_size=32)
     revacnn = ReVACNNCallback(host=args.host, keys_dir=args.keys_dir, insecure_bind=args.insecure_bind,
                               filters_every=args.filters_every, snapshot_every=args.snapshot_every,
-                              run_dir=args.run_dir, queue_size=args.queue_size, val_subset=100)
+                              run_dir=args.run_dir, queue_size=args.queue_size, val_subset=100,
+                              **({"disk_budget": None, "disk_min_free": None} if args.no_disk_budget else {}))
     callbacks = [revacnn, Announce(revacnn), Pace(args)]
     if args.checkpoint_every:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(args.root, "ckpt"), save_top_k=-1,
