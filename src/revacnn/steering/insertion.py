@@ -181,6 +181,18 @@ def attach_insertion(mod: nn.Module, container: nn.Sequential) -> None:
     mod.register_forward_hook(run_inserted)
 
 
+def sync_insertion_hook(mod: nn.Module) -> None:
+    """Make ``mod``'s forward hooks agree with its children: the hook that runs inserted layers exactly when it holds
+    an ``inserted`` container. A restore point puts a module tree back whole, without hooks (others' hooks added
+    since must stay); an insertion's hook follows its container by this rule."""
+    hooked = [key for key, hook in mod._forward_hooks.items() if hook is run_inserted]
+    if INSERTED in mod._modules and not hooked:
+        mod.register_forward_hook(run_inserted)
+    elif INSERTED not in mod._modules:
+        for key in hooked:
+            del mod._forward_hooks[key]
+
+
 def inserted_layer_owner(root: nn.Module, name: str) -> str | None:
     """The anchor whose insertion ``name`` is the conv or Linear of (``a.inserted.conv`` → ``a``), else None."""
     head, _, last = name.rpartition(".")

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .insertion import sync_insertion_hook
+
 #: Attribute values a restore point keeps per module (the ones structural operations change: channel counts,
 #: feature counts, kernel sizes, flags); objects (hooks, the trainer) are left as they are.
 _PLAIN = (int, float, bool, str, type(None))
@@ -223,6 +225,7 @@ def restore(point: RestorePoint, tensors: dict[str, torch.Tensor], model: nn.Mod
             mod._buffers = {name: None if key is None else made.setdefault(key, load(key))
                             for name, key in state.buffers.items()}
             mod._modules = dict(state.modules)
+            sync_insertion_hook(mod)
         for opt, (groups, saved) in zip(optimizers, point.optimizers):
             if len(groups) != len(opt.param_groups):
                 raise RuntimeError(f"{type(opt).__name__} has {len(opt.param_groups)} param groups; the restore "
