@@ -29,6 +29,7 @@ from torch_pruning import ops as tp_ops
 
 from ..tracer import INPUT, ForwardRecord, eager, record
 from .errors import SteeringError
+from .insertion import run_inserted
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # not the transposed ones: their filters are not weight rows
 FILTER_LAYERS = (*CONVS, nn.Linear)  # layers whose filters (neurons) are the rows of their weight
@@ -89,6 +90,15 @@ def _hooked(module: nn.Module) -> list[str]:
                          or any(True for _ in mod.parameters(recurse=False)))]
 
 
+def last_hook_runs_inserted_layers(module: nn.Module) -> None:
+    """Move the hook that runs the layers ``insert_layer`` put after an anchor to the end of the anchor's forward
+    hooks: hooks registered later (Torch-Pruning's, which map each layer's output to the layer) then see the
+    anchor's own output, not the inserted layers'."""
+    for mod in module.modules():
+        for key in [key for key, hook in mod._forward_hooks.items() if hook is run_inserted]:
+            mod._forward_hooks.move_to_end(key)
+
+
 def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
     """One eval-mode forward on ``example_input`` recording the hooked modules and Torch-Pruning's dependency graph."""
     graph = tp.DependencyGraph()
@@ -97,6 +107,7 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
         out = {}
 
         def forward_fn(_model, _inputs):
+            last_hook_runs_inserted_layers(module)   # after Torch-Pruning's hooks, which must see a layer's own output
             out["value"] = forward()
             return out["value"]
 
