@@ -609,7 +609,7 @@ def test_the_dashboard_draws_a_3d_convs_filters_and_maps(tmp_path):
         filters = call("fil-caption.children", [
             ("tick-filters", "data", [1, 0]), ("fil-layer", "value", "net.c3"), ("fil-probe", "value", 0)],
             [("tabs", "value", "filters"), ("run-select", "value", key), ("fil-sig", "data", None)])
-        assert "4 filters (rows) × 3 slices" in filters["fil-caption"]["children"]
+        assert "4 filters (rows, index at the left) × 3 slices" in filters["fil-caption"]["children"]
         assert png_size(filters["fil-acts"]["src"])[0] > 0 and png_size(filters["fil-weights"]["src"])[0] > 0
 
     # the snapshot comparison's filter view: A, B, B − A, ln(|b|/|a|) as tiles of the 3 depth slices, and the maps

@@ -217,12 +217,12 @@ class FilterProbe:
         kept, start = [], 0
         for index, ((weight, grad), count) in enumerate(zip(by_filter, rows)):
             end = start + count
-            w = weight.reshape(count, -1)
+            w = as_reducible(weight.reshape(count, -1))
             coefficients = max(w.shape[1], 1)
             weight_norm = torch.linalg.vector_norm(w, 2, dim=1, dtype=torch.float32)
             filters[2, start:end] = weight_norm
             if grad is not None:
-                g = grad.reshape(count, -1)
+                g = as_reducible(grad.reshape(count, -1))
                 torch.div(g.abs().sum(1, dtype=torch.float32), coefficients, out=filters[0, start:end])
                 grad_sq = torch.linalg.vector_norm(g, 2, dim=1, dtype=torch.float32).square_()
                 torch.div(grad_sq, coefficients, out=filters[1, start:end])
@@ -331,6 +331,12 @@ class _Segments(NamedTuple):
         row_lengths, layer_counts = to_device(lengths, device), to_device(counts, device)
         return cls([shape[0] for shape in shapes], layer_counts.expand(2, -1).contiguous(), row_lengths.float(),
                    row_lengths.expand(4, -1).contiguous())
+
+
+def as_reducible(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when float32 reductions can read it as it is (float32 and the half types, which they widen),
+    else a float32 copy (float64: a reduction may not narrow its input)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) else tensor.float()
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
