@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .insertion import parent_of
+
 
 def select(t: torch.Tensor, dim: int, index: list[int], scale: list[float] | None = None) -> torch.Tensor:
     """New tensor whose slice ``j`` along ``dim`` is ``t``'s slice ``index[j]`` times ``scale[j]``.
