@@ -110,7 +110,8 @@ def test_a_real_run_keeps_expensive_telemetry_within_its_budget(tmp_path, monkey
     schedules = [m.body["schedule"] for m in messages if m.type == "status" and "schedule" in m.body]
     assert schedules, "the heartbeat carries the schedule"
     last = schedules[-1]
-    assert last["budget"] == 0.02 and last["snapshot_every"] == 0 and last["fixed"] == ["snapshot_every"]
+    assert last["budget"] == 0.02 and last["snapshot_every"] == 0 and last["scalars_every"] == 1
+    assert last["fixed"] == ["scalars_every", "snapshot_every"]   # scalars: every step, never thinned
     per_filter = sorted(m.body["step"] for m in messages if m.type == "step" and m.body.get("per_filter"))
     gaps = [b - a for a, b in zip(per_filter, per_filter[1:])]
     step_seconds = last["step_seconds"]

@@ -53,7 +53,7 @@ class ReVACNNCallback(Callback):
             allows; the cadence and the measured cost are in the heartbeat (``schedule``) and on the dashboard
             (docs/telemetry.md, "Budget"). ``None``: no budget, the ``*_every`` defaults below are fixed.
         scalars_every: publish step scalars (loss, logged metrics, lr, samples/s) every this many optimizer steps
-            (0 = off). Default: every step (the budget thins them only if they alone cost over half of it).
+            (0 = off). Default: every step (the budget never thins them; their cost is taken from it first).
         filters_every: publish per-filter gradients, weight norms, update ratios and mean |activation| every this
             many optimizer steps (0 = off). Default: chosen by the budget (50 without one). Given, it is fixed.
         snapshot_every: publish full weights, gradients, DeepTracker statistics and probe activation maps every
@@ -145,7 +145,8 @@ class ReVACNNCallback(Callback):
             raise ValueError(f"command_every must be ≥ 1, got {command_every!r}")
         self.layer_selectors = list(layers) if layers is not None else None
         self.budget = budget
-        self.fixed_cadences = {name for name, value in cadences.items() if value is not None}
+        # scalars are never thinned by the budget: every step's loss is charted and recorded; their cost comes first
+        self.fixed_cadences = {"scalars_every"} | {name for name, value in cadences.items() if value is not None}
         self._initial_plan = {name: value if value is not None else default
                               for (name, value), default in zip(cadences.items(), (1, 50, 500))}
         self.activation_images = activation_images

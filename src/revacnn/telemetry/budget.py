@@ -17,7 +17,8 @@ The training time a step would take without the callback is the median of recent
 callback's own time in them. Every ``replan_seconds`` the plan is made again:
 
     budget per step     B = fraction × bare step time
-    scalars             every step, unless they alone cost more than half of B (then every k steps)
+    scalars             every step, unless they alone cost more than half of B (then every k steps) — the callback
+                        fixes them at every step: its charts and recording keep every step's loss
     per-filter data     every N steps: its cost per measurement ÷ N within 70 % of what the scalars leave, and not
                         more often than the dashboard refreshes (``refresh_seconds``, ~2 Hz)
     snapshots           every M steps: within the rest, and at most once every ``snapshot_seconds``
