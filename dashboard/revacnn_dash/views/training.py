@@ -90,7 +90,8 @@ def training_chart(hub, _n, key, log_scale, smoothing, cursor, tab):
         cols, start, total = state.scalars_since(cursor["count"])
         # Redrawn from the ring when it wrapped past what the browser has, and when the browser's chart has
         # grown to 1.5 rings: the page then holds at most that many points however long the run.
-        full = start > cursor["count"] or total - cursor.get("first", 0) > state.scalars.capacity * 3 // 2
+        full = (start > cursor["count"] or total - cursor.get("first", 0) > state.scalars.capacity * 3 // 2
+                or state.history_revision != merged)   # older steps merged in meanwhile: the ring was rebuilt
     if full:
         cols, start, total = state.scalars_since(0)
         fig = training_figure(cols, val, events, log_loss=view[0], smoothing=view[1], branches=branches)
