@@ -17,8 +17,8 @@ The training time a step would take without the callback is the median of recent
 callback's own time in them. Every ``replan_seconds`` the plan is made again:
 
     budget per step     B = fraction × bare step time
-    scalars             every step, unless they alone cost more than half of B (then every k steps) — the callback
-                        fixes them at every step: its charts and recording keep every step's loss
+    scalars             as given (every step by default), never planned: the chart and the recording keep every
+                        step's loss; their cost is taken from B first (at most half of it)
     per-filter data     every N steps: its cost per measurement ÷ N within 70 % of what the scalars leave, and not
                         more often than the dashboard refreshes (``refresh_seconds``, ~2 Hz)
     snapshots           every M steps: within the rest, and at most once every ``snapshot_seconds``
@@ -252,14 +252,14 @@ class OverheadBudget:
     def _cadence(self, step: float, cost: dict[str, float]) -> dict[str, float]:
         """The sparsest cadence each quantity needs to fit its share (continuous; rounded by the caller)."""
         budget = self.fraction * step
-        scalars_every = max(1.0, cost["scalars"] / (0.5 * budget))
-        left = max(budget - cost["scalars"] / scalars_every, 0.5 * budget)
+        scalars_every = self.plan["scalars_every"]   # never planned: every step's loss is kept; its cost comes first
+        left = max(budget - (cost["scalars"] / scalars_every if scalars_every else 0.0), 0.5 * budget)
         filters_every = max(cost["filters"] / (_FILTERS_SHARE * left), self.refresh_seconds / step, 1.0) \
             if self.costs["filters"].count else float(self.plan["filters_every"])
         rest = max(left - cost["filters"] / nice_at_least(filters_every), (1 - _FILTERS_SHARE) * left)
         snapshot_every = max(cost["snapshot"] / rest, self.snapshot_seconds / step, 1.0) \
             if self.costs["snapshot"].count else float(self.plan["snapshot_every"])
-        return {"scalars_every": scalars_every, "filters_every": filters_every, "snapshot_every": snapshot_every}
+        return {"filters_every": filters_every, "snapshot_every": snapshot_every}
 
     @staticmethod
     def _keeps(current: int, wanted: float) -> bool:
