@@ -59,7 +59,8 @@ class Snapshots:
         elif images.probe_error:
             body["probe_error"] = images.probe_error
         # The probe pass and the per-filter comparisons freed as much heap as a few layers; glibc would keep it, and
-        # the packed copy made next would come on top of it (a ResNet-50: ~40 MB more at the snapshot's peak).
+        # the packed copy made next would come on top of it (on a ResNet-50 the recorder's trim after the write gave
+        # back ~40 MB: held until then, it was part of the snapshot's peak).
         release_freed_memory()
         return PendingMessage("snapshot", body, copy.launch())
 
