@@ -165,7 +165,7 @@ def test_a_worker_on_a_log_folder_switches_to_a_newer_run(tmp_path):
 
 
 def test_a_recorded_ack_without_args_is_labelled_from_its_result():
-    from revacnn_dash.data.state import Event
+    from revacnn_dash.data.command_log import Event
 
     lr = Event("a", "set_hparams", {}, result={"changes": {"groups": [{"optimizer": 0, "group": 0,
                                                                        "lr": [0.02, 0.01]}]}})

@@ -12,7 +12,8 @@ import pytest
 from revacnn.wire.connection import ConnectionInfo
 from revacnn.wire.protocol import Message
 from revacnn.wire.publisher import Publisher
-from revacnn_dash.data.state import FINISHED, LIVE, UNREACHABLE, RunState, metric_name
+from revacnn_dash.data.scalars import metric_name
+from revacnn_dash.data.state import FINISHED, LIVE, UNREACHABLE, RunState
 from revacnn_dash.data.worker import RunWorker, resolve_target
 
 from helpers import quiet_trainer, wait_for
