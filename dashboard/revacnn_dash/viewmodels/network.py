@@ -73,7 +73,8 @@ def full_x(columns: int) -> tuple[float, float]:
 def zoomed_layers(columns: list[dict[str, Any]], layers: dict[str, dict[str, Any]], zoom: dict[str, Any] | None,
                   max_nodes: int, opened: dict[str, list[int]]) -> dict[str, Any] | None:
     """What a zoomed view draws filter by filter: ``{"layers": [names of the strips in view], "x": [x0, x1],
-    "y": [y0, y1] (the view's ranges), "columns_in_view": n}``, or None when the view shows the whole figure (no zoom, or zoomed back out).
+    "y": [y0, y1] (the view's ranges), "columns_in_view": n}``, or None when the view shows the whole figure (no
+    zoom, or zoomed back out).
     ``layers`` is empty when more than ``DETAIL_COLUMNS`` columns are in view."""
     if not zoom:
         return None

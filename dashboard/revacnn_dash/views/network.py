@@ -26,17 +26,18 @@ def layout() -> html.Div:
         html.Div([
             html.Div([
                 button("Expand all", "btn-expand-all"), button("Collapse all", "btn-collapse-all"),
-                button("Default grouping", "btn-default-grouping"),
+                button("Default grouping", "btn-default-grouping"), button("Whole network", "btn-zoom-out"),
                 html.Span(" Click a node for its details and actions; click a ▸ group to open it; draw a box to zoom "
-                          "(strips in view drawn filter by filter), double-click to zoom out. Nodes shake in "
-                          "proportion to their mean squared gradient; paths: top 50% by activation; ❄ = frozen.",
+                          "(strips in view drawn filter by filter), double-click or \"Whole network\" to zoom out. "
+                          "Nodes shake in proportion to their mean squared gradient; paths: top 50% by activation; "
+                          "❄ = frozen.",
                           style={"color": "#666", "fontSize": "12px"}),
             ]),
             # a model of many columns draws wider than the view (columns stay readable): the view scrolls. A
             # zoomed figure holds its zoom's ranges, so Plotly's "reset" would keep them: a double-click autoranges
             # (network_zoom reads that as zoomed out)
-            html.Div(dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False, "doubleClick": "autosize"},
-                               clear_on_unhover=True), style={"overflowX": "auto"}),
+            html.Div(dcc.Graph(id="net-graph", style={"height": "600px"},
+                               config={"displayModeBar": False, "doubleClick": "autosize"}, clear_on_unhover=True), style={"overflowX": "auto"}),
         ], style={"flex": "3", "minWidth": "0"}),
         html.Div([
             html.H4("Details", style={"margin": "4px 0"}),
@@ -69,7 +70,8 @@ def register(app, hub) -> None:
                  Output("net-layer", "options"),
                  Input("tick-network", "data"), Input("net-expanded", "data"), Input("run-select", "value"),
                  Input("net-zoom", "data"), State("tabs", "value"), State("net-sig", "data"))(bound(network_view, hub))
-    app.callback(Output("net-zoom", "data"), Input("net-graph", "relayoutData"), State("net-zoom", "data"),
+    app.callback(Output("net-zoom", "data"), Input("net-graph", "relayoutData"), Input("btn-zoom-out", "n_clicks"),
+                 State("net-zoom", "data"),
                  State("net-expanded", "data"), State("run-select", "value"), prevent_initial_call=True)(network_zoom)
     app.clientside_callback(ClientsideFunction("revacnn", "jitter"), Output("net-anim-out", "data"),
                             Input("net-anim", "data"))
@@ -99,10 +101,12 @@ def layout_token(expanded, key) -> str:
     return json.dumps([key, ids])
 
 
-def network_zoom(relayout, zoom, expanded, key):
+def network_zoom(relayout, _out, zoom, expanded, key):
     """The view's zoom from the graph's relayout event: ``{"token", "x", "y"}`` (a range the event does not name
-    stays as it was), None when zoomed back out (a double-click: autorange or the full ranges, which the view
-    model reads as no zoom)."""
+    stays as it was), None when zoomed back out ("Whole network", or a double-click: autorange or the full ranges,
+    which the view model reads as no zoom)."""
+    if ctx.triggered_id == "btn-zoom-out":
+        return None
     if not relayout:
         return no_update
     token = layout_token(expanded, key)
