@@ -321,7 +321,10 @@ def test_zooming_in_draws_the_strips_in_view_filter_by_filter_and_zooming_out_re
     assert page.evaluate(f"{GRAPH}.layout.annotations.some(a => a.text.includes('1,024 more in view hidden'))")
     # zoomed again into its top half: the filters whose rows are in the view, all of them
     drag_box(page, ci - 0.3, ci + 0.3, 0.55, 0.99)
-    y0, y1 = page.evaluate(f"{GRAPH}._fullLayout.yaxis.range")
+    # the figure drawn for that zoom holds its ranges (a refresh on the way meanwhile may show the old ones first)
+    page.wait_for_function(f"(() => {{ const r = {GRAPH}.layout.yaxis.range; return r[1] - r[0] < 0.9; }})()",
+                           timeout=60000)
+    y0, y1 = page.evaluate(f"{GRAPH}.layout.yaxis.range")
     expected = [i for i in range(2048) if y0 <= 1 - (i + 0.5) / 2048 <= y1]
     assert len(expected) < DETAIL_NODES
     wait_layer_nodes(page, last, len(expected))
