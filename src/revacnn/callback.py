@@ -27,6 +27,7 @@ from revacnn.run import Run, Transport
 from revacnn.steering.restore_store import RestorePolicy
 from revacnn.steering.session import SteeringSession
 from revacnn.telemetry.budget import OverheadBudget
+from revacnn.telemetry.messages import validated_run_name
 from revacnn.telemetry.probes import discover_layers
 from revacnn.telemetry.schedule import Schedule, StepWindow
 from revacnn.telemetry.session import Telemetry
@@ -40,6 +41,8 @@ class ReVACNNCallback(Callback):
 
     Args:
         layers: monitored layers, as module names or types (default: every Conv2d and Linear).
+        name: the run's name as the dashboard shows it, e.g. ``"baseline lr 0.1"`` (printable, at most 100
+            characters; sent in the ``structure`` message and written to the recording's run.json).
         budget: the most the callback may cost, as a fraction of training time (default 0.02: training keeps ≥ 98 %
             of its speed). The callback measures what each quantity costs on this run — per-filter data,
             snapshots, per-step scalars, its background threads — and chooses how often to measure each so that
@@ -101,7 +104,8 @@ class ReVACNNCallback(Callback):
             (exact), ``"float16"`` or ``"bfloat16"`` (half the bytes; read back as float32, see docs/design.md).
     """
 
-    def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, budget: float | None = 0.02,
+    def __init__(self, layers: Iterable[str | type[nn.Module]] | None = None, *, name: str | None = None,
+                 budget: float | None = 0.02,
                  scalars_every: int | None = None, filters_every: int | None = None,
                  snapshot_every: int | None = None, activation_images: int | None = 16, probe_images: int = 8,
                  val_subset: int = 1000,
@@ -116,6 +120,7 @@ class ReVACNNCallback(Callback):
                  snapshot_keep: int | Callable[[list[int]], Iterable[int]] | None = None,
                  snapshot_dtype: str = "float32") -> None:
         super().__init__()
+        self.run_name = validated_run_name(name)
         self.transport = Transport(host, telemetry_port, control_port, record, sign, send_hwm, queue_size,
                                    insecure_bind, bool(curve) or keys_dir is not None, keys_dir,
                                    {"disk_budget": disk_budget, "disk_min_free": disk_min_free,
@@ -140,7 +145,7 @@ class ReVACNNCallback(Callback):
         self.schedule = Schedule(**options.initial_plan())
         budget = OverheadBudget(options.budget, self.schedule.as_plan(), options.fixed_cadences())
         self.telemetry = Telemetry(self.schedule, budget, options.max_activation_bytes, self.history,
-                                   self._frozen_layers, options.activation_images)
+                                   self._frozen_layers, options.activation_images, run_name=self.run_name)
         self._window = StepWindow()
         self.steering_session = SteeringSession(self.steering_options, self._run, self.telemetry, self.history,
                                                 self._window, self.layer_selectors, self._set_state)

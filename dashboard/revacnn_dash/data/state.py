@@ -31,15 +31,22 @@ DIVERGED_AFTER = 3   # steps in a row with a NaN or infinite loss that the banne
 
 
 def run_name(run_id: str, structure: dict[str, Any] | None) -> str:
-    """A run as a reader tells it from the others: its module's class and start time, then its id
-    (``ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd``); the id alone before its structure arrives,
-    and no time where the id does not start with one (a run directory named by hand)."""
-    parts = [str((structure or {}).get("model") or "")]
+    """A run as a reader tells it from the others: the name the user gave it (``ReVACNNCallback(name=...)``, in
+    the structure), its module's class and start time, then its id (``baseline lr 0.1 · ClassifierModule · Dec 07
+    14:03:12 · 20261207-140312-ab12cd``); the id alone before its structure arrives, and no time where the id does
+    not start with one (a run directory named by hand)."""
+    parts = [user_run_name(structure), str((structure or {}).get("model") or "")]
     try:
         parts.append(time.strftime("%b %d %H:%M:%S", time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
     except ValueError:
         pass
     return " · ".join([p for p in parts if p] + [run_id])
+
+
+def user_run_name(structure: dict[str, Any] | None) -> str:
+    """The name the user gave the run, "" when none (the structure's ``name``: a str, or nil)."""
+    name = (structure or {}).get("name")
+    return name if isinstance(name, str) else ""
 
 
 FILTER_HISTORY_BYTES = 16 << 20    # the per-filter steps a run keeps, at most (the newest always)
@@ -342,6 +349,7 @@ class RunState:
             last = self.scalars.since(max(0, self.scalars.total - 1))[0] if self.scalars.total else {}
             return {"key": self.key, "label": self.label, "target": self.target, "source": self.source,
                     "conn": self.conn, "conn_message": self.conn_message, "run_id": self.run_id,
+                    "name": user_run_name(self.structure),
                     "generation": self.generation, "state": status.get("state"),
                     "step": _max_step(status.get("step"), last.get("step")),
                     "epoch": status.get("epoch"), "hparams": dict(self.hparams or {}),
