@@ -8,8 +8,8 @@ parameters), both with SGD momentum state, so a point holds weights, buffers and
 - ``restore`` time from memory and from the spilled file, and the safetensors file's size and write time (done by
   the spill thread, off the training thread).
 
-Throughput at the defaults (``RestorePolicy()``: a periodic point every 500 steps, 4 in RAM, the rest spilled): the
-demo CNN trains in a plain PyTorch loop (its Lightning step's forward, backward and SGD step) in windows of 500
+Throughput at the defaults (``RestorePolicy()``: a periodic point every 500 steps, up to 4 in RAM within 64 MiB,
+the rest spilled): the demo CNN trains in a plain PyTorch loop (its Lightning step's forward, backward and SGD step) in windows of 500
 steps; every other window takes the default's one point at its start, through a real ``RestoreStore`` that spills
 to a temporary directory, the windows between take none. Each "on" window's steps/s is divided by the mean of the
 two "off" windows either side of it (the machine's drift cancels), and the median ratio is reported.

@@ -334,3 +334,42 @@ def test_every_argument_has_its_own_docstring_entry():
 
     documented = re.findall(r"^        (\w+): ", ReVACNNCallback.__doc__.split("Args:")[1], flags=re.MULTILINE)
     assert documented == list(inspect.signature(ReVACNNCallback.__init__).parameters)[1:]
+
+
+def test_a_snapshot_sends_the_weights_it_keeps_for_the_next_one_without_a_second_copy():
+    """The weights a snapshot keeps for the next one's per-filter change are its message's own buffer (one copy, not
+    two); the next snapshot's cosine and delta ratio against them are exact, and the message already sent is left
+    as it was."""
+    from types import SimpleNamespace
+
+    from revacnn.telemetry.snapshot import Snapshots
+    from revacnn.telemetry.validation import ValidationImages
+
+    torch.manual_seed(0)
+    conv, linear = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(5, 2)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    layers = [("conv", conv), ("linear", linear)]
+    snapshots, trainer = Snapshots(1 << 20), SimpleNamespace(current_epoch=0)
+    first = snapshots.message(trainer, None, 1, 0, layers, ValidationImages()).resolve()
+    assert set(first.arrays) == {f"{kind}/{name}" for kind in ("weight", "grad", "cosine", "delta_ratio")
+                                 for name in ("conv", "linear")} | {"weight_stats", "grad_stats"}
+    before = {name: module.weight.detach().numpy().copy() for name, module in layers}
+    for name, _ in layers:
+        np.testing.assert_array_equal(first.arrays[f"weight/{name}"], before[name])
+        assert np.shares_memory(first.arrays[f"weight/{name}"], snapshots.previous[name].numpy())
+        np.testing.assert_array_equal(first.arrays[f"cosine/{name}"], 1.0)
+        np.testing.assert_array_equal(first.arrays[f"delta_ratio/{name}"], 0.0)
+    np.testing.assert_array_equal(first.arrays["grad/conv"], conv.weight.grad.numpy())
+    np.testing.assert_array_equal(first.arrays["grad/linear"], 0.0)
+    with torch.no_grad():
+        for _, module in layers:
+            module.weight.add_(torch.randn_like(module.weight) * 0.3)
+    second = snapshots.message(trainer, None, 2, 0, layers, ValidationImages()).resolve()
+    for name, module in layers:
+        old = before[name].reshape(len(before[name]), -1).astype(np.float64)
+        new = module.weight.detach().numpy().reshape(len(old), -1).astype(np.float64)
+        cosine = (old * new).sum(1) / np.linalg.norm(old, axis=1) / np.linalg.norm(new, axis=1)
+        delta = np.linalg.norm(new - old, axis=1) / np.linalg.norm(old, axis=1)
+        np.testing.assert_allclose(second.arrays[f"cosine/{name}"], cosine, rtol=1e-5)
+        np.testing.assert_allclose(second.arrays[f"delta_ratio/{name}"], delta, rtol=1e-5)
+        np.testing.assert_array_equal(first.arrays[f"weight/{name}"], before[name])   # the sent message is intact

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,22 @@ def test_caps_drop_the_oldest_and_keep_ram_bounded(tmp_path):
     assert len(list((tmp_path / "spill").iterdir())) == 1
     store.close()
     assert not (tmp_path / "spill").exists()
+
+
+def test_a_point_over_the_memory_cap_goes_to_disk_even_the_newest(tmp_path):
+    """A large model's points are not held in memory (they would be most of the callback's RSS): the newest is
+    spilled too, and restores from its file; without a spill directory the newest stays in memory."""
+    module, optimizer, *_ = setup("revacnn", "sgd")
+    saved = snapshot(module, optimizer)
+    point = capture(1, 1, 0, "periodic", module, [optimizer], [])
+    store = RestoreStore(RestorePolicy(ram_bytes=point.nbytes - 1), tmp_path / "spill")
+    store.add(point)
+    store.wait_spilled()
+    assert store.ram_usage() == (0, 0) and store.disk_usage() == (1, point.nbytes)
+    assert point.tensors is None and Path(point.file).exists()
+    restore(point, store.tensors(point), module, [optimizer], [])
+    assert_same_state(snapshot(module, optimizer), saved)
+    store.close()
+    nowhere = RestoreStore(RestorePolicy(ram_bytes=point.nbytes - 1), None)
+    nowhere.add(capture(2, 1, 0, "periodic", module, [optimizer], []))
+    assert nowhere.ram_usage() == (1, point.nbytes)

@@ -4,7 +4,7 @@ a background thread (never in the training step), the oldest dropped once the ca
 Caps (``RestorePolicy``): ``ram_points`` / ``ram_bytes`` for the points held in memory, ``max_points`` /
 ``disk_bytes`` for all of them. A point over the memory caps is handed to the spill thread; until its file is
 written it stays in memory and can be restored from there. Without a spill directory, points over the memory caps
-are dropped instead.
+(or larger than ``disk_bytes``) are dropped instead, all but the newest.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ class RestorePolicy:
         every_steps: a periodic restore point every this many optimizer steps (0: none; points before commands are
             taken regardless). The default, 500, costs the demo CNN well under 1 % of its throughput
             (benchmarks/RESULTS.md) and is ~6 s of its training.
-        ram_points, ram_bytes: the most points (and bytes of tensors) held in host memory.
+        ram_points, ram_bytes: the most points (and bytes of tensors) held in host memory. The default 64 MiB keeps
+            the points of a small model in memory (fast to restore) and sends a large model's to disk as soon as they
+            are taken, the newest one too: held in memory, a ResNet-50's points (180 MiB each with SGD momentum)
+            would be most of the callback's memory (benchmarks/RESULTS.md, "Memory").
         max_points, disk_bytes: the most points kept in all, and bytes of spilled points on disk.
     """
     every_steps: int = 500
     ram_points: int = 4
-    ram_bytes: int = 1 << 30
+    ram_bytes: int = 64 << 20
     max_points: int = 32
     disk_bytes: int = 8 << 30
 
@@ -107,8 +110,9 @@ class RestoreStore:
             for point in in_ram:
                 if count <= policy.ram_points and nbytes <= policy.ram_bytes:
                     break
-                if point is ordered[-1] and count == 1:
-                    break   # the newest point is always kept, whatever its size
+                if point is ordered[-1] and count == 1 and (self.spill_dir is None
+                                                            or point.nbytes > policy.disk_bytes):
+                    break   # nowhere to write it: the newest point is kept in memory, whatever its size
                 count, nbytes = count - 1, nbytes - point.nbytes
                 if self.spill_dir is None or point.nbytes > policy.disk_bytes:
                     self._drop(point)

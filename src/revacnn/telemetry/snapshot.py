@@ -9,8 +9,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from revacnn.recording.writer import release_freed_memory
 from revacnn.telemetry.activations import probe_pass
-from revacnn.telemetry.probes import filters_first
+from revacnn.telemetry.probes import filters_first, flatten
 from revacnn.telemetry.statistics import filter_change, tensor_stats
 from revacnn.telemetry.transfer import HostCopy, PendingMessage
 from revacnn.telemetry.validation import ValidationImages, own_forward
@@ -18,11 +19,15 @@ from revacnn.wire.protocol import STAT_FIELDS
 
 
 class Snapshots:
-    """Builds snapshots, keeping each layer's weights of the last one (to say how much each filter changed)."""
+    """Builds snapshots, keeping each layer's weights of the last one (to say how much each filter changed).
+
+    The weights kept are the snapshot's own packed weights (views of one float32 buffer that the message also sends),
+    so a snapshot in flight and the weights kept for the next one are one copy, not two; the last snapshot's are let
+    go once every filter's change has been computed, before the new buffer is made."""
 
     def __init__(self, max_activation_bytes: int) -> None:
         self.max_activation_bytes = max_activation_bytes
-        self.previous: dict[str, torch.Tensor] = {}     # flattened weights at the last snapshot, by layer
+        self.previous: dict[str, torch.Tensor] = {}     # [filters, coefficients] weights at the last snapshot, by layer
 
     def keep_only(self, names: set[str] | dict[str, Any]) -> None:
         """Forget the layers no longer monitored."""
@@ -31,17 +36,16 @@ class Snapshots:
     @torch.no_grad()
     def message(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, revision: int,
                 layers: list[tuple[str, nn.Module]], images: ValidationImages) -> PendingMessage:
+        weights = [filters_first(module, module.weight.detach()) for _, module in layers]
+        changes = [filter_change(weight, self.previous.get(name)) for (name, _), weight in zip(layers, weights)]
+        self.previous = {}
         copy = HostCopy()
+        copy.add_packed(*self._keep_weights(layers, weights))
         weight_stats, grad_stats = [], []
-        for name, module in layers:
-            weight = filters_first(module, module.weight.detach())
+        for (name, module), weight, (cosine, delta) in zip(layers, weights, changes):
             grad = module.weight.grad
             grad = torch.zeros_like(weight) if grad is None else filters_first(module, grad.detach())
-            copy.add(f"weight/{name}", weight)
             copy.add(f"grad/{name}", grad)
-            flat = weight.reshape(weight.shape[0], -1).float()
-            cosine, delta = filter_change(flat, self.previous.get(name))
-            self.previous[name] = flat.clone()
             copy.add(f"cosine/{name}", cosine)
             copy.add(f"delta_ratio/{name}", delta)
             weight_stats.append(tensor_stats(weight))
@@ -54,7 +58,25 @@ class Snapshots:
             self._add_probe_maps(copy, pl_module, layers, images, body)
         elif images.probe_error:
             body["probe_error"] = images.probe_error
+        # The probe pass and the per-filter comparisons freed as much heap as a few layers; glibc would keep it, and
+        # the packed copy made next would come on top of it (on a ResNet-50 the recorder's trim after the write gave
+        # back ~40 MB: held until then, it was part of the snapshot's peak).
+        release_freed_memory()
         return PendingMessage("snapshot", body, copy.launch())
+
+    def _keep_weights(self, layers: list[tuple[str, nn.Module]], weights: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, list[tuple[str, tuple[int, ...], int]]]:
+        """Every layer's weights in one new float32 buffer, kept (as per-layer views) for the next snapshot's
+        comparison, and its layout as ``weight/<layer>`` buffers of the message. Nothing writes to it after this."""
+        device = weights[0].device
+        flat = flatten([weight if weight.device == device else weight.to(device) for weight in weights]).float()
+        layout, offset = [], 0
+        for (name, _), weight in zip(layers, weights):
+            count = weight.numel()
+            self.previous[name] = flat[offset:offset + count].view(weight.shape[0], -1)
+            layout.append((f"weight/{name}", tuple(weight.shape), count))
+            offset += count
+        return flat, layout
 
     def _add_probe_maps(self, copy: HostCopy, pl_module: pl.LightningModule, layers: list[tuple[str, nn.Module]],
                         images: ValidationImages, body: dict[str, Any]) -> None:
