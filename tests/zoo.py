@@ -144,6 +144,29 @@ class GroupedNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class GroupedStackNet(nn.Module):
+    """Hand-written: stem → BN → depthwise conv with channel multiplier 2 (16 → 32, 16 groups) → BN → grouped conv
+    (32 → 48, 4 groups) → BN → pointwise → head: grouped convs whose output channels are not their input channels,
+    as readers and as producers, with BatchNorm (no GroupNorm), so Net2Net copies keep the function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.multiplier = nn.Conv2d(16, 32, 3, padding=1, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 48, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(48)
+        self.pointwise = nn.Conv2d(48, 24, 1)
+        self.fc = nn.Linear(24, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn1(self.multiplier(h)))
+        h = torch.relu(self.bn2(self.grouped(h)))
+        return self.fc(torch.relu(self.pointwise(h)).mean((2, 3)))
+
+
 class MobileBlockNet(nn.Module):
     """Hand-written: stem → BN → ReLU → two inverted residual blocks with SE → head."""
 
@@ -169,6 +192,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "convnext": convnext,
     "resnet_bottleneck": resnet_bottleneck,
     "grouped": GroupedNet,
+    "grouped_stack": GroupedStackNet,
     "mobile_block": MobileBlockNet,
 }
 
