@@ -38,7 +38,7 @@ def _transformers():
 def _reset(model: nn.Module) -> nn.Module:
     """PyTorch's default init for conv/linear/norm layers: HF's std-0.02 init makes logits nearly input-independent."""
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
             module.reset_parameters()
     return model
 
@@ -91,6 +91,31 @@ def resnet50() -> nn.Module:
     """HF ResNet-50 at ``ResNetConfig()`` defaults (54 layers, 26,570 filters, 23.5 M parameters), 10 classes."""
     t = _transformers()
     return PixelValues(t.ResNetForImageClassification(t.ResNetConfig(num_labels=CLASSES)))
+
+
+TOKENS = (8, 32)  # a text model's input here: 8 token embeddings of width 32
+
+
+class InputsEmbeds(nn.Module):
+    """A `transformers` text classifier called as ``net(embeddings) -> logits`` on float token embeddings
+    ``[batch, *TOKENS]`` (``inputs_embeds=``): the steering trace needs a float input, not token ids."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=x).logits
+
+
+def squeezebert() -> nn.Module:
+    """HF SqueezeBERT, one layer of width 32: its feed-forward block is two grouped 1×1 Conv1d (intermediate
+    32 → 64 and output 64 → 32, 4 groups each) — the transformers config found with grouped convs whose output
+    channels are not their input channels. Takes ``[batch, *TOKENS]`` embeddings (not part of ``ZOO``: no images)."""
+    t = _transformers()
+    return InputsEmbeds(_reset(t.SqueezeBertForSequenceClassification(t.SqueezeBertConfig(
+        vocab_size=64, hidden_size=TOKENS[1], embedding_size=TOKENS[1], num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=TOKENS[0], num_labels=CLASSES))))
 
 
 class SqueezeExcite(nn.Module):
