@@ -201,3 +201,15 @@ def test_squeezebert_feed_forward_width_changes_by_whole_groups_exactly():
     ack = engine.apply(cmd("remove_filters", layer=layer, filters=[0, 18, 36, 54]))
     assert ack["ok"] and net.get_submodule(reader).in_channels == 68, ack
     _train_finite(net, optimizer, x, y)
+
+
+def test_filter_ids_of_an_ack_without_placement_are_appended():
+    """Acks recorded before ``added_at`` existed (and a malformed one) place the new ids after the kept ones."""
+    history = ModelHistory()
+    history.number_filters({"conv": 4})
+    history.follow({"filter_maps": {"conv": {"kept": [0, 2, 3], "added": 2}}}, [])
+    assert history.filter_ids["conv"] == [0, 2, 3, 4, 5]
+    history.follow({"filter_maps": {"conv": {"kept": [0, 1, 2, 3, 4], "added": 1, "added_at": [9]}}}, [])
+    assert history.filter_ids["conv"] == [0, 2, 3, 4, 5, 6]
+    history.follow({"filter_maps": {"conv": {"kept": [0, 1, 2, 3, 4, 5], "added": 2, "added_at": [1, 5]}}}, [])
+    assert history.filter_ids["conv"] == [0, 7, 2, 3, 4, 8, 5, 6]
