@@ -131,6 +131,10 @@ def test_a_done_ack_says_what_changed_and_a_queued_batch_size_when_it_applies():
     assert ack_detail(widen, structure) == "net.conv2: 20 → 22 filters; added indices 20, 21 (ids 66, 67)"
     # before the structure with the new width arrived, no ids are named
     assert ack_detail(widen, {"layers": []}) == "net.conv2: 20 → 22 filters; added indices 20, 21"
+    # a grouped conv's new filters sit at the end of each of its groups (``changes.added_at``): their ids there
+    grouped = {"layers": [{"name": "net.conv2", "out": 24, "filter_ids": [*range(10), 66, 67, *range(10, 20), 68, 69]}]}
+    widen["result"]["changes"].update(channels=[20, 24], added_at=[10, 11, 22, 23])
+    assert ack_detail(widen, grouped) == "net.conv2: 20 → 24 filters; added indices 10, 11, 22, 23 (ids 66, 67, 68, 69)"
     lr = {"op": "set_hparams", "status": "done", "error": None, "note": "",
           "result": {"changes": {"groups": [{"optimizer": 0, "group": 0, "lr": [0.02, 0.005]},
                                             {"optimizer": 0, "group": 1, "lr": [0.02, 0.005]}]}}}
@@ -165,7 +169,7 @@ def test_a_worker_on_a_log_folder_switches_to_a_newer_run(tmp_path):
 
 
 def test_a_recorded_ack_without_args_is_labelled_from_its_result():
-    from revacnn_dash.data.state import Event
+    from revacnn_dash.data.command_log import Event
 
     lr = Event("a", "set_hparams", {}, result={"changes": {"groups": [{"optimizer": 0, "group": 0,
                                                                        "lr": [0.02, 0.01]}]}})

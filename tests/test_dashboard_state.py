@@ -12,7 +12,8 @@ import pytest
 from revacnn.wire.connection import ConnectionInfo
 from revacnn.wire.protocol import Message
 from revacnn.wire.publisher import Publisher
-from revacnn_dash.data.state import FINISHED, LIVE, UNREACHABLE, RunState, metric_name
+from revacnn_dash.data.scalars import metric_name
+from revacnn_dash.data.state import FINISHED, LIVE, UNREACHABLE, RunState
 from revacnn_dash.data.worker import RunWorker, resolve_target
 
 from helpers import quiet_trainer, wait_for
@@ -511,6 +512,10 @@ def test_runs_are_named_by_module_class_and_start_time():
         "ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd"
     assert run_name("20261207-140312-ab12cd", None) == "Dec 07 14:03:12 · 20261207-140312-ab12cd"
     assert run_name("my-run", {"model": "M"}) == "M · my-run"          # a directory named by hand: no time
+    # the user's name (ReVACNNCallback(name=...)) first
+    assert run_name("20261207-140312-ab12cd", {"model": "ClassifierModule", "name": "baseline lr 0.1"}) == \
+        "baseline lr 0.1 · ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd"
+    assert run_name("my-run", {"model": "M", "name": None}) == "M · my-run"
 
 
 def test_the_overlay_draws_the_loss_of_each_chosen_run_under_its_name():

@@ -147,6 +147,46 @@ def test_a_big_layer_opened_on_a_range_shows_its_filters_and_a_way_back():
     assert wide["strips"][0]["filters"] == [0, 20] and wide["strips"][-1]["filters"] == [620, 640]
 
 
+def test_zooming_onto_a_strip_draws_its_filters_in_view_up_to_the_cap():
+    from revacnn_dash.viewmodels.network import DETAIL_COLUMNS, DETAIL_NODES
+
+    structure = {"layers": [{"name": "a", "type": "Conv2d", "out": 8, "frozen": None},
+                            {"name": "big", "type": "Conv2d", "out": 3000, "frozen": None},
+                            {"name": "mid", "type": "Conv2d", "out": 100, "frozen": None}],
+                 "layer_edges": [["a", "big"], ["big", "mid"]]}
+    fields = {n: {"act_abs_mean": np.arange(float(k))} for n, k in (("a", 8), ("big", 3000), ("mid", 100))}
+
+    def drawn(model, layer):
+        return [n["filters"][0] for n in model["nodes"] if n["layer"] == layer and not n.get("action")]
+
+    # the whole figure (no zoom, or the full ranges a double-click gives back): strips and their top 3
+    for zoom in (None, {"x": [-0.6, 2.6], "y": [-0.02, 1.03]}):
+        model = network_model(structure, fields, [""], zoom=zoom)
+        assert model["detail"] is None and len(model["strips"]) == 64 and drawn(model, "big") == [2997, 2998, 2999]
+    # mid's column alone: its 100 filters, each where its strip row was; big stays a strip
+    model = network_model(structure, fields, [""], zoom={"x": [1.6, 2.4]})
+    assert drawn(model, "mid") == list(range(100)) and {c["layer"] for c in model["strips"]} == {"big"}
+    ys = [n["y"] for n in model["nodes"] if n["layer"] == "mid"]
+    assert ys == [1 - (i + 0.5) / 100 for i in range(100)]
+    assert model["detail"]["drawn"] == 100 and model["detail"]["hidden"] == 0
+    # big in view with mid: the cap is shared, every k-th filter drawn, the rest counted
+    model = network_model(structure, fields, [""], zoom={"x": [0.6, 2.4]})
+    share = DETAIL_NODES // 2
+    step = -(-3000 // share)
+    assert drawn(model, "big") == list(range(0, 3000, step)) and drawn(model, "mid") == list(range(100))
+    assert model["detail"]["hidden"] == 3000 - len(range(0, 3000, step))
+    assert model["strips"] == []
+    # the upper tenth of big's column: the filters whose rows are in it, all of them
+    model = network_model(structure, fields, [""], zoom={"x": [0.6, 1.4], "y": [0.9, 1.03]})
+    assert drawn(model, "big") == [i for i in range(3000) if 1 - (i + 0.5) / 3000 >= 0.9]
+    # too many columns in view: nothing drawn filter by filter, the note says why
+    wide = {"layers": [{"name": f"l{i}", "type": "Conv2d", "out": 64, "frozen": None}
+                       for i in range(DETAIL_COLUMNS + 2)]}
+    model = network_model(wide, {}, [""], zoom={"x": [-0.5, DETAIL_COLUMNS + 0.5]})
+    assert model["detail"]["layers"] == [] and model["detail"]["columns_in_view"] == DETAIL_COLUMNS + 1
+    assert len(model["strips"]) == 32 * (DETAIL_COLUMNS + 2)
+
+
 def test_resnet50_expanded_in_full_stays_within_a_readable_number_of_marks():
     layers = resnet50_layers()
     names = [l["name"] for l in layers]

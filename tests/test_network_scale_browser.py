@@ -10,6 +10,7 @@ pytest -m browser tests/test_network_scale_browser.py
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -233,6 +234,122 @@ def test_a_strip_cell_opens_its_filters_and_the_way_back_closes_them(scale):
     assert scale["failures"] == []
 
 
+def column_index(page, layer: str) -> float:
+    """The x of ``layer``'s column: where its strip's cells are drawn."""
+    strips = trace_of(page, "revacnn-strips")
+    return strips["x"][[c[0] for c in strips["customdata"]].index(layer)]
+
+
+def to_screen(page, x: float, y: float, scroll: bool = True) -> tuple[float, float]:
+    """The viewport position of the data point (x, y); ``scroll``: the graph's scrolling box scrolled first to show
+    it in the middle."""
+    if scroll:
+        page.evaluate(f"""(() => {{ const gd = {GRAPH}; const xa = gd._fullLayout.xaxis;
+            const box = document.querySelector('#net-graph').parentElement;
+            box.scrollLeft = Math.max(0, xa._offset + xa.l2p({x}) - box.clientWidth / 2); }})()""")
+    return tuple(page.evaluate(f"""(() => {{ const gd = {GRAPH}; const r = gd.getBoundingClientRect();
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        return [r.left + xa._offset + xa.l2p({x}), r.top + ya._offset + ya.l2p({y})]; }})()"""))
+
+
+def drag_box(page, x0: float, x1: float, y0: float, y1: float) -> None:
+    """Draw a zoom box from data point (x0, y1) to (x1, y0) with the mouse, as a user does (the box's middle
+    scrolled into view first)."""
+    to_screen(page, (x0 + x1) / 2, (y0 + y1) / 2)
+    left, top = to_screen(page, x0, y1, scroll=False)
+    right, bottom = to_screen(page, x1, y0, scroll=False)
+    page.mouse.move(left, top)
+    page.mouse.down()
+    page.mouse.move((left + right) / 2, (top + bottom) / 2, steps=4)
+    page.mouse.move(right, bottom, steps=4)
+    page.mouse.up()
+
+
+def zoom_out(page) -> None:
+    """A double-click on the plot (the graph's config: autorange, which the view reads as zoomed out)."""
+    (x0, x1), (y0, y1) = page.evaluate(f"[{GRAPH}._fullLayout.xaxis.range, {GRAPH}._fullLayout.yaxis.range]")
+    x, y = to_screen(page, (x0 + x1) / 2, y0 + 0.1 * (y1 - y0))      # the view's middle, low: no label there
+    page.mouse.dblclick(x, y)
+
+
+def layer_nodes(page, layer: str) -> list[int]:
+    """The filters of ``layer`` drawn as individual nodes (a node of one filter), as the page holds them."""
+    nodes = trace_of(page, "revacnn-nodes")
+    return [c[1] for c in nodes["customdata"] if c[0] == layer and c[2] == 1 and not c[4]]
+
+
+def wait_layer_nodes(page, layer: str, count: int) -> None:
+    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd.data.find(t => t.uid === 'revacnn-nodes');"
+                           f" return t && t.customdata.filter(c => c[0] === '{layer}' && c[2] === 1 && !c[4]).length"
+                           f" === {count}; }})()", timeout=60000)
+
+
+def wait_all_strips(page) -> None:
+    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd.data.find(t => t.uid === 'revacnn-strips');"
+                           f" return t && t.x.length === {32 * len(STRIP_LAYERS)}; }})()", timeout=60000)
+
+
+def test_zooming_in_draws_the_strips_in_view_filter_by_filter_and_zooming_out_returns(scale, tmp_path):
+    from revacnn_dash.viewmodels.network import DETAIL_NODES
+
+    page = scale["page"]
+    wait_all_strips(page)
+    outs = {l["name"]: l["out"] for l in LAYERS}
+    shortcut = next(l["name"] for l in STRIP_LAYERS if l["name"].endswith("stages.0.layers.0.shortcut.convolution"))
+    page.screenshot(path=str(tmp_path / "before-zoom.png"), full_page=True)
+    # a box just wider than the 256-filter shortcut's column (narrower boxes zoom y only): that column alone in view
+    ci = column_index(page, shortcut)
+    drag_box(page, ci - 0.65, ci + 0.65, -0.015, 1.025)
+    wait_layer_nodes(page, shortcut, outs[shortcut])
+    assert layer_nodes(page, shortcut) == list(range(outs[shortcut]))   # every filter of it, each its own node
+    # the other strips stay strips; the note says what the view draws
+    assert len(trace_of(page, "revacnn-strips")["x"]) == 32 * (len(STRIP_LAYERS) - 1)
+    assert page.evaluate(f"{GRAPH}.layout.annotations.some(a => a.text.startsWith("
+                         f"'zoomed: {outs[shortcut]} filters of 1 strip(s)'))")
+    page.screenshot(path=str(tmp_path / "zoomed-shortcut.png"), full_page=True)
+    page.click("#btn-zoom-out")
+    wait_all_strips(page)
+    assert len(layer_nodes(page, shortcut)) == 3       # its strongest three beside its strip again
+
+    # the 2,048-filter last conv: more filters in view than the cap, every 2nd drawn
+    last = STRIP_LAYERS[-1]["name"]
+    assert outs[last] == 2048 == 2 * DETAIL_NODES
+    ci = column_index(page, last)
+    drag_box(page, ci - 0.65, ci + 0.65, -0.015, 1.025)
+    wait_layer_nodes(page, last, DETAIL_NODES)
+    assert layer_nodes(page, last) == list(range(0, 2048, 2))
+    assert page.evaluate(f"{GRAPH}.layout.annotations.some(a => a.text.includes('1,024 more in view hidden'))")
+    # zoomed again into its top half: the filters whose rows are in the view, all of them
+    drag_box(page, ci - 0.3, ci + 0.3, 0.55, 0.99)
+    # the figure drawn for that zoom holds its ranges (a refresh on the way meanwhile may show the old ones first)
+    page.wait_for_function(f"(() => {{ const r = {GRAPH}.layout.yaxis.range; return r[1] - r[0] < 0.9; }})()",
+                           timeout=60000)
+    y0, y1 = page.evaluate(f"{GRAPH}.layout.yaxis.range")
+    expected = [i for i in range(2048) if y0 <= 1 - (i + 0.5) / 2048 <= y1]
+    assert len(expected) < DETAIL_NODES
+    wait_layer_nodes(page, last, len(expected))
+    assert layer_nodes(page, last) == expected
+    page.wait_for_timeout(1500)          # live updates while zoomed keep the zoom and the nodes
+    assert layer_nodes(page, last) == expected
+    page.screenshot(path=str(tmp_path / "zoomed-2048.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "resnet50-zoomed.png"), full_page=True)
+    # a drawn filter is a node like any: a click selects it for steering (at its place in the data: the nodes
+    # shake; they touch, so the one Plotly picks may be a neighbour)
+    middle = expected[len(expected) // 2]
+    x, y = to_screen(page, ci, 1 - (middle + 0.5) / 2048)
+    page.mouse.move(x, y)
+    page.mouse.click(x, y)
+    page.wait_for_selector(f"#net-details:has-text('{last}')", timeout=20000)
+    chosen = re.search(r"filter (\d+)", page.inner_text("#net-details"))
+    assert chosen and int(chosen.group(1)) in expected
+    zoom_out(page)
+    wait_all_strips(page)
+    assert len(layer_nodes(page, last)) == 3
+    page.screenshot(path=str(tmp_path / "after-zoom-out.png"), full_page=True)
+    assert scale["requests"].ticks_while_open == 0
+    assert scale["failures"] == []
+
+
 def test_an_embedding_of_2048_filters_draws_every_point_without_a_carpet_of_labels(scale):
     page = scale["page"]
     page.get_by_text("Embedding", exact=True).click()
@@ -244,3 +361,4 @@ def test_an_embedding_of_2048_filters_draws_every_point_without_a_carpet_of_labe
     assert points == 2048 and texts == 0           # the index on hover only
     page.screenshot(path=str(ARTIFACTS / "resnet50-embedding-pca.png"), full_page=True)
     assert scale["failures"] == []
+

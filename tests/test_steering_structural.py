@@ -58,7 +58,8 @@ def test_widen_net2net_is_exact_and_keeps_optimizer_state(kind, opt, layer, spli
     assert set(ack["changes"]["batchnorms"]) == bns
     assert set(ack["filter_maps"]) == producers | bns
     for n in producers | bns:
-        assert ack["filter_maps"][n] == {"kept": list(range(old_width)), "added": 3}
+        assert ack["filter_maps"][n] == {"kept": list(range(old_width)), "added": 3,
+                                         "added_at": list(range(old_width, old_width + 3))}
     sources = ack["changes"]["sources"]
     assert len(sources) == 3 and all(0 <= s < old_width for s in sources)
 
@@ -172,7 +173,7 @@ def test_remove_filters(kind, opt):
     before = eval_out(module, x)
     ack = engine.apply(cmd("remove_filters", layer=layer, filters=drop))
     assert ack["ok"], ack["error"]
-    assert ack["filter_maps"][layer] == {"kept": kept, "added": 0}
+    assert ack["filter_maps"][layer] == {"kept": kept, "added": 0, "added_at": []}
     conv, rd = module.get_submodule(layer), module.get_submodule(reader)
     assert conv.out_channels == width - 3
     assert torch.equal(conv.weight, old_w[kept])

@@ -47,6 +47,8 @@ ROLES = {
                           "expand": RB + "encoder.stages.1.layers.0.layer.0.convolution",
                           "residual": RB + "encoder.stages.1.layers.0.shortcut.convolution"},
     "grouped": {"stem": "stem", "grouped": "grouped", "project": "pointwise", "head": "fc"},
+    "grouped_stack": {"stem": "stem", "multiplier": "multiplier", "grouped": "grouped", "project": "pointwise",
+                      "head": "fc"},
     "mobile_block": {"stem": "stem", "expand": "block1.expand", "depthwise": "block1.depthwise",
                      "se_reduce": "block1.se.reduce", "se_expand": "block1.se.expand", "project": "block2.project"},
     "revacnn": {"stem": "conv1", "flatten": "conv3", "head": "fc"},
@@ -57,13 +59,19 @@ OPS = ("widen", "remove_filters", "reinit_filters", "freeze_filters")
 GROUP_SIZE = {"regnet_x": 8, "regnet_y": 8}  # RegNet's group width: its channels move 8 at a time
 GROUPED_BY = ("expand", "grouped", "se_expand")  # the roles whose channels a RegNet group conv reads
 OUTPUT = "channels reach the model output directly"  # the class count is the task's, not the model's
+# grouped convs with in ≠ out channels split the channels they write or read into this many slices: new and
+# removed filters come the same number from every slice
+SLICES = {("grouped", "stem"): 4, ("grouped", "grouped"): 4, ("grouped_stack", "stem"): 16,
+          ("grouped_stack", "multiplier"): 16, ("grouped_stack", "grouped"): 4}
 LAYER_NORM = "normalises over the channels"
-GROUPED_IN_OUT = "whose output channels are not its input channels"
+GROUP_NORM = "GroupNorm norm normalises over groups of channels"
+ONE_PER_GROUP = "split these channels into 16 groups of 1 (one filter each); remove the same number"
 # (model, role, op) -> the words of the refusal that remains; every other case works.
 REFUSED = {
     **{(m, "head", op): OUTPUT for m in ROLES for op in ("widen", "remove_filters") if "head" in ROLES[m]},
     **{("convnext", role, "widen"): LAYER_NORM for role in ("stem", "depthwise", "residual")},
-    **{("grouped", role, op): GROUPED_IN_OUT for role in ("stem", "grouped") for op in ("widen", "remove_filters")},
+    ("grouped", "grouped", "widen"): GROUP_NORM,  # GroupNorm(4, 32) after the grouped conv: copies change it
+    ("grouped_stack", "stem", "remove_filters"): ONE_PER_GROUP,  # each group of the depthwise reader reads one
 }
 
 
@@ -102,8 +110,12 @@ def _change64(net, x, command: dict) -> float:
 
 def _command(model: str, role: str, op: str, layer: str, width: int) -> dict:
     block = GROUP_SIZE.get(model, 1) if role in GROUPED_BY else 1
+    slices = SLICES.get((model, role), 1)
     if op == "widen":
-        return cmd("widen", layer=layer, count=2 * block, seed=3)
+        return cmd("widen", layer=layer, count=2 * block * slices, seed=3)
+    if op == "remove_filters" and slices > 1:  # the second filter of every slice; one filter where a slice has one
+        size = width // slices
+        return cmd("remove_filters", layer=layer, filters=[g * size + 1 for g in range(slices)] if size > 1 else [1])
     if op == "remove_filters":
         return cmd("remove_filters", layer=layer, filters=list(range(block, 2 * block)))
     if op == "reinit_filters":
@@ -119,7 +131,7 @@ def _train_finite(net, optimizer, x, y) -> None:
 
 # reinit_filters and single-filter freeze change rows of one layer; they depend on the coupling only where the
 # layer is grouped (its rows are its groups' kernels)
-GROUPED_ROLES = ("depthwise", "grouped")
+GROUPED_ROLES = ("depthwise", "grouped", "multiplier")
 CASES = [(m, role, op) for m, roles in ROLES.items() for role in roles for op in OPS
          if op in ("widen", "remove_filters") or role in GROUPED_ROLES]
 
@@ -274,6 +286,9 @@ def test_group_norm_needs_a_channel_count_its_groups_divide():
     ("mobile_block", cmd("widen", layer="block1.expand", count=3)),  # depthwise and SE in the group
     ("convnext", cmd("widen", layer=ROLES["convnext"]["residual"], count=2, allow_inexact=True)),  # norms, scale
     ("regnet_y", cmd("remove_filters", layer=ROLES["regnet_y"]["grouped"], filters=list(range(8)))),
+    ("grouped", cmd("widen", layer="stem", count=8)),  # new channels inside the groups of a grouped reader
+    ("grouped_stack", cmd("remove_filters", layer="multiplier", filters=list(range(0, 32, 2)))),
+    ("grouped_stack", cmd("widen", layer="grouped", count=4, init="random")),
 ])
 def test_the_change_log_rebuilds_the_shapes_on_a_fresh_model(model, command):
     """A checkpoint of the steered model loads into a fresh model once the change log is replayed."""

@@ -42,6 +42,8 @@ ROLES = [  # (model, role, layer)
     ("regnet_y", "SE expand", "model.regnet.encoder.stages.1.layers.1.layer.2.attention.2"),
     ("mobile_block", "SE expand", "block1.se.expand"),
     ("mobile_block", "project (residual stream)", "block1.project"),
+    ("grouped_stack", "depthwise with channel multiplier 16 → 32", "multiplier"),
+    ("grouped_stack", "grouped 32 → 48", "grouped"),
 ]
 
 

@@ -38,7 +38,7 @@ def _transformers():
 def _reset(model: nn.Module) -> nn.Module:
     """PyTorch's default init for conv/linear/norm layers: HF's std-0.02 init makes logits nearly input-independent."""
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
             module.reset_parameters()
     return model
 
@@ -93,6 +93,31 @@ def resnet50() -> nn.Module:
     return PixelValues(t.ResNetForImageClassification(t.ResNetConfig(num_labels=CLASSES)))
 
 
+TOKENS = (8, 32)  # a text model's input here: 8 token embeddings of width 32
+
+
+class InputsEmbeds(nn.Module):
+    """A `transformers` text classifier called as ``net(embeddings) -> logits`` on float token embeddings
+    ``[batch, *TOKENS]`` (``inputs_embeds=``): the steering trace needs a float input, not token ids."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=x).logits
+
+
+def squeezebert() -> nn.Module:
+    """HF SqueezeBERT, one layer of width 32: its feed-forward block is two grouped 1×1 Conv1d (intermediate
+    32 → 64 and output 64 → 32, 4 groups each) — the transformers config found with grouped convs whose output
+    channels are not their input channels. Takes ``[batch, *TOKENS]`` embeddings (not part of ``ZOO``: no images)."""
+    t = _transformers()
+    return InputsEmbeds(_reset(t.SqueezeBertForSequenceClassification(t.SqueezeBertConfig(
+        vocab_size=64, hidden_size=TOKENS[1], embedding_size=TOKENS[1], num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=TOKENS[0], num_labels=CLASSES))))
+
+
 class SqueezeExcite(nn.Module):
     """x · sigmoid(expand(relu(reduce(mean(x))))), the SE block of MobileNetV3/EfficientNet."""
 
@@ -144,6 +169,29 @@ class GroupedNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class GroupedStackNet(nn.Module):
+    """Hand-written: stem → BN → depthwise conv with channel multiplier 2 (16 → 32, 16 groups) → BN → grouped conv
+    (32 → 48, 4 groups) → BN → pointwise → head: grouped convs whose output channels are not their input channels,
+    as readers and as producers, with BatchNorm (no GroupNorm), so Net2Net copies keep the function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.multiplier = nn.Conv2d(16, 32, 3, padding=1, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 48, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(48)
+        self.pointwise = nn.Conv2d(48, 24, 1)
+        self.fc = nn.Linear(24, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn1(self.multiplier(h)))
+        h = torch.relu(self.bn2(self.grouped(h)))
+        return self.fc(torch.relu(self.pointwise(h)).mean((2, 3)))
+
+
 class MobileBlockNet(nn.Module):
     """Hand-written: stem → BN → ReLU → two inverted residual blocks with SE → head."""
 
@@ -169,6 +217,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "convnext": convnext,
     "resnet_bottleneck": resnet_bottleneck,
     "grouped": GroupedNet,
+    "grouped_stack": GroupedStackNet,
     "mobile_block": MobileBlockNet,
 }
 

@@ -75,8 +75,23 @@ class ModelHistory:
         for name, mapping in (ack.get("filter_maps") or {}).items():
             old = self.filter_ids.get(name, [])
             kept = [old[index] for index in mapping.get("kept", []) if index < len(old)]
-            self.filter_ids[name] = kept + self._new_ids(int(mapping.get("added", 0)))
+            new = self._new_ids(int(mapping.get("added", 0)))
+            self.filter_ids[name] = placed(kept, new, mapping.get("added_at"))
         self.revision += 1
+
+
+def placed(kept: list[int], new: list[int], added_at: Any) -> list[int]:
+    """The filter ids of a layer after a resize: ``new`` at the positions ``added_at`` (ascending; a grouped conv's
+    new filters sit at the end of their group), ``kept`` in order at the others; appended where ``added_at`` is
+    missing (acks from before it existed) or does not fit."""
+    width = len(kept) + len(new)
+    fits = (isinstance(added_at, list) and len(added_at) == len(new)
+            and all(type(p) is int and 0 <= p < width for p in added_at) and added_at == sorted(set(added_at)))
+    if not fits:
+        return kept + new
+    at = dict(zip(added_at, new))
+    rest = iter(kept)
+    return [at[j] if j in at else next(rest) for j in range(width)]
 
 
 def changelog_entry(changelog: list[dict[str, Any]], run_id: str,

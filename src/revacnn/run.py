@@ -7,7 +7,7 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,12 @@ class Transport:
     insecure_bind: bool
     curve: bool
     keys_dir: str | os.PathLike | None
-    recording: dict[str, Any] = field(default_factory=dict)    # RunRecorder's disk arguments
+    recording: dict[str, Any]    # RunRecorder's disk arguments (disk_budget, disk_min_free, snapshot_keep, …)
+
+    def __post_init__(self) -> None:
+        from revacnn.recording.budget import disk_options   # loads no pyarrow
+
+        disk_options(**self.recording)   # ValueError when the callback is made, not at fit
 
 
 class Run:

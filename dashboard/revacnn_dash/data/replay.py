@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from revacnn.wire.protocol import Message
+from revacnn.wire.protocol import FILTER_FIELDS, Message
 
-from .state import FILTER_FIELDS, HISTORY_KEYS, REPLAY, SCALAR_KEYS, RunState, metric_name
+from .scalars import HISTORY_KEYS, SCALAR_KEYS, metric_name
+from .state import REPLAY, RunState
 
 
 def load_replay(state: RunState, reader, step: int | None = None) -> None:

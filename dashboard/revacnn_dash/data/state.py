@@ -1,163 +1,52 @@
 """The bounded, thread-safe state of one run as the dashboard sees it.
 
 An I/O thread (``revacnn_dash.data.worker``) applies protocol messages here; Dash callbacks read copies. Nothing grows
-without bound: step scalars and per-filter arrays live in ring buffers, the event log is capped, and only the latest
-snapshot is kept (plus its step list for the replay of recorded runs).
+without bound: step scalars (``data.scalars``) and per-filter arrays live in ring buffers, the log of commands
+(``data.command_log``) is capped, and only the latest snapshot is kept (plus its step list for the replay of
+recorded runs).
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from revacnn.wire.acks import DONE, ERROR, QUEUED, TERMINAL_STATES
-from revacnn.wire.ops import FILTER_LIST_OPS, FREEZE_OPS, HPARAM_NAMES, SET_BATCH_SIZE, SET_HPARAMS
-from revacnn.wire.protocol import Message
+from revacnn.wire.protocol import FILTER_FIELDS, Message
+
+from .command_log import Event
+from .scalars import HISTORY_KEYS, SCALAR_KEYS, Ring, metric_name
 
 #: Connection states shown in the banner.
 CONNECTING, LIVE, UNREACHABLE, FINISHED, INCOMPATIBLE, REPLAY = (
     "connecting", "live", "unreachable", "finished", "incompatible", "replay")
-FILTER_FIELDS = ("grad_abs_mean", "grad_sq_mean", "weight_norm", "update_ratio", "act_abs_mean")
-SCALAR_KEYS = ("step", "loss", "train_acc", "lr", "momentum", "weight_decay", "batch_size", "samples_per_s",
-               "branch")
-#: What the ring holds per step: the charted scalars and 1.0 where the loss was NaN or ±inf (so the divergence banner
-#: can be recomputed when older steps are merged in front, ``merge_history``).
-HISTORY_KEYS = (*SCALAR_KEYS, "loss_not_finite")
 ROOT_BRANCH = {"branch": 0, "parent": None, "from_step": 0, "at_step": None, "restore_point": None, "reason": "start"}
-STAGE_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
-KIND_WORDS = {"loss": ("loss",), "acc": ("acc", "accuracy")}
-
-
-def metric_name(names, kind: str, stage: str) -> str | None:
-    """Which logged metric is the ``stage``'s ("train" or "val") ``kind`` ("loss" or "acc"): a name with the kind as
-    a word (``train_acc``, ``val/accuracy``, ``acc_step``, ``g_loss``) and no other stage's word, those naming the
-    stage first, then the shortest. None if there is none."""
-    others = {word for name, words in STAGE_WORDS.items() if name != stage for word in words}
-    best = None
-    for name in names:
-        words = set(re.split(r"[/_.\-\s]+", name.lower()))
-        if words & set(KIND_WORDS[kind]) and not words & others:
-            rank = (not words & set(STAGE_WORDS[stage]), "epoch" in words, len(name), name)
-            best = min(best, rank) if best else rank
-    return best[-1] if best else None
-
-
-@dataclass
-class Event:
-    """One steering command and what became of it: pending → queued → done | error."""
-
-    id: str
-    op: str
-    args: dict[str, Any]
-    status: str = "pending"
-    error: str | None = None
-    step: int | None = None
-    sent: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
-    result: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-    generation: int = 0          # the trainer process it was sent to (RunState.generation)
-
-    def label(self) -> str:
-        """Short text for a chart marker, e.g. ``widen net.conv2 +1``. Acks seen on telemetry or in a recording
-        carry no args: then the op and what its result names."""
-        if isinstance((self.result or {}).get("divergence"), dict):   # the divergence guard's own command
-            return f"divergence → {self.op}"
-        if not self.args:
-            changes = (self.result or {}).get("changes") or {}
-            if self.op == SET_BATCH_SIZE and isinstance(self.result.get("batch_size"), int):
-                return command_label(self.op, {"batch_size": self.result["batch_size"]})
-            groups = changes.get("groups") if isinstance(changes, dict) else None
-            if self.op == SET_HPARAMS and isinstance(groups, list) and groups and isinstance(groups[0], dict):
-                changes = groups[0]       # the ack's per-group [old, new]: the first group's new values
-            if self.op == SET_HPARAMS and isinstance(changes, dict):
-                values = {k: v for k, v in changes.items() if k in HPARAM_NAMES}
-                flat = {k: (v.get("new") if isinstance(v, dict) else v[-1] if isinstance(v, list) and v else v)
-                        for k, v in values.items()}
-                if flat and all(isinstance(v, (int, float)) for v in flat.values()):
-                    return command_label(self.op, flat)
-            layer = changes.get("layer") if isinstance(changes, dict) else None
-            channels = changes.get("channels") if isinstance(changes, dict) else None
-            if self.op == "widen" and layer and isinstance(channels, list) and len(channels) == 2:
-                return command_label(self.op, {"layer": layer, "count": channels[1] - channels[0]})
-            return f"{self.op} {layer}" if layer else self.op
-        return command_label(self.op, self.args)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "op": self.op, "args": self.args, "status": self.status, "error": self.error,
-                "step": self.step, "sent": self.sent, "updated": self.updated, "label": self.label(),
-                "note": self.note, "generation": self.generation, "result": self.result,
-                "restore_point": (self.result or {}).get("restore_point")}
-
-
-def command_label(op: str, args: dict[str, Any]) -> str:
-    args = args or {}
-    if op == SET_HPARAMS:
-        return "set " + ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                                  for k, v in args.items())
-    if op == SET_BATCH_SIZE:
-        return f"batch_size={args.get('batch_size')}"
-    if op == "widen":
-        return f"widen {args.get('layer')} +{args.get('count')}"
-    if op in FREEZE_OPS:
-        if "layers" in args:
-            return f"{op} {', '.join(map(str, args['layers']))}"
-        return f"{op} {args.get('layer')}[{', '.join(map(str, args.get('filters', [])))}]"
-    if op in FILTER_LIST_OPS:
-        return f"{op.split('_')[0]} {args.get('layer')}[{', '.join(map(str, args.get('filters', [])))}]"
-    if op == "insert_layer":
-        return f"insert after {args.get('after')}"
-    if op == "remove_layer":
-        return f"remove {args.get('layer')}"
-    return op
-
-
 DIVERGED_AFTER = 3   # steps in a row with a NaN or infinite loss that the banner calls a diverged run
 
 
-class Ring:
-    """Fixed-capacity columns of floats; ``total`` counts every row ever appended (a cursor for clients)."""
-
-    def __init__(self, keys: tuple[str, ...], capacity: int) -> None:
-        self.keys = keys
-        self.capacity = capacity
-        self.data = np.full((capacity, len(keys)), np.nan)
-        self.total = 0
-
-    def append(self, row: dict[str, Any]) -> None:
-        values = [row.get(k) for k in self.keys]
-        self.data[self.total % self.capacity] = [np.nan if v is None else float(v) for v in values]
-        self.total += 1
-
-    def since(self, cursor: int) -> tuple[dict[str, np.ndarray], int]:
-        """Rows appended after ``cursor`` (or all kept rows when the cursor fell out of the ring)."""
-        start = max(cursor, self.total - self.capacity, 0)
-        idx = np.arange(start, self.total) % self.capacity
-        block = self.data[idx]
-        return {k: block[:, i] for i, k in enumerate(self.keys)}, start
-
-    def __len__(self) -> int:
-        return min(self.total, self.capacity)
-
-
 def run_name(run_id: str, structure: dict[str, Any] | None) -> str:
-    """A run as a reader tells it from the others: its module's class and start time, then its id
-    (``ClassifierModule · Dec 07 14:03:12 · 20261207-140312-ab12cd``); the id alone before its structure arrives,
-    and no time where the id does not start with one (a run directory named by hand)."""
-    parts = [str((structure or {}).get("model") or "")]
+    """A run as a reader tells it from the others: the name the user gave it (``ReVACNNCallback(name=...)``, in
+    the structure), its module's class and start time, then its id (``baseline lr 0.1 · ClassifierModule · Dec 07
+    14:03:12 · 20261207-140312-ab12cd``); the id alone before its structure arrives, and no time where the id does
+    not start with one (a run directory named by hand)."""
+    parts = [user_run_name(structure), str((structure or {}).get("model") or "")]
     try:
         parts.append(time.strftime("%b %d %H:%M:%S", time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
     except ValueError:
         pass
     return " · ".join([p for p in parts if p] + [run_id])
+
+
+def user_run_name(structure: dict[str, Any] | None) -> str:
+    """The name the user gave the run, "" when none (the structure's ``name``: a str, or nil)."""
+    name = (structure or {}).get("name")
+    return name if isinstance(name, str) else ""
 
 
 FILTER_HISTORY_BYTES = 16 << 20    # the per-filter steps a run keeps, at most (the newest always)
@@ -460,6 +349,7 @@ class RunState:
             last = self.scalars.since(max(0, self.scalars.total - 1))[0] if self.scalars.total else {}
             return {"key": self.key, "label": self.label, "target": self.target, "source": self.source,
                     "conn": self.conn, "conn_message": self.conn_message, "run_id": self.run_id,
+                    "name": user_run_name(self.structure),
                     "generation": self.generation, "state": status.get("state"),
                     "step": _max_step(status.get("step"), last.get("step")),
                     "epoch": status.get("epoch"), "hparams": dict(self.hparams or {}),
@@ -505,9 +395,7 @@ class RunState:
         _, arr, names = latest
         outs = {l["name"]: int(l["out"]) for l in structure.get("layers", [])}
         result, col = {}, 0
-        sizes = []
-        for name in names:
-            sizes.append(outs.get(name))
+        sizes = [outs.get(name) for name in names]
         if any(s is None for s in sizes) or sum(sizes) != arr.shape[1]:
             # The per-filter message predates the last structural change: split by the old widths if we can.
             return {}

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from ..viewmodels.network import DETAIL_COLUMNS, DETAIL_NODES, FULL_Y, full_x
 from .network_labels import FONT, label_layout
 
 NODES_UID = "revacnn-nodes"  # the network figure's node trace, found by the client-side jitter
@@ -85,8 +86,10 @@ def _strip_trace(strips: list[dict[str, Any]], rows_px: float) -> go.Scatter:
                 "coloraxis": "coloraxis", "line": {"width": 0}})
 
 
-def network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
-    """The figure and the index of its node trace (the last: the jitter shakes it, clicks select its nodes)."""
+def network_figure(model: dict[str, Any], uirevision: str = "network") -> tuple[go.Figure, int]:
+    """The figure and the index of its node trace (the last: the jitter shakes it, clicks select its nodes).
+    A zoomed model's figure shows the zoom's ranges (the view is drawn for them: a refresh keeps them, whatever
+    Plotly keeps); ``uirevision``: Plotly keeps the user's other changes while it stays the same."""
     nodes, columns, paths = model["nodes"], model["columns"], model["paths"]
     strips = model.get("strips") or []
     fig = go.Figure(_path_traces(nodes, paths))
@@ -95,10 +98,11 @@ def network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
     text = [_node_text(n) for n in nodes]
     custom = [[n.get("layer") or "", (n["filters"] or [0])[0], len(n["filters"]) if n["filters"] else 0,
                n.get("group") or "", n.get("action") or ""] for n in nodes]
-    sizes = [16 if n.get("group") else (11 if n["filters"] and len(n["filters"]) == 1 else 14) for n in nodes]
     labels = [col["label"] + (" ❄" if col.get("frozen") else (" (❄ part)" if col.get("partly_frozen") else ""))
               for col in columns]
     lay = label_layout(labels, [col["caption"] for col in columns])
+    plot_px = 600 - lay["top"] - lay["bottom"]
+    sizes = [_size(n, plot_px) for n in nodes]
     rows = max([sum(1 for c in strips if c["x"] == col["x"]) for col in columns] + [1])
     if strips:
         fig.add_trace(_strip_trace(strips, (600 - lay["top"] - lay["bottom"]) / rows - 1))
@@ -117,17 +121,46 @@ def network_figure(model: dict[str, Any]) -> tuple[go.Figure, int]:
                       "text": f"⚠ {len(odd)} of {len(nodes)} nodes hold NaN or ±inf statistics (outlined red: "
                               f"diverged?); colours and paths use the finite values", "font": {"size": 11,
                                                                                                "color": ODD_COLOUR}})
+    detail = model.get("detail")
+    if detail:
+        notes.append({"x": 0.0, "y": 1.0, "yshift": lay["top"] + (16 if odd else 0), "xref": "paper",
+                      "yref": "paper", "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+                      "text": detail_note(model["detail"]), "font": {"size": 11, "color": "#555"}})
     if not columns:
         notes.append({"x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "text": NO_LAYER, "showarrow": False,
                       "font": {"size": 13, "color": "#555"}})
     fig.update_layout(shapes=shapes, annotations=notes,
-                      margin={"l": 10, "r": 10, "t": lay["top"] + (16 if odd else 0), "b": lay["bottom"]},
-                      width=lay["width"], height=600 if lay["width"] else None, xaxis={"visible": False, "range": [-0.6, max(0.6, len(columns) - 0.4)]},
-                      yaxis={"visible": False, "range": [-0.02, 1.03]}, plot_bgcolor="white",
+                      margin={"l": 10, "r": 10, "b": lay["bottom"],
+                              "t": lay["top"] + (16 if odd else 0) + (16 if model.get("detail") else 0)},
+                      width=lay["width"], height=600 if lay["width"] else None,
+                      xaxis={"visible": False, "range": (detail or {}).get("x") or list(full_x(len(columns)))},
+                      yaxis={"visible": False, "range": (detail or {}).get("y") or list(FULL_Y)},
+                      plot_bgcolor="white",
                       coloraxis={"colorscale": "Viridis", "colorbar": {"title": {"text": "mean |act|", "side": "right"},
                                                                         "thickness": 10}},
-                      uirevision="network", hovermode="closest")
+                      uirevision=uirevision, hovermode="closest")
     return fig, len(fig.data) - 1
+
+
+def detail_note(detail: dict[str, Any]) -> str:
+    """The zoomed view's note: what it draws filter by filter, what it leaves out, how to get back."""
+    if not detail["layers"]:
+        return (f"{detail['columns_in_view']} columns in view: zoom in to {DETAIL_COLUMNS} or fewer to draw each "
+                f"filter of their strips · double-click: the whole network")
+    hidden = (f", {detail['hidden']:,} more in view hidden (every k-th drawn, at most {DETAIL_NODES:,}): zoom in "
+              f"further for them" if detail["hidden"] else "")
+    return (f"zoomed: {detail['drawn']:,} filters of {len(detail['layers'])} strip(s) drawn one by one{hidden} · "
+            f"double-click: the whole network")
+
+
+def _size(n: dict[str, Any], plot_px: float) -> float:
+    """A node's marker size: a group 16, a range of filters 14, a filter 11, or, in a zoomed view's strip, what
+    the distance to the next drawn filter holds (3 to 11 px)."""
+    if n.get("group"):
+        return 16
+    if n.get("spacing"):
+        return float(max(3.0, min(11.0, n["spacing"] * plot_px - 1)))
+    return 11 if n["filters"] and len(n["filters"]) == 1 else 14
 
 
 def _symbol(n: dict[str, Any]) -> str:

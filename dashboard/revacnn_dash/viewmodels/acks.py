@@ -81,14 +81,23 @@ def widen_text(changes: dict[str, Any], structure: dict[str, Any] | None) -> str
     if not (isinstance(channels, list) and len(channels) == 2 and all(isinstance(c, int) for c in channels)):
         return text
     old, new = channels
-    indices = list(range(old, new))
+    indices = _added_at(changes.get("added_at"), old, new)
     layer = next((l for l in (structure or {}).get("layers", []) if l.get("name") == changes.get("layer")), None)
     ids = (layer or {}).get("filter_ids")
     added = f"added {'index' if len(indices) == 1 else 'indices'} {_indices(indices)}"
     if isinstance(ids, list) and len(ids) == new:
-        added += f" (id{'s' if len(indices) > 1 else ''} {_indices(ids[old:new])})"
+        added += f" (id{'s' if len(indices) > 1 else ''} {_indices([ids[i] for i in indices])})"
     group = [name for name in changes.get("group") or [] if name != changes.get("layer")]
     return f"{text}; {added}" + (f"; coupled: {', '.join(group)}" if group else "")
+
+
+def _added_at(added_at: Any, old: int, new: int) -> list[int]:
+    """Where a widen put its new filters: ``changes.added_at`` (a grouped conv's new filters sit at the end of each
+    of its groups), or after the old ones (acks from before the field existed)."""
+    if (isinstance(added_at, list) and len(added_at) == new - old
+            and all(type(i) is int and 0 <= i < new for i in added_at)):
+        return list(added_at)
+    return list(range(old, new))
 
 
 def _resize_text(changes: dict[str, Any]) -> str:

@@ -4,7 +4,10 @@ group) with its statistics, the paths drawn between consecutive columns, and how
 Level of detail: a layer with more filters than ``max_nodes`` cannot be read as a column of nodes (a ResNet-50's
 layers hold 64 to 2,048 filters each), so its column is a density strip (``strip_rows`` cells, each the
 mean activation of a contiguous range of filters) beside its ``top_k`` strongest filters as nodes. Clicking a cell
-opens the layer on that range (``opened``): its filters as nodes, with a node to go back to the strip."""
+opens the layer on that range (``opened``): its filters as nodes, with a node to go back to the strip. Zooming in
+(``zoom``: the x and y ranges the user's view shows) to at most ``DETAIL_COLUMNS`` columns draws the strips in view
+filter by filter, the filters in the visible y range only, at most ``DETAIL_NODES`` in all (past that every k-th,
+the number hidden said in ``detail["hidden"]``); zooming back out returns to the strips."""
 
 from __future__ import annotations
 
@@ -17,6 +20,14 @@ from ..compute.layers import visible_columns
 
 #: the most filter nodes a column shows: at ~11 px a node, what a column of the view's ~350-500 px holds apart
 NODES_PER_COLUMN = 32
+
+#: the most columns a zoomed view may show for its strips to be drawn filter by filter
+DETAIL_COLUMNS = 8
+#: the most filter nodes a zoomed view draws in its strips' place (every k-th past it): a figure that builds and
+#: draws within the refresh (a 2,048-filter layer is drawn every 2nd filter until the view holds half of it)
+DETAIL_NODES = 1024
+#: the network figure's full axis ranges in data units (figures/network.py sets them: a column per unit of x)
+FULL_Y = (-0.02, 1.03)
 
 # a group node's statistics: the mean over its layers of each layer's mean
 GROUP_FIELDS = ("grad_sq_mean", "act_abs_mean", "grad_abs_mean", "update_ratio")
@@ -54,27 +65,58 @@ def _frozen_mask(layer: dict[str, Any]) -> np.ndarray:
     return mask
 
 
+def full_x(columns: int) -> tuple[float, float]:
+    """The network figure's full x range for ``columns`` columns (column ``i`` at x = ``i``)."""
+    return -0.6, max(0.6, columns - 0.4)
+
+
+def zoomed_layers(columns: list[dict[str, Any]], layers: dict[str, dict[str, Any]], zoom: dict[str, Any] | None,
+                  max_nodes: int, opened: dict[str, list[int]]) -> dict[str, Any] | None:
+    """What a zoomed view draws filter by filter: ``{"layers": [names of the strips in view], "x": [x0, x1],
+    "y": [y0, y1] (the view's ranges), "columns_in_view": n}``, or None when the view shows the whole figure (no
+    zoom, or zoomed back out).
+    ``layers`` is empty when more than ``DETAIL_COLUMNS`` columns are in view."""
+    if not zoom:
+        return None
+    fx = full_x(len(columns))
+    x0, x1 = sorted(float(v) for v in (zoom.get("x") or fx))
+    y0, y1 = sorted(float(v) for v in (zoom.get("y") or FULL_Y))
+    if x1 - x0 >= 0.98 * (fx[1] - fx[0]) and y1 - y0 >= 0.98 * (FULL_Y[1] - FULL_Y[0]):
+        return None
+    in_view = [c for ci, c in enumerate(columns) if ci + 0.3 >= x0 and ci - 0.3 <= x1]
+    strips = [c["layers"][0] for c in in_view if c["kind"] == "layer"
+              and _span(_opened_range(opened.get(c["layers"][0]), int(layers[c["layers"][0]]["out"]))) > max_nodes]
+    return {"layers": strips if len(in_view) <= DETAIL_COLUMNS else [], "x": [x0, x1], "y": [y0, y1],
+            "columns_in_view": len(in_view)}
+
+
 def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndarray]], expanded: Iterable[str],
                   max_nodes: int = NODES_PER_COLUMN, max_lines: int = 3000, opened: dict[str, list[int]] | None = None,
-                  top_k: int = 3, strip_rows: int = 32) -> dict[str, Any]:
+                  top_k: int = 3, strip_rows: int = 32, zoom: dict[str, Any] | None = None,
+                  detail_nodes: int = DETAIL_NODES) -> dict[str, Any]:
     """Positions, sizes and stats of every visible node, the density strips of the layers too big for nodes, and
     the paths to draw between consecutive columns.
 
     ``fields`` = ``{layer: {field: array[out]}}`` (``RunState.filters_by_layer``); ``opened`` = ``{layer: [first,
     end)}``, the filter range a big layer is opened on. Returns plain lists: ``nodes`` (x, y, jitter, strength,
     frozen, layer, filters, label, action), ``strips`` (x, y, strength, layer, filters, label: one per cell),
-    ``columns`` and ``paths`` (src node index, dst node index, width 0–1)."""
+    ``columns``, ``paths`` (src node index, dst node index, width 0–1) and ``detail``: None, or what the zoomed
+    view (``zoom`` = ``{"x": [x0, x1], "y": [y0, y1]}``, either may be absent) draws filter by filter (``layers``,
+    ``columns_in_view``, ``drawn`` and ``hidden``: the filters in view drawn and left out past ``detail_nodes``)."""
     layers = {l["name"]: l for l in structure.get("layers", [])}
     names = [l["name"] for l in structure.get("layers", [])]
     columns = visible_columns(names, expanded)
+    opened = opened or {}
+    detail = zoomed_layers(columns, layers, zoom, max_nodes, opened)
+    windows = _detail_windows(detail, layers, opened, detail_nodes) if detail else {}
     nodes: list[dict[str, Any]] = []
     strips: list[dict[str, Any]] = []
     col_nodes: list[list[int]] = []
-    opened = opened or {}
     for ci, col in enumerate(columns):
         if col["kind"] == "layer":
             name = col["layers"][0]
-            members, cells = _layer_column(col, layers[name], fields, max_nodes, opened.get(name), top_k, strip_rows)
+            members, cells = _layer_column(col, layers[name], fields, max_nodes, opened.get(name), top_k, strip_rows,
+                                           windows.get(name))
         else:
             members, cells = _group_column(col, layers, fields, max_nodes), []
         n = len(members)
@@ -92,7 +134,30 @@ def network_model(structure: dict[str, Any], fields: dict[str, dict[str, np.ndar
         col["x"] = float(ci)
         col_nodes.append(ids)
     paths = _paths(structure, columns, nodes, col_nodes, max_lines)
-    return {"columns": columns, "nodes": nodes, "strips": strips, "paths": paths}
+    if detail:
+        detail["drawn"] = sum(len(w["filters"]) for w in windows.values())
+        detail["hidden"] = sum(w["in_view"] - len(w["filters"]) for w in windows.values())
+    return {"columns": columns, "nodes": nodes, "strips": strips, "paths": paths, "detail": detail}
+
+
+def _detail_windows(detail: dict[str, Any], layers: dict[str, dict[str, Any]], opened: dict[str, list[int]],
+                    budget: int) -> dict[str, dict[str, Any]]:
+    """Per strip in a zoomed view: the filters drawn (those of its shown range whose node would sit in the visible
+    y range, every k-th when the view holds more than the layer's share of ``budget``), how many are in view, and
+    the y distance between two drawn nodes as a fraction of the visible height (their marker size)."""
+    y0, y1 = detail["y"]
+    share = max(1, budget // max(1, len(detail["layers"])))
+    windows = {}
+    for name in detail["layers"]:
+        first, end = _opened_range(opened.get(name), int(layers[name]["out"]))
+        n = end - first
+        lo = max(0, math.ceil(n * (1 - y1) - 0.5))      # row j sits at y = 1 - (j + 0.5) / n
+        hi = min(n - 1, math.floor(n * (1 - y0) - 0.5))
+        count = max(0, hi - lo + 1)
+        stride = max(1, math.ceil(count / share))
+        windows[name] = {"filters": [first + j for j in range(lo, hi + 1, stride)], "in_view": count, "n": n,
+                         "first": first, "spacing": stride / (n * max(1e-9, y1 - y0))}
+    return windows
 
 
 def _filter_node(name: str, f: dict[str, np.ndarray], frozen: np.ndarray, a: int, b: int, label: str
@@ -105,10 +170,11 @@ def _filter_node(name: str, f: dict[str, np.ndarray], frozen: np.ndarray, a: int
 
 
 def _layer_column(col: dict[str, Any], layer: dict[str, Any], fields: dict[str, dict[str, np.ndarray]],
-                  max_nodes: int, opened: list[int] | None, top_k: int, strip_rows: int
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                  max_nodes: int, opened: list[int] | None, top_k: int, strip_rows: int,
+                  window: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A layer's column: a node per filter of its shown range (all of it, or the range it is opened on), or, past
-    ``max_nodes``, a density strip of the range and its ``top_k`` strongest filters as nodes. Sets the column's
+    ``max_nodes``, a density strip of the range and its ``top_k`` strongest filters as nodes, or, in a zoomed view
+    (``window``: ``_detail_windows``), a node per filter in view, each where its strip row is. Sets the column's
     caption and frozen flags. Returns (nodes, strip cells)."""
     name = layer["name"]
     out = int(layer["out"])
@@ -122,6 +188,14 @@ def _layer_column(col: dict[str, Any], layer: dict[str, Any], fields: dict[str, 
         members.append({"layer": name, "filters": None, "action": "close", "y": 1.015, "frozen": False,
                         "label": f"▲ back to all {out} filters of {name}", "jitter": None, "strength": None,
                         "grad": None, "update": None, "norm": None})
+    if window is not None:
+        for fi in window["filters"]:
+            node = _filter_node(name, f, frozen, fi, fi + 1, f"{name}[{fi}]")
+            node["y"] = 1.0 - (fi - first + 0.5) / window["n"]
+            node["spacing"] = window["spacing"]
+            members.append(node)
+        col["caption"] = f"{len(window['filters'])} of {out}"
+        return members, []
     if end - first <= max_nodes:
         n = end - first
         top = 0.97 if members else 1.0      # below the node going back
@@ -157,6 +231,10 @@ def _opened_range(opened: list[int] | None, out: int) -> tuple[int, int]:
         return 0, out
     first, end = max(0, int(opened[0])), min(out, int(opened[1]))
     return (first, end) if end > first else (0, out)
+
+
+def _span(bounds: tuple[int, int]) -> int:
+    return bounds[1] - bounds[0]
 
 
 def _row_of(rows: list[tuple[int, int]], i: int) -> int:

@@ -76,9 +76,11 @@ def header(hub, _n, shown_key, shown_options, replay_value, replay_options, repl
 
 
 def summary_line(s: dict[str, Any]) -> str:
-    """The line under the header: run, state, step, epoch, latest loss and throughput, dropped messages."""
+    """The line under the header: run (the user's name for it, then its id), state, step, epoch, latest loss and
+    throughput, dropped messages."""
     last = s["last"]
-    parts = [f"run {s['run_id'] or '?'}", f"state {s['state'] or '?'}", f"step {s['step']}", f"epoch {s['epoch']}"]
+    run = f"run {s['name']} ({s['run_id'] or '?'})" if s.get("name") else f"run {s['run_id'] or '?'}"
+    parts = [run, f"state {s['state'] or '?'}", f"step {s['step']}", f"epoch {s['epoch']}"]
     if resumed := resumed_text(s.get("resumed")):
         parts.insert(1, resumed)
     if last.get("loss") is not None:

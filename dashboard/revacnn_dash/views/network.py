@@ -1,9 +1,14 @@
 """The network view: the layers and their filters as a graph (nodes shake in proportion to their mean squared
 gradient: the jitter runs in the browser), a node's or layer's details and images, and the structural commands
-(freeze, remove, widen, insert or remove a layer) on the selection."""
+(freeze, remove, widen, insert or remove a layer) on the selection.
+
+Zooming (a box drawn on the graph) draws the density strips in view filter by filter (viewmodels/network.py,
+``zoomed_layers``); a double-click goes back to the whole network. The zoom is kept per column layout
+(``layout_token``): expanding or collapsing a group, or another run, starts from the whole network again."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from dash import ClientsideFunction, Input, Output, State, ctx, dcc, html, no_update
@@ -21,14 +26,18 @@ def layout() -> html.Div:
         html.Div([
             html.Div([
                 button("Expand all", "btn-expand-all"), button("Collapse all", "btn-collapse-all"),
-                button("Default grouping", "btn-default-grouping"),
-                html.Span(" Click a node for its details and actions; click a ▸ group to open it. Nodes shake in "
-                          "proportion to their mean squared gradient; paths: top 50% by activation; ❄ = frozen.",
+                button("Default grouping", "btn-default-grouping"), button("Whole network", "btn-zoom-out"),
+                html.Span(" Click a node for its details and actions; click a ▸ group to open it; draw a box to zoom "
+                          "(strips in view drawn filter by filter), double-click or \"Whole network\" to zoom out. "
+                          "Nodes shake in proportion to their mean squared gradient; paths: top 50% by activation; "
+                          "❄ = frozen.",
                           style={"color": "#666", "fontSize": "12px"}),
             ]),
-            # a model of many columns draws wider than the view (columns stay readable): the view scrolls
-            html.Div(dcc.Graph(id="net-graph", style={"height": "600px"}, config={"displayModeBar": False},
-                               clear_on_unhover=True), style={"overflowX": "auto"}),
+            # a model of many columns draws wider than the view (columns stay readable): the view scrolls. A
+            # zoomed figure holds its zoom's ranges, so Plotly's "reset" would keep them: a double-click autoranges
+            # (network_zoom reads that as zoomed out)
+            html.Div(dcc.Graph(id="net-graph", style={"height": "600px"},
+                               config={"displayModeBar": False, "doubleClick": "autosize"}, clear_on_unhover=True), style={"overflowX": "auto"}),
         ], style={"flex": "3", "minWidth": "0"}),
         html.Div([
             html.H4("Details", style={"margin": "4px 0"}),
@@ -60,7 +69,10 @@ def register(app, hub) -> None:
     app.callback(Output("net-graph", "figure"), Output("net-anim", "data"), Output("net-sig", "data"),
                  Output("net-layer", "options"),
                  Input("tick-network", "data"), Input("net-expanded", "data"), Input("run-select", "value"),
-                 State("tabs", "value"), State("net-sig", "data"))(bound(network_view, hub))
+                 Input("net-zoom", "data"), State("tabs", "value"), State("net-sig", "data"))(bound(network_view, hub))
+    app.callback(Output("net-zoom", "data"), Input("net-graph", "relayoutData"), Input("btn-zoom-out", "n_clicks"),
+                 State("net-zoom", "data"),
+                 State("net-expanded", "data"), State("run-select", "value"), prevent_initial_call=True)(network_zoom)
     app.clientside_callback(ClientsideFunction("revacnn", "jitter"), Output("net-anim-out", "data"),
                             Input("net-anim", "data"))
     app.callback(Output("net-expanded", "data"), Output("net-selected", "data"), Output("net-layer", "value"),
@@ -82,7 +94,40 @@ def register(app, hub) -> None:
                  State("insert-bn", "value"), prevent_initial_call=True)(bound(network_commands, hub))
 
 
-def network_view(hub, _n, expanded, key, tab, sig):
+def layout_token(expanded, key) -> str:
+    """Names the network's column layout (the run, the groups expanded): the figure's ``uirevision`` (Plotly keeps
+    the user's zoom while it stays the same) and the zoom's stamp (a zoom of another layout is not applied)."""
+    ids = expanded.get("ids") if expanded and expanded.get("key") == key else None
+    return json.dumps([key, ids])
+
+
+def network_zoom(relayout, _out, zoom, expanded, key):
+    """The view's zoom from the graph's relayout event: ``{"token", "x", "y"}`` (a range the event does not name
+    stays as it was), None when zoomed back out ("Whole network", or a double-click: autorange or the full ranges,
+    which the view model reads as no zoom)."""
+    if ctx.triggered_id == "btn-zoom-out":
+        return None
+    if not relayout:
+        return no_update
+    token = layout_token(expanded, key)
+    mine = dict(zoom) if zoom and zoom.get("token") == token else {"token": token}
+    if relayout.get("xaxis.autorange") and relayout.get("yaxis.autorange"):
+        return None
+    changed = False
+    for axis in ("x", "y"):
+        if relayout.get(f"{axis}axis.autorange"):
+            mine.pop(axis, None)
+            changed = True
+        elif f"{axis}axis.range[0]" in relayout and f"{axis}axis.range[1]" in relayout:
+            mine[axis] = [float(relayout[f"{axis}axis.range[0]"]), float(relayout[f"{axis}axis.range[1]"])]
+            changed = True
+        elif isinstance(relayout.get(f"{axis}axis.range"), list) and len(relayout[f"{axis}axis.range"]) == 2:
+            mine[axis] = [float(v) for v in relayout[f"{axis}axis.range"]]
+            changed = True
+    return mine if changed else no_update
+
+
+def network_view(hub, _n, expanded, key, zoom, tab, sig):
     state = hub.get(key)
     if state is None or state.structure is None or tab != "network":
         return no_update, no_update, no_update, no_update
@@ -93,13 +138,15 @@ def network_view(hub, _n, expanded, key, tab, sig):
         exp, opened = default_expanded(names), {}
     else:
         exp, opened = expanded["ids"], expanded.get("open") or {}
+    token = layout_token(expanded, key)
+    zoom = zoom if zoom and zoom.get("token") == token else None
     new_sig = [key, state.generation, structure.get("revision"), latest[0] if latest else None, exp, opened,
-               [l.get("frozen") for l in structure["layers"]], [l["out"] for l in structure["layers"]]]
+               [l.get("frozen") for l in structure["layers"]], [l["out"] for l in structure["layers"]], zoom]
     if new_sig == sig:
         return no_update, no_update, no_update, no_update
     fields = state.filters_by_layer()
-    model = network_model(structure, fields, exp, opened=opened)
-    fig, _ = network_figure(model)
+    model = network_model(structure, fields, exp, opened=opened, zoom=zoom)
+    fig, _ = network_figure(model, uirevision=token)
     anim = {"uid": NODES_UID, "amp": jitter_pixels([n["jitter"] for n in model["nodes"]]),
             "t": time.time()}
     options = [{"label": f"{l['name']} ({l['type']}, {l['out']} out)", "value": l["name"]}

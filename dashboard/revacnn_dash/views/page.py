@@ -26,7 +26,7 @@ def layout(analysis, interval_ms: int) -> dmc.MantineProvider:
         *header.layout(),
         dcc.Interval(id="tick", interval=interval_ms),
         *[dcc.Store(id=f"tick-{name}") for name in TAB_TICKS],
-        dcc.Store(id="train-cursor"), dcc.Store(id="net-expanded"), dcc.Store(id="net-sig"),
+        dcc.Store(id="train-cursor"), dcc.Store(id="net-expanded"), dcc.Store(id="net-sig"), dcc.Store(id="net-zoom"),
         dcc.Store(id="net-selected"), dcc.Store(id="net-anim"), dcc.Store(id="net-anim-out"),
         dcc.Store(id="fil-sig"), dcc.Store(id="event-sig"), *watched_run.layout(),
         dcc.Tabs(id="tabs", value="training", children=[

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--control-port", type=int, default=0, help="steering port (default: any free port)")
     parser.add_argument("--telemetry-port", type=int, default=0, help="telemetry port (default: any free port)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=None,
+                        help="the run's name in the dashboard, e.g. 'baseline lr 0.1' (at most 100 characters)")
     return parser.parse_args(argv)
 
 
@@ -54,7 +56,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = ClassifierModule(ReVACNNNet(args.widths), lr=args.lr, optimizer=args.optimizer)
     data = DigitsDataModule(batch_size=args.batch_size)
-    callbacks = [ReVACNNCallback(filters_every=args.filters_every, snapshot_every=args.snapshot_every,
+    callbacks = [ReVACNNCallback(name=args.name, filters_every=args.filters_every, snapshot_every=args.snapshot_every,
                                  control_port=args.control_port, telemetry_port=args.telemetry_port)]
     if args.slow > 0:
         callbacks.append(SlowDown(args.slow))

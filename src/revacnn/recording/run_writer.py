@@ -62,7 +62,7 @@ class RunWriter:
                                  self._set_keeps)
         self.keeper.track_existing_snapshots(all_snapshot_files(self.run_dir))
         self.keeper.measure()
-        self._info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "run_id": None, "created": time.time(),
+        self._info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "run_id": None, "name": None, "created": time.time(),
                       "pid": os.getpid(), "host": socket.gethostname(), "float16_filters": float16_filters,
                       "full_records": keep[0], "keep_buckets": keep[1] if levels > 1 else None,
                       "levels": levels, "level_factor": LEVEL_FACTOR, "snapshot_dtype": self.snapshot_dtype,
@@ -152,6 +152,9 @@ class RunWriter:
 
     def _follow_structure(self, body: dict) -> None:
         self._structure = body
+        if body.get("name") != self._info.get("name"):          # the user's run name, in run.json
+            self._info["name"] = body.get("name")
+            write_json_atomic(self.run_dir / MARKER, self._info)
         self._layer_ids = {}
         for layer in body.get("layers", []):
             ids = layer.get("filter_ids")

@@ -284,9 +284,11 @@ class SteeringEngine:
                 raise SteeringError(f"{op}: BatchNorm {b} has {bn.num_features} features, expected {group.channels}")
         return group
 
-    def resize(self, op: str, name: str, group: Group, plan: dict, kept: list[int], added: int, fill=None):
+    def resize(self, op: str, name: str, group: Group, plan: dict, kept: list[int], added: list[int], fill=None):
         """Resize ``group``'s channels by ``plan`` (``surgery.resize_channels``) and carry the optimizer state over,
-        in a transaction; ``fill`` then overwrites the new channels. Returns ``(changes, filter_maps)``.
+        in a transaction; ``fill`` then overwrites the new channels. ``kept``: the old channels that stay, in
+        order; ``added``: the positions of the new ones (the kept ones fill the others). Returns ``(changes,
+        filter_maps)``.
 
         Preserves: the kept channels' weights and optimizer-state slices, scaled only as ``plan`` says.
         """
@@ -298,15 +300,18 @@ class SteeringEngine:
             return records
 
         _, delta, compiled = self.structural(op, body)
+        new = set(added)
+        old_at = iter(kept)
+        order = [None if j in new else next(old_at) for j in range(len(kept) + len(added))]
         for p in group.producers + group.channelwise:
-            self.freezer.remap(self.module.get_submodule(p), kept)
+            self.freezer.remap(self.module.get_submodule(p), order)
         entry = {k: v for k, v in plan.items()}
         self.changelog.append(copy.deepcopy(entry))
         resized = group.producers + group.channelwise + group.batchnorms + group.norms
-        maps = {n: {"kept": list(kept), "added": added} for n in resized}
+        maps = {n: {"kept": list(kept), "added": len(added), "added_at": list(added)} for n in resized}
         changes = {"layer": name, "group": list(group.producers), "batchnorms": list(group.batchnorms),
                    "norms": list(group.norms), "channelwise": list(group.channelwise),
-                   "scales": [s for s, _ in group.scales], "readers": [r for r, _, _ in group.readers],
-                   "channels": [group.channels, len(kept) + added],
+                   "grouped": list(group.grouped), "scales": [s for s, _ in group.scales],
+                   "readers": [r for r, _, _ in group.readers], "channels": [group.channels, len(kept) + len(added)],
                    "output_max_abs_change": delta, "compiler_reset": compiled}
         return changes, maps

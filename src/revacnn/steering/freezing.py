@@ -121,13 +121,14 @@ class FreezeManager:
             self.filters.pop(mod, None)
         return removed
 
-    def remap(self, mod: nn.Module, kept: list[int]) -> None:
-        """After a change of ``mod``'s output channels (``kept`` = old indices in new order), move filter freezes."""
+    def remap(self, mod: nn.Module, order: list[int | None]) -> None:
+        """After a change of ``mod``'s output channels (``order[j]``: the old index of new channel j, None for a new
+        one), move filter freezes; new channels are not frozen."""
         if mod not in self.filters:
             return
         old = self.filters.pop(mod)
         self._rows.clear()
-        new = {j for j, i in enumerate(kept) if i in old}
+        new = {j for j, i in enumerate(order) if i is not None and i in old}
         if new:
             self.filters[mod] = new
 

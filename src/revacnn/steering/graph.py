@@ -9,7 +9,10 @@ parameters used directly in ``forward`` (layer-scale). This module turns its pru
 check, as problems (refusals) or inexactness reasons:
 
 - grouped convs whose input and output channels are the same space (depthwise, RegNet's group convs) move with
-  the group (``channelwise``; the group's channels change by whole conv groups); other grouped convs refuse;
+  the group (``channelwise``; the group's channels change by whole conv groups);
+- grouped convs whose output channels are not their input channels (in ≠ out: a depthwise conv with a channel
+  multiplier, SqueezeBERT's grouped 1×1 convs) write or read the channels in ``slices`` equal contiguous slices:
+  a resize adds or removes the same number in every slice, new channels inside their slice;
 - LayerNorm/GroupNorm over the channels make copied channels change their statistics (``inexact``);
 - a Linear that reads a flatten of permuted (channels-last) maps, a reader of part of the channels (split, slice),
   a module called more than once, a layer kind with no resize rule (ConvTranspose, PReLU, attention …), or channels
@@ -44,7 +47,7 @@ class Group:
     """Layers that share one channel space, by what a resize does to each."""
 
     channels: int
-    producers: list[str] = field(default_factory=list)    # conv (groups=1) / Linear writing it: weight rows, bias
+    producers: list[str] = field(default_factory=list)    # conv / Linear writing it: weight rows, bias
     batchnorms: list[str] = field(default_factory=list)   # per-channel affine and running statistics
     norms: list[str] = field(default_factory=list)        # LayerNorm / GroupNorm over the channels: weight, bias
     channelwise: list[str] = field(default_factory=list)  # grouped convs with in == out channels: rows, groups
@@ -54,6 +57,8 @@ class Group:
     inexact: list[str] = field(default_factory=list)      # why copying channels cannot keep the function
     block: int = 1                                        # its channels change in whole blocks of this many
     group_norms: dict[str, int] = field(default_factory=dict)  # GroupNorm name -> its number of groups
+    grouped: list[str] = field(default_factory=list)      # grouped convs with in ≠ out channels writing or reading it
+    slices: int = 1  # those split the channels into this many equal slices that never mix (the lcm of their groups)
 
     def check(self, action: str) -> None:
         if self.problems:
@@ -201,12 +206,11 @@ class _GroupBuilder:
         if _channelwise(mod):
             g.channelwise.append(name)
             g.block = math.lcm(g.block, mod.in_channels // mod.groups)
-        elif isinstance(mod, CONVS) and mod.groups > 1:
-            g.problems.append(f"{name} is a grouped conv ({mod.groups} groups, {mod.in_channels} → "
-                              f"{mod.out_channels} "
-                              "channels) whose output channels are not its input channels; only grouped convs with "
-                              "in == out channels (depthwise, group convs) change with the channels they read")
-        elif isinstance(mod, FILTER_LAYERS):
+            return
+        if isinstance(mod, CONVS) and mod.groups > 1:  # in ≠ out: a producer or a reader, by slices
+            g.grouped.append(name)
+            g.slices = math.lcm(g.slices, mod.groups)
+        if isinstance(mod, FILTER_LAYERS):
             if is_out:
                 g.producers.append(name)
             else:
@@ -246,6 +250,10 @@ class _GroupBuilder:
         if isinstance(mod, CONVS) and hw != 1:
             g.problems.append(f"{name} reads the channels through a reshape")
             return None
+        if isinstance(mod, CONVS) and mod.groups > 1 and (offset or mod.in_channels != g.channels):
+            g.problems.append(f"{name} is a grouped conv ({mod.groups} groups) reading these channels as part of a "
+                              "concatenation; its groups would not follow them")
+            return None
         if hw > 1 and self._permuted(name):
             g.problems.append(f"{name} reads a flatten of permuted (channels-last) maps; only a flatten of "
                               "channels-first maps maps channels to columns")
@@ -278,5 +286,10 @@ class _GroupBuilder:
         for key in ("producers", "batchnorms", "norms", "channelwise"):
             setattr(g, key, sorted(set(getattr(g, key)), key=self.order.__getitem__))
         g.readers.sort(key=lambda r: self.order[r[0]])
+        g.grouped = sorted(set(g.grouped), key=self.order.__getitem__)
+        if g.slices > 1 and (g.channels // g.slices) % g.block:
+            g.problems.append(f"the grouped conv(s) {g.grouped} split the channels into {g.slices} groups of "
+                              f"{g.channels // g.slices}, which cut through the groups of {g.block} that "
+                              f"{g.channelwise} read")
         g.problems = list(dict.fromkeys(g.problems))
         g.inexact = list(dict.fromkeys(g.inexact))

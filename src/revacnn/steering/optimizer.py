@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import SteeringError
-from .surgery import select
+from .surgery import select, select_in_channels
 
 SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 SQUARED = {"exp_avg_sq", "max_exp_avg_sq", "square_avg"}  # second-moment state: scaled by the square
@@ -35,9 +35,10 @@ def locate(optimizers, param) -> tuple | None:
     return None
 
 
-def transform_state(state: dict, old: torch.Tensor, dim: int, index: list[int], state_scale) -> dict:
+def transform_state(state: dict, old: torch.Tensor, dim: int, index: list[int], state_scale, groups: int = 1) -> dict:
     """New per-parameter state: tensors shaped like ``old`` are re-indexed along ``dim`` (slice j = old slice
-    index[j], times state_scale[j], squared for second moments); scalars such as ``step`` are kept.
+    index[j], times state_scale[j], squared for second moments; ``groups`` > 1: the input channels of a grouped
+    conv's weight, as the weight itself, ``surgery.select_in_channels``); scalars such as ``step`` are kept.
 
     Preserves: every slice whose scale is 1 bitwise (in particular all old slices)."""
     new = {}
@@ -46,7 +47,8 @@ def transform_state(state: dict, old: torch.Tensor, dim: int, index: list[int], 
             scale = state_scale
             if scale is not None and key in SQUARED:
                 scale = [s * s for s in scale]
-            new[key] = select(value, dim, index, scale)
+            new[key] = (select_in_channels(value, groups, index, scale) if groups > 1
+                        else select(value, dim, index, scale))
         else:
             new[key] = value
     return new
@@ -54,14 +56,14 @@ def transform_state(state: dict, old: torch.Tensor, dim: int, index: list[int], 
 
 def apply_records(optimizers, records) -> None:
     """Swap each ``old`` parameter for ``new`` in every optimizer holding it, carrying the state over."""
-    for old, new, dim, index, state_scale in records:
+    for old, new, dim, index, state_scale, groups in records:
         where = locate(optimizers, old)
         if where is None:
             continue
         opt, group, i = where
         group["params"][i] = new
         if old in opt.state:
-            opt.state[new] = transform_state(opt.state.pop(old), old, dim, index, state_scale)
+            opt.state[new] = transform_state(opt.state.pop(old), old, dim, index, state_scale, groups)
 
 
 def reset_state_rows(optimizers, param, rows: list[int]) -> None:

@@ -183,13 +183,33 @@ def validation_message(trainer: pl.Trainer, metrics: dict[str, Any], predictions
     return PendingMessage("val", body, copy.launch(), finalize)
 
 
+#: the longest run name (``ReVACNNCallback(name=...)``): what a run picker's line shows
+RUN_NAME_CHARS = 100
+
+
+def validated_run_name(name: Any) -> str | None:
+    """A user-set run name as the ``structure`` message carries it: None, or a non-blank printable ``str`` of at
+    most ``RUN_NAME_CHARS`` characters (a newline or control character would break the dashboard's one-line
+    labels). ValueError otherwise."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a str or None, got {type(name).__name__}")
+    if not name.strip() or len(name) > RUN_NAME_CHARS or not name.isprintable():
+        raise ValueError(f"name must be 1 to {RUN_NAME_CHARS} printable characters (no newline or control "
+                         f"character), not blank, got {name[:120]!r}")
+    return name
+
+
 def structure_message(pl_module: pl.LightningModule, revision: int, layers: list[tuple[str, Any]],
-                      traced: dict[str, Any], filter_ids: dict[str, list[int]], frozen: dict[str, Any]) -> Message:
-    """A ``structure`` message of the monitored ``layers`` (in the traced order) and the traced graph."""
+                      traced: dict[str, Any], filter_ids: dict[str, list[int]], frozen: dict[str, Any],
+                      run_name: str | None = None) -> Message:
+    """A ``structure`` message of the monitored ``layers`` (in the traced order) and the traced graph;
+    ``run_name``: the user's name for the run (``name``, nil when none was given)."""
     descriptions = [layer_description(name, module, traced["output_shapes"].get(name, []), filter_ids[name],
                                       frozen.get(name)) for name, module in layers]
     params = list(pl_module.parameters())
-    body = {"revision": revision, "model": type(pl_module).__name__,
+    body = {"revision": revision, "model": type(pl_module).__name__, "name": run_name,
             "total_params": sum(p.numel() for p in params),
             "trainable_params": sum(p.numel() for p in params if p.requires_grad),
             "layers": descriptions, "modules": traced["modules"], "edges": traced["edges"],

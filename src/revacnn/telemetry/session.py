@@ -33,8 +33,10 @@ class Telemetry:
     """
 
     def __init__(self, schedule: Schedule, budget: OverheadBudget, max_activation_bytes: int, history: ModelHistory,
-                 frozen: Callable[[], dict[str, Any]], activation_images: int | None = None) -> None:
+                 frozen: Callable[[], dict[str, Any]], activation_images: int | None = None,
+                 run_name: str | None = None) -> None:
         self.schedule = schedule
+        self.run_name = run_name                              # the user's name for the run, in every structure
         self.budget = budget
         self.activation_images = activation_images
         self.history = history
@@ -190,7 +192,7 @@ class Telemetry:
         self.untrainable_shown = untrainable_layers(self.layers)
         frozen = {**self.frozen(), **dict.fromkeys(self.untrainable_shown, "all")}
         self.publisher.publish(structure_message(pl_module, self.history.revision, self.layers, traced,
-                                                 self.history.filter_ids, frozen))
+                                                 self.history.filter_ids, frozen, self.run_name))
 
     def publish_hparams(self, trainer: pl.Trainer) -> None:
         if self.publisher is None:

@@ -56,6 +56,26 @@ def _check_whole_blocks(op: str, group: Group, filters: list[int]) -> None:
                             f"{partial[0]}), not part of one")
 
 
+def _slices_text(group: Group) -> str:
+    size = group.channels // group.slices
+    return (f"the grouped conv(s) {group.grouped} split these channels into {group.slices} groups of {size} "
+            + (f"(filters 0…{size - 1}, {size}…{2 * size - 1}, …)" if size > 1 else "(one filter each)"))
+
+
+def _check_equal_slices(op: str, group: Group, filters: list[int]) -> None:
+    """Removing from a group that grouped convs (in ≠ out) split into slices: the same number from every slice,
+    so each conv group keeps one size."""
+    if group.slices == 1:
+        return
+    size = group.channels // group.slices
+    counts = [0] * group.slices
+    for f in filters:
+        counts[f // size] += 1
+    if len(set(counts)) > 1:
+        raise SteeringError(f"{op}: {_slices_text(group)}; remove the same number of filters from every group, "
+                            f"not {counts}")
+
+
 def _net2net_shares(index: list[int], rng: random.Random, split: str) -> list[float]:
     """Each output channel's share of its source's outgoing weights: copies of one source split 1 between them
     (evenly, or by random weights from U(0.5, 1.5)); a channel without copies keeps 1."""
@@ -73,8 +93,8 @@ def _net2net_shares(index: list[int], rng: random.Random, split: str) -> list[fl
     return share
 
 
-def _random_fill(engine: SteeringEngine, plan: dict, width: int, seed: int):
-    """The paper's init: new filters and their reader slices from U(-0.2, 0.2)."""
+def _random_fill(engine: SteeringEngine, plan: dict, added: list[int], seed: int):
+    """The paper's init: new filters (at the positions ``added``) and their reader slices from U(-0.2, 0.2)."""
     def fill():
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -82,22 +102,44 @@ def _random_fill(engine: SteeringEngine, plan: dict, width: int, seed: int):
                 mod = engine.module.get_submodule(p)
                 for t in (mod.weight, mod.bias):
                     if t is not None:
-                        t[width:] = (torch.rand(t[width:].shape, generator=gen) * 0.4 - 0.2).to(t)
+                        t[added] = (torch.rand(t[added].shape, generator=gen) * 0.4 - 0.2).to(t)
             for r, hw, offset in plan["readers"]:
-                w = engine.module.get_submodule(r).weight
-                lo, hi = offset + width * (hw or 1), offset + len(plan["index"]) * (hw or 1)
-                w[:, lo:hi] = (torch.rand(w[:, lo:hi].shape, generator=gen) * 0.4 - 0.2).to(w)
+                mod = engine.module.get_submodule(r)
+                w = mod.weight
+                if getattr(mod, "groups", 1) > 1:  # every group's new columns sit where the first group's do
+                    cols = [p for p in added if p < w.shape[1]]
+                else:
+                    cols = [offset + p * (hw or 1) + k for p in added for k in range(hw or 1)]
+                w[:, cols] = (torch.rand(w[:, cols].shape, generator=gen) * 0.4 - 0.2).to(w)
     return fill
 
 
-def _sources(op: str, group: Group, count: int, rng: random.Random) -> list[int]:
-    """The channel each new channel copies: any channel, or with grouped convs in the group whole conv groups
-    (a copied group keeps its kernels, which read only that group's channels)."""
-    b = group.block
-    if count % b:
-        raise SteeringError(f"{op}: the grouped conv(s) {group.channelwise} read these channels in groups of {b}; "
-                            f"widen by a multiple of {b} (whole groups), not {count}")
-    return [s * b + k for s in (rng.randrange(group.channels // b) for _ in range(count // b)) for k in range(b)]
+def _placement(op: str, group: Group, count: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """Where ``count`` new channels go and which channel each copies: ``(index, added)``, ``index[j]`` the old
+    channel that new channel j is (kept) or copies, ``added`` the positions of the copies.
+
+    Channelwise convs (in == out) copy whole conv groups of ``group.block`` channels (a copied group keeps its
+    kernels). Grouped convs with in ≠ out split the channels into ``group.slices`` slices: each slice gets the same
+    number of copies, of its own channels, at its end, so every conv group still writes or reads one slice.
+    Without those the copies of random channels follow the old ones.
+    """
+    b, s = group.block, group.slices
+    if count % (b * s):
+        blocks = f"the grouped conv(s) {group.channelwise} read these channels in groups of {b}"
+        if s == 1:
+            raise SteeringError(f"{op}: {blocks}; widen by a multiple of {b} (whole groups), not {count}")
+        raise SteeringError(f"{op}: {_slices_text(group)}" + (f", and {blocks}" if b > 1 else "")
+                            + f"; widen by a multiple of {b * s} (the same number of new filters in every group"
+                            + (f", whole groups of {b}" if b > 1 else "") + f"), not {count}")
+    size = group.channels // s
+    index: list[int] = []
+    added: list[int] = []
+    for first in range(0, group.channels, size):
+        index.extend(range(first, first + size))
+        for block in [rng.randrange(size // b) for _ in range(count // s // b)]:
+            added.extend(range(len(index), len(index) + b))
+            index.extend(range(first + block * b, first + block * b + b))
+    return index, added
 
 
 def widen(engine: SteeringEngine, args: dict):
@@ -125,16 +167,18 @@ def widen(engine: SteeringEngine, args: dict):
                             "then reports the measured output change")
     _check_group_norms(op, group, width + count)
     rng = random.Random(seed)
-    sources = _sources(op, group, count, rng)
-    index = list(range(width)) + sources
+    index, added = _placement(op, group, count, rng)
+    new = set(added)
+    kept_at = [j for j in range(len(index)) if j not in new]  # old channel c is now at kept_at[c]
     share = _net2net_shares(index, rng, split) if init == "net2net" else [1.0] * len(index)
-    state_scale = [1.0 if j < width else share[j] / share[index[j]] for j in range(len(index))]
+    state_scale = [share[j] / share[kept_at[index[j]]] if j in new else 1.0 for j in range(len(index))]
     how = {"init": init, "split": split, "seed": seed, "allow_inexact": allow_inexact}
     plan = _resize_plan("widen", name, group, index, how, share if init == "net2net" else None, state_scale)
-    fill = _random_fill(engine, plan, width, seed) if init == "random" else None
-    changes, maps = engine.resize(op, name, group, plan, list(range(width)), count, fill)
+    fill = _random_fill(engine, plan, added, seed) if init == "random" else None
+    changes, maps = engine.resize(op, name, group, plan, list(range(width)), added, fill)
     exact = init == "net2net" and not group.inexact
-    changes.update(sources=sources, init=init, split=split, function_preserving=exact)
+    changes.update(sources=[index[j] for j in added], added_at=added, init=init, split=split,
+                   function_preserving=exact)
     if group.inexact and init == "net2net":
         changes["inexact"] = list(group.inexact)
     return True, changes, maps
@@ -154,10 +198,11 @@ def remove_filters(engine: SteeringEngine, args: dict):
         raise SteeringError(f"remove_filters: cannot remove all {width} filters of {name}")
     group = engine.channel_group(name, op)
     _check_whole_blocks(op, group, filters)
+    _check_equal_slices(op, group, filters)
     _check_group_norms(op, group, group.channels - len(filters))
     kept = [i for i in range(group.channels) if i not in set(filters)]
     plan = _resize_plan("remove_filters", name, group, kept, {"filters": sorted(filters)}, None, None)
-    changes, maps = engine.resize(op, name, group, plan, kept, 0)
+    changes, maps = engine.resize(op, name, group, plan, kept, [])
     changes.update(removed=sorted(filters), function_preserving=False)
     return True, changes, maps
 
