@@ -21,7 +21,7 @@ callback's own time in them. Every ``replan_seconds`` the plan is made again:
                         waits, the caches the callback's work evicts, Lightning calling the hooks) — on the demo
                         CNN the measured costs summed to 1.9–2.0 % where the throughput said 2.4 %
     scalars             as given (every step by default), never planned: the chart and the recording keep every
-                        step's loss; their cost is taken from B first (at most three quarters of it)
+                        step's loss; their cost is taken from B first (at most half of it)
     per-filter data     every N steps: its cost per measurement ÷ N within 70 % of what the scalars leave, and not
                         more often than the dashboard refreshes (``refresh_seconds``, ~2 Hz)
     snapshots           every M steps: within the rest, and at most once every ``snapshot_seconds``
@@ -48,7 +48,7 @@ QUANTITIES = ("scalars", "filters", "snapshot")
 MESSAGE_TYPES = {"scalars": ("steps",), "filters": ("step",), "snapshot": ("snapshot",)}
 _FILTERS_SHARE = 0.7            # of what the scalars leave of the budget; snapshots get the rest (at least 30 %)
 _PLANNED_SHARE = 0.75           # of the budget, planned; the rest is headroom for what is not timed (module doc)
-_LEFT_AFTER_SCALARS = 0.25      # of the planned budget, kept for per-filter data and snapshots however dear scalars are
+_LEFT_AFTER_SCALARS = 0.5       # of the planned budget, kept for per-filter data and snapshots however dear scalars are
 
 
 def nice_at_least(value: float) -> int:
