@@ -154,6 +154,18 @@ def network_view(hub, _n, expanded, key, zoom, tab, sig):
     return fig, anim, new_sig, options
 
 
+def layer_description(layer: dict) -> str:
+    """``Conv2d 64→256, kernel 1, 16,384 params, frozen: no``, leaving out what the structure does not say."""
+    parts = [f"{layer.get('type', 'layer')} "
+             + (f"{layer['in']}→{layer['out']}" if layer.get("in") is not None else f"{layer.get('out')} filters")]
+    if layer.get("kernel") is not None:
+        parts.append(f"kernel {layer['kernel']}")
+    if isinstance(layer.get("params"), int):
+        parts.append(f"{layer['params']:,} params")
+    parts.append(f"frozen: {layer.get('frozen') or 'no'}")
+    return ", ".join(parts)
+
+
 def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
     state = hub.get(key)
     if state is None or state.structure is None:
@@ -207,9 +219,7 @@ def network_details(hub, selected, _n, probe, key, tab):
         return html.Div(f"{name} is no longer in the model"), "", "", [], no_update
     filters = selected.get("filters")
     fields = state.filters_by_layer().get(name, {})
-    lines = [html.Div([html.B(name), f" — {layer['type']} {layer.get('in')}→{layer['out']}, kernel "
-                                     f"{layer.get('kernel')}, {layer.get('params')} params, frozen: "
-                                     f"{layer.get('frozen') or 'no'}"])]
+    lines = [html.Div([html.B(name), f" — {layer_description(layer)}"])]
     ratio = state.layer_ratio.get(name)
     if ratio is not None:
         lines.append(html.Div(f"layer ‖g‖/‖w‖ = {ratio:.3g}"))
