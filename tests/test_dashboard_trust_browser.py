@@ -167,8 +167,14 @@ def test_a_done_ack_says_what_changed(demo):
         row = event_row(page, "widen net.conv2 +1")
     finally:
         client.close()
-    new_id = [l for l in open_run(run_dir).structures()[-1][1]["layers"]
-              if l["name"] == "net.conv2"][0]["filter_ids"][20]
+
+    def widened_ids():  # the recorder writes every 0.5 s: the widened structure may reach the disk after the ack
+        conv2 = [l for l in open_run(run_dir).structures()[-1][1]["layers"] if l["name"] == "net.conv2"][0]
+        return conv2["filter_ids"] if len(conv2["filter_ids"]) == 21 else None
+
+    ids = wait_for(widened_ids, 30, 0.2)
+    assert ids, "the widened structure is recorded"
+    new_id = ids[20]
     assert f"net.conv2: 20 → 21 filters; added index 20 (id {new_id})" in row, row
     page.screenshot(path=str(ARTIFACTS / "event-log-detail.png"), full_page=True)
     assert demo["failures"] == []

@@ -248,7 +248,7 @@ def test_a_diverged_run_renders_every_view_and_says_since_when(monkeypatch):
 
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            fig, anim, _, options = network_view.network_view(hub, 1, None, "k", "network", None)
+            fig, anim, _, options = network_view.network_view(hub, 1, None, "k", None, "network", None)
             assert_plotly_safe(fig) and "NaN or ±inf" in annotations(fig)
             json.dumps(anim, allow_nan=False)
             for layer in ("c1", "c2", "fc"):

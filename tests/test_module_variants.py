@@ -226,7 +226,7 @@ def test_the_dashboard_shows_a_run_without_monitored_layers(tmp_path):
                       ("emb-probe", "options", None)])
         assert menus["emb-layer"]["options"] == [] and menus["fil-layer"]["value"] is None
         network = call("net-graph.figure", [("tick-network", "data", [1, 0]), ("net-expanded", "data", None),
-                                            ("run-select", "value", key)],
+                                            ("run-select", "value", key), ("net-zoom", "data", None)],
                        [("tabs", "value", "network"), ("net-sig", "data", None)])
         assert NO_LAYER in [note["text"] for note in network["net-graph"]["figure"]["layout"]["annotations"]]
         embedding = call("emb-status.children", [

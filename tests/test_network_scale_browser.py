@@ -218,7 +218,7 @@ def test_a_strip_cell_opens_its_filters_and_the_way_back_closes_them(scale):
     click_point(page, "revacnn-strips", cell)
     page.wait_for_selector(f"#net-details:has-text('{layer}')", timeout=20000)
     page.wait_for_selector(f"#net-details:has-text('filters {first}–{first + 7}')", timeout=20000)
-    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd.data.find(t => t.uid === 'revacnn-nodes');"
+    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-nodes');"
                            f" return t.customdata.filter(c => c[0] === '{layer}').length === 9; }})()", timeout=30000)
     nodes = trace_of(page, "revacnn-nodes")
     mine = [c for c in nodes["customdata"] if c[0] == layer]
@@ -228,7 +228,7 @@ def test_a_strip_cell_opens_its_filters_and_the_way_back_closes_them(scale):
     page.screenshot(path=str(ARTIFACTS / "resnet50-opened.png"), full_page=True)
     back = [i for i, c in enumerate(nodes["customdata"]) if c[4] == "close"][0]
     click_point(page, "revacnn-nodes", back)
-    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd.data.find(t => t.uid === 'revacnn-strips');"
+    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-strips');"
                            f" return t && t.x.length === {32 * len(STRIP_LAYERS)}; }})()", timeout=30000)
     assert scale["requests"].ticks_while_open == 0
     assert scale["failures"] == []
@@ -265,13 +265,6 @@ def drag_box(page, x0: float, x1: float, y0: float, y1: float) -> None:
     page.mouse.up()
 
 
-def zoom_out(page) -> None:
-    """A double-click on the plot (the graph's config: autorange, which the view reads as zoomed out)."""
-    (x0, x1), (y0, y1) = page.evaluate(f"[{GRAPH}._fullLayout.xaxis.range, {GRAPH}._fullLayout.yaxis.range]")
-    x, y = to_screen(page, (x0 + x1) / 2, y0 + 0.1 * (y1 - y0))      # the view's middle, low: no label there
-    page.mouse.dblclick(x, y)
-
-
 def layer_nodes(page, layer: str) -> list[int]:
     """The filters of ``layer`` drawn as individual nodes (a node of one filter), as the page holds them."""
     nodes = trace_of(page, "revacnn-nodes")
@@ -279,13 +272,13 @@ def layer_nodes(page, layer: str) -> list[int]:
 
 
 def wait_layer_nodes(page, layer: str, count: int) -> None:
-    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd.data.find(t => t.uid === 'revacnn-nodes');"
+    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-nodes');"
                            f" return t && t.customdata.filter(c => c[0] === '{layer}' && c[2] === 1 && !c[4]).length"
                            f" === {count}; }})()", timeout=60000)
 
 
 def wait_all_strips(page) -> None:
-    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd.data.find(t => t.uid === 'revacnn-strips');"
+    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-strips');"
                            f" return t && t.x.length === {32 * len(STRIP_LAYERS)}; }})()", timeout=60000)
 
 
@@ -321,9 +314,13 @@ def test_zooming_in_draws_the_strips_in_view_filter_by_filter_and_zooming_out_re
     assert page.evaluate(f"{GRAPH}.layout.annotations.some(a => a.text.includes('1,024 more in view hidden'))")
     # zoomed again into its top half: the filters whose rows are in the view, all of them
     drag_box(page, ci - 0.3, ci + 0.3, 0.55, 0.99)
-    # the figure drawn for that zoom holds its ranges (a refresh on the way meanwhile may show the old ones first)
-    page.wait_for_function(f"(() => {{ const r = {GRAPH}.layout.yaxis.range; return r[1] - r[0] < 0.9; }})()",
-                           timeout=60000)
+    # the figure drawn for that zoom holds its ranges. A refresh requested before the zoom may still land after the
+    # zoom's figure and show the previous ranges for one tick (known, docs/dashboard.md): read them once every
+    # request made before the zoom has been answered
+    zoomed = f"(() => {{ const r = {GRAPH}.layout.yaxis.range; return r[1] - r[0] < 0.9; }})()"
+    page.wait_for_function(zoomed, timeout=60000)
+    page.wait_for_timeout(1500)
+    page.wait_for_function(zoomed, timeout=60000)
     y0, y1 = page.evaluate(f"{GRAPH}.layout.yaxis.range")
     expected = [i for i in range(2048) if y0 <= 1 - (i + 0.5) / 2048 <= y1]
     assert len(expected) < DETAIL_NODES
@@ -342,7 +339,7 @@ def test_zooming_in_draws_the_strips_in_view_filter_by_filter_and_zooming_out_re
     page.wait_for_selector(f"#net-details:has-text('{last}')", timeout=20000)
     chosen = re.search(r"filter (\d+)", page.inner_text("#net-details"))
     assert chosen and int(chosen.group(1)) in expected
-    zoom_out(page)
+    page.click("#btn-zoom-out")
     wait_all_strips(page)
     assert len(layer_nodes(page, last)) == 3
     page.screenshot(path=str(tmp_path / "after-zoom-out.png"), full_page=True)
