@@ -603,3 +603,21 @@ def test_an_idle_embedding_helper_exits_and_a_new_job_starts_another():
         assert "error" not in computed(service, again, timeout=120) and "tsne" in service.pools
     finally:
         service.shutdown()
+
+
+def test_a_double_click_on_the_zoomed_network_returns_to_the_whole_network():
+    """Plotly's double-click sends autorange on both axes: the zoom store empties (the overview is drawn again); a
+    box sets both ranges; autorange on one axis keeps the other's range."""
+    from dash._callback_context import context_value
+    from dash._utils import AttributeDict
+
+    from revacnn_dash.views.network import network_zoom
+
+    def relayout(event, zoom):
+        context_value.set(AttributeDict(triggered_inputs=[{"prop_id": "net-graph.relayoutData", "value": event}]))
+        return network_zoom(event, None, zoom, None, "k")
+
+    box = relayout({"xaxis.range[0]": 3.5, "xaxis.range[1]": 4.5, "yaxis.range[0]": 0.2, "yaxis.range[1]": 0.6}, None)
+    assert box["x"] == [3.5, 4.5] and box["y"] == [0.2, 0.6]
+    assert relayout({"xaxis.autorange": True, "yaxis.autorange": True}, box) is None
+    assert relayout({"yaxis.autorange": True}, box) == {"token": box["token"], "x": [3.5, 4.5]}
