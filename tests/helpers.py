@@ -1,8 +1,10 @@
-"""Helpers shared by test modules (not a test module): waiting on a condition, and a quiet Trainer."""
+"""Helpers shared by test modules (not a test module): waiting on a condition, a quiet Trainer, and finding the
+processes a command started."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 # What the tests' Trainers leave out unless a test asks for it: they write nothing but the callback's own run
 # directory, and print nothing.
@@ -35,3 +37,16 @@ def wait_for_message(client, predicate, timeout: float = 5.0):
         if message is not None and predicate(message):
             return message
     raise AssertionError("condition not met")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The pids of running processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found

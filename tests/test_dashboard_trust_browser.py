@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium, served_dashboard
-from helpers import wait_for
+from helpers import processes_mentioning, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -41,18 +41,6 @@ def demo_command(*args: str) -> list[str]:
 def trainer_command(root: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "revacnn.demo.train_digits", "--epochs", "200", "--slow", "0.03",
             "--snapshot-every", "25", "--root", str(root), *args]
-
-
-def pids_running(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def connection_files(root: Path) -> list[Path]:
@@ -233,7 +221,7 @@ def test_a_restarted_trainer_is_followed_with_a_fresh_event_log(demo):
     page.get_by_text("Training", exact=True).click()
     assert page.locator("#event-log tr.ev-row").count() >= 3      # the commands sent to the first trainer
     old = connection_files(root)[-1]
-    (trainer,) = [pid for pid in pids_running("revacnn.demo.train_digits") if pid in pids_running(str(root))]
+    (trainer,) = [pid for pid in processes_mentioning("revacnn.demo.train_digits") if pid in processes_mentioning(str(root))]
     os.kill(trainer, signal.SIGKILL)      # the demo's trainer, which this test started
     demo["extra"].append(subprocess.Popen(trainer_command(root), stdout=subprocess.DEVNULL,
                                           stderr=subprocess.STDOUT, cwd=ROOT))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from browser_support import free_port, sigint_as_in_a_terminal
-from helpers import wait_for
+from helpers import processes_mentioning, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,18 +56,6 @@ def page_status(port: int) -> int | None:
             return response.status if b"revacnn" in response.read().lower() else None
     except OSError:
         return None
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def test_demo_trains_serves_the_page_and_stops_on_ctrl_c_without_the_venv_on_path(tmp_path):
