@@ -15,13 +15,13 @@ policy: docs/design.md, "Recording".
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import threading
 import time
 import warnings
 from pathlib import Path
 
+from ..heap import release_freed_memory
 from ..wire.ledger import CpuLedger, thread_cpu
 from ..wire.protocol import Message
 from .budget import DEFAULT_BUDGET, DEFAULT_MIN_FREE, disk_options
@@ -37,24 +37,6 @@ _FLUSH = object()
 _EARLY_FLUSH_BYTES = 32 << 20   # wake the writer before its interval once this much waits in the inbox
 DEFAULT_INBOX_BYTES = 64 << 20
 _TRIM_BYTES = 16 << 20          # after a message this large is written, freed memory goes back to the system
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    A snapshot of a large model is built from and written through many buffers of a few MB each; glibc keeps the
-    freed ones in its heap, and a ResNet-50's snapshots left ~190 MB of RSS behind that nothing used."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 class RunRecorder:

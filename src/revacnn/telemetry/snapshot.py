@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from revacnn.recording.writer import release_freed_memory
+from revacnn.heap import release_freed_memory
 from revacnn.telemetry.activations import probe_pass
 from revacnn.telemetry.probes import filters_first, flatten
 from revacnn.telemetry.statistics import filter_change, tensor_stats
