@@ -276,3 +276,29 @@ def test_the_callback_gives_its_disk_arguments_to_the_recording(tmp_path):
     np.testing.assert_array_equal(last["arrays"]["weight/net.conv1"], from_bfloat16_bits(to_bfloat16_bits(final)))
     assert run.disk()["budget"] == 200_000_000 and run.disk()["min_free"] == 10_000_000
     assert run.status()["disk"]["budget"] == 200_000_000         # the heartbeat carries it, and so the recording
+
+
+def test_between_walks_the_keeper_counts_what_was_written_and_walks_before_anything_is_dropped(tmp_path):
+    """``used`` between walks of the run directory is the last walk plus each write-out's upper bound; when that
+    estimate says something would not fit, the directory is walked again, so an overestimate drops nothing."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    keeper = budget.DiskKeeper(run_dir, 10_000_000, 0, None, (100, 100), lambda keeps: None)
+    keeper.measure()
+    assert keeper.used == 0
+    (run_dir / "a.bin").write_bytes(b"\0" * 3_000_000)
+    keeper.wrote(4_000_000, 0)               # the write-out's bound, above what it wrote
+    keeper.refresh(1_000_000)                # fits by the estimate: no walk, the estimate stands
+    assert keeper.used == 4_000_000
+    (run_dir / "a.bin").unlink()
+    keeper.wrote(4_000_000, 0)               # 8 MB by the estimate, nothing on disk
+    keeper.refresh(5_000_000)                # would not fit by the estimate: walked, and it fits
+    assert keeper.used == 0
+    assert keeper.make_room(5_000_000, False)
+    assert not any(keeper.dropped.values())
+    (run_dir / "b.bin").write_bytes(b"\0" * 9_000_000)   # written by someone else: found at the next walk
+    keeper.refresh(5_000_000)
+    assert keeper.used == 0                   # not due yet, and the estimate fits
+    keeper._walked_at -= budget.WALK_EVERY
+    keeper.refresh(5_000_000)
+    assert keeper.used == 9_000_000 and not keeper.make_room(5_000_000, False)

@@ -224,7 +224,7 @@ class RunWriter:
     def write_out(self) -> None:
         """Append everything collected since the last call; retire per-filter segments coarser levels cover."""
         self._check_run_dir()
-        self._keep_within_budget()
+        written, pyramid = self._keep_within_budget()
         for series in self.series.values():
             series.write()
         pending = self._pending
@@ -240,31 +240,34 @@ class RunWriter:
             pending[key] = []
         for series in self.series.values():
             series.retire()
+        self.keeper.wrote(written, pyramid)
         if self.keeper.changed or time.monotonic() - self._info_written >= INFO_EVERY:
             self._write_info()
 
-    def _keep_within_budget(self) -> None:
+    def _keep_within_budget(self) -> tuple[int, int]:
         """Make room for what is about to be written (budget.py), or drop the per-filter part of it. While there is
-        no room even for one more per-filter record, per-filter data is dropped as it arrives (``filters_blocked``)."""
+        no room even for one more per-filter record, per-filter data is dropped as it arrives (``filters_blocked``).
+        Returns the most the write-out will write, and the per-filter part of it."""
         keeper = self.keeper
-        keeper.measure()
         record = sum(series.record_bytes() for series in self.series.values())
+        filters = max(self.pending_bytes, record if keeper.filters_blocked else 0)
+        # n records complete at most n/10 + 1 level-1 buckets, n/100 + 1 level-2 ones, …, each row 3× a record (mean,
+        # min, max): at most n/9 + levels − 1 bucket rows. Other rows are ~200 B each.
+        pyramid = int(filters + 3 * (filters / 9 + record * (self.levels - 1)))
+        need = pyramid + 200 * sum(len(rows) for rows in self._pending.values()) + (64 << 10)
+        keeper.refresh(need)
         cap = segment_cap(record, keeper.budget)
         if cap != self.segment_cap:
             self.segment_cap = cap
             self._set_keeps(self.keep)
         keeper.plan_pyramid(record)
-        filters = max(self.pending_bytes, record if keeper.filters_blocked else 0)
-        # n records complete at most n/10 + 1 level-1 buckets, n/100 + 1 level-2 ones, …, each row 3× a record (mean,
-        # min, max): at most n/9 + levels − 1 bucket rows. Other rows are ~200 B each.
-        buckets = 3 * (filters / 9 + record * (self.levels - 1))
-        need = int(filters + buckets) + 200 * sum(len(rows) for rows in self._pending.values()) + (64 << 10)
         if keeper.make_room(need, False):
             keeper.filters_blocked = None
-            return
+            return need, pyramid
         keeper.filters_blocked = keeper.reason
         steps = sorted({step for series in self.series.values() for step in series.discard_pending()})
         keeper.filter_steps_dropped(steps, keeper.reason)
+        return need - pyramid, 0
 
     def _check_run_dir(self) -> None:
         """Stop (raise) when the run directory was deleted or replaced: writing on would fill files nobody reads."""

@@ -255,4 +255,13 @@ def in_traced_order(layers: list[tuple[str, nn.Module]], order: list[str]) -> li
 def untrainable_layers(layers: list[tuple[str, nn.Module]]) -> list[str]:
     """Monitored layers none of whose parameters requires a gradient: frozen by the user's code (a fine-tuning
     backbone, ``BackboneFinetuning``) or, on one device, by a ``freeze`` command."""
-    return [name for name, layer in layers if not any(p.requires_grad for _, p in own_named_parameters(layer))]
+    return [name for name, layer in layers if not trainable(layer)]
+
+
+def trainable(layer: nn.Module) -> bool:
+    """Whether any of ``layer``'s own parameters requires a gradient. Checked on every measured step: its weight
+    first (the usual answer, without walking the layer's parameters)."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, nn.Parameter) and weight.requires_grad:
+        return True
+    return any(p.requires_grad for _, p in own_named_parameters(layer))

@@ -18,6 +18,9 @@ from revacnn.telemetry.validation import ValidationImages, own_forward
 from revacnn.wire.protocol import STAT_FIELDS
 
 
+TRIM_AFTER_BYTES = 8 << 20   # snapshots whose weights take at least this much give the freed heap back before packing
+
+
 class Snapshots:
     """Builds snapshots, keeping each layer's weights of the last one (to say how much each filter changed).
 
@@ -40,7 +43,8 @@ class Snapshots:
         changes = [filter_change(weight, self.previous.get(name)) for (name, _), weight in zip(layers, weights)]
         self.previous = {}
         copy = HostCopy()
-        copy.add_packed(*self._keep_weights(layers, weights))
+        packed, layout = self._keep_weights(layers, weights)
+        copy.add_packed(packed, layout)
         weight_stats, grad_stats = [], []
         for (name, module), weight, (cosine, delta) in zip(layers, weights, changes):
             grad = module.weight.grad
@@ -60,8 +64,10 @@ class Snapshots:
             body["probe_error"] = images.probe_error
         # The probe pass and the per-filter comparisons freed as much heap as a few layers; glibc would keep it, and
         # the packed copy made next would come on top of it (on a ResNet-50 the recorder's trim after the write gave
-        # back ~40 MB: held until then, it was part of the snapshot's peak).
-        release_freed_memory()
+        # back ~40 MB: held until then, it was part of the snapshot's peak). A small model's leave little to give
+        # back, and the trim costs ~3 ms and the page faults of the heap's regrowth in the next steps.
+        if packed.numel() * packed.element_size() >= TRIM_AFTER_BYTES:
+            release_freed_memory()
         return PendingMessage("snapshot", body, copy.launch())
 
     def _keep_weights(self, layers: list[tuple[str, nn.Module]], weights: list[torch.Tensor]
