@@ -166,9 +166,10 @@ class DiskKeeper:
     def refresh(self, need: int) -> None:
         """Before a write-out of at most ``need`` bytes: the free space and so the limit, and the run directory's
         size walked again when the last walk is ``WALK_EVERY`` seconds old or ``need`` might not fit. Otherwise
-        ``used`` is the last walk's figure plus what each write-out since said it would write at most (``wrote``),
-        never less than the truth: nothing is dropped without a fresh walk. A walk of a ResNet-50 run's few hundred
-        files took ~6 ms, which every 0.5 s was most of what the recorder's thread spent on per-step scalars."""
+        ``used`` is the last walk's figure plus each write-out since, counted at the bound it was planned with
+        (``wrote``; deletions are not subtracted until the next walk). Nothing is dropped without a fresh walk. A walk
+        of a ResNet-50 run's few hundred files took ~6 ms, which every 0.5 s was most of what the recorder's thread
+        spent on per-step scalars."""
         if time.monotonic() - self._walked_at >= WALK_EVERY or self.used + need > self.limit:
             self.measure()
         else:
