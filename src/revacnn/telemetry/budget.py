@@ -10,7 +10,7 @@ Costs are measured, never assumed:
   (``Event.query``: never a wait), since there launching is cheap and the kernels are what delays the step;
 - **on the callback's background threads** (the I/O thread that serialises and sends, the recorder's thread that
   writes): the CPU time each spends on each message type (``CpuLedger``, ``time.thread_time``), per occurrence of
-  the quantity that published it. On a machine with cores to spare this CPU time does not slow training; it is
+  the quantity that published it, one sample per planning window. On a machine with cores to spare this CPU time does not slow training; it is
   counted in full, which errs on the safe side on a small machine, where it does.
 
 The training time a step would take without the callback is the median of recent steps' wall time minus the
@@ -141,21 +141,31 @@ class QuantityCost:
     def __init__(self) -> None:
         self.host = Samples()
         self.device = Samples()
-        self.background_seconds = 0.0   # the background threads' CPU on this quantity's messages, so far
+        self.background = Samples()     # the background threads' CPU per occurrence, one sample per planning window
+        self._background_seen = (0.0, 0)   # their total CPU on this quantity's messages, and occurrences, at the last
 
     @property
     def count(self) -> int:
         return self.host.seen
 
-    def fold(self) -> None:
+    def fold(self, background_total: float) -> None:
+        """Close a planning window. ``background_total``: the background threads' CPU on this quantity's messages so
+        far. The window's share of it per occurrence is one background sample, like the host's: the first window's
+        (files created, the first write's schemas: a ResNet-50's first per-filter step cost the recorder ~1.5 s) is
+        set apart once there is a second, instead of staying in a run-long average. CPU charged after the window of
+        its occurrences (the recorder writes every 0.5 s) goes to the next window that has occurrences."""
+        total, count = self._background_seen
+        if self.count > count:
+            self.background.add((background_total - total) / (self.count - count))
+            self._background_seen = (background_total, self.count)
         self.host.fold()
         self.device.fold()
+        self.background.fold()
 
     @property
     def seconds(self) -> float:
         """Per occurrence: the larger of host and device time (they overlap), plus the background threads' share."""
-        background = self.background_seconds / self.count if self.count else 0.0
-        return max(self.host.typical, self.device.typical) + background
+        return max(self.host.typical, self.device.typical) + self.background.typical
 
 
 class OverheadBudget:
@@ -224,8 +234,7 @@ class OverheadBudget:
         """Bring the costs up to date (the background threads' ledgers, the window averages) and the cost fraction
         of the plan in force; each quantity's cost per occurrence."""
         for quantity, cost in self.costs.items():
-            cost.background_seconds = sum(ledger.seconds(MESSAGE_TYPES[quantity]) for ledger in self.ledgers)
-            cost.fold()
+            cost.fold(sum(ledger.seconds(MESSAGE_TYPES[quantity]) for ledger in self.ledgers))
         self._last_plan = now
         cost = {quantity: self.costs[quantity].seconds for quantity in QUANTITIES}
         self._cost_fraction = self._fraction_of(cost)
