@@ -99,6 +99,25 @@ def test_a_one_time_background_cost_does_not_stay_in_the_estimate():
     assert budget.plan["filters_every"] == 20
 
 
+def test_a_dear_first_occurrence_is_followed_soon_by_a_second():
+    """The first per-filter measurement costs 5 s (first calls), the next ones 10 ms: the plan measures again within a
+    few dashboard refreshes instead of the ~5000 steps the first cost alone would space it by."""
+    clock = [0.0]
+    budget = OverheadBudget(0.02, dict(PLAN), fixed={"snapshot_every"}, replan_seconds=2.0)
+    at = []
+    for step in range(1, 3001):
+        clock[0] += 0.1
+        if step % budget.plan["filters_every"] == 0:
+            seconds = 5.0 if not at else 0.01
+            budget.spent("filters", seconds)
+            clock[0] += seconds
+            at.append(step)
+        budget.step_ended(clock[0])
+    assert at[0] == 50 and at[1] - at[0] <= 4 * 5    # 4 refreshes of 0.5 s at 0.1 s a step
+    # 0.01 / (0.7 · 1.5 ms) = 9.5 → 10, or the warm-up's 20 kept: within the hysteresis' 25 % of what is wanted
+    assert budget.plan["filters_every"] in (10, 20)
+
+
 def test_without_a_budget_nothing_changes_but_the_cost_is_reported():
     clock = [0.0]
     budget = OverheadBudget(None, dict(PLAN), replan_seconds=2.0)

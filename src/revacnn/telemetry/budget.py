@@ -48,6 +48,8 @@ QUANTITIES = ("scalars", "filters", "snapshot")
 MESSAGE_TYPES = {"scalars": ("steps",), "filters": ("step",), "snapshot": ("snapshot",)}
 _FILTERS_SHARE = 0.7            # of what the scalars leave of the budget; snapshots get the rest (at least 30 %)
 _PLANNED_SHARE = 0.75           # of the budget, planned; the rest is headroom for what is not timed (module doc)
+_WARMUP_REFRESHES = 4          # per-filter data, while its cost rests on the first occurrence: at most this many
+                               # dashboard refreshes apart
 _LEFT_AFTER_SCALARS = 0.5       # of the planned budget, kept for per-filter data and snapshots however dear scalars are
 
 
@@ -147,6 +149,11 @@ class QuantityCost:
     @property
     def count(self) -> int:
         return self.host.seen
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether the cost rests on the first occurrence (on the training thread or in the background) alone."""
+        return 0 < self.host.seen < 2 or 0 < self.background.seen < 2
 
     def fold(self, background_total: float) -> None:
         """Close a planning window. ``background_total``: the background threads' CPU on this quantity's messages so
@@ -270,6 +277,10 @@ class OverheadBudget:
         left = max(budget - (cost["scalars"] / scalars_every if scalars_every else 0.0), _LEFT_AFTER_SCALARS * budget)
         filters_every = max(cost["filters"] / (_FILTERS_SHARE * left), self.refresh_seconds / step, 1.0) \
             if self.costs["filters"].count else float(self.plan["filters_every"])
+        if self.costs["filters"].warming_up:
+            # a cost known from the first occurrence alone holds its one-time costs: measure again soon rather than
+            # wait the thousands of steps that cost implies (a ResNet-50 on the CPU: ~2000) for a truer figure
+            filters_every = min(filters_every, _WARMUP_REFRESHES * max(self.refresh_seconds / step, 1.0))
         rest = max(left - cost["filters"] / nice_at_least(filters_every), (1 - _FILTERS_SHARE) * left)
         snapshot_every = max(cost["snapshot"] / rest, self.snapshot_seconds / step, 1.0) \
             if self.costs["snapshot"].count else float(self.plan["snapshot_every"])
