@@ -1,8 +1,8 @@
 """The network view at ResNet-50 scale in headless Chromium: a real ``Publisher`` streams transformers' ResNet-50
 structure (54 layers, 26,570 filters, tests/model_shapes.py) and per-filter steps over real ZeroMQ to a real
 ``revacnn-dash`` process. The view must draw at the default grouping and expanded in full (big layers as density
-strips, all of them one heatmap image), open a layer on a click on a strip cell and go back, never ask for a figure while one is on the way, keep its
-labels apart (measured on the page), and answer no request with a 5xx.
+strips, all of them one heatmap image), open a layer on a click on a strip cell and go back, never ask for a figure
+while one is on the way, keep its labels apart (measured on the page), and answer no request with a 5xx.
 
 Screenshots go to artifacts/network-scale/ (ignored by git). Run alone with:
 pytest -m browser tests/test_network_scale_browser.py
@@ -299,8 +299,8 @@ def wait_layer_nodes(page, layer: str, count: int) -> None:
 
 def wait_all_strips(page) -> None:
     page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-strips');"
-                           f" return t && t.customdata.flat().filter(c => c).length === {32 * len(STRIP_LAYERS)}; }})()",
-                           timeout=60000)
+                           " return t && t.customdata.flat().filter(c => c).length ==="
+                           f" {32 * len(STRIP_LAYERS)}; }})()", timeout=60000)
 
 
 def test_zooming_in_draws_the_strips_in_view_filter_by_filter_and_zooming_out_returns(scale, tmp_path):
