@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 import zlib
@@ -329,7 +330,44 @@ def test_resnet50_network_figure_has_one_node_trace_last():
     # and the 52 layers of the 16 blocks
     assert node_trace == 5 and len(fig.data[node_trace].x) == 3 + 52 + 3
     assert fig.data[node_trace].uid == "revacnn-nodes"
-    assert fig.data[4].uid == "revacnn-strips" and len(fig.data[4].x) == 64
+    assert fig.data[4].uid == "revacnn-strips" and fig.data[4].type == "heatmap"
+    assert sum(cell is not None for row in fig.data[4].customdata for cell in row) == 64
+
+
+def test_density_strips_are_one_heatmap_of_the_cells_mean_activations():
+    from revacnn_dash.figures.network import network_figure as _network_figure
+
+    # strips at columns 0 and 2 (64 and 96 filters: 2 and 3 a cell), a column of 8 nodes between them
+    structure = {"layers": [{"name": "a", "type": "Conv2d", "out": 64, "frozen": None},
+                            {"name": "b", "type": "Conv2d", "out": 8, "frozen": None},
+                            {"name": "c", "type": "Conv2d", "out": 96, "frozen": None}],
+                 "layer_edges": [["a", "b"], ["b", "c"]]}
+    act = {"a": np.arange(64.0) ** 2, "b": np.ones(8), "c": np.sin(np.arange(96.0)) + 2}
+    act["c"][7] = np.nan     # cell 2 of c: NaN, drawn as the smallest finite colour
+    fig, nodes = _network_figure(network_model(structure, {k: {"act_abs_mean": v} for k, v in act.items()}, [""]))
+    (heat,) = [t for t in fig.data if t.uid == "revacnn-strips"]
+    assert heat.type == "heatmap" and heat.coloraxis == fig.data[nodes].marker.coloraxis == "coloraxis"
+    z, custom, text = np.array(heat.z, dtype=float), heat.customdata, heat.text
+    # rows bottom to top (y edges ascending, 1/32 apart), columns: a, the gap over b's column, c
+    assert z.shape == (32, 3) and np.allclose(heat.y, [r / 32 for r in range(33)])
+    x = heat.x
+    assert x[0] < 0 < x[1] < 1 < x[2] < 2 < x[3] and x[1] - x[0] == pytest.approx(x[3] - x[2]) and x[1] < 0.35
+    assert np.isnan(z[:, 1]).all() and all(row[1] is None for row in custom) and not heat.hoverongaps
+    expected_c = [np.mean(act["c"][3 * r:3 * r + 3]) for r in range(32)]
+    smallest = min(min(np.mean(act["a"][2 * r:2 * r + 2]) for r in range(32)),
+                   min(v for v in expected_c if np.isfinite(v)))
+    for r in range(32):            # cell r from the top is row 31 - r
+        assert z[31 - r, 0] == pytest.approx(np.mean(act["a"][2 * r:2 * r + 2]))
+        assert json.loads(custom[31 - r][0]) == ["a", 2 * r, 2, "", "open"]      # what a click on it opens
+        assert json.loads(custom[31 - r][2]) == ["c", 3 * r, 3, "", "open"]
+        assert text[31 - r][0].startswith(f"a[{2 * r}–{2 * r + 1}]: 2 filters")
+        assert z[31 - r, 2] == pytest.approx(smallest if r == 2 else expected_c[r])
+    assert "click to show these filters" in text[0][2]
+    # a click reads a cell's JSON back as a node's list; anything else names nothing
+    from revacnn_dash.views.network import click_target
+    assert click_target(custom[0][0]) == ["a", 62, 2, "", "open"]
+    assert click_target(list(fig.data[nodes].customdata[0])) == list(fig.data[nodes].customdata[0])
+    assert click_target("not json") is None and click_target('["a"]') is None and click_target(None) is None
 
 
 def computed(service, args, timeout: float = 10.0, interval: float = 0.02):

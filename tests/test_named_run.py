@@ -63,7 +63,7 @@ def test_a_replayed_named_run_is_labelled_by_its_name_and_zooms_its_strip_to_sin
         key = option["value"]
         overview, *_ = network_view(hub, None, None, key, None, "network", None)
         strips = next(t for t in overview.data if t.uid == "revacnn-strips")
-        assert {c[0] for c in strips.customdata} == {"net.conv1"}
+        assert {json.loads(cell)[0] for row in strips.customdata for cell in row if cell} == {"net.conv1"}
         zoom = {"token": layout_token(None, key), "x": [-0.5, 0.5]}       # conv1's column alone in view
         zoomed, *_ = network_view(hub, None, None, key, zoom, "network", None)
     finally:

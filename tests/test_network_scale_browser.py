@@ -1,8 +1,8 @@
 """The network view at ResNet-50 scale in headless Chromium: a real ``Publisher`` streams transformers' ResNet-50
 structure (54 layers, 26,570 filters, tests/model_shapes.py) and per-filter steps over real ZeroMQ to a real
 ``revacnn-dash`` process. The view must draw at the default grouping and expanded in full (big layers as density
-strips), open a layer on a strip cell and go back, never ask for a figure while one is on the way, keep its
-labels apart (measured on the page), and answer no request with a 5xx.
+strips, all of them one heatmap image), open a layer on a click on a strip cell and go back, never ask for a figure
+while one is on the way, keep its labels apart (measured on the page), and answer no request with a 5xx.
 
 Screenshots go to artifacts/network-scale/ (ignored by git). Run alone with:
 pytest -m browser tests/test_network_scale_browser.py
@@ -10,6 +10,7 @@ pytest -m browser tests/test_network_scale_browser.py
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -133,6 +134,24 @@ def trace_of(page, uid: str) -> dict | None:
                          " return t ? {x: t.x, y: t.y, customdata: t.customdata} : null; })()")
 
 
+def strip_cells(page) -> list[dict]:
+    """The density strips' cells as the page holds them (one heatmap: a column of cells per strip, rows bottom to
+    top, the columns between strips empty), strip by strip, top to bottom: each cell's click data (JSON) and its
+    centre in data units."""
+    heat = trace_of(page, "revacnn-strips")
+    if heat is None:
+        return []
+    x, y = heat["x"], heat["y"]
+    cells = []
+    for c in range(len(x) - 1):
+        for r in reversed(range(len(y) - 1)):
+            if heat["customdata"][r][c] is not None:
+                layer, first, count, _group, action = json.loads(heat["customdata"][r][c])
+                cells.append({"layer": layer, "first": first, "count": count, "action": action,
+                              "x": (x[c] + x[c + 1]) / 2, "y": (y[r] + y[r + 1]) / 2})
+    return cells
+
+
 def overlapping_labels(page) -> list[tuple[str, str]]:
     """Pairs of the figure's annotations (column labels and captions) whose drawn boxes overlap, measured on the
     page."""
@@ -184,13 +203,14 @@ def test_resnet50_expanded_in_full_draws_strips_without_overlaps(scale):
     page = scale["page"]
     page.click("#btn-expand-all")
     columns_drawn(page, len(LAYERS))
-    strips = trace_of(page, "revacnn-strips")
-    # every layer past 32 filters is a 32-cell strip; the cells of a layer cover its filters once
-    assert len(strips["x"]) == 32 * len(STRIP_LAYERS)
+    strips = strip_cells(page)
+    # every layer past 32 filters is a 32-cell strip, drawn as one image; the cells of a layer cover its filters once
+    assert len(strips) == 32 * len(STRIP_LAYERS)
+    assert page.evaluate("document.querySelectorAll('#net-graph .heatmaplayer image').length") == 1
     cells = {}
-    for layer, first, count, _group, action in strips["customdata"]:
-        assert action == "open"
-        cells.setdefault(layer, []).append((first, count))
+    for cell in strips:
+        assert cell["action"] == "open"
+        cells.setdefault(cell["layer"], []).append((cell["first"], cell["count"]))
     outs = {l["name"]: l["out"] for l in LAYERS}
     assert sorted(cells) == sorted(l["name"] for l in STRIP_LAYERS)
     assert all(sum(c for _, c in v) == outs[k] and v[0][0] == 0 for k, v in cells.items())
@@ -206,16 +226,18 @@ def test_resnet50_expanded_in_full_draws_strips_without_overlaps(scale):
 
 def test_a_strip_cell_opens_its_filters_and_the_way_back_closes_them(scale):
     page = scale["page"]
-    strips = trace_of(page, "revacnn-strips")
+    strips = strip_cells(page)
     # the second strip: the first stage's shortcut, 256 filters, 8 a cell; a cell away from its strongest filters'
     # nodes, which sit beside their cells and would take the click
-    layer = strips["customdata"][32][0]
+    layer = strips[32]["layer"]
     assert layer.endswith("stages.0.layers.0.shortcut.convolution")
     top = [c[1] for c in trace_of(page, "revacnn-nodes")["customdata"] if c[0] == layer]
     cell = next(i for i in range(32, 64) if all(abs(f // 8 - (i - 32)) > 1 for f in top))
-    _, first, count, _, _ = strips["customdata"][cell]
+    first, count = strips[cell]["first"], strips[cell]["count"]
     assert (first, count) == (8 * (cell - 32), 8)
-    click_point(page, "revacnn-strips", cell)
+    x, y = to_screen(page, strips[cell]["x"], strips[cell]["y"])     # a cell of the image, clicked where it is
+    page.mouse.move(x, y)
+    page.mouse.click(x, y)
     page.wait_for_selector(f"#net-details:has-text('{layer}')", timeout=20000)
     page.wait_for_selector(f"#net-details:has-text('filters {first}–{first + 7}')", timeout=20000)
     page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-nodes');"
@@ -223,21 +245,19 @@ def test_a_strip_cell_opens_its_filters_and_the_way_back_closes_them(scale):
     nodes = trace_of(page, "revacnn-nodes")
     mine = [c for c in nodes["customdata"] if c[0] == layer]
     assert mine[0][4] == "close" and [c[1] for c in mine[1:]] == list(range(first, first + 8))
-    assert len(trace_of(page, "revacnn-strips")["x"]) == 32 * (len(STRIP_LAYERS) - 1)
+    assert len(strip_cells(page)) == 32 * (len(STRIP_LAYERS) - 1)
     assert overlapping_labels(page) == []
     page.screenshot(path=str(ARTIFACTS / "resnet50-opened.png"), full_page=True)
     back = [i for i, c in enumerate(nodes["customdata"]) if c[4] == "close"][0]
     click_point(page, "revacnn-nodes", back)
-    page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-strips');"
-                           f" return t && t.x.length === {32 * len(STRIP_LAYERS)}; }})()", timeout=30000)
+    wait_all_strips(page)
     assert scale["requests"].ticks_while_open == 0
     assert scale["failures"] == []
 
 
 def column_index(page, layer: str) -> float:
     """The x of ``layer``'s column: where its strip's cells are drawn."""
-    strips = trace_of(page, "revacnn-strips")
-    return strips["x"][[c[0] for c in strips["customdata"]].index(layer)]
+    return next(c["x"] for c in strip_cells(page) if c["layer"] == layer)
 
 
 def to_screen(page, x: float, y: float, scroll: bool = True) -> tuple[float, float]:
@@ -279,7 +299,8 @@ def wait_layer_nodes(page, layer: str, count: int) -> None:
 
 def wait_all_strips(page) -> None:
     page.wait_for_function(f"(() => {{ const gd = {GRAPH}; const t = gd && gd.data && gd.data.find(t => t.uid === 'revacnn-strips');"
-                           f" return t && t.x.length === {32 * len(STRIP_LAYERS)}; }})()", timeout=60000)
+                           " return t && t.customdata.flat().filter(c => c).length ==="
+                           f" {32 * len(STRIP_LAYERS)}; }})()", timeout=60000)
 
 
 def test_zooming_in_draws_the_strips_in_view_filter_by_filter_and_zooming_out_returns(scale, tmp_path):
@@ -296,7 +317,7 @@ def test_zooming_in_draws_the_strips_in_view_filter_by_filter_and_zooming_out_re
     wait_layer_nodes(page, shortcut, outs[shortcut])
     assert layer_nodes(page, shortcut) == list(range(outs[shortcut]))   # every filter of it, each its own node
     # the other strips stay strips; the note says what the view draws
-    assert len(trace_of(page, "revacnn-strips")["x"]) == 32 * (len(STRIP_LAYERS) - 1)
+    assert len(strip_cells(page)) == 32 * (len(STRIP_LAYERS) - 1)
     assert page.evaluate(f"{GRAPH}.layout.annotations.some(a => a.text.startsWith("
                          f"'zoomed: {outs[shortcut]} filters of 1 strip(s)'))")
     page.screenshot(path=str(tmp_path / "zoomed-shortcut.png"), full_page=True)

@@ -187,7 +187,7 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
         return no_update, {"layer": layer_value, "filters": None}, no_update
     if not click or not click.get("points"):
         return no_update, no_update, no_update
-    cd = click["points"][0].get("customdata")
+    cd = click_target(click["points"][0].get("customdata"))
     if not cd:
         return no_update, no_update, no_update
     layer, start, count, group = cd[:4]
@@ -205,6 +205,18 @@ def network_click(hub, click, _a, _b, _c, layer_value, expanded, key, selected):
         sel = {"layer": layer, "filters": list(range(int(start), int(start) + int(count))) if count else None}
         return new_exp, sel, layer
     return new_exp, no_update, no_update
+
+
+def click_target(custom) -> list | None:
+    """What a clicked point names: a node's custom data ``[layer, first filter, count, group, action]``, or a strip
+    cell's, which the figure gives as that list in JSON (figures/network.py, ``_strip_trace``); None for anything
+    else."""
+    if isinstance(custom, str):
+        try:
+            custom = json.loads(custom)
+        except ValueError:
+            return None
+    return custom if isinstance(custom, list) and len(custom) >= 4 else None
 
 
 def network_details(hub, selected, _n, probe, key, tab):
