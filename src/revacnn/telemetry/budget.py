@@ -10,8 +10,8 @@ Costs are measured, never assumed:
   (``Event.query``: never a wait), since there launching is cheap and the kernels are what delays the step;
 - **on the callback's background threads** (the I/O thread that serialises and sends, the recorder's thread that
   writes): the CPU time each spends on each message type (``CpuLedger``, ``time.thread_time``), per occurrence of
-  the quantity that published it, one sample per planning window. On a machine with cores to spare this CPU time does not slow training; it is
-  counted in full, which errs on the safe side on a small machine, where it does.
+  the quantity that published it, one sample per planning window. On a machine with cores to spare this CPU time
+  does not slow training; it is counted in full, which errs on the safe side on a small machine, where it does.
 
 The training time a step would take without the callback is the median of recent steps' wall time minus the
 callback's own time in them. Every ``replan_seconds`` the plan is made again:

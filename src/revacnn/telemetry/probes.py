@@ -338,7 +338,7 @@ def _filter_sums(terms: torch.Tensor, segments: "_Segments") -> torch.Tensor:
     if terms.device.type != "cpu":
         # unsafe: the lengths are ours and valid; the checks it skips read them back to the host (a sync per call)
         return torch.segment_reduce(terms, "sum", lengths=segments.row_lengths_4, axis=1, unsafe=True)
-    sums = torch.empty((4, segments.row_lengths_float.numel()))
+    sums = torch.empty((4, segments.row_lengths_float.numel()), dtype=terms.dtype)
     start = first = 0
     for rows, coefficients in zip(segments.layer_rows, segments.layer_coefficients):
         end = start + rows * coefficients
@@ -352,7 +352,8 @@ def _layer_sums(per_filter: torch.Tensor, segments: "_Segments") -> torch.Tensor
     ``index_add_`` adds in no fixed order, and refuses deterministic mode), ``index_add_`` on it (one call)."""
     if per_filter.device.type != "cpu":
         return torch.segment_reduce(per_filter, "sum", lengths=segments.layer_counts_2, axis=1, unsafe=True)
-    return torch.zeros((2, len(segments.layer_rows))).index_add_(1, segments.filter_layer, per_filter)
+    return torch.zeros((2, len(segments.layer_rows)), dtype=per_filter.dtype).index_add_(1, segments.filter_layer,
+                                                                                    per_filter)
 
 
 class _Segments(NamedTuple):
