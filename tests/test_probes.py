@@ -114,6 +114,23 @@ def test_a_single_monitored_layer_reports_its_update_ratio():
     assert filters[3].min() > 0
 
 
+@pytest.mark.parametrize("strategy", ["segments", "layers"])
+def test_a_float64_default_dtype_changes_nothing(strategy):
+    """A user's ``torch.set_default_dtype(torch.float64)`` with a float32 model: the fields are float32 and the same."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    layer(torch.randn(5, 6)).sum().backward()
+    want = FilterProbe([("fc", layer)], strategy=strategy).measure()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = FilterProbe([("fc", layer)], strategy=strategy).measure()
+    finally:
+        torch.set_default_dtype(default)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         FilterProbe([], strategy="fast")

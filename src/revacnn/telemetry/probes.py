@@ -224,8 +224,8 @@ class FilterProbe:
         """Each layer's rows reduced on its own tensors (float32 accumulation), into one preallocated ``[5, F]``."""
         rows = [weight.shape[0] for weight, _ in by_filter]
         device = by_filter[0][0].device if by_filter else torch.device("cpu")
-        filters = torch.zeros((5, sum(rows)), device=device)
-        layer_ratio = torch.zeros(len(rows), device=device)
+        filters = torch.zeros((5, sum(rows)), device=device, dtype=torch.float32)
+        layer_ratio = torch.zeros(len(rows), device=device, dtype=torch.float32)
         previous = self._previous
         if previous is not None and [tuple(p.shape) for p in previous[0]] != [tuple(w.shape) for w, _ in by_filter]:
             previous = None
@@ -299,7 +299,7 @@ class FilterProbe:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """On any device, in torch: a fixed number of kernels however many layers there are."""
         device = weights.device
-        terms = torch.empty((4, weights.numel()), device=device)
+        terms = torch.empty((4, weights.numel()), device=device, dtype=torch.float32)
         torch.abs(grads, out=terms[0])
         torch.mul(grads, grads, out=terms[1])
         torch.mul(weights, weights, out=terms[2])
@@ -314,7 +314,7 @@ class FilterProbe:
         grad_abs, grad_sq, weight_sq, change = sums
         weight_norm = weight_sq.sqrt()
         update = change.sqrt() / previous[1].clamp_min(1e-12) if previous is not None else torch.zeros_like(change)
-        activation = torch.cat([torch.zeros(rows, device=device) if values is None else values
+        activation = torch.cat([torch.zeros(rows, device=device, dtype=torch.float32) if values is None else values
                                 for values, rows in zip(activations, segments.layer_rows)]).div_(divisor)
         filters = torch.stack([grad_abs / segments.row_lengths_float, grad_sq / segments.row_lengths_float,
                                weight_norm, update, activation])
