@@ -22,8 +22,9 @@ callback's own time in them. Every ``replan_seconds`` the plan is made again:
                         CNN the measured costs summed to 1.9–2.0 % where the throughput said 2.4 %
     scalars             as given (every step by default), never planned: the chart and the recording keep every
                         step's loss; their cost is taken from B first (at most half of it)
-    per-filter data     every N steps: its cost per measurement ÷ N within 70 % of what the scalars leave, and not
-                        more often than the dashboard refreshes (``refresh_seconds``, ~2 Hz)
+    per-filter data     every N steps: its cost per measurement ÷ N within 85 % of what the scalars leave (what the
+                        dashboard shows live comes first), and not more often than the dashboard refreshes
+                        (``refresh_seconds``, ~2 Hz); with a fixed snapshot cadence, within what those snapshots leave
     snapshots           every M steps: within the rest, and at most once every ``snapshot_seconds``
 
 N and M are rounded up to 1, 2, 3, 5 × 10^k (readable, and a cadence does not flap between neighbours); a plan is
@@ -46,7 +47,7 @@ QUANTITIES = ("scalars", "filters", "snapshot")
 # The messages each quantity publishes: a step with per-filter data is a ``step`` message, other steps are rows of
 # ``steps`` messages.
 MESSAGE_TYPES = {"scalars": ("steps",), "filters": ("step",), "snapshot": ("snapshot",)}
-_FILTERS_SHARE = 0.7            # of what the scalars leave of the budget; snapshots get the rest (at least 30 %)
+_FILTERS_SHARE = 0.85           # of what the scalars leave of the budget; snapshots get the rest (at least 15 %)
 _PLANNED_SHARE = 0.75           # of the budget, planned; the rest is headroom for what is not timed (module doc)
 _WARMUP_REFRESHES = 4          # per-filter data, while its cost rests on the first occurrence: at most this many
                                # dashboard refreshes apart
@@ -275,7 +276,12 @@ class OverheadBudget:
         budget = _PLANNED_SHARE * self.fraction * step
         scalars_every = self.plan["scalars_every"]   # never planned: every step's loss is kept; its cost comes first
         left = max(budget - (cost["scalars"] / scalars_every if scalars_every else 0.0), _LEFT_AFTER_SCALARS * budget)
-        filters_every = max(cost["filters"] / (_FILTERS_SHARE * left), self.refresh_seconds / step, 1.0) \
+        for_filters = _FILTERS_SHARE * left
+        if "snapshot_every" in self.fixed:   # the user's snapshots cost what they cost; per-filter data takes the rest
+            fixed_every = self.plan["snapshot_every"]
+            snapshots = cost["snapshot"] / fixed_every if fixed_every and self.costs["snapshot"].count else 0.0
+            for_filters = max(left - snapshots, (1 - _FILTERS_SHARE) * left)
+        filters_every = max(cost["filters"] / for_filters, self.refresh_seconds / step, 1.0) \
             if self.costs["filters"].count else float(self.plan["filters_every"])
         if self.costs["filters"].warming_up:
             # a cost known from the first occurrence alone holds its one-time costs: measure again soon rather than
