@@ -111,10 +111,34 @@ def test_a_one_time_background_cost_does_not_stay_in_the_estimate():
             occurrences += 1
         budget.step_ended(clock[0])
     # steady cost 15 ms per occurrence: 0.015 / 1.5 ms = 10 (no snapshot has cost anything: per-filter data gets
-    # the whole budget), or 20 kept: within the hysteresis' 25 %. A run-long average would hold 5 s / occurrences
-    # on top, and more than 30.
+    # the whole budget), or 20 kept: 10 would not fit with 10 % to spare. A run-long average would hold
+    # 5 s / occurrences on top, and more than 30.
     assert budget.report()["seconds"]["filters"] == pytest.approx(0.015, rel=0.05)
     assert budget.plan["filters_every"] in (10, 20)
+
+
+def test_one_stall_does_not_move_the_plan_and_a_lasting_change_does():
+    """Per-filter data every few planning windows costs 30 ms (→ every 20 steps of 0.1 s within 1.5 ms a step). One
+    measurement stalled at 200 ms (a busy machine) leaves the plan as it is; a lasting 60 ms moves it to 50 within a
+    few measurements."""
+    clock = [0.0]
+    budget = OverheadBudget(0.02, {**PLAN, "snapshot_every": 0}, fixed={"snapshot_every"}, replan_seconds=2.0)
+    occurrences, stalled_at, plans = 0, None, [0]
+    for step in range(1, 4001):
+        clock[0] += 0.1
+        if step % budget.plan["filters_every"] == 0:
+            occurrences += 1
+            seconds = 0.06 if step > 2500 else 0.03
+            if occurrences == 40:
+                seconds, stalled_at = 0.2, step
+            budget.spent("filters", seconds)
+            clock[0] += seconds
+        budget.step_ended(clock[0])
+        plans.append(budget.plan["filters_every"])
+    assert 500 < stalled_at < 1500
+    assert set(plans[stalled_at - 100:2500]) == {20}   # before the stall and after it
+    assert plans[-1] == 50                             # 0.06 / 1.5 ms = 40 → 50
+    assert plans.index(50, 2500) - 2500 <= 200         # within a few measurements of the change
 
 
 def test_a_dear_first_occurrence_is_followed_soon_by_a_second():

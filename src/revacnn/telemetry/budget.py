@@ -97,16 +97,20 @@ class DeviceTimer:
 
 
 class Samples:
-    """A robust running cost: values are averaged over each planning window, and windows are blended (half the
-    weight to the latest), so one slow step on a busy machine does not swing the plan. The first value ever stands
-    alone until another arrives: it pays first-call costs (allocations, caches, lazy imports)."""
+    """A robust running cost: values are averaged over each planning window, and the estimate is the median of the
+    last ``WINDOWS`` windows' averages, so one slow occurrence on a busy machine does not swing the plan (a quantity
+    measured every few windows has one value per window: a blend would give a single stall half the weight), while
+    a lasting change is followed within three windows. The first value ever stands alone until another arrives: it
+    pays first-call costs (allocations, caches, lazy imports)."""
+
+    WINDOWS = 5
 
     def __init__(self) -> None:
         self.seen = 0
         self._first: float | None = None
         self._sum = 0.0
         self._count = 0
-        self._estimate: float | None = None
+        self._windows: deque[float] = deque(maxlen=self.WINDOWS)
 
     def add(self, value: float) -> None:
         if self.seen == 0:
@@ -125,14 +129,13 @@ class Samples:
     def fold(self) -> None:
         """Close a planning window."""
         if self._count:
-            mean = self._sum / self._count
-            self._estimate = mean if self._estimate is None else 0.5 * self._estimate + 0.5 * mean
+            self._windows.append(self._sum / self._count)
             self._sum, self._count = 0.0, 0
 
     @property
     def typical(self) -> float:
-        if self._estimate is not None:
-            return self._estimate
+        if self._windows:
+            return statistics.median(self._windows)
         if self._count:
             return self._sum / self._count
         return self._first or 0.0
@@ -294,11 +297,12 @@ class OverheadBudget:
 
     @staticmethod
     def _keeps(current: int, wanted: float) -> bool:
-        """Keep the cadence in force while it costs at most 25 % over its share and is not sparser than the next
-        readable cadence: costs measured on a busy machine wobble, and a cadence that flaps confuses the reader."""
+        """Keep the cadence in force while it costs at most 25 % over its share and no denser readable cadence fits
+        with 10 % to spare: costs measured on a busy machine wobble, and a cadence that flaps confuses the reader.
+        (Between 50 and 100 steps: 50 is kept up to a wanted 62.5, 100 down to 45.5.)"""
         if wanted <= 1.0:
             return current == 1
-        return wanted / 1.25 <= current <= nice_at_least(1.25 * wanted)
+        return wanted / 1.25 <= current <= nice_at_least(1.1 * wanted)
 
     def report(self) -> dict[str, Any]:
         """The heartbeat's ``schedule`` field (docs/protocol.md)."""
