@@ -34,7 +34,7 @@ implied ratio, a second estimate of the same quantity.
     python benchmarks/overhead.py --ablate              # … and what each part of every-step telemetry costs
     python benchmarks/overhead.py --floor               # … and what measuring alone costs, outside Lightning
     python benchmarks/overhead.py --device cuda --sync-debug --model resnet   # on a GPU: proves no host sync
-    python benchmarks/overhead.py --model resnet50 --batch-size 8 --window 40 --settle 10 --pairs 8
+    python benchmarks/overhead.py --model resnet50 --batch-size 8 --settle 10 --pairs 20 --tensorboard-pairs 0
                                                         # a ResNet-50 (26,570 filters) on the CPU
 """
 
@@ -509,8 +509,10 @@ def main(argv=None) -> None:
                         help="on windows per configuration, each between two off windows (default 60; the "
                              "TensorBoard comparison, far from 1, gets a quarter: --tensorboard-pairs)")
     parser.add_argument("--window", type=int, default=130,
-                        help="steps per window (default 130: not a multiple of 100, so snapshots fall at every "
-                             "phase of the windows in turn)")
+                        help="steps per window (default 130: not a multiple of 100, so snapshots and per-filter "
+                             "steps fall at every phase of the windows in turn; with windows of 100 steps, a cadence "
+                             "of 200 puts every per-filter step in an off window, where its cost is never measured "
+                             "again)")
     parser.add_argument("--settle", type=int, default=50,
                         help="untimed steps at the start of each window (default 50, ~0.5 s here)")
     parser.add_argument("--steps", type=int, default=600, help="timed steps of each --breakdown run (default 600)")
@@ -518,7 +520,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default="revacnn", choices=("revacnn", "resnet", "resnet50"),
                         help="revacnn: the demo CNN; resnet: a small residual net of --widths; resnet50: transformers' "
-                             "ResNetConfig() defaults (needs transformers; use a smaller --window, e.g. 40)")
+                             "ResNetConfig() defaults (needs transformers; ~20 s a window of 130 steps on 2 CPU cores)")
     parser.add_argument("--widths", default="32,64,128",
                         help="--model resnet: channels of its stages, two basic blocks each (default 32,64,128; "
                              "64,128,256,512 is ResNet-18's shape)")
