@@ -25,14 +25,20 @@ def demo_command(*args: str) -> list[str]:
     return base + ["demo", *args]
 
 
-def start_demo(tmp_path: Path, port: int, *args: str) -> tuple[subprocess.Popen, Path]:
+def start_demo(tmp_path: Path, port: int, *args: str, preexec=sigint_as_in_a_terminal
+               ) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / "demo.log"
     env = {**os.environ, "PATH": "/usr/bin:/bin"}            # no venv on PATH: only this interpreter finds revacnn
     process = subprocess.Popen(demo_command("--root", str(tmp_path / "run"), "--port", str(port), *args),
                                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                                start_new_session=True,   # its own group: a failed test kills what it left (below)
-                               preexec_fn=sigint_as_in_a_terminal)
+                               preexec_fn=preexec)
     return process, log
+
+
+def sigint_ignored() -> None:
+    """``preexec_fn``: SIGINT ignored, as a non-interactive shell starts its background jobs (``revacnn demo &``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -95,16 +101,22 @@ def test_demo_reports_a_busy_port_and_stops_its_trainer(tmp_path):
                          log)
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sigint-started-ignored"])
 def test_ctrl_c_or_sigterm_stops_the_demo_and_its_children_in_order(tmp_path, stop):
+    """"sigint-started-ignored": started as a shell's background job, SIGINT ignored, then `kill -INT` of the demo
+    alone; its children would inherit the ignored SIGINT (and the demo's SIGINT to them would do nothing) had the
+    demo not handled it."""
     port = free_port()
-    process, log = start_demo(tmp_path, port, "--epochs", "50")
+    process, log = start_demo(tmp_path, port, "--epochs", "50",
+                              **({"preexec": sigint_ignored} if stop == "sigint-started-ignored" else {}))
     try:
         wait_or_show_log(lambda: f"dashboard: http://127.0.0.1:{port}/" in log.read_text(), 120,
                  "the demo printed no dashboard URL", log)
         assert processes_mentioning(str(tmp_path / "run"))   # the trainer and the dashboard are running
         if stop == "ctrl-c":
             os.killpg(process.pid, signal.SIGINT)    # what Ctrl-C does: the terminal signals the whole foreground group
+        elif stop == "sigint-started-ignored":
+            process.send_signal(signal.SIGINT)       # `kill -INT`: the demo alone
         else:
             process.terminate()                      # `kill`: the demo alone
         assert process.wait(30) == 0

@@ -49,7 +49,10 @@ def _demo(args: argparse.Namespace) -> int:
     # The demo alone stops its children, with one SIGINT each: they run in sessions of their own, so a Ctrl-C in the
     # terminal reaches the demo only (had it reached them too, the demo's SIGINT would land in the middle of their
     # orderly stop and break it off with a traceback), and `kill` or a closed terminal stops them as Ctrl-C does.
-    for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):   # no SIGHUP on Windows
+    # SIGINT is handled here too: a shell that starts the demo in the background has it ignored, and an ignored
+    # signal stays ignored in the children, so neither the demo nor they would stop on it; a handled one is reset
+    # to its default in them.
+    for stop in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):   # no SIGHUP on Windows
         if stop is not None:
             signal.signal(stop, _interrupt)
     # Both children run on this interpreter: `.venv/bin/revacnn demo` works without the venv on PATH.
